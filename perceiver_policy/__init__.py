@@ -1,0 +1,21 @@
+"""Perceiver IO for multimodal reinforcement learning, and its Stable-Baselines3 policies."""
+
+from perceiver_policy.config import PerceiverConfig
+from perceiver_policy.introspection import count_flops, count_parameters
+from perceiver_policy.modalities import ADAPTERS, ModalityAdapter, ModalitySpec, build_specs, register_adapter
+from perceiver_policy.model import ActionQueries, LearnedQueries, PerceiverDecoder, PerceiverEncoder
+
+__all__ = [
+    "ADAPTERS",
+    "ActionQueries",
+    "LearnedQueries",
+    "ModalityAdapter",
+    "ModalitySpec",
+    "PerceiverConfig",
+    "PerceiverDecoder",
+    "PerceiverEncoder",
+    "build_specs",
+    "count_flops",
+    "count_parameters",
+    "register_adapter",
+]

@@ -1,0 +1,86 @@
+"""Pre-LayerNorm attention blocks on `F.scaled_dot_product_attention` (never a hand-written softmax in the hot path)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# A logit offset that makes exp() exactly 0 in float32 and bfloat16: absent tokens get no attention mass.
+ABSENT_LOGIT = -30000.0
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops a whole residual branch per sample in training, rescaling the kept ones."""
+
+    def __init__(self, rate: float = 0.0):
+        super().__init__()
+        self.rate = float(rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rate == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.rate)
+        return x * keep / (1.0 - self.rate)
+
+
+class MLP(nn.Sequential):
+    def __init__(self, dim: int, widening_factor: int, dropout: float):
+        super().__init__(
+            nn.Linear(dim, widening_factor * dim), nn.GELU(), nn.Linear(widening_factor * dim, dim), nn.Dropout(dropout)
+        )
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, H*E) -> (B, H, N, E)"""
+    batch, length, _ = x.shape
+    return x.view(batch, length, heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, E) -> (B, N, H*E)"""
+    batch, heads, length, dim = x.shape
+    return x.transpose(1, 2).reshape(batch, length, heads * dim)
+
+
+class SelfAttentionLayer(nn.Module):
+    """x + DropPath(Attn(LN(x))); x + DropPath(MLP(LN(x)))  on the latents (B, M, D)."""
+
+    def __init__(self, dim: int, heads: int, widening_factor: int, dropout: float, attn_dropout: float, drop_path: float):
+        super().__init__()
+        self.heads, self.attn_dropout = heads, attn_dropout
+        self.attn_norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.mlp_norm = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, widening_factor, dropout)
+        self.dropout = nn.Dropout(dropout)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (split_heads(t, self.heads) for t in self.qkv(self.attn_norm(x)).chunk(3, dim=-1))
+        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0)
+        x = x + self.drop_path(self.dropout(self.out(merge_heads(attended))))
+        return x + self.drop_path(self.mlp(self.mlp_norm(x)))
+
+
+class QueryCrossAttention(nn.Module):
+    """Output queries read the latents: q + Attn(LN(q), LN(latents)); q + MLP(LN(q)).  (B, Q, D), (B, M, D) -> (B, Q, D)"""
+
+    def __init__(self, dim: int, heads: int, widening_factor: int, dropout: float, attn_dropout: float):
+        super().__init__()
+        self.heads, self.attn_dropout = heads, attn_dropout
+        self.query_norm = nn.LayerNorm(dim)
+        self.latent_norm = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.mlp_norm = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, widening_factor, dropout)
+
+    def forward(self, queries: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        q = split_heads(self.q(self.query_norm(queries)), self.heads)
+        k, v = (split_heads(t, self.heads) for t in self.kv(self.latent_norm(latents)).chunk(2, dim=-1))
+        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0)
+        x = queries + self.out(merge_heads(attended))
+        return x + self.mlp(self.mlp_norm(x))

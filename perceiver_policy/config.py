@@ -1,0 +1,121 @@
+"""One dataclass configures the Perceiver IO encoder/decoder."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+DTYPES = ("float32", "bfloat16")
+PROPRIO_TOKENS = ("sensor", "chunk")
+
+
+@dataclass
+class PerceiverConfig:
+    """Perceiver IO hyper-parameters. Defaults are the lean CPU preset (fast enough for a control loop).
+
+    The lecture's quality setting is 256-512 latents of 256-1024 channels with several self-attention layers;
+    that belongs on a GPU. With 32 latents x 64 channels and one self-attention layer the encoder runs at
+    about the cost of SB3's NatureCNN extractor on 2 CPU cores (see docs/results.md).
+    """
+
+    num_latents: int = 32
+    """M, the number of latent vectors (the cross-attention cost is O(M * N) for N input tokens)."""
+    latent_dim: int = 64
+    """Channels of every latent and of every input token after its modality's projection."""
+    cross_attn_heads: int = 1
+    """Heads of the input cross-attention (DeepMind's Perceiver IO uses 1)."""
+    self_attn_heads: int = 4
+    """Heads of each latent self-attention layer."""
+    self_attn_layers: int = 1
+    """Latent self-attention layers in one block."""
+    self_attn_repeats: int = 1
+    """How many times the block of self-attention layers is applied."""
+    share_repeat_weights: bool = True
+    """Reuse the block's weights across repeats (Perceiver's weight sharing) instead of new layers per repeat."""
+    widening_factor: int = 2
+    """MLP hidden width = widening_factor * latent_dim."""
+    decoder_heads: int = 1
+    """Heads of the output-query cross-attention."""
+    dropout: float = 0.0
+    """Dropout on residual branches. RL default 0: see `attn_dropout`."""
+    attn_dropout: float = 0.0
+    """Attention-probability dropout; ~0.1 suits supervised training. Keep 0 for PPO/A2C: SB3 collects rollouts
+    in eval mode and computes the PPO ratio in train mode, so any dropout biases the ratio (and CPU SDPA leaves
+    its fused kernel when dropout > 0)."""
+    drop_path: float = 0.0
+    """Stochastic-depth rate of the deepest residual branch (linearly increasing with depth). RL default 0."""
+    fourier_bands: int = 8
+    """Fourier frequency bands per position axis, linearly spaced from 1 to resolution / 2 (as Perceiver IO)."""
+    use_position_features: bool = True
+    """Concatenate Fourier position features to token contents; off makes the model permutation-invariant."""
+    patch_size: int = 8
+    """Pixel patch side (the image modality's token stride); must divide the image size."""
+    proprio_tokens: str = "sensor"
+    """'sensor': one token per sensor of the env's layout; 'chunk': one token per `proprio_chunk` values."""
+    proprio_chunk: int = 4
+    """Values per proprio token in 'chunk' mode (and for vector modalities without a layout)."""
+    modality_dropout: float = 0.0
+    """Training only: probability of dropping a whole modality per sample (never all of them)."""
+    modality_gating: bool = True
+    """Learned per-head, per-modality logit bias and per-latent modality gate in the input cross-attention."""
+    init_std: float = 0.02
+    """Std of the truncated-normal init of latents, queries and embeddings."""
+    dtype: str = "float32"
+    """'bfloat16' runs the model under autocast (CUDA, or CPU where supported); 'float32' otherwise."""
+    modality_overrides: dict = field(default_factory=dict)
+    """Per-modality settings by observation key, e.g. {'pixels': {'stride': 12}}; see modalities.py."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        positive = (
+            "num_latents",
+            "latent_dim",
+            "cross_attn_heads",
+            "self_attn_heads",
+            "self_attn_repeats",
+            "widening_factor",
+            "decoder_heads",
+            "patch_size",
+            "proprio_chunk",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"PerceiverConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("self_attn_layers", "fourier_bands"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"PerceiverConfig.{name} must be a non-negative integer, got {value!r}")
+        for name in ("dropout", "attn_dropout", "drop_path", "modality_dropout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"PerceiverConfig.{name} must be in [0, 1), got {value!r}")
+        for heads in ("cross_attn_heads", "self_attn_heads", "decoder_heads"):
+            if self.latent_dim % getattr(self, heads):
+                raise ValueError(
+                    f"PerceiverConfig.{heads}={getattr(self, heads)} must divide latent_dim={self.latent_dim}"
+                )
+        if self.dtype not in DTYPES:
+            raise ValueError(f"PerceiverConfig.dtype {self.dtype!r} unknown; valid choices: {list(DTYPES)}")
+        if self.proprio_tokens not in PROPRIO_TOKENS:
+            raise ValueError(
+                f"PerceiverConfig.proprio_tokens {self.proprio_tokens!r} unknown; valid choices: {list(PROPRIO_TOKENS)}"
+            )
+        if not self.init_std > 0:
+            raise ValueError(f"PerceiverConfig.init_std must be > 0, got {self.init_std!r}")
+        if not isinstance(self.modality_overrides, dict):
+            raise ValueError(f"PerceiverConfig.modality_overrides must be a dict, got {self.modality_overrides!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> PerceiverConfig:
+        """Build from a plain dict (e.g. YAML), naming unknown keys and the valid ones."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown PerceiverConfig fields {unknown}; valid fields: {sorted(names)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

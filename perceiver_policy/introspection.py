@@ -1,0 +1,74 @@
+"""Analytic cost of the Perceiver for an observation space, and summaries of captured cross-attention."""
+
+from __future__ import annotations
+
+import torch
+from gymnasium import spaces
+from torch import nn
+
+from perceiver_policy.config import PerceiverConfig
+from perceiver_policy.modalities import build_specs, position_feature_dim
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
+    """Unique parameters (shared weights counted once)."""
+    seen = {id(p): p for p in module.parameters() if p.requires_grad or not trainable_only}
+    return sum(p.numel() for p in seen.values())
+
+
+def count_flops(observation_space: spaces.Dict, config: PerceiverConfig, num_queries: int = 2) -> dict[str, float]:
+    """Forward FLOPs per sample (2 x multiply-adds), by stage. Cross-attention is O(M * N * D)."""
+    specs = build_specs(observation_space, config)
+    dim, latents = config.latent_dim, config.num_latents
+    tokens = sum(s.num_tokens for s in specs)
+    tokenize = sum(
+        2 * s.num_tokens * s.token_dim * dim + (2 * s.num_tokens * position_feature_dim(s, config) * dim)
+        for s in specs
+    )
+    hidden = config.widening_factor * dim
+    # queries (cacheable at inference), keys+values, logits, weighted sum, output projection, MLP
+    cross = 2 * (latents * dim * dim + 2 * tokens * dim * dim + 2 * latents * tokens * dim + latents * dim * dim)
+    cross += 2 * 2 * latents * dim * hidden
+    per_layer = 2 * (4 * latents * dim * dim + 2 * latents * latents * dim + 2 * latents * dim * hidden)
+    self_attn = per_layer * config.self_attn_layers * config.self_attn_repeats
+    decode = 2 * (num_queries * dim * dim + 2 * latents * dim * dim + 2 * num_queries * latents * dim)
+    decode += 2 * (num_queries * dim * dim + 2 * num_queries * dim * hidden)
+    return {
+        "tokens": float(tokens),
+        "tokenize": float(tokenize),
+        "cross_attn": float(cross),
+        "self_attn": float(self_attn),
+        "decode": float(decode),
+        "total": float(tokenize + cross + self_attn + decode),
+    }
+
+
+def modality_balance(capture: dict) -> dict[str, float]:
+    """Share of the cross-attention mass each modality receives, averaged over batch, heads and latents."""
+    weights = capture["weights"]  # (B, H, M, N)
+    index = capture["modality_index"]
+    per_token = weights.float().mean(dim=(0, 1, 2))  # (N,)
+    return {
+        name: float(per_token[index == m].sum())
+        for name, m in zip(capture["names"], capture["present"])
+    }
+
+
+def attention_entropy(capture: dict) -> float:
+    """Mean entropy (nats) of each latent's attention over tokens; a collapse detector (low = peaked)."""
+    weights = capture["weights"].float().clamp_min(1e-12)
+    return float(-(weights * weights.log()).sum(-1).mean())
+
+
+def attention_map(capture: dict, sample: int = 0) -> torch.Tensor:
+    """(M, N) head-averaged attention of one sample, tokens grouped by modality in encoder order."""
+    return capture["weights"][sample].float().mean(dim=0)
+
+
+def token_moments(capture: dict) -> dict[str, tuple[float, float]]:
+    """(mean, std) of each modality's embedded tokens: the input to the Fourier-drift metric."""
+    tokens, index = capture["tokens"], capture["modality_index"]
+    return {
+        name: (float(tokens[:, index == m].mean()), float(tokens[:, index == m].std()))
+        for name, m in zip(capture["names"], capture["present"])
+    }

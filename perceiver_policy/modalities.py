@@ -1,0 +1,204 @@
+"""The modality registry: how each observation key becomes a set of tokens.
+
+A `ModalitySpec` declares a modality's kind, shape, token stride and Fourier resolutions; an adapter (one per
+kind) turns its observation into `(B, N, latent_dim)` tokens. Every modality then feeds the *same* encoder, so a
+new sensor is a new entry (`register_adapter` for a new kind, or `modality_overrides` for a new key), never a new
+attention stack. Built-in kinds:
+
+- ``image``: uint8 `(F*3, H, W)` frame stacks -> one token per (frame, patch) with 2-D Fourier features and a
+  frame-index feature. Pixels are scaled to float here and nowhere else.
+- ``vector``: float `(D,)` -> one token per named sensor (from the env's layout) or per fixed-size chunk, with a
+  Fourier index encoding.
+- ``sequence``: float `(T, C)` (e.g. the action history) -> one token per step with a temporal Fourier encoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from torch import nn
+
+from perceiver_policy.config import PerceiverConfig
+from perceiver_policy.position import fourier_dim, grid_fourier_features
+
+KINDS = ("image", "vector", "sequence")
+_DEFAULT_KIND = {"pixels": "image", "proprio": "vector", "action_history": "sequence"}
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """What the encoder needs to know about one observation key."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    stride: int
+    """Patch side (image), values per chunk (vector) or steps per token (sequence, 1)."""
+    layout: tuple[tuple[str, int, int], ...] | None = None
+    """Vector only: named (sensor, start, stop) slices; one token per sensor when given."""
+    channels_per_frame: int = 3
+    """Image only: channels of one frame in the stacked channel axis."""
+
+    @property
+    def fourier_resolutions(self) -> tuple[int, ...]:
+        if self.kind == "image":
+            frames, height, width = self.shape[0] // self.channels_per_frame, self.shape[1], self.shape[2]
+            return (frames, height // self.stride, width // self.stride)
+        if self.kind == "vector":
+            return (self.num_tokens,)
+        return (self.shape[0],)
+
+    @property
+    def num_tokens(self) -> int:
+        if self.kind == "image":
+            return int(np.prod(self.fourier_resolutions))
+        if self.kind == "vector":
+            return len(self.layout) if self.layout else -(-self.shape[0] // self.stride)
+        return self.shape[0]
+
+    @property
+    def token_dim(self) -> int:
+        """Raw content features per token, before projection."""
+        if self.kind == "image":
+            return self.channels_per_frame * self.stride**2
+        if self.kind == "vector":
+            return max(stop - start for _, start, stop in self.layout) if self.layout else self.stride
+        return self.shape[1]
+
+
+def infer_kind(name: str, space: spaces.Space) -> str:
+    if name in _DEFAULT_KIND:
+        return _DEFAULT_KIND[name]
+    if isinstance(space, spaces.Box) and space.dtype == np.uint8 and len(space.shape) == 3:
+        return "image"
+    if isinstance(space, spaces.Box) and len(space.shape) == 1:
+        return "vector"
+    if isinstance(space, spaces.Box) and len(space.shape) == 2:
+        return "sequence"
+    raise ValueError(
+        f"cannot tokenise observation {name!r} with space {space}; supported: uint8 Box (C, H, W) images, "
+        f"1-D Box vectors, 2-D Box sequences (or register an adapter with register_adapter)"
+    )
+
+
+def build_specs(observation_space: spaces.Space, config: PerceiverConfig) -> list[ModalitySpec]:
+    """One spec per key of a Dict observation space, in the space's key order."""
+    if not isinstance(observation_space, spaces.Dict):
+        raise ValueError(
+            f"the Perceiver policy needs a gymnasium Dict observation space, got {type(observation_space).__name__}: "
+            f"{observation_space}"
+        )
+    specs = []
+    for name, space in observation_space.spaces.items():
+        overrides = dict(config.modality_overrides.get(name, {}))
+        kind = overrides.pop("kind", None) or infer_kind(name, space)
+        if kind not in ADAPTERS:
+            raise ValueError(f"unknown modality kind {kind!r} for {name!r}; valid choices: {sorted(ADAPTERS)}")
+        layout = getattr(space, "layout", None)
+        if kind == "vector" and layout and config.proprio_tokens == "sensor":
+            layout = tuple((sensor, int(a), int(b)) for sensor, (a, b) in layout.items())
+        else:
+            layout = None
+        stride = {"image": config.patch_size, "vector": config.proprio_chunk, "sequence": 1}.get(kind, 1)
+        fields = {f.name for f in dataclasses.fields(ModalitySpec)} - {"name", "kind", "shape"}
+        bad = sorted(set(overrides) - fields)
+        if bad:
+            raise ValueError(f"unknown modality override {bad} for {name!r}; valid keys: {sorted(fields | {'kind'})}")
+        spec = ModalitySpec(name, kind, tuple(space.shape), **{"stride": stride, "layout": layout, **overrides})
+        _validate_spec(spec)
+        specs.append(spec)
+    return specs
+
+
+def _validate_spec(spec: ModalitySpec) -> None:
+    if spec.kind == "image":
+        if len(spec.shape) != 3 or spec.shape[0] % spec.channels_per_frame:
+            raise ValueError(f"image modality {spec.name!r} needs (frames*3, H, W), got shape {spec.shape}")
+        for side in spec.shape[1:]:
+            if side % spec.stride:
+                divisors = [d for d in range(2, side + 1) if side % d == 0]
+                raise ValueError(
+                    f"patch_size {spec.stride} does not divide image size {side} of {spec.name!r}; "
+                    f"valid choices: {divisors}"
+                )
+
+
+class ModalityAdapter(nn.Module):
+    """Base: content projection + projected Fourier position features (a non-persistent buffer)."""
+
+    def __init__(self, spec: ModalitySpec, config: PerceiverConfig):
+        super().__init__()
+        self.spec = spec
+        self.content = nn.Linear(spec.token_dim, config.latent_dim)
+        self.use_position = config.use_position_features
+        if self.use_position:
+            features = grid_fourier_features(spec.fourier_resolutions, config.fourier_bands)  # (N, P)
+            # Built once per layout, moved with the module, never saved in checkpoints nor rebuilt in forward.
+            self.register_buffer("position_features", features, persistent=False)
+            self.position = nn.Linear(features.shape[1], config.latent_dim, bias=False)
+
+    def tokens_content(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.content(self.tokens_content(x))  # (B, N, D)
+        if self.use_position:
+            tokens = tokens + self.position(self.position_features)  # (N, D) broadcast over the batch
+        return tokens
+
+
+class ImageAdapter(ModalityAdapter):
+    def tokens_content(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, F*C, H, W) uint8 -> (B, F*Hp*Wp, C*p*p) float in [-0.5, 0.5]
+        p, c = self.spec.stride, self.spec.channels_per_frame
+        batch, _, height, width = x.shape
+        x = x.float() * (1.0 / 255.0) - 0.5  # the one place pixels become floats
+        x = x.reshape(batch, -1, c, height // p, p, width // p, p)
+        x = x.permute(0, 1, 3, 5, 2, 4, 6)  # (B, F, Hp, Wp, C, p, p)
+        return x.reshape(batch, -1, c * p * p)
+
+
+class VectorAdapter(ModalityAdapter):
+    def __init__(self, spec: ModalitySpec, config: PerceiverConfig):
+        super().__init__(spec, config)
+        dim, width = spec.shape[0], spec.token_dim
+        groups = [(a, b) for _, a, b in spec.layout] if spec.layout else [
+            (a, min(a + width, dim)) for a in range(0, dim, width)
+        ]
+        # Gather indices into the vector padded with one zero at index `dim`: (N, width)
+        index = torch.full((len(groups), width), dim, dtype=torch.long)
+        for token, (start, stop) in enumerate(groups):
+            index[token, : stop - start] = torch.arange(start, stop)
+        self.register_buffer("gather_index", index, persistent=False)
+
+    def tokens_content(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        padded = torch.cat([x, x.new_zeros(x.shape[0], 1)], dim=1)  # (B, D + 1)
+        return padded[:, self.gather_index]  # (B, N, width)
+
+
+class SequenceAdapter(ModalityAdapter):
+    def tokens_content(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float()  # (B, T, C): one token per step
+
+
+ADAPTERS: dict[str, type[ModalityAdapter]] = {
+    "image": ImageAdapter,
+    "vector": VectorAdapter,
+    "sequence": SequenceAdapter,
+}
+
+
+def register_adapter(kind: str, adapter: type[ModalityAdapter]) -> None:
+    """Add a tokeniser for a new kind of sensor; select it with modality_overrides={key: {'kind': kind}}."""
+    if not (isinstance(adapter, type) and issubclass(adapter, ModalityAdapter)):
+        raise ValueError(f"adapter for {kind!r} must subclass ModalityAdapter, got {adapter!r}")
+    ADAPTERS[kind] = adapter
+
+
+def position_feature_dim(spec: ModalitySpec, config: PerceiverConfig) -> int:
+    return fourier_dim(len(spec.fourier_resolutions), config.fourier_bands)

@@ -1,0 +1,199 @@
+"""Perceiver IO: modality adapters -> gated cross-attention into latents -> latent self-attention -> output queries.
+
+    obs (Dict) --adapters--> tokens (B, N, D) --cross-attn--> latents (B, M, D) --self-attn x L--> latents
+    queries (B, Q, D) --cross-attn over latents--> outputs (B, Q, D) --heads--> logits / Gaussian / values / Q
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from gymnasium import spaces
+from torch import nn
+
+from perceiver_policy.attention import QueryCrossAttention, SelfAttentionLayer
+from perceiver_policy.config import PerceiverConfig
+from perceiver_policy.cross_attention import GatedCrossAttention
+from perceiver_policy.modalities import ADAPTERS, build_specs
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """The one place weights are initialised: truncated normal for Linear weights, zeros for biases."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            nn.init.trunc_normal_(sub.weight, std=std, a=-2 * std, b=2 * std)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+
+
+def autocast_context(config: PerceiverConfig, device: torch.device):
+    """bf16 autocast when the config asks for it, on CUDA or on CPU; a no-op context otherwise."""
+    enabled = config.dtype == "bfloat16"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+class PerceiverEncoder(nn.Module):
+    """Reads a Dict observation into latents (B, M, D).
+
+    Missing modalities: a key absent from `obs` (or listed in `disabled_modalities`) contributes no tokens; a
+    per-sample flag in `absent` ({name: (B,) bool}) masks that sample's tokens with the same result. In training,
+    `config.modality_dropout` flags whole modalities absent per sample (never all of one sample's).
+    """
+
+    def __init__(self, observation_space: spaces.Dict, config: PerceiverConfig | None = None):
+        super().__init__()
+        self.config = config = config or PerceiverConfig()
+        self.specs = build_specs(observation_space, config)
+        self.names = tuple(spec.name for spec in self.specs)
+        self.adapters = nn.ModuleDict({spec.name: ADAPTERS[spec.kind](spec, config) for spec in self.specs})
+        dim = config.latent_dim
+        self.modality_embedding = nn.Parameter(torch.empty(len(self.specs), dim))
+        self.latents = nn.Parameter(torch.empty(config.num_latents, dim))
+        self.cross_attention = GatedCrossAttention(
+            dim,
+            config.cross_attn_heads,
+            config.num_latents,
+            len(self.specs),
+            config.widening_factor,
+            config.dropout,
+            config.attn_dropout,
+            config.modality_gating,
+        )
+        depth = config.self_attn_layers * (1 if config.share_repeat_weights else config.self_attn_repeats)
+        rates = torch.linspace(0, config.drop_path, max(depth, 1)).tolist()
+        self.self_attention = nn.ModuleList(
+            SelfAttentionLayer(
+                dim, config.self_attn_heads, config.widening_factor, config.dropout, config.attn_dropout, rates[i]
+            )
+            for i in range(depth)
+        )
+        self.final_norm = nn.LayerNorm(dim)
+        self.disabled_modalities: set[str] = set()
+        self.capture_attention = False
+        self.last_capture: dict | None = None
+        self._modality_index_cache: dict = {}
+        init_weights(self, config.init_std)
+        for param in (self.modality_embedding, self.latents):
+            nn.init.trunc_normal_(param, std=config.init_std, a=-2 * config.init_std, b=2 * config.init_std)
+
+    @property
+    def num_tokens(self) -> dict[str, int]:
+        return {spec.name: spec.num_tokens for spec in self.specs}
+
+    def _layer_sequence(self) -> list[nn.Module]:
+        if self.config.share_repeat_weights:  # the same modules applied `repeats` times: no duplicated parameters
+            return list(self.self_attention) * self.config.self_attn_repeats
+        return list(self.self_attention)
+
+    def _modality_index(self, present: tuple[int, ...], device) -> torch.Tensor:
+        key = (present, device)
+        if key not in self._modality_index_cache:
+            counts = torch.tensor([self.specs[m].num_tokens for m in present])
+            self._modality_index_cache[key] = torch.repeat_interleave(torch.tensor(present), counts).to(device)
+        return self._modality_index_cache[key]  # (N,) long
+
+    def _absent_flags(self, present: tuple[int, ...], batch: int, absent: Mapping | None, device) -> torch.Tensor | None:
+        """(B, n_present) bool of modalities absent per sample, or None when every sample has all of them."""
+        flags = None
+        if absent:
+            unknown = sorted(set(absent) - set(self.names))
+            if unknown:
+                raise ValueError(f"unknown modalities {unknown} in absent; valid choices: {list(self.names)}")
+            flags = torch.zeros(batch, len(present), dtype=torch.bool, device=device)
+            for column, m in enumerate(present):
+                if self.names[m] in absent:
+                    flags[:, column] = torch.as_tensor(absent[self.names[m]], device=device).bool().reshape(batch)
+            if bool(flags.all(dim=1).any()):
+                raise ValueError("every modality is absent for some sample; at least one must be present")
+        if self.training and self.config.modality_dropout > 0 and len(present) > 1:
+            drop = torch.rand(batch, len(present), device=device) < self.config.modality_dropout
+            everything = drop.all(dim=1)
+            keep = torch.randint(len(present), (batch,), device=device)
+            drop[everything, keep[everything]] = False  # never drop all of a sample's modalities
+            flags = drop if flags is None else flags | drop
+            flags[flags.all(dim=1), 0] = False
+        return flags
+
+    def forward(self, obs: Mapping[str, torch.Tensor], absent: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """obs: {name: (B, ...)} -> latents (B, M, D) float32."""
+        present = tuple(i for i, n in enumerate(self.names) if n in obs and n not in self.disabled_modalities)
+        if not present:
+            raise ValueError(
+                f"no modality to read: observation keys {sorted(obs)}, disabled {sorted(self.disabled_modalities)}; "
+                f"the encoder reads {list(self.names)}"
+            )
+        batch = obs[self.names[present[0]]].shape[0]
+        device = self.latents.device
+        with autocast_context(self.config, device):
+            tokens = [self.adapters[self.names[m]](obs[self.names[m]]) + self.modality_embedding[m] for m in present]
+            tokens = torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]  # (B, N, D)
+            modality_index = self._modality_index(present, device)
+            flags = self._absent_flags(present, batch, absent, device)
+            token_absent = None
+            if flags is not None:  # (B, n_present) -> (B, N) via each token's column among the present ones
+                column_of = torch.zeros(len(self.names), dtype=torch.long, device=device)
+                column_of[list(present)] = torch.arange(len(present), device=device)
+                token_absent = flags[:, column_of[modality_index]]
+            latents, weights = self.cross_attention(
+                self.latents, tokens, modality_index, token_absent, capture=self.capture_attention
+            )
+            for layer in self._layer_sequence():
+                latents = layer(latents)
+            latents = self.final_norm(latents)
+        if self.capture_attention:
+            self.last_capture = {
+                "weights": weights.detach(),  # (B, H, M, N)
+                "modality_index": modality_index,
+                "names": [self.names[m] for m in present],
+                "present": present,
+                "tokens": tokens.detach().float(),
+            }
+        return latents.float()
+
+
+class LearnedQueries(nn.Module):
+    """Q trainable output queries, the same for every sample: -> (B, Q, D)."""
+
+    def __init__(self, num_queries: int, dim: int, init_std: float = 0.02):
+        super().__init__()
+        self.queries = nn.Parameter(torch.empty(num_queries, dim))
+        nn.init.trunc_normal_(self.queries, std=init_std, a=-2 * init_std, b=2 * init_std)
+
+    def forward(self, batch: int) -> torch.Tensor:
+        return self.queries.unsqueeze(0).expand(batch, -1, -1)
+
+
+class ActionQueries(nn.Module):
+    """Perceiver-Actor-Critic Q queries: a learned query per critic plus an embedding of the action.
+
+    actions (B, A) -> (B, num_critics, D); one encoder pass serves any number of candidate actions.
+    """
+
+    def __init__(self, action_dim: int, dim: int, num_critics: int = 2, init_std: float = 0.02):
+        super().__init__()
+        self.num_critics = num_critics
+        self.base = LearnedQueries(num_critics, dim, init_std)
+        self.embed = nn.Sequential(nn.Linear(action_dim, dim), nn.GELU(), nn.Linear(dim, num_critics * dim))
+
+    def forward(self, actions: torch.Tensor) -> torch.Tensor:
+        batch = actions.shape[0]
+        return self.base(batch) + self.embed(actions.float()).view(batch, self.num_critics, -1)
+
+
+class PerceiverDecoder(nn.Module):
+    """Output queries cross-attend the latents: queries (B, Q, D), latents (B, M, D) -> (B, Q, D)."""
+
+    def __init__(self, config: PerceiverConfig):
+        super().__init__()
+        self.config = config
+        self.attend = QueryCrossAttention(
+            config.latent_dim, config.decoder_heads, config.widening_factor, config.dropout, config.attn_dropout
+        )
+        self.norm = nn.LayerNorm(config.latent_dim)
+        init_weights(self, config.init_std)
+
+    def forward(self, queries: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        with autocast_context(self.config, latents.device):
+            out = self.norm(self.attend(queries, latents))
+        return out.float()

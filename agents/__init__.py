@@ -1,0 +1,20 @@
+"""SB3 algorithms wired for the Perceiver policy: batched device rollouts, frame replay, DrQ-style SAC."""
+
+from agents.factory import ALGORITHMS, DEFAULTS, make_agent, resolve_device
+from agents.on_policy import BatchedRolloutMixin, PerceiverA2C, PerceiverPPO
+from agents.replay_buffer import FrameReplayBuffer
+from agents.rollout_buffer import DeviceRolloutBuffer
+from agents.sac import PerceiverSAC
+
+__all__ = [
+    "ALGORITHMS",
+    "DEFAULTS",
+    "BatchedRolloutMixin",
+    "DeviceRolloutBuffer",
+    "FrameReplayBuffer",
+    "PerceiverA2C",
+    "PerceiverPPO",
+    "PerceiverSAC",
+    "make_agent",
+    "resolve_device",
+]

@@ -7,11 +7,14 @@ one CPU core with Mesa's software EGL. Everything else (geometry, textures, ligh
 
 from __future__ import annotations
 
+import atexit
 import os
+import weakref
 
 import numpy as np
 
 RENDER_BACKENDS = ("fast", "dm_control")
+_LIVE_RENDERERS: weakref.WeakSet = weakref.WeakSet()
 
 _GL_FIX = (
     "headless rendering needs an EGL driver: on Debian/Ubuntu `apt-get install libegl1 libegl-mesa0 "
@@ -41,6 +44,7 @@ class CameraRenderer:
                 for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION):
                     flags[flag] = 0
                 flags[mujoco.mjtRndFlag.mjRND_SKYBOX] = 0
+            _track(self)
             self.render()  # fail here, with a useful message, rather than at the first step
         except Exception as err:  # GL errors come as many types (ImportError, RuntimeError, mujoco.FatalError)
             self.close()
@@ -64,3 +68,25 @@ class CameraRenderer:
 
 def gl_backend() -> str | None:
     return os.environ.get("MUJOCO_GL")
+
+
+def _track(renderer: CameraRenderer) -> None:
+    # Registered after MuJoCo's EGL module registered its own exit hook (eglTerminate), so ours runs first:
+    # atexit calls hooks in reverse order of registration.
+    global _EXIT_HOOK_REGISTERED
+    if not _EXIT_HOOK_REGISTERED:
+        atexit.register(_close_live_renderers)
+        _EXIT_HOOK_REGISTERED = True
+    _LIVE_RENDERERS.add(renderer)
+
+
+_EXIT_HOOK_REGISTERED = False
+
+
+def _close_live_renderers() -> None:
+    """Close renderers nobody closed (e.g. after an exception) while EGL is still initialised."""
+    for renderer in list(_LIVE_RENDERERS):
+        try:
+            renderer.close()
+        except Exception:  # noqa: BLE001  best effort at interpreter exit
+            pass

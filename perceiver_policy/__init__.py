@@ -19,3 +19,11 @@ __all__ = [
     "count_parameters",
     "register_adapter",
 ]
+
+from perceiver_policy.policies import PerceiverActorCriticPolicy, PerceiverExtractor  # noqa: E402
+
+__all__ += ["PerceiverActorCriticPolicy", "PerceiverExtractor"]
+
+from perceiver_policy.sac_policy import PerceiverSACPolicy  # noqa: E402
+
+__all__ += ["PerceiverSACPolicy"]

@@ -1,0 +1,97 @@
+"""Build a ready SB3 algorithm for an env and an algorithm name: the place presets resolve to."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from gymnasium import spaces
+from stable_baselines3.common.base_class import BaseAlgorithm
+
+from agents.on_policy import PerceiverA2C, PerceiverPPO
+from agents.replay_buffer import FrameReplayBuffer
+from agents.sac import PerceiverSAC
+from perceiver_policy.policies import PerceiverActorCriticPolicy
+from perceiver_policy.sac_policy import PerceiverSACPolicy
+
+ALGORITHMS = ("ppo", "a2c", "sac")
+
+# Sensible defaults per algorithm for DMC with the lean Perceiver (override any of them by keyword).
+DEFAULTS: dict[str, dict] = {
+    "ppo": {
+        "learning_rate": 3e-4,
+        "n_steps": 256,
+        "batch_size": 128,
+        "n_epochs": 5,
+        "gamma": 0.99,
+        "gae_lambda": 0.95,
+        "clip_range": 0.2,
+        "ent_coef": 0.0,
+        "max_grad_norm": 0.5,
+    },
+    "a2c": {"learning_rate": 7e-4, "n_steps": 16, "gamma": 0.99, "gae_lambda": 0.95, "max_grad_norm": 0.5},
+    "sac": {
+        "learning_rate": 3e-4,
+        "buffer_size": 100_000,
+        "learning_starts": 1_000,
+        "batch_size": 256,
+        "tau": 0.01,
+        "gamma": 0.99,
+        "train_freq": 1,
+        "gradient_steps": 1,
+    },
+}
+
+_CLASSES = {"ppo": (PerceiverPPO, PerceiverActorCriticPolicy), "a2c": (PerceiverA2C, PerceiverActorCriticPolicy)}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {device!r}; valid choices: 'auto', 'cpu', 'cuda', 'cuda:N'") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+    return resolved
+
+
+def make_agent(
+    algorithm: str,
+    env,
+    perceiver: dict | None = None,
+    policy_kwargs: dict | None = None,
+    device: str = "auto",
+    seed: int | None = None,
+    tensorboard_log: str | None = None,
+    verbose: int = 0,
+    **overrides,
+) -> BaseAlgorithm:
+    """`make_agent("ppo", vec_env, perceiver={"num_latents": 64}, n_steps=512)` -> a ready SB3 algorithm.
+
+    PPO/A2C use `PerceiverActorCriticPolicy` with batched device rollouts; SAC uses `PerceiverSACPolicy` with
+    DrQ-style encoder training and `FrameReplayBuffer` when the observation has frame-stacked pixels. On CUDA
+    the Perceiver runs under bf16 autocast unless `perceiver={"dtype": "float32"}`.
+    """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; valid choices: {list(ALGORITHMS)}")
+    torch_device = resolve_device(device)
+    perceiver = dict(perceiver or {})
+    if torch_device.type == "cuda":
+        perceiver.setdefault("dtype", "bfloat16")
+    kwargs = {**copy.deepcopy(DEFAULTS[algorithm]), **overrides}
+    policy_kwargs = {**(policy_kwargs or {}), "perceiver": perceiver}
+    common = dict(policy_kwargs=policy_kwargs, device=torch_device, seed=seed, tensorboard_log=tensorboard_log, verbose=verbose)
+    if algorithm == "sac":
+        obs_space = env.observation_space
+        if isinstance(obs_space, spaces.Dict) and "pixels" in obs_space.spaces:
+            kwargs.setdefault("replay_buffer_class", FrameReplayBuffer)
+        else:
+            kwargs.setdefault("augment_pad", 0)
+        return PerceiverSAC(PerceiverSACPolicy, env, **kwargs, **common)
+    algo_cls, policy_cls = _CLASSES[algorithm]
+    n_envs = getattr(env, "num_envs", 1)
+    if algorithm == "ppo":  # SB3 wants the rollout (n_steps * n_envs) to be a multiple of the minibatch
+        kwargs["batch_size"] = min(kwargs["batch_size"], kwargs["n_steps"] * n_envs)
+    return algo_cls(policy_cls, env, **kwargs, **common)

@@ -1,0 +1,173 @@
+"""Off-policy replay that stores every pixel frame once, uint8, on the device when it fits.
+
+SB3's `DictReplayBuffer` keeps obs and next_obs separately, so a 3-frame stack holds each frame six times (and
+it refuses `optimize_memory_usage` for Dict spaces). Here, as in DrQ-v2's replay, each env appends its newest
+frame to a ring of frames and a transition records the ids of the frames of its obs and next_obs stacks; stacks
+are rebuilt by indexing at sample time. Episode boundaries: the reset stack is stored once per episode
+(identical frames share one id); the terminal next_obs is stored like any other; time-limit truncations keep
+`done = 0` for bootstrapping (SB3's `handle_timeout_termination`). Other keys (proprio, action history) are
+small and stored as obs/next_obs arrays.
+
+Frame ids are monotonic per env; slot = id % frame_capacity. A transition whose frames were overwritten (only
+possible with episodes shorter than ~1/frame_margin steps) is never sampled.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from stable_baselines3.common.buffers import BaseBuffer
+from stable_baselines3.common.type_aliases import DictReplayBufferSamples
+
+
+def choose_storage_device(device: torch.device, nbytes: int) -> torch.device:
+    """The policy's CUDA device when the frames fit in half its free memory, else host memory."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(device)
+        if nbytes < 0.5 * free:
+            return device
+    return torch.device("cpu")
+
+
+class FrameReplayBuffer(BaseBuffer):
+    """`replay_buffer_class` for SB3's SAC (and `PerceiverSAC`) with a frame-stacked uint8 pixel key."""
+
+    def __init__(
+        self,
+        buffer_size: int,
+        observation_space: spaces.Dict,
+        action_space: spaces.Space,
+        device: torch.device | str = "auto",
+        n_envs: int = 1,
+        optimize_memory_usage: bool = False,
+        handle_timeout_termination: bool = True,
+        pixel_key: str = "pixels",
+        channels_per_frame: int = 3,
+        frame_margin: float = 0.1,
+    ):
+        super().__init__(buffer_size, observation_space, action_space, device, n_envs=n_envs)
+        if not isinstance(observation_space, spaces.Dict) or pixel_key not in observation_space.spaces:
+            raise ValueError(
+                f"FrameReplayBuffer needs a Dict observation space with a {pixel_key!r} key, got {observation_space}"
+            )
+        pixel_space = observation_space[pixel_key]
+        if pixel_space.dtype != np.uint8 or len(pixel_space.shape) != 3 or pixel_space.shape[0] % channels_per_frame:
+            raise ValueError(f"{pixel_key!r} must be uint8 (frames*{channels_per_frame}, H, W), got {pixel_space}")
+        self.pixel_key, self.channels = pixel_key, channels_per_frame
+        self.frame_stack = pixel_space.shape[0] // channels_per_frame
+        self.frame_shape = (channels_per_frame, *pixel_space.shape[1:])
+        self.handle_timeout_termination = handle_timeout_termination
+        self.frame_capacity = int(self.buffer_size * (1 + frame_margin)) + self.frame_stack + 1
+        frame_bytes = int(np.prod(self.frame_shape))
+        self.storage_device = choose_storage_device(self.device, self.frame_capacity * n_envs * frame_bytes)
+        frames = torch.zeros((self.frame_capacity, n_envs, *self.frame_shape), dtype=torch.uint8)
+        if self.storage_device.type == "cpu" and self.device.type == "cuda":
+            frames = frames.pin_memory()  # pinned host fallback when the frames do not fit on the GPU
+        self.frames = frames.to(self.storage_device)
+
+        shape = (self.buffer_size, n_envs)
+        self.obs_ids = np.zeros((*shape, self.frame_stack), dtype=np.int64)
+        self.next_obs_ids = np.zeros((*shape, self.frame_stack), dtype=np.int64)
+        self.other_keys = [k for k in observation_space.spaces if k != pixel_key]
+        self.observations = {k: np.zeros((*shape, *observation_space[k].shape), np.float32) for k in self.other_keys}
+        self.next_observations = {k: np.zeros_like(v) for k, v in self.observations.items()}
+        self.actions = np.zeros((*shape, self.action_dim), dtype=np.float32)
+        self.rewards = np.zeros(shape, dtype=np.float32)
+        self.dones = np.zeros(shape, dtype=np.float32)
+        self.timeouts = np.zeros(shape, dtype=np.float32)
+        self.frames_pushed = np.zeros(n_envs, dtype=np.int64)  # next frame id per env
+        self._episode_start = np.ones(n_envs, dtype=bool)
+        self._stack_ids = np.zeros((n_envs, self.frame_stack), dtype=np.int64)
+
+    # ------------------------------------------------------------------------------------------------ writes
+    def _push_frame(self, env: int, frame: np.ndarray) -> int:
+        frame_id = int(self.frames_pushed[env])
+        self.frames[frame_id % self.frame_capacity, env].copy_(torch.from_numpy(np.ascontiguousarray(frame)))
+        self.frames_pushed[env] += 1
+        return frame_id
+
+    def _push_stack(self, env: int, stack: np.ndarray) -> np.ndarray:
+        """Store an episode's first stack; consecutive identical frames (the reset padding) share one id."""
+        frames = stack.reshape(self.frame_stack, *self.frame_shape)
+        ids = np.empty(self.frame_stack, dtype=np.int64)
+        for j, frame in enumerate(frames):
+            same = j > 0 and np.array_equal(frame, frames[j - 1])
+            ids[j] = ids[j - 1] if same else self._push_frame(env, frame)
+        return ids
+
+    def add(self, obs, next_obs, action, reward, done, infos) -> None:
+        """Dict obs/next_obs of (n_envs, ...) arrays, as SB3's `OffPolicyAlgorithm._store_transition` passes them."""
+        pixels, next_pixels = np.asarray(obs[self.pixel_key]), np.asarray(next_obs[self.pixel_key])
+        for env in range(self.n_envs):
+            if self._episode_start[env]:
+                self._stack_ids[env] = self._push_stack(env, pixels[env])
+            elif not np.array_equal(pixels[env, : self.channels], self._last_first_frame[env]):
+                raise ValueError(
+                    "FrameReplayBuffer needs consecutive observations to be frame stacks shifted by one frame; "
+                    "got an observation that does not continue the previous next_obs (wrapped env?)"
+                )
+            newest = self._push_frame(env, next_pixels[env, -self.channels :])
+            self.obs_ids[self.pos, env] = self._stack_ids[env]
+            self.next_obs_ids[self.pos, env] = np.append(self._stack_ids[env, 1:], newest)
+            if done[env]:
+                self._episode_start[env] = True
+            else:
+                self._episode_start[env] = False
+                self._stack_ids[env] = self.next_obs_ids[self.pos, env]
+        self._last_first_frame = next_pixels[:, : self.channels].copy()  # obs[t+1] must equal next_obs[t]
+        for key in self.other_keys:
+            self.observations[key][self.pos] = obs[key]
+            self.next_observations[key][self.pos] = next_obs[key]
+        self.actions[self.pos] = np.asarray(action).reshape(self.n_envs, self.action_dim)
+        self.rewards[self.pos] = reward
+        self.dones[self.pos] = done
+        if self.handle_timeout_termination:
+            self.timeouts[self.pos] = [info.get("TimeLimit.truncated", False) for info in infos]
+        self.pos += 1
+        if self.pos == self.buffer_size:
+            self.full, self.pos = True, 0
+
+    # ------------------------------------------------------------------------------------------------ reads
+    def _valid(self, index: np.ndarray, env: np.ndarray) -> np.ndarray:
+        oldest_kept = self.frames_pushed[env] - self.frame_capacity
+        return self.obs_ids[index, env].min(axis=1) >= oldest_kept
+
+    def sample(self, batch_size: int, env=None) -> DictReplayBufferSamples:
+        upper = self.buffer_size if self.full else self.pos
+        index = np.random.randint(0, upper, size=batch_size)
+        env_index = np.random.randint(0, self.n_envs, size=batch_size)
+        for _ in range(100):  # rejection-sample the rare transitions whose frames were overwritten
+            bad = ~self._valid(index, env_index)
+            if not bad.any():
+                break
+            index[bad] = np.random.randint(0, upper, size=int(bad.sum()))
+        return self._get_samples(index, env_index)
+
+    def _stacks(self, ids: np.ndarray, env_index: np.ndarray) -> torch.Tensor:
+        slots = torch.as_tensor(ids % self.frame_capacity, device=self.storage_device)  # (B, k)
+        envs = torch.as_tensor(env_index, device=self.storage_device)[:, None]
+        stacks = self.frames[slots, envs]  # (B, k, C, H, W)
+        stacks = stacks.reshape(len(env_index), -1, *self.frame_shape[1:])  # (B, k*C, H, W) uint8
+        return stacks.to(self.device, non_blocking=True)
+
+    def _get_samples(self, index: np.ndarray, env_index: np.ndarray, env=None) -> DictReplayBufferSamples:
+        obs = {self.pixel_key: self._stacks(self.obs_ids[index, env_index], env_index)}
+        next_obs = {self.pixel_key: self._stacks(self.next_obs_ids[index, env_index], env_index)}
+        for key in self.other_keys:
+            obs[key] = self.to_torch(self.observations[key][index, env_index])
+            next_obs[key] = self.to_torch(self.next_observations[key][index, env_index])
+        # Only true terminations stop bootstrapping; time-limit truncations do not.
+        dones = self.dones[index, env_index] * (1 - self.timeouts[index, env_index])
+        return DictReplayBufferSamples(
+            observations=obs,
+            actions=self.to_torch(self.actions[index, env_index]),
+            next_observations=next_obs,
+            dones=self.to_torch(dones.reshape(-1, 1)),
+            rewards=self.to_torch(self.rewards[index, env_index].reshape(-1, 1)),
+        )
+
+    def nbytes(self) -> int:
+        arrays = [self.obs_ids, self.next_obs_ids, self.actions, self.rewards, self.dones, self.timeouts]
+        arrays += list(self.observations.values()) + list(self.next_observations.values())
+        return self.frames.numel() * self.frames.element_size() + sum(a.nbytes for a in arrays)

@@ -1,0 +1,94 @@
+"""SAC with a shared Perceiver encoder trained by the critic only (DrQ / DrQ-v2), as a thin SB3 subclass.
+
+`SAC.train` calls the critic the same way for the critic and the actor losses, so with a shared encoder the
+actor's loss would also train it. `PerceiverSAC.train` instead encodes obs once (with grad, for the critic loss)
+and next_obs once (no grad, for the target), gives the actor detached latents, and Polyak-averages only the
+critic's heads (the encoder has no target copy). Optional DrQ random shifts of the pixels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from stable_baselines3 import SAC
+from stable_baselines3.common.utils import polyak_update
+
+from agents.augment import random_shift
+from perceiver_policy.sac_policy import PerceiverSACPolicy
+
+
+class PerceiverSAC(SAC):
+    """SB3 SAC for `PerceiverSACPolicy`. :param augment_pad: DrQ shift in pixels (0 disables)."""
+
+    def __init__(self, policy, env, augment_pad: int = 4, pixel_key: str = "pixels", **kwargs):
+        self.augment_pad, self.pixel_key = augment_pad, pixel_key
+        super().__init__(policy, env, **kwargs)
+
+    def _setup_model(self) -> None:
+        super()._setup_model()
+        if not isinstance(self.policy, PerceiverSACPolicy):
+            raise ValueError(f"PerceiverSAC needs PerceiverSACPolicy, got {type(self.policy).__name__}")
+
+    def _augment(self, obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.augment_pad <= 0 or self.pixel_key not in obs:
+            return obs
+        return {**obs, self.pixel_key: random_shift(obs[self.pixel_key], self.augment_pad)}
+
+    def train(self, gradient_steps: int, batch_size: int = 64) -> None:
+        self.policy.set_training_mode(True)
+        optimizers = [self.actor.optimizer, self.critic.optimizer]
+        if self.ent_coef_optimizer is not None:
+            optimizers.append(self.ent_coef_optimizer)
+        self._update_learning_rate(optimizers)
+        encoder = self.policy.encoder
+        metrics: dict[str, list[float]] = {"ent_coef": [], "actor_loss": [], "critic_loss": [], "ent_coef_loss": []}
+
+        for gradient_step in range(gradient_steps):
+            data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)
+            discounts = data.discounts if data.discounts is not None else self.gamma
+            latents = encoder(self._augment(data.observations))  # (B, M, D), trained by the critic loss
+            with torch.no_grad():
+                next_latents = encoder(self._augment(data.next_observations))
+
+            actions_pi, log_prob = self.actor.action_log_prob_latents(latents.detach())
+            log_prob = log_prob.reshape(-1, 1)
+            if self.ent_coef_optimizer is not None and self.log_ent_coef is not None:
+                ent_coef = torch.exp(self.log_ent_coef.detach())
+                ent_coef_loss = -(self.log_ent_coef * (log_prob + self.target_entropy).detach()).mean()
+                self.ent_coef_optimizer.zero_grad()
+                ent_coef_loss.backward()
+                self.ent_coef_optimizer.step()
+                metrics["ent_coef_loss"].append(ent_coef_loss.item())
+            else:
+                ent_coef = self.ent_coef_tensor
+            metrics["ent_coef"].append(ent_coef.item())
+
+            with torch.no_grad():
+                next_actions, next_log_prob = self.actor.action_log_prob_latents(next_latents)
+                next_q = torch.cat(self.critic_target.q_values(next_latents, next_actions), dim=1)
+                next_q = next_q.min(dim=1, keepdim=True).values - ent_coef * next_log_prob.reshape(-1, 1)
+                target_q = data.rewards + (1 - data.dones) * discounts * next_q
+
+            current_q = self.critic.q_values(latents, data.actions)
+            critic_loss = 0.5 * sum(F.mse_loss(q, target_q) for q in current_q)
+            self.critic.optimizer.zero_grad()
+            critic_loss.backward()
+            self.critic.optimizer.step()
+            metrics["critic_loss"].append(critic_loss.item())
+
+            q_pi = torch.cat(self.critic.q_values(latents.detach(), actions_pi), dim=1)
+            actor_loss = (ent_coef * log_prob - q_pi.min(dim=1, keepdim=True).values).mean()
+            self.actor.optimizer.zero_grad()
+            actor_loss.backward()
+            self.actor.optimizer.step()
+            metrics["actor_loss"].append(actor_loss.item())
+
+            if gradient_step % self.target_update_interval == 0:
+                polyak_update(self.critic.parameters(), self.critic_target.parameters(), self.tau)
+
+        self._n_updates += gradient_steps
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        for name, values in metrics.items():
+            if values:
+                self.logger.record(f"train/{name}", float(np.mean(values)))

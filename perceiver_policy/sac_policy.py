@@ -1,0 +1,132 @@
+"""A Perceiver IO policy for SB3's SAC: one encoder, an action query (actor) and action-conditioned Q queries.
+
+As in Perceiver-Actor-Critic, each critic's query is built from an embedding of the action, so one encoder pass
+serves any action. The encoder is shared: `critic.optimizer` owns it (the critic's loss trains it) and the actor
+reads detached latents in `agents.PerceiverSAC.train` (DrQ / DrQ-v2). SB3's own `share_features_extractor=True`
+does the opposite, which is why `PerceiverSAC` overrides `train`.
+"""
+
+from __future__ import annotations
+
+import torch
+from gymnasium import spaces
+from stable_baselines3.common.distributions import SquashedDiagGaussianDistribution
+from stable_baselines3.common.policies import BasePolicy
+from torch import nn
+
+from perceiver_policy.config import PerceiverConfig
+from perceiver_policy.model import ActionQueries, LearnedQueries, PerceiverDecoder, PerceiverEncoder
+from perceiver_policy.policies import LOG_STD_RANGE, as_config
+
+
+class PerceiverSACActor(nn.Module):
+    """Action query -> squashed Gaussian. `encoder` is shared and deliberately not registered here."""
+
+    def __init__(self, encoder: PerceiverEncoder, config: PerceiverConfig, action_dim: int):
+        super().__init__()
+        self._encoder = (encoder,)  # a tuple: not a submodule, so its parameters stay out of actor.optimizer
+        self.query = LearnedQueries(1, config.latent_dim, config.init_std)
+        self.decoder = PerceiverDecoder(config)
+        self.head = nn.Linear(config.latent_dim, 2 * action_dim)
+        self.action_dist = SquashedDiagGaussianDistribution(action_dim)
+
+    def distribution(self, latents: torch.Tensor) -> SquashedDiagGaussianDistribution:
+        out = self.decoder(self.query(latents.shape[0]), latents)[:, 0]  # (B, D)
+        mean, log_std = self.head(out).chunk(2, dim=-1)
+        return self.action_dist.proba_distribution(mean, log_std.clamp(*LOG_STD_RANGE))
+
+    def forward(self, obs: dict[str, torch.Tensor], deterministic: bool = False) -> torch.Tensor:
+        return self.distribution(self._encoder[0](obs)).get_actions(deterministic=deterministic)
+
+    def action_log_prob(self, obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.action_log_prob_latents(self._encoder[0](obs))
+
+    def action_log_prob_latents(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.distribution(latents)
+        actions = dist.get_actions()
+        return actions, dist.log_prob(actions)
+
+
+class PerceiverSACCritic(nn.Module):
+    """Twin (n_critics) Q-functions from action-conditioned queries over the latents."""
+
+    def __init__(self, encoder: PerceiverEncoder | None, config: PerceiverConfig, action_dim: int, n_critics: int):
+        super().__init__()
+        self._encoder = (encoder,)
+        self.n_critics = n_critics
+        self.queries = ActionQueries(action_dim, config.latent_dim, n_critics, config.init_std)
+        self.decoder = PerceiverDecoder(config)
+        self.head_weight = nn.Parameter(torch.randn(n_critics, config.latent_dim) * config.latent_dim**-0.5)
+        self.head_bias = nn.Parameter(torch.zeros(n_critics))
+
+    def q_values(self, latents: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.decoder(self.queries(actions), latents)  # (B, n_critics, D)
+        q = (out * self.head_weight).sum(-1) + self.head_bias  # (B, n_critics)
+        return tuple(q[:, i : i + 1] for i in range(self.n_critics))
+
+    def forward(self, obs: dict[str, torch.Tensor], actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.q_values(self._encoder[0](obs), actions)
+
+
+class PerceiverSACPolicy(BasePolicy):
+    """SAC policy: `encoder`, `actor`, `critic`, `critic_target` (heads only; the encoder has no target copy,
+    as in DrQ-v2). Options go through ``policy_kwargs`` (``perceiver=dict(...)``, ``n_critics``)."""
+
+    def __init__(
+        self,
+        observation_space: spaces.Dict,
+        action_space: spaces.Box,
+        lr_schedule,
+        perceiver: PerceiverConfig | dict | None = None,
+        n_critics: int = 2,
+        use_sde: bool = False,
+        optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adam,
+        optimizer_kwargs: dict | None = None,
+        **kwargs,
+    ):
+        if not isinstance(action_space, spaces.Box):
+            raise ValueError(f"PerceiverSACPolicy needs a Box action space, got {action_space}")
+        if use_sde:
+            raise ValueError("use_sde=True is not supported by PerceiverSACPolicy")
+        for ignored in ("normalize_images", "features_extractor_class", "features_extractor_kwargs", "squash_output"):
+            kwargs.pop(ignored, None)
+        if kwargs:
+            raise ValueError(f"unknown PerceiverSACPolicy arguments {sorted(kwargs)}")
+        super().__init__(
+            observation_space,
+            action_space,
+            optimizer_class=optimizer_class,
+            optimizer_kwargs=optimizer_kwargs,
+            squash_output=True,
+            normalize_images=False,
+        )
+        self.perceiver_config = as_config(perceiver)
+        self.n_critics = n_critics
+        action_dim = int(action_space.shape[0])
+        self.encoder = PerceiverEncoder(observation_space, self.perceiver_config)
+        self.actor = PerceiverSACActor(self.encoder, self.perceiver_config, action_dim)
+        self.critic = PerceiverSACCritic(self.encoder, self.perceiver_config, action_dim, n_critics)
+        self.critic_target = PerceiverSACCritic(None, self.perceiver_config, action_dim, n_critics)
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        self.critic_target.requires_grad_(False)
+        lr = lr_schedule(1)
+        self.actor.optimizer = optimizer_class(self.actor.parameters(), lr=lr, **self.optimizer_kwargs)
+        critic_params = list(self.encoder.parameters()) + list(self.critic.parameters())
+        self.critic.optimizer = optimizer_class(critic_params, lr=lr, **self.optimizer_kwargs)
+
+    def _get_constructor_parameters(self) -> dict:
+        data = super()._get_constructor_parameters()
+        data.update(perceiver=self.perceiver_config.to_dict(), n_critics=self.n_critics)
+        return data
+
+    def forward(self, obs, deterministic: bool = False) -> torch.Tensor:
+        return self._predict(obs, deterministic)
+
+    def _predict(self, observation, deterministic: bool = False) -> torch.Tensor:
+        return self.actor(observation, deterministic)
+
+    def set_training_mode(self, mode: bool) -> None:
+        self.encoder.train(mode)
+        self.actor.train(mode)
+        self.critic.train(mode)
+        self.training = mode

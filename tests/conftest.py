@@ -1,0 +1,34 @@
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from gymnasium import spaces  # noqa: E402
+
+import envs  # noqa: E402,F401  (registers dmc/ ids)
+from envs import SensorBox  # noqa: E402
+
+
+@pytest.fixture
+def dict_space() -> spaces.Dict:
+    """The default multimodal observation (small pixels to keep tests fast)."""
+    return spaces.Dict(
+        {
+            "pixels": spaces.Box(0, 255, (9, 32, 32), np.uint8),
+            "proprio": SensorBox(-np.inf, np.inf, (7,), np.float32, {"position": (0, 3), "velocity": (3, 7)}),
+            "action_history": spaces.Box(-1, 1, (4, 2), np.float32),
+        }
+    )
+
+
+def sample_obs(space: spaces.Dict, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key, sub in space.spaces.items():
+        if sub.dtype == np.uint8:
+            out[key] = torch.as_tensor(rng.integers(0, 256, (batch, *sub.shape), dtype=np.uint8))
+        else:
+            out[key] = torch.as_tensor(rng.standard_normal((batch, *sub.shape)).astype(np.float32))
+    return out

@@ -1,0 +1,331 @@
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+
+from perceiver_policy import (
+    ActionQueries,
+    LearnedQueries,
+    ModalityAdapter,
+    PerceiverConfig,
+    PerceiverDecoder,
+    PerceiverEncoder,
+    build_specs,
+    count_flops,
+    count_parameters,
+    register_adapter,
+)
+from perceiver_policy.introspection import attention_entropy, modality_balance
+from tests.conftest import sample_obs
+
+KEYS = ("pixels", "proprio", "action_history")
+
+
+def small(**kwargs) -> PerceiverConfig:
+    return PerceiverConfig(num_latents=8, latent_dim=32, patch_size=8, fourier_bands=4, **kwargs)
+
+
+def subspace(space, keys):
+    return spaces.Dict({k: space[k] for k in keys})
+
+
+@pytest.mark.parametrize("keys", [c for r in (1, 2, 3) for c in itertools.combinations(KEYS, r)])
+def test_output_shapes_for_every_modality_combination(dict_space, keys):
+    space = subspace(dict_space, keys)
+    encoder = PerceiverEncoder(space, small())
+    latents = encoder(sample_obs(space, 3))
+    assert latents.shape == (3, 8, 32) and latents.dtype == torch.float32
+    decoder = PerceiverDecoder(small())
+    assert decoder(LearnedQueries(2, 32)(3), latents).shape == (3, 2, 32)
+    assert decoder(ActionQueries(2, 32, 2)(torch.zeros(3, 2)), latents).shape == (3, 2, 32)
+
+
+def test_token_layout_of_the_registry(dict_space):
+    specs = {s.name: s for s in build_specs(dict_space, small())}
+    assert specs["pixels"].num_tokens == 3 * 4 * 4 and specs["pixels"].token_dim == 3 * 8 * 8
+    assert specs["proprio"].num_tokens == 2  # one per sensor of the layout
+    assert specs["action_history"].num_tokens == 4
+    chunked = {s.name: s for s in build_specs(dict_space, small(proprio_tokens="chunk", proprio_chunk=3))}
+    assert chunked["proprio"].num_tokens == 3
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_permutation_invariance_within_a_modality_without_positions(dict_space, key):
+    torch.manual_seed(0)
+    space = subspace(dict_space, KEYS)
+    encoder = PerceiverEncoder(space, small(use_position_features=False)).eval()
+    obs = sample_obs(space, 2)
+    permuted = dict(obs)
+    if key == "pixels":  # permute whole patches: tokens are (frame, patch) pairs
+        x = obs["pixels"].reshape(2, 3, 3, 4, 8, 4, 8)
+        perm = torch.randperm(4)
+        permuted["pixels"] = x[:, :, :, perm].reshape(2, 9, 32, 32)
+    elif key == "proprio":  # swap the two sensors' values: same-size chunks under 'chunk' tokens
+        encoder = PerceiverEncoder(space, small(use_position_features=False, proprio_tokens="chunk", proprio_chunk=1)).eval()
+        permuted["proprio"] = obs["proprio"][:, torch.randperm(7)]
+    else:
+        permuted["action_history"] = obs["action_history"][:, torch.randperm(4)]
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(obs), encoder(permuted), atol=1e-5, rtol=1e-5)
+    # and with position features the order matters
+    positional = PerceiverEncoder(space, small()).eval()
+    with torch.no_grad():
+        assert not torch.allclose(positional(obs), positional(permuted), atol=1e-4)
+
+
+@pytest.mark.parametrize("missing", KEYS)
+def test_missing_modality_equals_removing_its_tokens(dict_space, missing):
+    torch.manual_seed(1)
+    encoder = PerceiverEncoder(dict_space, small()).eval()
+    with torch.no_grad():  # make gates and biases non-trivial
+        encoder.cross_attention.gate_logits.normal_()
+        encoder.cross_attention.modality_bias.normal_()
+    obs = sample_obs(dict_space, 4)
+    without = {k: v for k, v in obs.items() if k != missing}
+    flags = torch.tensor([True, False, True, False])
+    with torch.no_grad():
+        removed = encoder(without)
+        full = encoder(obs)
+        masked = encoder(obs, absent={missing: flags})
+        encoder.disabled_modalities = {missing}
+        disabled = encoder(obs)
+    torch.testing.assert_close(masked[flags], removed[flags], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(masked[~flags], full[~flags], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(disabled, removed)
+    assert not torch.allclose(full, removed, atol=1e-4)
+
+
+def test_every_modality_absent_is_an_error(dict_space):
+    encoder = PerceiverEncoder(dict_space, small())
+    obs = sample_obs(dict_space, 2)
+    with pytest.raises(ValueError, match="every modality is absent"):
+        encoder(obs, absent={k: torch.ones(2, dtype=torch.bool) for k in KEYS})
+    with pytest.raises(ValueError, match="unknown modalities.*lidar"):
+        encoder(obs, absent={"lidar": torch.ones(2, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="no modality to read"):
+        encoder({})
+
+
+def test_modality_dropout_only_in_training(dict_space):
+    torch.manual_seed(0)
+    encoder = PerceiverEncoder(dict_space, small(modality_dropout=0.5))
+    obs = sample_obs(dict_space, 64)
+    encoder.train()
+    flags = encoder._absent_flags((0, 1, 2), 4096, None, torch.device("cpu"))
+    assert flags is not None and not flags.all(dim=1).any()
+    # p = 0.5 per modality, minus the re-kept modality of the 1/8 of samples that dropped all three: 0.458
+    assert 0.43 < flags.float().mean() < 0.49
+    a, b = encoder(obs), encoder(obs)
+    assert not torch.allclose(a, b)
+    encoder.eval()
+    assert encoder._absent_flags((0, 1, 2), 64, None, torch.device("cpu")) is None
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(obs), encoder(obs))
+
+
+def test_fourier_features_are_buffers_built_once(dict_space, monkeypatch):
+    import perceiver_policy.modalities as modalities
+
+    encoder = PerceiverEncoder(dict_space, small())
+    buffers = dict(encoder.named_buffers())
+    assert any(name.endswith("position_features") for name in buffers)
+    assert not any("position_features" in k for k in encoder.state_dict())  # non-persistent
+
+    def fail(*args, **kwargs):
+        raise AssertionError("Fourier features rebuilt in forward")
+
+    monkeypatch.setattr(modalities, "grid_fourier_features", fail)
+    before = {n: b.data_ptr() for n, b in encoder.named_buffers()}
+    encoder(sample_obs(dict_space, 2))
+    assert before == {n: b.data_ptr() for n, b in encoder.named_buffers()}
+
+
+def test_fourier_frequencies_consistent_across_modalities():
+    from perceiver_policy.position import fourier_features, grid_fourier_features
+
+    # the same axis resolution gives the same features whatever modality asks
+    a = grid_fourier_features((8,), 4)
+    b = grid_fourier_features((1, 8), 4)[:, [1, *range(10, 18)]]  # [x1, sin(x1) bands, cos(x1) bands]
+    torch.testing.assert_close(a, b)
+    # highest band is the Nyquist frequency resolution/2: sin(pi * 4 * x) at x = 0.5 is 0
+    feats = fourier_features(torch.tensor([[0.5]]), (8,), 4)
+    assert abs(float(feats[0, 4])) < 1e-6
+
+
+def test_latent_query_cache_identical_and_invalidated(dict_space):
+    torch.manual_seed(0)
+    encoder = PerceiverEncoder(dict_space, small()).eval()
+    cross = encoder.cross_attention
+    obs = sample_obs(dict_space, 3)
+    with torch.no_grad():
+        first = encoder(obs)
+        cached_q = cross._query_cache[1]
+        second = encoder(obs)
+        assert cross._query_cache[1] is cached_q  # reused, not recomputed
+    torch.testing.assert_close(first, second)
+    encoder.train()
+    assert cross._query_cache is None
+    encoder.eval()
+    with torch.no_grad():
+        encoder(obs)
+        encoder.latents.add_(0.5)  # a parameter change (optimizer steps are in-place too)
+        changed = encoder(obs)
+        cross._query_cache = None
+        fresh = encoder(obs)
+    torch.testing.assert_close(changed, fresh)
+    assert not torch.allclose(changed, first)
+    # gradients need the uncached path
+    out = encoder(obs)
+    out.sum().backward()
+    assert encoder.latents.grad is not None
+
+
+def test_gradients_reach_every_parameter(dict_space):
+    torch.manual_seed(0)
+    config = small(self_attn_layers=2, self_attn_repeats=2)
+    encoder = PerceiverEncoder(dict_space, config)
+    decoder = PerceiverDecoder(config)
+    queries = ActionQueries(2, 32, 2)
+    out = decoder(queries(torch.randn(4, 2)), encoder(sample_obs(dict_space, 4)))
+    out.pow(2).sum().backward()
+    for module in (encoder, decoder, queries):
+        for name, param in module.named_parameters():
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_weight_sharing_does_not_duplicate_parameters(dict_space):
+    shared = PerceiverEncoder(dict_space, small(self_attn_layers=2, self_attn_repeats=3))
+    unshared = PerceiverEncoder(dict_space, small(self_attn_layers=2, self_attn_repeats=3, share_repeat_weights=False))
+    assert len(shared.self_attention) == 2 and len(shared._layer_sequence()) == 6
+    assert len(unshared.self_attention) == 6
+    per_layer = count_parameters(unshared.self_attention[0])
+    assert count_parameters(unshared) - count_parameters(shared) == 4 * per_layer
+
+
+def test_state_dict_round_trip(dict_space):
+    torch.manual_seed(0)
+    a = PerceiverEncoder(dict_space, small()).eval()
+    torch.manual_seed(1)
+    b = PerceiverEncoder(dict_space, small()).eval()
+    obs = sample_obs(dict_space, 2)
+    with torch.no_grad():
+        assert not torch.allclose(a(obs), b(obs))
+        b.load_state_dict(a.state_dict())
+        torch.testing.assert_close(a(obs), b(obs))
+
+
+def test_bf16_autocast_runs_and_stays_close(dict_space):
+    torch.manual_seed(0)
+    fp32 = PerceiverEncoder(dict_space, small()).eval()
+    bf16 = PerceiverEncoder(dict_space, small(dtype="bfloat16")).eval()
+    bf16.load_state_dict(fp32.state_dict())
+    obs = sample_obs(dict_space, 2)
+    with torch.no_grad():
+        a, b = fp32(obs), bf16(obs)
+    assert b.dtype == torch.float32
+    assert (a - b).abs().mean() < 0.05
+
+
+def test_torch_compile_runs(dict_space):
+    pytest.importorskip("torch._dynamo")
+    encoder = PerceiverEncoder(dict_space, small()).eval()
+    obs = sample_obs(dict_space, 2)
+    try:
+        compiled = torch.compile(encoder, backend="eager", fullgraph=False)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(obs), encoder(obs))
+    except RuntimeError as err:  # no C++ toolchain for inductor is fine: eager backend covers tracing
+        pytest.skip(f"torch.compile unavailable: {err}")
+
+
+def test_attention_capture_is_opt_in_and_sums_to_one(dict_space):
+    encoder = PerceiverEncoder(dict_space, small()).eval()
+    obs = sample_obs(dict_space, 2)
+    with torch.no_grad():
+        encoder(obs)
+        assert encoder.last_capture is None
+        encoder.capture_attention = True
+        encoder(obs)
+    capture = encoder.last_capture
+    weights = capture["weights"]
+    assert weights.shape == (2, 1, 8, 48 + 2 + 4)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 1, 8))
+    balance = modality_balance(capture)
+    assert set(balance) == set(KEYS) and abs(sum(balance.values()) - 1) < 1e-4
+    assert 0 < attention_entropy(capture) <= np.log(54) + 1e-4
+
+
+def test_gating_shifts_attention_between_modalities(dict_space):
+    encoder = PerceiverEncoder(dict_space, small()).eval()
+    encoder.capture_attention = True
+    obs = sample_obs(dict_space, 2)
+    index = encoder.names.index("proprio")
+    with torch.no_grad():
+        encoder(obs)
+        before = modality_balance(encoder.last_capture)["proprio"]
+        encoder.cross_attention.gate_logits[:, index] = 5.0
+        encoder(obs)
+        after = modality_balance(encoder.last_capture)["proprio"]
+    assert after > before + 0.3
+
+
+def test_flop_and_parameter_counts(dict_space):
+    small_flops = count_flops(dict_space, small())
+    big = PerceiverConfig(num_latents=16, latent_dim=32, patch_size=8, fourier_bands=4)
+    big_flops = count_flops(dict_space, big)
+    assert small_flops["tokens"] == 54
+    # the cross-attention logits/weighted-sum term scales linearly in M
+    assert big_flops["cross_attn"] > small_flops["cross_attn"]
+    assert big_flops["tokenize"] == small_flops["tokenize"]
+    assert count_parameters(PerceiverEncoder(dict_space, small())) > 0
+
+
+def test_custom_modality_is_one_registry_entry(dict_space):
+    class DepthAdapter(ModalityAdapter):
+        def tokens_content(self, x):
+            return x.float().reshape(x.shape[0], -1, self.spec.token_dim)
+
+    register_adapter("depth_rows", DepthAdapter)
+    space = spaces.Dict({**dict_space.spaces, "depth": spaces.Box(0, 1, (6, 5), np.float32)})
+    config = small(modality_overrides={"depth": {"kind": "depth_rows"}})
+    encoder = PerceiverEncoder(space, config)
+    assert encoder.num_tokens["depth"] == 6
+    assert encoder(sample_obs(space, 2)).shape == (2, 8, 32)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"num_latents": 0}, "num_latents must be a positive integer"),
+        ({"latent_dim": -4}, "latent_dim must be a positive integer"),
+        ({"cross_attn_heads": 3}, "cross_attn_heads=3 must divide latent_dim=64"),
+        ({"self_attn_layers": -1}, "self_attn_layers must be a non-negative integer"),
+        ({"attn_dropout": 1.5}, "attn_dropout must be in \\[0, 1\\)"),
+        ({"drop_path": -0.1}, "drop_path must be in"),
+        ({"modality_dropout": 1.0}, "modality_dropout must be in"),
+        ({"dtype": "float16"}, "dtype 'float16' unknown.*float32.*bfloat16"),
+        ({"proprio_tokens": "joint"}, "proprio_tokens 'joint' unknown"),
+        ({"patch_size": 0}, "patch_size must be a positive integer"),
+        ({"init_std": 0.0}, "init_std must be > 0"),
+    ],
+)
+def test_config_errors_name_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PerceiverConfig(**kwargs)
+
+
+def test_config_from_dict_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="unknown PerceiverConfig fields \\['latents'\\]"):
+        PerceiverConfig.from_dict({"latents": 3})
+
+
+def test_patch_size_must_divide_image(dict_space):
+    with pytest.raises(ValueError, match="patch_size 5 does not divide image size 32.*valid choices"):
+        PerceiverEncoder(dict_space, small().__class__(patch_size=5))
+
+
+def test_non_dict_observation_space_is_rejected():
+    with pytest.raises(ValueError, match="needs a gymnasium Dict observation space"):
+        PerceiverEncoder(spaces.Box(-1, 1, (3,)), small())

@@ -1,0 +1,171 @@
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+from stable_baselines3.common.buffers import DictReplayBuffer, DictRolloutBuffer
+
+from agents import DeviceRolloutBuffer, FrameReplayBuffer
+from agents.augment import random_shift
+
+OBS = spaces.Dict(
+    {"pixels": spaces.Box(0, 255, (6, 4, 4), np.uint8), "proprio": spaces.Box(-np.inf, np.inf, (3,), np.float32)}
+)
+ACT = spaces.Box(-1, 1, (2,), np.float32)
+
+
+def random_obs(rng, n_envs):
+    return {
+        "pixels": rng.integers(0, 256, (n_envs, 6, 4, 4), dtype=np.uint8),
+        "proprio": rng.standard_normal((n_envs, 3)).astype(np.float32),
+    }
+
+
+def test_device_rollout_buffer_matches_sb3():
+    rng = np.random.default_rng(0)
+    n_steps, n_envs = 7, 3
+    ours = DeviceRolloutBuffer(n_steps, OBS, ACT, device="cpu", gamma=0.97, gae_lambda=0.9, n_envs=n_envs)
+    theirs = DictRolloutBuffer(n_steps, OBS, ACT, device="cpu", gamma=0.97, gae_lambda=0.9, n_envs=n_envs)
+    for _ in range(n_steps):
+        obs = random_obs(rng, n_envs)
+        action = rng.standard_normal((n_envs, 2)).astype(np.float32)
+        reward = rng.standard_normal(n_envs).astype(np.float32)
+        start = rng.random(n_envs) < 0.3
+        value = torch.as_tensor(rng.standard_normal((n_envs, 1)).astype(np.float32))
+        log_prob = torch.as_tensor(rng.standard_normal(n_envs).astype(np.float32))
+        ours.add({k: torch.as_tensor(v) for k, v in obs.items()}, torch.as_tensor(action), reward, start, value, log_prob)
+        theirs.add(obs, action, reward, start, value, log_prob)
+    last_values = torch.as_tensor(rng.standard_normal((n_envs, 1)).astype(np.float32))
+    dones = rng.random(n_envs) < 0.5
+    ours.compute_returns_and_advantage(last_values, dones)
+    theirs.compute_returns_and_advantage(last_values, dones)
+    np.testing.assert_allclose(ours.advantages, theirs.advantages, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours.returns, theirs.returns, rtol=1e-5, atol=1e-5)
+    # one full batch holds the same transitions (order aside)
+    a = next(ours.get(None))
+    b = next(theirs.get(None))
+    assert a.observations["pixels"].dtype == torch.uint8
+    key_a = torch.argsort(a.returns)
+    key_b = torch.argsort(b.returns)
+    torch.testing.assert_close(a.returns[key_a], b.returns[key_b])
+    torch.testing.assert_close(a.actions[key_a], b.actions[key_b])
+    torch.testing.assert_close(a.observations["pixels"][key_a].float(), b.observations["pixels"][key_b].float())
+    torch.testing.assert_close(a.old_log_prob[key_a], b.old_log_prob[key_b])
+    sizes = [len(batch.returns) for batch in ours.get(8)]
+    assert sum(sizes) == n_steps * n_envs and max(sizes) == 8
+
+
+class StackedEpisodes:
+    """Generates frame-stacked observations like envs.DMCEnv: reset stacks repeat the first frame."""
+
+    def __init__(self, n_envs, rng, frame_stack=2):
+        self.rng, self.n_envs, self.k = rng, n_envs, frame_stack
+        self.frames = [[self._frame()] * frame_stack for _ in range(n_envs)]
+
+    def _frame(self):
+        return self.rng.integers(0, 256, (3, 4, 4), dtype=np.uint8)
+
+    def obs(self):
+        return {
+            "pixels": np.stack([np.concatenate(f[-self.k :]) for f in self.frames]),
+            "proprio": self.rng.standard_normal((self.n_envs, 3)).astype(np.float32),
+        }
+
+    def step(self):
+        for f in self.frames:
+            f.append(self._frame())
+        return self.obs()
+
+    def reset(self, env):
+        self.frames[env] = [self._frame()] * self.k
+
+
+def test_frame_replay_returns_exactly_what_was_stored_across_episode_ends_and_timeouts():
+    rng = np.random.default_rng(1)
+    n_envs, steps = 2, 40
+    buffer = FrameReplayBuffer(1000, OBS, ACT, device="cpu", n_envs=n_envs)
+    source = StackedEpisodes(n_envs, rng)
+    obs = source.obs()
+    stored = []
+    for t in range(steps):
+        next_obs = source.step()
+        action = rng.uniform(-1, 1, (n_envs, 2)).astype(np.float32)
+        reward = rng.standard_normal(n_envs).astype(np.float32)
+        done = np.array([t % 7 == 6, t % 11 == 10])
+        timeout = np.array([t % 14 == 13, False])  # env 0: every other episode end is a time limit
+        infos = [{"TimeLimit.truncated": bool(timeout[e])} for e in range(n_envs)]
+        buffer.add(obs, next_obs, action, reward, done, infos)
+        stored.append((obs, next_obs, action, reward, done & ~timeout))
+        obs = {k: v.copy() for k, v in next_obs.items()}
+        for env in np.flatnonzero(done):
+            source.reset(env)
+            fresh = source.obs()
+            obs["pixels"][env] = fresh["pixels"][env]
+            obs["proprio"][env] = fresh["proprio"][env]
+    index = np.repeat(np.arange(steps), n_envs)
+    envs_ = np.tile(np.arange(n_envs), steps)
+    sample = buffer._get_samples(index, envs_)
+    for i, (t, e) in enumerate(zip(index, envs_)):
+        o, no, a, r, d = stored[t]
+        np.testing.assert_array_equal(sample.observations["pixels"][i].numpy(), o["pixels"][e])
+        np.testing.assert_array_equal(sample.next_observations["pixels"][i].numpy(), no["pixels"][e])
+        np.testing.assert_array_equal(sample.observations["proprio"][i].numpy(), o["proprio"][e])
+        np.testing.assert_array_equal(sample.actions[i].numpy(), a[e])
+        assert float(sample.rewards[i]) == pytest.approx(float(r[e]))
+        assert float(sample.dones[i]) == float(d[e])
+    random_batch = buffer.sample(16)
+    assert random_batch.observations["pixels"].shape == (16, 6, 4, 4)
+
+
+def test_frame_replay_never_samples_overwritten_frames():
+    rng = np.random.default_rng(2)
+    buffer = FrameReplayBuffer(20, OBS, ACT, device="cpu", n_envs=1)
+    source = StackedEpisodes(1, rng)
+    obs = source.obs()
+    history = {}
+    for t in range(75):
+        next_obs = source.step()
+        done = np.array([t % 3 == 2])  # very short episodes: frames outrun transitions
+        buffer.add(obs, next_obs, np.zeros((1, 2), np.float32), np.zeros(1), done, [{}])
+        history[(t % 20)] = (obs["pixels"][0].copy(), next_obs["pixels"][0].copy())
+        obs = next_obs
+        if done[0]:
+            source.reset(0)
+            obs = source.obs()
+    for _ in range(5):
+        index = np.random.randint(0, 20, size=32)
+        valid = buffer._valid(index, np.zeros(32, dtype=int))
+        sample = buffer._get_samples(index[valid], np.zeros(int(valid.sum()), dtype=int))
+        for i, t in enumerate(index[valid]):
+            np.testing.assert_array_equal(sample.observations["pixels"][i].numpy(), history[t][0])
+            np.testing.assert_array_equal(sample.next_observations["pixels"][i].numpy(), history[t][1])
+
+
+def test_frame_replay_memory_is_a_fraction_of_sb3():
+    space = spaces.Dict({"pixels": spaces.Box(0, 255, (9, 84, 84), np.uint8), "proprio": spaces.Box(-1, 1, (5,), np.float32)})
+    ours = FrameReplayBuffer(10_000, space, ACT, device="cpu")
+    theirs = DictReplayBuffer(10_000, space, ACT, device="cpu")
+    theirs_bytes = sum(a.nbytes for a in theirs.observations.values()) + sum(a.nbytes for a in theirs.next_observations.values())
+    assert ours.nbytes() / theirs_bytes < 0.2
+
+
+def test_frame_replay_rejects_non_stacked_inputs():
+    buffer = FrameReplayBuffer(10, OBS, ACT, device="cpu")
+    rng = np.random.default_rng(0)
+    buffer.add(random_obs(rng, 1), random_obs(rng, 1), np.zeros((1, 2)), np.zeros(1), np.array([False]), [{}])
+    with pytest.raises(ValueError, match="shifted by one frame"):
+        buffer.add(random_obs(rng, 1), random_obs(rng, 1), np.zeros((1, 2)), np.zeros(1), np.array([False]), [{}])
+    with pytest.raises(ValueError, match="needs a Dict observation space with a 'pixels' key"):
+        FrameReplayBuffer(10, spaces.Dict({"proprio": OBS["proprio"]}), ACT, device="cpu")
+
+
+def test_random_shift_is_a_replicate_padded_crop():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (5, 6, 16, 16), dtype=torch.uint8)
+    y = random_shift(x, pad=4)
+    assert y.shape == x.shape and y.dtype == torch.uint8
+    padded = torch.nn.functional.pad(x.float(), (4, 4, 4, 4), mode="replicate")
+    for b in range(5):  # each output is some 16x16 window of the padded image
+        windows = padded[b].unfold(1, 16, 1).unfold(2, 16, 1)  # (C, 9, 9, 16, 16)
+        match = (windows == y[b].float()[:, None, None]).all(-1).all(-1).all(0)
+        assert match.any()
+    assert torch.equal(random_shift(x, pad=0), x)

@@ -1,0 +1,200 @@
+import pydoc
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+from stable_baselines3 import A2C, PPO, SAC
+
+import agents
+import envs
+from perceiver_policy import PerceiverActorCriticPolicy, PerceiverSACPolicy
+
+TINY = {"num_latents": 8, "latent_dim": 32, "patch_size": 8, "fourier_bands": 4}
+
+
+def pixel_env(n_envs=2, **kwargs):
+    return envs.make_vec_env("cartpole-balance", n_envs=n_envs, seed=0, image_size=32, action_repeat=4, **kwargs)
+
+
+def state_env(n_envs=2):
+    return envs.make_vec_env("cartpole-balance", n_envs=n_envs, seed=0, modalities=("proprio", "action_history"))
+
+
+@pytest.mark.parametrize("make_env", [pixel_env, state_env], ids=["pixels", "states"])
+@pytest.mark.parametrize("algorithm", ["ppo", "a2c", "sac"])
+def test_learn_a_few_hundred_steps(make_env, algorithm):
+    venv = make_env()
+    extra = {"learning_starts": 64, "batch_size": 32, "buffer_size": 2000} if algorithm == "sac" else {"n_steps": 32}
+    model = agents.make_agent(algorithm, venv, perceiver=TINY, device="cpu", seed=0, **extra)
+    before = [p.detach().clone() for p in model.policy.parameters()]
+    model.learn(256)
+    assert model.num_timesteps >= 256
+    changed = [not torch.equal(a, b) for a, b in zip(before, model.policy.parameters())]
+    assert sum(changed) > len(changed) // 2
+    venv.close()
+
+
+@pytest.mark.parametrize("algo_cls", [PPO, A2C, agents.PerceiverPPO])
+def test_sb3_algorithms_unchanged_and_save_load_round_trip(tmp_path, algo_cls):
+    venv = pixel_env()
+    model = algo_cls(PerceiverActorCriticPolicy, venv, n_steps=16, device="cpu", policy_kwargs={"perceiver": TINY})
+    if algo_cls is PPO:
+        model.batch_size = 32
+    model.learn(64)
+    obs = venv.reset()
+    actions, _ = model.predict(obs, deterministic=True)
+    model.save(tmp_path / "model.zip")
+    loaded = algo_cls.load(tmp_path / "model.zip", device="cpu")
+    np.testing.assert_array_equal(actions, loaded.predict(obs, deterministic=True)[0])
+    single = {k: v[0] for k, v in obs.items()}
+    single_action, _ = loaded.predict(single, deterministic=True)
+    assert single_action.shape == (1,)
+    np.testing.assert_allclose(single_action, actions[0], atol=1e-6)
+    venv.close()
+
+
+def test_sac_save_load_round_trip(tmp_path):
+    venv = pixel_env()
+    model = agents.make_agent("sac", venv, perceiver=TINY, device="cpu", learning_starts=32, batch_size=16, buffer_size=500)
+    model.learn(64)
+    obs = venv.reset()
+    actions, _ = model.predict(obs, deterministic=True)
+    model.save(tmp_path / "sac.zip")
+    loaded = agents.PerceiverSAC.load(tmp_path / "sac.zip", device="cpu")
+    np.testing.assert_array_equal(actions, loaded.predict(obs, deterministic=True)[0])
+    venv.close()
+
+
+def test_policy_importable_by_dotted_path():
+    assert pydoc.locate("perceiver_policy.PerceiverActorCriticPolicy") is PerceiverActorCriticPolicy
+    assert pydoc.locate("perceiver_policy.PerceiverSACPolicy") is PerceiverSACPolicy
+
+
+def test_ortho_init_does_not_touch_the_perceiver():
+    venv = state_env(1)
+    torch.manual_seed(0)
+    a = PPO(PerceiverActorCriticPolicy, venv, device="cpu", policy_kwargs={"perceiver": TINY, "ortho_init": True})
+    torch.manual_seed(0)
+    b = PPO(PerceiverActorCriticPolicy, venv, device="cpu", policy_kwargs={"perceiver": TINY, "ortho_init": False})
+    for (name, pa), pb in zip(a.policy.features_extractor.named_parameters(), b.policy.features_extractor.parameters()):
+        assert torch.equal(pa, pb), name
+    # the Perceiver's truncated-normal init: |w| <= 2 std
+    weight = a.policy.encoder.cross_attention.kv.weight
+    assert weight.abs().max() <= 2 * 0.02 + 1e-6
+    # while the heads did get SB3's orthogonal init (small action head)
+    assert not torch.equal(a.policy.action_net.weight, b.policy.action_net.weight)
+    venv.close()
+
+
+def test_state_dependent_log_std():
+    venv = state_env(1)
+    model = PPO(PerceiverActorCriticPolicy, venv, device="cpu", policy_kwargs={"perceiver": TINY, "log_std_mode": "state"})
+    assert not hasattr(model.policy, "log_std")
+    obs = model.policy.obs_to_tensor(venv.reset())[0]
+    dist = model.policy.get_distribution(obs)
+    assert dist.distribution.stddev.shape == (1, 1)
+    venv.close()
+
+
+def test_pixels_scaled_once():
+    venv = pixel_env(1)
+    model = PPO(PerceiverActorCriticPolicy, venv, device="cpu", policy_kwargs={"perceiver": TINY, "normalize_images": True})
+    assert model.policy.normalize_images is False  # the image adapter scales; SB3 must not scale again
+    obs = model.policy.obs_to_tensor(venv.reset())[0]
+    assert obs["pixels"].dtype == torch.uint8
+    venv.close()
+
+
+class Chain(gym.Env):
+    """A small Discrete-action env with a Dict observation: move right to get reward."""
+
+    observation_space = spaces.Dict({"position": spaces.Box(0, 1, (1,), np.float32), "history": spaces.Box(0, 1, (3, 2), np.float32)})
+    action_space = spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.x = 0
+        return self._obs(), {}
+
+    def _obs(self):
+        return {"position": np.array([self.x / 5], np.float32), "history": np.zeros((3, 2), np.float32)}
+
+    def step(self, action):
+        self.x = min(max(self.x + (1 if action == 1 else -1), 0), 5)
+        return self._obs(), float(self.x == 5), self.x == 5, False, {}
+
+
+def test_discrete_actions_work():
+    model = agents.make_agent("ppo", Chain(), perceiver=TINY, device="cpu", n_steps=32, batch_size=32)
+    model.learn(64)
+    action, _ = model.predict(Chain().reset(seed=0)[0])
+    assert action in (0, 1)
+
+
+@pytest.mark.parametrize(
+    "obs_space,act_space,match",
+    [
+        (spaces.Box(-1, 1, (3,)), spaces.Box(-1, 1, (1,)), "needs a gymnasium Dict observation space"),
+        (Chain.observation_space, spaces.MultiBinary(3), "supports Box and Discrete action spaces, got MultiBinary"),
+    ],
+)
+def test_unsupported_spaces_name_the_space(obs_space, act_space, match):
+    with pytest.raises(ValueError, match=match):
+        PerceiverActorCriticPolicy(obs_space, act_space, lambda _: 3e-4, perceiver=TINY)
+
+
+def test_sac_policy_rejects_discrete_actions():
+    with pytest.raises(ValueError, match="needs a Box action space, got Discrete"):
+        PerceiverSACPolicy(Chain.observation_space, spaces.Discrete(2), lambda _: 3e-4, perceiver=TINY)
+
+
+def test_factory_errors():
+    venv = state_env(1)
+    with pytest.raises(ValueError, match="unknown algorithm 'dqn'.*ppo"):
+        agents.make_agent("dqn", venv)
+    with pytest.raises(ValueError, match="unknown PerceiverConfig fields \\['latents'\\]"):
+        agents.make_agent("ppo", venv, perceiver={"latents": 4}, device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            agents.make_agent("ppo", venv, device="cuda")
+    venv.close()
+
+
+def test_sac_critic_trains_encoder_and_actor_sees_detached_latents():
+    venv = pixel_env()
+    model = agents.make_agent("sac", venv, perceiver=TINY, device="cpu", learning_starts=32, batch_size=16, buffer_size=500)
+    model.learn(40)  # fill a little
+    policy = model.policy
+    encoder_ids = {id(p) for p in policy.encoder.parameters()}
+    actor_ids = {id(p) for group in policy.actor.optimizer.param_groups for p in group["params"]}
+    critic_ids = {id(p) for group in policy.critic.optimizer.param_groups for p in group["params"]}
+    assert not encoder_ids & actor_ids and encoder_ids <= critic_ids
+    # freeze the critic's optimizer: an update that changes the encoder can only come from the critic loss
+    before = [p.detach().clone() for p in policy.encoder.parameters()]
+    lr = policy.critic.optimizer.param_groups[0]["lr"]
+    for group in policy.critic.optimizer.param_groups:
+        group["lr"] = 0.0
+    model.lr_schedule = lambda _: 0.0
+    model.train(gradient_steps=2, batch_size=8)
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.encoder.parameters()))
+    model.lr_schedule = lambda _: lr
+    model.train(gradient_steps=1, batch_size=8)
+    assert not all(torch.equal(a, b) for a, b in zip(before, policy.encoder.parameters()))
+    venv.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_rollouts_bf16_and_device_buffers():
+    venv = pixel_env()
+    model = agents.make_agent("ppo", venv, perceiver=TINY, device="cuda", n_steps=16)
+    assert model.policy.perceiver_config.dtype == "bfloat16"
+    model.learn(64)
+    assert model.rollout_buffer.observations["pixels"].device.type == "cuda"
+    assert model.rollout_buffer.observations["pixels"].dtype == torch.uint8
+    sac = agents.make_agent("sac", venv, perceiver=TINY, device="cuda", learning_starts=16, batch_size=8, buffer_size=200)
+    sac.learn(48)
+    assert sac.replay_buffer.frames.device.type == "cuda"
+    venv.close()

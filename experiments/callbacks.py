@@ -1,0 +1,255 @@
+"""SB3 callbacks of a training run: evaluation, Perceiver observability, checkpoints, curriculum, progress.
+
+TensorBoard x-axis: SB3's `num_timesteps` (agent steps summed over envs). `charts/frames` (x action repeat) is
+logged beside it, as the DMC literature counts frames.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import TensorBoardOutputFormat
+
+from experiments.checkpoint import save_checkpoint
+from experiments.evaluation import evaluate_policy, perceiver_encoder
+from experiments.tb import add_video, attention_figure
+from perceiver_policy.introspection import (
+    attention_entropy,
+    attention_map,
+    count_flops,
+    modality_balance,
+    token_moments,
+)
+
+
+def tensorboard_writer(logger):
+    for output in logger.output_formats:
+        if isinstance(output, TensorBoardOutputFormat):
+            return output.writer
+    return None
+
+
+class PeriodicCallback(BaseCallback):
+    """Calls `_fire()` whenever `num_timesteps` crosses a multiple of `every` agent steps."""
+
+    def __init__(self, every: int):
+        super().__init__()
+        self.every = every
+        self._next = None
+
+    def _on_training_start(self) -> None:
+        self._next = (self.num_timesteps // self.every + 1) * self.every
+
+    def _on_step(self) -> bool:
+        if self.every > 0 and self.num_timesteps >= self._next:
+            self._next += self.every * max(1, (self.num_timesteps - self._next) // self.every + 1)
+            self._fire()
+        return True
+
+    def _fire(self) -> None:
+        raise NotImplementedError
+
+
+class EvalCallback(PeriodicCallback):
+    """Deterministic episodes every `every` steps: eval/return_mean|std, perf/latency_*, eval video."""
+
+    def __init__(self, every, task, env_kwargs, episodes, run_dir: Path, action_repeat: int, video: bool, seed: int):
+        super().__init__(every)
+        self.task, self.env_kwargs, self.episodes = task, env_kwargs, episodes
+        self.run_dir, self.action_repeat, self.video, self.seed = run_dir, action_repeat, video, seed
+        self.history: list[tuple[int, float]] = []
+        self.seconds = 0.0
+
+    def evaluate_now(self) -> dict:
+        start = time.perf_counter()
+        result = evaluate_policy(
+            self.model, self.task, self.env_kwargs, self.episodes, seed=self.seed, video=self.video
+        )
+        summary = result.summary()
+        step = self.num_timesteps
+        self.history.append((step, summary["return_mean"]))
+        for key in ("return_mean", "return_std", "length_mean"):
+            self.logger.record(f"eval/{key}", summary[key])
+        self.logger.record("perf/latency_p50_ms", summary["latency_p50_ms"])
+        self.logger.record("perf/latency_p95_ms", summary["latency_p95_ms"])
+        self.logger.record("charts/frames", step * self.action_repeat)
+        writer = tensorboard_writer(self.logger)
+        if result.frames is not None and writer is not None:
+            add_video(writer, "eval/video", result.frames, step)
+        self.logger.dump(step)
+        self.seconds += time.perf_counter() - start
+        return summary
+
+    def _fire(self) -> None:
+        self.evaluate_now()
+
+
+class PerceiverMetricsCallback(PeriodicCallback):
+    """Attention heatmap, modality balance, gates, entropy, Fourier drift, cost and throughput."""
+
+    def __init__(self, every: int, latency_repeats: int = 20):
+        super().__init__(every)
+        self.latency_repeats = latency_repeats
+        self._first_moments: dict | None = None
+        self._last = None
+        self.seconds = 0.0
+        self._start = None
+
+    def _on_training_start(self) -> None:
+        super()._on_training_start()
+        self._last = (time.perf_counter(), self.num_timesteps)
+        self._start = time.perf_counter()
+
+    def _fire(self) -> None:
+        start = time.perf_counter()
+        now, steps = start, self.num_timesteps
+        self.logger.record("perf/steps_per_sec", (steps - self._last[1]) / max(now - self._last[0], 1e-9))
+        self._last = (now, steps)
+        encoder = perceiver_encoder(self.model)
+        policy = self.model.policy
+        if encoder is not None and self.model._last_obs is not None:
+            obs, _ = policy.obs_to_tensor(self.model._last_obs)
+            was_training = encoder.training
+            encoder.eval()
+            encoder.capture_attention = True
+            try:
+                with torch.no_grad():
+                    encoder(obs)
+            finally:
+                encoder.capture_attention = False
+                encoder.train(was_training)
+            capture = encoder.last_capture
+            for name, share in modality_balance(capture).items():
+                self.logger.record(f"perceiver/modality_balance/{name}", share)
+            self.logger.record("perceiver/attention_entropy", attention_entropy(capture))
+            gates = encoder.cross_attention.gates
+            if gates is not None:
+                for name, value in zip(encoder.names, gates.mean(0).tolist()):
+                    self.logger.record(f"perceiver/gate/{name}", value)
+            moments = token_moments(capture)
+            self._first_moments = self._first_moments or moments
+            for name, (mean, std) in moments.items():
+                mean0, std0 = self._first_moments.get(name, (mean, std))
+                self.logger.record(f"perceiver/fourier_drift/{name}", abs(mean - mean0) + abs(std - std0))
+            flops = count_flops(policy.observation_space, encoder.config)
+            self.logger.record("perf/cross_attn_gflops", flops["cross_attn"] / 1e9)
+            self._log_heatmap(capture)
+            self._log_latency(obs)
+        self.logger.record("perf/memory_mb", _peak_memory_mb(self.model.device))
+        self.seconds += time.perf_counter() - start
+        elapsed = time.perf_counter() - self._start
+        self.logger.record("perf/observability_fraction", self.seconds / max(elapsed, 1e-9))
+
+    def _log_heatmap(self, capture: dict) -> None:
+        writer = tensorboard_writer(self.logger)
+        if writer is None:
+            return
+        import matplotlib.pyplot as plt
+
+        index = capture["modality_index"].cpu().numpy()
+        counts = [int((index == m).sum()) for m in capture["present"]]
+        figure = attention_figure(attention_map(capture).cpu().numpy(), capture["names"], counts)
+        writer.add_figure("perceiver/attention", figure, self.num_timesteps, close=True)
+        plt.close(figure)
+
+    def _log_latency(self, obs: dict) -> None:
+        single = {k: v[:1] for k, v in obs.items()}
+        policy = self.model.policy
+        times = []
+        with torch.no_grad():
+            for _ in range(self.latency_repeats):
+                start = time.perf_counter()
+                policy._predict(single, deterministic=True)
+                if self.model.device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(1000 * (time.perf_counter() - start))
+        self.logger.record("perf/policy_forward_p50_ms", float(np.percentile(times, 50)))
+        self.logger.record("perf/policy_forward_p95_ms", float(np.percentile(times, 95)))
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class CheckpointCallback(PeriodicCallback):
+    def __init__(self, every: int, directory: Path, keep: int, with_replay_buffer: bool):
+        super().__init__(every)
+        self.directory, self.keep, self.with_replay_buffer = directory, keep, with_replay_buffer
+
+    def save_now(self) -> Path:
+        return save_checkpoint(
+            self.model, self.directory, self.num_timesteps, self.keep, self.with_replay_buffer, {"time": time.time()}
+        )
+
+    def _fire(self) -> None:
+        self.save_now()
+
+
+class FramesCallback(BaseCallback):
+    """charts/frames beside SB3's rollout scalars."""
+
+    def __init__(self, action_repeat: int):
+        super().__init__()
+        self.action_repeat = action_repeat
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        self.logger.record("charts/frames", self.num_timesteps * self.action_repeat)
+
+
+class CurriculumCallback(BaseCallback):
+    """Starts with a subset of modalities and adds the rest at given steps, via the missing-modality path.
+
+    Switches at rollout boundaries so a PPO rollout and its update always see the same inputs."""
+
+    def __init__(self, stages: list[dict]):
+        super().__init__()
+        self.stages = sorted(stages, key=lambda s: s["step"])
+        self.active: tuple[str, ...] | None = None
+
+    def _on_rollout_start(self) -> None:
+        encoder = perceiver_encoder(self.model)
+        current = [s for s in self.stages if s["step"] <= self.num_timesteps]
+        if encoder is None or not current:
+            return
+        modalities = tuple(current[-1]["modalities"])
+        if modalities != self.active:
+            self.active = modalities
+            encoder.disabled_modalities = set(encoder.names) - set(modalities)
+            for name in encoder.names:
+                self.logger.record(f"curriculum/{name}", float(name in modalities))
+
+    def _on_step(self) -> bool:
+        return True
+
+
+class ProgressCallback(BaseCallback):
+    """A tqdm bar with steps/s and the latest eval return."""
+
+    def __init__(self, total: int, eval_callback: EvalCallback | None):
+        super().__init__()
+        self.total, self.eval_callback = total, eval_callback
+        self.bar = None
+
+    def _on_training_start(self) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.total, initial=self.num_timesteps, unit="step", dynamic_ncols=True)
+
+    def _on_step(self) -> bool:
+        self.bar.update(self.num_timesteps - self.bar.n)
+        if self.eval_callback is not None and self.eval_callback.history:
+            self.bar.set_postfix(eval_return=f"{self.eval_callback.history[-1][1]:.1f}", refresh=False)
+        return True
+
+    def _on_training_end(self) -> None:
+        self.bar.close()

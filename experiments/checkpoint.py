@@ -1,0 +1,107 @@
+"""Atomic checkpoints: write everything into a temporary directory, fsync, then rename it into place.
+
+A checkpoint is ``checkpoints/step_<N>/`` holding ``model.zip`` (SB3: weights, optimizer, step counter, learning
+rate schedule progress), ``rng.pt`` (torch / numpy / python RNG states; SB3 saves none) and, for SAC,
+``replay_buffer.pkl``. Rename is atomic on POSIX, so a run killed at any moment (SIGKILL included) leaves only
+complete checkpoints plus, at worst, a ``.tmp-*`` directory that is ignored and cleaned up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PREFIX = "step_"
+COMPLETE = "meta.json"  # written last: a checkpoint directory without it is not a checkpoint
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing or cannot be read."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(model, directory: Path, step: int, keep: int, with_replay_buffer: bool, extra: dict) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"{PREFIX}{step:012d}"
+    tmp = directory / f".tmp-{PREFIX}{step:012d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    model.save(tmp / "model.zip")
+    torch.save(rng_state(), tmp / "rng.pt")
+    if with_replay_buffer and getattr(model, "replay_buffer", None) is not None:
+        model.save_replay_buffer(tmp / "replay_buffer.pkl")
+    (tmp / COMPLETE).write_text(json.dumps({"step": step, **extra}))
+    for file in tmp.iterdir():
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(directory)
+    for old in list_checkpoints(directory)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in directory.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.glob(f"{PREFIX}*") if p.is_dir() and (p / COMPLETE).exists()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    checkpoints = list_checkpoints(Path(run_dir) / "checkpoints")
+    if not checkpoints:
+        raise CheckpointError(f"no checkpoint in {run_dir}/checkpoints (has the run written one yet?)")
+    return checkpoints[-1]
+
+
+def read_meta(checkpoint: Path) -> dict:
+    try:
+        return json.loads((checkpoint / COMPLETE).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"corrupt checkpoint {checkpoint}: cannot read {COMPLETE} ({err})") from err
+
+
+def load_model(algo_cls, checkpoint: Path, env=None, device: str = "auto"):
+    """The SB3 model of a checkpoint directory (or a model .zip), with a one-line error when unreadable."""
+    path = checkpoint / "model.zip" if checkpoint.is_dir() else checkpoint
+    if not path.exists():
+        raise CheckpointError(f"no model.zip in checkpoint {checkpoint}")
+    try:
+        return algo_cls.load(path, env=env, device=device)
+    except Exception as err:  # zipfile, pickle and torch errors all mean the same thing here
+        raise CheckpointError(f"corrupt checkpoint {path}: {type(err).__name__}: {err}") from err

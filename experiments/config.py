@@ -1,0 +1,217 @@
+"""One typed config for training runs: dataclass defaults <- YAML preset <- command-line overrides.
+
+CLI flags are the kebab-case forms of the fields (``--total-steps``); dict fields take ``KEY=VALUE`` pairs
+(``--perceiver num_latents=64 latent_dim=128``, ``--algo n_steps=512``), values parsed as YAML.
+
+Counting: ``total_steps``, ``eval_freq`` and ``checkpoint_freq`` count *agent steps* summed over envs (SB3's
+``num_timesteps``, the TensorBoard x-axis). A preset states its budget in *frames* (``total_frames`` = agent
+steps x action repeat, as the DMC literature counts) and the step budget follows from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+import envs
+from agents.factory import ALGORITHMS
+from envs.dmc import MODALITIES, TASKS
+from envs.rendering import RENDER_BACKENDS
+from envs.vec import VEC_ENV_TYPES
+from perceiver_policy.config import PerceiverConfig
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class TrainConfig:
+    """A training run. Every field is a CLI flag (`--field-name`)."""
+
+    preset: str | None = None
+    """YAML preset in experiments/presets/ (its name without .yaml); CLI flags override it."""
+    task: str = "cartpole-balance"
+    """DMC task, '<domain>-<task>'."""
+    algorithm: str = "ppo"
+    """ppo, a2c or sac."""
+    modalities: list[str] = field(default_factory=lambda: ["pixels", "proprio", "action_history"])
+    image_size: int = 64
+    frame_stack: int = 3
+    action_repeat: int = 4
+    action_history_len: int = 8
+    render_backend: str = "fast"
+    n_envs: int = 4
+    vec_env: str = "dummy"
+    """'dummy' (in-process) or 'subproc' (one process per env)."""
+    device: str = "auto"
+    seed: int = 0
+    total_steps: int = 100_000
+    """Agent steps summed over envs (SB3 timesteps)."""
+    total_frames: int | None = None
+    """If set, total_steps = ceil(total_frames / action_repeat)."""
+    eval_freq: int = 10_000
+    eval_episodes: int = 5
+    eval_video: bool = True
+    checkpoint_freq: int = 10_000
+    keep_checkpoints: int = 3
+    checkpoint_replay_buffer: bool = True
+    """SAC: store the replay buffer in checkpoints so --resume continues with it (large for pixels)."""
+    perceiver_log_freq: int = 5_000
+    """Agent steps between attention / modality-balance / latency logs (0 disables)."""
+    run_dir: str = "runs"
+    run_name: str | None = None
+    """Default: '<preset or task>-<algorithm>-s<seed>-<time>'."""
+    progress_bar: bool = True
+    perceiver: dict = field(default_factory=dict)
+    """PerceiverConfig fields."""
+    algo: dict = field(default_factory=dict)
+    """Keyword overrides for the SB3 algorithm (learning_rate, n_steps, batch_size, buffer_size, ...)."""
+    policy: dict = field(default_factory=dict)
+    """Extra policy_kwargs (e.g. log_std_mode)."""
+    curriculum: list = field(default_factory=list)
+    """Optional [{'step': N, 'modalities': [...]}, ...]: from agent step N the model reads only those."""
+
+    def __post_init__(self) -> None:
+        self.modalities = list(self.modalities)
+        if self.total_frames is not None:
+            self.total_steps = math.ceil(self.total_frames / self.action_repeat)
+
+    def validate(self) -> None:
+        choices = {
+            "task": TASKS,
+            "algorithm": ALGORITHMS,
+            "render_backend": RENDER_BACKENDS,
+            "vec_env": VEC_ENV_TYPES,
+        }
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                shown = list(valid) if len(valid) < 12 else sorted(valid)
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; valid choices: {shown}")
+        bad = [m for m in self.modalities if m not in MODALITIES]
+        if bad or not self.modalities:
+            raise ValueError(f"unknown modalities {bad or self.modalities}; valid choices: {list(MODALITIES)}")
+        for name in ("image_size", "frame_stack", "action_repeat", "action_history_len", "n_envs", "total_steps",
+                     "eval_episodes", "eval_freq", "checkpoint_freq", "keep_checkpoints"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        PerceiverConfig.from_dict(self.perceiver)  # names bad Perceiver fields
+        for stage in self.curriculum:
+            if not isinstance(stage, dict) or set(stage) != {"step", "modalities"}:
+                raise ValueError(f"curriculum stages are {{'step': N, 'modalities': [...]}}, got {stage!r}")
+            extra = [m for m in stage["modalities"] if m not in self.modalities]
+            if extra:
+                raise ValueError(f"curriculum modality {extra} not among the run's modalities {self.modalities}")
+
+    def env_kwargs(self) -> dict:
+        return {
+            "modalities": tuple(self.modalities),
+            "image_size": self.image_size,
+            "frame_stack": self.frame_stack,
+            "action_repeat": self.action_repeat,
+            "action_history_len": self.action_history_len,
+            "render_backend": self.render_backend,
+        }
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict:
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.exists():
+        raise ValueError(f"unknown preset {name!r}; valid choices: {list_presets()}")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def from_dict(values: dict) -> TrainConfig:
+    unknown = sorted(set(values) - set(_fields()))
+    if unknown:
+        raise ValueError(f"unknown config fields {unknown}; valid fields: {sorted(_fields())}")
+    return TrainConfig(**values)
+
+
+def _key_values(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"expected KEY=VALUE, got {pair!r}")
+        out[key.replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(TrainConfig)
+    for name, f in _fields().items():
+        flag = "--" + name.replace("_", "-")
+        kind = hints[name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if kind is bool:
+            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=None, help=f"(default {default})")
+        elif name == "modalities":
+            parser.add_argument(flag, nargs="+", default=None, help=f"any of {list(MODALITIES)} (default {default})")
+        elif kind is dict:
+            parser.add_argument(flag, nargs="+", default=None, metavar="KEY=VALUE", help=f"(default {default})")
+        elif name == "curriculum":
+            parser.add_argument(flag, default=None, help="YAML list, e.g. \"[{step: 0, modalities: [proprio]}]\"")
+        else:
+            base = int if kind in (int, int | None) else str
+            parser.add_argument(flag, type=base, default=None, help=f"(default {default})")
+    return parser
+
+
+def resolve(args: argparse.Namespace) -> TrainConfig:
+    """dataclass defaults <- preset <- explicit CLI flags."""
+    values: dict = {}
+    if args.preset:
+        values.update(load_preset(args.preset))
+        values["preset"] = args.preset
+    for name in _fields():
+        given = getattr(args, name, None)
+        if given is None or name == "preset":
+            continue
+        if _fields()[name].type in ("dict", dict):
+            values[name] = {**values.get(name, {}), **_key_values(given)}
+        elif name == "curriculum":
+            values[name] = yaml.safe_load(given)
+        else:
+            values[name] = given
+    if getattr(args, "total_steps", None) is not None:
+        values["total_frames"] = None  # an explicit step budget wins over the preset's frame budget
+    config = from_dict(values)
+    config.validate()
+    return config
+
+
+def save(config: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def load(path: Path) -> TrainConfig:
+    return from_dict(yaml.safe_load(Path(path).read_text()))
+
+
+assert envs  # imported for the dmc/ registrations used by callers

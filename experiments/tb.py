@@ -1,0 +1,58 @@
+"""TensorBoard helpers: a purge-aware SB3 output format, GIF video summaries without moviepy, heatmaps.
+
+torch's `SummaryWriter.add_video` (behind SB3's `Video`) imports `moviepy.editor`, which moviepy 2 removed; with
+moviepy 2 installed the video is silently dropped. We encode the GIF with Pillow and write the same summary
+proto (an image summary holding an animated GIF, which TensorBoard's Images tab plays).
+"""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+import numpy as np
+from PIL import Image
+from stable_baselines3.common.logger import TensorBoardOutputFormat
+from tensorboard.compat.proto.summary_pb2 import Summary
+from torch.utils.tensorboard import SummaryWriter
+
+matplotlib.use("Agg")
+
+
+class PurgingTensorBoardFormat(TensorBoardOutputFormat):
+    """SB3's TensorBoard output with `purge_step`: on resume, events logged after the checkpoint are dropped."""
+
+    def __init__(self, folder: str, purge_step: int | None = None):
+        self.writer = SummaryWriter(log_dir=folder, purge_step=purge_step)
+        self._is_closed = False
+
+
+def video_summary(tag: str, frames: np.ndarray, fps: int = 15) -> Summary:
+    """frames (T, H, W, 3) uint8 -> an animated-GIF image summary."""
+    frames = np.asarray(frames, dtype=np.uint8)
+    images = [Image.fromarray(frame) for frame in frames]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    height, width = frames.shape[1:3]
+    image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=buffer.getvalue())
+    return Summary(value=[Summary.Value(tag=tag, image=image)])
+
+
+def add_video(writer: SummaryWriter, tag: str, frames: np.ndarray, step: int, fps: int = 15) -> None:
+    writer._get_file_writer().add_summary(video_summary(tag, frames, fps), step)
+
+
+def attention_figure(weights: np.ndarray, names: list[str], counts: list[int]):
+    """A latents x tokens heatmap with tokens grouped (and labelled) by modality."""
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 3.2), dpi=80)
+    axis.imshow(weights, aspect="auto", cmap="viridis", interpolation="nearest")
+    edges = np.cumsum([0, *counts])
+    for edge in edges[1:-1]:
+        axis.axvline(edge - 0.5, color="white", linewidth=1)
+    axis.set_xticks((edges[:-1] + edges[1:]) / 2 - 0.5, names)
+    axis.set_ylabel("latent")
+    axis.set_title("cross-attention (head mean, sample 0)")
+    figure.tight_layout()
+    return figure

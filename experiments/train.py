@@ -1,0 +1,177 @@
+"""Train an agent: `python -m experiments.train --preset cartpole-balance-pixels --seed 3 --total-steps 20000`.
+
+Resume a run (killed or finished early): `python -m experiments.train --resume runs/<name>`. A resumed run
+continues the step counter, optimizer, learning-rate schedule, torch/numpy/python RNG and (SAC) replay buffer,
+and appends to the same TensorBoard run after purging events logged past the checkpoint. Env state inside
+worker processes cannot be restored (envs are re-seeded with seed + step), so a resumed run is statistically,
+not bit-for-bit, the same as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+import time
+from pathlib import Path
+
+from stable_baselines3.common.callbacks import CallbackList
+from stable_baselines3.common.logger import Logger
+
+import envs
+from agents import PerceiverA2C, PerceiverPPO, PerceiverSAC, make_agent, resolve_device
+from experiments import config as cfg
+from experiments.callbacks import (
+    CheckpointCallback,
+    CurriculumCallback,
+    EvalCallback,
+    FramesCallback,
+    PerceiverMetricsCallback,
+    ProgressCallback,
+    tensorboard_writer,
+)
+from experiments.checkpoint import CheckpointError, latest_checkpoint, load_model, read_meta, set_rng_state
+from experiments.evaluation import write_mp4
+from experiments.tb import PurgingTensorBoardFormat
+
+ALGO_CLASSES = {"ppo": PerceiverPPO, "a2c": PerceiverA2C, "sac": PerceiverSAC}
+
+
+def default_run_name(config: cfg.TrainConfig) -> str:
+    base = config.preset or f"{config.task}-{config.algorithm}"
+    return f"{base}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def make_env(config: cfg.TrainConfig, seed: int):
+    return envs.make_vec_env(
+        config.task, n_envs=config.n_envs, seed=seed, vec_env_type=config.vec_env, **config.env_kwargs()
+    )
+
+
+def make_logger(run_dir: Path, purge_step: int | None) -> Logger:
+    return Logger(folder=str(run_dir), output_formats=[PurgingTensorBoardFormat(str(run_dir / "tb"), purge_step)])
+
+
+def build(config: cfg.TrainConfig, run_dir: Path, resume: bool):
+    """(model, venv, start_step) for a fresh or resumed run."""
+    device = resolve_device(config.device)
+    if not resume:
+        venv = make_env(config, config.seed)
+        model = make_agent(
+            config.algorithm, venv, perceiver=config.perceiver, policy_kwargs=config.policy,
+            device=str(device), seed=config.seed, **config.algo,
+        )
+        return model, venv, 0
+    checkpoint = latest_checkpoint(run_dir)
+    step = int(read_meta(checkpoint)["step"])
+    venv = make_env(config, config.seed + step)
+    model = load_model(ALGO_CLASSES[config.algorithm], checkpoint, env=venv, device=str(device))
+    replay = checkpoint / "replay_buffer.pkl"
+    if replay.exists():
+        model.load_replay_buffer(replay)
+    set_rng_state(__import__("torch").load(checkpoint / "rng.pt", weights_only=False))
+    model._last_obs = None  # reset the (re-seeded) envs at learn()
+    return model, venv, step
+
+
+def run(config: cfg.TrainConfig, run_dir: Path, resume: bool = False) -> dict:
+    model, venv, start_step = build(config, run_dir, resume)
+    model.set_logger(make_logger(run_dir, purge_step=start_step if resume else None))
+    env_kwargs = config.env_kwargs()
+    evaluator = EvalCallback(
+        config.eval_freq, config.task, env_kwargs, config.eval_episodes, run_dir, config.action_repeat,
+        config.eval_video, seed=10_000 + config.seed,
+    )
+    checkpoints = CheckpointCallback(
+        config.checkpoint_freq, run_dir / "checkpoints", config.keep_checkpoints, config.checkpoint_replay_buffer
+    )
+    callbacks = [FramesCallback(config.action_repeat), evaluator, checkpoints]
+    if config.perceiver_log_freq > 0:
+        callbacks.append(PerceiverMetricsCallback(config.perceiver_log_freq))
+    if config.curriculum:
+        callbacks.append(CurriculumCallback(config.curriculum))
+    if config.progress_bar:
+        callbacks.append(ProgressCallback(config.total_steps, evaluator))
+    remaining = config.total_steps - model.num_timesteps
+    started = time.perf_counter()
+    try:
+        if remaining > 0:
+            model.learn(remaining, callback=CallbackList(callbacks), reset_num_timesteps=not resume, progress_bar=False)
+        evaluator.init_callback(model)
+        final = evaluator.evaluate_now()
+        checkpoints.init_callback(model)
+        checkpoints.save_now()
+    finally:
+        venv.close()
+    seconds = time.perf_counter() - started
+    return finish(config, run_dir, model, evaluator, final, seconds, remaining)
+
+
+def finish(config, run_dir: Path, model, evaluator: EvalCallback, final: dict, seconds: float, trained: int) -> dict:
+    eval_dir = run_dir / "eval"
+    eval_dir.mkdir(exist_ok=True)
+    with open(eval_dir / "history.csv", "a", newline="") as handle:
+        writer = csv.writer(handle)
+        if handle.tell() == 0:
+            writer.writerow(["step", "frames", "return_mean"])
+        for step, value in evaluator.history:
+            writer.writerow([step, step * config.action_repeat, f"{value:.3f}"])
+    video_path = None
+    if config.eval_video:
+        from experiments.evaluation import evaluate_policy
+
+        result = evaluate_policy(model, config.task, config.env_kwargs(), 1, seed=10_000 + config.seed, video=True)
+        video_path = write_mp4(eval_dir / f"final_step_{model.num_timesteps}.mp4", result.frames)
+    tb = tensorboard_writer(model.logger)
+    if tb is not None:
+        hparams = {
+            "task": config.task, "algorithm": config.algorithm, "seed": config.seed,
+            "modalities": ",".join(config.modalities), "total_steps": config.total_steps,
+            **{f"perceiver.{k}": v for k, v in config.perceiver.items() if isinstance(v, (int, float, str, bool))},
+        }
+        tb.add_hparams(hparams, {"hparams/final_eval_return": final["return_mean"]}, run_name=".",
+                       global_step=model.num_timesteps)
+    model.logger.close()
+    first = evaluator.history[0][1] if evaluator.history else final["return_mean"]
+    fps = trained / seconds if trained > 0 else 0.0
+    lines = [
+        f"run directory : {run_dir}",
+        f"steps         : {model.num_timesteps} agent steps = {model.num_timesteps * config.action_repeat} frames "
+        f"({fps:.0f} steps/s this session)",
+        f"eval return   : first {first:.1f} -> final {final['return_mean']:.1f} ± {final['return_std']:.1f} "
+        f"({config.eval_episodes} episodes, deterministic)",
+        f"tensorboard   : tensorboard --logdir {run_dir.parent}   (or: make tensorboard)",
+        f"checkpoints   : {run_dir / 'checkpoints'}",
+    ]
+    if video_path:
+        lines.append(f"eval video    : {video_path}")
+    print("\n".join(lines), flush=True)
+    return {"final": final, "first": first, "history": evaluator.history, "video": video_path}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cfg.build_parser(__doc__.splitlines()[0])
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its latest checkpoint")
+    args = parser.parse_args(argv)
+    try:
+        if args.resume:
+            run_dir = Path(args.resume)
+            if not (run_dir / "config.yaml").exists():
+                raise ValueError(f"run directory {str(run_dir)!r} not found (no config.yaml in it)")
+            config = cfg.load(run_dir / "config.yaml")
+            run(config, run_dir, resume=True)
+        else:
+            config = cfg.resolve(args)
+            run_dir = Path(config.run_dir) / (config.run_name or default_run_name(config))
+            if (run_dir / "config.yaml").exists():
+                raise ValueError(f"run directory {str(run_dir)!r} already exists; use --resume {run_dir} to continue")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(config, run_dir / "config.yaml")
+            run(config, run_dir)
+    except (ValueError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

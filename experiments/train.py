@@ -70,6 +70,7 @@ def build(config: cfg.TrainConfig, run_dir: Path, resume: bool):
         model.load_replay_buffer(replay)
     set_rng_state(__import__("torch").load(checkpoint / "rng.pt", weights_only=False))
     model._last_obs = None  # reset the (re-seeded) envs at learn()
+    print(f"resuming {run_dir} from checkpoint step {step}", flush=True)
     return model, venv, step
 
 
@@ -150,7 +151,9 @@ def finish(config, run_dir: Path, model, evaluator: EvalCallback, final: dict, s
 
 def main(argv: list[str] | None = None) -> int:
     parser = cfg.build_parser(__doc__.splitlines()[0])
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its latest checkpoint")
+    parser.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue this run from its latest checkpoint (with --total-steps: new budget)"
+    )
     args = parser.parse_args(argv)
     try:
         if args.resume:
@@ -158,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
             if not (run_dir / "config.yaml").exists():
                 raise ValueError(f"run directory {str(run_dir)!r} not found (no config.yaml in it)")
             config = cfg.load(run_dir / "config.yaml")
+            if args.total_steps is not None:  # extend (or shorten) the run's budget
+                config.total_steps, config.total_frames = args.total_steps, None
+                cfg.save(config, run_dir / "config.yaml")
             run(config, run_dir, resume=True)
         else:
             config = cfg.resolve(args)

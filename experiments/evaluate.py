@@ -1,0 +1,93 @@
+"""Evaluate a trained policy: `python -m experiments.evaluate RUN_DIR_OR_CHECKPOINT [--tasks ...] [--episodes N] [--video]`.
+
+Deterministic actions, one env per episode, policy latency timed per step. Writes `<out>/eval.csv` and
+`<out>/eval.md` (task, episodes, return mean ± std, episode length, latency p50/p95) and, with --video, one mp4
+per task. `--missing-modality pixels` (or any modality, repeatable) evaluates with it absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+from experiments import config as cfg
+from experiments.checkpoint import CheckpointError, latest_checkpoint, load_model
+from experiments.evaluation import evaluate_policy, write_mp4
+from experiments.train import ALGO_CLASSES
+
+COLUMNS = ["task", "missing", "episodes", "return_mean", "return_std", "length_mean", "latency_p50_ms", "latency_p95_ms"]
+
+
+def locate(path: Path) -> tuple[cfg.TrainConfig, Path]:
+    """(config, checkpoint) for a run directory or a checkpoint directory inside one."""
+    if not path.exists():
+        raise ValueError(f"run directory or checkpoint {str(path)!r} not found")
+    if (path / "config.yaml").exists():
+        return cfg.load(path / "config.yaml"), latest_checkpoint(path)
+    if (path / "model.zip").exists() and (path.parent.parent / "config.yaml").exists():
+        return cfg.load(path.parent.parent / "config.yaml"), path
+    raise ValueError(f"{str(path)!r} is neither a run directory (config.yaml) nor a checkpoint (model.zip)")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| task | missing | episodes | return | length | latency p50 / p95 (ms) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['task']} | {r['missing'] or '-'} | {r['episodes']} | {r['return_mean']:.1f} ± {r['return_std']:.1f} "
+            f"| {r['length_mean']:.0f} | {r['latency_p50_ms']:.2f} / {r['latency_p95_ms']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("path", type=Path, help="run directory or checkpoint directory")
+    parser.add_argument("--tasks", nargs="+", default=None, help="DMC tasks (default: the run's task)")
+    parser.add_argument("--episodes", type=int, default=10)
+    parser.add_argument("--video", action="store_true", help="write an mp4 of the first episode per task")
+    parser.add_argument("--missing-modality", action="append", default=[], help="evaluate with this modality absent")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=20_000)
+    parser.add_argument("--output", type=Path, default=None, help="output directory (default: RUN_DIR/eval)")
+    args = parser.parse_args(argv)
+    try:
+        if args.episodes <= 0:
+            raise ValueError(f"--episodes must be a positive integer, got {args.episodes}")
+        config, checkpoint = locate(args.path)
+        tasks = args.tasks or [config.task]
+        for task in tasks:
+            cfg.TrainConfig(**{**config.to_dict(), "task": task}).validate()
+        model = load_model(ALGO_CLASSES[config.algorithm], checkpoint, device=args.device)
+        out = args.output or (checkpoint.parent.parent / "eval")
+        out.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for task in tasks:
+            result = evaluate_policy(
+                model, task, config.env_kwargs(), args.episodes, seed=args.seed, video=args.video,
+                missing=tuple(args.missing_modality),
+            )
+            rows.append({"task": task, "missing": ",".join(args.missing_modality), **result.summary()})
+            if result.frames is not None:
+                suffix = f"-no-{'-'.join(args.missing_modality)}" if args.missing_modality else ""
+                write_mp4(out / f"{task}{suffix}.mp4", result.frames)
+    except (ValueError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    with open(out / "eval.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    table = markdown_table(rows)
+    (out / "eval.md").write_text(f"Checkpoint: `{checkpoint}`\n\n" + table)
+    print(table, end="")
+    print(f"written: {out / 'eval.csv'}, {out / 'eval.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

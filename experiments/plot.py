@@ -1,0 +1,90 @@
+"""Learning curves from TensorBoard events: `python -m experiments.plot RUN_DIR... [--out curves.png]`.
+
+Runs that differ only in their seed are one curve: mean ± std across seeds, on the x-axis in frames (agent steps
+x action repeat, as the DMC literature counts). Seeds are aligned by linear interpolation on the union of steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+from experiments import config as cfg  # noqa: E402
+
+
+def read_scalars(run_dir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
+    accumulator = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    if tag not in accumulator.Tags()["scalars"]:
+        raise ValueError(f"no {tag!r} in {run_dir}; tags there: {sorted(accumulator.Tags()['scalars'])}")
+    by_step = {event.step: event.value for event in accumulator.Scalars(tag)}  # last write per step wins
+    steps = np.array(sorted(by_step))
+    return steps, np.array([by_step[s] for s in steps])
+
+
+def label(config: cfg.TrainConfig) -> str:
+    return config.preset or f"{config.task} {config.algorithm} [{'+'.join(config.modalities)}]"
+
+
+def group_runs(run_dirs: list[Path]) -> dict[str, list[tuple[cfg.TrainConfig, Path]]]:
+    groups = defaultdict(list)
+    for run_dir in run_dirs:
+        if not (run_dir / "config.yaml").exists():
+            raise ValueError(f"run directory {str(run_dir)!r} not found (no config.yaml in it)")
+        config = cfg.load(run_dir / "config.yaml")
+        groups[label(config)].append((config, run_dir))
+    return groups
+
+
+def plot(run_dirs: list[Path], out: Path, tag: str = "eval/return_mean", title: str | None = None) -> Path:
+    figure, axis = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for name, runs in group_runs(run_dirs).items():
+        curves = []
+        for config, run_dir in runs:
+            steps, values = read_scalars(run_dir, tag)
+            curves.append((steps * config.action_repeat, values))
+        grid = np.unique(np.concatenate([frames for frames, _ in curves]))
+        grid = grid[(grid >= max(c[0][0] for c in curves)) & (grid <= min(c[0][-1] for c in curves))]
+        stacked = np.stack([np.interp(grid, frames, values) for frames, values in curves])
+        mean, std = stacked.mean(0), stacked.std(0)
+        axis.plot(grid, mean, label=f"{name} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+        axis.fill_between(grid, mean - std, mean + std, alpha=0.2)
+    axis.set_xlabel("frames (agent steps x action repeat)")
+    axis.set_ylabel(tag)
+    axis.set_title(title or tag)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out)
+    plt.close(figure)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories")
+    parser.add_argument("--tag", default="eval/return_mean")
+    parser.add_argument("--out", type=Path, default=Path("curves.png"))
+    parser.add_argument("--title", default=None)
+    args = parser.parse_args(argv)
+    try:
+        path = plot(args.runs, args.out, args.tag, args.title)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"written: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

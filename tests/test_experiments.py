@@ -1,0 +1,163 @@
+"""The real commands in subprocesses, with tiny budgets, exactly as a user types them."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from experiments.checkpoint import list_checkpoints, read_meta
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "--image-size", "32", "--n-envs", "2", "--eval-episodes", "1", "--action-repeat", "8",
+    "--perceiver", "num_latents=8", "latent_dim=32", "fourier_bands=4",
+]
+REQUIRED_TAGS = {
+    "eval/return_mean", "eval/return_std", "charts/frames", "perf/latency_p50_ms", "perf/latency_p95_ms",
+    "perf/cross_attn_gflops", "perf/memory_mb", "perf/steps_per_sec", "perceiver/attention_entropy",
+    "perceiver/modality_balance/pixels", "perceiver/gate/proprio", "perceiver/fourier_drift/pixels",
+    "hparams/final_eval_return",
+}
+
+
+def cli(*args, check=True, timeout=300, **kwargs):
+    env = {**os.environ, "MUJOCO_GL": "egl", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def tags(run_dir: Path) -> dict:
+    accumulator = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "a2c", "sac"])
+def test_train_creates_run_directory_events_and_checkpoint(tmp_path, algorithm):
+    extra = ["--algo", "learning_starts=32", "batch_size=16"] if algorithm == "sac" else ["--algo", "n_steps=32"]
+    cli(
+        "experiments.train", "--algorithm", algorithm, "--task", "cartpole-balance", *TINY, *extra,
+        "--total-steps", "128", "--eval-freq", "64", "--checkpoint-freq", "64", "--perceiver-log-freq", "32",
+        "--run-dir", str(tmp_path), "--run-name", "run", "--progress-bar", "false",
+    )
+    run_dir = tmp_path / "run"
+    assert (run_dir / "config.yaml").exists()
+    assert list_checkpoints(run_dir / "checkpoints")
+    accumulator = tags(run_dir)
+    missing = REQUIRED_TAGS - set(accumulator.Tags()["scalars"])
+    assert not missing, missing
+    assert {"eval/video", "perceiver/attention"} <= set(accumulator.Tags()["images"])
+    video = accumulator.Images("eval/video")[-1]
+    assert video.encoded_image_string[:6] == b"GIF89a"  # the video really is in the event file
+    frames = accumulator.Scalars("charts/frames")[-1]
+    assert frames.value == frames.step * 8
+    assert list((run_dir / "eval").glob("final_step_*.mp4"))
+
+
+def test_sigkill_then_resume_continues_from_the_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [
+        "experiments.train", "--task", "cartpole-balance", *TINY, "--algo", "n_steps=16", "batch_size=32",
+        "--total-steps", "100000", "--eval-freq", "64", "--checkpoint-freq", "64", "--eval-video", "false",
+        "--perceiver-log-freq", "0", "--run-dir", str(tmp_path), "--run-name", "run", "--progress-bar", "false",
+    ]
+    env = {**os.environ, "MUJOCO_GL": "egl"}
+    process = subprocess.Popen([sys.executable, "-m", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list_checkpoints(run_dir / "checkpoints")) < 2:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    assert len(checkpoints) >= 2, process.stderr.read().decode()[-2000:]
+    killed_step = int(read_meta(checkpoints[-1])["step"])
+    for checkpoint in checkpoints:  # every complete checkpoint is readable
+        assert (checkpoint / "model.zip").stat().st_size > 0
+    target = killed_step + 96
+    result = cli("experiments.train", "--resume", str(run_dir), "--total-steps", str(target))
+    assert f"from checkpoint step {killed_step}" in result.stdout
+    final_step = int(read_meta(list_checkpoints(run_dir / "checkpoints")[-1])["step"])
+    assert target <= final_step < target + 64
+    steps = [event.step for event in tags(run_dir).Scalars("eval/return_mean")]
+    assert steps == sorted(set(steps)), steps  # the axis never restarts nor repeats
+    assert steps[-1] == final_step and any(s <= killed_step for s in steps)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    cli(
+        "experiments.train", "--task", "cartpole-balance", *TINY, "--algo", "n_steps=16", "batch_size=32",
+        "--total-steps", "64", "--eval-freq", "32", "--checkpoint-freq", "32", "--eval-video", "false",
+        "--run-dir", str(root), "--run-name", "run", "--progress-bar", "false",
+    )
+    return root / "run"
+
+
+def test_evaluate_writes_table_and_video(trained_run, tmp_path):
+    result = cli("experiments.evaluate", str(trained_run), "--episodes", "2", "--video", "--output", str(tmp_path))
+    assert "| cartpole-balance | - | 2 |" in result.stdout
+    assert (tmp_path / "eval.csv").read_text().startswith("task,missing,episodes,return_mean")
+    assert "latency p50" in (tmp_path / "eval.md").read_text()
+    assert (tmp_path / "cartpole-balance.mp4").stat().st_size > 1000
+    missing = cli("experiments.evaluate", str(trained_run), "--episodes", "1", "--missing-modality", "pixels",
+                  "--output", str(tmp_path / "nopix"))
+    assert "| cartpole-balance | pixels | 1 |" in missing.stdout
+
+
+def test_plot_writes_png(trained_run, tmp_path):
+    out = tmp_path / "curves.png"
+    cli("experiments.plot", str(trained_run), "--out", str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["experiments.train", "--preset", "nope"], "unknown preset 'nope'; valid choices: ["),
+        (["experiments.train", "--task", "cheetah-fly"], "unknown task 'cheetah-fly'; valid choices: ["),
+        (["experiments.train", "--algorithm", "dqn"], "unknown algorithm 'dqn'; valid choices: ['ppo', 'a2c', 'sac']"),
+        (["experiments.train", "--modalities", "pixels", "lidar"], "unknown modalities ['lidar']; valid choices"),
+        (["experiments.train", "--perceiver", "latents=3"], "unknown PerceiverConfig fields ['latents']"),
+        (["experiments.train", "--resume", "/nonexistent/run"], "run directory '/nonexistent/run' not found"),
+        (["experiments.evaluate", "/nonexistent/run"], "'/nonexistent/run' not found"),
+        (["experiments.plot", "/nonexistent/run"], "run directory '/nonexistent/run' not found"),
+    ],
+)
+def test_bad_cli_values_exit_with_one_line_error(args, message):
+    result = cli(*args, check=False, timeout=120)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_corrupt_checkpoint_is_a_one_line_error(trained_run, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(trained_run, broken)
+    latest = list_checkpoints(broken / "checkpoints")[-1]
+    (latest / "model.zip").write_bytes(b"not a zip")
+    for command in (["experiments.evaluate", str(broken)], ["experiments.train", "--resume", str(broken)]):
+        result = cli(*command, check=False, timeout=120)
+        assert result.returncode != 0
+        assert "error: corrupt checkpoint" in result.stderr and "model.zip" in result.stderr
+
+
+def test_curriculum_adds_modalities_at_the_given_step(tmp_path):
+    cli(
+        "experiments.train", "--task", "cartpole-balance", *TINY, "--algo", "n_steps=16", "batch_size=32",
+        "--total-steps", "128", "--eval-freq", "1000", "--checkpoint-freq", "1000", "--eval-video", "false",
+        "--perceiver-log-freq", "0", "--run-dir", str(tmp_path), "--run-name", "cur", "--progress-bar", "false",
+        "--curriculum", "[{step: 0, modalities: [proprio, action_history]}, {step: 64, modalities: [pixels, proprio, action_history]}]",
+    )
+    pixels = [(e.step, e.value) for e in tags(tmp_path / "cur").Scalars("curriculum/pixels")]
+    assert pixels[0][1] == 0.0 and pixels[-1][1] == 1.0 and pixels[-1][0] >= 64

@@ -42,7 +42,10 @@ DEFAULTS: dict[str, dict] = {
     },
 }
 
-_CLASSES = {"ppo": (PerceiverPPO, PerceiverActorCriticPolicy), "a2c": (PerceiverA2C, PerceiverActorCriticPolicy)}
+_CLASSES = {
+    "ppo": (PerceiverPPO, PerceiverActorCriticPolicy),
+    "a2c": (PerceiverA2C, PerceiverActorCriticPolicy),
+}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -51,7 +54,9 @@ def resolve_device(device: str) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError as err:
-        raise ValueError(f"unknown device {device!r}; valid choices: 'auto', 'cpu', 'cuda', 'cuda:N'") from err
+        raise ValueError(
+            f"unknown device {device!r}; valid choices: 'auto', 'cpu', 'cuda', 'cuda:N'"
+        ) from err
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
     return resolved
@@ -82,7 +87,13 @@ def make_agent(
         perceiver.setdefault("dtype", "bfloat16")
     kwargs = {**copy.deepcopy(DEFAULTS[algorithm]), **overrides}
     policy_kwargs = {**(policy_kwargs or {}), "perceiver": perceiver}
-    common = dict(policy_kwargs=policy_kwargs, device=torch_device, seed=seed, tensorboard_log=tensorboard_log, verbose=verbose)
+    common = dict(
+        policy_kwargs=policy_kwargs,
+        device=torch_device,
+        seed=seed,
+        tensorboard_log=tensorboard_log,
+        verbose=verbose,
+    )
     if algorithm == "sac":
         obs_space = env.observation_space
         if isinstance(obs_space, spaces.Dict) and "pixels" in obs_space.spaces:

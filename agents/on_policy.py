@@ -31,7 +31,9 @@ class BatchedRolloutMixin:
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "_obs_transfer"]
 
-    def collect_rollouts(self, env: VecEnv, callback: BaseCallback, rollout_buffer, n_rollout_steps: int) -> bool:
+    def collect_rollouts(
+        self, env: VecEnv, callback: BaseCallback, rollout_buffer, n_rollout_steps: int
+    ) -> bool:
         if not isinstance(rollout_buffer, DeviceRolloutBuffer):
             return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
         assert self._last_obs is not None, "No previous observation was provided"
@@ -66,12 +68,16 @@ class BatchedRolloutMixin:
         callback.on_rollout_end()
         return True
 
-    def _bootstrap_timeouts(self, rewards: np.ndarray, dones: np.ndarray, infos: list[dict], to_device) -> None:
+    def _bootstrap_timeouts(
+        self, rewards: np.ndarray, dones: np.ndarray, infos: list[dict], to_device
+    ) -> None:
         """r += gamma * V(terminal obs) for envs cut by a time limit (SB3 issue #633), in one batched call."""
         index = [
             i
             for i, done in enumerate(dones)
-            if done and infos[i].get("terminal_observation") is not None and infos[i].get("TimeLimit.truncated", False)
+            if done
+            and infos[i].get("terminal_observation") is not None
+            and infos[i].get("TimeLimit.truncated", False)
         ]
         if not index:
             return

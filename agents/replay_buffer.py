@@ -52,8 +52,14 @@ class FrameReplayBuffer(BaseBuffer):
                 f"FrameReplayBuffer needs a Dict observation space with a {pixel_key!r} key, got {observation_space}"
             )
         pixel_space = observation_space[pixel_key]
-        if pixel_space.dtype != np.uint8 or len(pixel_space.shape) != 3 or pixel_space.shape[0] % channels_per_frame:
-            raise ValueError(f"{pixel_key!r} must be uint8 (frames*{channels_per_frame}, H, W), got {pixel_space}")
+        if (
+            pixel_space.dtype != np.uint8
+            or len(pixel_space.shape) != 3
+            or pixel_space.shape[0] % channels_per_frame
+        ):
+            raise ValueError(
+                f"{pixel_key!r} must be uint8 (frames*{channels_per_frame}, H, W), got {pixel_space}"
+            )
         self.pixel_key, self.channels = pixel_key, channels_per_frame
         self.frame_stack = pixel_space.shape[0] // channels_per_frame
         self.frame_shape = (channels_per_frame, *pixel_space.shape[1:])
@@ -70,7 +76,9 @@ class FrameReplayBuffer(BaseBuffer):
         self.obs_ids = np.zeros((*shape, self.frame_stack), dtype=np.int64)
         self.next_obs_ids = np.zeros((*shape, self.frame_stack), dtype=np.int64)
         self.other_keys = [k for k in observation_space.spaces if k != pixel_key]
-        self.observations = {k: np.zeros((*shape, *observation_space[k].shape), np.float32) for k in self.other_keys}
+        self.observations = {
+            k: np.zeros((*shape, *observation_space[k].shape), np.float32) for k in self.other_keys
+        }
         self.next_observations = {k: np.zeros_like(v) for k, v in self.observations.items()}
         self.actions = np.zeros((*shape, self.action_dim), dtype=np.float32)
         self.rewards = np.zeros(shape, dtype=np.float32)

@@ -83,7 +83,9 @@ class DeviceRolloutBuffer(BaseBuffer):
                 storage[step].copy_(_as_tensor(obs[key], self.device), non_blocking=True)
         else:
             self.observations[step].copy_(_as_tensor(obs, self.device), non_blocking=True)
-        self.actions[step] = _as_tensor(action, self.device, torch.float32).reshape(self.n_envs, self.action_dim)
+        self.actions[step] = _as_tensor(action, self.device, torch.float32).reshape(
+            self.n_envs, self.action_dim
+        )
         self._rewards[step] = _as_tensor(reward, self.device, torch.float32)
         self._episode_starts[step] = _as_tensor(episode_start, self.device, torch.float32)
         self._values[step] = _as_tensor(value, self.device, torch.float32).flatten()
@@ -108,7 +110,9 @@ class DeviceRolloutBuffer(BaseBuffer):
             self._advantages[step] = last_gae
         self._returns = self._advantages + self._values
 
-    def get(self, batch_size: int | None = None) -> Generator[RolloutBufferSamples | DictRolloutBufferSamples, None, None]:
+    def get(
+        self, batch_size: int | None = None
+    ) -> Generator[RolloutBufferSamples | DictRolloutBufferSamples, None, None]:
         assert self.full, "the rollout buffer must be full before sampling"
         total = self.buffer_size * self.n_envs
         indices = torch.randperm(total, device=self.device)

@@ -42,7 +42,12 @@ class PerceiverSAC(SAC):
             optimizers.append(self.ent_coef_optimizer)
         self._update_learning_rate(optimizers)
         encoder = self.policy.encoder
-        metrics: dict[str, list[float]] = {"ent_coef": [], "actor_loss": [], "critic_loss": [], "ent_coef_loss": []}
+        metrics: dict[str, list[float]] = {
+            "ent_coef": [],
+            "actor_loss": [],
+            "critic_loss": [],
+            "ent_coef_loss": [],
+        }
 
         for gradient_step in range(gradient_steps):
             data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)

@@ -107,7 +107,9 @@ class DMCEnv(gym.Env):
         ):
             _check_positive(name, value)
         if render_backend not in RENDER_BACKENDS:
-            raise ValueError(f"unknown render_backend {render_backend!r}; valid choices: {list(RENDER_BACKENDS)}")
+            raise ValueError(
+                f"unknown render_backend {render_backend!r}; valid choices: {list(RENDER_BACKENDS)}"
+            )
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"unknown render_mode {render_mode!r}; valid choices: [None, 'rgb_array']")
 
@@ -116,7 +118,11 @@ class DMCEnv(gym.Env):
         self.image_size, self.frame_stack = int(image_size), int(frame_stack)
         self.action_repeat, self.action_history_len = int(action_repeat), int(action_history_len)
         self.camera_id = default_camera(domain) if camera_id is None else int(camera_id)
-        self.render_backend, self.render_mode, self.render_size = render_backend, render_mode, int(render_size)
+        self.render_backend, self.render_mode, self.render_size = (
+            render_backend,
+            render_mode,
+            int(render_size),
+        )
 
         self._env = suite.load(domain, task, environment_kwargs=environment_kwargs)
         action_spec = self._env.action_spec()
@@ -220,7 +226,9 @@ class DMCEnv(gym.Env):
         """The camera at ``render_size`` px (for videos), `(H, W, 3)` uint8."""
         if self._video_renderer is None:
             size = self.render_size
-            self._video_renderer = CameraRenderer(self._env.physics, size, size, self.camera_id, self.render_backend)
+            self._video_renderer = CameraRenderer(
+                self._env.physics, size, size, self.camera_id, self.render_backend
+            )
         return self._video_renderer.render()
 
     def close(self):

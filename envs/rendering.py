@@ -46,7 +46,9 @@ class CameraRenderer:
                 flags[mujoco.mjtRndFlag.mjRND_SKYBOX] = 0
             _track(self)
             self.render()  # fail here, with a useful message, rather than at the first step
-        except Exception as err:  # GL errors come as many types (ImportError, RuntimeError, mujoco.FatalError)
+        except (
+            Exception
+        ) as err:  # GL errors come as many types (ImportError, RuntimeError, mujoco.FatalError)
             self.close()
             raise ValueError(
                 f"cannot render pixels with backend {backend!r}: {err}. " + _GL_FIX.format(gl=gl_backend())

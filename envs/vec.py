@@ -46,5 +46,10 @@ def make_vec_env(
     else:
         vec_cls, vec_kwargs = DummyVecEnv, None
     return sb3_make_vec_env(
-        env_fn, n_envs=n_envs, seed=seed, vec_env_cls=vec_cls, vec_env_kwargs=vec_kwargs, monitor_dir=monitor_dir
+        env_fn,
+        n_envs=n_envs,
+        seed=seed,
+        vec_env_cls=vec_cls,
+        vec_env_kwargs=vec_kwargs,
+        monitor_dir=monitor_dir,
     )

@@ -58,7 +58,9 @@ class PeriodicCallback(BaseCallback):
 class EvalCallback(PeriodicCallback):
     """Deterministic episodes every `every` steps: eval/return_mean|std, perf/latency_*, eval video."""
 
-    def __init__(self, every, task, env_kwargs, episodes, run_dir: Path, action_repeat: int, video: bool, seed: int):
+    def __init__(
+        self, every, task, env_kwargs, episodes, run_dir: Path, action_repeat: int, video: bool, seed: int
+    ):
         super().__init__(every)
         self.task, self.env_kwargs, self.episodes = task, env_kwargs, episodes
         self.run_dir, self.action_repeat, self.video, self.seed = run_dir, action_repeat, video, seed
@@ -185,7 +187,12 @@ class CheckpointCallback(PeriodicCallback):
 
     def save_now(self) -> Path:
         return save_checkpoint(
-            self.model, self.directory, self.num_timesteps, self.keep, self.with_replay_buffer, {"time": time.time()}
+            self.model,
+            self.directory,
+            self.num_timesteps,
+            self.keep,
+            self.with_replay_buffer,
+            {"time": time.time()},
         )
 
     def _fire(self) -> None:

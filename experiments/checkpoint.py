@@ -48,7 +48,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(model, directory: Path, step: int, keep: int, with_replay_buffer: bool, extra: dict) -> Path:
+def save_checkpoint(
+    model, directory: Path, step: int, keep: int, with_replay_buffer: bool, extra: dict
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{PREFIX}{step:012d}"
     tmp = directory / f".tmp-{PREFIX}{step:012d}-{os.getpid()}"

@@ -40,7 +40,7 @@ class TrainConfig:
     algorithm: str = "ppo"
     """ppo, a2c or sac."""
     modalities: list[str] = field(default_factory=lambda: ["pixels", "proprio", "action_history"])
-    image_size: int = 64
+    image_size: int = 84
     frame_stack: int = 3
     action_repeat: int = 4
     action_history_len: int = 8
@@ -94,9 +94,21 @@ class TrainConfig:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; valid choices: {shown}")
         bad = [m for m in self.modalities if m not in MODALITIES]
         if bad or not self.modalities:
-            raise ValueError(f"unknown modalities {bad or self.modalities}; valid choices: {list(MODALITIES)}")
-        for name in ("image_size", "frame_stack", "action_repeat", "action_history_len", "n_envs", "total_steps",
-                     "eval_episodes", "eval_freq", "checkpoint_freq", "keep_checkpoints"):
+            raise ValueError(
+                f"unknown modalities {bad or self.modalities}; valid choices: {list(MODALITIES)}"
+            )
+        for name in (
+            "image_size",
+            "frame_stack",
+            "action_repeat",
+            "action_history_len",
+            "n_envs",
+            "total_steps",
+            "eval_episodes",
+            "eval_freq",
+            "checkpoint_freq",
+            "keep_checkpoints",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -106,7 +118,9 @@ class TrainConfig:
                 raise ValueError(f"curriculum stages are {{'step': N, 'modalities': [...]}}, got {stage!r}")
             extra = [m for m in stage["modalities"] if m not in self.modalities]
             if extra:
-                raise ValueError(f"curriculum modality {extra} not among the run's modalities {self.modalities}")
+                raise ValueError(
+                    f"curriculum modality {extra} not among the run's modalities {self.modalities}"
+                )
 
     def env_kwargs(self) -> dict:
         return {
@@ -163,20 +177,30 @@ def _parse_bool(text: str) -> bool:
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     hints = typing.get_type_hints(TrainConfig)
     for name, f in _fields().items():
         flag = "--" + name.replace("_", "-")
         kind = hints[name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if kind is bool:
-            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=None, help=f"(default {default})")
+            parser.add_argument(
+                flag, type=_parse_bool, nargs="?", const=True, default=None, help=f"(default {default})"
+            )
         elif name == "modalities":
-            parser.add_argument(flag, nargs="+", default=None, help=f"any of {list(MODALITIES)} (default {default})")
+            parser.add_argument(
+                flag, nargs="+", default=None, help=f"any of {list(MODALITIES)} (default {default})"
+            )
         elif kind is dict:
-            parser.add_argument(flag, nargs="+", default=None, metavar="KEY=VALUE", help=f"(default {default})")
+            parser.add_argument(
+                flag, nargs="+", default=None, metavar="KEY=VALUE", help=f"(default {default})"
+            )
         elif name == "curriculum":
-            parser.add_argument(flag, default=None, help="YAML list, e.g. \"[{step: 0, modalities: [proprio]}]\"")
+            parser.add_argument(
+                flag, default=None, help='YAML list, e.g. "[{step: 0, modalities: [proprio]}]"'
+            )
         else:
             base = int if kind in (int, int | None) else str
             parser.add_argument(flag, type=base, default=None, help=f"(default {default})")

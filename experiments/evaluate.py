@@ -17,7 +17,16 @@ from experiments.checkpoint import CheckpointError, latest_checkpoint, load_mode
 from experiments.evaluation import evaluate_policy, write_mp4
 from experiments.train import ALGO_CLASSES
 
-COLUMNS = ["task", "missing", "episodes", "return_mean", "return_std", "length_mean", "latency_p50_ms", "latency_p95_ms"]
+COLUMNS = [
+    "task",
+    "missing",
+    "episodes",
+    "return_mean",
+    "return_std",
+    "length_mean",
+    "latency_p50_ms",
+    "latency_p95_ms",
+]
 
 
 def locate(path: Path) -> tuple[cfg.TrainConfig, Path]:
@@ -50,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", default=None, help="DMC tasks (default: the run's task)")
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--video", action="store_true", help="write an mp4 of the first episode per task")
-    parser.add_argument("--missing-modality", action="append", default=[], help="evaluate with this modality absent")
+    parser.add_argument(
+        "--missing-modality", action="append", default=[], help="evaluate with this modality absent"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=20_000)
     parser.add_argument("--output", type=Path, default=None, help="output directory (default: RUN_DIR/eval)")
@@ -68,7 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for task in tasks:
             result = evaluate_policy(
-                model, task, config.env_kwargs(), args.episodes, seed=args.seed, video=args.video,
+                model,
+                task,
+                config.env_kwargs(),
+                args.episodes,
+                seed=args.seed,
+                video=args.video,
                 missing=tuple(args.missing_modality),
             )
             rows.append({"task": task, "missing": ",".join(args.missing_modality), **result.summary()})

@@ -47,7 +47,9 @@ def missing_modalities(model, names: tuple[str, ...]):
         raise ValueError("--missing-modality needs a Perceiver policy (this model has none)")
     unknown = [n for n in names if n not in encoder.names]
     if unknown:
-        raise ValueError(f"unknown modality {unknown} for --missing-modality; valid choices: {list(encoder.names)}")
+        raise ValueError(
+            f"unknown modality {unknown} for --missing-modality; valid choices: {list(encoder.names)}"
+        )
     previous = set(encoder.disabled_modalities)
     encoder.disabled_modalities = previous | set(names)
     try:

@@ -32,7 +32,9 @@ def video_summary(tag: str, frames: np.ndarray, fps: int = 15) -> Summary:
     frames = np.asarray(frames, dtype=np.uint8)
     images = [Image.fromarray(frame) for frame in frames]
     buffer = io.BytesIO()
-    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    images[0].save(
+        buffer, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0
+    )
     height, width = frames.shape[1:3]
     image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=buffer.getvalue())
     return Summary(value=[Summary.Value(tag=tag, image=image)])

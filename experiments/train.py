@@ -48,7 +48,9 @@ def make_env(config: cfg.TrainConfig, seed: int):
 
 
 def make_logger(run_dir: Path, purge_step: int | None) -> Logger:
-    return Logger(folder=str(run_dir), output_formats=[PurgingTensorBoardFormat(str(run_dir / "tb"), purge_step)])
+    return Logger(
+        folder=str(run_dir), output_formats=[PurgingTensorBoardFormat(str(run_dir / "tb"), purge_step)]
+    )
 
 
 def build(config: cfg.TrainConfig, run_dir: Path, resume: bool):
@@ -57,8 +59,13 @@ def build(config: cfg.TrainConfig, run_dir: Path, resume: bool):
     if not resume:
         venv = make_env(config, config.seed)
         model = make_agent(
-            config.algorithm, venv, perceiver=config.perceiver, policy_kwargs=config.policy,
-            device=str(device), seed=config.seed, **config.algo,
+            config.algorithm,
+            venv,
+            perceiver=config.perceiver,
+            policy_kwargs=config.policy,
+            device=str(device),
+            seed=config.seed,
+            **config.algo,
         )
         return model, venv, 0
     checkpoint = latest_checkpoint(run_dir)
@@ -79,11 +86,20 @@ def run(config: cfg.TrainConfig, run_dir: Path, resume: bool = False) -> dict:
     model.set_logger(make_logger(run_dir, purge_step=start_step if resume else None))
     env_kwargs = config.env_kwargs()
     evaluator = EvalCallback(
-        config.eval_freq, config.task, env_kwargs, config.eval_episodes, run_dir, config.action_repeat,
-        config.eval_video, seed=10_000 + config.seed,
+        config.eval_freq,
+        config.task,
+        env_kwargs,
+        config.eval_episodes,
+        run_dir,
+        config.action_repeat,
+        config.eval_video,
+        seed=10_000 + config.seed,
     )
     checkpoints = CheckpointCallback(
-        config.checkpoint_freq, run_dir / "checkpoints", config.keep_checkpoints, config.checkpoint_replay_buffer
+        config.checkpoint_freq,
+        run_dir / "checkpoints",
+        config.keep_checkpoints,
+        config.checkpoint_replay_buffer,
     )
     callbacks = [FramesCallback(config.action_repeat), evaluator, checkpoints]
     if config.perceiver_log_freq > 0:
@@ -96,7 +112,12 @@ def run(config: cfg.TrainConfig, run_dir: Path, resume: bool = False) -> dict:
     started = time.perf_counter()
     try:
         if remaining > 0:
-            model.learn(remaining, callback=CallbackList(callbacks), reset_num_timesteps=not resume, progress_bar=False)
+            model.learn(
+                remaining,
+                callback=CallbackList(callbacks),
+                reset_num_timesteps=not resume,
+                progress_bar=False,
+            )
         evaluator.init_callback(model)
         final = evaluator.evaluate_now()
         checkpoints.init_callback(model)
@@ -107,7 +128,9 @@ def run(config: cfg.TrainConfig, run_dir: Path, resume: bool = False) -> dict:
     return finish(config, run_dir, model, evaluator, final, seconds, remaining)
 
 
-def finish(config, run_dir: Path, model, evaluator: EvalCallback, final: dict, seconds: float, trained: int) -> dict:
+def finish(
+    config, run_dir: Path, model, evaluator: EvalCallback, final: dict, seconds: float, trained: int
+) -> dict:
     eval_dir = run_dir / "eval"
     eval_dir.mkdir(exist_ok=True)
     with open(eval_dir / "history.csv", "a", newline="") as handle:
@@ -120,17 +143,30 @@ def finish(config, run_dir: Path, model, evaluator: EvalCallback, final: dict, s
     if config.eval_video:
         from experiments.evaluation import evaluate_policy
 
-        result = evaluate_policy(model, config.task, config.env_kwargs(), 1, seed=10_000 + config.seed, video=True)
+        result = evaluate_policy(
+            model, config.task, config.env_kwargs(), 1, seed=10_000 + config.seed, video=True
+        )
         video_path = write_mp4(eval_dir / f"final_step_{model.num_timesteps}.mp4", result.frames)
     tb = tensorboard_writer(model.logger)
     if tb is not None:
         hparams = {
-            "task": config.task, "algorithm": config.algorithm, "seed": config.seed,
-            "modalities": ",".join(config.modalities), "total_steps": config.total_steps,
-            **{f"perceiver.{k}": v for k, v in config.perceiver.items() if isinstance(v, (int, float, str, bool))},
+            "task": config.task,
+            "algorithm": config.algorithm,
+            "seed": config.seed,
+            "modalities": ",".join(config.modalities),
+            "total_steps": config.total_steps,
+            **{
+                f"perceiver.{k}": v
+                for k, v in config.perceiver.items()
+                if isinstance(v, (int, float, str, bool))
+            },
         }
-        tb.add_hparams(hparams, {"hparams/final_eval_return": final["return_mean"]}, run_name=".",
-                       global_step=model.num_timesteps)
+        tb.add_hparams(
+            hparams,
+            {"hparams/final_eval_return": final["return_mean"]},
+            run_name=".",
+            global_step=model.num_timesteps,
+        )
     model.logger.close()
     first = evaluator.history[0][1] if evaluator.history else final["return_mean"]
     fps = trained / seconds if trained > 0 else 0.0
@@ -152,7 +188,9 @@ def finish(config, run_dir: Path, model, evaluator: EvalCallback, final: dict, s
 def main(argv: list[str] | None = None) -> int:
     parser = cfg.build_parser(__doc__.splitlines()[0])
     parser.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue this run from its latest checkpoint (with --total-steps: new budget)"
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue this run from its latest checkpoint (with --total-steps: new budget)",
     )
     args = parser.parse_args(argv)
     try:
@@ -169,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
             config = cfg.resolve(args)
             run_dir = Path(config.run_dir) / (config.run_name or default_run_name(config))
             if (run_dir / "config.yaml").exists():
-                raise ValueError(f"run directory {str(run_dir)!r} already exists; use --resume {run_dir} to continue")
+                raise ValueError(
+                    f"run directory {str(run_dir)!r} already exists; use --resume {run_dir} to continue"
+                )
             run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(config, run_dir / "config.yaml")
             run(config, run_dir)

@@ -27,7 +27,10 @@ class DropPath(nn.Module):
 class MLP(nn.Sequential):
     def __init__(self, dim: int, widening_factor: int, dropout: float):
         super().__init__(
-            nn.Linear(dim, widening_factor * dim), nn.GELU(), nn.Linear(widening_factor * dim, dim), nn.Dropout(dropout)
+            nn.Linear(dim, widening_factor * dim),
+            nn.GELU(),
+            nn.Linear(widening_factor * dim, dim),
+            nn.Dropout(dropout),
         )
 
 
@@ -46,7 +49,15 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 class SelfAttentionLayer(nn.Module):
     """x + DropPath(Attn(LN(x))); x + DropPath(MLP(LN(x)))  on the latents (B, M, D)."""
 
-    def __init__(self, dim: int, heads: int, widening_factor: int, dropout: float, attn_dropout: float, drop_path: float):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        widening_factor: int,
+        dropout: float,
+        attn_dropout: float,
+        drop_path: float,
+    ):
         super().__init__()
         self.heads, self.attn_dropout = heads, attn_dropout
         self.attn_norm = nn.LayerNorm(dim)
@@ -59,7 +70,9 @@ class SelfAttentionLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = (split_heads(t, self.heads) for t in self.qkv(self.attn_norm(x)).chunk(3, dim=-1))
-        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0)
+        attended = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attn_dropout if self.training else 0.0
+        )
         x = x + self.drop_path(self.dropout(self.out(merge_heads(attended))))
         return x + self.drop_path(self.mlp(self.mlp_norm(x)))
 
@@ -81,6 +94,8 @@ class QueryCrossAttention(nn.Module):
     def forward(self, queries: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         q = split_heads(self.q(self.query_norm(queries)), self.heads)
         k, v = (split_heads(t, self.heads) for t in self.kv(self.latent_norm(latents)).chunk(2, dim=-1))
-        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0)
+        attended = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attn_dropout if self.training else 0.0
+        )
         x = queries + self.out(merge_heads(attended))
         return x + self.mlp(self.mlp_norm(x))

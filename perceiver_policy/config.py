@@ -48,8 +48,9 @@ class PerceiverConfig:
     """Fourier frequency bands per position axis, linearly spaced from 1 to resolution / 2 (as Perceiver IO)."""
     use_position_features: bool = True
     """Concatenate Fourier position features to token contents; off makes the model permutation-invariant."""
-    patch_size: int = 8
-    """Pixel patch side (the image modality's token stride); must divide the image size."""
+    patch_size: int = 12
+    """Pixel patch side (the image modality's token stride); must divide the image size (84 px: 12 -> 7x7 patches;
+    64 px: use 8)."""
     proprio_tokens: str = "sensor"
     """'sensor': one token per sensor of the env's layout; 'chunk': one token per `proprio_chunk` values."""
     proprio_chunk: int = 4
@@ -106,7 +107,9 @@ class PerceiverConfig:
         if not self.init_std > 0:
             raise ValueError(f"PerceiverConfig.init_std must be > 0, got {self.init_std!r}")
         if not isinstance(self.modality_overrides, dict):
-            raise ValueError(f"PerceiverConfig.modality_overrides must be a dict, got {self.modality_overrides!r}")
+            raise ValueError(
+                f"PerceiverConfig.modality_overrides must be a dict, got {self.modality_overrides!r}"
+            )
 
     @classmethod
     def from_dict(cls, values: dict) -> PerceiverConfig:

@@ -60,7 +60,12 @@ class GatedCrossAttention(nn.Module):
         load_state_dict) so any parameter change, a dtype/device move or train() invalidates it."""
         cacheable = not self.training and not torch.is_grad_enabled()
         if cacheable:
-            key = (with_extras, latents.device, latents.dtype, *((id(t), t._version) for t in self._query_sources(latents)))
+            key = (
+                with_extras,
+                latents.device,
+                latents.dtype,
+                *((id(t), t._version) for t in self._query_sources(latents)),
+            )
             if self._query_cache is not None and self._query_cache[0] == key:
                 return self._query_cache[1]
         with torch.autocast(latents.device.type, enabled=False):
@@ -113,7 +118,9 @@ class GatedCrossAttention(nn.Module):
         x = latents.unsqueeze(0) + self.dropout(self.out(merge_heads(attended)))  # (B, M, D)
         return x + self.mlp(self.mlp_norm(x)), weights
 
-    def _key_extras(self, k: torch.Tensor, modality_index: torch.Tensor, absent: torch.Tensor | None) -> torch.Tensor:
+    def _key_extras(
+        self, k: torch.Tensor, modality_index: torch.Tensor, absent: torch.Tensor | None
+    ) -> torch.Tensor:
         batch, heads, length, _ = k.shape
         onehot = F.one_hot(modality_index, self.extra_dim).to(k.dtype)  # (N, E_extra)
         extras = onehot.expand(batch, heads, length, self.extra_dim)

@@ -16,7 +16,9 @@ def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in seen.values())
 
 
-def count_flops(observation_space: spaces.Dict, config: PerceiverConfig, num_queries: int = 2) -> dict[str, float]:
+def count_flops(
+    observation_space: spaces.Dict, config: PerceiverConfig, num_queries: int = 2
+) -> dict[str, float]:
     """Forward FLOPs per sample (2 x multiply-adds), by stage. Cross-attention is O(M * N * D)."""
     specs = build_specs(observation_space, config)
     dim, latents = config.latent_dim, config.num_latents
@@ -27,7 +29,9 @@ def count_flops(observation_space: spaces.Dict, config: PerceiverConfig, num_que
     )
     hidden = config.widening_factor * dim
     # queries (cacheable at inference), keys+values, logits, weighted sum, output projection, MLP
-    cross = 2 * (latents * dim * dim + 2 * tokens * dim * dim + 2 * latents * tokens * dim + latents * dim * dim)
+    cross = 2 * (
+        latents * dim * dim + 2 * tokens * dim * dim + 2 * latents * tokens * dim + latents * dim * dim
+    )
     cross += 2 * 2 * latents * dim * hidden
     per_layer = 2 * (4 * latents * dim * dim + 2 * latents * latents * dim + 2 * latents * dim * hidden)
     self_attn = per_layer * config.self_attn_layers * config.self_attn_repeats
@@ -48,10 +52,7 @@ def modality_balance(capture: dict) -> dict[str, float]:
     weights = capture["weights"]  # (B, H, M, N)
     index = capture["modality_index"]
     per_token = weights.float().mean(dim=(0, 1, 2))  # (N,)
-    return {
-        name: float(per_token[index == m].sum())
-        for name, m in zip(capture["names"], capture["present"])
-    }
+    return {name: float(per_token[index == m].sum()) for name, m in zip(capture["names"], capture["present"])}
 
 
 def attention_entropy(capture: dict) -> float:

@@ -97,7 +97,9 @@ def build_specs(observation_space: spaces.Space, config: PerceiverConfig) -> lis
         overrides = dict(config.modality_overrides.get(name, {}))
         kind = overrides.pop("kind", None) or infer_kind(name, space)
         if kind not in ADAPTERS:
-            raise ValueError(f"unknown modality kind {kind!r} for {name!r}; valid choices: {sorted(ADAPTERS)}")
+            raise ValueError(
+                f"unknown modality kind {kind!r} for {name!r}; valid choices: {sorted(ADAPTERS)}"
+            )
         layout = getattr(space, "layout", None)
         if kind == "vector" and layout and config.proprio_tokens == "sensor":
             layout = tuple((sensor, int(a), int(b)) for sensor, (a, b) in layout.items())
@@ -107,8 +109,12 @@ def build_specs(observation_space: spaces.Space, config: PerceiverConfig) -> lis
         fields = {f.name for f in dataclasses.fields(ModalitySpec)} - {"name", "kind", "shape"}
         bad = sorted(set(overrides) - fields)
         if bad:
-            raise ValueError(f"unknown modality override {bad} for {name!r}; valid keys: {sorted(fields | {'kind'})}")
-        spec = ModalitySpec(name, kind, tuple(space.shape), **{"stride": stride, "layout": layout, **overrides})
+            raise ValueError(
+                f"unknown modality override {bad} for {name!r}; valid keys: {sorted(fields | {'kind'})}"
+            )
+        spec = ModalitySpec(
+            name, kind, tuple(space.shape), **{"stride": stride, "layout": layout, **overrides}
+        )
         _validate_spec(spec)
         specs.append(spec)
     return specs
@@ -166,9 +172,11 @@ class VectorAdapter(ModalityAdapter):
     def __init__(self, spec: ModalitySpec, config: PerceiverConfig):
         super().__init__(spec, config)
         dim, width = spec.shape[0], spec.token_dim
-        groups = [(a, b) for _, a, b in spec.layout] if spec.layout else [
-            (a, min(a + width, dim)) for a in range(0, dim, width)
-        ]
+        groups = (
+            [(a, b) for _, a, b in spec.layout]
+            if spec.layout
+            else [(a, min(a + width, dim)) for a in range(0, dim, width)]
+        )
         # Gather indices into the vector padded with one zero at index `dim`: (N, width)
         index = torch.full((len(groups), width), dim, dtype=torch.long)
         for token, (start, stop) in enumerate(groups):

@@ -1,7 +1,7 @@
 """Perceiver IO: modality adapters -> gated cross-attention into latents -> latent self-attention -> output queries.
 
-    obs (Dict) --adapters--> tokens (B, N, D) --cross-attn--> latents (B, M, D) --self-attn x L--> latents
-    queries (B, Q, D) --cross-attn over latents--> outputs (B, Q, D) --heads--> logits / Gaussian / values / Q
+obs (Dict) --adapters--> tokens (B, N, D) --cross-attn--> latents (B, M, D) --self-attn x L--> latents
+queries (B, Q, D) --cross-attn over latents--> outputs (B, Q, D) --heads--> logits / Gaussian / values / Q
 """
 
 from __future__ import annotations
@@ -64,7 +64,12 @@ class PerceiverEncoder(nn.Module):
         rates = torch.linspace(0, config.drop_path, max(depth, 1)).tolist()
         self.self_attention = nn.ModuleList(
             SelfAttentionLayer(
-                dim, config.self_attn_heads, config.widening_factor, config.dropout, config.attn_dropout, rates[i]
+                dim,
+                config.self_attn_heads,
+                config.widening_factor,
+                config.dropout,
+                config.attn_dropout,
+                rates[i],
             )
             for i in range(depth)
         )
@@ -82,7 +87,9 @@ class PerceiverEncoder(nn.Module):
         return {spec.name: spec.num_tokens for spec in self.specs}
 
     def _layer_sequence(self) -> list[nn.Module]:
-        if self.config.share_repeat_weights:  # the same modules applied `repeats` times: no duplicated parameters
+        if (
+            self.config.share_repeat_weights
+        ):  # the same modules applied `repeats` times: no duplicated parameters
             return list(self.self_attention) * self.config.self_attn_repeats
         return list(self.self_attention)
 
@@ -90,10 +97,14 @@ class PerceiverEncoder(nn.Module):
         key = (present, device)
         if key not in self._modality_index_cache:
             counts = torch.tensor([self.specs[m].num_tokens for m in present])
-            self._modality_index_cache[key] = torch.repeat_interleave(torch.tensor(present), counts).to(device)
+            self._modality_index_cache[key] = torch.repeat_interleave(torch.tensor(present), counts).to(
+                device
+            )
         return self._modality_index_cache[key]  # (N,) long
 
-    def _absent_flags(self, present: tuple[int, ...], batch: int, absent: Mapping | None, device) -> torch.Tensor | None:
+    def _absent_flags(
+        self, present: tuple[int, ...], batch: int, absent: Mapping | None, device
+    ) -> torch.Tensor | None:
         """(B, n_present) bool of modalities absent per sample, or None when every sample has all of them."""
         flags = None
         if absent:
@@ -103,7 +114,9 @@ class PerceiverEncoder(nn.Module):
             flags = torch.zeros(batch, len(present), dtype=torch.bool, device=device)
             for column, m in enumerate(present):
                 if self.names[m] in absent:
-                    flags[:, column] = torch.as_tensor(absent[self.names[m]], device=device).bool().reshape(batch)
+                    flags[:, column] = (
+                        torch.as_tensor(absent[self.names[m]], device=device).bool().reshape(batch)
+                    )
             if bool(flags.all(dim=1).any()):
                 raise ValueError("every modality is absent for some sample; at least one must be present")
         if self.training and self.config.modality_dropout > 0 and len(present) > 1:
@@ -115,7 +128,9 @@ class PerceiverEncoder(nn.Module):
             flags[flags.all(dim=1), 0] = False
         return flags
 
-    def forward(self, obs: Mapping[str, torch.Tensor], absent: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self, obs: Mapping[str, torch.Tensor], absent: Mapping[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """obs: {name: (B, ...)} -> latents (B, M, D) float32."""
         present = tuple(i for i, n in enumerate(self.names) if n in obs and n not in self.disabled_modalities)
         if not present:
@@ -126,7 +141,9 @@ class PerceiverEncoder(nn.Module):
         batch = obs[self.names[present[0]]].shape[0]
         device = self.latents.device
         with autocast_context(self.config, device):
-            tokens = [self.adapters[self.names[m]](obs[self.names[m]]) + self.modality_embedding[m] for m in present]
+            tokens = [
+                self.adapters[self.names[m]](obs[self.names[m]]) + self.modality_embedding[m] for m in present
+            ]
             tokens = torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]  # (B, N, D)
             modality_index = self._modality_index(present, device)
             flags = self._absent_flags(present, batch, absent, device)
@@ -188,7 +205,11 @@ class PerceiverDecoder(nn.Module):
         super().__init__()
         self.config = config
         self.attend = QueryCrossAttention(
-            config.latent_dim, config.decoder_heads, config.widening_factor, config.dropout, config.attn_dropout
+            config.latent_dim,
+            config.decoder_heads,
+            config.widening_factor,
+            config.dropout,
+            config.attn_dropout,
         )
         self.norm = nn.LayerNorm(config.latent_dim)
         init_weights(self, config.init_std)

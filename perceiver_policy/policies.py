@@ -102,10 +102,17 @@ class PerceiverActorCriticPolicy(ActorCriticPolicy):
                 f"PerceiverActorCriticPolicy supports Box and Discrete action spaces, got {action_space}"
             )
         if kwargs.get("use_sde"):
-            raise ValueError("use_sde=True is not supported by the Perceiver policy; use log_std_mode='state'")
+            raise ValueError(
+                "use_sde=True is not supported by the Perceiver policy; use log_std_mode='state'"
+            )
         self.perceiver_config = as_config(perceiver)
         self.log_std_mode = log_std_mode
-        for ignored in ("features_extractor_class", "features_extractor_kwargs", "net_arch", "normalize_images"):
+        for ignored in (
+            "features_extractor_class",
+            "features_extractor_kwargs",
+            "net_arch",
+            "normalize_images",
+        ):
             kwargs.pop(ignored, None)  # present when SB3 reloads a saved model; the Perceiver defines them
         super().__init__(
             observation_space,
@@ -133,7 +140,9 @@ class PerceiverActorCriticPolicy(ActorCriticPolicy):
                 # No `log_std` attribute then: SB3's PPO logs train/std only when the policy has one.
                 self.action_net = nn.Linear(dim, 2 * int(np.prod(self.action_space.shape)))
             else:
-                self.action_net, self.log_std = self.action_dist.proba_distribution_net(dim, self.log_std_init)
+                self.action_net, self.log_std = self.action_dist.proba_distribution_net(
+                    dim, self.log_std_init
+                )
         elif isinstance(self.action_dist, CategoricalDistribution):
             self.action_net = self.action_dist.proba_distribution_net(latent_dim=dim)
         else:

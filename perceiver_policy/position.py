@@ -24,7 +24,9 @@ def fourier_features(positions: torch.Tensor, resolutions: tuple[int, ...], num_
     up to its Nyquist frequency r/2 (at least 1). positions: (N, A) in [-1, 1] -> (N, A * (2 * num_bands + 1)).
     """
     if positions.shape[-1] != len(resolutions):
-        raise ValueError(f"positions have {positions.shape[-1]} axes but {len(resolutions)} resolutions were given")
+        raise ValueError(
+            f"positions have {positions.shape[-1]} axes but {len(resolutions)} resolutions were given"
+        )
     features = [positions]
     if num_bands > 0:
         for axis, resolution in enumerate(resolutions):

@@ -50,7 +50,9 @@ class PerceiverSACActor(nn.Module):
 class PerceiverSACCritic(nn.Module):
     """Twin (n_critics) Q-functions from action-conditioned queries over the latents."""
 
-    def __init__(self, encoder: PerceiverEncoder | None, config: PerceiverConfig, action_dim: int, n_critics: int):
+    def __init__(
+        self, encoder: PerceiverEncoder | None, config: PerceiverConfig, action_dim: int, n_critics: int
+    ):
         super().__init__()
         self._encoder = (encoder,)
         self.n_critics = n_critics
@@ -88,7 +90,12 @@ class PerceiverSACPolicy(BasePolicy):
             raise ValueError(f"PerceiverSACPolicy needs a Box action space, got {action_space}")
         if use_sde:
             raise ValueError("use_sde=True is not supported by PerceiverSACPolicy")
-        for ignored in ("normalize_images", "features_extractor_class", "features_extractor_kwargs", "squash_output"):
+        for ignored in (
+            "normalize_images",
+            "features_extractor_class",
+            "features_extractor_kwargs",
+            "squash_output",
+        ):
             kwargs.pop(ignored, None)
         if kwargs:
             raise ValueError(f"unknown PerceiverSACPolicy arguments {sorted(kwargs)}")

@@ -8,7 +8,10 @@ from agents import DeviceRolloutBuffer, FrameReplayBuffer
 from agents.augment import random_shift
 
 OBS = spaces.Dict(
-    {"pixels": spaces.Box(0, 255, (6, 4, 4), np.uint8), "proprio": spaces.Box(-np.inf, np.inf, (3,), np.float32)}
+    {
+        "pixels": spaces.Box(0, 255, (6, 4, 4), np.uint8),
+        "proprio": spaces.Box(-np.inf, np.inf, (3,), np.float32),
+    }
 )
 ACT = spaces.Box(-1, 1, (2,), np.float32)
 
@@ -32,7 +35,14 @@ def test_device_rollout_buffer_matches_sb3():
         start = rng.random(n_envs) < 0.3
         value = torch.as_tensor(rng.standard_normal((n_envs, 1)).astype(np.float32))
         log_prob = torch.as_tensor(rng.standard_normal(n_envs).astype(np.float32))
-        ours.add({k: torch.as_tensor(v) for k, v in obs.items()}, torch.as_tensor(action), reward, start, value, log_prob)
+        ours.add(
+            {k: torch.as_tensor(v) for k, v in obs.items()},
+            torch.as_tensor(action),
+            reward,
+            start,
+            value,
+            log_prob,
+        )
         theirs.add(obs, action, reward, start, value, log_prob)
     last_values = torch.as_tensor(rng.standard_normal((n_envs, 1)).astype(np.float32))
     dones = rng.random(n_envs) < 0.5
@@ -48,7 +58,9 @@ def test_device_rollout_buffer_matches_sb3():
     key_b = torch.argsort(b.returns)
     torch.testing.assert_close(a.returns[key_a], b.returns[key_b])
     torch.testing.assert_close(a.actions[key_a], b.actions[key_b])
-    torch.testing.assert_close(a.observations["pixels"][key_a].float(), b.observations["pixels"][key_b].float())
+    torch.testing.assert_close(
+        a.observations["pixels"][key_a].float(), b.observations["pixels"][key_b].float()
+    )
     torch.testing.assert_close(a.old_log_prob[key_a], b.old_log_prob[key_b])
     sizes = [len(batch.returns) for batch in ours.get(8)]
     assert sum(sizes) == n_steps * n_envs and max(sizes) == 8
@@ -141,10 +153,14 @@ def test_frame_replay_never_samples_overwritten_frames():
 
 
 def test_frame_replay_memory_is_a_fraction_of_sb3():
-    space = spaces.Dict({"pixels": spaces.Box(0, 255, (9, 84, 84), np.uint8), "proprio": spaces.Box(-1, 1, (5,), np.float32)})
+    space = spaces.Dict(
+        {"pixels": spaces.Box(0, 255, (9, 84, 84), np.uint8), "proprio": spaces.Box(-1, 1, (5,), np.float32)}
+    )
     ours = FrameReplayBuffer(10_000, space, ACT, device="cpu")
     theirs = DictReplayBuffer(10_000, space, ACT, device="cpu")
-    theirs_bytes = sum(a.nbytes for a in theirs.observations.values()) + sum(a.nbytes for a in theirs.next_observations.values())
+    theirs_bytes = sum(a.nbytes for a in theirs.observations.values()) + sum(
+        a.nbytes for a in theirs.next_observations.values()
+    )
     assert ours.nbytes() / theirs_bytes < 0.2
 
 
@@ -153,7 +169,9 @@ def test_frame_replay_rejects_non_stacked_inputs():
     rng = np.random.default_rng(0)
     buffer.add(random_obs(rng, 1), random_obs(rng, 1), np.zeros((1, 2)), np.zeros(1), np.array([False]), [{}])
     with pytest.raises(ValueError, match="shifted by one frame"):
-        buffer.add(random_obs(rng, 1), random_obs(rng, 1), np.zeros((1, 2)), np.zeros(1), np.array([False]), [{}])
+        buffer.add(
+            random_obs(rng, 1), random_obs(rng, 1), np.zeros((1, 2)), np.zeros(1), np.array([False]), [{}]
+        )
     with pytest.raises(ValueError, match="needs a Dict observation space with a 'pixels' key"):
         FrameReplayBuffer(10, spaces.Dict({"proprio": OBS["proprio"]}), ACT, device="cpu")
 

@@ -53,7 +53,9 @@ def test_proprio_layout_matches_dm_control_order():
     env = make("walker-walk", modalities=("proprio",))
     layout = env.unwrapped.proprio_layout
     assert list(layout) == ["orientations", "height", "velocity"]
-    assert layout["orientations"] == (0, 14) and layout["height"] == (14, 15) and layout["velocity"] == (15, 24)
+    assert (
+        layout["orientations"] == (0, 14) and layout["height"] == (14, 15) and layout["velocity"] == (15, 24)
+    )
     assert env.observation_space["proprio"].layout == layout
     obs, _ = env.reset(seed=3)
     physics = env.unwrapped.physics

@@ -15,22 +15,46 @@ from experiments.checkpoint import list_checkpoints, read_meta
 pytestmark = pytest.mark.slow
 
 TINY = [
-    "--image-size", "32", "--n-envs", "2", "--eval-episodes", "1", "--action-repeat", "8",
-    "--perceiver", "num_latents=8", "latent_dim=32", "fourier_bands=4",
+    "--image-size",
+    "32",
+    "--n-envs",
+    "2",
+    "--eval-episodes",
+    "1",
+    "--action-repeat",
+    "8",
+    "--perceiver",
+    "num_latents=8",
+    "latent_dim=32",
+    "fourier_bands=4",
+    "patch_size=8",
 ]
 REQUIRED_TAGS = {
-    "eval/return_mean", "eval/return_std", "charts/frames", "perf/latency_p50_ms", "perf/latency_p95_ms",
-    "perf/cross_attn_gflops", "perf/memory_mb", "perf/steps_per_sec", "perceiver/attention_entropy",
-    "perceiver/modality_balance/pixels", "perceiver/gate/proprio", "perceiver/fourier_drift/pixels",
+    "eval/return_mean",
+    "eval/return_std",
+    "charts/frames",
+    "perf/latency_p50_ms",
+    "perf/latency_p95_ms",
+    "perf/cross_attn_gflops",
+    "perf/memory_mb",
+    "perf/steps_per_sec",
+    "perceiver/attention_entropy",
+    "perceiver/modality_balance/pixels",
+    "perceiver/gate/proprio",
+    "perceiver/fourier_drift/pixels",
     "hparams/final_eval_return",
 }
 
 
 def cli(*args, check=True, timeout=300, **kwargs):
     env = {**os.environ, "MUJOCO_GL": "egl", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
+    result = subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, env=env, **kwargs
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        raise AssertionError(
+            f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
     return result
 
 
@@ -42,11 +66,31 @@ def tags(run_dir: Path) -> dict:
 
 @pytest.mark.parametrize("algorithm", ["ppo", "a2c", "sac"])
 def test_train_creates_run_directory_events_and_checkpoint(tmp_path, algorithm):
-    extra = ["--algo", "learning_starts=32", "batch_size=16"] if algorithm == "sac" else ["--algo", "n_steps=32"]
+    extra = (
+        ["--algo", "learning_starts=32", "batch_size=16"] if algorithm == "sac" else ["--algo", "n_steps=32"]
+    )
     cli(
-        "experiments.train", "--algorithm", algorithm, "--task", "cartpole-balance", *TINY, *extra,
-        "--total-steps", "128", "--eval-freq", "64", "--checkpoint-freq", "64", "--perceiver-log-freq", "32",
-        "--run-dir", str(tmp_path), "--run-name", "run", "--progress-bar", "false",
+        "experiments.train",
+        "--algorithm",
+        algorithm,
+        "--task",
+        "cartpole-balance",
+        *TINY,
+        *extra,
+        "--total-steps",
+        "128",
+        "--eval-freq",
+        "64",
+        "--checkpoint-freq",
+        "64",
+        "--perceiver-log-freq",
+        "32",
+        "--run-dir",
+        str(tmp_path),
+        "--run-name",
+        "run",
+        "--progress-bar",
+        "false",
     )
     run_dir = tmp_path / "run"
     assert (run_dir / "config.yaml").exists()
@@ -65,12 +109,34 @@ def test_train_creates_run_directory_events_and_checkpoint(tmp_path, algorithm):
 def test_sigkill_then_resume_continues_from_the_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     args = [
-        "experiments.train", "--task", "cartpole-balance", *TINY, "--algo", "n_steps=16", "batch_size=32",
-        "--total-steps", "100000", "--eval-freq", "64", "--checkpoint-freq", "64", "--eval-video", "false",
-        "--perceiver-log-freq", "0", "--run-dir", str(tmp_path), "--run-name", "run", "--progress-bar", "false",
+        "experiments.train",
+        "--task",
+        "cartpole-balance",
+        *TINY,
+        "--algo",
+        "n_steps=16",
+        "batch_size=32",
+        "--total-steps",
+        "100000",
+        "--eval-freq",
+        "64",
+        "--checkpoint-freq",
+        "64",
+        "--eval-video",
+        "false",
+        "--perceiver-log-freq",
+        "0",
+        "--run-dir",
+        str(tmp_path),
+        "--run-name",
+        "run",
+        "--progress-bar",
+        "false",
     ]
     env = {**os.environ, "MUJOCO_GL": "egl"}
-    process = subprocess.Popen([sys.executable, "-m", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-m", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 240
     while time.time() < deadline and len(list_checkpoints(run_dir / "checkpoints")) < 2:
         time.sleep(0.2)
@@ -95,21 +161,49 @@ def test_sigkill_then_resume_continues_from_the_checkpoint(tmp_path):
 def trained_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     cli(
-        "experiments.train", "--task", "cartpole-balance", *TINY, "--algo", "n_steps=16", "batch_size=32",
-        "--total-steps", "64", "--eval-freq", "32", "--checkpoint-freq", "32", "--eval-video", "false",
-        "--run-dir", str(root), "--run-name", "run", "--progress-bar", "false",
+        "experiments.train",
+        "--task",
+        "cartpole-balance",
+        *TINY,
+        "--algo",
+        "n_steps=16",
+        "batch_size=32",
+        "--total-steps",
+        "64",
+        "--eval-freq",
+        "32",
+        "--checkpoint-freq",
+        "32",
+        "--eval-video",
+        "false",
+        "--run-dir",
+        str(root),
+        "--run-name",
+        "run",
+        "--progress-bar",
+        "false",
     )
     return root / "run"
 
 
 def test_evaluate_writes_table_and_video(trained_run, tmp_path):
-    result = cli("experiments.evaluate", str(trained_run), "--episodes", "2", "--video", "--output", str(tmp_path))
+    result = cli(
+        "experiments.evaluate", str(trained_run), "--episodes", "2", "--video", "--output", str(tmp_path)
+    )
     assert "| cartpole-balance | - | 2 |" in result.stdout
     assert (tmp_path / "eval.csv").read_text().startswith("task,missing,episodes,return_mean")
     assert "latency p50" in (tmp_path / "eval.md").read_text()
     assert (tmp_path / "cartpole-balance.mp4").stat().st_size > 1000
-    missing = cli("experiments.evaluate", str(trained_run), "--episodes", "1", "--missing-modality", "pixels",
-                  "--output", str(tmp_path / "nopix"))
+    missing = cli(
+        "experiments.evaluate",
+        str(trained_run),
+        "--episodes",
+        "1",
+        "--missing-modality",
+        "pixels",
+        "--output",
+        str(tmp_path / "nopix"),
+    )
     assert "| cartpole-balance | pixels | 1 |" in missing.stdout
 
 
@@ -124,8 +218,14 @@ def test_plot_writes_png(trained_run, tmp_path):
     [
         (["experiments.train", "--preset", "nope"], "unknown preset 'nope'; valid choices: ["),
         (["experiments.train", "--task", "cheetah-fly"], "unknown task 'cheetah-fly'; valid choices: ["),
-        (["experiments.train", "--algorithm", "dqn"], "unknown algorithm 'dqn'; valid choices: ['ppo', 'a2c', 'sac']"),
-        (["experiments.train", "--modalities", "pixels", "lidar"], "unknown modalities ['lidar']; valid choices"),
+        (
+            ["experiments.train", "--algorithm", "dqn"],
+            "unknown algorithm 'dqn'; valid choices: ['ppo', 'a2c', 'sac']",
+        ),
+        (
+            ["experiments.train", "--modalities", "pixels", "lidar"],
+            "unknown modalities ['lidar']; valid choices",
+        ),
         (["experiments.train", "--perceiver", "latents=3"], "unknown PerceiverConfig fields ['latents']"),
         (["experiments.train", "--resume", "/nonexistent/run"], "run directory '/nonexistent/run' not found"),
         (["experiments.evaluate", "/nonexistent/run"], "'/nonexistent/run' not found"),
@@ -154,10 +254,31 @@ def test_corrupt_checkpoint_is_a_one_line_error(trained_run, tmp_path):
 
 def test_curriculum_adds_modalities_at_the_given_step(tmp_path):
     cli(
-        "experiments.train", "--task", "cartpole-balance", *TINY, "--algo", "n_steps=16", "batch_size=32",
-        "--total-steps", "128", "--eval-freq", "1000", "--checkpoint-freq", "1000", "--eval-video", "false",
-        "--perceiver-log-freq", "0", "--run-dir", str(tmp_path), "--run-name", "cur", "--progress-bar", "false",
-        "--curriculum", "[{step: 0, modalities: [proprio, action_history]}, {step: 64, modalities: [pixels, proprio, action_history]}]",
+        "experiments.train",
+        "--task",
+        "cartpole-balance",
+        *TINY,
+        "--algo",
+        "n_steps=16",
+        "batch_size=32",
+        "--total-steps",
+        "128",
+        "--eval-freq",
+        "1000",
+        "--checkpoint-freq",
+        "1000",
+        "--eval-video",
+        "false",
+        "--perceiver-log-freq",
+        "0",
+        "--run-dir",
+        str(tmp_path),
+        "--run-name",
+        "cur",
+        "--progress-bar",
+        "false",
+        "--curriculum",
+        "[{step: 0, modalities: [proprio, action_history]}, {step: 64, modalities: [pixels, proprio, action_history]}]",
     )
     pixels = [(e.step, e.value) for e in tags(tmp_path / "cur").Scalars("curriculum/pixels")]
     assert pixels[0][1] == 0.0 and pixels[-1][1] == 1.0 and pixels[-1][0] >= 64

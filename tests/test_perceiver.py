@@ -63,7 +63,9 @@ def test_permutation_invariance_within_a_modality_without_positions(dict_space, 
         perm = torch.randperm(4)
         permuted["pixels"] = x[:, :, :, perm].reshape(2, 9, 32, 32)
     elif key == "proprio":  # swap the two sensors' values: same-size chunks under 'chunk' tokens
-        encoder = PerceiverEncoder(space, small(use_position_features=False, proprio_tokens="chunk", proprio_chunk=1)).eval()
+        encoder = PerceiverEncoder(
+            space, small(use_position_features=False, proprio_tokens="chunk", proprio_chunk=1)
+        ).eval()
         permuted["proprio"] = obs["proprio"][:, torch.randperm(7)]
     else:
         permuted["action_history"] = obs["action_history"][:, torch.randperm(4)]
@@ -197,7 +199,9 @@ def test_gradients_reach_every_parameter(dict_space):
 
 def test_weight_sharing_does_not_duplicate_parameters(dict_space):
     shared = PerceiverEncoder(dict_space, small(self_attn_layers=2, self_attn_repeats=3))
-    unshared = PerceiverEncoder(dict_space, small(self_attn_layers=2, self_attn_repeats=3, share_repeat_weights=False))
+    unshared = PerceiverEncoder(
+        dict_space, small(self_attn_layers=2, self_attn_repeats=3, share_repeat_weights=False)
+    )
     assert len(shared.self_attention) == 2 and len(shared._layer_sequence()) == 6
     assert len(unshared.self_attention) == 6
     per_layer = count_parameters(unshared.self_attention[0])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from gymnasium import spaces
-from stable_baselines3 import A2C, PPO, SAC
+from stable_baselines3 import A2C, PPO
 
 import agents
 import envs
@@ -15,18 +15,26 @@ TINY = {"num_latents": 8, "latent_dim": 32, "patch_size": 8, "fourier_bands": 4}
 
 
 def pixel_env(n_envs=2, **kwargs):
-    return envs.make_vec_env("cartpole-balance", n_envs=n_envs, seed=0, image_size=32, action_repeat=4, **kwargs)
+    return envs.make_vec_env(
+        "cartpole-balance", n_envs=n_envs, seed=0, image_size=32, action_repeat=4, **kwargs
+    )
 
 
 def state_env(n_envs=2):
-    return envs.make_vec_env("cartpole-balance", n_envs=n_envs, seed=0, modalities=("proprio", "action_history"))
+    return envs.make_vec_env(
+        "cartpole-balance", n_envs=n_envs, seed=0, modalities=("proprio", "action_history")
+    )
 
 
 @pytest.mark.parametrize("make_env", [pixel_env, state_env], ids=["pixels", "states"])
 @pytest.mark.parametrize("algorithm", ["ppo", "a2c", "sac"])
 def test_learn_a_few_hundred_steps(make_env, algorithm):
     venv = make_env()
-    extra = {"learning_starts": 64, "batch_size": 32, "buffer_size": 2000} if algorithm == "sac" else {"n_steps": 32}
+    extra = (
+        {"learning_starts": 64, "batch_size": 32, "buffer_size": 2000}
+        if algorithm == "sac"
+        else {"n_steps": 32}
+    )
     model = agents.make_agent(algorithm, venv, perceiver=TINY, device="cpu", seed=0, **extra)
     before = [p.detach().clone() for p in model.policy.parameters()]
     model.learn(256)
@@ -39,7 +47,9 @@ def test_learn_a_few_hundred_steps(make_env, algorithm):
 @pytest.mark.parametrize("algo_cls", [PPO, A2C, agents.PerceiverPPO])
 def test_sb3_algorithms_unchanged_and_save_load_round_trip(tmp_path, algo_cls):
     venv = pixel_env()
-    model = algo_cls(PerceiverActorCriticPolicy, venv, n_steps=16, device="cpu", policy_kwargs={"perceiver": TINY})
+    model = algo_cls(
+        PerceiverActorCriticPolicy, venv, n_steps=16, device="cpu", policy_kwargs={"perceiver": TINY}
+    )
     if algo_cls is PPO:
         model.batch_size = 32
     model.learn(64)
@@ -57,7 +67,9 @@ def test_sb3_algorithms_unchanged_and_save_load_round_trip(tmp_path, algo_cls):
 
 def test_sac_save_load_round_trip(tmp_path):
     venv = pixel_env()
-    model = agents.make_agent("sac", venv, perceiver=TINY, device="cpu", learning_starts=32, batch_size=16, buffer_size=500)
+    model = agents.make_agent(
+        "sac", venv, perceiver=TINY, device="cpu", learning_starts=32, batch_size=16, buffer_size=500
+    )
     model.learn(64)
     obs = venv.reset()
     actions, _ = model.predict(obs, deterministic=True)
@@ -75,10 +87,16 @@ def test_policy_importable_by_dotted_path():
 def test_ortho_init_does_not_touch_the_perceiver():
     venv = state_env(1)
     torch.manual_seed(0)
-    a = PPO(PerceiverActorCriticPolicy, venv, device="cpu", policy_kwargs={"perceiver": TINY, "ortho_init": True})
+    a = PPO(
+        PerceiverActorCriticPolicy, venv, device="cpu", policy_kwargs={"perceiver": TINY, "ortho_init": True}
+    )
     torch.manual_seed(0)
-    b = PPO(PerceiverActorCriticPolicy, venv, device="cpu", policy_kwargs={"perceiver": TINY, "ortho_init": False})
-    for (name, pa), pb in zip(a.policy.features_extractor.named_parameters(), b.policy.features_extractor.parameters()):
+    b = PPO(
+        PerceiverActorCriticPolicy, venv, device="cpu", policy_kwargs={"perceiver": TINY, "ortho_init": False}
+    )
+    for (name, pa), pb in zip(
+        a.policy.features_extractor.named_parameters(), b.policy.features_extractor.parameters()
+    ):
         assert torch.equal(pa, pb), name
     # the Perceiver's truncated-normal init: |w| <= 2 std
     weight = a.policy.encoder.cross_attention.kv.weight
@@ -90,7 +108,12 @@ def test_ortho_init_does_not_touch_the_perceiver():
 
 def test_state_dependent_log_std():
     venv = state_env(1)
-    model = PPO(PerceiverActorCriticPolicy, venv, device="cpu", policy_kwargs={"perceiver": TINY, "log_std_mode": "state"})
+    model = PPO(
+        PerceiverActorCriticPolicy,
+        venv,
+        device="cpu",
+        policy_kwargs={"perceiver": TINY, "log_std_mode": "state"},
+    )
     assert not hasattr(model.policy, "log_std")
     obs = model.policy.obs_to_tensor(venv.reset())[0]
     dist = model.policy.get_distribution(obs)
@@ -100,7 +123,12 @@ def test_state_dependent_log_std():
 
 def test_pixels_scaled_once():
     venv = pixel_env(1)
-    model = PPO(PerceiverActorCriticPolicy, venv, device="cpu", policy_kwargs={"perceiver": TINY, "normalize_images": True})
+    model = PPO(
+        PerceiverActorCriticPolicy,
+        venv,
+        device="cpu",
+        policy_kwargs={"perceiver": TINY, "normalize_images": True},
+    )
     assert model.policy.normalize_images is False  # the image adapter scales; SB3 must not scale again
     obs = model.policy.obs_to_tensor(venv.reset())[0]
     assert obs["pixels"].dtype == torch.uint8
@@ -110,7 +138,9 @@ def test_pixels_scaled_once():
 class Chain(gym.Env):
     """A small Discrete-action env with a Dict observation: move right to get reward."""
 
-    observation_space = spaces.Dict({"position": spaces.Box(0, 1, (1,), np.float32), "history": spaces.Box(0, 1, (3, 2), np.float32)})
+    observation_space = spaces.Dict(
+        {"position": spaces.Box(0, 1, (1,), np.float32), "history": spaces.Box(0, 1, (3, 2), np.float32)}
+    )
     action_space = spaces.Discrete(2)
 
     def reset(self, *, seed=None, options=None):
@@ -137,7 +167,11 @@ def test_discrete_actions_work():
     "obs_space,act_space,match",
     [
         (spaces.Box(-1, 1, (3,)), spaces.Box(-1, 1, (1,)), "needs a gymnasium Dict observation space"),
-        (Chain.observation_space, spaces.MultiBinary(3), "supports Box and Discrete action spaces, got MultiBinary"),
+        (
+            Chain.observation_space,
+            spaces.MultiBinary(3),
+            "supports Box and Discrete action spaces, got MultiBinary",
+        ),
     ],
 )
 def test_unsupported_spaces_name_the_space(obs_space, act_space, match):
@@ -164,7 +198,9 @@ def test_factory_errors():
 
 def test_sac_critic_trains_encoder_and_actor_sees_detached_latents():
     venv = pixel_env()
-    model = agents.make_agent("sac", venv, perceiver=TINY, device="cpu", learning_starts=32, batch_size=16, buffer_size=500)
+    model = agents.make_agent(
+        "sac", venv, perceiver=TINY, device="cpu", learning_starts=32, batch_size=16, buffer_size=500
+    )
     model.learn(40)  # fill a little
     policy = model.policy
     encoder_ids = {id(p) for p in policy.encoder.parameters()}
@@ -194,7 +230,9 @@ def test_gpu_rollouts_bf16_and_device_buffers():
     model.learn(64)
     assert model.rollout_buffer.observations["pixels"].device.type == "cuda"
     assert model.rollout_buffer.observations["pixels"].dtype == torch.uint8
-    sac = agents.make_agent("sac", venv, perceiver=TINY, device="cuda", learning_starts=16, batch_size=8, buffer_size=200)
+    sac = agents.make_agent(
+        "sac", venv, perceiver=TINY, device="cuda", learning_starts=16, batch_size=8, buffer_size=200
+    )
     sac.learn(48)
     assert sac.replay_buffer.frames.device.type == "cuda"
     venv.close()

@@ -1,0 +1,390 @@
+"""Benchmarks (not tests): `python -m experiments.benchmark env|policy|train|all [--quick]`.
+
+Every table compares alternatives measured side by side in the same run and reports ratios; quote them with
+the machine (printed first). Timings use `time.perf_counter` after warm-up; latency is per call, p50/p95.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import envs  # noqa: E402
+from perceiver_policy import PerceiverConfig, count_flops, count_parameters  # noqa: E402
+
+TASK = "cheetah-run"
+PIXEL_OBS = {"image_size": 84, "frame_stack": 3, "action_history_len": 8}
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {gpu}"
+
+
+def table(title: str, header: list[str], rows: list[list]) -> None:
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + " --- |" * len(header))
+    for row in rows:
+        print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row) + " |")
+    sys.stdout.flush()
+
+
+def percentiles(times_s: list[float]) -> tuple[float, float]:
+    ms = 1000 * np.asarray(times_s)
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 95))
+
+
+def timed(fn, repeats: int, warmup: int = 3) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+# ------------------------------------------------------------------------------------------------------- env
+def env_steps_per_sec(steps: int, n_envs: int = 1, vec_env_type: str = "dummy", **kwargs) -> float:
+    venv = envs.make_vec_env(TASK, n_envs=n_envs, seed=0, vec_env_type=vec_env_type, **kwargs)
+    venv.reset()
+    actions = np.zeros((n_envs, *venv.action_space.shape), np.float32)
+    for _ in range(5):
+        venv.step(actions)
+    start = time.perf_counter()
+    for _ in range(steps // n_envs):
+        venv.step(actions)
+    elapsed = time.perf_counter() - start
+    venv.close()
+    return (steps // n_envs) * n_envs / elapsed
+
+
+def bench_env(quick: bool) -> None:
+    steps = 300 if quick else 2000
+    workers = max(2, min(4, os.cpu_count() or 2))
+    base = env_steps_per_sec(steps, modalities=("proprio",))
+    rows = [["states (proprio)", "-", "-", 1, base, 1.0]]
+    for backend in ("fast", "dm_control"):
+        for size in (64, 84):
+            for stack in (1, 3):
+                if stack == 1 and size == 64:
+                    continue
+                sps = env_steps_per_sec(steps, render_backend=backend, image_size=size, frame_stack=stack)
+                rows.append([f"pixels+proprio+history, {backend}", size, stack, 1, sps, sps / base])
+    for n, kind in ((1, "subproc"), (workers, "subproc")):
+        sps = env_steps_per_sec(steps, n_envs=n, vec_env_type=kind, image_size=84)
+        rows.append([f"pixels fast, {kind} x{n}", 84, 3, n, sps, sps / base])
+    table(
+        f"Env steps/s, {TASK}, action repeat 1 (agent steps = frames)",
+        ["observation / renderer", "px", "frames", "workers", "steps/s", "vs states"],
+        rows,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- policy
+def default_space():
+    env = envs.DMCEnv("cheetah", "run", **PIXEL_OBS)
+    space = env.observation_space
+    env.close()
+    return space
+
+
+def sample_batch(space, batch: int) -> dict[str, torch.Tensor]:
+    rng = np.random.default_rng(0)
+    return {
+        k: torch.as_tensor(rng.integers(0, 256, (batch, *s.shape), dtype=np.uint8))
+        if s.dtype == np.uint8
+        else torch.as_tensor(rng.standard_normal((batch, *s.shape)).astype(np.float32))
+        for k, s in space.spaces.items()
+    }
+
+
+def extractors(space, config: PerceiverConfig):
+    from stable_baselines3.common.preprocessing import preprocess_obs
+    from stable_baselines3.common.torch_layers import CombinedExtractor
+
+    from perceiver_policy.policies import PerceiverExtractor
+
+    ours = PerceiverExtractor(space, config).eval()
+    cnn = CombinedExtractor(space).eval()
+    # SB3 scales pixels in preprocess_obs before the extractor: include it, as ours scales inside.
+    return {"perceiver": ours, "cnn": lambda obs: cnn(preprocess_obs(obs, space, normalize_images=True))}, cnn
+
+
+def bench_policy(quick: bool) -> None:
+    torch.set_grad_enabled(False)
+    space = default_space()
+    config = PerceiverConfig()
+    repeats, big = (30, 5) if quick else (200, 20)
+    one, batch = sample_batch(space, 1), sample_batch(space, 256)
+    models, cnn = extractors(space, config)
+    rows, results = [], {}
+    for name, model in models.items():
+        p50, p95 = percentiles(timed(lambda m=model: m(one), repeats))
+        throughput = 256 / np.median(timed(lambda m=model: m(batch), big))
+        params = count_parameters(model if name == "perceiver" else cnn)
+        results[name] = (p50, throughput)
+        rows.append([name, params, p50, p95, throughput])
+    ratio_latency = results["perceiver"][0] / results["cnn"][0]
+    ratio_throughput = results["perceiver"][1] / results["cnn"][1]
+    rows.append(["perceiver / cnn", "", ratio_latency, "", ratio_throughput])
+    table(
+        f"Extractor forward, pixels 84 px x 3 frames + proprio + 8-step history; Perceiver {config.num_latents}x"
+        f"{config.latent_dim}, {config.self_attn_layers} self-attn layer, {config.patch_size}-px patches "
+        f"(targets: latency <= 1.5x, throughput >= 1x)",
+        ["extractor", "params", "b=1 p50 ms", "b=1 p95 ms", "b=256 samples/s"],
+        rows,
+    )
+
+    rows = []
+    for latents in (32, 64, 128, 256, 512):
+        cfg = PerceiverConfig(num_latents=latents)
+        model = extractors(space, cfg)[0]["perceiver"]
+        p50, p95 = percentiles(timed(lambda m=model: m(one), repeats // 2 or 1))
+        flops = count_flops(space, cfg)
+        rows.append(
+            [latents, count_parameters(model), flops["cross_attn"] / 1e6, flops["total"] / 1e6, p50, p95]
+        )
+    table(
+        "num_latents sweep (latent_dim 64): the quality/speed trade-off",
+        ["latents", "params", "cross-attn MFLOPs", "total MFLOPs", "b=1 p50 ms", "b=1 p95 ms"],
+        rows,
+    )
+
+    rows = []
+    variants = {
+        "fp32": PerceiverConfig(),
+        "bf16 autocast": PerceiverConfig(dtype="bfloat16"),
+    }
+    for name, cfg in variants.items():
+        model = extractors(space, cfg)[0]["perceiver"]
+        p50, _ = percentiles(timed(lambda m=model: m(one), repeats))
+        throughput = 256 / np.median(timed(lambda m=model: m(batch), big))
+        rows.append([name, p50, throughput])
+    model = extractors(space, config)[0]["perceiver"]
+    p50_cached, _ = percentiles(timed(lambda: model(one), repeats))
+    rows.append(["Fourier features cached (default)", p50_cached, ""])
+    p50_rebuilt, _ = percentiles(timed(lambda: rebuild_fourier_then_forward(model, one), repeats))
+    rows.append(["Fourier features rebuilt every forward", p50_rebuilt, ""])
+    cross = model.encoder.cross_attention
+    p50_nocache, _ = percentiles(timed(lambda: (setattr(cross, "_query_cache", None), model(one)), repeats))
+    rows.append(["latent-query cache off", p50_nocache, ""])
+    table(
+        "Precision and caches (b=1 latency; b=256 throughput)",
+        ["variant", "b=1 p50 ms", "b=256 samples/s"],
+        rows,
+    )
+    torch.set_grad_enabled(True)
+
+
+def rebuild_fourier_then_forward(model, obs):
+    """What a naive implementation does: recompute every modality's Fourier features in forward."""
+    from perceiver_policy.position import grid_fourier_features
+
+    for adapter in model.encoder.adapters.values():
+        adapter.position_features = grid_fourier_features(
+            adapter.spec.fourier_resolutions, model.encoder.config.fourier_bands
+        )
+    return model(obs)
+
+
+# ----------------------------------------------------------------------------------------------------- train
+def train_worker(spec: dict) -> dict:
+    """One measurement in a fresh process (so peak memory is its own)."""
+    import resource
+
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.buffers import DictRolloutBuffer
+
+    import agents
+
+    venv = envs.make_vec_env(
+        spec["task"],
+        n_envs=spec["n_envs"],
+        seed=0,
+        image_size=spec["image_size"],
+        action_repeat=spec["action_repeat"],
+    )
+    n_steps, steps = spec["n_steps"], spec["steps"]
+    common = dict(
+        n_steps=n_steps, batch_size=spec["batch_size"], n_epochs=spec["n_epochs"], device="cpu", seed=0
+    )
+    if spec["policy"] == "perceiver":
+        buffer = DictRolloutBuffer if spec.get("sb3_buffer") else agents.DeviceRolloutBuffer
+        perceiver = {"patch_size": 8} if spec["image_size"] == 64 else {}
+        model = agents.make_agent("ppo", venv, perceiver=perceiver, rollout_buffer_class=buffer, **common)
+    else:
+        model = PPO("MultiInputPolicy", venv, **common)
+    model.learn(n_steps * spec["n_envs"])  # warm-up: one rollout + update
+    start = time.perf_counter()
+    model.learn(steps, reset_num_timesteps=False)
+    learn_sps = steps / (time.perf_counter() - start)
+    # one rollout collection, then one update, timed apart
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class Null(BaseCallback):
+        def _on_step(self):
+            return True
+
+    callback = Null()
+    callback.init_callback(model)
+    start = time.perf_counter()
+    model.collect_rollouts(model.env, callback, model.rollout_buffer, n_steps)
+    collect_sps = n_steps * spec["n_envs"] / (time.perf_counter() - start)
+    start = time.perf_counter()
+    model.train()
+    update_s = time.perf_counter() - start
+    # env-only limit: same envs, random actions
+    venv.reset()
+    start = time.perf_counter()
+    for _ in range(n_steps):
+        venv.step(np.stack([venv.action_space.sample() for _ in range(spec["n_envs"])]))
+    env_sps = n_steps * spec["n_envs"] / (time.perf_counter() - start)
+    venv.close()
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "learn_sps": learn_sps,
+        "collect_sps": collect_sps,
+        "update_s": update_s,
+        "env_sps": env_sps,
+        "peak_mb": peak_mb,
+    }
+
+
+def run_worker(spec: dict) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.benchmark", "train-worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_train(quick: bool) -> None:
+    spec = {
+        "task": "cartpole-balance",
+        "n_envs": 4,
+        "image_size": 64,
+        "action_repeat": 4,
+        "n_steps": 64,
+        "batch_size": 128,
+        "n_epochs": 4,
+        "steps": 512 if quick else 4096,
+    }
+    ours = run_worker({**spec, "policy": "perceiver"})
+    sb3_buffer = run_worker({**spec, "policy": "perceiver", "sb3_buffer": True})
+    cnn = run_worker({**spec, "policy": "cnn"})
+    rows = [
+        [
+            "Perceiver + DeviceRolloutBuffer",
+            ours["learn_sps"],
+            ours["learn_sps"] / cnn["learn_sps"],
+            ours["update_s"],
+            ours["collect_sps"],
+            ours["collect_sps"] / ours["env_sps"],
+            ours["peak_mb"],
+        ],
+        [
+            "Perceiver + SB3 DictRolloutBuffer",
+            sb3_buffer["learn_sps"],
+            sb3_buffer["learn_sps"] / cnn["learn_sps"],
+            sb3_buffer["update_s"],
+            sb3_buffer["collect_sps"],
+            sb3_buffer["collect_sps"] / sb3_buffer["env_sps"],
+            sb3_buffer["peak_mb"],
+        ],
+        [
+            "SB3 MultiInputPolicy (NatureCNN)",
+            cnn["learn_sps"],
+            1.0,
+            cnn["update_s"],
+            cnn["collect_sps"],
+            cnn["collect_sps"] / cnn["env_sps"],
+            cnn["peak_mb"],
+        ],
+    ]
+    table(
+        f"PPO on {spec['task']}, pixels {spec['image_size']} px x 3 + proprio + history, {spec['n_envs']} envs, "
+        f"n_steps {spec['n_steps']}, {spec['n_epochs']} epochs (targets: >= 1x MultiInputPolicy; collection >= 0.8x env)",
+        [
+            "policy / buffer",
+            "learn steps/s",
+            "vs MultiInput",
+            "update s",
+            "collect steps/s",
+            "collect / env-only",
+            "peak RSS MB",
+        ],
+        rows,
+    )
+    from gymnasium import spaces
+    from stable_baselines3.common.buffers import DictReplayBuffer
+
+    from agents import FrameReplayBuffer
+
+    space = default_space()
+    action = spaces.Box(-1, 1, (6,), np.float32)
+    ours_buffer = FrameReplayBuffer(100_000, space, action, device="cpu")
+    theirs = DictReplayBuffer(100_000, space, action, device="cpu")
+    theirs_bytes = sum(
+        a.nbytes
+        for a in [
+            *theirs.observations.values(),
+            *theirs.next_observations.values(),
+            theirs.actions,
+            theirs.rewards,
+            theirs.dones,
+            theirs.timeouts,
+        ]
+    )
+    table(
+        "Replay memory, 100k transitions, pixels 84 px x 3 frames + proprio + history (target <= 0.2x)",
+        ["buffer", "GB", "ratio"],
+        [
+            [
+                "FrameReplayBuffer (frames once)",
+                ours_buffer.nbytes() / 1e9,
+                ours_buffer.nbytes() / theirs_bytes,
+            ],
+            ["SB3 DictReplayBuffer", theirs_bytes / 1e9, 1.0],
+        ],
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["env", "policy", "train", "all", "train-worker"])
+    parser.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer repetitions: a few minutes on 2 CPU cores"
+    )
+    args = parser.parse_args(argv)
+    if args.what == "train-worker":
+        print(json.dumps(train_worker(json.loads(args.spec))))
+        return 0
+    torch.manual_seed(0)
+    print(f"machine: {machine()}; date: {time.strftime('%Y-%m-%d')}; quick={args.quick}")
+    if args.what in ("env", "all"):
+        bench_env(args.quick)
+    if args.what in ("policy", "all"):
+        bench_policy(args.quick)
+    if args.what in ("train", "all"):
+        bench_train(args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

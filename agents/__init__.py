@@ -1,6 +1,6 @@
 """SB3 algorithms wired for the Perceiver policy: batched device rollouts, frame replay, DrQ-style SAC."""
 
-from agents.factory import ALGORITHMS, DEFAULTS, make_agent, resolve_device
+from agents.factory import ALGORITHMS, DEFAULTS, POLICY_TYPES, algorithm_class, make_agent, resolve_device
 from agents.on_policy import BatchedRolloutMixin, PerceiverA2C, PerceiverPPO
 from agents.replay_buffer import FrameReplayBuffer
 from agents.rollout_buffer import DeviceRolloutBuffer
@@ -8,6 +8,8 @@ from agents.sac import PerceiverSAC
 
 __all__ = [
     "ALGORITHMS",
+    "POLICY_TYPES",
+    "algorithm_class",
     "DEFAULTS",
     "BatchedRolloutMixin",
     "DeviceRolloutBuffer",

@@ -6,6 +6,7 @@ import copy
 
 import torch
 from gymnasium import spaces
+from stable_baselines3 import A2C, PPO, SAC
 from stable_baselines3.common.base_class import BaseAlgorithm
 
 from agents.on_policy import PerceiverA2C, PerceiverPPO
@@ -15,6 +16,7 @@ from perceiver_policy.policies import PerceiverActorCriticPolicy
 from perceiver_policy.sac_policy import PerceiverSACPolicy
 
 ALGORITHMS = ("ppo", "a2c", "sac")
+POLICY_TYPES = ("perceiver", "sb3")
 
 # Sensible defaults per algorithm for DMC with the lean Perceiver (override any of them by keyword).
 DEFAULTS: dict[str, dict] = {
@@ -45,7 +47,19 @@ DEFAULTS: dict[str, dict] = {
 _CLASSES = {
     "ppo": (PerceiverPPO, PerceiverActorCriticPolicy),
     "a2c": (PerceiverA2C, PerceiverActorCriticPolicy),
+    "sac": (PerceiverSAC, PerceiverSACPolicy),
 }
+# The baseline: SB3's own algorithm and MultiInputPolicy (CombinedExtractor: NatureCNN for pixels, flatten + MLP).
+SB3_CLASSES = {"ppo": PPO, "a2c": A2C, "sac": SAC}
+
+
+def algorithm_class(algorithm: str, policy_type: str = "perceiver") -> type[BaseAlgorithm]:
+    """The SB3 algorithm class a run uses (for training and for loading its checkpoints)."""
+    if policy_type not in POLICY_TYPES:
+        raise ValueError(f"unknown policy_type {policy_type!r}; valid choices: {list(POLICY_TYPES)}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; valid choices: {list(ALGORITHMS)}")
+    return SB3_CLASSES[algorithm] if policy_type == "sb3" else _CLASSES[algorithm][0]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -71,6 +85,7 @@ def make_agent(
     seed: int | None = None,
     tensorboard_log: str | None = None,
     verbose: int = 0,
+    policy_type: str = "perceiver",
     **overrides,
 ) -> BaseAlgorithm:
     """`make_agent("ppo", vec_env, perceiver={"num_latents": 64}, n_steps=512)` -> a ready SB3 algorithm.
@@ -78,9 +93,10 @@ def make_agent(
     PPO/A2C use `PerceiverActorCriticPolicy` with batched device rollouts; SAC uses `PerceiverSACPolicy` with
     DrQ-style encoder training and `FrameReplayBuffer` when the observation has frame-stacked pixels. On CUDA
     the Perceiver runs under bf16 autocast unless `perceiver={"dtype": "float32"}`.
+    `policy_type="sb3"` builds the baseline instead: SB3's own algorithm with `MultiInputPolicy`, same
+    hyper-parameters (the `perceiver` options are then ignored).
     """
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {algorithm!r}; valid choices: {list(ALGORITHMS)}")
+    algo_cls = algorithm_class(algorithm, policy_type)
     torch_device = resolve_device(device)
     perceiver = dict(perceiver or {})
     if torch_device.type == "cuda":
@@ -94,15 +110,15 @@ def make_agent(
         tensorboard_log=tensorboard_log,
         verbose=verbose,
     )
+    if algorithm == "ppo":  # SB3 wants the rollout (n_steps * n_envs) to be a multiple of the minibatch
+        kwargs["batch_size"] = min(kwargs["batch_size"], kwargs["n_steps"] * getattr(env, "num_envs", 1))
+    if policy_type == "sb3":
+        common["policy_kwargs"] = {k: v for k, v in policy_kwargs.items() if k != "perceiver"}
+        return algo_cls("MultiInputPolicy", env, **kwargs, **common)
     if algorithm == "sac":
         obs_space = env.observation_space
         if isinstance(obs_space, spaces.Dict) and "pixels" in obs_space.spaces:
             kwargs.setdefault("replay_buffer_class", FrameReplayBuffer)
         else:
             kwargs.setdefault("augment_pad", 0)
-        return PerceiverSAC(PerceiverSACPolicy, env, **kwargs, **common)
-    algo_cls, policy_cls = _CLASSES[algorithm]
-    n_envs = getattr(env, "num_envs", 1)
-    if algorithm == "ppo":  # SB3 wants the rollout (n_steps * n_envs) to be a multiple of the minibatch
-        kwargs["batch_size"] = min(kwargs["batch_size"], kwargs["n_steps"] * n_envs)
-    return algo_cls(policy_cls, env, **kwargs, **common)
+    return algo_cls(_CLASSES[algorithm][1], env, **kwargs, **common)

@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 import envs
-from agents.factory import ALGORITHMS
+from agents.factory import ALGORITHMS, POLICY_TYPES
 from envs.dmc import MODALITIES, TASKS
 from envs.rendering import RENDER_BACKENDS
 from envs.vec import VEC_ENV_TYPES
@@ -39,6 +39,8 @@ class TrainConfig:
     """DMC task, '<domain>-<task>'."""
     algorithm: str = "ppo"
     """ppo, a2c or sac."""
+    policy_type: str = "perceiver"
+    """'perceiver', or 'sb3' for the baseline: SB3's own algorithm with MultiInputPolicy (NatureCNN / MLP)."""
     modalities: list[str] = field(default_factory=lambda: ["pixels", "proprio", "action_history"])
     image_size: int = 84
     frame_stack: int = 3
@@ -85,6 +87,7 @@ class TrainConfig:
         choices = {
             "task": TASKS,
             "algorithm": ALGORITHMS,
+            "policy_type": POLICY_TYPES,
             "render_backend": RENDER_BACKENDS,
             "vec_env": VEC_ENV_TYPES,
         }

@@ -12,10 +12,10 @@ import csv
 import sys
 from pathlib import Path
 
+from agents import algorithm_class
 from experiments import config as cfg
 from experiments.checkpoint import CheckpointError, latest_checkpoint, load_model
 from experiments.evaluation import evaluate_policy, write_mp4
-from experiments.train import ALGO_CLASSES
 
 COLUMNS = [
     "task",
@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         tasks = args.tasks or [config.task]
         for task in tasks:
             cfg.TrainConfig(**{**config.to_dict(), "task": task}).validate()
-        model = load_model(ALGO_CLASSES[config.algorithm], checkpoint, device=args.device)
+        model = load_model(
+            algorithm_class(config.algorithm, config.policy_type), checkpoint, device=args.device
+        )
         out = args.output or (checkpoint.parent.parent / "eval")
         out.mkdir(parents=True, exist_ok=True)
         rows = []

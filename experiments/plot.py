@@ -32,7 +32,8 @@ def read_scalars(run_dir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def label(config: cfg.TrainConfig) -> str:
-    return config.preset or f"{config.task} {config.algorithm} [{'+'.join(config.modalities)}]"
+    name = f"{config.task} {config.algorithm} [{'+'.join(config.modalities)}]"
+    return f"{name} {'SB3 MultiInputPolicy' if config.policy_type == 'sb3' else 'Perceiver'}"
 
 
 def group_runs(run_dirs: list[Path]) -> dict[str, list[tuple[cfg.TrainConfig, Path]]]:

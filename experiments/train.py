@@ -18,7 +18,7 @@ from stable_baselines3.common.callbacks import CallbackList
 from stable_baselines3.common.logger import Logger
 
 import envs
-from agents import PerceiverA2C, PerceiverPPO, PerceiverSAC, make_agent, resolve_device
+from agents import algorithm_class, make_agent, resolve_device
 from experiments import config as cfg
 from experiments.callbacks import (
     CheckpointCallback,
@@ -33,11 +33,10 @@ from experiments.checkpoint import CheckpointError, latest_checkpoint, load_mode
 from experiments.evaluation import write_mp4
 from experiments.tb import PurgingTensorBoardFormat
 
-ALGO_CLASSES = {"ppo": PerceiverPPO, "a2c": PerceiverA2C, "sac": PerceiverSAC}
-
 
 def default_run_name(config: cfg.TrainConfig) -> str:
     base = config.preset or f"{config.task}-{config.algorithm}"
+    base += "-sb3" if config.policy_type == "sb3" else ""
     return f"{base}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -71,7 +70,9 @@ def build(config: cfg.TrainConfig, run_dir: Path, resume: bool):
     checkpoint = latest_checkpoint(run_dir)
     step = int(read_meta(checkpoint)["step"])
     venv = make_env(config, config.seed + step)
-    model = load_model(ALGO_CLASSES[config.algorithm], checkpoint, env=venv, device=str(device))
+    model = load_model(
+        algorithm_class(config.algorithm, config.policy_type), checkpoint, env=venv, device=str(device)
+    )
     replay = checkpoint / "replay_buffer.pkl"
     if replay.exists():
         model.load_replay_buffer(replay)

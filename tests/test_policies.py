@@ -236,3 +236,20 @@ def test_gpu_rollouts_bf16_and_device_buffers():
     sac.learn(48)
     assert sac.replay_buffer.frames.device.type == "cuda"
     venv.close()
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "sac"])
+def test_sb3_baseline_policy_type(algorithm):
+    venv = state_env(1)
+    extra = (
+        {"learning_starts": 16, "batch_size": 16, "buffer_size": 200}
+        if algorithm == "sac"
+        else {"n_steps": 32}
+    )
+    model = agents.make_agent(algorithm, venv, device="cpu", policy_type="sb3", **extra)
+    assert type(model) is agents.algorithm_class(algorithm, "sb3")
+    assert type(model.policy) is model.policy_aliases["MultiInputPolicy"]
+    model.learn(64)
+    with pytest.raises(ValueError, match="unknown policy_type 'keras'"):
+        agents.make_agent(algorithm, venv, device="cpu", policy_type="keras")
+    venv.close()

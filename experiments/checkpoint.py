@@ -1,8 +1,8 @@
 """Atomic checkpoints: write everything into a temporary directory, fsync, then rename it into place.
 
 A checkpoint is ``checkpoints/step_<N>/`` holding ``model.zip`` (SB3: weights, optimizer, step counter, learning
-rate schedule progress), ``rng.pt`` (torch / numpy / python RNG states; SB3 saves none) and, for SAC,
-``replay_buffer.pkl``. Rename is atomic on POSIX, so a run killed at any moment (SIGKILL included) leaves only
+rate schedule progress), ``rng.pt`` (torch / numpy / python RNG states; SB3 saves none),
+``vecnormalize.pkl`` (reward-normalisation statistics) and, for SAC, ``replay_buffer.pkl``. Rename is atomic on POSIX, so a run killed at any moment (SIGKILL included) leaves only
 complete checkpoints plus, at worst, a ``.tmp-*`` directory that is ignored and cleaned up.
 """
 
@@ -58,6 +58,9 @@ def save_checkpoint(
     tmp.mkdir()
     model.save(tmp / "model.zip")
     torch.save(rng_state(), tmp / "rng.pt")
+    normalizer = model.get_vec_normalize_env()
+    if normalizer is not None:
+        normalizer.save(str(tmp / "vecnormalize.pkl"))
     if with_replay_buffer and getattr(model, "replay_buffer", None) is not None:
         model.save_replay_buffer(tmp / "replay_buffer.pkl")
     (tmp / COMPLETE).write_text(json.dumps({"step": step, **extra}))

@@ -50,6 +50,10 @@ class TrainConfig:
     n_envs: int = 4
     vec_env: str = "dummy"
     """'dummy' (in-process) or 'subproc' (one process per env)."""
+    normalize_reward: bool = True
+    """PPO/A2C: scale rewards by a running std of discounted returns (SB3 VecNormalize, rewards only). DMC returns reach
+    1000 per episode: unscaled, the value loss dominates PPO's clipped gradient and the policy does not learn.
+    The statistics are saved in checkpoints and restored on --resume; evaluation reports raw returns."""
     device: str = "auto"
     seed: int = 0
     total_steps: int = 100_000

@@ -16,9 +16,10 @@ from pathlib import Path
 
 from stable_baselines3.common.callbacks import CallbackList
 from stable_baselines3.common.logger import Logger
+from stable_baselines3.common.vec_env import VecNormalize
 
 import envs
-from agents import algorithm_class, make_agent, resolve_device
+from agents import DEFAULTS, algorithm_class, make_agent, resolve_device
 from experiments import config as cfg
 from experiments.callbacks import (
     CheckpointCallback,
@@ -40,10 +41,16 @@ def default_run_name(config: cfg.TrainConfig) -> str:
     return f"{base}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def make_env(config: cfg.TrainConfig, seed: int):
-    return envs.make_vec_env(
+def make_env(config: cfg.TrainConfig, seed: int, normalizer: Path | None = None):
+    venv = envs.make_vec_env(
         config.task, n_envs=config.n_envs, seed=seed, vec_env_type=config.vec_env, **config.env_kwargs()
     )
+    if not config.normalize_reward or config.algorithm == "sac":  # SAC learns from raw rewards, as DrQ does
+        return venv
+    if normalizer is not None and normalizer.exists():
+        return VecNormalize.load(str(normalizer), venv)
+    gamma = config.algo.get("gamma", DEFAULTS[config.algorithm].get("gamma", 0.99))
+    return VecNormalize(venv, norm_obs=False, norm_reward=True, gamma=gamma)
 
 
 def make_logger(run_dir: Path, purge_step: int | None) -> Logger:
@@ -64,12 +71,13 @@ def build(config: cfg.TrainConfig, run_dir: Path, resume: bool):
             policy_kwargs=config.policy,
             device=str(device),
             seed=config.seed,
+            policy_type=config.policy_type,
             **config.algo,
         )
         return model, venv, 0
     checkpoint = latest_checkpoint(run_dir)
     step = int(read_meta(checkpoint)["step"])
-    venv = make_env(config, config.seed + step)
+    venv = make_env(config, config.seed + step, normalizer=checkpoint / "vecnormalize.pkl")
     model = load_model(
         algorithm_class(config.algorithm, config.policy_type), checkpoint, env=venv, device=str(device)
     )

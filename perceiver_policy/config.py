@@ -60,7 +60,7 @@ class PerceiverConfig:
     modality_gating: bool = True
     """Learned per-head, per-modality logit bias and per-latent modality gate in the input cross-attention."""
     init_std: float = 0.02
-    """Std of the truncated-normal init of latents, queries and embeddings."""
+    """Std of the truncated-normal init of latents, queries and modality embeddings (Linear layers use 1/sqrt(fan_in))."""
     dtype: str = "float32"
     """'bfloat16' runs the model under autocast (CUDA, or CPU where supported); 'float32' otherwise."""
     modality_overrides: dict = field(default_factory=dict)

@@ -18,11 +18,16 @@ from perceiver_policy.cross_attention import GatedCrossAttention
 from perceiver_policy.modalities import ADAPTERS, build_specs
 
 
-def init_weights(module: nn.Module, std: float) -> None:
-    """The one place weights are initialised: truncated normal for Linear weights, zeros for biases."""
+def init_weights(module: nn.Module, std: float | None = None) -> None:
+    """The one place Linear layers are initialised: truncated normal with variance 1/fan_in (LeCun, as
+    DeepMind's Perceiver uses variance scaling), zero biases. `std` overrides the scale (tests only).
+
+    A fixed 0.02 (right for 768-wide transformers) is ~6x too small at 64 channels: the input-dependent part
+    of the latents then drowns under the learned latent array and the policy barely sees its inputs."""
     for sub in module.modules():
         if isinstance(sub, nn.Linear):
-            nn.init.trunc_normal_(sub.weight, std=std, a=-2 * std, b=2 * std)
+            scale = std if std is not None else sub.in_features**-0.5
+            nn.init.trunc_normal_(sub.weight, std=scale, a=-2 * scale, b=2 * scale)
             if sub.bias is not None:
                 nn.init.zeros_(sub.bias)
 
@@ -78,7 +83,7 @@ class PerceiverEncoder(nn.Module):
         self.capture_attention = False
         self.last_capture: dict | None = None
         self._modality_index_cache: dict = {}
-        init_weights(self, config.init_std)
+        init_weights(self)
         for param in (self.modality_embedding, self.latents):
             nn.init.trunc_normal_(param, std=config.init_std, a=-2 * config.init_std, b=2 * config.init_std)
 
@@ -212,7 +217,7 @@ class PerceiverDecoder(nn.Module):
             config.attn_dropout,
         )
         self.norm = nn.LayerNorm(config.latent_dim)
-        init_weights(self, config.init_std)
+        init_weights(self)
 
     def forward(self, queries: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         with autocast_context(self.config, latents.device):

@@ -252,6 +252,42 @@ def test_corrupt_checkpoint_is_a_one_line_error(trained_run, tmp_path):
         assert "error: corrupt checkpoint" in result.stderr and "model.zip" in result.stderr
 
 
+def test_sb3_baseline_through_the_cli(tmp_path):
+    cli(
+        "experiments.train",
+        "--task",
+        "cartpole-balance",
+        *TINY,
+        "--image-size",
+        "64",
+        "--policy-type",
+        "sb3",
+        "--algo",
+        "n_steps=16",
+        "batch_size=32",
+        "--total-steps",
+        "64",
+        "--eval-freq",
+        "1000",
+        "--checkpoint-freq",
+        "1000",
+        "--eval-video",
+        "false",
+        "--run-dir",
+        str(tmp_path),
+        "--run-name",
+        "base",
+        "--progress-bar",
+        "false",
+    )
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.policies import MultiInputActorCriticPolicy
+
+    model = PPO.load(list_checkpoints(tmp_path / "base" / "checkpoints")[-1] / "model.zip", device="cpu")
+    assert type(model.policy) is MultiInputActorCriticPolicy
+    assert (list_checkpoints(tmp_path / "base" / "checkpoints")[-1] / "vecnormalize.pkl").exists()
+
+
 def test_curriculum_adds_modalities_at_the_given_step(tmp_path):
     cli(
         "experiments.train",

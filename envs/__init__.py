@@ -20,6 +20,7 @@ from envs.dmc import (  # noqa: E402
     parse_task,
 )
 from envs.vec import make_env_fn, make_vec_env  # noqa: E402
+from envs.wrappers import ABSENT_KEY, ModalityDropout  # noqa: E402
 
 
 def env_id(task: str) -> str:
@@ -45,6 +46,8 @@ def _register_all() -> None:
 _register_all()
 
 __all__ = [
+    "ABSENT_KEY",
+    "ModalityDropout",
     "DMCEnv",
     "DOMAINS",
     "MODALITIES",

@@ -50,6 +50,9 @@ class TrainConfig:
     n_envs: int = 4
     vec_env: str = "dummy"
     """'dummy' (in-process) or 'subproc' (one process per env)."""
+    modality_dropout: float = 0.0
+    """Training envs mark each modality absent with this probability per step (envs.wrappers.ModalityDropout):
+    robustness to missing sensors, PPO-safe because the flags are part of the observation. Eval envs: none."""
     normalize_reward: bool = True
     """PPO/A2C: scale rewards by a running std of discounted returns (SB3 VecNormalize, rewards only). DMC returns reach
     1000 per episode: unscaled, the value loss dominates PPO's clipped gradient and the policy does not learn.
@@ -120,6 +123,8 @@ class TrainConfig:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         PerceiverConfig.from_dict(self.perceiver)  # names bad Perceiver fields
+        if not 0.0 <= self.modality_dropout < 1.0:
+            raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout!r}")
         for stage in self.curriculum:
             if not isinstance(stage, dict) or set(stage) != {"step", "modalities"}:
                 raise ValueError(f"curriculum stages are {{'step': N, 'modalities': [...]}}, got {stage!r}")
@@ -209,7 +214,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                 flag, default=None, help='YAML list, e.g. "[{step: 0, modalities: [proprio]}]"'
             )
         else:
-            base = int if kind in (int, int | None) else str
+            base = int if kind in (int, int | None) else float if kind is float else str
             parser.add_argument(flag, type=base, default=None, help=f"(default {default})")
     return parser
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from envs.vec import make_env_fn
+from envs.wrappers import ABSENT_KEY
 
 
 @dataclass
@@ -71,12 +72,17 @@ def evaluate_policy(
     env = make_env_fn(task, **env_kwargs)(render_mode="rgb_array" if video else None)
     result = EvalResult()
     frames = []
+    spaces = getattr(model.observation_space, "spaces", {})
+    wants_flags = ABSENT_KEY in spaces
+    no_flags = np.zeros(spaces[ABSENT_KEY].n, dtype=np.int8) if wants_flags else None
     try:
         with missing_modalities(model, tuple(missing)):
             for episode in range(episodes):
                 obs, _ = env.reset(seed=seed + episode)
                 done, total, length = False, 0.0, 0
                 while not done:
+                    if wants_flags:  # trained with ModalityDropout: evaluate with every modality present
+                        obs[ABSENT_KEY] = no_flags
                     start = time.perf_counter()
                     action, _ = model.predict(obs, deterministic=True)
                     result.latencies_ms.append(1000 * (time.perf_counter() - start))

@@ -43,7 +43,12 @@ def default_run_name(config: cfg.TrainConfig) -> str:
 
 def make_env(config: cfg.TrainConfig, seed: int, normalizer: Path | None = None):
     venv = envs.make_vec_env(
-        config.task, n_envs=config.n_envs, seed=seed, vec_env_type=config.vec_env, **config.env_kwargs()
+        config.task,
+        n_envs=config.n_envs,
+        seed=seed,
+        vec_env_type=config.vec_env,
+        modality_dropout=config.modality_dropout,
+        **config.env_kwargs(),
     )
     if not config.normalize_reward or config.algorithm == "sac":  # SAC learns from raw rewards, as DrQ does
         return venv

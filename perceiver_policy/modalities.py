@@ -25,6 +25,7 @@ from torch import nn
 from perceiver_policy.config import PerceiverConfig
 from perceiver_policy.position import fourier_dim, grid_fourier_features
 
+ABSENT_KEY = "absent_modalities"  # = envs.wrappers.ABSENT_KEY (kept import-free of envs)
 KINDS = ("image", "vector", "sequence")
 _DEFAULT_KIND = {"pixels": "image", "proprio": "vector", "action_history": "sequence"}
 
@@ -94,6 +95,8 @@ def build_specs(observation_space: spaces.Space, config: PerceiverConfig) -> lis
         )
     specs = []
     for name, space in observation_space.spaces.items():
+        if name == ABSENT_KEY:  # per-sample absent flags (envs.wrappers.ModalityDropout), not a modality
+            continue
         overrides = dict(config.modality_overrides.get(name, {}))
         kind = overrides.pop("kind", None) or infer_kind(name, space)
         if kind not in ADAPTERS:

@@ -15,7 +15,7 @@ from torch import nn
 from perceiver_policy.attention import QueryCrossAttention, SelfAttentionLayer
 from perceiver_policy.config import PerceiverConfig
 from perceiver_policy.cross_attention import GatedCrossAttention
-from perceiver_policy.modalities import ADAPTERS, build_specs
+from perceiver_policy.modalities import ABSENT_KEY, ADAPTERS, build_specs
 
 
 def init_weights(module: nn.Module, std: float | None = None) -> None:
@@ -42,8 +42,9 @@ class PerceiverEncoder(nn.Module):
     """Reads a Dict observation into latents (B, M, D).
 
     Missing modalities: a key absent from `obs` (or listed in `disabled_modalities`) contributes no tokens; a
-    per-sample flag in `absent` ({name: (B,) bool}) masks that sample's tokens with the same result. In training,
-    `config.modality_dropout` flags whole modalities absent per sample (never all of one sample's).
+    per-sample flag in `absent` ({name: (B,) bool}), or in the observation's `absent_modalities` (B, n) flags
+    (from `envs.wrappers.ModalityDropout`, PPO-safe), masks that sample's tokens with the same result. In
+    training, `config.modality_dropout` flags whole modalities absent per sample (never all of one sample's).
     """
 
     def __init__(self, observation_space: spaces.Dict, config: PerceiverConfig | None = None):
@@ -145,6 +146,9 @@ class PerceiverEncoder(nn.Module):
             )
         batch = obs[self.names[present[0]]].shape[0]
         device = self.latents.device
+        if ABSENT_KEY in obs:
+            flags = torch.as_tensor(obs[ABSENT_KEY], device=device).bool().reshape(batch, len(self.names))
+            absent = {**{n: flags[:, i] for i, n in enumerate(self.names)}, **(absent or {})}
         with autocast_context(self.config, device):
             tokens = [
                 self.adapters[self.names[m]](obs[self.names[m]]) + self.modality_embedding[m] for m in present

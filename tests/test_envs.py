@@ -214,3 +214,23 @@ def test_missing_gl_backend_explains_the_fix(monkeypatch):
     with pytest.raises(ValueError, match="libegl1 libegl-mesa0 libgl1-mesa-dri.*MUJOCO_GL=egl"):
         DMCEnv("cartpole", "balance", image_size=32)
     assert rendering.RENDER_BACKENDS == ("fast", "dm_control")
+
+
+def test_modality_dropout_wrapper_flags_and_reproducibility():
+    from envs import ABSENT_KEY, ModalityDropout
+
+    env = ModalityDropout(DMCEnv("cartpole", "balance", image_size=32), probability=0.5)
+    assert ABSENT_KEY in env.observation_space.spaces
+    obs, _ = env.reset(seed=5)
+    flags = [obs[ABSENT_KEY]]
+    for _ in range(200):
+        obs, *_ = env.step(env.action_space.sample())
+        flags.append(obs[ABSENT_KEY])
+    flags = np.stack(flags)
+    assert flags.shape == (201, 3) and not flags.all(axis=1).any()  # never every modality
+    assert 0.3 < flags.mean() < 0.55
+    again, _ = env.reset(seed=5)
+    np.testing.assert_array_equal(again[ABSENT_KEY], flags[0])
+    with pytest.raises(ValueError, match="probability must be in \\(0, 1\\), got 1.5"):
+        ModalityDropout(env.env, probability=1.5)
+    env.close()

@@ -333,3 +333,19 @@ def test_patch_size_must_divide_image(dict_space):
 def test_non_dict_observation_space_is_rejected():
     with pytest.raises(ValueError, match="needs a gymnasium Dict observation space"):
         PerceiverEncoder(spaces.Box(-1, 1, (3,)), small())
+
+
+def test_absent_flags_in_the_observation_match_the_absent_argument(dict_space):
+    from envs import ABSENT_KEY
+
+    space = spaces.Dict({**dict_space.spaces, ABSENT_KEY: spaces.MultiBinary(3)})
+    encoder = PerceiverEncoder(space, small()).eval()
+    assert ABSENT_KEY not in encoder.names
+    obs = sample_obs(dict_space, 3)
+    flags = torch.tensor(
+        [[0, 1, 0], [0, 0, 0], [1, 0, 1]], dtype=torch.int8
+    )  # order: action_history, pixels, proprio
+    with torch.no_grad():
+        from_obs = encoder({**obs, ABSENT_KEY: flags})
+        from_arg = encoder(obs, absent={n: flags[:, i].bool() for i, n in enumerate(encoder.names)})
+    torch.testing.assert_close(from_obs, from_arg)

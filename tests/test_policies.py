@@ -253,3 +253,12 @@ def test_sb3_baseline_policy_type(algorithm):
     with pytest.raises(ValueError, match="unknown policy_type 'keras'"):
         agents.make_agent(algorithm, venv, device="cpu", policy_type="keras")
     venv.close()
+
+
+def test_ppo_with_env_side_modality_dropout():
+    venv = pixel_env(modality_dropout=0.3)
+    model = agents.make_agent("ppo", venv, perceiver=TINY, device="cpu", n_steps=16)
+    model.learn(64)
+    stored = model.rollout_buffer.observations[envs.ABSENT_KEY]
+    assert stored.shape == (16, 2, 3) and stored.any()  # the flags the update sees are the rollout's
+    venv.close()

@@ -1,6 +1,7 @@
 """The encoder's input cross-attention: M latents read N tokens of several modalities, with gating.
 
-Per-modality logit bias b[h, m] (per head) and a per-latent gate g[l, m] = softmax_m(gamma[l, m]) let latents
+Per-modality logit bias b[h, m] (per head, initialised to -log N_m so every modality starts with an equal
+share of attention whatever its token count) and a per-latent gate g[l, m] = softmax_m(gamma[l, m]) let latents
 choose what to listen to: the attention of latent l to a token of modality m is  softmax_n(q_l.k_n / sqrt(d) +
 b[h, m] + gamma[l, m]), i.e. each modality's attention mass is multiplied by its gate before renormalising.
 
@@ -30,6 +31,7 @@ class GatedCrossAttention(nn.Module):
         dropout: float,
         attn_dropout: float,
         gating: bool,
+        tokens_per_modality: list[int] | None = None,
     ):
         super().__init__()
         self.heads, self.head_dim, self.attn_dropout, self.gating = heads, dim // heads, attn_dropout, gating
@@ -43,7 +45,10 @@ class GatedCrossAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.num_modalities = num_modalities
         if gating:
-            self.modality_bias = nn.Parameter(torch.zeros(heads, num_modalities))  # b[h, m]
+            # Balanced init b[h, m] = -log N_m: each modality starts with an equal share of attention mass, so 2
+            # proprio tokens are not drowned by 150 pixel patches before the gates have learned anything.
+            counts = torch.tensor(tokens_per_modality or [1] * num_modalities, dtype=torch.float32)
+            self.modality_bias = nn.Parameter(-counts.log().expand(heads, num_modalities).clone())  # b[h, m]
             self.gate_logits = nn.Parameter(torch.zeros(num_latents, num_modalities))  # gamma[l, m]
         # Extra channels: one per modality + the absent flag, padded to a multiple of 8 for the fused kernels.
         self.extra_dim = -(-(num_modalities + 1) // 8) * 8

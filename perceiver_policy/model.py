@@ -65,6 +65,7 @@ class PerceiverEncoder(nn.Module):
             config.dropout,
             config.attn_dropout,
             config.modality_gating,
+            tokens_per_modality=[spec.num_tokens for spec in self.specs],
         )
         depth = config.self_attn_layers * (1 if config.share_repeat_weights else config.self_attn_repeats)
         rates = torch.linspace(0, config.drop_path, max(depth, 1)).tolist()

@@ -261,6 +261,16 @@ def test_attention_capture_is_opt_in_and_sums_to_one(dict_space):
     assert 0 < attention_entropy(capture) <= np.log(54) + 1e-4
 
 
+def test_balanced_init_gives_every_modality_an_equal_share(dict_space):
+    encoder = PerceiverEncoder(dict_space, small()).eval()
+    encoder.capture_attention = True
+    with torch.no_grad():
+        encoder(sample_obs(dict_space, 4))
+    balance = modality_balance(encoder.last_capture)
+    for share in balance.values():  # 48 pixel tokens, 2 proprio, 4 history: still ~1/3 each
+        assert abs(share - 1 / 3) < 0.1, balance
+
+
 def test_gating_shifts_attention_between_modalities(dict_space):
     encoder = PerceiverEncoder(dict_space, small()).eval()
     encoder.capture_attention = True

@@ -58,6 +58,15 @@ def cli(*args, check=True, timeout=300, **kwargs):
     return result
 
 
+def ppo_run(root, name: str, total_steps: int, every: int = 1000, *extra: str) -> list[str]:
+    """A tiny PPO training command: evals and checkpoints every `every` agent steps, no video."""
+    return [
+        "experiments.train", "--task", "cartpole-balance", *TINY, "--algo", "n_steps=16", "batch_size=32",
+        "--total-steps", str(total_steps), "--eval-freq", str(every), "--checkpoint-freq", str(every),
+        "--eval-video", "false", "--run-dir", str(root), "--run-name", name, "--progress-bar", "false", *extra,
+    ]  # fmt: skip
+
+
 def tags(run_dir: Path) -> dict:
     accumulator = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0})
     accumulator.Reload()
@@ -108,31 +117,7 @@ def test_train_creates_run_directory_events_and_checkpoint(tmp_path, algorithm):
 
 def test_sigkill_then_resume_continues_from_the_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
-    args = [
-        "experiments.train",
-        "--task",
-        "cartpole-balance",
-        *TINY,
-        "--algo",
-        "n_steps=16",
-        "batch_size=32",
-        "--total-steps",
-        "100000",
-        "--eval-freq",
-        "64",
-        "--checkpoint-freq",
-        "64",
-        "--eval-video",
-        "false",
-        "--perceiver-log-freq",
-        "0",
-        "--run-dir",
-        str(tmp_path),
-        "--run-name",
-        "run",
-        "--progress-bar",
-        "false",
-    ]
+    args = ppo_run(tmp_path, "run", 100_000, 64, "--perceiver-log-freq", "0")
     env = {**os.environ, "MUJOCO_GL": "egl"}
     process = subprocess.Popen(
         [sys.executable, "-m", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -160,29 +145,7 @@ def test_sigkill_then_resume_continues_from_the_checkpoint(tmp_path):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    cli(
-        "experiments.train",
-        "--task",
-        "cartpole-balance",
-        *TINY,
-        "--algo",
-        "n_steps=16",
-        "batch_size=32",
-        "--total-steps",
-        "64",
-        "--eval-freq",
-        "32",
-        "--checkpoint-freq",
-        "32",
-        "--eval-video",
-        "false",
-        "--run-dir",
-        str(root),
-        "--run-name",
-        "run",
-        "--progress-bar",
-        "false",
-    )
+    cli(*ppo_run(root, "run", 64, 32))
     return root / "run"
 
 
@@ -253,33 +216,7 @@ def test_corrupt_checkpoint_is_a_one_line_error(trained_run, tmp_path):
 
 
 def test_sb3_baseline_through_the_cli(tmp_path):
-    cli(
-        "experiments.train",
-        "--task",
-        "cartpole-balance",
-        *TINY,
-        "--image-size",
-        "64",
-        "--policy-type",
-        "sb3",
-        "--algo",
-        "n_steps=16",
-        "batch_size=32",
-        "--total-steps",
-        "64",
-        "--eval-freq",
-        "1000",
-        "--checkpoint-freq",
-        "1000",
-        "--eval-video",
-        "false",
-        "--run-dir",
-        str(tmp_path),
-        "--run-name",
-        "base",
-        "--progress-bar",
-        "false",
-    )
+    cli(*ppo_run(tmp_path, "base", 64, 1000, "--image-size", "64", "--policy-type", "sb3"))
     from stable_baselines3 import PPO
     from stable_baselines3.common.policies import MultiInputActorCriticPolicy
 
@@ -289,32 +226,7 @@ def test_sb3_baseline_through_the_cli(tmp_path):
 
 
 def test_curriculum_adds_modalities_at_the_given_step(tmp_path):
-    cli(
-        "experiments.train",
-        "--task",
-        "cartpole-balance",
-        *TINY,
-        "--algo",
-        "n_steps=16",
-        "batch_size=32",
-        "--total-steps",
-        "128",
-        "--eval-freq",
-        "1000",
-        "--checkpoint-freq",
-        "1000",
-        "--eval-video",
-        "false",
-        "--perceiver-log-freq",
-        "0",
-        "--run-dir",
-        str(tmp_path),
-        "--run-name",
-        "cur",
-        "--progress-bar",
-        "false",
-        "--curriculum",
-        "[{step: 0, modalities: [proprio, action_history]}, {step: 64, modalities: [pixels, proprio, action_history]}]",
-    )
+    stages = "[{step: 0, modalities: [proprio, action_history]}, {step: 64, modalities: [pixels, proprio, action_history]}]"
+    cli(*ppo_run(tmp_path, "cur", 128, 1000, "--perceiver-log-freq", "0", "--curriculum", stages))
     pixels = [(e.step, e.value) for e in tags(tmp_path / "cur").Scalars("curriculum/pixels")]
     assert pixels[0][1] == 0.0 and pixels[-1][1] == 1.0 and pixels[-1][0] >= 64

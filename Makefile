@@ -1,10 +1,12 @@
 # Two commands for a fresh machine: `make train` and `make test`. Both create .venv and install when needed.
-# On a CUDA machine pick a CUDA wheel: make TORCH_SPEC="torch==2.13.0" TORCH_INDEX="https://download.pytorch.org/whl/cu128" install
+# torch is installed first and pinned, so resolving the project never swaps it for another build. To choose the
+# wheel, pass pip arguments, e.g. CPU-only from PyTorch's index:
+#   make TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" install
+# or CUDA 12.8: TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu128"
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
-PIP_TORCH_ARGS ?= $(if $(wildcard /usr/local/nvidia),,--extra-index-url $(TORCH_INDEX))
+TORCH_PIP_ARGS ?=
 PY := $(VENV)/bin/python
 export MUJOCO_GL ?= egl
 
@@ -13,8 +15,7 @@ export MUJOCO_GL ?= egl
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first and pinned, so resolving the project never pulls a multi-GB CUDA build on a CPU machine.
-	$(PY) -m pip install -q "$(TORCH_SPEC)" || $(PY) -m pip install -q $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]" "$(TORCH_SPEC)"
 	touch $@
 

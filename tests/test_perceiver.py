@@ -359,3 +359,17 @@ def test_absent_flags_in_the_observation_match_the_absent_argument(dict_space):
         from_obs = encoder({**obs, ABSENT_KEY: flags})
         from_arg = encoder(obs, absent={n: flags[:, i].bool() for i, n in enumerate(encoder.names)})
     torch.testing.assert_close(from_obs, from_arg)
+
+
+def test_pixels_are_scaled_to_minus_half_plus_half(dict_space):
+    encoder = PerceiverEncoder(dict_space, small())
+    adapter = encoder.adapters["pixels"]
+    pixels = torch.randint(0, 256, (2, 9, 32, 32), dtype=torch.uint8)
+    content = adapter.tokens_content(pixels)
+    expected = adapter.content(content / 255.0 - 0.5)  # the definition, applied explicitly
+    torch.testing.assert_close(adapter.project(content), expected, atol=1e-5, rtol=1e-5)
+    # the convolutional forward equals the explicit patch projection (+ position features)
+    explicit = expected + adapter.position(adapter.position_features)
+    torch.testing.assert_close(adapter(pixels), explicit, atol=1e-4, rtol=1e-4)
+    # patch 0 of frame 0 is the top-left 8x8 block of the first three channels
+    torch.testing.assert_close(content[0, 0], pixels[0, :3, :8, :8].reshape(-1).float())

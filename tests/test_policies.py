@@ -47,11 +47,10 @@ def test_learn_a_few_hundred_steps(make_env, algorithm):
 @pytest.mark.parametrize("algo_cls", [PPO, A2C, agents.PerceiverPPO])
 def test_sb3_algorithms_unchanged_and_save_load_round_trip(tmp_path, algo_cls):
     venv = pixel_env()
+    extra = {} if algo_cls is A2C else {"batch_size": 32}  # = n_steps * n_envs: no truncated minibatch
     model = algo_cls(
-        PerceiverActorCriticPolicy, venv, n_steps=16, device="cpu", policy_kwargs={"perceiver": TINY}
+        PerceiverActorCriticPolicy, venv, n_steps=16, device="cpu", policy_kwargs={"perceiver": TINY}, **extra
     )
-    if algo_cls is PPO:
-        model.batch_size = 32
     model.learn(64)
     obs = venv.reset()
     actions, _ = model.predict(obs, deterministic=True)

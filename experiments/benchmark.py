@@ -216,14 +216,17 @@ def train_worker(spec: dict) -> dict:
         seed=0,
         image_size=spec["image_size"],
         action_repeat=spec["action_repeat"],
+        vec_env_type=spec.get("vec_env", "dummy"),
     )
     n_steps, steps = spec["n_steps"], spec["steps"]
+    device = spec.get("device", "cpu")
     common = dict(
-        n_steps=n_steps, batch_size=spec["batch_size"], n_epochs=spec["n_epochs"], device="cpu", seed=0
+        n_steps=n_steps, batch_size=spec["batch_size"], n_epochs=spec["n_epochs"], device=device, seed=0
     )
     if spec["policy"] == "perceiver":
         buffer = DictRolloutBuffer if spec.get("sb3_buffer") else agents.DeviceRolloutBuffer
         perceiver = {"patch_size": 8} if spec["image_size"] == 64 else {}
+        perceiver["dtype"] = spec.get("dtype", "float32")
         model = agents.make_agent("ppo", venv, perceiver=perceiver, rollout_buffer_class=buffer, **common)
     else:
         model = PPO("MultiInputPolicy", venv, **common)
@@ -364,6 +367,25 @@ def bench_train(quick: bool) -> None:
     )
 
 
+def bench_gpu_rollouts(quick: bool) -> None:
+    """CPU path vs GPU path, fp32 vs bf16, 1/8/32 subprocess envs: rollout collection and learning speed."""
+    if not torch.cuda.is_available():
+        print("\n### GPU rollout batching\n\nno CUDA device here: table skipped (run on a GPU machine)")
+        return
+    base = {"task": "cheetah-run", "image_size": 84, "action_repeat": 4, "n_steps": 64, "batch_size": 256,
+            "n_epochs": 4, "policy": "perceiver", "vec_env": "subproc"}  # fmt: skip
+    rows = []
+    for n_envs in (1, 8, 32):
+        for device, dtype in (("cpu", "float32"), ("cuda", "float32"), ("cuda", "bfloat16")):
+            spec = {**base, "n_envs": n_envs, "device": device, "dtype": dtype,
+                    "steps": (256 if quick else 2048) * max(1, n_envs // 4)}  # fmt: skip
+            result = run_worker(spec)
+            rows.append([n_envs, device, dtype, result["collect_sps"], result["collect_sps"] / result["env_sps"],
+                         result["learn_sps"], result["update_s"]])  # fmt: skip
+    table("GPU rollout batching, PPO, cheetah-run pixels 84 px x 3 + proprio + history (subprocess envs)",
+          ["envs", "device", "dtype", "collect steps/s", "collect / env-only", "learn steps/s", "update s"], rows)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["env", "policy", "train", "all", "train-worker"])
@@ -383,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_policy(args.quick)
     if args.what in ("train", "all"):
         bench_train(args.quick)
+        bench_gpu_rollouts(args.quick)
     return 0
 
 

@@ -53,6 +53,7 @@ class GatedCrossAttention(nn.Module):
         # Extra channels: one per modality + the absent flag, padded to a multiple of 8 for the fused kernels.
         self.extra_dim = -(-(num_modalities + 1) // 8) * 8
         self._query_cache: tuple | None = None
+        self._onehot_cache: tuple | None = None
 
     # ------------------------------------------------------------------------------------------- queries
     def _query_sources(self, latents: torch.Tensor) -> list[torch.Tensor]:
@@ -127,7 +128,10 @@ class GatedCrossAttention(nn.Module):
         self, k: torch.Tensor, modality_index: torch.Tensor, absent: torch.Tensor | None
     ) -> torch.Tensor:
         batch, heads, length, _ = k.shape
-        onehot = F.one_hot(modality_index, self.extra_dim).to(k.dtype)  # (N, E_extra)
+        key = (modality_index.data_ptr(), length, k.dtype, k.device)
+        if self._onehot_cache is None or self._onehot_cache[0] != key:  # constant per token layout
+            self._onehot_cache = (key, F.one_hot(modality_index, self.extra_dim).to(k.dtype))
+        onehot = self._onehot_cache[1]  # (N, E_extra)
         extras = onehot.expand(batch, heads, length, self.extra_dim)
         if absent is not None:
             flag = F.one_hot(torch.full_like(modality_index, self.num_modalities), self.extra_dim).to(k.dtype)

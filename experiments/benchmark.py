@@ -243,18 +243,25 @@ def train_worker(spec: dict) -> dict:
 
     callback = Null()
     callback.init_callback(model)
-    start = time.perf_counter()
-    model.collect_rollouts(model.env, callback, model.rollout_buffer, n_steps)
-    collect_sps = n_steps * spec["n_envs"] / (time.perf_counter() - start)
-    start = time.perf_counter()
-    model.train()
-    update_s = time.perf_counter() - start
-    # env-only limit: same envs, random actions
-    venv.reset()
-    start = time.perf_counter()
-    for _ in range(n_steps):
-        venv.step(np.stack([venv.action_space.sample() for _ in range(spec["n_envs"])]))
-    env_sps = n_steps * spec["n_envs"] / (time.perf_counter() - start)
+    # Collection vs the env-only limit (same envs, random actions), interleaved round by round so that drifts
+    # in machine speed hit both; several rollouts, since one 64-step rollout was too noisy to compare.
+    collect_s = env_s = update_s = 0.0
+    rounds = spec.get("rounds", 4)
+    for _ in range(rounds):
+        start = time.perf_counter()
+        model.collect_rollouts(model.env, callback, model.rollout_buffer, n_steps)
+        collect_s += time.perf_counter() - start
+        start = time.perf_counter()
+        model.train()
+        update_s += time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(n_steps):
+            venv.step(np.stack([venv.action_space.sample() for _ in range(spec["n_envs"])]))
+        env_s += time.perf_counter() - start
+    collect_sps = rounds * n_steps * spec["n_envs"] / collect_s
+    env_sps = rounds * n_steps * spec["n_envs"] / env_s
+    update_s /= rounds
+    model._last_obs = None
     venv.close()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
@@ -287,9 +294,18 @@ def bench_train(quick: bool) -> None:
         "n_epochs": 4,
         "steps": 512 if quick else 4096,
     }
-    ours = run_worker({**spec, "policy": "perceiver"})
-    sb3_buffer = run_worker({**spec, "policy": "perceiver", "sb3_buffer": True})
-    cnn = run_worker({**spec, "policy": "cnn"})
+    configs = {
+        "ours": {**spec, "policy": "perceiver"},
+        "sb3_buffer": {**spec, "policy": "perceiver", "sb3_buffer": True},
+        "cnn": {**spec, "policy": "cnn"},
+    }
+    results = {name: [] for name in configs}
+    for _ in range(1 if quick else 2):  # alternate configurations; report the mean of the repeats
+        for name, config in configs.items():
+            results[name].append(run_worker(config))
+    ours, sb3_buffer, cnn = (
+        {k: float(np.mean([r[k] for r in results[n]])) for k in results[n][0]} for n in configs
+    )
     rows = [
         [
             "Perceiver + DeviceRolloutBuffer",
@@ -321,7 +337,7 @@ def bench_train(quick: bool) -> None:
     ]
     table(
         f"PPO on {spec['task']}, pixels {spec['image_size']} px x 3 + proprio + history, {spec['n_envs']} envs, "
-        f"n_steps {spec['n_steps']}, {spec['n_epochs']} epochs (targets: >= 1x MultiInputPolicy; collection >= 0.8x env)",
+        f"n_steps {spec['n_steps']}, {spec['n_epochs']} epochs, mean of {len(results['ours'])} alternating runs (targets: >= 1x MultiInputPolicy; collection >= 0.8x env)",
         [
             "policy / buffer",
             "learn steps/s",

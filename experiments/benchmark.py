@@ -303,38 +303,18 @@ def bench_train(quick: bool) -> None:
     for _ in range(1 if quick else 2):  # alternate configurations; report the mean of the repeats
         for name, config in configs.items():
             results[name].append(run_worker(config))
-    ours, sb3_buffer, cnn = (
-        {k: float(np.mean([r[k] for r in results[n]])) for k in results[n][0]} for n in configs
-    )
+    means = {n: {k: float(np.mean([r[k] for r in runs])) for k in runs[0]} for n, runs in results.items()}
+    labels = {
+        "ours": "Perceiver + DeviceRolloutBuffer",
+        "sb3_buffer": "Perceiver + SB3 DictRolloutBuffer",
+        "cnn": "SB3 MultiInputPolicy (NatureCNN)",
+    }
+    cnn = means["cnn"]
     rows = [
-        [
-            "Perceiver + DeviceRolloutBuffer",
-            ours["learn_sps"],
-            ours["learn_sps"] / cnn["learn_sps"],
-            ours["update_s"],
-            ours["collect_sps"],
-            ours["collect_sps"] / ours["env_sps"],
-            ours["peak_mb"],
-        ],
-        [
-            "Perceiver + SB3 DictRolloutBuffer",
-            sb3_buffer["learn_sps"],
-            sb3_buffer["learn_sps"] / cnn["learn_sps"],
-            sb3_buffer["update_s"],
-            sb3_buffer["collect_sps"],
-            sb3_buffer["collect_sps"] / sb3_buffer["env_sps"],
-            sb3_buffer["peak_mb"],
-        ],
-        [
-            "SB3 MultiInputPolicy (NatureCNN)",
-            cnn["learn_sps"],
-            1.0,
-            cnn["update_s"],
-            cnn["collect_sps"],
-            cnn["collect_sps"] / cnn["env_sps"],
-            cnn["peak_mb"],
-        ],
-    ]
+        [labels[name], m["learn_sps"], m["learn_sps"] / cnn["learn_sps"], m["update_s"], m["collect_sps"],
+         m["collect_sps"] / m["env_sps"], m["peak_mb"]]
+        for name, m in means.items()
+    ]  # fmt: skip
     table(
         f"PPO on {spec['task']}, pixels {spec['image_size']} px x 3 + proprio + history, {spec['n_envs']} envs, "
         f"n_steps {spec['n_steps']}, {spec['n_epochs']} epochs, mean of {len(results['ours'])} alternating runs (targets: >= 1x MultiInputPolicy; collection >= 0.8x env)",

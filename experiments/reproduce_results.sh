@@ -26,10 +26,12 @@ if [[ $what == *,pixels,* || $what == *,all,* ]]; then
   # PlaNet protocol; the CPU run is cut to what fits and labelled as such in docs/results.md).
   frames=${FRAMES:-24000}
   lean="--perceiver num_latents=32 latent_dim=64 self_attn_layers=1 patch_size=12 --algo batch_size=128 learning_starts=1000 buffer_size=100000"
-  jobs+=("-m experiments.train --preset cartpole-swingup-pixels --total-frames $frames $lean --eval-freq 1250 \
-    --run-name swingup-pixels-proprio-s0 $common")
-  jobs+=("-m experiments.train --preset cartpole-swingup-pixels --total-frames $frames $lean --eval-freq 1250 \
-    --modalities pixels --run-name swingup-pixelsonly-s0 $common")
+  for seed in 0 1; do
+    jobs+=("-m experiments.train --preset cartpole-swingup-pixels --total-frames $frames $lean --eval-freq 1250 \
+      --seed $seed --run-name swingup-pixels-proprio-s$seed $common")
+    jobs+=("-m experiments.train --preset cartpole-swingup-pixels --total-frames $frames $lean --eval-freq 1250 \
+      --seed $seed --modalities pixels --run-name swingup-pixelsonly-s$seed $common")
+  done
   jobs+=("-m experiments.train --preset cartpole-swingup-pixels --total-frames $frames --policy-type sb3 \
     --algo batch_size=128 learning_starts=1000 buffer_size=100000 --eval-freq 1250 --modalities pixels \
     --run-name swingup-pixelsonly-cnn-s0 $common")

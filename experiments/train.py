@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from stable_baselines3.common.callbacks import CallbackList
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.vec_env import VecNormalize
@@ -89,7 +90,7 @@ def build(config: cfg.TrainConfig, run_dir: Path, resume: bool):
     replay = checkpoint / "replay_buffer.pkl"
     if replay.exists():
         model.load_replay_buffer(replay)
-    set_rng_state(__import__("torch").load(checkpoint / "rng.pt", weights_only=False))
+    set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=False))
     model._last_obs = None  # reset the (re-seeded) envs at learn()
     print(f"resuming {run_dir} from checkpoint step {step}", flush=True)
     return model, venv, step

@@ -77,23 +77,28 @@ class SelfAttentionLayer(nn.Module):
         return x + self.drop_path(self.mlp(self.mlp_norm(x)))
 
 
-class QueryCrossAttention(nn.Module):
-    """Output queries read the latents: q + Attn(LN(q), LN(latents)); q + MLP(LN(q)).  (B, Q, D), (B, M, D) -> (B, Q, D)"""
+class CrossAttentionLayers(nn.Module):
+    """The layers of a pre-LN cross-attention block in which queries read a context: LN + q projection for the
+    queries, LN + k/v projection for the context, output projection, LN + MLP. Subclasses define `forward`."""
 
     def __init__(self, dim: int, heads: int, widening_factor: int, dropout: float, attn_dropout: float):
         super().__init__()
         self.heads, self.attn_dropout = heads, attn_dropout
         self.query_norm = nn.LayerNorm(dim)
-        self.latent_norm = nn.LayerNorm(dim)
+        self.context_norm = nn.LayerNorm(dim)
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
         self.mlp_norm = nn.LayerNorm(dim)
         self.mlp = MLP(dim, widening_factor, dropout)
 
+
+class QueryCrossAttention(CrossAttentionLayers):
+    """Output queries read the latents: q + Attn(LN(q), LN(latents)); q + MLP(LN(q)).  (B, Q, D), (B, M, D) -> (B, Q, D)"""
+
     def forward(self, queries: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         q = split_heads(self.q(self.query_norm(queries)), self.heads)
-        k, v = (split_heads(t, self.heads) for t in self.kv(self.latent_norm(latents)).chunk(2, dim=-1))
+        k, v = (split_heads(t, self.heads) for t in self.kv(self.context_norm(latents)).chunk(2, dim=-1))
         attended = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.attn_dropout if self.training else 0.0
         )

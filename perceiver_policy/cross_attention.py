@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from perceiver_policy.attention import ABSENT_LOGIT, MLP, DropPath, merge_heads, split_heads
+from perceiver_policy.attention import ABSENT_LOGIT, CrossAttentionLayers, DropPath, merge_heads, split_heads
 
 
-class GatedCrossAttention(nn.Module):
+class GatedCrossAttention(CrossAttentionLayers):
     def __init__(
         self,
         dim: int,
@@ -33,15 +33,10 @@ class GatedCrossAttention(nn.Module):
         gating: bool,
         tokens_per_modality: list[int] | None = None,
     ):
-        super().__init__()
-        self.heads, self.head_dim, self.attn_dropout, self.gating = heads, dim // heads, attn_dropout, gating
-        self.latent_norm = nn.LayerNorm(dim)
-        self.token_norm = nn.LayerNorm(dim)
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.out = nn.Linear(dim, dim)
-        self.mlp_norm = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, widening_factor, dropout)
+        super().__init__(
+            dim, heads, widening_factor, dropout, attn_dropout
+        )  # query_norm: latents, context_norm: tokens
+        self.head_dim, self.gating = dim // heads, gating
         self.dropout = nn.Dropout(dropout)
         self.num_modalities = num_modalities
         if gating:
@@ -57,7 +52,7 @@ class GatedCrossAttention(nn.Module):
 
     # ------------------------------------------------------------------------------------------- queries
     def _query_sources(self, latents: torch.Tensor) -> list[torch.Tensor]:
-        params = [latents, self.q.weight, self.q.bias, self.latent_norm.weight, self.latent_norm.bias]
+        params = [latents, self.q.weight, self.q.bias, self.query_norm.weight, self.query_norm.bias]
         return params + ([self.modality_bias, self.gate_logits] if self.gating else [])
 
     def latent_queries(self, latents: torch.Tensor, with_extras: bool) -> torch.Tensor:
@@ -75,7 +70,7 @@ class GatedCrossAttention(nn.Module):
             if self._query_cache is not None and self._query_cache[0] == key:
                 return self._query_cache[1]
         with torch.autocast(latents.device.type, enabled=False):
-            q = split_heads(self.q(self.latent_norm(latents)).unsqueeze(0), self.heads)  # (1, H, M, dh)
+            q = split_heads(self.q(self.query_norm(latents)).unsqueeze(0), self.heads)  # (1, H, M, dh)
             if with_extras:
                 q = torch.cat([q, self._query_extras(latents.shape[0], q.dtype, q.device)], dim=-1)
         if cacheable:
@@ -112,7 +107,7 @@ class GatedCrossAttention(nn.Module):
         batch = tokens.shape[0]
         with_extras = self.gating or absent is not None
         q = self.latent_queries(latents, with_extras).expand(batch, -1, -1, -1)  # (B, H, M, E)
-        k, v = (split_heads(t, self.heads) for t in self.kv(self.token_norm(tokens)).chunk(2, dim=-1))
+        k, v = (split_heads(t, self.heads) for t in self.kv(self.context_norm(tokens)).chunk(2, dim=-1))
         if with_extras:
             k = torch.cat([k, self._key_extras(k, modality_index, absent)], dim=-1)  # (B, H, N, E)
         scale = self.head_dim**-0.5

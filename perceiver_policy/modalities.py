@@ -157,8 +157,12 @@ class ModalityAdapter(nn.Module):
     def project(self, content: torch.Tensor) -> torch.Tensor:
         return self.content(content)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Content tokens (B, N, D), before position features."""
+        return self.project(self.tokens_content(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.project(self.tokens_content(x))  # (B, N, D)
+        tokens = self.embed(x)  # (B, N, D)
         if self.use_position:
             tokens = tokens + self.position(self.position_features)  # (N, D) broadcast over the batch
         return tokens
@@ -186,17 +190,14 @@ class ImageAdapter(ModalityAdapter):
     def project(self, content: torch.Tensor) -> torch.Tensor:
         return F.linear(content, *self._folded())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
         # (B, F*C, H, W) uint8 -> (B, F*Hp*Wp, D), tokens ordered (frame, patch row, patch col)
         p, c = self.spec.stride, self.spec.channels_per_frame
         batch, channels, height, width = x.shape
         frames = x.reshape(batch * (channels // c), c, height, width).float()
         weight, bias = self._folded()
         out = F.conv2d(frames, weight.view(-1, c, p, p), bias, stride=p)  # (B*F, D, Hp, Wp)
-        tokens = out.flatten(2).transpose(1, 2).reshape(batch, -1, out.shape[1])
-        if self.use_position:
-            tokens = tokens + self.position(self.position_features)
-        return tokens
+        return out.flatten(2).transpose(1, 2).reshape(batch, -1, out.shape[1])
 
 
 class VectorAdapter(ModalityAdapter):

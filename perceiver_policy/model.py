@@ -134,8 +134,11 @@ class PerceiverEncoder(nn.Module):
             everything = drop.all(dim=1)
             keep = torch.randint(len(present), (batch,), device=device)
             drop[everything, keep[everything]] = False  # never drop all of a sample's modalities
-            flags = drop if flags is None else flags | drop
-            flags[flags.all(dim=1), 0] = False
+            if flags is None:
+                flags = drop
+            else:  # on top of the caller's flags; where that would leave nothing, keep the caller's flags only
+                combined = flags | drop
+                flags = torch.where(combined.all(dim=1, keepdim=True), flags, combined)
         return flags
 
     def forward(

@@ -373,3 +373,14 @@ def test_pixels_are_scaled_to_minus_half_plus_half(dict_space):
     torch.testing.assert_close(adapter(pixels), explicit, atol=1e-4, rtol=1e-4)
     # patch 0 of frame 0 is the top-left 8x8 block of the first three channels
     torch.testing.assert_close(content[0, 0], pixels[0, :3, :8, :8].reshape(-1).float())
+
+
+def test_modality_dropout_never_revives_a_modality_the_caller_flagged_absent(dict_space):
+    torch.manual_seed(0)
+    encoder = PerceiverEncoder(dict_space, small(modality_dropout=0.9)).train()
+    assert encoder.names[0] == "action_history"  # the column the old fallback re-enabled
+    absent = {"action_history": torch.ones(512, dtype=torch.bool)}
+    flags = encoder._absent_flags((0, 1, 2), 512, absent, torch.device("cpu"))
+    assert flags[:, 0].all()  # still absent everywhere
+    assert not flags.all(dim=1).any()  # and every sample keeps a modality
+    assert flags[:, 1:].any()  # dropout still acts on the others

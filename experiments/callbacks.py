@@ -65,6 +65,7 @@ class EvalCallback(PeriodicCallback):
         self.task, self.env_kwargs, self.episodes = task, env_kwargs, episodes
         self.run_dir, self.action_repeat, self.video, self.seed = run_dir, action_repeat, video, seed
         self.history: list[tuple[int, float]] = []
+        self.last_frames: np.ndarray | None = None  # (T, H, W, 3) of the latest evaluation's first episode
         self.seconds = 0.0
 
     def evaluate_now(self) -> dict:
@@ -81,6 +82,7 @@ class EvalCallback(PeriodicCallback):
         self.logger.record("perf/latency_p95_ms", summary["latency_p95_ms"])
         self.logger.record("charts/frames", step * self.action_repeat)
         writer = tensorboard_writer(self.logger)
+        self.last_frames = result.frames
         if result.frames is not None and writer is not None:
             add_video(writer, "eval/video", result.frames, step)
         self.logger.dump(step)
@@ -98,6 +100,7 @@ class PerceiverMetricsCallback(PeriodicCallback):
         super().__init__(every)
         self.latency_repeats = latency_repeats
         self._first_moments: dict | None = None
+        self._cross_attn_gflops: float | None = None
         self._last = None
         self.seconds = 0.0
         self._start = None
@@ -138,8 +141,11 @@ class PerceiverMetricsCallback(PeriodicCallback):
             for name, (mean, std) in moments.items():
                 mean0, std0 = self._first_moments.get(name, (mean, std))
                 self.logger.record(f"perceiver/fourier_drift/{name}", abs(mean - mean0) + abs(std - std0))
-            flops = count_flops(policy.observation_space, encoder.config)
-            self.logger.record("perf/cross_attn_gflops", flops["cross_attn"] / 1e9)
+            if self._cross_attn_gflops is None:  # analytic and constant for a run
+                self._cross_attn_gflops = (
+                    count_flops(policy.observation_space, encoder.config)["cross_attn"] / 1e9
+                )
+            self.logger.record("perf/cross_attn_gflops", self._cross_attn_gflops)
             self._log_heatmap(capture)
             self._log_latency(obs)
         self.logger.record("perf/memory_mb", _peak_memory_mb(self.model.device))

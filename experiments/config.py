@@ -19,7 +19,6 @@ from pathlib import Path
 
 import yaml
 
-import envs
 from agents.factory import ALGORITHMS, POLICY_TYPES
 from envs.dmc import MODALITIES, TASKS
 from envs.rendering import RENDER_BACKENDS
@@ -248,6 +247,3 @@ def save(config: TrainConfig, path: Path) -> None:
 
 def load(path: Path) -> TrainConfig:
     return from_dict(yaml.safe_load(Path(path).read_text()))
-
-
-assert envs  # imported for the dmc/ registrations used by callers

@@ -155,13 +155,8 @@ def finish(
         for step, value in evaluator.history:
             writer.writerow([step, step * config.action_repeat, f"{value:.3f}"])
     video_path = None
-    if config.eval_video:
-        from experiments.evaluation import evaluate_policy
-
-        result = evaluate_policy(
-            model, config.task, config.env_kwargs(), 1, seed=10_000 + config.seed, video=True
-        )
-        video_path = write_mp4(eval_dir / f"final_step_{model.num_timesteps}.mp4", result.frames)
+    if evaluator.last_frames is not None:  # the final evaluation's first episode, already rendered
+        video_path = write_mp4(eval_dir / f"final_step_{model.num_timesteps}.mp4", evaluator.last_frames)
     tb = tensorboard_writer(model.logger)
     if tb is not None:
         hparams = {

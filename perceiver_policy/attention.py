@@ -92,9 +92,23 @@ class CrossAttentionLayers(nn.Module):
         self.mlp_norm = nn.LayerNorm(dim)
         self.mlp = MLP(dim, widening_factor, dropout)
 
+    # Names the layer norms had before encoder and decoder shared this base (old name -> current name): checkpoints
+    # saved before that rename still load.
+    legacy_names: dict[str, str] = {}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for old, new in self.legacy_names.items():
+            for field in ("weight", "bias"):
+                old_key, new_key = f"{prefix}{old}.{field}", f"{prefix}{new}.{field}"
+                if old_key in state_dict and new_key not in state_dict:
+                    state_dict[new_key] = state_dict.pop(old_key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 class QueryCrossAttention(CrossAttentionLayers):
     """Output queries read the latents: q + Attn(LN(q), LN(latents)); q + MLP(LN(q)).  (B, Q, D), (B, M, D) -> (B, Q, D)"""
+
+    legacy_names = {"latent_norm": "context_norm"}
 
     def forward(self, queries: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         q = split_heads(self.q(self.query_norm(queries)), self.heads)

@@ -21,6 +21,8 @@ from perceiver_policy.attention import ABSENT_LOGIT, CrossAttentionLayers, DropP
 
 
 class GatedCrossAttention(CrossAttentionLayers):
+    legacy_names = {"latent_norm": "query_norm", "token_norm": "context_norm"}
+
     def __init__(
         self,
         dim: int,

@@ -78,6 +78,29 @@ def test_sac_save_load_round_trip(tmp_path):
     venv.close()
 
 
+def test_checkpoint_with_pre_rename_layer_norm_names_still_loads():
+    venv = pixel_env()
+    model = agents.make_agent("sac", venv, perceiver=TINY, device="cpu", buffer_size=100)
+    old_names = {  # the cross-attention layer-norm names of checkpoints saved before the shared base class
+        "encoder.cross_attention.query_norm.": "encoder.cross_attention.latent_norm.",
+        "encoder.cross_attention.context_norm.": "encoder.cross_attention.token_norm.",
+        "decoder.attend.context_norm.": "decoder.attend.latent_norm.",
+    }
+    legacy = {}
+    for key, value in model.policy.state_dict().items():
+        for new, old in old_names.items():
+            key = key.replace(new, old)
+        legacy[key] = value
+    assert sum("latent_norm" in k or "token_norm" in k for k in legacy) == 10
+    fresh = agents.make_agent("sac", venv, perceiver=TINY, device="cpu", buffer_size=100, seed=1)
+    fresh.policy.load_state_dict(legacy)  # strict: every current parameter found, nothing left over
+    obs = venv.reset()
+    np.testing.assert_array_equal(
+        model.predict(obs, deterministic=True)[0], fresh.predict(obs, deterministic=True)[0]
+    )
+    venv.close()
+
+
 def test_policy_importable_by_dotted_path():
     assert pydoc.locate("perceiver_policy.PerceiverActorCriticPolicy") is PerceiverActorCriticPolicy
     assert pydoc.locate("perceiver_policy.PerceiverSACPolicy") is PerceiverSACPolicy

@@ -136,6 +136,11 @@ class FrameReplayBuffer(BaseBuffer):
         if self.pos == self.buffer_size:
             self.full, self.pos = True, 0
 
+    def truncate_last_trajectory(self) -> None:
+        """The next `add` starts new episodes (as after a resumed run re-creates its envs). The transitions
+        already stored keep their own next_obs, so they stay valid and bootstrap as before."""
+        self._episode_start[:] = True
+
     # ------------------------------------------------------------------------------------------------ reads
     def _valid(self, index: np.ndarray, env: np.ndarray) -> np.ndarray:
         oldest_kept = self.frames_pushed[env] - self.frame_capacity

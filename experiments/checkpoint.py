@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from stable_baselines3.common.save_util import load_from_pkl
 
 PREFIX = "step_"
 COMPLETE = "meta.json"  # written last: a checkpoint directory without it is not a checkpoint
@@ -46,6 +47,17 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_replay_buffer(model, path: Path) -> None:
+    """Put a saved replay buffer back into an off-policy model. Unlike SB3's `load_replay_buffer` this takes any
+    buffer class (ours, `FrameReplayBuffer`, is not a `ReplayBuffer` subclass). A resumed run restarts its envs,
+    so buffers that track the running episode are told it ended."""
+    buffer = load_from_pkl(path)
+    buffer.device = model.device
+    if hasattr(buffer, "truncate_last_trajectory"):
+        buffer.truncate_last_trajectory()
+    model.replay_buffer = buffer
 
 
 def save_checkpoint(

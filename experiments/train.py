@@ -31,7 +31,14 @@ from experiments.callbacks import (
     ProgressCallback,
     tensorboard_writer,
 )
-from experiments.checkpoint import CheckpointError, latest_checkpoint, load_model, read_meta, set_rng_state
+from experiments.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_model,
+    load_replay_buffer,
+    read_meta,
+    set_rng_state,
+)
 from experiments.evaluation import write_mp4
 from experiments.tb import PurgingTensorBoardFormat
 
@@ -89,7 +96,7 @@ def build(config: cfg.TrainConfig, run_dir: Path, resume: bool):
     )
     replay = checkpoint / "replay_buffer.pkl"
     if replay.exists():
-        model.load_replay_buffer(replay)
+        load_replay_buffer(model, replay)
     set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=False))
     model._last_obs = None  # reset the (re-seeded) envs at learn()
     print(f"resuming {run_dir} from checkpoint step {step}", flush=True)

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from stable_baselines3.common.save_util import load_from_pkl
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from experiments.checkpoint import list_checkpoints, read_meta
@@ -59,7 +60,7 @@ def cli(*args, check=True, timeout=300, **kwargs):
 
 
 def ppo_run(root, name: str, total_steps: int, every: int = 1000, *extra: str) -> list[str]:
-    """A tiny PPO training command: evals and checkpoints every `every` agent steps, no video."""
+    """A tiny training command (PPO unless `extra` says otherwise): evals and checkpoints every `every` agent steps, no video."""
     return [
         "experiments.train", "--task", "cartpole-balance", *TINY, "--algo", "n_steps=16", "batch_size=32",
         "--total-steps", str(total_steps), "--eval-freq", str(every), "--checkpoint-freq", str(every),
@@ -140,6 +141,18 @@ def test_sigkill_then_resume_continues_from_the_checkpoint(tmp_path):
     steps = [event.step for event in tags(run_dir).Scalars("eval/return_mean")]
     assert steps == sorted(set(steps)), steps  # the axis never restarts nor repeats
     assert steps[-1] == final_step and any(s <= killed_step for s in steps)
+
+
+def test_sac_resume_continues_the_saved_replay_buffer(tmp_path):
+    sac = ["--algorithm", "sac", "--algo", "learning_starts=32", "batch_size=16", "buffer_size=1000"]
+    cli(*ppo_run(tmp_path, "sac", 64, 64, "--perceiver-log-freq", "0", *sac))
+    result = cli("experiments.train", "--resume", str(tmp_path / "sac"), "--total-steps", "128")
+    assert "from checkpoint step 64" in result.stdout
+    checkpoint = list_checkpoints(tmp_path / "sac" / "checkpoints")[-1]
+    assert read_meta(checkpoint)["step"] == 128
+    buffer = load_from_pkl(checkpoint / "replay_buffer.pkl")
+    assert type(buffer).__name__ == "FrameReplayBuffer"
+    assert buffer.pos * buffer.n_envs == 128  # the 64 steps before the resume are still in it
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,13 @@ jobs=()
 
 if [[ $what == *,states,* || $what == *,all,* ]]; then
   # PPO from proprio + action history, ours vs SB3 MultiInputPolicy (MLP), same hyper-parameters, 500k frames
-  # (action repeat 4: 125k agent steps, so 3 seeds x 2 policies fit on 2 CPU cores in about 20 minutes).
-  for seed in 0 1 2; do
-    for policy in perceiver sb3; do
-      jobs+=("-m experiments.train --preset cartpole-swingup-states --action-repeat 4 --policy-type $policy --seed $seed \
-        --run-name swingup-states-$policy-s$seed --eval-freq 12500 $common")
+  # (action repeat 4: 125k agent steps; per task, 3 seeds x 2 policies take about 50 minutes on 2 CPU cores).
+  for task in cartpole-swingup:swingup walker-walk:walker; do
+    for seed in 0 1 2; do
+      for policy in perceiver sb3; do
+        jobs+=("-m experiments.train --preset ${task%%:*}-states --action-repeat 4 --policy-type $policy --seed $seed \
+          --run-name ${task##*:}-states-$policy-s$seed --eval-freq 12500 $common")
+      done
     done
   done
 fi
@@ -35,6 +37,11 @@ if [[ $what == *,pixels,* || $what == *,all,* ]]; then
   jobs+=("-m experiments.train --preset cartpole-swingup-pixels --total-frames $frames --policy-type sb3 \
     --algo batch_size=128 learning_starts=1000 buffer_size=100000 --eval-freq 1250 --modalities pixels \
     --run-name swingup-pixelsonly-cnn-s0 $common")
+  # walker-walk, action repeat 2: WALKER_FRAMES frames (100k in the protocol; ~1 h per 12k frames on a CPU core).
+  for seed in 0 1; do
+    jobs+=("-m experiments.train --preset walker-walk-pixels --total-frames ${WALKER_FRAMES:-12000} $lean \
+      --eval-freq 1000 --seed $seed --run-name walker-pixels-proprio-s$seed $common")
+  done
 fi
 if [[ $what == *,missing,* || $what == *,all,* ]]; then
   # The make-train demo with and without modality dropout, for the missing-modality evaluation.

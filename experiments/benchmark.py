@@ -1,4 +1,4 @@
-"""Benchmarks (not tests): `python -m experiments.benchmark env|policy|train|all [--quick]`.
+"""Benchmarks (not tests): `python -m experiments.benchmark env|policy|train|sac|all [--quick]`.
 
 Every table compares alternatives measured side by side in the same run and reports ratios; quote them with
 the machine (printed first). Timings use `time.perf_counter` after warm-up; latency is per call, p50/p95.
@@ -384,7 +384,7 @@ def bench_gpu_rollouts(quick: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["env", "policy", "train", "all", "train-worker"])
+    parser.add_argument("what", choices=["env", "policy", "train", "sac", "all", "train-worker"])
     parser.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument(
         "--quick", action="store_true", help="fewer repetitions: a few minutes on 2 CPU cores"
@@ -402,6 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.what in ("train", "all"):
         bench_train(args.quick)
         bench_gpu_rollouts(args.quick)
+    if args.what in ("train", "sac", "all"):
+        from experiments.benchmark_sac import bench_sac
+
+        bench_sac(args.quick, table)
     return 0
 
 

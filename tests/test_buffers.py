@@ -5,7 +5,7 @@ from gymnasium import spaces
 from stable_baselines3.common.buffers import DictReplayBuffer, DictRolloutBuffer
 
 from agents import DeviceRolloutBuffer, FrameReplayBuffer
-from agents.augment import random_shift
+from agents.augment import random_shift, shifted_windows
 
 OBS = spaces.Dict(
     {
@@ -187,3 +187,19 @@ def test_random_shift_is_a_replicate_padded_crop():
         match = (windows == y[b].float()[:, None, None]).all(-1).all(-1).all(0)
         assert match.any()
     assert torch.equal(random_shift(x, pad=0), x)
+
+
+def test_shifted_windows_equal_clamped_index_gather():
+    x = torch.randint(0, 256, (64, 9, 20, 24), dtype=torch.uint8)
+    offsets = torch.randint(0, 9, (2, 64))
+    offsets[:, :2] = torch.tensor([[0, 8], [8, 0]])  # both extreme corners
+    rows = (torch.arange(20) + offsets[0, :, None] - 4).clamp(0, 19)  # (B, H): replicate padding = clamping
+    cols = (torch.arange(24) + offsets[1, :, None] - 4).clamp(0, 23)  # (B, W)
+    expected = x[
+        torch.arange(64)[:, None, None, None],
+        torch.arange(9)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
+    assert torch.equal(shifted_windows(x, offsets, 4), expected)
+    assert torch.equal(shifted_windows(x, torch.full((2, 64), 4), 4), x)  # centre window: no shift

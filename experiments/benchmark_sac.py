@@ -1,0 +1,85 @@
+"""SAC update cost on pixels: `python -m experiments.benchmark sac [--quick]` (also part of `train` and `all`).
+
+One update = replay sample + DrQ shifts + critic, actor and temperature steps, at batch 128 on cartpole-swingup
+pixels 84 px x 3 frames + proprio + action history. PerceiverSAC + FrameReplayBuffer against SB3's SAC with
+`MultiInputPolicy` (NatureCNN) + DictReplayBuffer, and the replay/augmentation kernels against the
+alternatives they replaced, all measured side by side in this process.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+import envs
+from agents import make_agent
+from agents.augment import shifted_windows
+
+BATCH = 128
+
+
+def seconds_per_call(fn, repeats: int) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def clamped_index_shift(pixels: torch.Tensor, offsets: torch.Tensor, pad: int) -> torch.Tensor:
+    """The first `random_shift` (advanced indexing with clamped indices), kept here as the comparison."""
+    batch, channels, height, width = pixels.shape
+    rows = (torch.arange(height) + offsets[0, :, None] - pad).clamp_(0, height - 1)  # (B, H)
+    cols = (torch.arange(width) + offsets[1, :, None] - pad).clamp_(0, width - 1)  # (B, W)
+    index = torch.arange(batch)[:, None, None, None], torch.arange(channels)[None, :, None, None]
+    return pixels[(*index, rows[:, None, :, None], cols[:, None, None, :])]
+
+
+def bench_sac(quick: bool, table) -> None:
+    fill, updates = (300, 4) if quick else (600, 20)
+    venv = envs.make_vec_env("cartpole-swingup", n_envs=1, seed=0, image_size=84, action_repeat=8)
+    common = dict(device="cpu", seed=0, batch_size=BATCH, buffer_size=10_000, learning_starts=fill)
+    models = {
+        "PerceiverSAC + FrameReplayBuffer (DrQ shifts)": make_agent("sac", venv, **common),
+        "SB3 SAC, MultiInputPolicy (NatureCNN) + DictReplayBuffer": make_agent(
+            "sac", venv, policy_type="sb3", **common
+        ),
+    }
+    for model in models.values():
+        model.learn(fill)  # random actions until learning_starts: fills the buffer, no update yet
+    times = {name: [] for name in models}
+    for _ in range(updates):  # alternate the two, so that drifts in machine speed hit both
+        for name, model in models.items():
+            start = time.perf_counter()
+            model.train(gradient_steps=1, batch_size=BATCH)
+            times[name].append(time.perf_counter() - start)
+    baseline = float(np.median(times[list(models)[1]]))
+    rows = [
+        [name, float(np.median(t)), 1 / float(np.median(t)), baseline / float(np.median(t))]
+        for name, t in times.items()
+    ]
+    table(
+        f"SAC update, batch {BATCH}, cartpole-swingup pixels 84 px x 3 + proprio + history, median of {updates}",
+        ["agent", "s / update", "updates / s", "speed vs SB3 SAC"],
+        rows,
+    )
+    ours = models[list(models)[0]].replay_buffer
+    theirs = models[list(models)[1]].replay_buffer
+    repeats = 5 if quick else 20
+    pixels = ours.sample(BATCH).observations["pixels"]  # (B, 9, 84, 84) uint8
+    offsets = torch.randint(0, 9, (2, BATCH))
+    slots = torch.as_tensor(np.random.randint(0, fill, (BATCH, ours.frame_stack)))
+    envs_index = torch.zeros(BATCH, 1, dtype=torch.long)
+    kernels = [
+        ["replay sample, FrameReplayBuffer (frame rows by index_select)", seconds_per_call(lambda: ours.sample(BATCH), repeats)],
+        ["replay sample, SB3 DictReplayBuffer", seconds_per_call(lambda: theirs.sample(BATCH), repeats)],
+        ["frame gather: frames[slots, envs] (advanced indexing, the first version)", seconds_per_call(lambda: ours.frames[slots, envs_index], repeats)],
+        ["DrQ shift: one index_select of padded rows", seconds_per_call(lambda: shifted_windows(pixels, offsets, 4), repeats)],
+        ["DrQ shift: clamped-index gather (the first version)", seconds_per_call(lambda: clamped_index_shift(pixels, offsets, 4), repeats)],
+    ]  # fmt: skip
+    table(
+        f"SAC data path on the CPU, batch {BATCH}", ["operation", "ms"], [[n, 1000 * s] for n, s in kernels]
+    )
+    venv.close()

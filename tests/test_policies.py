@@ -8,6 +8,7 @@ from gymnasium import spaces
 from stable_baselines3 import A2C, PPO
 
 import agents
+from agents.augment import shifted_windows
 import envs
 from perceiver_policy import PerceiverActorCriticPolicy, PerceiverSACPolicy
 
@@ -257,6 +258,9 @@ def test_gpu_rollouts_bf16_and_device_buffers():
     )
     sac.learn(48)
     assert sac.replay_buffer.frames.device.type == "cuda"
+    pixels, offsets = torch.randint(0, 256, (4, 9, 32, 32), dtype=torch.uint8), torch.randint(0, 9, (2, 4))
+    on_gpu = shifted_windows(pixels.cuda(), offsets.cuda(), 4).cpu()
+    assert torch.equal(on_gpu, shifted_windows(pixels, offsets, 4))
     venv.close()
 
 

@@ -8,8 +8,8 @@ from gymnasium import spaces
 from stable_baselines3 import A2C, PPO
 
 import agents
-from agents.augment import shifted_windows
 import envs
+from agents.augment import shifted_windows
 from perceiver_policy import PerceiverActorCriticPolicy, PerceiverSACPolicy
 
 TINY = {"num_latents": 8, "latent_dim": 32, "patch_size": 8, "fourier_bands": 4}

@@ -105,7 +105,8 @@ def build(config: cfg.TrainConfig, run_dir: Path, resume: bool):
 
 def run(config: cfg.TrainConfig, run_dir: Path, resume: bool = False) -> dict:
     model, venv, start_step = build(config, run_dir, resume)
-    model.set_logger(make_logger(run_dir, purge_step=start_step if resume else None))
+    # Events after the checkpoint's step are dropped; those at its step (its evaluation) describe the restored state.
+    model.set_logger(make_logger(run_dir, purge_step=start_step + 1 if resume else None))
     env_kwargs = config.env_kwargs()
     evaluator = EvalCallback(
         config.eval_freq,

@@ -243,3 +243,10 @@ def test_curriculum_adds_modalities_at_the_given_step(tmp_path):
     cli(*ppo_run(tmp_path, "cur", 128, 1000, "--perceiver-log-freq", "0", "--curriculum", stages))
     pixels = [(e.step, e.value) for e in tags(tmp_path / "cur").Scalars("curriculum/pixels")]
     assert pixels[0][1] == 0.0 and pixels[-1][1] == 1.0 and pixels[-1][0] >= 64
+
+
+def test_benchmark_sac_prints_its_tables():  # plumbing only: benchmarks report timings, tests never assert them
+    result = cli("experiments.benchmark", "sac", "--quick")
+    assert "### SAC update" in result.stdout and "### SAC data path" in result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 2 + 2 + 5  # two headers, two agents, five kernels

@@ -65,6 +65,7 @@ class EvalCallback(PeriodicCallback):
         self.task, self.env_kwargs, self.episodes = task, env_kwargs, episodes
         self.run_dir, self.action_repeat, self.video, self.seed = run_dir, action_repeat, video, seed
         self.history: list[tuple[int, float]] = []
+        self.last_summary: dict | None = None
         self.last_frames: np.ndarray | None = None  # (T, H, W, 3) of the latest evaluation's first episode
         self.seconds = 0.0
 
@@ -73,7 +74,7 @@ class EvalCallback(PeriodicCallback):
         result = evaluate_policy(
             self.model, self.task, self.env_kwargs, self.episodes, seed=self.seed, video=self.video
         )
-        summary = result.summary()
+        summary = self.last_summary = result.summary()
         step = self.num_timesteps
         self.history.append((step, summary["return_mean"]))
         for key in ("return_mean", "return_std", "length_mean"):
@@ -91,6 +92,12 @@ class EvalCallback(PeriodicCallback):
 
     def _fire(self) -> None:
         self.evaluate_now()
+
+    def final_evaluation(self) -> dict:
+        """The evaluation at the current step: the periodic one when it just ran, else a new one."""
+        if self.history and self.history[-1][0] == self.num_timesteps:
+            return self.last_summary
+        return self.evaluate_now()
 
 
 class PerceiverMetricsCallback(PeriodicCallback):
@@ -192,6 +199,8 @@ class CheckpointCallback(PeriodicCallback):
         self.directory, self.keep, self.with_replay_buffer = directory, keep, with_replay_buffer
 
     def save_now(self) -> Path:
+        """Checkpoint the current step. At the end of a run this rewrites a periodic checkpoint of the same step on
+        purpose: SB3 calls callbacks before it stores the step's transition, so that one lacks it in its replay."""
         return save_checkpoint(
             self.model,
             self.directory,

@@ -142,7 +142,7 @@ def run(config: cfg.TrainConfig, run_dir: Path, resume: bool = False) -> dict:
                 progress_bar=False,
             )
         evaluator.init_callback(model)
-        final = evaluator.evaluate_now()
+        final = evaluator.final_evaluation()
         checkpoints.init_callback(model)
         checkpoints.save_now()
     finally:
@@ -219,7 +219,12 @@ def main(argv: list[str] | None = None) -> int:
             config = cfg.load(run_dir / "config.yaml")
             if args.total_steps is not None:  # extend (or shorten) the run's budget
                 config.total_steps, config.total_frames = args.total_steps, None
-                cfg.save(config, run_dir / "config.yaml")
+            step = int(read_meta(latest_checkpoint(run_dir))["step"])
+            if step >= config.total_steps:
+                print(f"{run_dir} is at step {step}, its budget is {config.total_steps} steps: nothing to train "
+                      f"(pass a larger --total-steps to continue)")  # fmt: skip
+                return 0
+            cfg.save(config, run_dir / "config.yaml")
             run(config, run_dir, resume=True)
         else:
             config = cfg.resolve(args)

@@ -153,6 +153,12 @@ def test_sac_resume_continues_the_saved_replay_buffer(tmp_path):
     buffer = load_from_pkl(checkpoint / "replay_buffer.pkl")
     assert type(buffer).__name__ == "FrameReplayBuffer"
     assert buffer.pos * buffer.n_envs == 128  # the 64 steps before the resume are still in it
+    # budgets that are multiples of --eval-freq: one evaluation per step, not a periodic plus a final one
+    assert [event.step for event in tags(tmp_path / "sac").Scalars("eval/return_mean")] == [64, 128]
+    history = (tmp_path / "sac" / "eval" / "history.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in history[1:]] == ["64", "128"]
+    again = cli("experiments.train", "--resume", str(tmp_path / "sac"))
+    assert "is at step 128, its budget is 128 steps: nothing to train" in again.stdout
 
 
 @pytest.fixture(scope="module")

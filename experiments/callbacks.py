@@ -65,7 +65,7 @@ class EvalCallback(PeriodicCallback):
         self.task, self.env_kwargs, self.episodes = task, env_kwargs, episodes
         self.run_dir, self.action_repeat, self.video, self.seed = run_dir, action_repeat, video, seed
         self.history: list[tuple[int, float]] = []
-        self.last_summary: dict | None = None
+        self._total: int | None = None
         self.last_frames: np.ndarray | None = None  # (T, H, W, 3) of the latest evaluation's first episode
         self.seconds = 0.0
 
@@ -74,7 +74,7 @@ class EvalCallback(PeriodicCallback):
         result = evaluate_policy(
             self.model, self.task, self.env_kwargs, self.episodes, seed=self.seed, video=self.video
         )
-        summary = self.last_summary = result.summary()
+        summary = result.summary()
         step = self.num_timesteps
         self.history.append((step, summary["return_mean"]))
         for key in ("return_mean", "return_std", "length_mean"):
@@ -90,14 +90,15 @@ class EvalCallback(PeriodicCallback):
         self.seconds += time.perf_counter() - start
         return summary
 
-    def _fire(self) -> None:
-        self.evaluate_now()
+    def _on_training_start(self) -> None:
+        super()._on_training_start()
+        self._total = self.locals.get("total_timesteps")  # SB3's absolute budget of this learn() call
 
-    def final_evaluation(self) -> dict:
-        """The evaluation at the current step: the periodic one when it just ran, else a new one."""
-        if self.history and self.history[-1][0] == self.num_timesteps:
-            return self.last_summary
-        return self.evaluate_now()
+    def _fire(self) -> None:
+        # Not in the budget's last steps: the run's final evaluation, of the model after its last update, follows
+        # (an evaluation here would see the model before it and label the same step twice).
+        if self._total is None or self.num_timesteps < self._total:
+            self.evaluate_now()
 
 
 class PerceiverMetricsCallback(PeriodicCallback):

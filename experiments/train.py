@@ -142,7 +142,7 @@ def run(config: cfg.TrainConfig, run_dir: Path, resume: bool = False) -> dict:
                 progress_bar=False,
             )
         evaluator.init_callback(model)
-        final = evaluator.final_evaluation()
+        final = evaluator.evaluate_now()
         checkpoints.init_callback(model)
         checkpoints.save_now()
     finally:

@@ -288,3 +288,16 @@ def test_ppo_with_env_side_modality_dropout():
     stored = model.rollout_buffer.observations[envs.ABSENT_KEY]
     assert stored.shape == (16, 2, 3) and stored.any()  # the flags the update sees are the rollout's
     venv.close()
+
+
+def test_sac_with_env_side_modality_dropout():
+    venv = pixel_env(modality_dropout=0.3)
+    model = agents.make_agent(
+        "sac", venv, perceiver=TINY, device="cpu", learning_starts=32, batch_size=16, buffer_size=500
+    )
+    model.learn(96)
+    buffer = model.replay_buffer
+    flags = buffer.observations[envs.ABSENT_KEY][: buffer.pos]  # replayed with the transitions they came with
+    assert flags.shape == (48, 2, 3) and 0 < flags.mean() < 1
+    assert (buffer.next_observations[envs.ABSENT_KEY][: buffer.pos] != flags).any()  # drawn anew every step
+    venv.close()

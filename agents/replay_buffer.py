@@ -136,6 +136,21 @@ class FrameReplayBuffer(BaseBuffer):
         if self.pos == self.buffer_size:
             self.full, self.pos = True, 0
 
+    # ------------------------------------------------------------------------------------------------ saving
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["frames"] = (
+            self.frames.cpu()
+        )  # pickled from host memory: loads on a machine without that GPU too
+        state["storage_device"] = torch.device("cpu")
+        return state
+
+    def set_device(self, device: torch.device | str) -> None:
+        """Serve samples on `device`, keeping the frames there when they fit (as at construction)."""
+        self.device = torch.device(device)
+        self.storage_device = choose_storage_device(self.device, self.frames.numel())
+        self.frames = self.frames.to(self.storage_device)
+
     def truncate_last_trajectory(self) -> None:
         """The next `add` starts new episodes (as after a resumed run re-creates its envs). The transitions
         already stored keep their own next_obs, so they stay valid and bootstrap as before."""

@@ -54,7 +54,10 @@ def load_replay_buffer(model, path: Path) -> None:
     buffer class (ours, `FrameReplayBuffer`, is not a `ReplayBuffer` subclass). A resumed run restarts its envs,
     so buffers that track the running episode are told it ended."""
     buffer = load_from_pkl(path)
-    buffer.device = model.device
+    if hasattr(buffer, "set_device"):  # FrameReplayBuffer: frames back onto the GPU when they fit
+        buffer.set_device(model.device)
+    else:
+        buffer.device = model.device
     if hasattr(buffer, "truncate_last_trajectory"):
         buffer.truncate_last_trajectory()
     model.replay_buffer = buffer

@@ -1,3 +1,5 @@
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -126,6 +128,11 @@ def test_frame_replay_returns_exactly_what_was_stored_across_episode_ends_and_ti
         assert float(sample.dones[i]) == float(d[e])
     random_batch = buffer.sample(16)
     assert random_batch.observations["pixels"].shape == (16, 6, 4, 4)
+    restored = pickle.loads(pickle.dumps(buffer))  # what a checkpoint holds
+    restored.set_device("cpu")
+    again = restored._get_samples(index, envs_)
+    assert torch.equal(again.observations["pixels"], sample.observations["pixels"])
+    assert torch.equal(again.next_observations["proprio"], sample.next_observations["proprio"])
 
 
 def test_frame_replay_never_samples_overwritten_frames():

@@ -1,3 +1,4 @@
+import pickle
 import pydoc
 
 import gymnasium as gym
@@ -261,6 +262,12 @@ def test_gpu_rollouts_bf16_and_device_buffers():
     pixels, offsets = torch.randint(0, 256, (4, 9, 32, 32), dtype=torch.uint8), torch.randint(0, 9, (2, 4))
     on_gpu = shifted_windows(pixels.cuda(), offsets.cuda(), 4).cpu()
     assert torch.equal(on_gpu, shifted_windows(pixels, offsets, 4))
+    restored = pickle.loads(pickle.dumps(sac.replay_buffer))  # saved from the GPU, loadable anywhere
+    assert restored.frames.device.type == "cpu" and torch.equal(
+        restored.frames, sac.replay_buffer.frames.cpu()
+    )
+    restored.set_device("cuda")
+    assert restored.frames.device.type == "cuda" and restored.sample(4).actions.device.type == "cuda"
     venv.close()
 
 

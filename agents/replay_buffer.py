@@ -65,12 +65,9 @@ class FrameReplayBuffer(BaseBuffer):
         self.frame_shape = (channels_per_frame, *pixel_space.shape[1:])
         self.handle_timeout_termination = handle_timeout_termination
         self.frame_capacity = int(self.buffer_size * (1 + frame_margin)) + self.frame_stack + 1
-        frame_bytes = int(np.prod(self.frame_shape))
-        self.storage_device = choose_storage_device(self.device, self.frame_capacity * n_envs * frame_bytes)
-        frames = torch.zeros((self.frame_capacity, n_envs, *self.frame_shape), dtype=torch.uint8)
-        if self.storage_device.type == "cpu" and self.device.type == "cuda":
-            frames = frames.pin_memory()  # pinned host fallback when the frames do not fit on the GPU
-        self.frames = frames.to(self.storage_device)
+        self.frames = self._place(
+            torch.zeros((self.frame_capacity, n_envs, *self.frame_shape), dtype=torch.uint8)
+        )
 
         shape = (self.buffer_size, n_envs)
         self.obs_ids = np.zeros((*shape, self.frame_stack), dtype=np.int64)
@@ -148,8 +145,14 @@ class FrameReplayBuffer(BaseBuffer):
     def set_device(self, device: torch.device | str) -> None:
         """Serve samples on `device`, keeping the frames there when they fit (as at construction)."""
         self.device = torch.device(device)
-        self.storage_device = choose_storage_device(self.device, self.frames.numel())
-        self.frames = self.frames.to(self.storage_device)
+        self.frames = self._place(self.frames.cpu())
+
+    def _place(self, frames: torch.Tensor) -> torch.Tensor:
+        """Host `frames` moved to the storage device chosen for `self.device`."""
+        self.storage_device = choose_storage_device(self.device, frames.numel() * frames.element_size())
+        if self.storage_device.type == "cpu" and self.device.type == "cuda":
+            frames = frames.pin_memory()  # pinned host fallback when the frames do not fit on the GPU
+        return frames.to(self.storage_device)
 
     def truncate_last_trajectory(self) -> None:
         """The next `add` starts new episodes (as after a resumed run re-creates its envs). The transitions
@@ -173,8 +176,8 @@ class FrameReplayBuffer(BaseBuffer):
         return self._get_samples(index, env_index)
 
     def _stacks(self, ids: np.ndarray, env_index: np.ndarray) -> torch.Tensor:
-        # Rows of a flat (slots·envs, C·H·W) view: index_select copies whole frames (0.7 ms for 128 stacks of
-        # 84 px on a CPU core, where indexing frames[slots, envs] gathered byte by byte in 7.9 ms).
+        # Rows of a flat (slots·envs, C·H·W) view: index_select copies whole frames, where indexing
+        # frames[slots, envs] gathered byte by byte (≈ 4× slower: `python -m experiments.benchmark sac`).
         rows = (ids % self.frame_capacity) * self.n_envs + np.asarray(env_index)[:, None]  # (B, k)
         rows = torch.as_tensor(rows.reshape(-1), device=self.storage_device)
         stacks = self.frames.view(-1, self.frames[0, 0].numel()).index_select(0, rows)

@@ -37,7 +37,7 @@ if [[ $what == *,pixels,* || $what == *,all,* ]]; then
   jobs+=("-m experiments.train --preset cartpole-swingup-pixels --total-frames $frames --policy-type sb3 \
     --algo batch_size=128 learning_starts=1000 buffer_size=100000 --eval-freq 1250 --modalities pixels \
     --run-name swingup-pixelsonly-cnn-s0 $common")
-  # walker-walk, action repeat 2: WALKER_FRAMES frames (100k in the protocol; 20k took ~45 min per run here).
+  # walker-walk, action repeat 2: WALKER_FRAMES frames (100k in the protocol; 20k took ~50 min per run here, two runs on 2 cores).
   for seed in 0 1; do
     jobs+=("-m experiments.train --preset walker-walk-pixels --total-frames ${WALKER_FRAMES:-20000} $lean \
       --eval-freq 1000 --seed $seed --run-name walker-pixels-proprio-s$seed $common")

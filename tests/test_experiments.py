@@ -228,7 +228,13 @@ def test_corrupt_checkpoint_is_a_one_line_error(trained_run, tmp_path):
     shutil.copytree(trained_run, broken)
     latest = list_checkpoints(broken / "checkpoints")[-1]
     (latest / "model.zip").write_bytes(b"not a zip")
-    resume = ["experiments.train", "--resume", str(broken), "--total-steps", "1000"]  # more to train: loads it
+    resume = [
+        "experiments.train",
+        "--resume",
+        str(broken),
+        "--total-steps",
+        "1000",
+    ]  # more to train: loads it
     for command in (["experiments.evaluate", str(broken)], resume):
         result = cli(*command, check=False, timeout=120)
         assert result.returncode != 0

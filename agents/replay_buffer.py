@@ -136,9 +136,8 @@ class FrameReplayBuffer(BaseBuffer):
     # ------------------------------------------------------------------------------------------------ saving
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["frames"] = (
-            self.frames.cpu()
-        )  # pickled from host memory: loads on a machine without that GPU too
+        # Frames are pickled from host memory, so the buffer loads on a machine without that GPU too.
+        state["frames"] = self.frames.cpu()
         state["storage_device"] = torch.device("cpu")
         return state
 

@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.what in ("train", "sac", "all"):
         from experiments.benchmark_sac import bench_sac
 
-        bench_sac(args.quick, table)
+        bench_sac(args.quick)
     return 0
 
 

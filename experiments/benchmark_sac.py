@@ -16,16 +16,13 @@ import torch
 import envs
 from agents import make_agent
 from agents.augment import shifted_windows
+from experiments.benchmark import table, timed
 
 BATCH = 128
 
 
 def seconds_per_call(fn, repeats: int) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
+    return float(np.mean(timed(fn, repeats, warmup=1)))
 
 
 def clamped_index_shift(pixels: torch.Tensor, offsets: torch.Tensor, pad: int) -> torch.Tensor:
@@ -37,7 +34,7 @@ def clamped_index_shift(pixels: torch.Tensor, offsets: torch.Tensor, pad: int) -
     return pixels[(*index, rows[:, None, :, None], cols[:, None, None, :])]
 
 
-def bench_sac(quick: bool, table) -> None:
+def bench_sac(quick: bool) -> None:
     fill, updates = (300, 4) if quick else (600, 20)
     venv = envs.make_vec_env("cartpole-swingup", n_envs=1, seed=0, image_size=84, action_repeat=8)
     common = dict(device="cpu", seed=0, batch_size=BATCH, buffer_size=10_000, learning_starts=fill)

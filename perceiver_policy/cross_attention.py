@@ -35,9 +35,8 @@ class GatedCrossAttention(CrossAttentionLayers):
         gating: bool,
         tokens_per_modality: list[int] | None = None,
     ):
-        super().__init__(
-            dim, heads, widening_factor, dropout, attn_dropout
-        )  # query_norm: latents, context_norm: tokens
+        # query_norm normalises the latents, context_norm the input tokens
+        super().__init__(dim, heads, widening_factor, dropout, attn_dropout)
         self.head_dim, self.gating = dim // heads, gating
         self.dropout = nn.Dropout(dropout)
         self.num_modalities = num_modalities

@@ -14,11 +14,13 @@ from envs.dmc import (  # noqa: E402
     DOMAINS,
     MODALITIES,
     PLANET_ACTION_REPEAT,
+    STATE_KEY,
     TASKS,
     DMCEnv,
     SensorBox,
     parse_task,
 )
+from envs.proprio_modes import PROPRIO_MODES  # noqa: E402
 from envs.vec import make_env_fn, make_vec_env  # noqa: E402
 from envs.wrappers import ABSENT_KEY, ModalityDropout  # noqa: E402
 
@@ -52,6 +54,8 @@ __all__ = [
     "DOMAINS",
     "MODALITIES",
     "PLANET_ACTION_REPEAT",
+    "PROPRIO_MODES",
+    "STATE_KEY",
     "SensorBox",
     "TASKS",
     "env_id",

@@ -4,10 +4,16 @@ Observation keys (only the requested ones are present):
 
 - ``pixels``: uint8 ``(frame_stack * 3, H, W)``, channel-first, oldest frame first;
 - ``proprio``: float32 ``(D,)``: dm_control's observation dict flattened in the order the task returns it
-  (an ``OrderedDict``), each entry in C order. The per-sensor layout (name -> ``(start, stop)``) is on the space
-  itself (``space["proprio"].layout``) and on the env (``env.unwrapped.proprio_layout``);
+  (an ``OrderedDict``), each entry in C order, restricted to what the ``proprio`` mode keeps (``full``,
+  ``robot``, ``positions``: see `envs.proprio_modes`). The per-sensor layout (name -> ``(start, stop)``) is on
+  the space itself (``space["proprio"].layout``) and on the env (``env.unwrapped.proprio_layout``);
+- ``proprio_history``: float32 ``(proprio_history_len, D)``: the last proprio readings, oldest first, newest
+  = the current ``proprio``; the first reading repeated after reset (as frame stacks repeat the first frame);
 - ``action_history``: float32 ``(action_history_len, action_dim)``: the last actions taken, oldest first,
-  zeros after reset.
+  zeros after reset;
+- ``state`` (only with ``privileged_state=True``): the task's *full* observation vector, for training losses
+  and probes. It is privileged: the policies never read it, and a client of these envs never receives it
+  unless it asks.
 
 Counting: one ``step`` is one *agent step* = ``action_repeat`` simulator steps (*frames*), rewards summed.
 ``info["env_steps"]`` and ``info["frames"]`` count both since the last reset. DMC ends episodes on a time limit
@@ -23,9 +29,11 @@ import numpy as np
 from dm_control import suite
 from gymnasium import spaces
 
+from envs import proprio_modes
 from envs.rendering import RENDER_BACKENDS, CameraRenderer
 
-MODALITIES = ("pixels", "proprio", "action_history")
+MODALITIES = ("pixels", "proprio", "action_history", "proprio_history")
+STATE_KEY = "state"  # the privileged full observation (never an input of a policy)
 TASKS = tuple(f"{domain}-{task}" for domain, task in suite.ALL_TASKS)
 DOMAINS = tuple(sorted({domain for domain, _ in suite.ALL_TASKS}))
 
@@ -85,6 +93,9 @@ class DMCEnv(gym.Env):
         frame_stack: int = 3,
         action_repeat: int = 1,
         action_history_len: int = 8,
+        proprio: str = "full",
+        proprio_history_len: int = 8,
+        privileged_state: bool = False,
         camera_id: int | None = None,
         render_backend: str = "fast",
         render_mode: str | None = None,
@@ -103,6 +114,7 @@ class DMCEnv(gym.Env):
             ("frame_stack", frame_stack),
             ("action_repeat", action_repeat),
             ("action_history_len", action_history_len),
+            ("proprio_history_len", proprio_history_len),
             ("render_size", render_size),
         ):
             _check_positive(name, value)
@@ -117,6 +129,8 @@ class DMCEnv(gym.Env):
         self.modalities = modalities
         self.image_size, self.frame_stack = int(image_size), int(frame_stack)
         self.action_repeat, self.action_history_len = int(action_repeat), int(action_history_len)
+        self.proprio_mode, self.proprio_history_len = proprio, int(proprio_history_len)
+        self.privileged_state = bool(privileged_state)
         self.camera_id = default_camera(domain) if camera_id is None else int(camera_id)
         self.render_backend, self.render_mode, self.render_size = (
             render_backend,
@@ -130,7 +144,12 @@ class DMCEnv(gym.Env):
         self.action_space = spaces.Box(
             action_spec.minimum.astype(np.float32), action_spec.maximum.astype(np.float32), dtype=np.float32
         )
-        self.proprio_layout = self._build_proprio_layout()
+        sizes = {
+            name: int(np.prod(spec.shape, dtype=np.int64)) for name, spec in self._env.observation_spec().items()
+        }
+        self.state_layout = proprio_modes.full_layout(sizes)
+        self._proprio_index, self.proprio_layout = proprio_modes.select(domain, task, proprio, sizes)
+        self._proprio_all = len(self._proprio_index) == sum(sizes.values())
         self.observation_space = self._build_observation_space()
 
         self._renderer = None
@@ -141,45 +160,54 @@ class DMCEnv(gym.Env):
             )
         self._frames: deque[np.ndarray] = deque(maxlen=self.frame_stack)
         self._actions: deque[np.ndarray] = deque(maxlen=self.action_history_len)
+        self._readings: deque[np.ndarray] = deque(maxlen=self.proprio_history_len)
         self._env_steps = 0
         self._sim_frames = 0
 
     # ----------------------------------------------------------------------------------------------- spaces
-    def _build_proprio_layout(self) -> dict[str, tuple[int, int]]:
-        layout, start = {}, 0
-        for name, spec in self._env.observation_spec().items():
-            size = int(np.prod(spec.shape, dtype=np.int64))
-            layout[name] = (start, start + size)
-            start += size
-        return layout
-
     def _build_observation_space(self) -> spaces.Dict:
         obs = {}
         if "pixels" in self.modalities:
             shape = (3 * self.frame_stack, self.image_size, self.image_size)
             obs["pixels"] = spaces.Box(0, 255, shape, dtype=np.uint8)
+        dim = len(self._proprio_index)
         if "proprio" in self.modalities:
-            dim = max(stop for _, stop in self.proprio_layout.values())
             obs["proprio"] = SensorBox(-np.inf, np.inf, (dim,), np.float32, self.proprio_layout)
+        if "proprio_history" in self.modalities:
+            shape = (self.proprio_history_len, dim)
+            obs["proprio_history"] = spaces.Box(-np.inf, np.inf, shape, dtype=np.float32)
         if "action_history" in self.modalities:
             shape = (self.action_history_len, self.action_space.shape[0])
             low = np.broadcast_to(self.action_space.low, shape)
             high = np.broadcast_to(self.action_space.high, shape)
             obs["action_history"] = spaces.Box(low.copy(), high.copy(), dtype=np.float32)
+        if self.privileged_state:
+            state_dim = max(stop for _, stop in self.state_layout.values())
+            obs[STATE_KEY] = SensorBox(-np.inf, np.inf, (state_dim,), np.float32, self.state_layout)
         return spaces.Dict(obs)
 
     # ------------------------------------------------------------------------------------------ observations
-    def _proprio(self, observation) -> np.ndarray:
+    def _state(self, observation) -> np.ndarray:
         return np.concatenate([np.asarray(v, dtype=np.float32).ravel() for v in observation.values()])
 
     def _observation(self, timestep) -> dict[str, np.ndarray]:
         obs = {}
+        state = self._state(timestep.observation)  # (S,) the full observation
+        reading = state if self._proprio_all else state[self._proprio_index]  # (D,) what the mode keeps
         if "pixels" in self.modalities:
             obs["pixels"] = np.concatenate(self._frames, axis=0)  # (F*3, H, W)
         if "proprio" in self.modalities:
-            obs["proprio"] = self._proprio(timestep.observation)
+            obs["proprio"] = reading
+        if "proprio_history" in self.modalities:
+            if not self._readings:  # after reset: the first reading repeated
+                self._readings.extend([reading] * self.proprio_history_len)
+            else:
+                self._readings.append(reading)
+            obs["proprio_history"] = np.stack(self._readings, axis=0)  # (T, D)
         if "action_history" in self.modalities:
             obs["action_history"] = np.stack(self._actions, axis=0)  # (T, A)
+        if self.privileged_state:
+            obs[STATE_KEY] = state
         return obs
 
     def _render_frame(self) -> np.ndarray:
@@ -195,6 +223,7 @@ class DMCEnv(gym.Env):
         self._env_steps = self._sim_frames = 0
         zero = np.zeros(self.action_space.shape, dtype=np.float32)
         self._actions.extend([zero] * self.action_history_len)
+        self._readings.clear()
         if self._renderer is not None:
             frame = self._render_frame()
             self._frames.extend([frame] * self.frame_stack)

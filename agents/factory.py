@@ -6,9 +6,11 @@ import copy
 
 import torch
 from gymnasium import spaces
+from sb3_contrib import RecurrentPPO
 from stable_baselines3 import A2C, PPO, SAC
 from stable_baselines3.common.base_class import BaseAlgorithm
 
+from agents.baselines import ObservationExtractor
 from agents.on_policy import PerceiverA2C, PerceiverPPO
 from agents.replay_buffer import FrameReplayBuffer
 from agents.sac import PerceiverSAC
@@ -16,7 +18,7 @@ from perceiver_policy.policies import PerceiverActorCriticPolicy
 from perceiver_policy.sac_policy import PerceiverSACPolicy
 
 ALGORITHMS = ("ppo", "a2c", "sac")
-POLICY_TYPES = ("perceiver", "sb3")
+POLICY_TYPES = ("perceiver", "sb3", "lstm")
 
 # Sensible defaults per algorithm for DMC with the lean Perceiver (override any of them by keyword).
 DEFAULTS: dict[str, dict] = {
@@ -49,8 +51,10 @@ _CLASSES = {
     "a2c": (PerceiverA2C, PerceiverActorCriticPolicy),
     "sac": (PerceiverSAC, PerceiverSACPolicy),
 }
-# The baseline: SB3's own algorithm and MultiInputPolicy (CombinedExtractor: NatureCNN for pixels, flatten + MLP).
+# The baselines (agents/baselines.py): SB3's own algorithm and MultiInputPolicy (CombinedExtractor: NatureCNN for
+# pixels, flatten + MLP); sb3-contrib's RecurrentPPO with MultiInputLstmPolicy (PPO only).
 SB3_CLASSES = {"ppo": PPO, "a2c": A2C, "sac": SAC}
+LSTM_CLASSES = {"ppo": RecurrentPPO}
 
 
 def algorithm_class(algorithm: str, policy_type: str = "perceiver") -> type[BaseAlgorithm]:
@@ -59,6 +63,13 @@ def algorithm_class(algorithm: str, policy_type: str = "perceiver") -> type[Base
         raise ValueError(f"unknown policy_type {policy_type!r}; valid choices: {list(POLICY_TYPES)}")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; valid choices: {list(ALGORITHMS)}")
+    if policy_type == "lstm":
+        if algorithm not in LSTM_CLASSES:
+            raise ValueError(
+                f"policy_type 'lstm' (sb3-contrib RecurrentPPO) needs algorithm 'ppo', got {algorithm!r}; "
+                f"valid choices: {list(LSTM_CLASSES)}"
+            )
+        return LSTM_CLASSES[algorithm]
     return SB3_CLASSES[algorithm] if policy_type == "sb3" else _CLASSES[algorithm][0]
 
 
@@ -94,7 +105,8 @@ def make_agent(
     DrQ-style encoder training and `FrameReplayBuffer` when the observation has frame-stacked pixels. On CUDA
     the Perceiver runs under bf16 autocast unless `perceiver={"dtype": "float32"}`.
     `policy_type="sb3"` builds the baseline instead: SB3's own algorithm with `MultiInputPolicy`, same
-    hyper-parameters (the `perceiver` options are then ignored).
+    hyper-parameters (the `perceiver` options are then ignored); `policy_type="lstm"`: sb3-contrib's
+    `RecurrentPPO` with `MultiInputLstmPolicy`. Baselines never read the privileged `state` key.
     """
     algo_cls = algorithm_class(algorithm, policy_type)
     torch_device = resolve_device(device)
@@ -112,9 +124,14 @@ def make_agent(
     )
     if algorithm == "ppo":  # SB3 wants the rollout (n_steps * n_envs) to be a multiple of the minibatch
         kwargs["batch_size"] = min(kwargs["batch_size"], kwargs["n_steps"] * getattr(env, "num_envs", 1))
-    if policy_type == "sb3":
-        common["policy_kwargs"] = {k: v for k, v in policy_kwargs.items() if k != "perceiver"}
-        return algo_cls("MultiInputPolicy", env, **kwargs, **common)
+    if policy_type in ("sb3", "lstm"):
+        baseline_kwargs = {k: v for k, v in policy_kwargs.items() if k != "perceiver"}
+        baseline_kwargs.setdefault("features_extractor_class", ObservationExtractor)
+        common["policy_kwargs"] = baseline_kwargs
+        if kwargs.pop("aux_state_weight", 0):
+            raise ValueError(f"aux_state_weight needs policy_type 'perceiver', got {policy_type!r}")
+        policy = "MultiInputLstmPolicy" if policy_type == "lstm" else "MultiInputPolicy"
+        return algo_cls(policy, env, **kwargs, **common)
     if algorithm == "sac":
         obs_space = env.observation_space
         if isinstance(obs_space, spaces.Dict) and "pixels" in obs_space.spaces:

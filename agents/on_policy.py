@@ -4,19 +4,24 @@ Only `collect_rollouts` changes: SB3 converts each step's observations to tensor
 the *numpy* arrays to `buffer.add`, so a device buffer alone would copy twice. Here the observations of all envs
 cross to the device once per step (pinned, non-blocking on CUDA), the policy runs once for all envs, and the
 same device tensors are written into `DeviceRolloutBuffer`. Timeout bootstrapping is batched too.
-SB3's `train` is untouched.
+
+`train` is SB3's, line for line, plus one term: with ``aux_state_weight > 0`` the policy's state-decoding loss of
+each minibatch's encoder pass (`PerceiverActorCriticPolicy.evaluate_actions`) joins the minibatch loss.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from gymnasium import spaces
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.utils import explained_variance
 from stable_baselines3.common.vec_env import VecEnv
 
 from agents.rollout_buffer import DeviceRolloutBuffer
+from agents.sac import check_state_decoding, record_state_decoding
 from agents.transfer import ObservationTransfer, stack_observations
 
 
@@ -88,17 +93,156 @@ class BatchedRolloutMixin:
         rewards[index] += self.gamma * terminal_values
 
 
-class PerceiverPPO(BatchedRolloutMixin, PPO):
-    """SB3 PPO with batched device rollouts (default buffer: `DeviceRolloutBuffer`)."""
+class StateDecodingMixin:
+    """`aux_state_weight` for on-policy algorithms: the state-decoding loss of the minibatch's encoder pass."""
 
-    def __init__(self, policy, env, **kwargs):
+    aux_state_weight: float = 0.0
+
+    def _setup_model(self) -> None:
+        super()._setup_model()
+        check_state_decoding(self.aux_state_weight, self.policy)
+        self._decode_metrics: list[dict[str, float]] = []
+
+    def _auxiliary_loss(self):
+        """w * the state-decoding loss left by `evaluate_actions` (0 when off)."""
+        decoding = getattr(self.policy, "state_decoding", None)
+        if self.aux_state_weight <= 0 or decoding is None:
+            return 0.0
+        self.policy.state_decoding = None
+        loss, per_sensor = decoding
+        self._decode_metrics.append(per_sensor)
+        return self.aux_state_weight * loss
+
+    def _record_auxiliary(self) -> None:
+        record_state_decoding(self.logger, self._decode_metrics)
+        self._decode_metrics = []
+
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "_decode_metrics"]
+
+
+class PerceiverPPO(StateDecodingMixin, BatchedRolloutMixin, PPO):
+    """SB3 PPO with batched device rollouts (default buffer: `DeviceRolloutBuffer`) and the optional
+    state-decoding loss (``aux_state_weight``)."""
+
+    def __init__(self, policy, env, aux_state_weight: float = 0.0, **kwargs):
         kwargs.setdefault("rollout_buffer_class", DeviceRolloutBuffer)
+        self.aux_state_weight = aux_state_weight
         super().__init__(policy, env, **kwargs)
 
+    def train(self) -> None:
+        """SB3's `PPO.train` (2.9) with `self._auxiliary_loss()` added to each minibatch loss."""
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+        clip_range = self.clip_range(self._current_progress_remaining)
+        if self.clip_range_vf is not None:
+            clip_range_vf = self.clip_range_vf(self._current_progress_remaining)
+        entropy_losses, pg_losses, value_losses, clip_fractions = [], [], [], []
+        continue_training = True
+        for epoch in range(self.n_epochs):
+            approx_kl_divs = []
+            for rollout_data in self.rollout_buffer.get(self.batch_size):
+                actions = rollout_data.actions
+                if isinstance(self.action_space, spaces.Discrete):
+                    actions = rollout_data.actions.long().flatten()
+                values, log_prob, entropy = self.policy.evaluate_actions(rollout_data.observations, actions)
+                values = values.flatten()
+                advantages = rollout_data.advantages
+                if self.normalize_advantage and len(advantages) > 1:
+                    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+                ratio = torch.exp(log_prob - rollout_data.old_log_prob)
+                policy_loss_1 = advantages * ratio
+                policy_loss_2 = advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+                policy_loss = -torch.min(policy_loss_1, policy_loss_2).mean()
+                pg_losses.append(policy_loss.item())
+                clip_fractions.append(torch.mean((torch.abs(ratio - 1) > clip_range).float()).item())
+                if self.clip_range_vf is None:
+                    values_pred = values
+                else:
+                    values_pred = rollout_data.old_values + torch.clamp(
+                        values - rollout_data.old_values, -clip_range_vf, clip_range_vf
+                    )
+                value_loss = F.mse_loss(rollout_data.returns, values_pred)
+                value_losses.append(value_loss.item())
+                entropy_loss = -torch.mean(-log_prob) if entropy is None else -torch.mean(entropy)
+                entropy_losses.append(entropy_loss.item())
+                loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
+                loss = loss + self._auxiliary_loss()
+                with torch.no_grad():
+                    log_ratio = log_prob - rollout_data.old_log_prob
+                    approx_kl_div = torch.mean((torch.exp(log_ratio) - 1) - log_ratio).cpu().numpy()
+                    approx_kl_divs.append(approx_kl_div)
+                if self.target_kl is not None and approx_kl_div > 1.5 * self.target_kl:
+                    continue_training = False
+                    if self.verbose >= 1:
+                        print(f"Early stopping at step {epoch} due to reaching max kl: {approx_kl_div:.2f}")
+                    break
+                self.policy.optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+                self.policy.optimizer.step()
+            self._n_updates += 1
+            if not continue_training:
+                break
+        explained_var = explained_variance(
+            self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten()
+        )
+        self.logger.record("train/entropy_loss", np.mean(entropy_losses))
+        self.logger.record("train/policy_gradient_loss", np.mean(pg_losses))
+        self.logger.record("train/value_loss", np.mean(value_losses))
+        self.logger.record("train/approx_kl", np.mean(approx_kl_divs))
+        self.logger.record("train/clip_fraction", np.mean(clip_fractions))
+        self.logger.record("train/loss", loss.item())
+        self.logger.record("train/explained_variance", explained_var)
+        if hasattr(self.policy, "log_std"):
+            self.logger.record("train/std", torch.exp(self.policy.log_std).mean().item())
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self.logger.record("train/clip_range", clip_range)
+        if self.clip_range_vf is not None:
+            self.logger.record("train/clip_range_vf", clip_range_vf)
+        self._record_auxiliary()
 
-class PerceiverA2C(BatchedRolloutMixin, A2C):
-    """SB3 A2C with batched device rollouts (default buffer: `DeviceRolloutBuffer`)."""
 
-    def __init__(self, policy, env, **kwargs):
+class PerceiverA2C(StateDecodingMixin, BatchedRolloutMixin, A2C):
+    """SB3 A2C with batched device rollouts (default buffer: `DeviceRolloutBuffer`) and the optional
+    state-decoding loss (``aux_state_weight``)."""
+
+    def __init__(self, policy, env, aux_state_weight: float = 0.0, **kwargs):
         kwargs.setdefault("rollout_buffer_class", DeviceRolloutBuffer)
+        self.aux_state_weight = aux_state_weight
         super().__init__(policy, env, **kwargs)
+
+    def train(self) -> None:
+        """SB3's `A2C.train` (2.9) with `self._auxiliary_loss()` added to the loss."""
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+        for rollout_data in self.rollout_buffer.get(batch_size=None):
+            actions = rollout_data.actions
+            if isinstance(self.action_space, spaces.Discrete):
+                actions = actions.long().flatten()
+            values, log_prob, entropy = self.policy.evaluate_actions(rollout_data.observations, actions)
+            values = values.flatten()
+            advantages = rollout_data.advantages
+            if self.normalize_advantage:
+                advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+            policy_loss = -(advantages * log_prob).mean()
+            value_loss = F.mse_loss(rollout_data.returns, values)
+            entropy_loss = -torch.mean(-log_prob) if entropy is None else -torch.mean(entropy)
+            loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
+            loss = loss + self._auxiliary_loss()
+            self.policy.optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+            self.policy.optimizer.step()
+        explained_var = explained_variance(
+            self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten()
+        )
+        self._n_updates += 1
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self.logger.record("train/explained_variance", explained_var)
+        self.logger.record("train/entropy_loss", entropy_loss.item())
+        self.logger.record("train/policy_loss", policy_loss.item())
+        self.logger.record("train/value_loss", value_loss.item())
+        if hasattr(self.policy, "log_std"):
+            self.logger.record("train/std", torch.exp(self.policy.log_std).mean().item())
+        self._record_auxiliary()

@@ -4,6 +4,10 @@
 actor's loss would also train it. `PerceiverSAC.train` instead encodes obs once (with grad, for the critic loss)
 and next_obs once (no grad, for the target), gives the actor detached latents, and Polyak-averages only the
 critic's heads (the encoder has no target copy). Optional DrQ random shifts of the pixels.
+
+With ``aux_state_weight > 0`` (and the privileged ``state`` in the observation), the policy's state-decoding
+queries read the critic's latents of the augmented batch and their MSE joins the critic's loss, so the encoder
+is trained to carry the true state (`perceiver/state_decode_mse/<sensor>`).
 """
 
 from __future__ import annotations
@@ -15,20 +19,34 @@ from stable_baselines3 import SAC
 from stable_baselines3.common.utils import polyak_update
 
 from agents.augment import random_shift
+from perceiver_policy.modalities import STATE_KEY
 from perceiver_policy.sac_policy import PerceiverSACPolicy
 
 
 class PerceiverSAC(SAC):
-    """SB3 SAC for `PerceiverSACPolicy`. :param augment_pad: DrQ shift in pixels (0 disables)."""
+    """SB3 SAC for `PerceiverSACPolicy`.
 
-    def __init__(self, policy, env, augment_pad: int = 4, pixel_key: str = "pixels", **kwargs):
-        self.augment_pad, self.pixel_key = augment_pad, pixel_key
+    :param augment_pad: DrQ shift in pixels (0 disables).
+    :param aux_state_weight: weight of the state-decoding loss (needs the privileged `state` observation key).
+    """
+
+    def __init__(
+        self,
+        policy,
+        env,
+        augment_pad: int = 4,
+        pixel_key: str = "pixels",
+        aux_state_weight: float = 0.0,
+        **kwargs,
+    ):
+        self.augment_pad, self.pixel_key, self.aux_state_weight = augment_pad, pixel_key, aux_state_weight
         super().__init__(policy, env, **kwargs)
 
     def _setup_model(self) -> None:
         super()._setup_model()
         if not isinstance(self.policy, PerceiverSACPolicy):
             raise ValueError(f"PerceiverSAC needs PerceiverSACPolicy, got {type(self.policy).__name__}")
+        check_state_decoding(self.aux_state_weight, self.policy)
 
     def _augment(self, obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.augment_pad <= 0 or self.pixel_key not in obs:
@@ -48,6 +66,7 @@ class PerceiverSAC(SAC):
             "critic_loss": [],
             "ent_coef_loss": [],
         }
+        decode_metrics: list[dict[str, float]] = []
 
         for gradient_step in range(gradient_steps):
             data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)
@@ -77,6 +96,12 @@ class PerceiverSAC(SAC):
 
             current_q = self.critic.q_values(latents, data.actions)
             critic_loss = 0.5 * sum(F.mse_loss(q, target_q) for q in current_q)
+            if self.aux_state_weight > 0:
+                decode_loss, per_sensor = self.policy.state_decoder.loss(
+                    latents, data.observations[STATE_KEY]
+                )
+                critic_loss = critic_loss + self.aux_state_weight * decode_loss
+                decode_metrics.append(per_sensor)
             self.critic.optimizer.zero_grad()
             critic_loss.backward()
             self.critic.optimizer.step()
@@ -97,3 +122,26 @@ class PerceiverSAC(SAC):
         for name, values in metrics.items():
             if values:
                 self.logger.record(f"train/{name}", float(np.mean(values)))
+        record_state_decoding(self.logger, decode_metrics)
+
+
+def check_state_decoding(weight: float, policy) -> None:
+    """A positive `aux_state_weight` needs the policy's state decoder, i.e. the privileged `state` key."""
+    if weight < 0:
+        raise ValueError(f"aux_state_weight must be >= 0, got {weight!r}")
+    if weight > 0 and getattr(policy, "state_decoder", None) is None:
+        raise ValueError(
+            f"aux_state_weight={weight} needs the privileged {STATE_KEY!r} key in the observation "
+            "(envs: privileged_state=True; experiments.train sets it when --aux-state-weight > 0)"
+        )
+
+
+def record_state_decoding(logger, metrics: list[dict[str, float]]) -> None:
+    """perceiver/state_decode_mse/<sensor> (standardised units) and their mean, averaged over the updates."""
+    if not metrics:
+        return
+    for name in metrics[0]:
+        logger.record(f"perceiver/state_decode_mse/{name}", float(np.mean([m[name] for m in metrics])))
+    logger.record(
+        "perceiver/state_decode_mse_mean", float(np.mean([np.mean(list(m.values())) for m in metrics]))
+    )

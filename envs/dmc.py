@@ -145,7 +145,8 @@ class DMCEnv(gym.Env):
             action_spec.minimum.astype(np.float32), action_spec.maximum.astype(np.float32), dtype=np.float32
         )
         sizes = {
-            name: int(np.prod(spec.shape, dtype=np.int64)) for name, spec in self._env.observation_spec().items()
+            name: int(np.prod(spec.shape, dtype=np.int64))
+            for name, spec in self._env.observation_spec().items()
         }
         self.state_layout = proprio_modes.full_layout(sizes)
         self._proprio_index, self.proprio_layout = proprio_modes.select(domain, task, proprio, sizes)

@@ -53,7 +53,13 @@ DOMAIN_MODES: dict[str, dict[str, object]] = {
     "lqr": {"robot": FULL, "positions": (("position",),)},
     "humanoid": {
         "robot": FULL,
-        "positions": (("joint_angles",), ("head_height",), ("extremities",), ("torso_vertical",), ("position",)),
+        "positions": (
+            ("joint_angles",),
+            ("head_height",),
+            ("extremities",),
+            ("torso_vertical",),
+            ("position",),
+        ),
     },
     "swimmer": {"robot": (("joints",), ("body_velocities",)), "positions": (("joints",), ("to_target",))},
     "fish": {

@@ -6,6 +6,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from envs.dmc import STATE_KEY
+
 # Observation key of the per-sample absent-modality flags; the Perceiver reads it instead of tokenising it.
 ABSENT_KEY = "absent_modalities"
 
@@ -16,7 +18,7 @@ class ModalityDropout(gym.ObservationWrapper):
     Unlike model-side dropout this is PPO-safe: the flags are part of the observation, so the rollout and the
     update see the same inputs and the probability ratio stays exact. The Perceiver treats flagged modalities
     as missing (as if their tokens were not there). At least one modality always stays present.
-    Flag order = the Dict's key order (gymnasium sorts keys).
+    Flag order = the Dict's key order (gymnasium sorts keys), the privileged `state` excluded (never absent).
     """
 
     def __init__(self, env: gym.Env, probability: float, seed: int | None = None):
@@ -26,7 +28,7 @@ class ModalityDropout(gym.ObservationWrapper):
         if not isinstance(env.observation_space, spaces.Dict) or ABSENT_KEY in env.observation_space.spaces:
             raise ValueError(f"ModalityDropout needs a Dict observation without {ABSENT_KEY!r}")
         self.probability = probability
-        self.names = list(env.observation_space.spaces)
+        self.names = [k for k in env.observation_space.spaces if k != STATE_KEY]
         self.observation_space = spaces.Dict(
             {**env.observation_space.spaces, ABSENT_KEY: spaces.MultiBinary(len(self.names))}
         )

@@ -25,6 +25,7 @@ from perceiver_policy.introspection import (
     modality_balance,
     token_moments,
 )
+from perceiver_policy.probes import MIN_EPISODES
 
 
 def tensorboard_writer(logger):
@@ -59,9 +60,19 @@ class EvalCallback(PeriodicCallback):
     """Deterministic episodes every `every` steps: eval/return_mean|std, perf/latency_*, eval video."""
 
     def __init__(
-        self, every, task, env_kwargs, episodes, run_dir: Path, action_repeat: int, video: bool, seed: int
+        self,
+        every,
+        task,
+        env_kwargs,
+        episodes,
+        run_dir: Path,
+        action_repeat: int,
+        video: bool,
+        seed: int,
+        probe_state: bool = False,
     ):
         super().__init__(every)
+        self.probe_state = probe_state and episodes >= MIN_EPISODES
         self.task, self.env_kwargs, self.episodes = task, env_kwargs, episodes
         self.run_dir, self.action_repeat, self.video, self.seed = run_dir, action_repeat, video, seed
         self.history: list[tuple[int, float]] = []
@@ -72,9 +83,17 @@ class EvalCallback(PeriodicCallback):
     def evaluate_now(self) -> dict:
         start = time.perf_counter()
         result = evaluate_policy(
-            self.model, self.task, self.env_kwargs, self.episodes, seed=self.seed, video=self.video
+            self.model,
+            self.task,
+            self.env_kwargs,
+            self.episodes,
+            seed=self.seed,
+            video=self.video,
+            probe_state=self.probe_state,
         )
         summary = result.summary()
+        for sensor, r2 in (result.probe or {}).items():
+            self.logger.record(f"perceiver/state_probe_r2/{sensor}", r2)
         step = self.num_timesteps
         self.history.append((step, summary["return_mean"]))
         for key in ("return_mean", "return_std", "length_mean"):

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import yaml
 
-from agents.factory import ALGORITHMS, POLICY_TYPES
+from agents.factory import ALGORITHMS, POLICY_TYPES, algorithm_class
 from envs.dmc import MODALITIES, TASKS
+from envs.proprio_modes import PROPRIO_MODES, valid_modes
 from envs.rendering import RENDER_BACKENDS
 from envs.vec import VEC_ENV_TYPES
 from perceiver_policy.config import PerceiverConfig
@@ -39,12 +40,21 @@ class TrainConfig:
     algorithm: str = "ppo"
     """ppo, a2c or sac."""
     policy_type: str = "perceiver"
-    """'perceiver', or 'sb3' for the baseline: SB3's own algorithm with MultiInputPolicy (NatureCNN / MLP)."""
+    """'perceiver'; 'sb3' for the baseline SB3 algorithm with MultiInputPolicy (NatureCNN / MLP); 'lstm' for
+    sb3-contrib's RecurrentPPO with MultiInputLstmPolicy (algorithm ppo)."""
     modalities: list[str] = field(default_factory=lambda: ["pixels", "proprio", "action_history"])
     image_size: int = 84
     frame_stack: int = 3
     action_repeat: int = 4
     action_history_len: int = 8
+    proprio: str = "full"
+    """What proprio senses: 'full' (dm_control's whole observation), 'robot' (the agent's body only: the world
+    must be seen) or 'positions' (no velocities); see the README's table and envs/proprio_modes.py."""
+    proprio_history_len: int = 8
+    """Readings in the proprio_history modality (add 'proprio_history' to --modalities)."""
+    aux_state_weight: float = 0.0
+    """Weight of the state-decoding loss: output queries decode the privileged full state from the latents
+    (SAC: on the critic's batch; PPO/A2C: in each minibatch). 0 = off; > 0 gives the training envs the state."""
     render_backend: str = "fast"
     n_envs: int = 4
     vec_env: str = "dummy"
@@ -65,6 +75,10 @@ class TrainConfig:
     eval_freq: int = 10_000
     eval_episodes: int = 5
     eval_video: bool = True
+    state_probe: bool = True
+    """At each evaluation, fit a linear probe from the policy's features (Perceiver latents, SB3 extractor output,
+    LSTM state) to the privileged state on half the episodes, score R² on the rest: perceiver/state_probe_r2/<sensor>.
+    Needs eval_episodes >= 4 (skipped otherwise)."""
     checkpoint_freq: int = 10_000
     keep_checkpoints: int = 3
     checkpoint_replay_buffer: bool = True
@@ -111,6 +125,7 @@ class TrainConfig:
             "frame_stack",
             "action_repeat",
             "action_history_len",
+            "proprio_history_len",
             "n_envs",
             "total_steps",
             "eval_episodes",
@@ -122,6 +137,20 @@ class TrainConfig:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         PerceiverConfig.from_dict(self.perceiver)  # names bad Perceiver fields
+        algorithm_class(self.algorithm, self.policy_type)  # e.g. 'lstm' is PPO only
+        if self.proprio not in PROPRIO_MODES:
+            raise ValueError(f"unknown proprio {self.proprio!r}; valid choices: {list(PROPRIO_MODES)}")
+        domain = self.task.split("-", 1)[0]
+        if self.proprio not in valid_modes(domain):
+            raise ValueError(
+                f"proprio {self.proprio!r} is not defined for {self.task}; valid choices: {list(valid_modes(domain))}"
+            )
+        if not self.aux_state_weight >= 0.0:
+            raise ValueError(f"aux_state_weight must be >= 0, got {self.aux_state_weight!r}")
+        if self.aux_state_weight > 0 and self.policy_type != "perceiver":
+            raise ValueError(
+                f"aux_state_weight needs policy_type 'perceiver' (its state-decoding queries), got {self.policy_type!r}"
+            )
         if not 0.0 <= self.modality_dropout < 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout!r}")
         for stage in self.curriculum:
@@ -133,13 +162,17 @@ class TrainConfig:
                     f"curriculum modality {extra} not among the run's modalities {self.modalities}"
                 )
 
-    def env_kwargs(self) -> dict:
+    def env_kwargs(self, privileged_state: bool = False) -> dict:
+        """Keyword arguments of `envs.DMCEnv`; the privileged state only where a loss or probe reads it."""
         return {
             "modalities": tuple(self.modalities),
             "image_size": self.image_size,
             "frame_stack": self.frame_stack,
             "action_repeat": self.action_repeat,
             "action_history_len": self.action_history_len,
+            "proprio": self.proprio,
+            "proprio_history_len": self.proprio_history_len,
+            "privileged_state": privileged_state,
             "render_backend": self.render_backend,
         }
 

@@ -2,7 +2,9 @@
 
 Deterministic actions, one env per episode, policy latency timed per step. Writes `<out>/eval.csv` and
 `<out>/eval.md` (task, episodes, return mean ± std, episode length, latency p50/p95) and, with --video, one mp4
-per task. `--missing-modality pixels` (or any modality, repeatable) evaluates with it absent.
+per task. `--missing-modality pixels` (or any modality, repeatable) evaluates with it absent. `--probe-state`
+adds one column per state sensor: R² of a linear probe from the policy's features (Perceiver latents, SB3
+extractor output, LSTM state) to the true state, fit on the first half of the episodes, scored on the rest.
 """
 
 from __future__ import annotations
@@ -40,15 +42,17 @@ def locate(path: Path) -> tuple[cfg.TrainConfig, Path]:
     raise ValueError(f"{str(path)!r} is neither a run directory (config.yaml) nor a checkpoint (model.zip)")
 
 
-def markdown_table(rows: list[dict]) -> str:
+def markdown_table(rows: list[dict], probe_columns: list[str] = ()) -> str:
+    probe_head = "".join(f" R² {name} |" for name in probe_columns)
     lines = [
-        "| task | missing | episodes | return | length | latency p50 / p95 (ms) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| task | missing | episodes | return | length | latency p50 / p95 (ms) |" + probe_head,
+        "| --- | --- | --- | --- | --- | --- |" + " --- |" * len(probe_columns),
     ]
     for r in rows:
+        probes = "".join(f" {r.get('r2_' + name, float('nan')):.3f} |" for name in probe_columns)
         lines.append(
             f"| {r['task']} | {r['missing'] or '-'} | {r['episodes']} | {r['return_mean']:.1f} ± {r['return_std']:.1f} "
-            f"| {r['length_mean']:.0f} | {r['latency_p50_ms']:.2f} / {r['latency_p95_ms']:.2f} |"
+            f"| {r['length_mean']:.0f} | {r['latency_p50_ms']:.2f} / {r['latency_p95_ms']:.2f} |" + probes
         )
     return "\n".join(lines) + "\n"
 
@@ -61,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--video", action="store_true", help="write an mp4 of the first episode per task")
     parser.add_argument(
         "--missing-modality", action="append", default=[], help="evaluate with this modality absent"
+    )
+    parser.add_argument(
+        "--probe-state",
+        action="store_true",
+        help="R² per state sensor of a linear probe from the policy's features (needs >= 4 episodes)",
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=20_000)
@@ -88,19 +97,24 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 video=args.video,
                 missing=tuple(args.missing_modality),
+                probe_state=args.probe_state,
             )
-            rows.append({"task": task, "missing": ",".join(args.missing_modality), **result.summary()})
+            probe = {f"r2_{name}": value for name, value in (result.probe or {}).items()}
+            rows.append(
+                {"task": task, "missing": ",".join(args.missing_modality), **result.summary(), **probe}
+            )
             if result.frames is not None:
                 suffix = f"-no-{'-'.join(args.missing_modality)}" if args.missing_modality else ""
                 write_mp4(out / f"{task}{suffix}.mp4", result.frames)
     except (ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    probe_columns = list(dict.fromkeys(k[3:] for r in rows for k in r if k.startswith("r2_")))
     with open(out / "eval.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS + [f"r2_{name}" for name in probe_columns])
         writer.writeheader()
         writer.writerows(rows)
-    table = markdown_table(rows)
+    table = markdown_table(rows, probe_columns)
     (out / "eval.md").write_text(f"Checkpoint: `{checkpoint}`\n\n" + table)
     print(table, end="")
     print(f"written: {out / 'eval.csv'}, {out / 'eval.md'}")

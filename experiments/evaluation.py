@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from envs.dmc import STATE_KEY
 from envs.vec import make_env_fn
 from envs.wrappers import ABSENT_KEY
+from perceiver_policy.probes import MIN_EPISODES, state_probe
 
 
 @dataclass
@@ -19,6 +21,8 @@ class EvalResult:
     latencies_ms: list[float] = field(default_factory=list)
     frames: np.ndarray | None = None
     """(T, H, W, 3) uint8 of the first episode when a video was asked for."""
+    probe: dict[str, float] | None = None
+    """R² per state sensor of a linear probe from the policy's features (with probe_state=True)."""
 
     def summary(self) -> dict[str, float]:
         latency = np.asarray(self.latencies_ms) if self.latencies_ms else np.zeros(1)
@@ -35,6 +39,46 @@ class EvalResult:
 def perceiver_encoder(model):
     """The Perceiver encoder of a model's policy, or None for other policies."""
     return getattr(model.policy, "encoder", None)
+
+
+def is_recurrent(model) -> bool:
+    return hasattr(model.policy, "lstm_actor")
+
+
+def feature_module(model):
+    """The module whose output the policy's heads read: the Perceiver encoder (latents), or the SB3 actor's
+    features extractor; None for a recurrent policy (its features are the LSTM state `predict` returns)."""
+    policy = model.policy
+    encoder = perceiver_encoder(model)
+    if encoder is not None:
+        return encoder
+    if is_recurrent(model):
+        return None
+    actor = getattr(policy, "actor", None)  # SB3 SAC
+    if actor is not None and hasattr(actor, "features_extractor"):
+        return actor.features_extractor
+    return policy.pi_features_extractor
+
+
+class FeatureTap:
+    """Keeps the features behind the latest `predict` call, (F,) numpy, for state probes."""
+
+    def __init__(self, model):
+        self.latest: np.ndarray | None = None
+        module = feature_module(model)
+        self._handle = module.register_forward_hook(self._store) if module is not None else None
+
+    def _store(self, module, inputs, output) -> None:
+        self.latest = output.detach().float().reshape(output.shape[0], -1)[0].cpu().numpy()
+
+    def after_predict(self, recurrent_state) -> np.ndarray:
+        if self._handle is None:  # LSTM: hidden and cell state of the actor after reading this observation
+            return np.concatenate([np.asarray(part).ravel() for part in recurrent_state])
+        return self.latest
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
 
 
 @contextlib.contextmanager
@@ -67,12 +111,21 @@ def evaluate_policy(
     seed: int = 10_000,
     video: bool = False,
     missing: tuple[str, ...] = (),
+    probe_state: bool = False,
 ) -> EvalResult:
-    """Run `episodes` deterministic episodes of `task` one by one, timing every `model.predict` call."""
+    """Run `episodes` deterministic episodes of `task` one by one, timing every `model.predict` call.
+
+    `probe_state`: also fit a linear probe from the policy's features to the privileged state (the env gives it
+    for this; the policy never sees it unless it was trained with it) and report R² per sensor."""
+    if probe_state and episodes < MIN_EPISODES:
+        raise ValueError(f"a state probe needs at least {MIN_EPISODES} evaluation episodes, got {episodes}")
+    spaces = getattr(model.observation_space, "spaces", {})
+    env_kwargs = {**env_kwargs, "privileged_state": probe_state or STATE_KEY in spaces}
     env = make_env_fn(task, **env_kwargs)(render_mode="rgb_array" if video else None)
     result = EvalResult()
     frames = []
-    spaces = getattr(model.observation_space, "spaces", {})
+    tap = FeatureTap(model) if probe_state else None
+    features, states = [], []
     wants_flags = ABSENT_KEY in spaces
     no_flags = np.zeros(spaces[ABSENT_KEY].n, dtype=np.int8) if wants_flags else None
     try:
@@ -80,12 +133,25 @@ def evaluate_policy(
             for episode in range(episodes):
                 obs, _ = env.reset(seed=seed + episode)
                 done, total, length = False, 0.0, 0
+                recurrent_state, episode_start = (
+                    None,
+                    np.ones(1, dtype=bool),
+                )  # an LSTM's state, reset per episode
+                episode_features, episode_states = [], []
                 while not done:
                     if wants_flags:  # trained with ModalityDropout: evaluate with every modality present
                         obs[ABSENT_KEY] = no_flags
+                    if STATE_KEY not in spaces:
+                        state = obs.pop(STATE_KEY, None)
                     start = time.perf_counter()
-                    action, _ = model.predict(obs, deterministic=True)
+                    action, recurrent_state = model.predict(
+                        obs, state=recurrent_state, episode_start=episode_start, deterministic=True
+                    )
                     result.latencies_ms.append(1000 * (time.perf_counter() - start))
+                    episode_start = np.zeros(1, dtype=bool)
+                    if tap is not None:
+                        episode_features.append(tap.after_predict(recurrent_state))
+                        episode_states.append(obs[STATE_KEY] if STATE_KEY in obs else state)
                     obs, reward, terminated, truncated, _ = env.step(action)
                     if video and episode == 0:
                         frames.append(env.render())
@@ -94,8 +160,14 @@ def evaluate_policy(
                     done = terminated or truncated
                 result.returns.append(total)
                 result.lengths.append(length)
+                features.append(np.stack(episode_features) if episode_features else None)
+                states.append(np.stack(episode_states) if episode_states else None)
+        if tap is not None:
+            result.probe = state_probe(features, states, env.unwrapped.state_layout)
     finally:
         env.close()
+        if tap is not None:
+            tap.close()
     if frames:
         result.frames = np.stack(frames)
     return result

@@ -33,7 +33,10 @@ def read_scalars(run_dir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
 
 def label(config: cfg.TrainConfig) -> str:
     name = f"{config.task} {config.algorithm} [{'+'.join(config.modalities)}]"
-    return f"{name} {'SB3 MultiInputPolicy' if config.policy_type == 'sb3' else 'Perceiver'}"
+    labels = {"sb3": "SB3 MultiInputPolicy", "lstm": "RecurrentPPO LSTM", "perceiver": "Perceiver"}
+    name += f" proprio={config.proprio}" if config.proprio != "full" else ""
+    name += f" +state decoding ×{config.aux_state_weight:g}" if config.aux_state_weight > 0 else ""
+    return f"{name} {labels.get(config.policy_type, config.policy_type)}"
 
 
 def group_runs(run_dirs: list[Path]) -> dict[str, list[tuple[cfg.TrainConfig, Path]]]:

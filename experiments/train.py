@@ -45,7 +45,7 @@ from experiments.tb import PurgingTensorBoardFormat
 
 def default_run_name(config: cfg.TrainConfig) -> str:
     base = config.preset or f"{config.task}-{config.algorithm}"
-    base += "-sb3" if config.policy_type == "sb3" else ""
+    base += "" if config.policy_type == "perceiver" else f"-{config.policy_type}"
     return f"{base}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -56,7 +56,7 @@ def make_env(config: cfg.TrainConfig, seed: int, normalizer: Path | None = None)
         seed=seed,
         vec_env_type=config.vec_env,
         modality_dropout=config.modality_dropout,
-        **config.env_kwargs(),
+        **config.env_kwargs(privileged_state=config.aux_state_weight > 0),
     )
     if not config.normalize_reward or config.algorithm == "sac":  # SAC learns from raw rewards, as DrQ does
         return venv
@@ -77,6 +77,7 @@ def build(config: cfg.TrainConfig, run_dir: Path, resume: bool):
     device = resolve_device(config.device)
     if not resume:
         venv = make_env(config, config.seed)
+        extra = {"aux_state_weight": config.aux_state_weight} if config.aux_state_weight > 0 else {}
         model = make_agent(
             config.algorithm,
             venv,
@@ -85,6 +86,7 @@ def build(config: cfg.TrainConfig, run_dir: Path, resume: bool):
             device=str(device),
             seed=config.seed,
             policy_type=config.policy_type,
+            **extra,
             **config.algo,
         )
         return model, venv, 0
@@ -117,6 +119,7 @@ def run(config: cfg.TrainConfig, run_dir: Path, resume: bool = False) -> dict:
         config.action_repeat,
         config.eval_video,
         seed=10_000 + config.seed,
+        probe_state=config.state_probe,
     )
     checkpoints = CheckpointCallback(
         config.checkpoint_freq,

@@ -27,8 +27,15 @@ from perceiver_policy.config import PerceiverConfig
 from perceiver_policy.position import fourier_dim, grid_fourier_features
 
 ABSENT_KEY = "absent_modalities"  # = envs.wrappers.ABSENT_KEY (kept import-free of envs)
+STATE_KEY = "state"  # = envs.dmc.STATE_KEY: the privileged full state, for losses and probes, never an input
+NOT_MODALITIES = (ABSENT_KEY, STATE_KEY)
 KINDS = ("image", "vector", "sequence")
-_DEFAULT_KIND = {"pixels": "image", "proprio": "vector", "action_history": "sequence"}
+_DEFAULT_KIND = {
+    "pixels": "image",
+    "proprio": "vector",
+    "action_history": "sequence",
+    "proprio_history": "sequence",
+}
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,7 @@ def build_specs(observation_space: spaces.Space, config: PerceiverConfig) -> lis
         )
     specs = []
     for name, space in observation_space.spaces.items():
-        if name == ABSENT_KEY:  # per-sample absent flags (envs.wrappers.ModalityDropout), not a modality
+        if name in NOT_MODALITIES:  # absent flags (envs.wrappers.ModalityDropout); the privileged state
             continue
         overrides = dict(config.modality_overrides.get(name, {}))
         kind = overrides.pop("kind", None) or infer_kind(name, space)

@@ -20,7 +20,9 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
 from perceiver_policy.config import PerceiverConfig
+from perceiver_policy.modalities import STATE_KEY
 from perceiver_policy.model import LearnedQueries, PerceiverDecoder, PerceiverEncoder
+from perceiver_policy.state_decoding import make_state_decoder
 
 LOG_STD_MODES = ("learned", "state")
 LOG_STD_RANGE = (-5.0, 2.0)
@@ -148,6 +150,9 @@ class PerceiverActorCriticPolicy(ActorCriticPolicy):
         else:
             raise ValueError(f"unsupported action distribution {self.action_dist} for {self.action_space}")
         self.value_net = nn.Linear(dim, 1)
+        # State-decoding output queries when the observation carries the privileged state (an auxiliary loss).
+        self.state_decoder = make_state_decoder(self.observation_space, self.perceiver_config)
+        self.state_decoding: tuple[torch.Tensor, dict[str, float]] | None = None
         if self.ortho_init:
             self.action_net.apply(lambda m: self.init_weights(m, gain=0.01))
             self.value_net.apply(lambda m: self.init_weights(m, gain=1.0))
@@ -158,6 +163,18 @@ class PerceiverActorCriticPolicy(ActorCriticPolicy):
         if self.share_features_extractor:
             return (features_extractor or self.features_extractor)(obs)
         return self.pi_features_extractor(obs), self.vf_features_extractor(obs)
+
+    def evaluate_actions(self, obs, actions: torch.Tensor):
+        """SB3's evaluate_actions (values, log-prob, entropy); with a state decoder, the state-decoding loss of
+        the same encoder pass is left in `self.state_decoding` for the algorithm's loss."""
+        if self.state_decoder is None or not self.share_features_extractor:
+            return super().evaluate_actions(obs, actions)
+        features = self.extract_features(obs)  # (B, M * D)
+        latent_pi, latent_vf = self.mlp_extractor(features)
+        distribution = self._get_action_dist_from_latent(latent_pi)
+        latents = features.view(features.shape[0], self.perceiver_config.num_latents, -1)  # (B, M, D)
+        self.state_decoding = self.state_decoder.loss(latents, obs[STATE_KEY])
+        return self.value_net(latent_vf), distribution.log_prob(actions), distribution.entropy()
 
     def _get_action_dist_from_latent(self, latent_pi: torch.Tensor):
         if self.log_std_mode == "state" and isinstance(self.action_dist, DiagGaussianDistribution):

@@ -17,6 +17,7 @@ from torch import nn
 from perceiver_policy.config import PerceiverConfig
 from perceiver_policy.model import ActionQueries, LearnedQueries, PerceiverDecoder, PerceiverEncoder
 from perceiver_policy.policies import LOG_STD_RANGE, as_config
+from perceiver_policy.state_decoding import make_state_decoder
 
 
 class PerceiverSACActor(nn.Module):
@@ -116,9 +117,13 @@ class PerceiverSACPolicy(BasePolicy):
         self.critic_target = PerceiverSACCritic(None, self.perceiver_config, action_dim, n_critics)
         self.critic_target.load_state_dict(self.critic.state_dict())
         self.critic_target.requires_grad_(False)
+        # State-decoding queries (auxiliary loss on the critic's encoder pass) when the obs has the privileged state.
+        self.state_decoder = make_state_decoder(observation_space, self.perceiver_config)
         lr = lr_schedule(1)
         self.actor.optimizer = optimizer_class(self.actor.parameters(), lr=lr, **self.optimizer_kwargs)
         critic_params = list(self.encoder.parameters()) + list(self.critic.parameters())
+        if self.state_decoder is not None:
+            critic_params += list(self.state_decoder.parameters())
         self.critic.optimizer = optimizer_class(critic_params, lr=lr, **self.optimizer_kwargs)
 
     def _get_constructor_parameters(self) -> dict:
@@ -136,4 +141,6 @@ class PerceiverSACPolicy(BasePolicy):
         self.encoder.train(mode)
         self.actor.train(mode)
         self.critic.train(mode)
+        if self.state_decoder is not None:
+            self.state_decoder.train(mode)
         self.training = mode

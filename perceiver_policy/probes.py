@@ -1,0 +1,69 @@
+"""Linear state probes: how much of the true state can be read linearly from what a policy carries.
+
+Closed-form ridge regression from features (Perceiver latents, an SB3 features extractor's output, an LSTM's
+hidden state) to the privileged state, fit on some evaluation episodes and scored on others (R² per sensor).
+Split by episode, never by step: consecutive steps of one episode are nearly identical, so a step-level split
+would score memorisation. The ridge penalty is chosen on a held-out episode of the fitting half.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+ALPHAS = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
+MIN_EPISODES = 4
+
+
+def ridge_fit(x: np.ndarray, y: np.ndarray, alpha: float):
+    """(predict function) of ridge regression on standardised x with an intercept; x (N, F), y (N, S).
+
+    Uses the dual form when there are more features than samples (Perceiver latents: 2048 features)."""
+    x_mean, x_std = x.mean(0), x.std(0) + 1e-6
+    y_mean = y.mean(0)
+    xs, yc = (x - x_mean) / x_std, y - y_mean
+    if xs.shape[1] <= xs.shape[0]:
+        weights = np.linalg.solve(xs.T @ xs + alpha * np.eye(xs.shape[1]), xs.T @ yc)
+    else:
+        weights = xs.T @ np.linalg.solve(xs @ xs.T + alpha * np.eye(xs.shape[0]), yc)
+    return lambda new: ((new - x_mean) / x_std) @ weights + y_mean
+
+
+def r2_per_sensor(prediction: np.ndarray, target: np.ndarray, layout: dict[str, tuple[int, int]]) -> dict:
+    """R² = 1 - SSE / SST over each sensor's dimensions (a constant sensor scores 0 when predicted exactly)."""
+    scores = {}
+    for name, (start, stop) in layout.items():
+        error = ((prediction[:, start:stop] - target[:, start:stop]) ** 2).sum()
+        spread = ((target[:, start:stop] - target[:, start:stop].mean(0)) ** 2).sum()
+        scores[name] = float(1.0 - error / spread) if spread > 1e-12 else 0.0
+    return scores
+
+
+def state_probe(
+    features: list[np.ndarray],
+    states: list[np.ndarray],
+    layout: dict[str, tuple[int, int]],
+    alphas: tuple[float, ...] = ALPHAS,
+) -> dict[str, float]:
+    """R² per sensor (and their mean under 'mean') of a ridge probe from features to state.
+
+    features / states: one (T_i, F) / (T_i, S) array per episode. The first half of the episodes fits the probe
+    (its last episode chooses the penalty, then the whole half refits), the second half scores it."""
+    if len(features) != len(states) or len(features) < MIN_EPISODES:
+        raise ValueError(
+            f"a state probe needs at least {MIN_EPISODES} episodes of features and states, got "
+            f"{len(features)} and {len(states)}"
+        )
+    half = len(features) // 2
+    fit_x, fit_y = features[:half], states[:half]
+    test_x, test_y = np.concatenate(features[half:]), np.concatenate(states[half:])
+    train_x, train_y = np.concatenate(fit_x[:-1]), np.concatenate(fit_y[:-1])
+
+    def score(alpha):
+        predict = ridge_fit(train_x, train_y, alpha)
+        return np.mean(list(r2_per_sensor(predict(fit_x[-1]), fit_y[-1], layout).values()))
+
+    alpha = max(alphas, key=score)
+    predict = ridge_fit(np.concatenate(fit_x), np.concatenate(fit_y), alpha)
+    scores = r2_per_sensor(predict(test_x), test_y, layout)
+    scores["mean"] = float(np.mean(list(scores.values())))
+    return scores

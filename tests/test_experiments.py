@@ -263,3 +263,40 @@ def test_benchmark_sac_prints_its_tables():  # plumbing only: benchmarks report 
     assert "### SAC update" in result.stdout and "### SAC data path" in result.stdout
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 2 + 2 + 5  # two headers, two agents, five kernels
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "sac"])
+def test_partial_observation_with_state_decoding_writes_decode_and_probe_tags(tmp_path, algorithm):
+    extra = (
+        ["--algorithm", "sac", "--algo", "learning_starts=32", "batch_size=16"] if algorithm == "sac" else []
+    )
+    cli(*ppo_run(tmp_path, "robot", 96, 48, "--task", "cartpole-swingup", "--proprio", "robot",
+                 "--aux-state-weight", "1", "--eval-episodes", "4", *extra))  # fmt: skip
+    scalars = set(tags(tmp_path / "robot").Tags()["scalars"])
+    for sensor in ("position", "velocity"):  # the full state's sensors, decoded and probed
+        assert f"perceiver/state_decode_mse/{sensor}" in scalars
+        assert f"perceiver/state_probe_r2/{sensor}" in scalars
+    config = (tmp_path / "robot" / "config.yaml").read_text()
+    assert "proprio: robot" in config and "aux_state_weight: 1.0" in config
+
+
+def test_lstm_trains_evaluates_with_probe_and_resumes(tmp_path):
+    run = [*ppo_run(tmp_path, "lstm", 64, 32, "--task", "cartpole-swingup", "--policy-type", "lstm",
+                    "--proprio", "positions", "--modalities", "proprio", "proprio_history", "action_history",
+                    "--eval-episodes", "4")]  # fmt: skip
+    cli(*run)
+    assert "perceiver/state_probe_r2/velocity" in tags(tmp_path / "lstm").Tags()["scalars"]
+    cli("experiments.train", "--resume", str(tmp_path / "lstm"), "--total-steps", "96")
+    assert read_meta(list_checkpoints(tmp_path / "lstm" / "checkpoints")[-1])["step"] >= 96
+    out = cli("experiments.evaluate", str(tmp_path / "lstm"), "--episodes", "4", "--probe-state").stdout
+    assert "R² position" in out and "R² velocity" in out
+
+
+@pytest.mark.parametrize("policy_type", ["perceiver", "sb3"])
+def test_evaluate_probe_state_prints_r2_per_sensor(tmp_path, policy_type):
+    cli(*ppo_run(tmp_path, policy_type, 32, 32, "--task", "cartpole-swingup", "--policy-type", policy_type,
+                 "--modalities", "proprio", "action_history"))  # fmt: skip
+    out = cli("experiments.evaluate", str(tmp_path / policy_type), "--episodes", "4", "--probe-state").stdout
+    assert "R² position" in out and "R² velocity" in out
+    header = (tmp_path / policy_type / "eval" / "eval.csv").read_text().splitlines()[0]
+    assert header.endswith("r2_position,r2_velocity,r2_mean")

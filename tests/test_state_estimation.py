@@ -1,0 +1,208 @@
+"""Partial observation, the privileged state, state decoding, state probes and the LSTM baseline."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from dm_control import suite
+from gymnasium.utils.env_checker import check_env as gym_check_env
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+import agents
+import envs
+from envs.proprio_modes import DOMAIN_MODES, PROPRIO_MODES, valid_modes
+from perceiver_policy import PerceiverConfig, PerceiverEncoder
+from perceiver_policy.probes import ridge_fit, state_probe
+from perceiver_policy.state_decoding import StateDecoder
+
+STATES = ("proprio", "proprio_history", "action_history")
+TINY = {"num_latents": 8, "latent_dim": 32, "fourier_bands": 4, "patch_size": 8}
+
+
+def first_tasks(domain):
+    """Every distinct observation layout of a domain is one of its first task or a task with extra entries."""
+    tasks = [t for d, t in suite.ALL_TASKS if d == domain]
+    return tasks[:1] + [t for t in tasks[1:] if t in ("turn_easy", "run_pure_state", "swim")]
+
+
+CASES = [
+    (domain, task, mode)
+    for domain in DOMAIN_MODES
+    for task in first_tasks(domain)
+    for mode in valid_modes(domain)
+]
+
+
+@pytest.mark.parametrize("domain,task,mode", CASES, ids=[f"{d}-{t}-{m}" for d, t, m in CASES])
+def test_every_mode_of_every_listed_domain(domain, task, mode):
+    env = gym.make(f"dmc/{domain}-{task}-v0", modalities=STATES, proprio=mode, privileged_state=True)
+    gym_check_env(env.unwrapped, skip_render_check=True)
+    sb3_check_env(env.unwrapped, warn=False)
+    obs, _ = env.reset(seed=0)
+    obs, *_ = env.step(env.action_space.sample())
+    inner = env.unwrapped
+    layout = env.observation_space["proprio"].layout
+    # The layout tiles the kept vector, and the kept values are the full state's at the selected indices.
+    spans = sorted(layout.values())
+    assert spans[0][0] == 0 and spans[-1][1] == obs["proprio"].shape[0]
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    np.testing.assert_array_equal(obs["proprio"], obs["state"][inner._proprio_index])
+    assert env.observation_space["state"].layout == inner.state_layout
+    if mode == "positions":
+        assert not any("velocit" in name or name.endswith("_vel") for name in layout)
+    if mode == "full" or DOMAIN_MODES[domain].get(mode) == "full":
+        np.testing.assert_array_equal(obs["proprio"], obs["state"])
+
+
+def test_robot_mode_keeps_the_body_and_removes_the_world():
+    cases = {
+        "cartpole-swingup": [0, 3],  # cart x, cart ẋ of [x, cos, sin, ẋ, θ̇]
+        "ball_in_cup-catch": [0, 1, 4, 5],  # cup x, z and their velocities
+        "reacher-easy": [0, 1, 4, 5],  # joint angles and velocities, not to_target
+        "finger-spin": [0, 1, 4, 5, 7, 8],  # finger angles and velocities, touch; not the spinner
+    }
+    for task, kept in cases.items():
+        env = gym.make(envs.env_id(task), modalities=("proprio",), proprio="robot", privileged_state=True)
+        obs, _ = env.reset(seed=1)
+        for _ in range(3):
+            obs, *_ = env.step(env.action_space.sample())
+        np.testing.assert_array_equal(obs["proprio"], obs["state"][kept])
+    for task in ("walker-walk", "cheetah-run", "hopper-hop"):  # the whole observation is the body
+        env = gym.make(envs.env_id(task), modalities=("proprio",), proprio="robot")
+        full = gym.make(envs.env_id(task), modalities=("proprio",))
+        assert env.observation_space["proprio"].layout == full.observation_space["proprio"].layout
+
+
+def test_mode_errors_name_the_valid_choices():
+    with pytest.raises(
+        ValueError, match=r"unknown proprio mode 'robt'; valid choices: \['full', 'robot', 'positions'\]"
+    ):
+        gym.make("dmc/cheetah-run-v0", proprio="robt")
+    with pytest.raises(ValueError, match=r"not defined for quadruped-walk; valid choices: \['full'\]"):
+        gym.make("dmc/quadruped-walk-v0", proprio="robot")
+    assert PROPRIO_MODES == ("full", "robot", "positions")
+
+
+def test_proprio_history_shifts_and_repeats_the_first_reading():
+    env = gym.make(
+        "dmc/cartpole-swingup-v0", modalities=("proprio", "proprio_history"), proprio_history_len=4
+    )
+    obs, _ = env.reset(seed=0)
+    assert obs["proprio_history"].shape == (4, 5)
+    np.testing.assert_array_equal(obs["proprio_history"], np.stack([obs["proprio"]] * 4))
+    readings = [obs["proprio"]]
+    for _ in range(5):
+        obs, *_ = env.step(env.action_space.sample())
+        readings.append(obs["proprio"])
+    np.testing.assert_array_equal(obs["proprio_history"], np.stack(readings[-4:]))
+    obs, _ = env.reset(seed=1)
+    np.testing.assert_array_equal(obs["proprio_history"], np.stack([obs["proprio"]] * 4))
+
+
+def test_privileged_state_only_when_asked():
+    assert "state" not in gym.make("dmc/cartpole-swingup-v0", modalities=STATES).observation_space.spaces
+    venv = envs.make_vec_env("cartpole-swingup", n_envs=1, modalities=STATES, privileged_state=True)
+    assert "state" in venv.observation_space.spaces
+
+
+def _policies(venv):
+    yield "perceiver-ppo", agents.make_agent("ppo", venv, perceiver=TINY, device="cpu", n_steps=16)
+    yield "perceiver-sac", agents.make_agent("sac", venv, perceiver=TINY, device="cpu", buffer_size=100)
+    yield "sb3-ppo", agents.make_agent("ppo", venv, policy_type="sb3", device="cpu", n_steps=16)
+    yield "sb3-sac", agents.make_agent("sac", venv, policy_type="sb3", device="cpu", buffer_size=100)
+    yield "lstm", agents.make_agent("ppo", venv, policy_type="lstm", device="cpu", n_steps=16)
+
+
+def test_changing_the_privileged_state_changes_no_action_value_or_q():
+    venv = envs.make_vec_env(
+        "cartpole-swingup", n_envs=2, modalities=STATES, proprio="positions", privileged_state=True
+    )
+    obs = venv.reset()
+    other = {**obs, "state": obs["state"] * -7.0 + 3.0}
+    for name, model in _policies(venv):
+        policy = model.policy
+        policy.set_training_mode(False)
+        a, _ = model.predict(obs, deterministic=True, episode_start=np.ones(2, bool))
+        b, _ = model.predict(other, deterministic=True, episode_start=np.ones(2, bool))
+        np.testing.assert_array_equal(a, b, err_msg=name)
+        with torch.no_grad():
+            t, _ = policy.obs_to_tensor(obs)
+            u, _ = policy.obs_to_tensor(other)
+            actions = torch.as_tensor(a, dtype=torch.float32)
+            if name.endswith("sac"):  # both Q-values
+                for qa, qb in zip(policy.critic(t, actions), policy.critic(u, actions)):
+                    torch.testing.assert_close(qa, qb, rtol=0, atol=0, msg=name)
+            elif name != "lstm":
+                torch.testing.assert_close(policy.predict_values(t), policy.predict_values(u), rtol=0, atol=0)
+
+
+def test_probe_recovers_a_linear_map_and_scores_zero_on_noise():
+    rng = np.random.default_rng(0)
+    mixing = rng.standard_normal((40, 5))
+    features = [rng.standard_normal((100, 40)) for _ in range(8)]
+    states = [f @ mixing + 0.01 * rng.standard_normal((100, 5)) for f in features]
+    layout = {"a": (0, 2), "b": (2, 5)}
+    scores = state_probe(features, states, layout)
+    assert scores["a"] > 0.99 and scores["b"] > 0.99
+    noise = [rng.standard_normal((100, 40)) for _ in range(8)]
+    scores = state_probe(noise, states, layout)
+    assert abs(scores["a"]) < 0.1 and abs(scores["b"]) < 0.1
+    with pytest.raises(ValueError, match="at least 4 episodes"):
+        state_probe(features[:3], states[:3], layout)
+
+
+def test_ridge_dual_and_primal_forms_agree():
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((30, 20)), rng.standard_normal((30, 3))
+    wide = np.concatenate([x, x[:, :15]], axis=1)  # 35 features > 30 samples: dual form
+    primal = ridge_fit(x, y, 1.0)(x)
+    assert primal.shape == (30, 3)
+    assert ridge_fit(wide, y, 1.0)(wide).shape == (30, 3)
+
+
+def test_state_decoding_loss_falls_on_a_fixed_batch(dict_space):
+    torch.manual_seed(0)
+    config = PerceiverConfig(**TINY)
+    encoder = PerceiverEncoder(dict_space, config)
+    decoder = StateDecoder({"position": (0, 3), "velocity": (3, 7)}, config)
+    from tests.conftest import sample_obs
+
+    obs = sample_obs(dict_space, 32)
+    state = obs["proprio"] * 3.0 + 1.0  # decodable from the proprio tokens
+    optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss, per_sensor = decoder.loss(encoder(obs), state)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert set(per_sensor) == {"position", "velocity"}
+    assert losses[-1] < 0.3 * losses[0]
+    decoder.eval()
+    assert decoder.predict(encoder(obs)).shape == state.shape
+
+
+def test_aux_state_weight_needs_the_privileged_state():
+    venv = envs.make_vec_env("cartpole-swingup", n_envs=1, modalities=STATES)
+    with pytest.raises(ValueError, match="needs the privileged 'state' key"):
+        agents.make_agent("ppo", venv, perceiver=TINY, device="cpu", aux_state_weight=1.0)
+    with pytest.raises(ValueError, match="needs policy_type 'perceiver'"):
+        agents.make_agent("ppo", venv, policy_type="sb3", device="cpu", aux_state_weight=1.0)
+    with pytest.raises(ValueError, match="policy_type 'lstm'.*needs algorithm 'ppo'"):
+        agents.make_agent("sac", venv, policy_type="lstm", device="cpu")
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "a2c", "sac"])
+def test_state_decoding_trains_and_logs_per_sensor(algorithm):
+    venv = envs.make_vec_env(
+        "cartpole-swingup", n_envs=2, modalities=STATES, proprio="robot", privileged_state=True
+    )
+    extra = {"learning_starts": 32, "batch_size": 16} if algorithm == "sac" else {"n_steps": 16}
+    model = agents.make_agent(algorithm, venv, perceiver=TINY, device="cpu", aux_state_weight=1.0, **extra)
+    before = [p.detach().clone() for p in model.policy.state_decoder.parameters()]
+    model.learn(96)
+    logged = model.logger.name_to_value
+    assert {"perceiver/state_decode_mse/position", "perceiver/state_decode_mse/velocity"} <= set(logged)
+    after = list(model.policy.state_decoder.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the learning runs of docs/results.md on a CPU machine, JOBS runs at a time (one torch thread each).
-# Usage: bash experiments/reproduce_results.sh [states,pixels,missing|all]   (RUNS=runs/results JOBS=2 by default)
+# Usage: bash experiments/reproduce_results.sh [states,pixels,missing,see,fuse,remember|all]
+#   (RUNS=runs/results JOBS=2 by default; SEEDS="0 1 2" picks the seeds of the see/fuse/remember studies)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -52,6 +53,45 @@ if [[ $what == *,missing,* || $what == *,all,* ]]; then
   jobs+=("-m experiments.train --preset cartpole-swingup-pixels --total-frames 24000 --perceiver num_latents=32 \
     latent_dim=64 self_attn_layers=1 patch_size=12 --algo batch_size=128 learning_starts=1000 buffer_size=100000 \
     --eval-freq 1250 --modality-dropout 0.2 --seed 0 --run-name swingup-pixels-proprio-mdrop-s0 $common")
+fi
+
+# --- "Does the Perceiver see, and does it remember?" (docs/results.md, studies 1-3) -----------------------------
+# Pixel SAC runs at 100k frames of cartpole-swingup (action repeat 8 -> 12.5k agent steps): the replay holds the
+# whole run (12.5k transitions), DrQ's initial temperature 0.1, the CPU-sized Perceiver, batch 128.
+sac100k="--preset cartpole-swingup-pixels --total-frames 100000 --eval-freq 1250 --checkpoint-freq 1250 --keep-checkpoints 1"
+sac100k="$sac100k --algo batch_size=128 learning_starts=1000 buffer_size=12500 ent_coef=auto_0.1"
+leanp="--perceiver num_latents=32 latent_dim=64 self_attn_layers=1 patch_size=12"
+seeds=${SEEDS:-0 1}
+if [[ $what == *,see,* || $what == *,all,* ]]; then
+  # Study 1: pixels only: ours, ours + state decoding, SB3 SAC + NatureCNN.
+  for seed in $seeds; do
+    jobs+=("-m experiments.train $sac100k $leanp --modalities pixels --seed $seed --run-name study1-pixels-perceiver-s$seed $common")
+    jobs+=("-m experiments.train $sac100k $leanp --modalities pixels --aux-state-weight 1 --seed $seed \
+      --run-name study1-pixels-perceiver-decode-s$seed $common")
+    jobs+=("-m experiments.train $sac100k --policy-type sb3 --modalities pixels --seed $seed --run-name study1-pixels-cnn-s$seed $common")
+  done
+fi
+if [[ $what == *,fuse,* || $what == *,all,* ]]; then
+  # Study 2: the camera for the world (the pole), joint sensors for the body (the cart): --proprio robot.
+  for seed in $seeds; do
+    jobs+=("-m experiments.train $sac100k $leanp --proprio robot --seed $seed --run-name study2-robot-perceiver-s$seed $common")
+    jobs+=("-m experiments.train $sac100k $leanp --proprio robot --aux-state-weight 1 --seed $seed \
+      --run-name study2-robot-perceiver-decode-s$seed $common")
+    jobs+=("-m experiments.train $sac100k --policy-type sb3 --proprio robot --seed $seed --run-name study2-robot-cnn-s$seed $common")
+  done
+fi
+if [[ $what == *,remember,* || $what == *,all,* ]]; then
+  # Study 3: no velocities, no camera (--proprio positions): PPO, 500k frames at action repeat 4, the same Dict for
+  # every agent (proprio + proprio history + action history); the full-proprio MLP reference is the states stage.
+  history="--proprio positions --modalities proprio proprio_history action_history --action-repeat 4 --eval-freq 12500"
+  for task in cartpole-swingup:swingup walker-walk:walker; do
+    for seed in ${SEEDS:-0 1 2}; do
+      for policy in perceiver lstm sb3; do
+        jobs+=("-m experiments.train --preset ${task%%:*}-states $history --policy-type $policy --seed $seed \
+          --run-name study3-${task##*:}-positions-$policy-s$seed $common")
+      done
+    done
+  done
 fi
 
 mkdir -p "$RUNS"

@@ -142,7 +142,7 @@ def bench_policy(quick: bool) -> None:
     rows.append(["perceiver / cnn", "", ratio_latency, "", ratio_throughput])
     table(
         f"Extractor forward, pixels 84 px x 3 frames + proprio + 8-step history; Perceiver {config.num_latents}x"
-        f"{config.latent_dim}, {config.self_attn_layers} self-attn layer, {config.patch_size}-px patches "
+        f"{config.latent_dim}, {config.self_attn_layers} self-attn layer, {config.image_patch_size(84, 84)}-px patches "
         f"(targets: latency <= 1.5x, throughput >= 1x)",
         ["extractor", "params", "b=1 p50 ms", "b=1 p95 ms", "b=256 samples/s"],
         rows,

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 DTYPES = ("float32", "bfloat16")
+DEFAULT_PATCH_SIZE = 12
 PROPRIO_TOKENS = ("sensor", "chunk")
 
 
@@ -48,9 +49,9 @@ class PerceiverConfig:
     """Fourier frequency bands per position axis, linearly spaced from 1 to resolution / 2 (as Perceiver IO)."""
     use_position_features: bool = True
     """Concatenate Fourier position features to token contents; off makes the model permutation-invariant."""
-    patch_size: int = 12
-    """Pixel patch side (the image modality's token stride); must divide the image size (84 px: 12 -> 7x7 patches;
-    64 px: use 8)."""
+    patch_size: int | None = None
+    """Pixel patch side (the image modality's token stride). None (default): the divisor of the image size
+    nearest `DEFAULT_PATCH_SIZE` = 12 (84 and 96 px: 12; 64 px: 8); an explicit value must divide the image size."""
     proprio_tokens: str = "sensor"
     """'sensor': one token per sensor of the env's layout; 'chunk': one token per `proprio_chunk` values."""
     proprio_chunk: int = 4
@@ -78,13 +79,18 @@ class PerceiverConfig:
             "self_attn_repeats",
             "widening_factor",
             "decoder_heads",
-            "patch_size",
             "proprio_chunk",
         )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"PerceiverConfig.{name} must be a positive integer, got {value!r}")
+        if self.patch_size is not None and (
+            not isinstance(self.patch_size, int) or isinstance(self.patch_size, bool) or self.patch_size <= 0
+        ):
+            raise ValueError(
+                f"PerceiverConfig.patch_size must be a positive integer or None, got {self.patch_size!r}"
+            )
         for name in ("self_attn_layers", "fourier_bands"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -110,6 +116,16 @@ class PerceiverConfig:
             raise ValueError(
                 f"PerceiverConfig.modality_overrides must be a dict, got {self.modality_overrides!r}"
             )
+
+    def image_patch_size(self, height: int, width: int) -> int:
+        """`patch_size` if given, else the common divisor of the image sides nearest `DEFAULT_PATCH_SIZE`
+        (the smaller one on a tie: finer tokens)."""
+        if self.patch_size is not None:
+            return self.patch_size
+        divisors = [d for d in range(2, min(height, width) + 1) if height % d == 0 and width % d == 0]
+        if not divisors:
+            return 1
+        return min(divisors, key=lambda d: (abs(d - DEFAULT_PATCH_SIZE), d))
 
     @classmethod
     def from_dict(cls, values: dict) -> PerceiverConfig:

@@ -116,7 +116,10 @@ def build_specs(observation_space: spaces.Space, config: PerceiverConfig) -> lis
             layout = tuple((sensor, int(a), int(b)) for sensor, (a, b) in layout.items())
         else:
             layout = None
-        stride = {"image": config.patch_size, "vector": config.proprio_chunk, "sequence": 1}.get(kind, 1)
+        if kind == "image":
+            stride = config.image_patch_size(*space.shape[-2:]) if len(space.shape) == 3 else 1
+        else:
+            stride = {"vector": config.proprio_chunk, "sequence": 1}.get(kind, 1)
         fields = {f.name for f in dataclasses.fields(ModalitySpec)} - {"name", "kind", "shape"}
         bad = sorted(set(overrides) - fields)
         if bad:

@@ -40,7 +40,12 @@ class PerceiverSACActor(nn.Module):
         return self.distribution(self._encoder[0](obs)).get_actions(deterministic=deterministic)
 
     def action_log_prob(self, obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.action_log_prob_latents(self._encoder[0](obs))
+        """SB3 SAC's entry point: the actor reads latents without gradient (the critic alone trains the encoder,
+        as in DrQ); SB3 steps the critic before the actor's backward, which would otherwise find the encoder's
+        weights changed under its graph."""
+        with torch.no_grad():
+            latents = self._encoder[0](obs)
+        return self.action_log_prob_latents(latents)
 
     def action_log_prob_latents(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dist = self.distribution(latents)
@@ -51,9 +56,7 @@ class PerceiverSACActor(nn.Module):
 class PerceiverSACCritic(nn.Module):
     """Twin (n_critics) Q-functions from action-conditioned queries over the latents."""
 
-    def __init__(
-        self, encoder: PerceiverEncoder | None, config: PerceiverConfig, action_dim: int, n_critics: int
-    ):
+    def __init__(self, encoder: PerceiverEncoder, config: PerceiverConfig, action_dim: int, n_critics: int):
         super().__init__()
         self._encoder = (encoder,)
         self.n_critics = n_critics
@@ -73,7 +76,12 @@ class PerceiverSACCritic(nn.Module):
 
 class PerceiverSACPolicy(BasePolicy):
     """SAC policy: `encoder`, `actor`, `critic`, `critic_target` (heads only; the encoder has no target copy,
-    as in DrQ-v2). Options go through ``policy_kwargs`` (``perceiver=dict(...)``, ``n_critics``)."""
+    as in DrQ-v2: the target heads read the shared encoder's latents, without gradient under SB3's no_grad).
+    Options go through ``policy_kwargs`` (``perceiver=dict(...)``, ``n_critics``).
+
+    Works with SB3's own ``SAC`` (the critic's optimizer owns the encoder, so the critic loss trains it; the
+    actor's gradients that reach the encoder are cleared by the next critic step) and with `agents.PerceiverSAC`,
+    which encodes each batch once and adds DrQ shifts."""
 
     def __init__(
         self,
@@ -114,7 +122,7 @@ class PerceiverSACPolicy(BasePolicy):
         self.encoder = PerceiverEncoder(observation_space, self.perceiver_config)
         self.actor = PerceiverSACActor(self.encoder, self.perceiver_config, action_dim)
         self.critic = PerceiverSACCritic(self.encoder, self.perceiver_config, action_dim, n_critics)
-        self.critic_target = PerceiverSACCritic(None, self.perceiver_config, action_dim, n_critics)
+        self.critic_target = PerceiverSACCritic(self.encoder, self.perceiver_config, action_dim, n_critics)
         self.critic_target.load_state_dict(self.critic.state_dict())
         self.critic_target.requires_grad_(False)
         # State-decoding queries (auxiliary loss on the critic's encoder pass) when the obs has the privileged state.

@@ -308,3 +308,42 @@ def test_sac_with_env_side_modality_dropout():
     assert flags.shape == (48, 2, 3) and 0 < flags.mean() < 1
     assert (buffer.next_observations[envs.ABSENT_KEY][: buffer.pos] != flags).any()  # drawn anew every step
     venv.close()
+
+
+def test_sb3_sac_with_the_perceiver_policy_learns_saves_and_loads(tmp_path):
+    """SB3's own SAC (as rl-zoo3 builds it): the target critic reads the shared encoder's latents."""
+    from stable_baselines3 import SAC
+
+    venv = pixel_env()
+    model = SAC(
+        PerceiverSACPolicy,
+        venv,
+        learning_starts=32,
+        batch_size=16,
+        buffer_size=500,
+        device="cpu",
+        policy_kwargs={"perceiver": TINY},
+    )
+    encoder_before = [p.detach().clone() for p in model.policy.encoder.parameters()]
+    target_before = [p.detach().clone() for p in model.policy.critic_target.parameters()]
+    model.learn(96)
+    assert any(not torch.equal(a, b) for a, b in zip(encoder_before, model.policy.encoder.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(target_before, model.policy.critic_target.parameters()))
+    obs = venv.reset()
+    actions, _ = model.predict(obs, deterministic=True)
+    model.save(tmp_path / "sac.zip")
+    loaded = SAC.load(tmp_path / "sac.zip", device="cpu")
+    np.testing.assert_array_equal(actions, loaded.predict(obs, deterministic=True)[0])
+    venv.close()
+
+
+@pytest.mark.parametrize("size,patch", [(64, 8), (84, 12), (96, 12)])
+def test_default_config_chooses_a_patch_size_for_the_image(size, patch):
+    venv = envs.make_vec_env("cartpole-balance", n_envs=1, image_size=size, frame_stack=1)
+    model = PPO(PerceiverActorCriticPolicy, venv, n_steps=8, batch_size=8, device="cpu")
+    spec = next(s for s in model.policy.encoder.specs if s.name == "pixels")
+    assert spec.stride == patch and spec.num_tokens == (size // patch) ** 2
+    model.learn(8)
+    with pytest.raises(ValueError, match=f"patch_size 10 does not divide image size {size}"):
+        PPO(PerceiverActorCriticPolicy, venv, policy_kwargs={"perceiver": {"patch_size": 10}})
+    venv.close()

@@ -17,10 +17,11 @@ from stable_baselines3.common.logger import TensorBoardOutputFormat
 
 from experiments.checkpoint import save_checkpoint
 from experiments.evaluation import evaluate_policy, perceiver_encoder
-from experiments.tb import add_video, attention_figure
+from experiments.tb import add_video, attention_figure, attention_overlay
 from perceiver_policy.introspection import (
     attention_entropy,
     attention_map,
+    attention_on_frames,
     count_flops,
     modality_balance,
     token_moments,
@@ -174,6 +175,7 @@ class PerceiverMetricsCallback(PeriodicCallback):
                 )
             self.logger.record("perf/cross_attn_gflops", self._cross_attn_gflops)
             self._log_heatmap(capture)
+            self._log_attention_on_frame(capture, encoder, obs)
             self._log_latency(obs)
         self.logger.record("perf/memory_mb", _peak_memory_mb(self.model.device))
         self.seconds += time.perf_counter() - start
@@ -191,6 +193,15 @@ class PerceiverMetricsCallback(PeriodicCallback):
         figure = attention_figure(attention_map(capture).cpu().numpy(), capture["names"], counts)
         writer.add_figure("perceiver/attention", figure, self.num_timesteps, close=True)
         plt.close(figure)
+
+    def _log_attention_on_frame(self, capture: dict, encoder, obs: dict) -> None:
+        """perceiver/attention_on_frame: where the latents read in each stacked frame of env 0's image."""
+        writer = tensorboard_writer(self.logger)
+        heat = attention_on_frames(capture, encoder.specs)
+        if writer is None or heat is None:
+            return
+        image = attention_overlay(obs["pixels"][0].cpu().numpy(), heat.cpu().numpy())
+        writer.add_image("perceiver/attention_on_frame", image, self.num_timesteps, dataformats="HWC")
 
     def _log_latency(self, obs: dict) -> None:
         single = {k: v[:1] for k, v in obs.items()}

@@ -64,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--video", action="store_true", help="write an mp4 of the first episode per task")
     parser.add_argument(
+        "--attention-overlay",
+        action="store_true",
+        help="with --video: show the policy's stacked frames with its cross-attention per patch overlaid",
+    )
+    parser.add_argument(
         "--missing-modality", action="append", default=[], help="evaluate with this modality absent"
     )
     parser.add_argument(
@@ -98,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 video=args.video,
                 missing=tuple(args.missing_modality),
                 probe_state=args.probe_state,
+                attention_overlay=args.attention_overlay,
             )
             probe = {f"r2_{name}": value for name, value in (result.probe or {}).items()}
             rows.append(
@@ -105,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             if result.frames is not None:
                 suffix = f"-no-{'-'.join(args.missing_modality)}" if args.missing_modality else ""
+                suffix += "-attention" if args.attention_overlay else ""
                 write_mp4(out / f"{task}{suffix}.mp4", result.frames)
     except (ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)

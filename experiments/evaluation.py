@@ -11,6 +11,8 @@ import numpy as np
 from envs.dmc import STATE_KEY
 from envs.vec import make_env_fn
 from envs.wrappers import ABSENT_KEY
+from experiments.tb import attention_overlay as attention_overlay_image
+from perceiver_policy.introspection import attention_on_frames
 from perceiver_policy.probes import MIN_EPISODES, state_probe
 
 
@@ -112,16 +114,23 @@ def evaluate_policy(
     video: bool = False,
     missing: tuple[str, ...] = (),
     probe_state: bool = False,
+    attention_overlay: bool = False,
 ) -> EvalResult:
     """Run `episodes` deterministic episodes of `task` one by one, timing every `model.predict` call.
 
     `probe_state`: also fit a linear probe from the policy's features to the privileged state (the env gives it
-    for this; the policy never sees it unless it was trained with it) and report R² per sensor."""
+    for this; the policy never sees it unless it was trained with it) and report R² per sensor.
+    `attention_overlay` (with `video`): the video shows the policy's own stacked frames with the latents'
+    cross-attention on each patch blended over them, instead of the camera render."""
     if probe_state and episodes < MIN_EPISODES:
         raise ValueError(f"a state probe needs at least {MIN_EPISODES} evaluation episodes, got {episodes}")
     spaces = getattr(model.observation_space, "spaces", {})
     env_kwargs = {**env_kwargs, "privileged_state": probe_state or STATE_KEY in spaces}
-    env = make_env_fn(task, **env_kwargs)(render_mode="rgb_array" if video else None)
+    encoder = perceiver_encoder(model)
+    if attention_overlay and (encoder is None or "pixels" not in encoder.names):
+        raise ValueError("--attention-overlay needs a Perceiver policy that reads pixels")
+    overlay = video and attention_overlay
+    env = make_env_fn(task, **env_kwargs)(render_mode="rgb_array" if video and not overlay else None)
     result = EvalResult()
     frames = []
     tap = FeatureTap(model) if probe_state else None
@@ -143,17 +152,23 @@ def evaluate_policy(
                         obs[ABSENT_KEY] = no_flags
                     if STATE_KEY not in spaces:
                         state = obs.pop(STATE_KEY, None)
+                    if overlay and episode == 0:
+                        encoder.capture_attention = True
                     start = time.perf_counter()
                     action, recurrent_state = model.predict(
                         obs, state=recurrent_state, episode_start=episode_start, deterministic=True
                     )
                     result.latencies_ms.append(1000 * (time.perf_counter() - start))
+                    if overlay and episode == 0:
+                        encoder.capture_attention = False
+                        heat = attention_on_frames(encoder.last_capture, encoder.specs)
+                        frames.append(attention_overlay_image(obs["pixels"], heat.cpu().numpy()))
                     episode_start = np.zeros(1, dtype=bool)
                     if tap is not None:
                         episode_features.append(tap.after_predict(recurrent_state))
                         episode_states.append(obs[STATE_KEY] if STATE_KEY in obs else state)
                     obs, reward, terminated, truncated, _ = env.step(action)
-                    if video and episode == 0:
+                    if video and not overlay and episode == 0:
                         frames.append(env.render())
                     total += reward
                     length += 1

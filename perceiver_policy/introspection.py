@@ -73,3 +73,17 @@ def token_moments(capture: dict) -> dict[str, tuple[float, float]]:
         name: (float(tokens[:, index == m].mean()), float(tokens[:, index == m].std()))
         for name, m in zip(capture["names"], capture["present"])
     }
+
+
+def attention_on_frames(capture: dict, specs, sample: int = 0, key: str = "pixels") -> torch.Tensor | None:
+    """(F, Hp, Wp) share of one sample's cross-attention mass on each (frame, patch) token of the image modality
+    `key` (summed over latents, averaged over heads, as a fraction of all the sample's attention mass), or None
+    when that modality is absent. Tokens are ordered (frame, patch row, patch col) by the image adapter."""
+    names = capture["names"]
+    if key not in names:
+        return None
+    spec = next(s for s in specs if s.name == key)
+    m = capture["present"][names.index(key)]
+    per_token = capture["weights"][sample].float().mean(dim=0).sum(dim=0)  # (N,)
+    mass = per_token[capture["modality_index"] == m] / per_token.sum()
+    return mass.reshape(spec.fourier_resolutions)  # (F, Hp, Wp)

@@ -108,7 +108,9 @@ def test_train_creates_run_directory_events_and_checkpoint(tmp_path, algorithm):
     accumulator = tags(run_dir)
     missing = REQUIRED_TAGS - set(accumulator.Tags()["scalars"])
     assert not missing, missing
-    assert {"eval/video", "perceiver/attention"} <= set(accumulator.Tags()["images"])
+    assert {"eval/video", "perceiver/attention", "perceiver/attention_on_frame"} <= set(
+        accumulator.Tags()["images"]
+    )
     video = accumulator.Images("eval/video")[-1]
     assert video.encoded_image_string[:6] == b"GIF89a"  # the video really is in the event file
     frames = accumulator.Scalars("charts/frames")[-1]
@@ -187,6 +189,10 @@ def test_evaluate_writes_table_and_video(trained_run, tmp_path):
         str(tmp_path / "nopix"),
     )
     assert "| cartpole-balance | pixels | 1 |" in missing.stdout
+    overlay = tmp_path / "overlay"
+    cli("experiments.evaluate", str(trained_run), "--episodes", "1", "--video", "--attention-overlay",
+        "--output", str(overlay))  # fmt: skip
+    assert (overlay / "cartpole-balance-attention.mp4").stat().st_size > 1000
 
 
 def test_plot_writes_png(trained_run, tmp_path):

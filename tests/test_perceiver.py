@@ -384,3 +384,27 @@ def test_modality_dropout_never_revives_a_modality_the_caller_flagged_absent(dic
     assert flags[:, 0].all()  # still absent everywhere
     assert not flags.all(dim=1).any()  # and every sample keeps a modality
     assert flags[:, 1:].any()  # dropout still acts on the others
+
+
+def test_attention_on_frames_is_the_pixel_share_on_the_patch_grid(dict_space):
+    from experiments.tb import attention_overlay
+    from perceiver_policy.introspection import attention_on_frames, modality_balance
+
+    encoder = PerceiverEncoder(dict_space, small())
+    encoder.eval()
+    encoder.capture_attention = True
+    obs = sample_obs(dict_space, 2)
+    with torch.no_grad():
+        encoder(obs)
+    capture = encoder.last_capture
+    heat = attention_on_frames(capture, encoder.specs, sample=0)
+    assert heat.shape == (3, 4, 4)  # 3 frames of 32 px in 8-px patches
+    # the grid holds exactly the pixel modality's share of sample 0's attention
+    sample0 = {**capture, "weights": capture["weights"][:1]}
+    assert float(heat.sum()) == pytest.approx(modality_balance(sample0)["pixels"], rel=1e-5)
+    image = attention_overlay(obs["pixels"][0].numpy(), heat.numpy())
+    assert image.shape == (64, 3 * 64, 3) and image.dtype == np.uint8
+    encoder.disabled_modalities = {"pixels"}
+    with torch.no_grad():
+        encoder(obs)
+    assert attention_on_frames(encoder.last_capture, encoder.specs) is None

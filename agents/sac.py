@@ -19,6 +19,7 @@ from stable_baselines3 import SAC
 from stable_baselines3.common.utils import polyak_update
 
 from agents.augment import random_shift
+from perceiver_policy.introspection import encoder_parameter_groups, gradient_norms
 from perceiver_policy.modalities import STATE_KEY
 from perceiver_policy.sac_policy import PerceiverSACPolicy
 
@@ -67,6 +68,7 @@ class PerceiverSAC(SAC):
             "ent_coef_loss": [],
         }
         decode_metrics: list[dict[str, float]] = []
+        encoder_grads: dict[str, float] = {}
 
         for gradient_step in range(gradient_steps):
             data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)
@@ -104,6 +106,8 @@ class PerceiverSAC(SAC):
                 decode_metrics.append(per_sensor)
             self.critic.optimizer.zero_grad()
             critic_loss.backward()
+            if gradient_step == gradient_steps - 1:  # what reaches each encoder stage (cheap: ~20 norms)
+                encoder_grads = gradient_norms(encoder_parameter_groups(encoder))
             self.critic.optimizer.step()
             metrics["critic_loss"].append(critic_loss.item())
 
@@ -123,6 +127,8 @@ class PerceiverSAC(SAC):
             if values:
                 self.logger.record(f"train/{name}", float(np.mean(values)))
         record_state_decoding(self.logger, decode_metrics)
+        for group, norm in encoder_grads.items():
+            self.logger.record(f"perceiver/grad_norm/{group}", norm)
 
 
 def check_state_decoding(weight: float, policy) -> None:

@@ -87,3 +87,22 @@ def attention_on_frames(capture: dict, specs, sample: int = 0, key: str = "pixel
     per_token = capture["weights"][sample].float().mean(dim=0).sum(dim=0)  # (N,)
     mass = per_token[capture["modality_index"] == m] / per_token.sum()
     return mass.reshape(spec.fourier_resolutions)  # (F, Hp, Wp)
+
+
+def encoder_parameter_groups(encoder) -> dict[str, list[torch.nn.Parameter]]:
+    """The encoder's parameters by stage: one group per modality adapter (content + position projections), the
+    latent array and modality embeddings, cross-attention, self-attention."""
+    groups = {f"adapter_{name}": list(adapter.parameters()) for name, adapter in encoder.adapters.items()}
+    groups["latents"] = [encoder.latents, encoder.modality_embedding]
+    groups["cross_attention"] = list(encoder.cross_attention.parameters())
+    groups["self_attention"] = [*encoder.self_attention.parameters(), *encoder.final_norm.parameters()]
+    return groups
+
+
+def gradient_norms(groups: dict[str, list[torch.nn.Parameter]]) -> dict[str, float]:
+    """L2 norm of the current gradients of each group (0 where no gradient reached it)."""
+    norms = {}
+    for name, params in groups.items():
+        grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+        norms[name] = float(torch.stack(grads).norm()) if grads else 0.0
+    return norms

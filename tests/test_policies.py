@@ -347,3 +347,15 @@ def test_default_config_chooses_a_patch_size_for_the_image(size, patch):
     with pytest.raises(ValueError, match=f"patch_size 10 does not divide image size {size}"):
         PPO(PerceiverActorCriticPolicy, venv, policy_kwargs={"perceiver": {"patch_size": 10}})
     venv.close()
+
+
+def test_sac_logs_the_gradient_reaching_each_encoder_stage():
+    venv = pixel_env()
+    model = agents.make_agent(
+        "sac", venv, perceiver=TINY, device="cpu", learning_starts=32, batch_size=16, buffer_size=500
+    )
+    model.learn(64)
+    logged = model.logger.name_to_value
+    for group in ("adapter_pixels", "adapter_proprio", "latents", "cross_attention", "self_attention"):
+        assert logged[f"perceiver/grad_norm/{group}"] > 0, group
+    venv.close()

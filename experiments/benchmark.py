@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -20,40 +19,11 @@ import torch
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 import envs  # noqa: E402
+from experiments.benchmark_common import machine, percentiles, table, timed  # noqa: E402
 from perceiver_policy import PerceiverConfig, count_flops, count_parameters  # noqa: E402
 
 TASK = "cheetah-run"
 PIXEL_OBS = {"image_size": 84, "frame_stack": 3, "action_history_len": 8}
-
-
-def machine() -> str:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {gpu}"
-
-
-def table(title: str, header: list[str], rows: list[list]) -> None:
-    print(f"\n### {title}\n")
-    print("| " + " | ".join(header) + " |")
-    print("|" + " --- |" * len(header))
-    for row in rows:
-        print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row) + " |")
-    sys.stdout.flush()
-
-
-def percentiles(times_s: list[float]) -> tuple[float, float]:
-    ms = 1000 * np.asarray(times_s)
-    return float(np.percentile(ms, 50)), float(np.percentile(ms, 95))
-
-
-def timed(fn, repeats: int, warmup: int = 3) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 # ------------------------------------------------------------------------------------------------------- env
@@ -187,6 +157,9 @@ def bench_policy(quick: bool) -> None:
         rows,
     )
     torch.set_grad_enabled(True)
+    from experiments.benchmark_attention import bench_attention_kernel
+
+    bench_attention_kernel(space, quick)
 
 
 def rebuild_fourier_then_forward(model, obs):

@@ -44,7 +44,8 @@ class PerceiverConfig:
     in eval mode and computes the PPO ratio in train mode, so any dropout biases the ratio (and CPU SDPA leaves
     its fused kernel when dropout > 0)."""
     drop_path: float = 0.0
-    """Stochastic-depth rate of the deepest residual branch (linearly increasing with depth). RL default 0."""
+    """Stochastic-depth rate of the deepest residual block; rates grow linearly over the blocks (input
+    cross-attention first, then each self-attention layer), so any depth gets a non-zero rate. RL default 0."""
     fourier_bands: int = 8
     """Fourier frequency bands per position axis, linearly spaced from 1 to resolution / 2 (as Perceiver IO)."""
     use_position_features: bool = True

@@ -59,6 +59,10 @@ class PerceiverEncoder(nn.Module):
         dim = config.latent_dim
         self.modality_embedding = nn.Parameter(torch.empty(len(self.specs), dim))
         self.latents = nn.Parameter(torch.empty(config.num_latents, dim))
+        depth = config.self_attn_layers * (1 if config.share_repeat_weights else config.self_attn_repeats)
+        # Stochastic depth grows linearly over the residual blocks, cross-attention first; the deepest gets
+        # `drop_path` (with one self-attention layer: cross-attention drop_path / 2, the layer drop_path).
+        rates = [config.drop_path * (i + 1) / (depth + 1) for i in range(depth + 1)]
         self.cross_attention = GatedCrossAttention(
             dim,
             config.cross_attn_heads,
@@ -69,9 +73,8 @@ class PerceiverEncoder(nn.Module):
             config.attn_dropout,
             config.modality_gating,
             tokens_per_modality=[spec.num_tokens for spec in self.specs],
+            drop_path=rates[0],
         )
-        depth = config.self_attn_layers * (1 if config.share_repeat_weights else config.self_attn_repeats)
-        rates = torch.linspace(0, config.drop_path, max(depth, 1)).tolist()
         self.self_attention = nn.ModuleList(
             SelfAttentionLayer(
                 dim,
@@ -79,7 +82,7 @@ class PerceiverEncoder(nn.Module):
                 config.widening_factor,
                 config.dropout,
                 config.attn_dropout,
-                rates[i],
+                rates[i + 1],
             )
             for i in range(depth)
         )

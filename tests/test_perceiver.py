@@ -408,3 +408,79 @@ def test_attention_on_frames_is_the_pixel_share_on_the_patch_grid(dict_space):
     with torch.no_grad():
         encoder(obs)
     assert attention_on_frames(encoder.last_capture, encoder.specs) is None
+
+
+def test_cross_attention_is_eligible_for_the_fused_kernel(dict_space, monkeypatch):
+    """The gating reaches SDPA as a float mask: q, k and v share one head size, and without grad PyTorch picks
+    its fused flash kernel on the CPU (the old extra bias channels forced the math kernel)."""
+    from torch.nn.attention import SDPBackend
+
+    from perceiver_policy import cross_attention
+
+    calls = []
+    real = cross_attention.F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, scale=None):
+        calls.append(SDPBackend(torch._fused_sdp_choice(q, k, v, attn_mask, dropout_p, False)))
+        assert q.shape[-1] == k.shape[-1] == v.shape[-1]
+        return real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+
+    monkeypatch.setattr(cross_attention.F, "scaled_dot_product_attention", spy)
+    encoder = PerceiverEncoder(dict_space, small())
+    encoder.eval()
+    obs = sample_obs(dict_space, 4)
+    with torch.no_grad():
+        encoder(obs)
+        encoder(obs, absent={"pixels": torch.tensor([True, False, False, True])})
+    assert calls and set(calls) == {SDPBackend.FLASH_ATTENTION}  # cross- and self-attention alike
+
+
+def test_drop_path_applies_at_any_depth_and_only_in_training(dict_space):
+    from perceiver_policy.attention import DropPath
+
+    encoder = PerceiverEncoder(dict_space, small(drop_path=0.4, self_attn_layers=1))
+    assert encoder.cross_attention.drop_path.rate == pytest.approx(0.2)
+    assert encoder.self_attention[0].drop_path.rate == pytest.approx(0.4)  # the deepest block gets drop_path
+    drop = DropPath(0.5)
+    x = torch.ones(400, 3, 2)
+    out = drop.train()(x)
+    kept = out[:, 0, 0] != 0
+    assert 0.3 < kept.float().mean() < 0.7  # whole samples dropped...
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 2.0))  # ...the kept ones rescaled
+    assert torch.equal(drop.eval()(x), x)
+    obs = sample_obs(dict_space, 8)
+    encoder.train()
+    assert not torch.equal(encoder(obs), encoder(obs))
+    encoder.eval()
+    assert torch.equal(encoder(obs), encoder(obs))
+
+
+def test_attention_dropout_only_in_training(dict_space):
+    encoder = PerceiverEncoder(dict_space, small(attn_dropout=0.5))
+    obs = sample_obs(dict_space, 4)
+    encoder.train()
+    assert not torch.equal(encoder(obs), encoder(obs))
+    encoder.eval()
+    assert torch.equal(encoder(obs), encoder(obs))
+
+
+def test_count_flops_matches_torch_flop_counter(dict_space):
+    """The analytic per-stage FLOPs equal what torch's FlopCounterMode counts on the same forward (batch 1,
+    training mode so the latent queries are projected, math attention kernel so its matmuls are visible)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from perceiver_policy.introspection import count_flops
+
+    config = small(self_attn_layers=2)
+    encoder = PerceiverEncoder(dict_space, config).train()
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        encoder(sample_obs(dict_space, 1))
+    by_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    analytic = count_flops(dict_space, config)
+    tokenize = sum(v for k, v in by_module.items() if k.count(".") == 2 and ".adapters." in k)
+    assert tokenize == analytic["tokenize"]
+    assert by_module["PerceiverEncoder.cross_attention"] == analytic["cross_attn"]
+    self_attention = sum(by_module[f"PerceiverEncoder.self_attention.{i}"] for i in range(2))
+    assert self_attention == analytic["self_attn"]
+    assert counter.get_total_flops() == analytic["tokenize"] + analytic["cross_attn"] + analytic["self_attn"]

@@ -1,0 +1,68 @@
+"""Which SDPA kernel the input cross-attention gets, and what it costs: `python -m experiments.benchmark policy`.
+
+The gating (per-modality bias + per-latent gate) reaches SDPA as an additive float mask (current) instead of
+extra query/key channels (the first version: q and k 8 channels wider than v, which the fused kernels refuse).
+Each is timed on the default encoder's shapes in this process.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
+
+from experiments.benchmark_common import percentiles, table, timed
+from perceiver_policy import PerceiverConfig, PerceiverEncoder
+
+EXTRA_CHANNELS = 8  # one per modality + the absent flag, padded to 8 (as the first version did)
+
+
+def kernel(q, k, v, mask=None) -> str:
+    return SDPBackend(torch._fused_sdp_choice(q, k, v, mask, 0.0, False)).name.lower()
+
+
+def bench_attention_kernel(space, quick: bool) -> None:
+    config = PerceiverConfig()
+    encoder = PerceiverEncoder(space, config).eval()
+    cross = encoder.cross_attention
+    index = torch.cat([torch.full((s.num_tokens,), i) for i, s in enumerate(encoder.specs)])
+    heads, latents, tokens = config.cross_attn_heads, config.num_latents, index.shape[0]
+    dim = config.latent_dim // heads
+    rows = []
+    for batch in (1, 256):
+        repeats = (30 if quick else 200) if batch == 1 else (5 if quick else 30)
+        q = torch.randn(batch, heads, latents, dim)
+        k, v = torch.randn(batch, heads, tokens, dim), torch.randn(batch, heads, tokens, dim)
+        with torch.no_grad():
+            mask = cross.logit_bias(index)  # (1, H, M, N)
+        onehot = F.one_hot(index, EXTRA_CHANNELS).float().expand(batch, heads, tokens, EXTRA_CHANNELS)
+        q_extra = torch.cat([q, torch.randn(batch, heads, latents, EXTRA_CHANNELS)], dim=-1)
+        k_extra = torch.cat([k, onehot], dim=-1)
+        variants = {
+            "float mask (current)": (q, k, v, mask),
+            "extra q/k channels (before)": (q_extra, k_extra, v, None),
+        }
+        times = {}
+        for name, (qq, kk, vv, mm) in variants.items():
+            p50, p95 = percentiles(timed(lambda a=(qq, kk, vv, mm): F.scaled_dot_product_attention(
+                a[0], a[1], a[2], attn_mask=a[3]), repeats))  # fmt: skip
+            times[name] = p50
+            rows.append([name, batch, kernel(qq, kk, vv, mm), p50, p95])
+        rows.append(
+            [
+                "before / current",
+                batch,
+                "",
+                times["extra q/k channels (before)"] / times["float mask (current)"],
+                "",
+            ]
+        )
+    mask_with_grad = cross.logit_bias(index)  # training: the gating parameters receive gradients
+    train_kernel = kernel(torch.randn(1, heads, latents, dim), torch.randn(1, heads, tokens, dim),
+                          torch.randn(1, heads, tokens, dim), mask_with_grad)  # fmt: skip
+    table(
+        f"Input cross-attention SDPA ({latents} latents x {tokens} tokens, {heads} head of {dim}), inference "
+        f"(no grad); in training the mask needs a gradient and the kernel is: {train_kernel}",
+        ["gating as", "batch", "kernel", "p50 ms", "p95 ms"],
+        rows,
+    )

@@ -1,0 +1,65 @@
+"""Shared pieces of the benchmark scripts: the machine header, markdown tables, timers."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_model_and_flags() -> tuple[str, list[str]]:
+    """The CPU's model name and which of the instruction sets that decide fp32 / bf16 speed it has (Linux)."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return platform.processor() or platform.machine(), []
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if "model name" in line), "?")
+    flags = set(
+        next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    )
+    return model, [flag for flag in CPU_FLAGS if flag in flags]
+
+
+def cpu_has_native_bf16() -> bool:
+    """bf16 arithmetic in hardware (AVX512-BF16 or AMX); without it CPU autocast to bf16 is emulated and slow."""
+    return any(flag in cpu_model_and_flags()[1] for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    model, flags = cpu_model_and_flags()
+    return (
+        f"{model} [{' '.join(flags) or 'no avx2/avx512/bf16/amx'}], {os.cpu_count()} cores, "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads, {gpu}"
+    )
+
+
+def table(title: str, header: list[str], rows: list[list]) -> None:
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + " --- |" * len(header))
+    for row in rows:
+        print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row) + " |")
+    sys.stdout.flush()
+
+
+def percentiles(times_s: list[float]) -> tuple[float, float]:
+    ms = 1000 * np.asarray(times_s)
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 95))
+
+
+def timed(fn, repeats: int, warmup: int = 3) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times

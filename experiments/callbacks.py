@@ -6,6 +6,8 @@ logged beside it, as the DMC literature counts frames.
 
 from __future__ import annotations
 
+import csv
+import os
 import resource
 import time
 from pathlib import Path
@@ -27,6 +29,8 @@ from perceiver_policy.introspection import (
     token_moments,
 )
 from perceiver_policy.probes import MIN_EPISODES
+
+HISTORY_COLUMNS = ["step", "frames", "return_mean"]
 
 
 def tensorboard_writer(logger):
@@ -93,6 +97,7 @@ class EvalCallback(PeriodicCallback):
             probe_state=self.probe_state,
         )
         summary = result.summary()
+        self._append_history(self.num_timesteps, summary["return_mean"])
         for sensor, r2 in (result.probe or {}).items():
             self.logger.record(f"perceiver/state_probe_r2/{sensor}", r2)
         step = self.num_timesteps
@@ -109,6 +114,35 @@ class EvalCallback(PeriodicCallback):
         self.logger.dump(step)
         self.seconds += time.perf_counter() - start
         return summary
+
+    @property
+    def history_path(self) -> Path:
+        return self.run_dir / "eval" / "history.csv"
+
+    def _append_history(self, step: int, value: float) -> None:
+        """One row per evaluation, flushed at once: a killed run keeps every evaluation it made."""
+        self.history_path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.history_path.exists() or self.history_path.stat().st_size == 0
+        with open(self.history_path, "a", newline="") as handle:
+            writer = csv.writer(handle)
+            if new:
+                writer.writerow(HISTORY_COLUMNS)
+            writer.writerow([step, step * self.action_repeat, f"{value:.3f}"])
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def truncate_history(self, last_step: int) -> None:
+        """On --resume: drop rows logged after the checkpoint (as TensorBoard's purge does), atomically."""
+        if not self.history_path.exists():
+            return
+        with open(self.history_path, newline="") as handle:
+            rows = list(csv.reader(handle))
+        kept = [rows[0], *(row for row in rows[1:] if row and int(row[0]) <= last_step)]
+        self.history = [(int(row[0]), float(row[2])) for row in kept[1:]]
+        tmp = self.history_path.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as handle:
+            csv.writer(handle).writerows(kept)
+        os.replace(tmp, self.history_path)
 
     def _on_training_start(self) -> None:
         super()._on_training_start()

@@ -3,7 +3,10 @@
 A checkpoint is ``checkpoints/step_<N>/`` holding ``model.zip`` (SB3: weights, optimizer, step counter, learning
 rate schedule progress), ``rng.pt`` (torch / numpy / python RNG states; SB3 saves none),
 ``vecnormalize.pkl`` (reward-normalisation statistics) and, for SAC, ``replay_buffer.pkl``. Rename is atomic on POSIX, so a run killed at any moment (SIGKILL included) leaves only
-complete checkpoints plus, at worst, a ``.tmp-*`` directory that is ignored and cleaned up.
+complete checkpoints plus, at worst, a ``.tmp-*`` directory that is ignored and cleaned up. Nothing is deleted
+before its replacement is in place: a second checkpoint of the same step (the end of a run rewrites the last
+periodic one) is written as ``step_<N>.<k>`` and the older one removed after. A write that fails (a full disk)
+removes its temporary directory and leaves every earlier checkpoint as it was.
 """
 
 from __future__ import annotations
@@ -67,26 +70,40 @@ def save_checkpoint(
     model, directory: Path, step: int, keep: int, with_replay_buffer: bool, extra: dict
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"{PREFIX}{step:012d}"
-    tmp = directory / f".tmp-{PREFIX}{step:012d}-{os.getpid()}"
+    name = f"{PREFIX}{step:012d}"
+    same_step = [p for p in list_checkpoints(directory) if _step_and_generation(p)[0] == step]
+    if same_step:  # never delete before the replacement is in place: a new generation of this step
+        name += f".{_step_and_generation(same_step[-1])[1] + 1}"
+    final = directory / name
+    tmp = directory / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    model.save(tmp / "model.zip")
-    torch.save(rng_state(), tmp / "rng.pt")
-    normalizer = model.get_vec_normalize_env()
-    if normalizer is not None:
-        normalizer.save(str(tmp / "vecnormalize.pkl"))
-    if with_replay_buffer and getattr(model, "replay_buffer", None) is not None:
-        model.save_replay_buffer(tmp / "replay_buffer.pkl")
-    (tmp / COMPLETE).write_text(json.dumps({"step": step, **extra}))
-    for file in tmp.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
+    try:
+        tmp.mkdir()
+        model.save(tmp / "model.zip")
+        torch.save(rng_state(), tmp / "rng.pt")
+        normalizer = model.get_vec_normalize_env()
+        if normalizer is not None:
+            normalizer.save(str(tmp / "vecnormalize.pkl"))
+        if with_replay_buffer and getattr(model, "replay_buffer", None) is not None:
+            model.save_replay_buffer(tmp / "replay_buffer.pkl")
+        (tmp / COMPLETE).write_text(json.dumps({"step": step, **extra}))
+        for file in tmp.iterdir():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(tmp)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(directory)
+        kept = (
+            f"the previous checkpoint {previous[-1]} is intact"
+            if previous
+            else "no earlier checkpoint exists"
+        )
+        raise CheckpointError(f"checkpoint of step {step} not written ({err}); {kept}") from err
     os.replace(tmp, final)
     _fsync_dir(directory)
+    for old in same_step:
+        shutil.rmtree(old, ignore_errors=True)
     for old in list_checkpoints(directory)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in directory.glob(".tmp-*"):
@@ -94,12 +111,18 @@ def save_checkpoint(
     return final
 
 
+def _step_and_generation(path: Path) -> tuple[int, int]:
+    """step_<N> -> (N, 0); step_<N>.<k> -> (N, k)."""
+    step, _, generation = path.name[len(PREFIX) :].partition(".")
+    return int(step), int(generation or 0)
+
+
 def list_checkpoints(directory: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not directory.is_dir():
         return []
     found = [p for p in directory.glob(f"{PREFIX}*") if p.is_dir() and (p / COMPLETE).exists()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+    return sorted(found, key=_step_and_generation)
 
 
 def latest_checkpoint(run_dir: Path) -> Path:

@@ -9,7 +9,6 @@ not bit-for-bit, the same as an uninterrupted one.
 
 from __future__ import annotations
 
-import csv
 import sys
 import time
 from pathlib import Path
@@ -121,6 +120,8 @@ def run(config: cfg.TrainConfig, run_dir: Path, resume: bool = False) -> dict:
         seed=10_000 + config.seed,
         probe_state=config.state_probe,
     )
+    if resume:  # evaluations logged after the checkpoint are dropped, as in TensorBoard
+        evaluator.truncate_history(start_step)
     checkpoints = CheckpointCallback(
         config.checkpoint_freq,
         run_dir / "checkpoints",
@@ -159,12 +160,6 @@ def finish(
 ) -> dict:
     eval_dir = run_dir / "eval"
     eval_dir.mkdir(exist_ok=True)
-    with open(eval_dir / "history.csv", "a", newline="") as handle:
-        writer = csv.writer(handle)
-        if handle.tell() == 0:
-            writer.writerow(["step", "frames", "return_mean"])
-        for step, value in evaluator.history:
-            writer.writerow([step, step * config.action_repeat, f"{value:.3f}"])
     video_path = None
     if evaluator.last_frames is not None:  # the final evaluation's first episode, already rendered
         video_path = write_mp4(eval_dir / f"final_step_{model.num_timesteps}.mp4", evaluator.last_frames)

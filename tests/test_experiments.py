@@ -135,6 +135,9 @@ def test_sigkill_then_resume_continues_from_the_checkpoint(tmp_path):
     killed_step = int(read_meta(checkpoints[-1])["step"])
     for checkpoint in checkpoints:  # every complete checkpoint is readable
         assert (checkpoint / "model.zip").stat().st_size > 0
+    history = run_dir / "eval" / "history.csv"
+    killed_rows = [int(row.split(",")[0]) for row in history.read_text().splitlines()[1:]]
+    assert killed_step in killed_rows  # every evaluation made before the kill is on disk
     target = killed_step + 96
     result = cli("experiments.train", "--resume", str(run_dir), "--total-steps", str(target))
     assert f"from checkpoint step {killed_step}" in result.stdout
@@ -143,6 +146,8 @@ def test_sigkill_then_resume_continues_from_the_checkpoint(tmp_path):
     steps = [event.step for event in tags(run_dir).Scalars("eval/return_mean")]
     assert steps == sorted(set(steps)), steps  # the axis never restarts nor repeats
     assert steps[-1] == final_step and killed_step in steps  # the checkpoint's own evaluation is kept
+    rows = [int(row.split(",")[0]) for row in history.read_text().splitlines()[1:]]
+    assert rows == steps  # the CSV agrees with TensorBoard: rows past the checkpoint dropped, none repeated
 
 
 def test_sac_resume_continues_the_saved_replay_buffer(tmp_path):

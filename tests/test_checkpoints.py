@@ -1,0 +1,73 @@
+"""Run state survives faults: atomic config, no moment with zero checkpoints, a full disk keeps the last one."""
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+import agents
+import envs
+from experiments import config as cfg
+from experiments.checkpoint import CheckpointError, list_checkpoints, read_meta, save_checkpoint
+
+TINY = {"num_latents": 8, "latent_dim": 32, "fourier_bands": 4}
+
+
+@pytest.fixture(scope="module")
+def model():
+    venv = envs.make_vec_env("cartpole-balance", n_envs=1, modalities=("proprio", "action_history"))
+    yield agents.make_agent("ppo", venv, perceiver=TINY, device="cpu", n_steps=16)
+    venv.close()
+
+
+def test_a_second_checkpoint_of_the_same_step_replaces_the_first_only_once_written(tmp_path, model, monkeypatch):
+    directory = tmp_path / "checkpoints"
+    first = save_checkpoint(model, directory, 64, keep=1, with_replay_buffer=False, extra={})
+    real_replace = os.replace
+
+    def crash(src, dst):  # the process dies at the rename of the new checkpoint
+        if Path(dst).parent == directory:
+            raise KeyboardInterrupt("killed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(model, directory, 64, keep=1, with_replay_buffer=False, extra={"again": True})
+    assert list_checkpoints(directory) == [first]  # still one complete checkpoint
+    monkeypatch.setattr(os, "replace", real_replace)
+    second = save_checkpoint(model, directory, 64, keep=1, with_replay_buffer=False, extra={"again": True})
+    assert list_checkpoints(directory) == [second] and read_meta(second)["again"] is True
+    third = save_checkpoint(model, directory, 96, keep=1, with_replay_buffer=False, extra={})
+    assert list_checkpoints(directory) == [third]
+
+
+def test_a_full_disk_leaves_the_previous_checkpoint_intact(tmp_path, model, monkeypatch):
+    directory = tmp_path / "checkpoints"
+    first = save_checkpoint(model, directory, 32, keep=3, with_replay_buffer=False, extra={})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(model, "save", disk_full)
+    with pytest.raises(CheckpointError, match=r"step 64 not written .*No space left.*previous checkpoint .*intact"):
+        save_checkpoint(model, directory, 64, keep=3, with_replay_buffer=False, extra={})
+    assert list_checkpoints(directory) == [first]
+    assert not list(directory.glob(".tmp-*"))  # the partial write is cleaned up
+
+
+def test_config_is_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "config.yaml"
+    config = cfg.TrainConfig(task="cartpole-swingup")
+    cfg.save(config, path)
+    real_write = Path.write_text
+
+    def crash_midway(self, text, *args, **kwargs):
+        real_write(self, text[:10], *args, **kwargs)
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(Path, "write_text", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        cfg.save(cfg.TrainConfig(task="walker-walk"), path)
+    monkeypatch.setattr(Path, "write_text", real_write)
+    assert cfg.load(path).task == "cartpole-swingup"

@@ -4,8 +4,9 @@ CLI flags are the kebab-case forms of the fields (``--total-steps``); dict field
 (``--perceiver num_latents=64 latent_dim=128``, ``--algo n_steps=512``), values parsed as YAML.
 
 Counting: ``total_steps``, ``eval_freq`` and ``checkpoint_freq`` count *agent steps* summed over envs (SB3's
-``num_timesteps``, the TensorBoard x-axis). A preset states its budget in *frames* (``total_frames`` = agent
-steps x action repeat, as the DMC literature counts) and the step budget follows from it.
+``num_timesteps``, the TensorBoard x-axis). A preset states its budget and frequencies in *frames*
+(``total_frames``, ``eval_every_frames``, ``checkpoint_every_frames`` = agent steps x action repeat, as the DMC
+literature counts) and the step counts follow from them; an explicit step flag on the command line wins.
 """
 
 from __future__ import annotations
@@ -28,6 +29,20 @@ from envs.vec import VEC_ENV_TYPES
 from perceiver_policy.config import PerceiverConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
+# A budget or frequency in frames (as presets state them) -> the agent-step field it sets.
+FRAME_FIELDS = {
+    "total_frames": "total_steps",
+    "eval_every_frames": "eval_freq",
+    "checkpoint_every_frames": "checkpoint_freq",
+}
+# Fields renamed since runs were saved: old config.yaml files (and old command lines) still load.
+LEGACY_FIELDS = {"modality_dropout": "env_modality_dropout"}
+# What `--resume RUN` may change; any other flag given with --resume is refused by name.
+RESUME_SAFE_FIELDS = (
+    "total_steps", "total_frames", "device", "eval_freq", "eval_every_frames", "eval_episodes", "eval_video",
+    "state_probe", "checkpoint_freq", "checkpoint_every_frames", "keep_checkpoints",
+    "checkpoint_replay_buffer", "perceiver_log_freq", "progress_bar",
+)  # fmt: skip
 
 
 @dataclass
@@ -60,7 +75,7 @@ class TrainConfig:
     n_envs: int = 4
     vec_env: str = "dummy"
     """'dummy' (in-process) or 'subproc' (one process per env)."""
-    modality_dropout: float = 0.0
+    env_modality_dropout: float = 0.0
     """Training envs mark each modality absent with this probability per step (envs.wrappers.ModalityDropout):
     robustness to missing sensors, PPO-safe because the flags are part of the observation. Eval envs: none."""
     normalize_reward: bool = True
@@ -74,6 +89,9 @@ class TrainConfig:
     total_frames: int | None = None
     """If set, total_steps = ceil(total_frames / action_repeat)."""
     eval_freq: int = 10_000
+    """Agent steps between evaluations."""
+    eval_every_frames: int | None = None
+    """If set, eval_freq = ceil(eval_every_frames / action_repeat) (presets state frequencies in frames)."""
     eval_episodes: int = 5
     eval_video: bool = True
     state_probe: bool = True
@@ -81,6 +99,9 @@ class TrainConfig:
     LSTM state) to the privileged state on half the episodes, score R² on the rest: perceiver/state_probe_r2/<sensor>.
     Needs eval_episodes >= 4 (skipped otherwise)."""
     checkpoint_freq: int = 10_000
+    """Agent steps between checkpoints."""
+    checkpoint_every_frames: int | None = None
+    """If set, checkpoint_freq = ceil(checkpoint_every_frames / action_repeat)."""
     keep_checkpoints: int = 3
     checkpoint_replay_buffer: bool = True
     """SAC: store the replay buffer in checkpoints so --resume continues with it (large for pixels)."""
@@ -101,8 +122,32 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.modalities = list(self.modalities)
-        if self.total_frames is not None:
-            self.total_steps = math.ceil(self.total_frames / self.action_repeat)
+        self.sync_frames()
+
+    def sync_frames(self) -> None:
+        """Step counts from the frame fields that are set (frames / action repeat, rounded up)."""
+        for frames, steps in FRAME_FIELDS.items():
+            if getattr(self, frames) is not None:
+                setattr(self, steps, math.ceil(getattr(self, frames) / self.action_repeat))
+
+    def apply_resume_flags(self, given: dict) -> list[str]:
+        """Apply the flags given with --resume that may change a run; the rest is refused by name."""
+        refused = sorted(set(given) - set(RESUME_SAFE_FIELDS))
+        if refused:
+            flags = ", ".join("--" + name.replace("_", "-") for name in refused)
+            safe = ", ".join("--" + name.replace("_", "-") for name in RESUME_SAFE_FIELDS)
+            raise ValueError(
+                f"--resume continues a run with the settings it was trained with; cannot change {flags} "
+                f"(start a new run instead). Flags that --resume applies: {safe}"
+            )
+        for name, value in given.items():
+            setattr(self, name, value)
+        for frames, steps in FRAME_FIELDS.items():
+            if steps in given and frames not in given:
+                setattr(self, frames, None)  # an explicit step count wins over the run's frames
+        self.sync_frames()
+        self.validate()
+        return sorted(given)
 
     def validate(self) -> None:
         choices = {
@@ -152,8 +197,8 @@ class TrainConfig:
             raise ValueError(
                 f"aux_state_weight needs policy_type 'perceiver' (its state-decoding queries), got {self.policy_type!r}"
             )
-        if not 0.0 <= self.modality_dropout < 1.0:
-            raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout!r}")
+        if not 0.0 <= self.env_modality_dropout < 1.0:
+            raise ValueError(f"env_modality_dropout must be in [0, 1), got {self.env_modality_dropout!r}")
         for stage in self.curriculum:
             if not isinstance(stage, dict) or set(stage) != {"step", "modalities"}:
                 raise ValueError(f"curriculum stages are {{'step': N, 'modalities': [...]}}, got {stage!r}")
@@ -197,6 +242,7 @@ def _fields() -> dict[str, dataclasses.Field]:
 
 
 def from_dict(values: dict) -> TrainConfig:
+    values = {LEGACY_FIELDS.get(k, k): v for k, v in values.items()}
     unknown = sorted(set(values) - set(_fields()))
     if unknown:
         raise ValueError(f"unknown config fields {unknown}; valid fields: {sorted(_fields())}")
@@ -249,7 +295,24 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         else:
             base = int if kind in (int, int | None) else float if kind is float else str
             parser.add_argument(flag, type=base, default=None, help=f"(default {default})")
+    # Renamed flags keep working (LEGACY_FIELDS).
+    parser.add_argument("--modality-dropout", dest="env_modality_dropout", type=float, help=argparse.SUPPRESS)
     return parser
+
+
+def given_fields(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields set explicitly on the command line (dict fields parsed), preset excluded."""
+    given = {}
+    for name, f in _fields().items():
+        value = getattr(args, name, None)
+        if value is None or name == "preset":
+            continue
+        if f.type in ("dict", dict):
+            value = _key_values(value)
+        elif name == "curriculum":
+            value = yaml.safe_load(value)
+        given[name] = value
+    return given
 
 
 def resolve(args: argparse.Namespace) -> TrainConfig:
@@ -258,18 +321,11 @@ def resolve(args: argparse.Namespace) -> TrainConfig:
     if args.preset:
         values.update(load_preset(args.preset))
         values["preset"] = args.preset
-    for name in _fields():
-        given = getattr(args, name, None)
-        if given is None or name == "preset":
-            continue
-        if _fields()[name].type in ("dict", dict):
-            values[name] = {**values.get(name, {}), **_key_values(given)}
-        elif name == "curriculum":
-            values[name] = yaml.safe_load(given)
-        else:
-            values[name] = given
-    if getattr(args, "total_steps", None) is not None:
-        values["total_frames"] = None  # an explicit step budget wins over the preset's frame budget
+    for name, value in given_fields(args).items():
+        values[name] = {**values.get(name, {}), **value} if isinstance(value, dict) else value
+    for frames, steps in FRAME_FIELDS.items():
+        if getattr(args, steps, None) is not None:
+            values[frames] = None  # an explicit step count wins over the preset's frames
     config = from_dict(values)
     config.validate()
     return config

@@ -47,12 +47,12 @@ fi
 if [[ $what == *,missing,* || $what == *,all,* ]]; then
   # The make-train demo with and without modality dropout, for the missing-modality evaluation.
   jobs+=("-m experiments.train --preset cartpole-balance-pixels --run-name balance-pixels-nodrop-s0 $common")
-  jobs+=("-m experiments.train --preset cartpole-balance-pixels --modality-dropout 0.2 \
+  jobs+=("-m experiments.train --preset cartpole-balance-pixels --env-modality-dropout 0.2 \
     --run-name balance-pixels-mdrop-s0 $common")
   # cartpole-swingup SAC with modality dropout, against swingup-pixels-proprio-s0 of the pixels stage at 24k frames
   jobs+=("-m experiments.train --preset cartpole-swingup-pixels --total-frames 24000 --perceiver num_latents=32 \
     latent_dim=64 self_attn_layers=1 patch_size=12 --algo batch_size=128 learning_starts=1000 buffer_size=100000 \
-    --eval-freq 1250 --modality-dropout 0.2 --seed 0 --run-name swingup-pixels-proprio-mdrop-s0 $common")
+    --eval-freq 1250 --env-modality-dropout 0.2 --seed 0 --run-name swingup-pixels-proprio-mdrop-s0 $common")
 fi
 
 # --- "Does the Perceiver see, and does it remember?" (docs/results.md, studies 1-3) -----------------------------

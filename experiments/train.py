@@ -54,7 +54,7 @@ def make_env(config: cfg.TrainConfig, seed: int, normalizer: Path | None = None)
         n_envs=config.n_envs,
         seed=seed,
         vec_env_type=config.vec_env,
-        modality_dropout=config.modality_dropout,
+        modality_dropout=config.env_modality_dropout,
         **config.env_kwargs(privileged_state=config.aux_state_weight > 0),
     )
     if not config.normalize_reward or config.algorithm == "sac":  # SAC learns from raw rewards, as DrQ does
@@ -135,6 +135,13 @@ def run(config: cfg.TrainConfig, run_dir: Path, resume: bool = False) -> dict:
         callbacks.append(CurriculumCallback(config.curriculum))
     if config.progress_bar:
         callbacks.append(ProgressCallback(config.total_steps, evaluator))
+    repeat = config.action_repeat
+    print(
+        f"budget {config.total_steps} agent steps = {config.total_steps * repeat} frames; evaluation every "
+        f"{config.eval_freq} steps = {config.eval_freq * repeat} frames; checkpoint every {config.checkpoint_freq} "
+        f"steps = {config.checkpoint_freq * repeat} frames",
+        flush=True,
+    )
     remaining = config.total_steps - model.num_timesteps
     started = time.perf_counter()
     try:
@@ -215,8 +222,11 @@ def main(argv: list[str] | None = None) -> int:
             if not (run_dir / "config.yaml").exists():
                 raise ValueError(f"run directory {str(run_dir)!r} not found (no config.yaml in it)")
             config = cfg.load(run_dir / "config.yaml")
-            if args.total_steps is not None:  # extend (or shorten) the run's budget
-                config.total_steps, config.total_frames = args.total_steps, None
+            changed = config.apply_resume_flags(cfg.given_fields(args))  # e.g. --total-steps: a new budget
+            if changed:
+                print(
+                    f"resume: applying {', '.join('--' + n.replace('_', '-') for n in changed)}", flush=True
+                )
             step = int(read_meta(latest_checkpoint(run_dir))["step"])
             if step >= config.total_steps:
                 print(f"{run_dir} is at step {step}, its budget is {config.total_steps} steps: nothing to train "

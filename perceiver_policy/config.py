@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 DTYPES = ("float32", "bfloat16")
 DEFAULT_PATCH_SIZE = 12
+LEGACY_FIELDS = {"modality_dropout": "encoder_modality_dropout"}
 PROPRIO_TOKENS = ("sensor", "chunk")
 
 
@@ -57,8 +58,10 @@ class PerceiverConfig:
     """'sensor': one token per sensor of the env's layout; 'chunk': one token per `proprio_chunk` values."""
     proprio_chunk: int = 4
     """Values per proprio token in 'chunk' mode (and for vector modalities without a layout)."""
-    modality_dropout: float = 0.0
-    """Training only: probability of dropping a whole modality per sample (never all of them)."""
+    encoder_modality_dropout: float = 0.0
+    """Model-side, training mode only: the encoder drops a whole modality per sample with this probability (never
+    all of them). It makes PPO's ratio inexact (rollouts run in eval mode); for PPO use the env-side
+    `TrainConfig.env_modality_dropout`, which puts the flags into the observation. (Was `modality_dropout`.)"""
     modality_gating: bool = True
     """Learned per-head, per-modality logit bias and per-latent modality gate in the input cross-attention."""
     init_std: float = 0.02
@@ -96,7 +99,7 @@ class PerceiverConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"PerceiverConfig.{name} must be a non-negative integer, got {value!r}")
-        for name in ("dropout", "attn_dropout", "drop_path", "modality_dropout"):
+        for name in ("dropout", "attn_dropout", "drop_path", "encoder_modality_dropout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"PerceiverConfig.{name} must be in [0, 1), got {value!r}")
@@ -132,6 +135,7 @@ class PerceiverConfig:
     def from_dict(cls, values: dict) -> PerceiverConfig:
         """Build from a plain dict (e.g. YAML), naming unknown keys and the valid ones."""
         names = {f.name for f in dataclasses.fields(cls)}
+        values = {LEGACY_FIELDS.get(k, k): v for k, v in values.items()}  # configs saved before a rename
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"unknown PerceiverConfig fields {unknown}; valid fields: {sorted(names)}")

@@ -47,7 +47,7 @@ class PerceiverEncoder(nn.Module):
     Missing modalities: a key absent from `obs` (or listed in `disabled_modalities`) contributes no tokens; a
     per-sample flag in `absent` ({name: (B,) bool}), or in the observation's `absent_modalities` (B, n) flags
     (from `envs.wrappers.ModalityDropout`, PPO-safe), masks that sample's tokens with the same result. In
-    training, `config.modality_dropout` flags whole modalities absent per sample (never all of one sample's).
+    training, `config.encoder_modality_dropout` flags whole modalities absent per sample (never all of one sample's).
     """
 
     def __init__(self, observation_space: spaces.Dict, config: PerceiverConfig | None = None):
@@ -132,8 +132,9 @@ class PerceiverEncoder(nn.Module):
                     )
             if bool(flags.all(dim=1).any()):
                 raise ValueError("every modality is absent for some sample; at least one must be present")
-        if self.training and self.config.modality_dropout > 0 and len(present) > 1:
-            drop = torch.rand(batch, len(present), device=device) < self.config.modality_dropout
+        rate = self.config.encoder_modality_dropout
+        if self.training and rate > 0 and len(present) > 1:
+            drop = torch.rand(batch, len(present), device=device) < rate
             everything = drop.all(dim=1)
             keep = torch.randint(len(present), (batch,), device=device)
             drop[everything, keep[everything]] = False  # never drop all of a sample's modalities

@@ -21,7 +21,9 @@ def model():
     venv.close()
 
 
-def test_a_second_checkpoint_of_the_same_step_replaces_the_first_only_once_written(tmp_path, model, monkeypatch):
+def test_a_second_checkpoint_of_the_same_step_replaces_the_first_only_once_written(
+    tmp_path, model, monkeypatch
+):
     directory = tmp_path / "checkpoints"
     first = save_checkpoint(model, directory, 64, keep=1, with_replay_buffer=False, extra={})
     real_replace = os.replace
@@ -50,7 +52,9 @@ def test_a_full_disk_leaves_the_previous_checkpoint_intact(tmp_path, model, monk
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(model, "save", disk_full)
-    with pytest.raises(CheckpointError, match=r"step 64 not written .*No space left.*previous checkpoint .*intact"):
+    with pytest.raises(
+        CheckpointError, match=r"step 64 not written .*No space left.*previous checkpoint .*intact"
+    ):
         save_checkpoint(model, directory, 64, keep=3, with_replay_buffer=False, extra={})
     assert list_checkpoints(directory) == [first]
     assert not list(directory.glob(".tmp-*"))  # the partial write is cleaned up

@@ -166,6 +166,8 @@ def test_sac_resume_continues_the_saved_replay_buffer(tmp_path):
     assert [row.split(",")[0] for row in history[1:]] == ["64", "128"]
     again = cli("experiments.train", "--resume", str(tmp_path / "sac"))
     assert "is at step 128, its budget is 128 steps: nothing to train" in again.stdout
+    refused = cli("experiments.train", "--resume", str(tmp_path / "sac"), "--seed", "3", check=False)
+    assert refused.returncode == 2 and "cannot change --seed" in refused.stderr
 
 
 @pytest.fixture(scope="module")

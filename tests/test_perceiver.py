@@ -112,7 +112,7 @@ def test_every_modality_absent_is_an_error(dict_space):
 
 def test_modality_dropout_only_in_training(dict_space):
     torch.manual_seed(0)
-    encoder = PerceiverEncoder(dict_space, small(modality_dropout=0.5))
+    encoder = PerceiverEncoder(dict_space, small(encoder_modality_dropout=0.5))
     obs = sample_obs(dict_space, 64)
     encoder.train()
     flags = encoder._absent_flags((0, 1, 2), 4096, None, torch.device("cpu"))
@@ -318,7 +318,7 @@ def test_custom_modality_is_one_registry_entry(dict_space):
         ({"self_attn_layers": -1}, "self_attn_layers must be a non-negative integer"),
         ({"attn_dropout": 1.5}, "attn_dropout must be in \\[0, 1\\)"),
         ({"drop_path": -0.1}, "drop_path must be in"),
-        ({"modality_dropout": 1.0}, "modality_dropout must be in"),
+        ({"encoder_modality_dropout": 1.0}, "encoder_modality_dropout must be in"),
         ({"dtype": "float16"}, "dtype 'float16' unknown.*float32.*bfloat16"),
         ({"proprio_tokens": "joint"}, "proprio_tokens 'joint' unknown"),
         ({"patch_size": 0}, "patch_size must be a positive integer"),
@@ -377,7 +377,7 @@ def test_pixels_are_scaled_to_minus_half_plus_half(dict_space):
 
 def test_modality_dropout_never_revives_a_modality_the_caller_flagged_absent(dict_space):
     torch.manual_seed(0)
-    encoder = PerceiverEncoder(dict_space, small(modality_dropout=0.9)).train()
+    encoder = PerceiverEncoder(dict_space, small(encoder_modality_dropout=0.9)).train()
     assert encoder.names[0] == "action_history"  # the column the old fallback re-enabled
     absent = {"action_history": torch.ones(512, dtype=torch.bool)}
     flags = encoder._absent_flags((0, 1, 2), 512, absent, torch.device("cpu"))

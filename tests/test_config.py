@@ -1,0 +1,40 @@
+"""The training config: frames vs agent steps, renamed fields, what --resume may change."""
+
+import pytest
+
+from experiments import config as cfg
+
+
+def resolve(*argv):
+    return cfg.resolve(cfg.build_parser("test").parse_args(list(argv)))
+
+
+def test_presets_state_frequencies_in_frames():
+    config = resolve("--preset", "cartpole-swingup-pixels")  # action repeat 8
+    assert (config.total_steps, config.eval_freq, config.checkpoint_freq) == (12_500, 1_250, 2_500)
+    config = resolve("--preset", "cartpole-swingup-pixels", "--action-repeat", "4")
+    assert (config.total_steps, config.eval_freq) == (25_000, 2_500)  # the same frames at another repeat
+    config = resolve("--preset", "cartpole-swingup-pixels", "--eval-freq", "100")
+    assert config.eval_freq == 100 and config.eval_every_frames is None  # an explicit step count wins
+
+
+def test_renamed_modality_dropout_fields_still_load():
+    from perceiver_policy import PerceiverConfig
+
+    assert cfg.from_dict({"modality_dropout": 0.2}).env_modality_dropout == 0.2  # an old config.yaml
+    assert resolve("--modality-dropout", "0.3").env_modality_dropout == 0.3  # an old command line
+    assert PerceiverConfig.from_dict({"modality_dropout": 0.1}).encoder_modality_dropout == 0.1
+    assert not hasattr(cfg.TrainConfig(), "modality_dropout")
+
+
+def test_resume_applies_safe_flags_and_refuses_the_rest():
+    config = resolve("--preset", "cartpole-swingup-pixels")
+    args = cfg.build_parser("t").parse_args(["--total-steps", "20000", "--eval-freq", "500", "--device", "cpu"])
+    applied = config.apply_resume_flags(cfg.given_fields(args))
+    assert applied == ["device", "eval_freq", "total_steps"]
+    assert (config.total_steps, config.eval_freq, config.device) == (20_000, 500, "cpu")
+    assert config.total_frames is None and config.eval_every_frames is None
+    args = cfg.build_parser("t").parse_args(["--seed", "3", "--perceiver", "num_latents=8", "--eval-freq", "9"])
+    with pytest.raises(ValueError, match=r"cannot change --perceiver, --seed \(start a new run instead\)"):
+        config.apply_resume_flags(cfg.given_fields(args))
+    assert config.seed == 0 and config.eval_freq == 500  # nothing applied when anything is refused

@@ -9,7 +9,8 @@ are rebuilt by indexing at sample time. Episode boundaries: the reset stack is s
 small and stored as obs/next_obs arrays.
 
 Frame ids are monotonic per env; slot = id % frame_capacity. A transition whose frames were overwritten (only
-possible with episodes shorter than ~1/frame_margin steps) is never sampled.
+possible with episodes shorter than ~1/frame_margin steps) is never sampled: `sample` draws only from the valid
+range, found by binary search (no rejection sampling, no give-up).
 """
 
 from __future__ import annotations
@@ -163,16 +164,36 @@ class FrameReplayBuffer(BaseBuffer):
         oldest_kept = self.frames_pushed[env] - self.frame_capacity
         return self.obs_ids[index, env].min(axis=1) >= oldest_kept
 
+    def valid_ranges(self) -> tuple[int, int, np.ndarray]:
+        """(start, count, skip): transitions in insertion order are slots (start + k) % buffer_size for
+        k < count; for env e the first skip[e] of them have frames already overwritten. A stack's first frame id
+        never decreases in insertion order, so the invalid ones are always the oldest: a binary search per env."""
+        count = self.buffer_size if self.full else self.pos
+        start = self.pos if self.full else 0
+        oldest_kept = self.frames_pushed - self.frame_capacity  # (n_envs,)
+        skip = np.zeros(self.n_envs, dtype=np.int64)
+        for env in range(self.n_envs):
+            low, high = 0, count  # first k whose stack is still fully in the ring
+            while low < high:
+                middle = (low + high) // 2
+                if self.obs_ids[(start + middle) % self.buffer_size, env, 0] < oldest_kept[env]:
+                    low = middle + 1
+                else:
+                    high = middle
+            skip[env] = low
+        return start, count, skip
+
     def sample(self, batch_size: int, env=None) -> DictReplayBufferSamples:
-        upper = self.buffer_size if self.full else self.pos
-        index = np.random.randint(0, upper, size=batch_size)
-        env_index = np.random.randint(0, self.n_envs, size=batch_size)
-        for _ in range(100):  # rejection-sample the rare transitions whose frames were overwritten
-            bad = ~self._valid(index, env_index)
-            if not bad.any():
-                break
-            index[bad] = np.random.randint(0, upper, size=int(bad.sum()))
-        return self._get_samples(index, env_index)
+        """Uniform over the valid (transition, env) pairs only: an overwritten stack cannot be drawn."""
+        start, count, skip = self.valid_ranges()
+        valid = count - skip  # (n_envs,)
+        if valid.sum() <= 0:
+            raise ValueError("FrameReplayBuffer has no valid transition to sample yet")
+        ends = np.cumsum(valid)
+        flat = np.random.randint(0, int(ends[-1]), size=batch_size)
+        env_index = np.searchsorted(ends, flat, side="right")
+        k = flat - (ends - valid)[env_index] + skip[env_index]
+        return self._get_samples((start + k) % self.buffer_size, env_index)
 
     def _stacks(self, ids: np.ndarray, env_index: np.ndarray) -> torch.Tensor:
         # Rows of a flat (slots·envs, C·H·W) view: index_select copies whole frames, where indexing

@@ -210,3 +210,42 @@ def test_shifted_windows_equal_clamped_index_gather():
     ]
     assert torch.equal(shifted_windows(x, offsets, 4), expected)
     assert torch.equal(shifted_windows(x, torch.full((2, 64), 4), 4), x)  # centre window: no shift
+
+
+@pytest.mark.parametrize("n_envs", [1, 3])
+def test_frame_replay_sample_draws_only_valid_transitions_at_a_full_ring(n_envs):
+    """Very short episodes make frames outrun transitions: the oldest stored transitions lose their frames.
+    `sample` must draw only the valid ones, every time, and reach all of them."""
+    rng = np.random.default_rng(3)
+    buffer = FrameReplayBuffer(20, OBS, ACT, device="cpu", n_envs=n_envs, frame_margin=0.0)
+    source = StackedEpisodes(n_envs, rng)
+    obs, history = source.obs(), {}
+    for t in range(75):
+        next_obs = source.step()
+        done = np.full(n_envs, t % 3 == 2)
+        buffer.add(obs, next_obs, np.zeros((n_envs, 2), np.float32), np.zeros(n_envs), done, [{}] * n_envs)
+        for e in range(n_envs):
+            history[(t % 20, e)] = (obs["pixels"][e].copy(), next_obs["pixels"][e].copy())
+        obs = next_obs
+        if done[0]:
+            for e in range(n_envs):
+                source.reset(e)
+            obs = source.obs()
+    assert buffer.full
+    every = np.array([(i, e) for i in range(20) for e in range(n_envs)])
+    valid = buffer._valid(every[:, 0], every[:, 1])
+    assert 0 < valid.sum() < len(every)  # the ring really holds overwritten transitions
+    drawn, real = [], buffer._get_samples
+
+    def record(index, env_index, env=None):
+        drawn.extend(zip(index.tolist(), env_index.tolist()))
+        return real(index, env_index)
+
+    buffer._get_samples = record
+    for _ in range(40):
+        start = len(drawn)
+        sample = buffer.sample(32)
+        for i, (t, e) in enumerate(drawn[start:]):
+            np.testing.assert_array_equal(sample.observations["pixels"][i].numpy(), history[(t, e)][0])
+            np.testing.assert_array_equal(sample.next_observations["pixels"][i].numpy(), history[(t, e)][1])
+    assert set(drawn) == {tuple(p) for p in every[valid]}

@@ -29,12 +29,16 @@ def test_renamed_modality_dropout_fields_still_load():
 
 def test_resume_applies_safe_flags_and_refuses_the_rest():
     config = resolve("--preset", "cartpole-swingup-pixels")
-    args = cfg.build_parser("t").parse_args(["--total-steps", "20000", "--eval-freq", "500", "--device", "cpu"])
+    args = cfg.build_parser("t").parse_args(
+        ["--total-steps", "20000", "--eval-freq", "500", "--device", "cpu"]
+    )
     applied = config.apply_resume_flags(cfg.given_fields(args))
     assert applied == ["device", "eval_freq", "total_steps"]
     assert (config.total_steps, config.eval_freq, config.device) == (20_000, 500, "cpu")
     assert config.total_frames is None and config.eval_every_frames is None
-    args = cfg.build_parser("t").parse_args(["--seed", "3", "--perceiver", "num_latents=8", "--eval-freq", "9"])
+    args = cfg.build_parser("t").parse_args(
+        ["--seed", "3", "--perceiver", "num_latents=8", "--eval-freq", "9"]
+    )
     with pytest.raises(ValueError, match=r"cannot change --perceiver, --seed \(start a new run instead\)"):
         config.apply_resume_flags(cfg.given_fields(args))
     assert config.seed == 0 and config.eval_freq == 500  # nothing applied when anything is refused

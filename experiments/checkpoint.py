@@ -38,15 +38,37 @@ def _fsync_dir(path: Path) -> None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """RNG states as tensors, ints and strings only, so `load_rng_state` can read them with weights_only=True."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": (
+            kind,
+            torch.from_numpy(keys.astype(np.int64)),
+            int(position),
+            int(has_gauss),
+            float(cached),
+        ),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def load_rng_state(path: Path) -> dict:
+    """rng.pt without unpickling code (weights_only=True); checkpoints written before that format (numpy arrays
+    inside) need the full unpickler, as the rest of a run directory does."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception:  # an older rng.pt: numpy objects are not on torch's weights_only allow-list
+        return torch.load(path, weights_only=False)
+
+
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

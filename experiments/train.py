@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from stable_baselines3.common.callbacks import CallbackList
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.vec_env import VecNormalize
@@ -35,6 +34,7 @@ from experiments.checkpoint import (
     latest_checkpoint,
     load_model,
     load_replay_buffer,
+    load_rng_state,
     read_meta,
     set_rng_state,
 )
@@ -98,7 +98,7 @@ def build(config: cfg.TrainConfig, run_dir: Path, resume: bool):
     replay = checkpoint / "replay_buffer.pkl"
     if replay.exists():
         load_replay_buffer(model, replay)
-    set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=False))
+    set_rng_state(load_rng_state(checkpoint / "rng.pt"))
     model._last_obs = None  # reset the (re-seeded) envs at learn()
     print(f"resuming {run_dir} from checkpoint step {step}", flush=True)
     return model, venv, step

@@ -22,7 +22,7 @@ from envs.dmc import (  # noqa: E402
 )
 from envs.proprio_modes import PROPRIO_MODES  # noqa: E402
 from envs.vec import make_env_fn, make_vec_env  # noqa: E402
-from envs.wrappers import ABSENT_KEY, ModalityDropout  # noqa: E402
+from envs.wrappers import ABSENT_KEY, ModalityDropout, NonFiniteGuard  # noqa: E402
 
 
 def env_id(task: str) -> str:
@@ -50,6 +50,7 @@ _register_all()
 __all__ = [
     "ABSENT_KEY",
     "ModalityDropout",
+    "NonFiniteGuard",
     "DMCEnv",
     "DOMAINS",
     "MODALITIES",

@@ -157,9 +157,33 @@ def bench_policy(quick: bool) -> None:
         rows,
     )
     torch.set_grad_enabled(True)
+    bench_input_checks(space, model, repeats)
     from experiments.benchmark_attention import bench_attention_kernel
 
     bench_attention_kernel(space, quick)
+
+
+def bench_input_checks(space, model, repeats: int) -> None:
+    """What the input checks add: `check_observation` on each predict, the non-finite guard on each env step."""
+    from envs.wrappers import NonFiniteGuard
+    from perceiver_policy.observations import check_observation
+
+    one = {k: v.numpy() for k, v in sample_batch(space, 1).items()}
+    guard = NonFiniteGuard.__new__(NonFiniteGuard)  # only its per-step check, without an env behind it
+    guard.sanitize, guard.nonfinite_count = False, 0
+    guard.float_keys = [k for k, s in space.spaces.items() if np.issubdtype(s.dtype, np.floating)]
+    tensors = {k: torch.as_tensor(v) for k, v in one.items()}
+    with torch.no_grad():
+        forward, _ = percentiles(timed(lambda: model(tensors), repeats))
+    check, _ = percentiles(timed(lambda: check_observation(one, space), repeats * 10))
+    finite, _ = percentiles(timed(lambda: guard._check_obs(dict(one)), repeats * 10))
+    table(
+        "Input checks, batch 1 (cost beside the Perceiver's own forward)",
+        ["check", "p50 ms", "share of the forward"],
+        [["check_observation (keys, shapes, dtypes)", check, check / forward],
+         ["non-finite guard (one isfinite().all() per float key)", finite, finite / forward],
+         ["Perceiver forward", forward, 1.0]],
+    )  # fmt: skip
 
 
 def rebuild_fourier_then_forward(model, obs):

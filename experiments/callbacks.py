@@ -291,6 +291,11 @@ class FramesCallback(BaseCallback):
 
     def _on_rollout_end(self) -> None:
         self.logger.record("charts/frames", self.num_timesteps * self.action_repeat)
+        guard = self.training_env
+        while guard is not None and not hasattr(guard, "nonfinite_count"):
+            guard = getattr(guard, "venv", None)
+        if guard is not None and guard.sanitize:
+            self.logger.record("env/nonfinite_count", guard.nonfinite_count)
 
 
 class CurriculumCallback(BaseCallback):

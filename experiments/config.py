@@ -78,6 +78,9 @@ class TrainConfig:
     env_modality_dropout: float = 0.0
     """Training envs mark each modality absent with this probability per step (envs.wrappers.ModalityDropout):
     robustness to missing sensors, PPO-safe because the flags are part of the observation. Eval envs: none."""
+    sanitize_nonfinite: bool = False
+    """NaN / inf in an observation or reward stop the run with a named error (default); with this flag they are
+    replaced by 0 and counted (env/nonfinite_count)."""
     normalize_reward: bool = True
     """PPO/A2C: scale rewards by a running std of discounted returns (SB3 VecNormalize, rewards only). DMC returns reach
     1000 per episode: unscaled, the value loss dominates PPO's clipped gradient and the policy does not learn.

@@ -57,6 +57,7 @@ def make_env(config: cfg.TrainConfig, seed: int, normalizer: Path | None = None)
         modality_dropout=config.env_modality_dropout,
         **config.env_kwargs(privileged_state=config.aux_state_weight > 0),
     )
+    venv = envs.NonFiniteGuard(venv, sanitize=config.sanitize_nonfinite)
     if not config.normalize_reward or config.algorithm == "sac":  # SAC learns from raw rewards, as DrQ does
         return venv
     if normalizer is not None and normalizer.exists():

@@ -22,6 +22,7 @@ from torch import nn
 from perceiver_policy.config import PerceiverConfig
 from perceiver_policy.modalities import STATE_KEY
 from perceiver_policy.model import LearnedQueries, PerceiverDecoder, PerceiverEncoder
+from perceiver_policy.observations import check_observation
 from perceiver_policy.state_decoding import make_state_decoder
 
 LOG_STD_MODES = ("learned", "state")
@@ -163,6 +164,12 @@ class PerceiverActorCriticPolicy(ActorCriticPolicy):
         if self.share_features_extractor:
             return (features_extractor or self.features_extractor)(obs)
         return self.pi_features_extractor(obs), self.vf_features_extractor(obs)
+
+    def obs_to_tensor(self, observation):
+        """SB3's conversion, after `check_observation` (missing / extra keys, shapes, uint8 pixels, dtypes)."""
+        if isinstance(self.observation_space, spaces.Dict):
+            check_observation(observation, self.observation_space)
+        return super().obs_to_tensor(observation)
 
     def evaluate_actions(self, obs, actions: torch.Tensor):
         """SB3's evaluate_actions (values, log-prob, entropy); with a state decoder, the state-decoding loss of

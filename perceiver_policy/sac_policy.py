@@ -16,6 +16,7 @@ from torch import nn
 
 from perceiver_policy.config import PerceiverConfig
 from perceiver_policy.model import ActionQueries, LearnedQueries, PerceiverDecoder, PerceiverEncoder
+from perceiver_policy.observations import check_observation
 from perceiver_policy.policies import LOG_STD_RANGE, as_config
 from perceiver_policy.state_decoding import make_state_decoder
 
@@ -138,6 +139,11 @@ class PerceiverSACPolicy(BasePolicy):
         data = super()._get_constructor_parameters()
         data.update(perceiver=self.perceiver_config.to_dict(), n_critics=self.n_critics)
         return data
+
+    def obs_to_tensor(self, observation):
+        """SB3's conversion, after `check_observation` (missing / extra keys, shapes, uint8 pixels, dtypes)."""
+        check_observation(observation, self.observation_space)
+        return super().obs_to_tensor(observation)
 
     def forward(self, obs, deterministic: bool = False) -> torch.Tensor:
         return self._predict(obs, deterministic)

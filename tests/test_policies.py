@@ -359,3 +359,55 @@ def test_sac_logs_the_gradient_reaching_each_encoder_stage():
     for group in ("adapter_pixels", "adapter_proprio", "latents", "cross_attention", "self_attention"):
         assert logged[f"perceiver/grad_norm/{group}"] > 0, group
     venv.close()
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda o: {k: v for k, v in o.items() if k != "proprio"}, r"missing \['proprio'\], unexpected \[\]"),
+        (lambda o: {**o, "lidar": np.zeros((2, 3))}, r"missing \[\], unexpected \['lidar'\]"),
+        (
+            lambda o: {**o, "proprio": np.zeros((2, 4), np.float32)},
+            r"'proprio': expected shape \(5,\).*got \(2, 4\)",
+        ),
+        (lambda o: {**o, "pixels": o["pixels"] / 255.0}, r"'pixels': expected uint8 .*got float64"),
+        (lambda o: {**o, "proprio": o["proprio"].astype(np.int64)}, r"'proprio': expected a float array"),
+    ],
+    ids=["missing", "extra", "shape", "float-pixels", "int-proprio"],
+)
+@pytest.mark.parametrize("algorithm", ["ppo", "sac"])
+def test_predict_names_a_malformed_observation(algorithm, change, message):
+    venv = pixel_env()
+    extra = {"buffer_size": 100} if algorithm == "sac" else {"n_steps": 16}
+    model = agents.make_agent(algorithm, venv, perceiver=TINY, device="cpu", **extra)
+    obs = venv.reset()
+    model.predict(obs)  # the env's own observation passes
+    with pytest.raises(ValueError, match=message):
+        model.predict(change(obs))
+    venv.close()
+
+
+def test_nonfinite_observations_and_rewards_are_named_or_sanitised():
+    from stable_baselines3.common.vec_env import VecEnvWrapper
+
+    class Poison(VecEnvWrapper):
+        def reset(self):
+            return self.venv.reset()
+
+        def step_wait(self):
+            obs, rewards, dones, infos = self.venv.step_wait()
+            obs["proprio"][1, 0] = np.nan
+            rewards[0] = np.inf
+            return obs, rewards, dones, infos
+
+    strict = envs.NonFiniteGuard(Poison(state_env()))
+    strict.reset()
+    with pytest.raises(
+        ValueError, match=r"non-finite observation 'proprio' from env\(s\) \[1\].*--sanitize-nonfinite"
+    ):
+        strict.step(np.zeros((2, 1), np.float32))
+    lenient = envs.NonFiniteGuard(Poison(state_env()), sanitize=True)
+    lenient.reset()
+    obs, rewards, _, _ = lenient.step(np.zeros((2, 1), np.float32))
+    assert np.isfinite(obs["proprio"]).all() and obs["proprio"][1, 0] == 0 and rewards[0] == 0
+    assert lenient.nonfinite_count == 2

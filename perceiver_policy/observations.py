@@ -1,0 +1,57 @@
+"""Checking an observation against the policy's observation space, before it reaches the model.
+
+SB3 accepts many malformed inputs silently (a missing Dict key, float pixels that would then be divided by 255 a
+second time, an integer proprio vector). The Perceiver policies call `check_observation` on every `predict`:
+a few attribute reads per key, no pass over the data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from gymnasium import spaces
+
+
+def _is_uint8(value) -> bool:
+    return value.dtype == torch.uint8 if isinstance(value, torch.Tensor) else value.dtype == np.uint8
+
+
+def _is_float(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.is_floating_point()
+    return np.issubdtype(value.dtype, np.floating)
+
+
+def check_observation(observation: Mapping, space: spaces.Dict) -> None:
+    """Raise one ValueError naming the key, what was expected and what was received; return None if it fits.
+
+    Accepts a single observation or a batch (leading dimension) per key, numpy arrays or tensors."""
+    if not isinstance(observation, Mapping):
+        raise ValueError(
+            f"expected a dict observation with keys {sorted(space.spaces)}, got {type(observation).__name__}"
+        )
+    missing = sorted(set(space.spaces) - set(observation))
+    extra = sorted(set(observation) - set(space.spaces))
+    if missing or extra:
+        raise ValueError(
+            f"observation keys do not match the policy's observation space: missing {missing}, unexpected "
+            f"{extra}; expected exactly {sorted(space.spaces)}"
+        )
+    for key, sub in space.spaces.items():
+        value = observation[key]
+        if not hasattr(value, "shape"):
+            value = np.asarray(value)
+        shape = tuple(value.shape)
+        if shape != sub.shape and shape[1:] != sub.shape:
+            raise ValueError(
+                f"observation {key!r}: expected shape {sub.shape} or (batch, *{sub.shape}), got {shape}"
+            )
+        if isinstance(sub, spaces.Box) and sub.dtype == np.uint8 and not _is_uint8(value):
+            raise ValueError(
+                f"observation {key!r}: expected uint8 (the policy scales pixels itself, once), got {value.dtype}; "
+                "pass the env's uint8 frames, not frames already scaled to floats"
+            )
+        if isinstance(sub, spaces.Box) and np.issubdtype(sub.dtype, np.floating) and not _is_float(value):
+            raise ValueError(f"observation {key!r}: expected a float array ({sub.dtype}), got {value.dtype}")

@@ -8,7 +8,13 @@ import os
 # MuJoCo picks its GL backend when first imported: default to headless EGL before anything imports it.
 os.environ.setdefault("MUJOCO_GL", "egl")
 
+import logging  # noqa: E402
+
 import gymnasium as gym  # noqa: E402
+
+# dm_control's cartpole/walker XML use the deprecated `settotalmass`: absl warns once per model load, which
+# fills benchmark and training output with a page of identical lines. Only that message is filtered.
+logging.getLogger("absl").addFilter(lambda record: "settotalmass" not in record.getMessage())
 
 from envs.dmc import (  # noqa: E402
     DOMAINS,

@@ -40,6 +40,7 @@ from experiments.checkpoint import (
 )
 from experiments.evaluation import write_mp4
 from experiments.tb import PurgingTensorBoardFormat
+from perceiver_policy.model import cpu_has_native_bf16
 
 
 def default_run_name(config: cfg.TrainConfig) -> str:
@@ -66,6 +67,14 @@ def make_env(config: cfg.TrainConfig, seed: int, normalizer: Path | None = None)
     return VecNormalize(venv, norm_obs=False, norm_reward=True, gamma=gamma)
 
 
+def record_precision(config: cfg.TrainConfig, model, run_dir: Path) -> None:
+    """The precision the model really runs in (make_agent picks bf16 on CUDA), written into config.yaml."""
+    dtype = getattr(getattr(model.policy, "perceiver_config", None), "dtype", None)
+    if dtype is not None and config.perceiver.get("dtype") != dtype:
+        config.perceiver["dtype"] = dtype
+        cfg.save(config, run_dir / "config.yaml")
+
+
 def make_logger(run_dir: Path, purge_step: int | None) -> Logger:
     return Logger(
         folder=str(run_dir), output_formats=[PurgingTensorBoardFormat(str(run_dir / "tb"), purge_step)]
@@ -89,6 +98,7 @@ def build(config: cfg.TrainConfig, run_dir: Path, resume: bool):
             **extra,
             **config.algo,
         )
+        record_precision(config, model, run_dir)
         return model, venv, 0
     checkpoint = latest_checkpoint(run_dir)
     step = int(read_meta(checkpoint)["step"])
@@ -101,6 +111,12 @@ def build(config: cfg.TrainConfig, run_dir: Path, resume: bool):
         load_replay_buffer(model, replay)
     set_rng_state(load_rng_state(checkpoint / "rng.pt"))
     model._last_obs = None  # reset the (re-seeded) envs at learn()
+    precision = getattr(getattr(model.policy, "perceiver_config", None), "dtype", "float32")
+    if precision == "bfloat16" and device.type == "cpu":
+        native = "native bf16" if cpu_has_native_bf16() else "NO native bf16: emulated, several times slower"
+        print(
+            f"this run trains in bfloat16; on this CPU it continues in bfloat16 under CPU autocast ({native})"
+        )
     print(f"resuming {run_dir} from checkpoint step {step}", flush=True)
     return model, venv, step
 
@@ -179,6 +195,7 @@ def finish(
             "seed": config.seed,
             "modalities": ",".join(config.modalities),
             "total_steps": config.total_steps,
+            "precision": getattr(getattr(model.policy, "perceiver_config", None), "dtype", "float32"),
             **{
                 f"perceiver.{k}": v
                 for k, v in config.perceiver.items()

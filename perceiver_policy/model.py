@@ -7,6 +7,7 @@ queries (B, Q, D) --cross-attn over latents--> outputs (B, Q, D) --heads--> logi
 from __future__ import annotations
 
 import contextlib
+import platform
 from collections.abc import Mapping
 
 import torch
@@ -31,6 +32,27 @@ def init_weights(module: nn.Module, std: float | None = None) -> None:
             nn.init.trunc_normal_(sub.weight, std=scale, a=-2 * scale, b=2 * scale)
             if sub.bias is not None:
                 nn.init.zeros_(sub.bias)
+
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_model_and_flags() -> tuple[str, list[str]]:
+    """The CPU's model name and which of the instruction sets that decide fp32 / bf16 speed it has (Linux)."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return platform.processor() or platform.machine(), []
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if "model name" in line), "?")
+    flags = set(
+        next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    )
+    return model, [flag for flag in CPU_FLAGS if flag in flags]
+
+
+def cpu_has_native_bf16() -> bool:
+    """bf16 arithmetic in hardware (AVX512-BF16 or AMX); without it CPU autocast to bf16 is emulated and slow."""
+    return any(flag in cpu_model_and_flags()[1] for flag in ("avx512_bf16", "amx_bf16"))
 
 
 def autocast_context(config: PerceiverConfig, device: torch.device):

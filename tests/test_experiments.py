@@ -103,7 +103,7 @@ def test_train_creates_run_directory_events_and_checkpoint(tmp_path, algorithm):
         "false",
     )
     run_dir = tmp_path / "run"
-    assert (run_dir / "config.yaml").exists()
+    assert "dtype: float32" in (run_dir / "config.yaml").read_text()  # the precision actually used
     assert list_checkpoints(run_dir / "checkpoints")
     accumulator = tags(run_dir)
     missing = REQUIRED_TAGS - set(accumulator.Tags()["scalars"])

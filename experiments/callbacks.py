@@ -161,7 +161,7 @@ class PerceiverMetricsCallback(PeriodicCallback):
     def __init__(self, every: int, latency_repeats: int = 20):
         super().__init__(every)
         self.latency_repeats = latency_repeats
-        self._first_moments: dict | None = None
+        self._first_moments: dict[str, tuple[float, float]] = {}  # input drift: since this session's start
         self._cross_attn_gflops: float | None = None
         self._last = None
         self.seconds = 0.0
@@ -198,11 +198,13 @@ class PerceiverMetricsCallback(PeriodicCallback):
             if gates is not None:
                 for name, value in zip(encoder.names, gates.mean(0).tolist()):
                     self.logger.record(f"perceiver/gate/{name}", value)
+            for name, adapter in encoder.adapters.items():
+                if adapter.use_position:  # from the baseline saved with the weights
+                    self.logger.record(f"perceiver/fourier_drift/{name}", adapter.position_drift())
             moments = token_moments(capture)
-            self._first_moments = self._first_moments or moments
-            for name, (mean, std) in moments.items():
-                mean0, std0 = self._first_moments.get(name, (mean, std))
-                self.logger.record(f"perceiver/fourier_drift/{name}", abs(mean - mean0) + abs(std - std0))
+            for name, (mean, std) in moments.items():  # a modality switched on later gets its baseline then
+                mean0, std0 = self._first_moments.setdefault(name, (mean, std))
+                self.logger.record(f"perceiver/input_drift/{name}", abs(mean - mean0) + abs(std - std0))
             if self._cross_attn_gflops is None:  # analytic and constant for a run
                 self._cross_attn_gflops = (
                     count_flops(policy.observation_space, encoder.config)["cross_attn"] / 1e9

@@ -67,7 +67,8 @@ def attention_map(capture: dict, sample: int = 0) -> torch.Tensor:
 
 
 def token_moments(capture: dict) -> dict[str, tuple[float, float]]:
-    """(mean, std) of each modality's embedded tokens: the input to the Fourier-drift metric."""
+    """(mean, std) of each modality's embedded tokens (content + position + modality embedding): the input-drift
+    metric. Fourier drift proper is `ModalityAdapter.position_drift`."""
     tokens, index = capture["tokens"], capture["modality_index"]
     return {
         name: (float(tokens[:, index == m].mean()), float(tokens[:, index == m].std()))

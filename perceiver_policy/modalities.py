@@ -160,6 +160,31 @@ class ModalityAdapter(nn.Module):
             # Built once per layout, moved with the module, never saved in checkpoints nor rebuilt in forward.
             self.register_buffer("position_features", features, persistent=False)
             self.position = nn.Linear(features.shape[1], config.latent_dim, bias=False)
+            # The projected position features at initialisation, saved with the weights: the reference of the
+            # Fourier-drift metric (it survives --resume; a modality enabled late has its own from the start).
+            self.register_buffer("position_baseline", torch.zeros(features.shape[0], config.latent_dim))
+
+    def reset_position_baseline(self) -> None:
+        """Take the current projected position features as the drift reference (done after weight init)."""
+        if self.use_position:
+            with torch.no_grad():
+                self.position_baseline.copy_(self.position(self.position_features))
+
+    def position_drift(self) -> float:
+        """||P - P_0|| / ||P_0|| of the projected position features (N, D): how far training has moved them."""
+        with torch.no_grad():
+            current = self.position(self.position_features)
+            return float(
+                (current - self.position_baseline).norm() / self.position_baseline.norm().clamp_min(1e-12)
+            )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints saved before the baseline existed: the loaded projection becomes the reference.
+        key, weight = prefix + "position_baseline", prefix + "position.weight"
+        if self.use_position and key not in state_dict and weight in state_dict:
+            with torch.no_grad():
+                state_dict[key] = self.position_features @ state_dict[weight].t()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def tokens_content(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -116,6 +116,8 @@ class PerceiverEncoder(nn.Module):
         init_weights(self)
         for param in (self.modality_embedding, self.latents):
             nn.init.trunc_normal_(param, std=config.init_std, a=-2 * config.init_std, b=2 * config.init_std)
+        for adapter in self.adapters.values():
+            adapter.reset_position_baseline()
 
     @property
     def num_tokens(self) -> dict[str, int]:

@@ -43,6 +43,7 @@ REQUIRED_TAGS = {
     "perceiver/modality_balance/pixels",
     "perceiver/gate/proprio",
     "perceiver/fourier_drift/pixels",
+    "perceiver/input_drift/pixels",
     "hparams/final_eval_return",
 }
 

@@ -484,3 +484,24 @@ def test_count_flops_matches_torch_flop_counter(dict_space):
     self_attention = sum(by_module[f"PerceiverEncoder.self_attention.{i}"] for i in range(2))
     assert self_attention == analytic["self_attn"]
     assert counter.get_total_flops() == analytic["tokenize"] + analytic["cross_attn"] + analytic["self_attn"]
+
+
+def test_fourier_drift_measures_the_position_projection_from_a_saved_baseline(dict_space):
+    encoder = PerceiverEncoder(dict_space, small())
+    adapter = encoder.adapters["pixels"]
+    assert adapter.position_drift() == 0.0
+    with torch.no_grad():
+        adapter.content.weight.mul_(3.0)  # content changes are input drift, not Fourier drift
+    assert adapter.position_drift() == 0.0
+    with torch.no_grad():
+        adapter.position.weight.mul_(1.5)
+    assert adapter.position_drift() == pytest.approx(0.5, rel=1e-5)
+    restored = PerceiverEncoder(dict_space, small())
+    restored.load_state_dict(encoder.state_dict())  # the baseline travels with the weights (--resume)
+    assert restored.adapters["pixels"].position_drift() == pytest.approx(0.5, rel=1e-5)
+    old = {k: v for k, v in encoder.state_dict().items() if "position_baseline" not in k}
+    legacy = PerceiverEncoder(dict_space, small())
+    legacy.load_state_dict(
+        old
+    )  # a checkpoint from before the baseline: the loaded projection is the reference
+    assert legacy.adapters["pixels"].position_drift() == pytest.approx(0.0, abs=1e-6)

@@ -75,6 +75,23 @@ def record_precision(config: cfg.TrainConfig, model, run_dir: Path) -> None:
         cfg.save(config, run_dir / "config.yaml")
 
 
+# What SubprocVecEnv raises when a worker process is gone (its pipe closed under a send or a recv).
+WORKER_DIED = (EOFError, BrokenPipeError, ConnectionResetError)
+
+
+class EnvWorkerDied(RuntimeError):
+    """An env subprocess died mid-run; the run was checkpointed first."""
+
+
+def close_quietly(venv) -> None:
+    """Close the envs; with a dead worker SubprocVecEnv's close raises on the broken pipe: nothing left to close."""
+    try:
+        venv.close()
+    except WORKER_DIED:
+        for process in getattr(getattr(venv, "unwrapped", venv), "processes", []):
+            process.terminate()
+
+
 def make_logger(run_dir: Path, purge_step: int | None) -> Logger:
     return Logger(
         folder=str(run_dir), output_formats=[PurgingTensorBoardFormat(str(run_dir / "tb"), purge_step)]
@@ -163,18 +180,27 @@ def run(config: cfg.TrainConfig, run_dir: Path, resume: bool = False) -> dict:
     started = time.perf_counter()
     try:
         if remaining > 0:
-            model.learn(
-                remaining,
-                callback=CallbackList(callbacks),
-                reset_num_timesteps=not resume,
-                progress_bar=False,
-            )
+            try:
+                model.learn(
+                    remaining,
+                    callback=CallbackList(callbacks),
+                    reset_num_timesteps=not resume,
+                    progress_bar=False,
+                )
+            except WORKER_DIED as err:  # a SubprocVecEnv worker died: keep what was trained, say how to go on
+                checkpoints.init_callback(model)
+                saved = checkpoints.save_now()
+                raise EnvWorkerDied(
+                    f"an env worker process died at step {model.num_timesteps} ({type(err).__name__}: {err}); "
+                    f"the model was checkpointed to {saved}; continue with: python -m experiments.train "
+                    f"--resume {run_dir}"
+                ) from err
         evaluator.init_callback(model)
         final = evaluator.evaluate_now()
         checkpoints.init_callback(model)
         checkpoints.save_now()
     finally:
-        venv.close()
+        close_quietly(venv)
     seconds = time.perf_counter() - started
     return finish(config, run_dir, model, evaluator, final, seconds, remaining)
 
@@ -262,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(config, run_dir / "config.yaml")
             run(config, run_dir)
-    except (ValueError, CheckpointError) as err:
+    except (ValueError, CheckpointError, EnvWorkerDied) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -314,3 +314,34 @@ def test_evaluate_probe_state_prints_r2_per_sensor(tmp_path, policy_type):
     assert "R² position" in out and "R² velocity" in out
     header = (tmp_path / policy_type / "eval" / "eval.csv").read_text().splitlines()[0]
     assert header.endswith("r2_position,r2_velocity,r2_mean")
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        found += [int(child) for child in text]
+    return found
+
+
+def test_a_dead_env_worker_ends_the_run_with_a_message_and_a_checkpoint(tmp_path):
+    args = ppo_run(tmp_path, "run", 100_000, 64, "--perceiver-log-freq", "0", "--vec-env", "subproc",
+                   "--modalities", "proprio", "action_history")  # fmt: skip
+    env = {**os.environ, "MUJOCO_GL": "egl"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and not list_checkpoints(tmp_path / "run" / "checkpoints"):
+        time.sleep(0.2)
+    first = int(read_meta(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])["step"])
+    workers = [grandchild for child in _children(process.pid) for grandchild in _children(child)]
+    assert workers, "no env worker processes found"
+    os.kill(workers[0], signal.SIGKILL)
+    _, stderr = process.communicate(timeout=120)  # ends: no hang
+    assert process.returncode == 2, stderr[-2000:]
+    assert "an env worker process died" in stderr and "--resume" in stderr
+    import re
+
+    step, saved = re.search(r"died at step (\d+) .*checkpointed to (\S+);", stderr).groups()
+    assert int(read_meta(Path(saved))["step"]) == int(step) >= first  # written at the failure, readable

@@ -22,6 +22,13 @@ from stable_baselines3.common.buffers import BaseBuffer
 from stable_baselines3.common.type_aliases import DictReplayBufferSamples
 
 
+def committed_zeros(shape: tuple, dtype) -> np.ndarray:
+    """Zeros whose pages are really allocated now (np.zeros maps them lazily, at first write)."""
+    array = np.empty(shape, dtype=dtype)
+    array.fill(0)
+    return array
+
+
 def choose_storage_device(device: torch.device, nbytes: int) -> torch.device:
     """The policy's CUDA device when the frames fit in half its free memory, else host memory."""
     if device.type == "cuda" and torch.cuda.is_available():
@@ -70,18 +77,20 @@ class FrameReplayBuffer(BaseBuffer):
             torch.zeros((self.frame_capacity, n_envs, *self.frame_shape), dtype=torch.uint8)
         )
 
+        # Every array is written once here (committed_zeros): the memory is taken up front, so a run that does
+        # not fit fails at the start, not hours in when the lazily-mapped pages of np.zeros are first touched.
         shape = (self.buffer_size, n_envs)
-        self.obs_ids = np.zeros((*shape, self.frame_stack), dtype=np.int64)
-        self.next_obs_ids = np.zeros((*shape, self.frame_stack), dtype=np.int64)
+        self.obs_ids = committed_zeros((*shape, self.frame_stack), np.int64)
+        self.next_obs_ids = committed_zeros((*shape, self.frame_stack), np.int64)
         self.other_keys = [k for k in observation_space.spaces if k != pixel_key]
         self.observations = {
-            k: np.zeros((*shape, *observation_space[k].shape), np.float32) for k in self.other_keys
+            k: committed_zeros((*shape, *observation_space[k].shape), np.float32) for k in self.other_keys
         }
-        self.next_observations = {k: np.zeros_like(v) for k, v in self.observations.items()}
-        self.actions = np.zeros((*shape, self.action_dim), dtype=np.float32)
-        self.rewards = np.zeros(shape, dtype=np.float32)
-        self.dones = np.zeros(shape, dtype=np.float32)
-        self.timeouts = np.zeros(shape, dtype=np.float32)
+        self.next_observations = {k: committed_zeros(v.shape, v.dtype) for k, v in self.observations.items()}
+        self.actions = committed_zeros((*shape, self.action_dim), np.float32)
+        self.rewards = committed_zeros(shape, np.float32)
+        self.dones = committed_zeros(shape, np.float32)
+        self.timeouts = committed_zeros(shape, np.float32)
         self.frames_pushed = np.zeros(n_envs, dtype=np.int64)  # next frame id per env
         self._episode_start = np.ones(n_envs, dtype=bool)
         self._stack_ids = np.zeros((n_envs, self.frame_stack), dtype=np.int64)

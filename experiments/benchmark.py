@@ -275,8 +275,9 @@ def train_worker(spec: dict) -> dict:
 
 
 def run_worker(spec: dict) -> dict:
+    mode = "replay-worker" if "replay" in spec else "train-worker"
     out = subprocess.run(
-        [sys.executable, "-m", "experiments.benchmark", "train-worker", json.dumps(spec)],
+        [sys.executable, "-m", "experiments.benchmark", mode, json.dumps(spec)],
         capture_output=True,
         text=True,
         check=True,
@@ -362,6 +363,51 @@ def bench_train(quick: bool) -> None:
             ["SB3 DictReplayBuffer", theirs_bytes / 1e9, 1.0],
         ],
     )
+    transitions = 2_000 if quick else 10_000
+    measured = {kind: run_worker({"replay": kind, "transitions": transitions}) for kind in ("frames", "sb3")}
+    ratio = measured["frames"]["rss_mb"] / measured["sb3"]["rss_mb"]
+    table(
+        f"Replay memory measured: resident-set growth after allocating and filling {transitions} transitions "
+        "(each in a fresh process; the same 84 px x 3 + proprio + history)",
+        ["buffer", "RSS growth MB", "ratio", "MB per 100k transitions"],
+        [["FrameReplayBuffer", measured["frames"]["rss_mb"], ratio, measured["frames"]["rss_mb"] * 1e5 / transitions],
+         ["SB3 DictReplayBuffer", measured["sb3"]["rss_mb"], 1.0, measured["sb3"]["rss_mb"] * 1e5 / transitions]],
+    )  # fmt: skip
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as handle:
+        line = next(line for line in handle if line.startswith("VmRSS"))
+    return int(line.split()[1]) / 1024
+
+
+def replay_worker(spec: dict) -> dict:
+    """Allocate one replay buffer and fill it with random transitions; report the growth of resident memory."""
+    from gymnasium import spaces
+    from stable_baselines3.common.buffers import DictReplayBuffer
+
+    from agents import FrameReplayBuffer
+
+    space, transitions = default_space(), spec["transitions"]
+    action = spaces.Box(-1, 1, (6,), np.float32)
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (3, 84, 84), dtype=np.uint8) for _ in range(4)]
+    vectors = {
+        k: rng.standard_normal((1, *s.shape)).astype(np.float32)
+        for k, s in space.spaces.items()
+        if k != "pixels"
+    }
+    before = rss_mb()
+    cls = FrameReplayBuffer if spec["replay"] == "frames" else DictReplayBuffer
+    buffer = cls(transitions, space, action, device="cpu")
+    stack = np.concatenate(frames[:3])[None]
+    for t in range(transitions):
+        obs = {"pixels": stack, **vectors}
+        stack = np.concatenate([stack[0, 3:], frames[t % 4]])[None]
+        buffer.add(
+            obs, {"pixels": stack, **vectors}, np.zeros((1, 6), np.float32), np.zeros(1), np.zeros(1), [{}]
+        )
+    return {"rss_mb": rss_mb() - before}
 
 
 def bench_gpu_rollouts(quick: bool) -> None:
@@ -385,14 +431,17 @@ def bench_gpu_rollouts(quick: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["env", "policy", "train", "sac", "precision", "all", "train-worker"])
+    parser.add_argument(
+        "what", choices=["env", "policy", "train", "sac", "precision", "all", "train-worker", "replay-worker"]
+    )
     parser.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument(
         "--quick", action="store_true", help="fewer repetitions: a few minutes on 2 CPU cores"
     )
     args = parser.parse_args(argv)
-    if args.what == "train-worker":
-        print(json.dumps(train_worker(json.loads(args.spec))))
+    if args.what in ("train-worker", "replay-worker"):
+        worker = train_worker if args.what == "train-worker" else replay_worker
+        print(json.dumps(worker(json.loads(args.spec))))
         return 0
     torch.manual_seed(0)
     print(f"machine: {machine()}; date: {time.strftime('%Y-%m-%d')}; quick={args.quick}")

@@ -2,7 +2,8 @@
 
 A checkpoint is ``checkpoints/step_<N>/`` holding ``model.zip`` (SB3: weights, optimizer, step counter, learning
 rate schedule progress), ``rng.pt`` (torch / numpy / python RNG states; SB3 saves none),
-``vecnormalize.pkl`` (reward-normalisation statistics) and, for SAC, ``replay_buffer.pkl``. Rename is atomic on POSIX, so a run killed at any moment (SIGKILL included) leaves only
+``vecnormalize.pkl`` (reward-normalisation statistics); an off-policy run's replay buffer is one snapshot of raw
+arrays beside them (``checkpoints/replay_<step>/``, the latest only: `experiments.replay_snapshot`). Rename is atomic on POSIX, so a run killed at any moment (SIGKILL included) leaves only
 complete checkpoints plus, at worst, a ``.tmp-*`` directory that is ignored and cleaned up. Nothing is deleted
 before its replacement is in place: a second checkpoint of the same step (the end of a run rewrites the last
 periodic one) is written as ``step_<N>.<k>`` and the older one removed after. A write that fails (a full disk)
@@ -20,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from stable_baselines3.common.save_util import load_from_pkl
+
+from experiments.replay_snapshot import list_snapshots, load_replay_snapshot, save_replay_snapshot
 
 PREFIX = "step_"
 COMPLETE = "meta.json"  # written last: a checkpoint directory without it is not a checkpoint
@@ -74,11 +77,23 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_replay_buffer(model, path: Path) -> None:
-    """Put a saved replay buffer back into an off-policy model. Unlike SB3's `load_replay_buffer` this takes any
-    buffer class (ours, `FrameReplayBuffer`, is not a `ReplayBuffer` subclass). A resumed run restarts its envs,
-    so buffers that track the running episode are told it ended."""
-    buffer = load_from_pkl(path)
+def load_replay_buffer(model, checkpoint: Path) -> str | None:
+    """Put the run's replay back into an off-policy model: the newest snapshot, copied into the buffer the model
+    already has (or, from checkpoints written before snapshots, the checkpoint's pickled buffer). A resumed run
+    restarts its envs, so buffers that track the running episode are told it ended. Returns what was loaded."""
+    legacy = checkpoint / "replay_buffer.pkl"
+    snapshots = list_snapshots(checkpoint.parent)
+    if legacy.exists():
+        buffer = load_from_pkl(legacy)
+    elif snapshots and getattr(model, "replay_buffer", None) is not None:
+        buffer = model.replay_buffer
+        step = load_replay_snapshot(buffer, snapshots[-1])
+        if step != int(read_meta(checkpoint)["step"]):
+            print(
+                f"note: replay snapshot of step {step} with the checkpoint of step {read_meta(checkpoint)['step']}"
+            )
+    else:
+        return None
     if hasattr(buffer, "set_device"):  # FrameReplayBuffer: frames back onto the GPU when they fit
         buffer.set_device(model.device)
     else:
@@ -86,6 +101,7 @@ def load_replay_buffer(model, path: Path) -> None:
     if hasattr(buffer, "truncate_last_trajectory"):
         buffer.truncate_last_trajectory()
     model.replay_buffer = buffer
+    return str(legacy if legacy.exists() else snapshots[-1])
 
 
 def save_checkpoint(
@@ -107,7 +123,7 @@ def save_checkpoint(
         if normalizer is not None:
             normalizer.save(str(tmp / "vecnormalize.pkl"))
         if with_replay_buffer and getattr(model, "replay_buffer", None) is not None:
-            model.save_replay_buffer(tmp / "replay_buffer.pkl")
+            save_replay_snapshot(model.replay_buffer, directory, step)  # before the checkpoint that needs it
         (tmp / COMPLETE).write_text(json.dumps({"step": step, **extra}))
         for file in tmp.iterdir():
             with open(file, "rb") as handle:

@@ -123,9 +123,7 @@ def build(config: cfg.TrainConfig, run_dir: Path, resume: bool):
     model = load_model(
         algorithm_class(config.algorithm, config.policy_type), checkpoint, env=venv, device=str(device)
     )
-    replay = checkpoint / "replay_buffer.pkl"
-    if replay.exists():
-        load_replay_buffer(model, replay)
+    load_replay_buffer(model, checkpoint)
     set_rng_state(load_rng_state(checkpoint / "rng.pt"))
     model._last_obs = None  # reset the (re-seeded) envs at learn()
     precision = getattr(getattr(model.policy, "perceiver_config", None), "dtype", "float32")

@@ -249,3 +249,52 @@ def test_frame_replay_sample_draws_only_valid_transitions_at_a_full_ring(n_envs)
             np.testing.assert_array_equal(sample.observations["pixels"][i].numpy(), history[(t, e)][0])
             np.testing.assert_array_equal(sample.next_observations["pixels"][i].numpy(), history[(t, e)][1])
     assert set(drawn) == {tuple(p) for p in every[valid]}
+
+
+@pytest.mark.parametrize("kind", ["frames", "sb3"])
+def test_replay_snapshot_round_trips_in_place_and_saves_only_the_filled_part(tmp_path, kind):
+    from stable_baselines3.common.buffers import DictReplayBuffer
+
+    from experiments.replay_snapshot import list_snapshots, load_replay_snapshot, save_replay_snapshot
+
+    rng = np.random.default_rng(4)
+    make = (lambda: FrameReplayBuffer(500, OBS, ACT, device="cpu", n_envs=2)) if kind == "frames" else (
+        lambda: DictReplayBuffer(500, OBS, ACT, device="cpu", n_envs=2))  # fmt: skip
+    buffer, source = make(), StackedEpisodes(2, rng)
+    obs = source.obs()
+    for t in range(30):
+        next_obs = source.step()
+        done = np.array([t % 7 == 6, False])
+        buffer.add(
+            obs, next_obs, rng.standard_normal((2, 2)).astype(np.float32), rng.random(2), done, [{}, {}]
+        )
+        obs = next_obs
+        if done[0]:
+            source.reset(0)
+            obs = source.obs()
+    snapshot = save_replay_snapshot(buffer, tmp_path, step=60)
+    save_replay_snapshot(buffer, tmp_path, step=60)  # the same step again: one snapshot remains
+    assert (
+        list_snapshots(tmp_path) == [p for p in tmp_path.glob("replay_*")]
+        and len(list_snapshots(tmp_path)) == 1
+    )
+    size = sum(f.stat().st_size for f in list_snapshots(tmp_path)[0].iterdir())
+    from experiments.replay_snapshot import _state
+
+    total = sum(
+        v.numel() * v.element_size() if torch.is_tensor(v) else v.nbytes for v in _state(buffer)[0].values()
+    )
+    assert size < 0.2 * total  # 30 of 500 rows filled: only those are written
+    fresh = make()
+    arrays_before = id(fresh.observations["proprio"])
+    assert load_replay_snapshot(fresh, list_snapshots(tmp_path)[0]) == 60
+    assert id(fresh.observations["proprio"]) == arrays_before  # copied into the buffer it had, not replaced
+    before, after = _state(buffer)[0], _state(fresh)[0]
+    for key, value in before.items():  # every array, byte for byte
+        assert np.array_equal(np.asarray(value), np.asarray(after[key])), key
+    if kind == "frames":
+        index, envs_ = np.arange(30), np.array([0, 1] * 15)
+        a, b = buffer._get_samples(index, envs_), fresh._get_samples(index, envs_)
+        assert torch.equal(a.observations["pixels"], b.observations["pixels"])
+        assert torch.equal(a.next_observations["pixels"], b.next_observations["pixels"])
+    assert fresh.pos == buffer.pos and snapshot.name.startswith("replay_")

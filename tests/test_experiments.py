@@ -1,5 +1,6 @@
 """The real commands in subprocesses, with tiny budgets, exactly as a user types them."""
 
+import json
 import os
 import signal
 import subprocess
@@ -8,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-from stable_baselines3.common.save_util import load_from_pkl
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from experiments.checkpoint import list_checkpoints, read_meta
@@ -158,9 +158,11 @@ def test_sac_resume_continues_the_saved_replay_buffer(tmp_path):
     assert "from checkpoint step 64" in result.stdout
     checkpoint = list_checkpoints(tmp_path / "sac" / "checkpoints")[-1]
     assert read_meta(checkpoint)["step"] == 128
-    buffer = load_from_pkl(checkpoint / "replay_buffer.pkl")
-    assert type(buffer).__name__ == "FrameReplayBuffer"
-    assert buffer.pos * buffer.n_envs == 128  # the 64 steps before the resume are still in it
+    snapshots = list((tmp_path / "sac" / "checkpoints").glob("replay_*"))
+    assert len(snapshots) == 1 and not list(checkpoint.glob("*.pkl"))  # one replay for the run, raw arrays
+    manifest = json.loads((snapshots[0] / "manifest.json").read_text())
+    assert manifest["class"] == "FrameReplayBuffer" and manifest["step"] == 128
+    assert manifest["scalars"]["pos"] * manifest["scalars"]["n_envs"] == 128  # the 64 steps before the resume
     # budgets that are multiples of --eval-freq: one evaluation per step, not a periodic plus a final one
     assert [event.step for event in tags(tmp_path / "sac").Scalars("eval/return_mean")] == [64, 128]
     history = (tmp_path / "sac" / "eval" / "history.csv").read_text().splitlines()

@@ -205,6 +205,17 @@ def test_evaluate_writes_table_and_video(trained_run, tmp_path):
     assert (overlay / "cartpole-balance-attention.mp4").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_cli_writes_an_actor_that_matches_predict(trained_run, tmp_path, fmt):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / f"actor.{fmt}"
+    result = cli(
+        "experiments.export", str(trained_run), "--format", fmt, "--output", str(out), "--check-steps", "12"
+    )
+    assert out.stat().st_size > 1000 and "max |action - predict| over 12 observations" in result.stdout
+    assert "batch-1 p50 ms" in result.stdout
+
+
 def test_plot_writes_png(trained_run, tmp_path):
     out = tmp_path / "curves.png"
     cli("experiments.plot", str(trained_run), "--out", str(out))

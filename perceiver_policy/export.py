@@ -1,0 +1,76 @@
+"""Deployable actors: a trained SB3 policy as a plain module, Dict observation in, deterministic action out.
+
+`DeterministicActor` does what `model.predict(obs, deterministic=True)` does, inside the graph: the policy's
+deterministic action, then SB3's post-processing (a squashed SAC action rescaled to the action bounds, a PPO
+action clipped to them). Observations are positional tensors in `input_names` order; pixels stay uint8 (the
+policy scales them). `export_onnx` / `export_torchscript` write files that run without SB3 (onnxruntime, or
+`torch.jit.load`). Recurrent policies are not exportable this way (their state would be an input).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from torch import nn
+
+FORMATS = ("onnx", "torchscript")
+
+
+class DeterministicActor(nn.Module):
+    """policy -> module(*observation tensors) = action (B, A) float32, as `predict(deterministic=True)`."""
+
+    def __init__(self, policy):
+        super().__init__()
+        if hasattr(policy, "lstm_actor"):
+            raise ValueError("recurrent (LSTM) policies cannot be exported as a stateless actor")
+        if not isinstance(policy.action_space, spaces.Box):
+            raise ValueError(f"export supports Box action spaces, got {policy.action_space}")
+        self.policy = policy.eval()
+        self.input_names = list(policy.observation_space.spaces)
+        self.squashed = bool(policy.squash_output)
+        self.register_buffer("low", torch.as_tensor(policy.action_space.low, dtype=torch.float32))
+        self.register_buffer("high", torch.as_tensor(policy.action_space.high, dtype=torch.float32))
+
+    def forward(self, *observations: torch.Tensor) -> torch.Tensor:
+        obs = dict(zip(self.input_names, observations))
+        action = self.policy._predict(obs, deterministic=True).float()
+        if self.squashed:  # SAC: tanh-squashed in [-1, 1] -> the env's bounds (SB3's unscale_action)
+            return self.low + 0.5 * (action + 1.0) * (self.high - self.low)
+        return torch.maximum(torch.minimum(action, self.high), self.low)  # PPO: clipped (SB3's predict)
+
+    def example_inputs(self, batch: int = 1) -> tuple[torch.Tensor, ...]:
+        """Zero observations of the right shapes and dtypes."""
+        space = self.policy.observation_space
+        return tuple(
+            torch.zeros(
+                (batch, *space[name].shape), dtype=torch.from_numpy(np.zeros(0, space[name].dtype)).dtype
+            )
+            for name in self.input_names
+        )
+
+
+def export_onnx(actor: DeterministicActor, path: Path, opset: int = 17) -> Path:
+    """ONNX graph with a dynamic batch axis; inputs named after the observation keys, output 'action'."""
+    axes = {name: {0: "batch"} for name in actor.input_names} | {"action": {0: "batch"}}
+    with torch.no_grad():
+        torch.onnx.export(
+            actor,
+            actor.example_inputs(2),
+            str(path),
+            input_names=actor.input_names,
+            output_names=["action"],
+            dynamic_axes=axes,
+            opset_version=opset,
+            dynamo=False,
+        )
+    return path
+
+
+def export_torchscript(actor: DeterministicActor, path: Path) -> Path:
+    with torch.no_grad():
+        traced = torch.jit.trace(actor, actor.example_inputs(2), check_trace=False)
+    traced.save(str(path))
+    return path

@@ -1,0 +1,49 @@
+"""Exported actors (ONNX via onnxruntime, TorchScript) act exactly as `predict(deterministic=True)`."""
+
+import numpy as np
+import pytest
+import torch
+
+import agents
+import envs
+from perceiver_policy.export import DeterministicActor, export_onnx, export_torchscript
+
+TINY = {"num_latents": 8, "latent_dim": 32, "fourier_bands": 4}
+
+
+@pytest.mark.parametrize(
+    "algorithm,policy_type", [("ppo", "perceiver"), ("sac", "perceiver"), ("sac", "sb3")]
+)
+def test_exported_actor_equals_predict(tmp_path, algorithm, policy_type):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    venv = envs.make_vec_env("cartpole-balance", n_envs=2, image_size=48, action_repeat=4, seed=0)
+    extra = (
+        {"n_steps": 16}
+        if algorithm == "ppo"
+        else {"learning_starts": 16, "batch_size": 16, "buffer_size": 200}
+    )
+    perceiver = TINY if policy_type == "perceiver" else None
+    model = agents.make_agent(
+        algorithm, venv, device="cpu", policy_type=policy_type, perceiver=perceiver, **extra
+    )
+    model.learn(48)
+    actor = DeterministicActor(model.policy)
+    session = onnxruntime.InferenceSession(str(export_onnx(actor, tmp_path / "actor.onnx")))
+    scripted = torch.jit.load(str(export_torchscript(actor, tmp_path / "actor.pt")))
+    obs = venv.reset()
+    for _ in range(5):
+        expected, _ = model.predict(obs, deterministic=True)
+        assert obs["pixels"].dtype == np.uint8  # fed as the env gives them
+        onnx_action = session.run(None, {k: obs[k] for k in actor.input_names})[0]
+        script_action = scripted(*[torch.as_tensor(obs[k]) for k in actor.input_names]).detach().numpy()
+        np.testing.assert_allclose(onnx_action, expected, atol=1e-5)
+        np.testing.assert_allclose(script_action, expected, atol=1e-5)
+        obs, *_ = venv.step(expected)
+    venv.close()
+
+
+def test_recurrent_policies_are_refused():
+    venv = envs.make_vec_env("cartpole-balance", n_envs=1, modalities=("proprio",))
+    model = agents.make_agent("ppo", venv, policy_type="lstm", device="cpu", n_steps=16)
+    with pytest.raises(ValueError, match="recurrent"):
+        DeterministicActor(model.policy)

@@ -9,6 +9,7 @@ policy scales them). `export_onnx` / `export_torchscript` write files that run w
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -52,10 +53,22 @@ class DeterministicActor(nn.Module):
         )
 
 
+@contextlib.contextmanager
+def tracing():
+    """No grad, and no distribution argument checks (data-dependent Python branches a trace cannot record)."""
+    previous = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(False)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(previous)
+
+
 def export_onnx(actor: DeterministicActor, path: Path, opset: int = 17) -> Path:
     """ONNX graph with a dynamic batch axis; inputs named after the observation keys, output 'action'."""
     axes = {name: {0: "batch"} for name in actor.input_names} | {"action": {0: "batch"}}
-    with torch.no_grad():
+    with tracing():
         torch.onnx.export(
             actor,
             actor.example_inputs(2),
@@ -70,7 +83,7 @@ def export_onnx(actor: DeterministicActor, path: Path, opset: int = 17) -> Path:
 
 
 def export_torchscript(actor: DeterministicActor, path: Path) -> Path:
-    with torch.no_grad():
+    with tracing():
         traced = torch.jit.trace(actor, actor.example_inputs(2), check_trace=False)
     traced.save(str(path))
     return path

@@ -1,0 +1,41 @@
+"""Suite report: `python -m experiments.report RUN_OR_SWEEP_DIRS... --out DIR [--baselines published.yaml]`.
+
+Reads every run's evaluation history and writes DIR/report.md (per task: mean, median, IQM with a 95 %
+stratified-bootstrap CI over seeds, per-seed values; across tasks: IQM / median / mean / optimality gap of
+returns / 1000 with CIs), DIR/scores.csv, DIR/performance_profile.png and DIR/curves.png. Statistics by rliable
+(`pip install -e .[report]`). A baselines YAML adds published rows per task:
+`{cartpole-swingup: {"DrQ": {mean: 759, std: 92, seeds: 10, frames: 100000, source: "DrQ Table 1"}}}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from experiments.reporting import find_runs, write_report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", type=Path, help="run directories, or directories holding runs")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--baselines", type=Path, default=None, help="YAML of published rows per task")
+    parser.add_argument("--reps", type=int, default=2000, help="bootstrap samples")
+    args = parser.parse_args(argv)
+    try:
+        baselines = yaml.safe_load(args.baselines.read_text()) if args.baselines else None
+        runs = find_runs(args.paths)
+        report = write_report(runs, args.out, baselines, reps=args.reps)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report.read_text())
+    print(f"written: {report}, {args.out / 'scores.csv'}, {args.out / 'curves.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

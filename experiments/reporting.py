@@ -1,0 +1,205 @@
+"""Suite reports the way the field reads them (rliable: IQM with stratified-bootstrap CIs, performance profiles).
+
+A *run* is a run directory (config.yaml + eval/history.csv). Runs are grouped by task and by *method* (what was
+trained: algorithm, policy type, inputs, proprio mode, state decoding); a run's score is its final evaluation
+return. DMC returns lie in [0, 1000], so normalised scores are return / 1000.
+"""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from experiments import config as cfg
+
+MAX_RETURN = 1000.0
+
+
+@dataclass
+class Run:
+    path: Path
+    task: str
+    method: str
+    frames: list[int]
+    returns: list[float]
+
+    @property
+    def score(self) -> float:
+        return self.returns[-1]
+
+
+def method_name(config: cfg.TrainConfig) -> str:
+    """What distinguishes agents in a comparison, e.g. 'sac perceiver [pixels]' or 'ppo lstm [...] positions'."""
+    name = f"{config.algorithm} {config.policy_type} [{'+'.join(config.modalities)}]"
+    name += f" proprio={config.proprio}" if config.proprio != "full" else ""
+    return name + (f" decode×{config.aux_state_weight:g}" if config.aux_state_weight > 0 else "")
+
+
+def find_runs(paths: list[Path]) -> list[Run]:
+    """Run directories given directly or found below the given directories (sweeps), with an evaluation."""
+    found = []
+    for path in paths:
+        if not path.exists():
+            raise ValueError(f"run or sweep directory {str(path)!r} not found")
+        candidates = (
+            [path] if (path / "config.yaml").exists() else sorted(p.parent for p in path.rglob("config.yaml"))
+        )
+        for run_dir in candidates:
+            history = run_dir / "eval" / "history.csv"
+            if not history.exists():
+                continue
+            with open(history, newline="") as handle:
+                rows = [row for row in csv.DictReader(handle) if row]
+            if rows:
+                config = cfg.load(run_dir / "config.yaml")
+                found.append(Run(run_dir, config.task, method_name(config),
+                                 [int(r["frames"]) for r in rows], [float(r["return_mean"]) for r in rows]))  # fmt: skip
+    if not found:
+        raise ValueError(
+            f"no run with an evaluation history (eval/history.csv) under {[str(p) for p in paths]}"
+        )
+    return found
+
+
+def score_matrices(runs: list[Run]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """{method: (seeds, tasks) normalised final scores} over the tasks every method has; rliable's input. Where
+    a method has unequal seed counts across tasks, each task keeps that method's smallest count."""
+    by = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        by[run.method][run.task].append(run.score / MAX_RETURN)
+    tasks = sorted(set.intersection(*(set(t) for t in by.values())))
+    matrices = {}
+    for method, per_task in by.items():
+        seeds = min(len(per_task[t]) for t in tasks) if tasks else 0
+        if seeds:
+            matrices[method] = np.array([[per_task[t][i] for t in tasks] for i in range(seeds)])
+    return matrices, tasks
+
+
+def aggregates(matrices: dict[str, np.ndarray], reps: int = 2000, seed: int = 0):
+    """rliable's IQM / median / mean / optimality gap with stratified-bootstrap 95 % CIs, per method."""
+    from rliable import library as rly
+    from rliable import metrics
+
+    def all_four(scores):
+        return np.array([metrics.aggregate_iqm(scores), metrics.aggregate_median(scores),
+                         metrics.aggregate_mean(scores), metrics.aggregate_optimality_gap(scores)])  # fmt: skip
+
+    points, intervals = {}, {}
+    # One seeded bootstrap per method, so a method's CI does not depend on the others in the report. With the
+    # installed arch, rliable's `random_state` alone does not fix the draws (they also come from NumPy's global
+    # RNG): seed that too, and put it back afterwards.
+    saved = np.random.get_state()
+    try:
+        with warnings.catch_warnings():  # arch's notice that RandomState will give way to Generator
+            warnings.simplefilter("ignore", FutureWarning)
+            for method, scores in matrices.items():
+                np.random.seed(seed)
+                point, interval = rly.get_interval_estimates(
+                    {method: scores}, all_four, reps=reps, random_state=np.random.RandomState(seed)
+                )
+                points[method], intervals[method] = point[method], interval[method]
+    finally:
+        np.random.set_state(saved)
+    return points, intervals
+
+
+def _ci(point, low, high, scale: float = 1.0) -> str:
+    return f"{point * scale:.1f} [{low * scale:.1f}, {high * scale:.1f}]"
+
+
+def write_report(runs: list[Run], out: Path, baselines: dict | None = None, reps: int = 2000) -> Path:
+    """report.md (per-task and aggregate tables), scores.csv, performance_profile.png, curves.png in `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from rliable import library as rly
+    from rliable import plot_utils
+
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["# Suite report", "", f"{len(runs)} runs; score = final evaluation return (returns / 1000 where normalised).",
+             "IQM and 95 % stratified-bootstrap CIs over seeds from rliable "
+             f"(Agarwal et al. 2021; {reps} bootstrap samples).", ""]  # fmt: skip
+    with open(out / "scores.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["task", "method", "run", "frames", "final_return"])
+        for run in runs:
+            writer.writerow([run.task, run.method, run.path.name, run.frames[-1], f"{run.score:.3f}"])
+    for task in sorted({r.task for r in runs}):
+        lines += [f"## {task}", "", "| method | seeds | frames | mean | median | IQM [95 % CI] | per seed |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        methods = defaultdict(list)
+        for run in runs:
+            if run.task == task:
+                methods[run.method].append(run)
+        points, intervals = aggregates(
+            {m: np.array([[r.score / MAX_RETURN] for r in rs]) for m, rs in methods.items()}, reps
+        )
+        for method, group in sorted(methods.items()):
+            scores = np.array([r.score for r in group])
+            iqm = _ci(points[method][0], *intervals[method][:, 0], scale=MAX_RETURN)
+            per_seed = ", ".join(f"{s:.1f}" for s in scores)
+            lines.append(f"| {method} | {len(scores)} | {max(r.frames[-1] for r in group)} | {scores.mean():.1f} "
+                         f"| {np.median(scores):.1f} | {iqm} | {per_seed} |")  # fmt: skip
+        for name, row in ((baselines or {}).get(task) or {}).items():
+            spread = f" ± {row['std']}" if "std" in row else ""
+            lines.append(f"| *{name}* ({row.get('source', 'published')}) | {row.get('seeds', '')} | "
+                         f"{row.get('frames', '')} | *{row['mean']}{spread}* | | | |")  # fmt: skip
+        lines.append("")
+    matrices, tasks = score_matrices(runs)
+    if matrices:
+        points, intervals = aggregates(matrices, reps)
+        lines += [f"## Across tasks ({', '.join(tasks)}), normalised scores", "",
+                  "| method | seeds × tasks | IQM | median | mean | optimality gap |", "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for method in sorted(matrices):
+            shape = "×".join(map(str, matrices[method].shape))
+            lines.append(f"| {method} | {shape} | " + " | ".join(
+                f"{points[method][i]:.3f} [{intervals[method][0, i]:.3f}, {intervals[method][1, i]:.3f}]" for i in range(4)) + " |")  # fmt: skip
+        taus = np.linspace(0.0, 1.0, 51)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            profiles, profile_cis = rly.create_performance_profile(matrices, taus, reps=min(reps, 2000))
+        figure, axis = plt.subplots(figsize=(7, 4), dpi=90)
+        plot_utils.plot_performance_profiles(profiles, taus, performance_profile_cis=profile_cis, ax=axis,
+                                             colors=dict(zip(matrices, plt.rcParams["axes.prop_cycle"].by_key()["color"])))  # fmt: skip
+        axis.legend(list(matrices), fontsize=7, loc="lower left")
+        figure.tight_layout()
+        figure.savefig(out / "performance_profile.png")
+        plt.close(figure)
+        lines += ["", "![performance profile](performance_profile.png)"]
+    _plot_curves(runs, out / "curves.png")
+    lines += ["", "![learning curves](curves.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    return out / "report.md"
+
+
+def _plot_curves(runs: list[Run], path: Path) -> None:
+    """Mean evaluation return vs frames per method (band: min-max over seeds), one panel per task."""
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r.task for r in runs})
+    figure, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.8), dpi=90, squeeze=False)
+    for axis, task in zip(axes[0], tasks):
+        methods = defaultdict(list)
+        for run in runs:
+            if run.task == task:
+                methods[run.method].append(run)
+        for method, group in sorted(methods.items()):
+            length = min(len(r.frames) for r in group)
+            frames = np.array(group[0].frames[:length])
+            values = np.array([r.returns[:length] for r in group])
+            axis.plot(frames, values.mean(0), label=f"{method} ({len(group)})")
+            axis.fill_between(frames, values.min(0), values.max(0), alpha=0.15)
+        axis.set_title(task)
+        axis.set_xlabel("frames")
+        axis.set_ylabel("evaluation return")
+        axis.legend(fontsize=6)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

@@ -1,0 +1,77 @@
+"""experiments.report: tables from run directories, statistics as rliable computes them."""
+
+import re
+
+import numpy as np
+import pytest
+
+from experiments import config as cfg
+from experiments.reporting import find_runs, method_name, write_report
+
+pytest.importorskip("rliable")
+
+
+def fake_run(root, name, task, policy_type, returns, frames_per_eval=10_000):
+    run = root / name
+    (run / "eval").mkdir(parents=True)
+    cfg.save(
+        cfg.TrainConfig(task=task, algorithm="sac", policy_type=policy_type, modalities=["pixels"]),
+        run / "config.yaml",
+    )
+    rows = ["step,frames,return_mean"] + [
+        f"{(i + 1) * frames_per_eval // 8},{(i + 1) * frames_per_eval},{value}"
+        for i, value in enumerate(returns)
+    ]
+    (run / "eval" / "history.csv").write_text("\n".join(rows) + "\n")
+    return run
+
+
+def test_report_statistics_are_rliable_on_the_same_scores(tmp_path):
+    from rliable import library as rly
+    from rliable import metrics
+
+    rng = np.random.default_rng(0)
+    finals = {}
+    for task in ("cartpole-swingup", "walker-walk"):
+        for policy_type, level in (("perceiver", 600), ("sb3", 400)):
+            for seed in range(5):
+                final = float(level + rng.normal(0, 100))
+                finals.setdefault(policy_type, {}).setdefault(task, []).append(final)
+                fake_run(
+                    tmp_path / "sweep", f"{task}-{policy_type}-s{seed}", task, policy_type, [100.0, final]
+                )
+    (tmp_path / "sweep" / "not-a-run").mkdir()  # ignored
+    report = write_report(find_runs([tmp_path / "sweep"]), tmp_path / "out", reps=500).read_text()
+    assert (tmp_path / "out" / "performance_profile.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
+    scores = {
+        method_name(cfg.TrainConfig(task="walker-walk", algorithm="sac", policy_type=p, modalities=["pixels"])):
+        np.array(finals[p]["cartpole-swingup"] and [[a / 1000, b / 1000] for a, b in zip(finals[p]["cartpole-swingup"], finals[p]["walker-walk"])])
+        for p in finals
+    }  # fmt: skip
+
+    def all_four(x):
+        return np.array([metrics.aggregate_iqm(x), metrics.aggregate_median(x), metrics.aggregate_mean(x),
+                         metrics.aggregate_optimality_gap(x)])  # fmt: skip
+
+    for method in scores:
+        np.random.seed(0)  # as the report does: arch draws from NumPy's global RNG too
+        points, intervals = rly.get_interval_estimates(
+            {method: scores[method]}, all_four, reps=500, random_state=np.random.RandomState(0)
+        )
+        row = next(line for line in report.splitlines() if line.startswith(f"| {method} | 5×2 |"))
+        iqm, low, high = map(float, re.search(r"\| ([\d.]+) \[([\d.]+), ([\d.]+)\] \|", row).groups())
+        assert iqm == pytest.approx(points[method][0], abs=5e-4)
+        assert (low, high) == (
+            pytest.approx(intervals[method][0, 0], abs=5e-4),
+            pytest.approx(intervals[method][1, 0], abs=5e-4),
+        )
+    per_seed = ", ".join(f"{v:.1f}" for v in finals["sb3"]["walker-walk"])
+    assert per_seed in report
+
+
+def test_report_errors_name_the_path(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        find_runs([tmp_path / "missing"])
+    with pytest.raises(ValueError, match="no run with an evaluation history"):
+        find_runs([tmp_path])

@@ -36,6 +36,7 @@ def label(config: cfg.TrainConfig) -> str:
     labels = {"sb3": "SB3 MultiInputPolicy", "lstm": "RecurrentPPO LSTM", "perceiver": "Perceiver"}
     name += f" proprio={config.proprio}" if config.proprio != "full" else ""
     name += f" +state decoding ×{config.aux_state_weight:g}" if config.aux_state_weight > 0 else ""
+    name += f" ent_coef={config.algo['ent_coef']}" if "ent_coef" in config.algo else ""
     return f"{name} {labels.get(config.policy_type, config.policy_type)}"
 
 

@@ -1,0 +1,48 @@
+"""Run a sweep on Ray Tune: `python -m experiments.sweep SPEC.yaml [--address ray://HOST:10001 | auto] [--max-concurrent N]`.
+
+Trials are normal run directories under `<run_dir>/<sweep name>/`; a failed or killed trial is retried from its
+last checkpoint, and running the same spec again only does what is left. Summarise with
+`python -m experiments.report <run_dir>/<sweep name> --out DIR`. Needs `pip install -e .[sweep]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from experiments.sweeping import load_spec, run_sweep
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("spec", type=Path, help="sweep spec YAML (see experiments/sweeps/)")
+    parser.add_argument(
+        "--address", default=None, help="Ray cluster address (ray://HOST:10001 or 'auto'); default: local"
+    )
+    parser.add_argument(
+        "--max-concurrent", type=int, default=None, help="trials at a time (default: CPUs / torch_threads)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        if not args.spec.exists():
+            raise ValueError(f"sweep spec {str(args.spec)!r} not found")
+        spec = load_spec(args.spec)
+        results = run_sweep(spec, address=args.address, max_concurrent=args.max_concurrent)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    done = [r for r in results if r.error is None]
+    failed = [r for r in results if r.error is not None]
+    print(f"sweep {spec.name}: {len(done)} trials done, {len(failed)} failed; run directories in "
+          f"{Path(spec.run_dir) / spec.name}")  # fmt: skip
+    if done:
+        best = max(done, key=lambda r: r.metrics.get("return", float("-inf")))
+        print(
+            f"best return {best.metrics['return']:.1f}: {best.config.get('variant', {}) | best.config['point']}"
+        )
+    return 0 if not failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

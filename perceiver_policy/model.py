@@ -7,8 +7,10 @@ queries (B, Q, D) --cross-attn over latents--> outputs (B, Q, D) --heads--> logi
 from __future__ import annotations
 
 import contextlib
+import functools
 import platform
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from gymnasium import spaces
@@ -37,10 +39,11 @@ def init_weights(module: nn.Module, std: float | None = None) -> None:
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_model_and_flags() -> tuple[str, list[str]]:
     """The CPU's model name and which of the instruction sets that decide fp32 / bf16 speed it has (Linux)."""
     try:
-        info = open("/proc/cpuinfo").read()
+        info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor() or platform.machine(), []
     model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if "model name" in line), "?")

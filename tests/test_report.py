@@ -44,11 +44,12 @@ def test_report_statistics_are_rliable_on_the_same_scores(tmp_path):
     report = write_report(find_runs([tmp_path / "sweep"]), tmp_path / "out", reps=500).read_text()
     assert (tmp_path / "out" / "performance_profile.png").stat().st_size > 1000
     assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
-    scores = {
-        method_name(cfg.TrainConfig(task="walker-walk", algorithm="sac", policy_type=p, modalities=["pixels"])):
-        np.array(finals[p]["cartpole-swingup"] and [[a / 1000, b / 1000] for a, b in zip(finals[p]["cartpole-swingup"], finals[p]["walker-walk"])])
-        for p in finals
-    }  # fmt: skip
+    scores = {}  # {method: (seeds, tasks) returns / 1000}, tasks in the report's (sorted) order
+    for policy_type, per_task in finals.items():
+        config = cfg.TrainConfig(algorithm="sac", policy_type=policy_type, modalities=["pixels"])
+        scores[method_name(config)] = (
+            np.array([per_task["cartpole-swingup"], per_task["walker-walk"]]).T / 1000
+        )
 
     def all_four(x):
         return np.array([metrics.aggregate_iqm(x), metrics.aggregate_median(x), metrics.aggregate_mean(x),

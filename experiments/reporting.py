@@ -37,6 +37,7 @@ def method_name(config: cfg.TrainConfig) -> str:
     """What distinguishes agents in a comparison, e.g. 'sac perceiver [pixels]' or 'ppo lstm [...] positions'."""
     name = f"{config.algorithm} {config.policy_type} [{'+'.join(config.modalities)}]"
     name += f" proprio={config.proprio}" if config.proprio != "full" else ""
+    name += f" ent_coef={config.algo['ent_coef']}" if "ent_coef" in config.algo else ""
     return name + (f" decode×{config.aux_state_weight:g}" if config.aux_state_weight > 0 else "")
 
 
@@ -50,13 +51,9 @@ def find_runs(paths: list[Path]) -> list[Run]:
             [path] if (path / "config.yaml").exists() else sorted(p.parent for p in path.rglob("config.yaml"))
         )
         for run_dir in candidates:
-            history = run_dir / "eval" / "history.csv"
-            if not history.exists():
-                continue
-            with open(history, newline="") as handle:
-                rows = [row for row in csv.DictReader(handle) if row]
+            config = cfg.load(run_dir / "config.yaml")
+            rows = read_history(run_dir, config.action_repeat)
             if rows:
-                config = cfg.load(run_dir / "config.yaml")
                 found.append(Run(run_dir, config.task, method_name(config),
                                  [int(r["frames"]) for r in rows], [float(r["return_mean"]) for r in rows]))  # fmt: skip
     if not found:
@@ -64,6 +61,25 @@ def find_runs(paths: list[Path]) -> list[Run]:
             f"no run with an evaluation history (eval/history.csv) under {[str(p) for p in paths]}"
         )
     return found
+
+
+def read_history(run_dir: Path, action_repeat: int) -> list[dict]:
+    """Rows {step, frames, return_mean} of eval/history.csv, or from the TensorBoard events of runs written before
+    the CSV was appended at every evaluation (a run killed mid-way had none)."""
+    history = run_dir / "eval" / "history.csv"
+    if history.exists():
+        with open(history, newline="") as handle:
+            return [row for row in csv.DictReader(handle) if row]
+    if not (run_dir / "tb").is_dir():
+        return []
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    if "eval/return_mean" not in events.Tags()["scalars"]:
+        return []
+    by_step = {e.step: e.value for e in events.Scalars("eval/return_mean")}  # the last write per step wins
+    return [{"step": s, "frames": s * action_repeat, "return_mean": by_step[s]} for s in sorted(by_step)]
 
 
 def score_matrices(runs: list[Run]) -> tuple[dict[str, np.ndarray], list[str]]:

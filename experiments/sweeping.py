@@ -145,6 +145,9 @@ def run_sweep(spec: SweepSpec, address: str | None = None, max_concurrent: int |
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
+        # Ray starts its workers at nice 15, and a trial's training subprocess inherits it: on a machine with
+        # anything else running, trials then got ~1 % of a core (seen here). Trials are the work: normal priority.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     concurrency = max_concurrent or spec.max_concurrent or max(1, cpus // spec.torch_threads)

@@ -83,10 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         torch_ms = p50_ms(lambda obs: model.predict(obs, deterministic=True), items)
     exported_ms = p50_ms(run, items)
+    with torch.no_grad():  # the same module without SB3's predict around it (conversion, checks, numpy)
+        actor_ms = p50_ms(
+            lambda obs: actor(*[torch.as_tensor(obs[k][None]) for k in actor.input_names]), items
+        )
     print(f"written: {out} ({out.stat().st_size / 1e6:.2f} MB; inputs {actor.input_names}, output 'action')")
     print(f"max |action - predict| over {len(items)} observations of {config.task}: {error:.2e}")
     print("| runtime | batch-1 p50 ms |\n| --- | --- |")
-    print(f"| torch, SB3 predict | {torch_ms:.3f} |\n| {args.format} | {exported_ms:.3f} |")
+    print(f"| torch, SB3 predict | {torch_ms:.3f} |\n| torch, the exported module | {actor_ms:.3f} |")
+    print(
+        f"| {args.format} ({'onnxruntime' if args.format == 'onnx' else 'torch.jit'}) | {exported_ms:.3f} |"
+    )
     return 0 if error < 1e-3 else 1
 
 

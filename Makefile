@@ -24,11 +24,12 @@ install: $(VENV)/.installed
 train: install
 	$(PY) -m experiments.train --preset cartpole-balance-pixels
 
+# Two pytest-xdist workers: the suite is mostly one-core subprocess runs, so 2 cores halve its wall time.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 -m "not slow"
 
 lint: install
 	$(PY) -m ruff check .

@@ -26,7 +26,12 @@ from agents.transfer import ObservationTransfer, stack_observations
 
 
 class BatchedRolloutMixin:
-    """Overrides `OnPolicyAlgorithm.collect_rollouts` for `DeviceRolloutBuffer`; other buffers use SB3's."""
+    """Overrides `OnPolicyAlgorithm.collect_rollouts` for `DeviceRolloutBuffer` (the default buffer); other
+    buffers use SB3's."""
+
+    def __init__(self, policy, env, **kwargs):
+        kwargs.setdefault("rollout_buffer_class", DeviceRolloutBuffer)
+        super().__init__(policy, env, **kwargs)
 
     def _transfer(self) -> ObservationTransfer:
         if getattr(self, "_obs_transfer", None) is None or self._obs_transfer.device != self.device:
@@ -96,7 +101,9 @@ class BatchedRolloutMixin:
 class StateDecodingMixin:
     """`aux_state_weight` for on-policy algorithms: the state-decoding loss of the minibatch's encoder pass."""
 
-    aux_state_weight: float = 0.0
+    def __init__(self, policy, env, aux_state_weight: float = 0.0, **kwargs):
+        self.aux_state_weight = aux_state_weight
+        super().__init__(policy, env, **kwargs)
 
     def _setup_model(self) -> None:
         super()._setup_model()
@@ -124,11 +131,6 @@ class StateDecodingMixin:
 class PerceiverPPO(StateDecodingMixin, BatchedRolloutMixin, PPO):
     """SB3 PPO with batched device rollouts (default buffer: `DeviceRolloutBuffer`) and the optional
     state-decoding loss (``aux_state_weight``)."""
-
-    def __init__(self, policy, env, aux_state_weight: float = 0.0, **kwargs):
-        kwargs.setdefault("rollout_buffer_class", DeviceRolloutBuffer)
-        self.aux_state_weight = aux_state_weight
-        super().__init__(policy, env, **kwargs)
 
     def train(self) -> None:
         """SB3's `PPO.train` (2.9) with `self._auxiliary_loss()` added to each minibatch loss."""
@@ -206,11 +208,6 @@ class PerceiverPPO(StateDecodingMixin, BatchedRolloutMixin, PPO):
 class PerceiverA2C(StateDecodingMixin, BatchedRolloutMixin, A2C):
     """SB3 A2C with batched device rollouts (default buffer: `DeviceRolloutBuffer`) and the optional
     state-decoding loss (``aux_state_weight``)."""
-
-    def __init__(self, policy, env, aux_state_weight: float = 0.0, **kwargs):
-        kwargs.setdefault("rollout_buffer_class", DeviceRolloutBuffer)
-        self.aux_state_weight = aux_state_weight
-        super().__init__(policy, env, **kwargs)
 
     def train(self) -> None:
         """SB3's `A2C.train` (2.9) with `self._auxiliary_loss()` added to the loss."""

@@ -435,6 +435,14 @@ def test_cross_attention_is_eligible_for_the_fused_kernel(dict_space, monkeypatc
     assert calls and set(calls) == {SDPBackend.FLASH_ATTENTION}  # cross- and self-attention alike
 
 
+def assert_random_only_in_training(encoder, obs) -> None:
+    """Two forwards differ in train mode (something is dropped) and are identical in eval mode."""
+    encoder.train()
+    assert not torch.equal(encoder(obs), encoder(obs))
+    encoder.eval()
+    assert torch.equal(encoder(obs), encoder(obs))
+
+
 def test_drop_path_applies_at_any_depth_and_only_in_training(dict_space):
     from perceiver_policy.attention import DropPath
 
@@ -449,19 +457,13 @@ def test_drop_path_applies_at_any_depth_and_only_in_training(dict_space):
     torch.testing.assert_close(out[kept], torch.full_like(out[kept], 2.0))  # ...the kept ones rescaled
     assert torch.equal(drop.eval()(x), x)
     obs = sample_obs(dict_space, 8)
-    encoder.train()
-    assert not torch.equal(encoder(obs), encoder(obs))
-    encoder.eval()
-    assert torch.equal(encoder(obs), encoder(obs))
+    assert_random_only_in_training(encoder, obs)
 
 
 def test_attention_dropout_only_in_training(dict_space):
     encoder = PerceiverEncoder(dict_space, small(attn_dropout=0.5))
     obs = sample_obs(dict_space, 4)
-    encoder.train()
-    assert not torch.equal(encoder(obs), encoder(obs))
-    encoder.eval()
-    assert torch.equal(encoder(obs), encoder(obs))
+    assert_random_only_in_training(encoder, obs)
 
 
 def test_count_flops_matches_torch_flop_counter(dict_space):

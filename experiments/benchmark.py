@@ -432,7 +432,8 @@ def bench_gpu_rollouts(quick: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "what", choices=["env", "policy", "train", "sac", "precision", "all", "train-worker", "replay-worker"]
+        "what",
+        choices=["env", "policy", "train", "sac", "precision", "streaming", "all", "train-worker", "replay-worker"],
     )
     parser.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument(
@@ -456,6 +457,10 @@ def main(argv: list[str] | None = None) -> int:
         from experiments.benchmark_precision import bench_bf16_ratio
 
         bench_bf16_ratio(args.quick)
+    if args.what in ("streaming", "all"):
+        from experiments.benchmark_streaming import bench_streaming
+
+        bench_streaming(args.quick)
     if args.what in ("train", "sac", "all"):
         from experiments.benchmark_sac import bench_sac
 

@@ -76,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="R² per state sensor of a linear probe from the policy's features (needs >= 4 episodes)",
     )
+    parser.add_argument(
+        "--streaming",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Perceiver policies embed only the newest frame / step of each window (same actions, faster)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=20_000)
     parser.add_argument("--output", type=Path, default=None, help="output directory (default: RUN_DIR/eval)")
@@ -104,7 +110,13 @@ def main(argv: list[str] | None = None) -> int:
                 missing=tuple(args.missing_modality),
                 probe_state=args.probe_state,
                 attention_overlay=args.attention_overlay,
+                streaming=args.streaming,
             )
+            if result.stream is not None:
+                print(
+                    f"{task}: streaming cache hit rate {result.stream['stream_cache_hit_rate']:.3f}, "
+                    f"window overlap {result.stream['stream_window_overlap']:.3f}"
+                )
             probe = {f"r2_{name}": value for name, value in (result.probe or {}).items()}
             rows.append(
                 {"task": task, "missing": ",".join(args.missing_modality), **result.summary(), **probe}

@@ -14,6 +14,7 @@ from envs.wrappers import ABSENT_KEY
 from experiments.tb import attention_overlay as attention_overlay_image
 from perceiver_policy.introspection import attention_on_frames
 from perceiver_policy.probes import MIN_EPISODES, state_probe
+from perceiver_policy.streaming import streaming as stream_tokens
 
 
 @dataclass
@@ -25,6 +26,8 @@ class EvalResult:
     """(T, H, W, 3) uint8 of the first episode when a video was asked for."""
     probe: dict[str, float] | None = None
     """R² per state sensor of a linear probe from the policy's features (with probe_state=True)."""
+    stream: dict[str, float] | None = None
+    """Streaming inference's token cache hit rate and window overlap (Perceiver policies, streaming=True)."""
 
     def summary(self) -> dict[str, float]:
         latency = np.asarray(self.latencies_ms) if self.latencies_ms else np.zeros(1)
@@ -115,13 +118,16 @@ def evaluate_policy(
     missing: tuple[str, ...] = (),
     probe_state: bool = False,
     attention_overlay: bool = False,
+    streaming: bool = True,
 ) -> EvalResult:
     """Run `episodes` deterministic episodes of `task` one by one, timing every `model.predict` call.
 
     `probe_state`: also fit a linear probe from the policy's features to the privileged state (the env gives it
     for this; the policy never sees it unless it was trained with it) and report R² per sensor.
     `attention_overlay` (with `video`): the video shows the policy's own stacked frames with the latents'
-    cross-attention on each patch blended over them, instead of the camera render."""
+    cross-attention on each patch blended over them, instead of the camera render.
+    `streaming`: a Perceiver embeds only the newest frame / step of each window (perceiver_policy.streaming;
+    the same actions as the full forward, to float rounding)."""
     if probe_state and episodes < MIN_EPISODES:
         raise ValueError(f"a state probe needs at least {MIN_EPISODES} evaluation episodes, got {episodes}")
     spaces = getattr(model.observation_space, "spaces", {})
@@ -138,7 +144,7 @@ def evaluate_policy(
     wants_flags = ABSENT_KEY in spaces
     no_flags = np.zeros(spaces[ABSENT_KEY].n, dtype=np.int8) if wants_flags else None
     try:
-        with missing_modalities(model, tuple(missing)):
+        with missing_modalities(model, tuple(missing)), stream_tokens(model.policy, streaming) as stream:
             for episode in range(episodes):
                 obs, _ = env.reset(seed=seed + episode)
                 done, total, length = False, 0.0, 0
@@ -177,6 +183,8 @@ def evaluate_policy(
                 result.lengths.append(length)
                 features.append(np.stack(episode_features) if episode_features else None)
                 states.append(np.stack(episode_states) if episode_states else None)
+        if stream is not None:
+            result.stream = stream.stats()
         if tap is not None:
             result.probe = state_probe(features, states, env.unwrapped.state_layout)
     finally:

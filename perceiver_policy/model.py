@@ -115,6 +115,9 @@ class PerceiverEncoder(nn.Module):
         self.disabled_modalities: set[str] = set()
         self.capture_attention = False
         self.last_capture: dict | None = None
+        # A perceiver_policy.streaming.StreamingTokens while streaming (inference only): reuses the embeddings of
+        # the frames / steps the previous observation's window already had.
+        self.token_cache = None
         self._modality_index_cache: dict = {}
         init_weights(self)
         for param in (self.modality_embedding, self.latents):
@@ -187,10 +190,11 @@ class PerceiverEncoder(nn.Module):
         if ABSENT_KEY in obs:
             flags = torch.as_tensor(obs[ABSENT_KEY], device=device).bool().reshape(batch, len(self.names))
             absent = {**{n: flags[:, i] for i, n in enumerate(self.names)}, **(absent or {})}
+        embed = self.adapters
+        if self.token_cache is not None and not self.training and not torch.is_grad_enabled():
+            embed = self.token_cache.embedders
         with autocast_context(self.config, device):
-            tokens = [
-                self.adapters[self.names[m]](obs[self.names[m]]) + self.modality_embedding[m] for m in present
-            ]
+            tokens = [embed[self.names[m]](obs[self.names[m]]) + self.modality_embedding[m] for m in present]
             tokens = torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]  # (B, N, D)
             modality_index = self._modality_index(present, device)
             flags = self._absent_flags(present, batch, absent, device)

@@ -433,7 +433,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "what",
-        choices=["env", "policy", "train", "sac", "precision", "streaming", "all", "train-worker", "replay-worker"],
+        choices=[
+            "env",
+            "policy",
+            "train",
+            "sac",
+            "precision",
+            "streaming",
+            "all",
+            "train-worker",
+            "replay-worker",
+        ],
     )
     parser.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument(

@@ -21,11 +21,19 @@ from perceiver_policy.streaming import streaming
 PIXELS = ("cartpole-swingup", {"action_repeat": 8})
 HISTORIES = (
     "cartpole-swingup",
-    {"action_repeat": 4, "proprio": "positions", "modalities": ("proprio", "proprio_history", "action_history")},
+    {
+        "action_repeat": 4,
+        "proprio": "positions",
+        "modalities": ("proprio", "proprio_history", "action_history"),
+    },
 )
 CASES = {
     # name: (task, env kwargs), perceiver config, streamed kinds
-    "pixels 84 px x 3 + proprio + actions; default Perceiver (32 x 64, 1 layer, patch 12)": (PIXELS, {}, ("image",)),
+    "pixels 84 px x 3 + proprio + actions; default Perceiver (32 x 64, 1 layer, patch 12)": (
+        PIXELS,
+        {},
+        ("image",),
+    ),
     "the same; 256 latents x 128, 4 layers, patch 6": (
         PIXELS,
         {"num_latents": 256, "latent_dim": 128, "self_attn_layers": 4, "patch_size": 6},

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 
 from perceiver_policy.modalities import ModalityAdapter
 
-
 WINDOWED_KINDS = ("image", "sequence")
 STREAMED_KINDS = ("image",)
 """What streams by default: frame stacks. Re-embedding a history of T steps is one small Linear, cheaper at

@@ -49,7 +49,9 @@ def test_streaming_equals_full_forward_over_episodes_with_staggered_resets(algor
             actual, _ = model.predict(batch, deterministic=True)
             np.testing.assert_allclose(actual, expected, atol=1e-5, rtol=0)
             checked += len(current)
-            actions = rng.uniform(-1, 1, (len(current), 1)).astype(np.float32)  # explores more than `expected`
+            actions = rng.uniform(-1, 1, (len(current), 1)).astype(
+                np.float32
+            )  # explores more than `expected`
             stepped = []
             for env, action in zip([env_a, env_b], actions):
                 obs, _, terminated, truncated, _ = env.step(action)
@@ -90,9 +92,7 @@ def test_streaming_reuses_exactly_the_overlapping_tokens(with_histories):
 
 
 def test_streaming_applies_to_frame_stacks_by_default():
-    venv = envs.make_vec_env(
-        "cartpole-balance", n_envs=1, modalities=("proprio", "action_history"), seed=0
-    )
+    venv = envs.make_vec_env("cartpole-balance", n_envs=1, modalities=("proprio", "action_history"), seed=0)
     model = agents.make_agent("ppo", venv, device="cpu", perceiver=TINY, n_steps=16)
     with streaming(model.policy) as stream:
         assert stream is None  # no frame stack: nothing to gain by default

@@ -1,6 +1,7 @@
 """SB3 algorithms wired for the Perceiver policy: batched device rollouts, frame replay, DrQ-style SAC."""
 
 from agents.factory import ALGORITHMS, DEFAULTS, POLICY_TYPES, algorithm_class, make_agent, resolve_device
+from agents.finetune import transfer_weights
 from agents.on_policy import BatchedRolloutMixin, PerceiverA2C, PerceiverPPO
 from agents.replay_buffer import FrameReplayBuffer
 from agents.rollout_buffer import DeviceRolloutBuffer
@@ -19,4 +20,5 @@ __all__ = [
     "PerceiverSAC",
     "make_agent",
     "resolve_device",
+    "transfer_weights",
 ]

@@ -186,3 +186,16 @@ def load_model(algo_cls, checkpoint: Path, env=None, device: str = "auto"):
         return algo_cls.load(path, env=env, device=device)
     except Exception as err:  # zipfile, pickle and torch errors all mean the same thing here
         raise CheckpointError(f"corrupt checkpoint {path}: {type(err).__name__}: {err}") from err
+
+
+def locate(path: Path) -> tuple:
+    """(TrainConfig, checkpoint) for a run directory or a checkpoint directory inside one."""
+    from experiments.config import load as load_config  # config imports agents: keep this module light
+
+    if not path.exists():
+        raise ValueError(f"run directory or checkpoint {str(path)!r} not found")
+    if (path / "config.yaml").exists():
+        return load_config(path / "config.yaml"), latest_checkpoint(path)
+    if (path / "model.zip").exists() and (path.parent.parent / "config.yaml").exists():
+        return load_config(path.parent.parent / "config.yaml"), path
+    raise ValueError(f"{str(path)!r} is neither a run directory (config.yaml) nor a checkpoint (model.zip)")

@@ -27,6 +27,7 @@ from envs.proprio_modes import PROPRIO_MODES, valid_modes
 from envs.rendering import RENDER_BACKENDS
 from envs.vec import VEC_ENV_TYPES
 from perceiver_policy.config import PerceiverConfig
+from perceiver_policy.finetuning import LORA_TARGETS, check_finetune
 
 PRESET_DIR = Path(__file__).parent / "presets"
 # A budget or frequency in frames (as presets state them) -> the agent-step field it sets.
@@ -122,6 +123,18 @@ class TrainConfig:
     """Extra policy_kwargs (e.g. log_std_mode)."""
     curriculum: list = field(default_factory=list)
     """Optional [{'step': N, 'modalities': [...]}, ...]: from agent step N the model reads only those."""
+    init_from: str | None = None
+    """Transfer: a run directory (or one of its checkpoints) whose policy weights start this run. Tensors whose
+    names and shapes agree are copied; the rest (an action head for another action space) stays freshly
+    initialised. Same algorithm and policy type as the source."""
+    finetune: str = "all"
+    """What trains: 'all'; 'output-queries' (encoder frozen: output queries, decoders and heads train); 'lora'
+    (as output-queries, plus LoRA adapters on the encoder's attention / MLP layers). Perceiver policies."""
+    lora_rank: int = 8
+    lora_alpha: float | None = None
+    """LoRA scale numerator (default 2 x rank: adapters scaled by alpha / rank = 2)."""
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Encoder layers that get LoRA adapters: any of q, kv, qkv, out, mlp."""
 
     def __post_init__(self) -> None:
         self.modalities = list(self.modalities)
@@ -200,6 +213,15 @@ class TrainConfig:
             raise ValueError(
                 f"aux_state_weight needs policy_type 'perceiver' (its state-decoding queries), got {self.policy_type!r}"
             )
+        check_finetune(self.finetune_spec())  # names a bad mode, rank or target
+        if self.finetune != "all" and self.policy_type != "perceiver":
+            raise ValueError(
+                f"finetune {self.finetune!r} needs policy_type 'perceiver', got {self.policy_type!r}"
+            )
+        if self.finetune != "all" and not self.init_from:
+            raise ValueError(
+                f"finetune {self.finetune!r} freezes the encoder: give the trained run with --init-from"
+            )
         if not 0.0 <= self.env_modality_dropout < 1.0:
             raise ValueError(f"env_modality_dropout must be in [0, 1), got {self.env_modality_dropout!r}")
         for stage in self.curriculum:
@@ -210,6 +232,11 @@ class TrainConfig:
                 raise ValueError(
                     f"curriculum modality {extra} not among the run's modalities {self.modalities}"
                 )
+
+    def finetune_spec(self) -> dict:
+        """The policy's `finetune` argument (perceiver_policy.finetuning)."""
+        spec = {"mode": self.finetune, "lora_rank": self.lora_rank, "lora_targets": list(self.lora_targets)}
+        return spec if self.lora_alpha is None else {**spec, "lora_alpha": self.lora_alpha}
 
     def env_kwargs(self, privileged_state: bool = False) -> dict:
         """Keyword arguments of `envs.DMCEnv`; the privileged state only where a loss or probe reads it."""
@@ -287,6 +314,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
             parser.add_argument(
                 flag, nargs="+", default=None, help=f"any of {list(MODALITIES)} (default {default})"
             )
+        elif name == "lora_targets":
+            parser.add_argument(
+                flag, nargs="+", default=None, help=f"any of {list(LORA_TARGETS)} (default {default})"
+            )
         elif kind is dict:
             parser.add_argument(
                 flag, nargs="+", default=None, metavar="KEY=VALUE", help=f"(default {default})"
@@ -296,7 +327,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                 flag, default=None, help='YAML list, e.g. "[{step: 0, modalities: [proprio]}]"'
             )
         else:
-            base = int if kind in (int, int | None) else float if kind is float else str
+            base = int if kind in (int, int | None) else float if kind in (float, float | None) else str
             parser.add_argument(flag, type=base, default=None, help=f"(default {default})")
     # Renamed flags keep working (LEGACY_FIELDS).
     parser.add_argument("--modality-dropout", dest="env_modality_dropout", type=float, help=argparse.SUPPRESS)

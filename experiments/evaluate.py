@@ -16,7 +16,7 @@ from pathlib import Path
 
 from agents import algorithm_class
 from experiments import config as cfg
-from experiments.checkpoint import CheckpointError, latest_checkpoint, load_model
+from experiments.checkpoint import CheckpointError, load_model, locate
 from experiments.evaluation import evaluate_policy, write_mp4
 
 COLUMNS = [
@@ -29,17 +29,6 @@ COLUMNS = [
     "latency_p50_ms",
     "latency_p95_ms",
 ]
-
-
-def locate(path: Path) -> tuple[cfg.TrainConfig, Path]:
-    """(config, checkpoint) for a run directory or a checkpoint directory inside one."""
-    if not path.exists():
-        raise ValueError(f"run directory or checkpoint {str(path)!r} not found")
-    if (path / "config.yaml").exists():
-        return cfg.load(path / "config.yaml"), latest_checkpoint(path)
-    if (path / "model.zip").exists() and (path.parent.parent / "config.yaml").exists():
-        return cfg.load(path.parent.parent / "config.yaml"), path
-    raise ValueError(f"{str(path)!r} is neither a run directory (config.yaml) nor a checkpoint (model.zip)")
 
 
 def markdown_table(rows: list[dict], probe_columns: list[str] = ()) -> str:

@@ -18,8 +18,7 @@ import torch
 
 from agents import algorithm_class
 from envs.vec import make_env_fn
-from experiments.checkpoint import CheckpointError, load_model
-from experiments.evaluate import locate
+from experiments.checkpoint import CheckpointError, load_model, locate
 from perceiver_policy.export import FORMATS, DeterministicActor, export_onnx, export_torchscript
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the learning runs of docs/results.md on a CPU machine, JOBS runs at a time (one torch thread each).
-# Usage: bash experiments/reproduce_results.sh [states,pixels,missing,see,fuse,remember|all]
+# Usage: bash experiments/reproduce_results.sh [states,pixels,missing,see,fuse,remember,transfer|all]
 #   (RUNS=runs/results JOBS=2 by default; SEEDS="0 1 2" picks the seeds of the see/fuse/remember studies)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -90,6 +90,23 @@ if [[ $what == *,remember,* || $what == *,all,* ]]; then
         jobs+=("-m experiments.train --preset ${task%%:*}-states $history --policy-type $policy --seed $seed \
           --run-name study3-${task##*:}-positions-$policy-s$seed $common")
       done
+    done
+  done
+fi
+
+if [[ $what == *,transfer,* || $what == *,all,* ]]; then
+  # Transfer from states (PPO, action repeat 4): cartpole-balance (200k frames) -> cartpole-swingup at 200k frames,
+  # trained from scratch or from the balance policy with --finetune all | output-queries | lora. The source runs
+  # first (the targets read its checkpoint), so this stage runs its jobs in order after the source.
+  mkdir -p "$RUNS"
+  states4="--action-repeat 4 --eval-every-frames 20000 --checkpoint-every-frames 20000 --total-frames 200000"
+  $PY -m experiments.train --preset cartpole-balance-states $states4 --seed 0 --run-name transfer-balance-source-s0 \
+    $common > /dev/null 2>>"$RUNS/errors.log" || test -d "$RUNS/transfer-balance-source-s0"
+  for seed in ${SEEDS:-0 1}; do
+    jobs+=("-m experiments.train --preset cartpole-swingup-states $states4 --seed $seed --run-name transfer-swingup-scratch-s$seed $common")
+    for mode in all output-queries lora; do
+      jobs+=("-m experiments.train --preset cartpole-swingup-states $states4 --seed $seed --init-from \
+        $RUNS/transfer-balance-source-s0 --finetune $mode --run-name transfer-swingup-$mode-s$seed $common")
     done
   done
 fi

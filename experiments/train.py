@@ -18,7 +18,7 @@ from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.vec_env import VecNormalize
 
 import envs
-from agents import DEFAULTS, algorithm_class, make_agent, resolve_device
+from agents import DEFAULTS, algorithm_class, make_agent, resolve_device, transfer_weights
 from experiments import config as cfg
 from experiments.callbacks import (
     CheckpointCallback,
@@ -35,11 +35,13 @@ from experiments.checkpoint import (
     load_model,
     load_replay_buffer,
     load_rng_state,
+    locate,
     read_meta,
     set_rng_state,
 )
 from experiments.evaluation import write_mp4
 from experiments.tb import PurgingTensorBoardFormat
+from perceiver_policy.finetuning import parameter_counts
 from perceiver_policy.model import cpu_has_native_bf16
 
 
@@ -98,17 +100,44 @@ def make_logger(run_dir: Path, purge_step: int | None) -> Logger:
     )
 
 
+def initialise_from(model, config: cfg.TrainConfig) -> None:
+    """Transfer: the source run's policy weights into `model` (agents.transfer_weights), with a report."""
+    source_config, checkpoint = locate(Path(config.init_from))
+    source_dir = config.init_from
+    for name in ("algorithm", "policy_type"):
+        if getattr(source_config, name) != getattr(config, name):
+            raise ValueError(
+                f"--init-from {source_dir} was trained with {name} {getattr(source_config, name)!r}; this run "
+                f"uses {getattr(config, name)!r} (transfer needs the same {name})"
+            )
+    source = load_model(
+        algorithm_class(source_config.algorithm, source_config.policy_type), checkpoint, device="cpu"
+    )
+    report = transfer_weights(model, source.policy.state_dict())
+    counts = parameter_counts(model.policy)
+    model.transfer_report = {**counts, "reinitialised": report["reinitialised"]}
+    print(
+        f"init from {checkpoint} ({source_config.task}): {len(report['loaded'])} tensors loaded, "
+        f"{len(report['reinitialised'])} freshly initialised{' ' + str(report['reinitialised']) if report['reinitialised'] else ''}; "
+        f"finetune {config.finetune}: {counts['trainable']:,} of {counts['total']:,} parameters train",
+        flush=True,
+    )
+
+
 def build(config: cfg.TrainConfig, run_dir: Path, resume: bool):
     """(model, venv, start_step) for a fresh or resumed run."""
     device = resolve_device(config.device)
     if not resume:
         venv = make_env(config, config.seed)
         extra = {"aux_state_weight": config.aux_state_weight} if config.aux_state_weight > 0 else {}
+        policy_kwargs = dict(config.policy)
+        if config.policy_type == "perceiver" and config.finetune != "all":
+            policy_kwargs["finetune"] = config.finetune_spec()
         model = make_agent(
             config.algorithm,
             venv,
             perceiver=config.perceiver,
-            policy_kwargs=config.policy,
+            policy_kwargs=policy_kwargs,
             device=str(device),
             seed=config.seed,
             policy_type=config.policy_type,
@@ -116,6 +145,8 @@ def build(config: cfg.TrainConfig, run_dir: Path, resume: bool):
             **config.algo,
         )
         record_precision(config, model, run_dir)
+        if config.init_from:
+            initialise_from(model, config)
         return model, venv, 0
     checkpoint = latest_checkpoint(run_dir)
     step = int(read_meta(checkpoint)["step"])
@@ -140,6 +171,11 @@ def run(config: cfg.TrainConfig, run_dir: Path, resume: bool = False) -> dict:
     model, venv, start_step = build(config, run_dir, resume)
     # Events after the checkpoint's step are dropped; those at its step (its evaluation) describe the restored state.
     model.set_logger(make_logger(run_dir, purge_step=start_step + 1 if resume else None))
+    report = getattr(model, "transfer_report", None)
+    if report is not None:  # a transferred run: how much of the policy trains
+        model.logger.record("finetune/trainable_params", report["trainable"])
+        model.logger.record("finetune/total_params", report["total"])
+        model.logger.dump(0)
     env_kwargs = config.env_kwargs()
     evaluator = EvalCallback(
         config.eval_freq,
@@ -220,6 +256,9 @@ def finish(
             "modalities": ",".join(config.modalities),
             "total_steps": config.total_steps,
             "precision": getattr(getattr(model.policy, "perceiver_config", None), "dtype", "float32"),
+            "init_from": config.init_from or "",
+            "finetune": config.finetune,
+            "trainable_params": parameter_counts(model.policy)["trainable"],
             **{
                 f"perceiver.{k}": v
                 for k, v in config.perceiver.items()

@@ -57,7 +57,9 @@ class GatedCrossAttention(CrossAttentionLayers):
 
     # ------------------------------------------------------------------------------------------- queries
     def _query_sources(self, latents: torch.Tensor) -> list[torch.Tensor]:
-        return [latents, self.q.weight, self.q.bias, self.query_norm.weight, self.query_norm.bias]
+        # every parameter of the projection: a LoRA-wrapped q (perceiver_policy.finetuning) changes through its
+        # adapters while its base weight stays put
+        return [latents, *self.q.parameters(), *self.query_norm.parameters()]
 
     def _cache_key(self, sources: list[torch.Tensor], *extra):
         """A key that changes with any source tensor's identity or version counter (bumped by optimizer steps

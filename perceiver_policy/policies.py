@@ -20,6 +20,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
 from perceiver_policy.config import PerceiverConfig
+from perceiver_policy.finetuning import apply_finetune, check_finetune
 from perceiver_policy.modalities import STATE_KEY
 from perceiver_policy.model import LearnedQueries, PerceiverDecoder, PerceiverEncoder
 from perceiver_policy.observations import check_observation
@@ -96,6 +97,7 @@ class PerceiverActorCriticPolicy(ActorCriticPolicy):
         lr_schedule,
         perceiver: PerceiverConfig | dict | None = None,
         log_std_mode: str = "learned",
+        finetune: dict | None = None,
         **kwargs,
     ):
         if log_std_mode not in LOG_STD_MODES:
@@ -110,6 +112,9 @@ class PerceiverActorCriticPolicy(ActorCriticPolicy):
             )
         self.perceiver_config = as_config(perceiver)
         self.log_std_mode = log_std_mode
+        self.finetune = check_finetune(finetune)
+        if self.finetune["mode"] != "all" and kwargs.get("share_features_extractor") is False:
+            raise ValueError(f"finetune mode {self.finetune['mode']!r} needs share_features_extractor=True")
         for ignored in (
             "features_extractor_class",
             "features_extractor_kwargs",
@@ -157,6 +162,8 @@ class PerceiverActorCriticPolicy(ActorCriticPolicy):
         if self.ortho_init:
             self.action_net.apply(lambda m: self.init_weights(m, gain=0.01))
             self.value_net.apply(lambda m: self.init_weights(m, gain=1.0))
+        # Transfer: freeze the encoder / add LoRA adapters before the optimizer sees the parameters.
+        apply_finetune(self, self.features_extractor.encoder, self.finetune)
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
 
     def extract_features(self, obs, features_extractor=None):
@@ -191,5 +198,7 @@ class PerceiverActorCriticPolicy(ActorCriticPolicy):
 
     def _get_constructor_parameters(self) -> dict:
         data = super()._get_constructor_parameters()
-        data.update(perceiver=self.perceiver_config.to_dict(), log_std_mode=self.log_std_mode)
+        data.update(
+            perceiver=self.perceiver_config.to_dict(), log_std_mode=self.log_std_mode, finetune=self.finetune
+        )
         return data

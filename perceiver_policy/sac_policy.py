@@ -15,6 +15,7 @@ from stable_baselines3.common.policies import BasePolicy
 from torch import nn
 
 from perceiver_policy.config import PerceiverConfig
+from perceiver_policy.finetuning import apply_finetune
 from perceiver_policy.model import ActionQueries, LearnedQueries, PerceiverDecoder, PerceiverEncoder
 from perceiver_policy.observations import check_observation
 from perceiver_policy.policies import LOG_STD_RANGE, as_config
@@ -91,6 +92,7 @@ class PerceiverSACPolicy(BasePolicy):
         lr_schedule,
         perceiver: PerceiverConfig | dict | None = None,
         n_critics: int = 2,
+        finetune: dict | None = None,
         use_sde: bool = False,
         optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adam,
         optimizer_kwargs: dict | None = None,
@@ -128,6 +130,8 @@ class PerceiverSACPolicy(BasePolicy):
         self.critic_target.requires_grad_(False)
         # State-decoding queries (auxiliary loss on the critic's encoder pass) when the obs has the privileged state.
         self.state_decoder = make_state_decoder(observation_space, self.perceiver_config)
+        # Transfer: freeze the encoder / add LoRA adapters before the optimizers see the parameters.
+        self.finetune = apply_finetune(self, self.encoder, finetune)
         lr = lr_schedule(1)
         self.actor.optimizer = optimizer_class(self.actor.parameters(), lr=lr, **self.optimizer_kwargs)
         critic_params = list(self.encoder.parameters()) + list(self.critic.parameters())
@@ -137,7 +141,9 @@ class PerceiverSACPolicy(BasePolicy):
 
     def _get_constructor_parameters(self) -> dict:
         data = super()._get_constructor_parameters()
-        data.update(perceiver=self.perceiver_config.to_dict(), n_critics=self.n_critics)
+        data.update(
+            perceiver=self.perceiver_config.to_dict(), n_critics=self.n_critics, finetune=self.finetune
+        )
         return data
 
     def obs_to_tensor(self, observation):

@@ -4,18 +4,21 @@
 deterministic action, then SB3's post-processing (a squashed SAC action rescaled to the action bounds, a PPO
 action clipped to them). Observations are positional tensors in `input_names` order; pixels stay uint8 (the
 policy scales them). `export_onnx` / `export_torchscript` write files that run without SB3 (onnxruntime, or
-`torch.jit.load`). Recurrent policies are not exportable this way (their state would be an input).
+`torch.jit.load`). LoRA adapters (perceiver_policy.finetuning) are merged into their layers first. Recurrent policies are not exportable this way (their state would be an input).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
 
 import numpy as np
 import torch
 from gymnasium import spaces
 from torch import nn
+
+from perceiver_policy.finetuning import lora_parameter_names, merge_lora
 
 FORMATS = ("onnx", "torchscript")
 
@@ -29,6 +32,10 @@ class DeterministicActor(nn.Module):
             raise ValueError("recurrent (LSTM) policies cannot be exported as a stateless actor")
         if not isinstance(policy.action_space, spaces.Box):
             raise ValueError(f"export supports Box action spaces, got {policy.action_space}")
+        if lora_parameter_names(
+            policy
+        ):  # fold LoRA adapters into plain Linear layers (a copy: the model is kept)
+            policy = merge_lora(copy.deepcopy(policy))
         self.policy = policy.eval()
         self.input_names = list(policy.observation_space.spaces)
         self.squashed = bool(policy.squash_output)

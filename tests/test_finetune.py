@@ -151,3 +151,17 @@ def test_cli_finetune_errors_name_the_fix(tmp_path):
     assert no_source.returncode == 2 and "give the trained run with --init-from" in no_source.stderr
     bad = cli(*ppo_run(tmp_path, "y", 64, 64, "--finetune", "heads", "--init-from", "z"), check=False)
     assert bad.returncode == 2 and "valid choices: ['all', 'output-queries', 'lora']" in bad.stderr
+
+
+def test_exported_lora_actor_is_merged_and_acts_as_predict(tmp_path):
+    from perceiver_policy.export import DeterministicActor, export_torchscript
+
+    model = make("sac", mode="lora")
+    model.learn(48)
+    actor = DeterministicActor(model.policy)
+    assert lora_parameter_names(actor) == [] and lora_parameter_names(model.policy)  # merged copy, model kept
+    scripted = torch.jit.load(str(export_torchscript(actor, tmp_path / "actor.pt")))
+    obs = model.env.reset()
+    expected, _ = model.predict(obs, deterministic=True)
+    actual = scripted(*[torch.as_tensor(obs[k]) for k in actor.input_names]).detach().numpy()
+    np.testing.assert_allclose(actual, expected, atol=1e-5)

@@ -45,3 +45,27 @@ def test_readme_python_block_runs_as_a_script(tmp_path, index):
         [sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+
+
+def readme_commands() -> dict[str, set[str]]:
+    """{module: flags} of every `python -m experiments.<module> ...` command in the README's bash blocks
+    (continuation lines joined)."""
+    commands: dict[str, set[str]] = {}
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            match = re.search(r"python -m (experiments\.\w+)(.*)", line.split("#")[0])
+            if match:
+                flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", match.group(2)))
+                commands.setdefault(match.group(1), set()).update(flags)
+    return commands
+
+
+@pytest.mark.parametrize("module", sorted(readme_commands()))
+def test_readme_commands_use_existing_flags(module):
+    """A flag the README shows must be one the command accepts (its --help lists it)."""
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    missing = sorted(flag for flag in readme_commands()[module] if flag not in result.stdout)
+    assert not missing, f"README shows {missing} for {module}, which --help does not list"

@@ -298,3 +298,50 @@ def test_replay_snapshot_round_trips_in_place_and_saves_only_the_filled_part(tmp
         assert torch.equal(a.observations["pixels"], b.observations["pixels"])
         assert torch.equal(a.next_observations["pixels"], b.next_observations["pixels"])
     assert fresh.pos == buffer.pos and snapshot.name.startswith("replay_")
+
+
+def test_batched_collection_equals_sb3_collection_across_a_time_limit():
+    """The same seed gives the same rollout through our batched path (DeviceRolloutBuffer, the CUDA default) as
+    through SB3's (DictRolloutBuffer, the CPU default): observations, actions, rewards with the time-limit
+    bootstrap, advantages and returns."""
+    from stable_baselines3.common.buffers import DictRolloutBuffer
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    import agents
+    import envs
+
+    class Null(BaseCallback):
+        def _on_step(self):
+            return True
+
+    buffers = {}
+    for name, buffer_class in (("ours", DeviceRolloutBuffer), ("sb3", DictRolloutBuffer)):
+        venv = envs.make_vec_env("cartpole-balance", n_envs=2, seed=3, image_size=32, action_repeat=8)
+        model = agents.make_agent("ppo", venv, device="cpu", seed=3, n_steps=130, batch_size=26,
+                                  rollout_buffer_class=buffer_class, perceiver={"num_latents": 8, "latent_dim": 32})  # fmt: skip
+        assert isinstance(model.rollout_buffer, buffer_class)
+        model._setup_learn(130 * 2, Null())
+        callback = Null()
+        callback.init_callback(model)
+        model.collect_rollouts(model.env, callback, model.rollout_buffer, 130)  # an episode is 125 steps
+        buffers[name] = model.rollout_buffer
+    ours, sb3 = buffers["ours"], buffers["sb3"]
+    for key in sb3.observations:
+        np.testing.assert_array_equal(ours.observations[key].numpy(), sb3.observations[key])
+    np.testing.assert_allclose(ours.actions.numpy(), sb3.actions, atol=1e-6)
+    np.testing.assert_allclose(ours.values, sb3.values, atol=1e-5)
+    np.testing.assert_allclose(ours.advantages, sb3.advantages, atol=1e-4)
+    np.testing.assert_allclose(ours.returns, sb3.returns, atol=1e-4)
+
+
+def test_default_rollout_buffer_is_sb3s_on_cpu():
+    from stable_baselines3.common.buffers import DictRolloutBuffer
+
+    import agents
+    import envs
+
+    venv = envs.make_vec_env("cartpole-balance", n_envs=1, seed=0, modalities=("proprio",))
+    model = agents.make_agent(
+        "ppo", venv, device="cpu", n_steps=16, perceiver={"num_latents": 8, "latent_dim": 32}
+    )
+    assert type(model.rollout_buffer) is DictRolloutBuffer

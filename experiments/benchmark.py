@@ -20,7 +20,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 import envs  # noqa: E402
 from experiments.benchmark_common import machine, percentiles, table, timed  # noqa: E402
-from perceiver_policy import PerceiverConfig, count_flops, count_parameters  # noqa: E402
+from perceiver_policy import PerceiverConfig, PerceiverEncoder, count_flops, count_parameters  # noqa: E402
 from perceiver_policy.model import cpu_has_native_bf16  # noqa: E402
 
 TASK = "cheetah-run"
@@ -285,7 +285,8 @@ def run_worker(spec: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_train(quick: bool) -> None:
+def bench_train(quick: bool) -> dict[str, float]:
+    """Prints the tables; returns the PPO headline ratios of the default (CPU: SB3 buffer) configuration."""
     spec = {
         "task": "cartpole-balance",
         "n_envs": 4,
@@ -307,8 +308,8 @@ def bench_train(quick: bool) -> None:
             results[name].append(run_worker(config))
     means = {n: {k: float(np.mean([r[k] for r in runs])) for k in runs[0]} for n, runs in results.items()}
     labels = {
-        "ours": "Perceiver + DeviceRolloutBuffer",
-        "sb3_buffer": "Perceiver + SB3 DictRolloutBuffer",
+        "ours": "Perceiver + DeviceRolloutBuffer (the CUDA default)",
+        "sb3_buffer": "Perceiver + SB3 DictRolloutBuffer (the CPU default)",
         "cnn": "SB3 MultiInputPolicy (NatureCNN)",
     }
     cnn = means["cnn"]
@@ -331,6 +332,11 @@ def bench_train(quick: bool) -> None:
         ],
         rows,
     )
+    default = means["ours" if torch.cuda.is_available() else "sb3_buffer"]
+    headline = {
+        "ppo_vs_multiinput": default["learn_sps"] / cnn["learn_sps"],
+        "collect_vs_env": default["collect_sps"] / default["env_sps"],
+    }
     from gymnasium import spaces
     from stable_baselines3.common.buffers import DictReplayBuffer
 
@@ -373,6 +379,32 @@ def bench_train(quick: bool) -> None:
         [["FrameReplayBuffer", measured["frames"]["rss_mb"], ratio, measured["frames"]["rss_mb"] * 1e5 / transitions],
          ["SB3 DictReplayBuffer", measured["sb3"]["rss_mb"], 1.0, measured["sb3"]["rss_mb"] * 1e5 / transitions]],
     )  # fmt: skip
+    return headline
+
+
+def attention_kernels() -> tuple[str, str]:
+    """The SDPA kernel the default encoder's input cross-attention gets at inference and in a training step."""
+    from experiments.benchmark_attention import kernel
+
+    encoder = PerceiverEncoder(default_space(), PerceiverConfig())
+    cross = encoder.cross_attention
+    index = torch.cat([torch.full((s.num_tokens,), i) for i, s in enumerate(encoder.specs)])
+    heads, dim = cross.heads, cross.head_dim
+    q, k = torch.randn(1, heads, encoder.config.num_latents, dim), torch.randn(1, heads, len(index), dim)
+    with torch.no_grad():
+        inference = kernel(q, k, k, cross.logit_bias(index))
+    return inference, kernel(q, k, k, cross.logit_bias(index))
+
+
+def summary(train: dict[str, float], sac_speedup: float) -> None:
+    inference, training = attention_kernels()
+    rows = [
+        ["PPO learn steps/s, ours / MultiInputPolicy", train["ppo_vs_multiinput"], ">= 1.0"],
+        ["rollout collection / env-only limit", train["collect_vs_env"], ">= 0.8"],
+        ["SAC updates/s, ours / SB3 SAC (NatureCNN)", sac_speedup, "> 2.9 (session 2)"],
+        [f"input cross-attention kernel: inference {inference}, training {training}", "", ""],
+    ]
+    table("Throughput targets (issue 'Throughput'), this run", ["measure", "ratio", "target"], rows)
 
 
 def rss_mb() -> float:
@@ -460,8 +492,9 @@ def main(argv: list[str] | None = None) -> int:
         bench_env(args.quick)
     if args.what in ("policy", "all"):
         bench_policy(args.quick)
+    headline = None
     if args.what in ("train", "all"):
-        bench_train(args.quick)
+        headline = bench_train(args.quick)
         bench_gpu_rollouts(args.quick)
     if args.what in ("precision", "all"):
         from experiments.benchmark_precision import bench_bf16_ratio
@@ -474,7 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.what in ("train", "sac", "all"):
         from experiments.benchmark_sac import bench_sac
 
-        bench_sac(args.quick)
+        sac_speedup = bench_sac(args.quick)
+        if headline is not None:
+            summary(headline, sac_speedup)
     return 0
 
 

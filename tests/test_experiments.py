@@ -294,7 +294,9 @@ def test_benchmark_sac_prints_its_tables():  # plumbing only: benchmarks report 
 
 def test_benchmark_streaming_prints_equal_actions():  # plumbing, plus the one thing it checks: same actions
     result = cli("experiments.benchmark", "streaming", "--quick")
-    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    rows = [
+        line.split("|") for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line
+    ]
     assert len(rows) == 1 + 3
     assert all(float(row[-2]) < 1e-4 for row in rows[1:])  # max |action diff| streaming vs full
 

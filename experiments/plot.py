@@ -37,6 +37,7 @@ def label(config: cfg.TrainConfig) -> str:
     name += f" proprio={config.proprio}" if config.proprio != "full" else ""
     name += f" +state decoding ×{config.aux_state_weight:g}" if config.aux_state_weight > 0 else ""
     name += f" ent_coef={config.algo['ent_coef']}" if "ent_coef" in config.algo else ""
+    name += f" from {Path(config.init_from).name} ({config.finetune})" if config.init_from else ""
     return f"{name} {labels.get(config.policy_type, config.policy_type)}"
 
 

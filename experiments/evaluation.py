@@ -127,7 +127,7 @@ def evaluate_policy(
     `attention_overlay` (with `video`): the video shows the policy's own stacked frames with the latents'
     cross-attention on each patch blended over them, instead of the camera render.
     `streaming`: a Perceiver embeds only the newest frame / step of each window (perceiver_policy.streaming;
-    the same actions as the full forward, to float rounding)."""
+    the same actions as the full forward, bit for bit)."""
     if probe_state and episodes < MIN_EPISODES:
         raise ValueError(f"a state probe needs at least {MIN_EPISODES} evaluation episodes, got {episodes}")
     spaces = getattr(model.observation_space, "spaces", {})

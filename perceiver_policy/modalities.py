@@ -225,12 +225,14 @@ class ImageAdapter(ModalityAdapter):
     def project(self, content: torch.Tensor) -> torch.Tensor:
         return F.linear(content, *self._folded())
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, F*C, H, W) uint8 -> (B, F*Hp*Wp, D), tokens ordered (frame, patch row, patch col)
+    def embed(self, x: torch.Tensor, folded: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, F*C, H, W) uint8 -> (B, F*Hp*Wp, D), tokens ordered (frame, patch row, patch col); each frame's
+        tokens depend on that frame only (bit for bit: streaming inference relies on it). `folded`: the
+        `_folded()` weights, when the caller caches them."""
         p, c = self.spec.stride, self.spec.channels_per_frame
         batch, channels, height, width = x.shape
         frames = x.reshape(batch * (channels // c), c, height, width).float()
-        weight, bias = self._folded()
+        weight, bias = folded or self._folded()
         out = F.conv2d(frames, weight.view(-1, c, p, p), bias, stride=p)  # (B*F, D, Hp, Wp)
         return out.flatten(2).transpose(1, 2).reshape(batch, -1, out.shape[1])
 

@@ -51,9 +51,24 @@ def group_runs(run_dirs: list[Path]) -> dict[str, list[tuple[cfg.TrainConfig, Pa
     return groups
 
 
+def split_common_prefix(names: list[str]) -> tuple[str, list[str]]:
+    """('what every label starts with', [the rest of each]) by whole words; nothing is split off one label."""
+    if len(names) < 2:
+        return "", names
+    words = [name.split(" ") for name in names]
+    common = 0
+    while all(len(w) > common + 1 and w[common] == words[0][common] for w in words):
+        common += 1
+    return " ".join(words[0][:common]), [" ".join(w[common:]) for w in words]
+
+
 def plot(run_dirs: list[Path], out: Path, tag: str = "eval/return_mean", title: str | None = None) -> Path:
     figure, axis = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for name, runs in group_runs(run_dirs).items():
+    groups = group_runs(run_dirs)
+    common, short = split_common_prefix(
+        list(groups)
+    )  # the shared part goes under the title, not in the legend
+    for name, (_, runs) in zip(short, groups.items()):
         curves = []
         for config, run_dir in runs:
             steps, values = read_scalars(run_dir, tag)
@@ -66,7 +81,7 @@ def plot(run_dirs: list[Path], out: Path, tag: str = "eval/return_mean", title: 
         axis.fill_between(grid, mean - std, mean + std, alpha=0.2)
     axis.set_xlabel("frames (agent steps x action repeat)")
     axis.set_ylabel(tag)
-    axis.set_title(title or tag)
+    axis.set_title("\n".join(part for part in (title or tag, common) if part), fontsize=10)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()

@@ -76,3 +76,12 @@ def test_report_errors_name_the_path(tmp_path):
         find_runs([tmp_path / "missing"])
     with pytest.raises(ValueError, match="no run with an evaluation history"):
         find_runs([tmp_path])
+
+
+def test_plot_legend_keeps_what_differs_and_the_title_what_is_shared():
+    from experiments.plot import split_common_prefix
+
+    common, short = split_common_prefix(["swingup ppo [proprio] Perceiver", "swingup ppo [proprio] SB3 MLP"])
+    assert common == "swingup ppo [proprio]" and short == ["Perceiver", "SB3 MLP"]
+    assert split_common_prefix(["a b", "a b c"]) == ("a", ["b", "b c"])  # never an empty label
+    assert split_common_prefix(["only one"]) == ("", ["only one"])

@@ -63,7 +63,7 @@ def split_common_prefix(names: list[str]) -> tuple[str, list[str]]:
 
 
 def plot(run_dirs: list[Path], out: Path, tag: str = "eval/return_mean", title: str | None = None) -> Path:
-    figure, axis = plt.subplots(figsize=(7, 4.2), dpi=110)
+    figure, axis = plt.subplots(figsize=(7, 5.0), dpi=110)
     groups = group_runs(run_dirs)
     common, short = split_common_prefix(
         list(groups)
@@ -83,7 +83,7 @@ def plot(run_dirs: list[Path], out: Path, tag: str = "eval/return_mean", title: 
     axis.set_ylabel(tag)
     axis.set_title("\n".join(part for part in (title or tag, common) if part), fontsize=10)
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.0, -0.16), frameon=False)  # under the axes
     figure.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out)

@@ -60,8 +60,9 @@ def lora_target_names(encoder: nn.Module, targets: tuple[str, ...] | list[str]) 
     ]
 
 
-def apply_finetune(policy: nn.Module, encoder: nn.Module, spec: Mapping | None) -> dict:
-    """Freeze / inject adapters in place, before the policy builds its optimizers. Returns the checked spec."""
+def apply_finetune(encoder: nn.Module, spec: Mapping | None) -> dict:
+    """Freeze the encoder / inject LoRA adapters into it, in place, before the policy builds its optimizers.
+    Returns the checked spec."""
     spec = check_finetune(spec)
     if spec["mode"] == "all":
         return spec

@@ -163,7 +163,7 @@ class PerceiverActorCriticPolicy(ActorCriticPolicy):
             self.action_net.apply(lambda m: self.init_weights(m, gain=0.01))
             self.value_net.apply(lambda m: self.init_weights(m, gain=1.0))
         # Transfer: freeze the encoder / add LoRA adapters before the optimizer sees the parameters.
-        apply_finetune(self, self.features_extractor.encoder, self.finetune)
+        apply_finetune(self.features_extractor.encoder, self.finetune)
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
 
     def extract_features(self, obs, features_extractor=None):

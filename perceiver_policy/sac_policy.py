@@ -131,7 +131,7 @@ class PerceiverSACPolicy(BasePolicy):
         # State-decoding queries (auxiliary loss on the critic's encoder pass) when the obs has the privileged state.
         self.state_decoder = make_state_decoder(observation_space, self.perceiver_config)
         # Transfer: freeze the encoder / add LoRA adapters before the optimizers see the parameters.
-        self.finetune = apply_finetune(self, self.encoder, finetune)
+        self.finetune = apply_finetune(self.encoder, finetune)
         lr = lr_schedule(1)
         self.actor.optimizer = optimizer_class(self.actor.parameters(), lr=lr, **self.optimizer_kwargs)
         critic_params = list(self.encoder.parameters()) + list(self.critic.parameters())

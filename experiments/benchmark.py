@@ -382,22 +382,10 @@ def bench_train(quick: bool) -> dict[str, float]:
     return headline
 
 
-def attention_kernels() -> tuple[str, str]:
-    """The SDPA kernel the default encoder's input cross-attention gets at inference and in a training step."""
-    from experiments.benchmark_attention import kernel
-
-    encoder = PerceiverEncoder(default_space(), PerceiverConfig())
-    cross = encoder.cross_attention
-    index = torch.cat([torch.full((s.num_tokens,), i) for i, s in enumerate(encoder.specs)])
-    heads, dim = cross.heads, cross.head_dim
-    q, k = torch.randn(1, heads, encoder.config.num_latents, dim), torch.randn(1, heads, len(index), dim)
-    with torch.no_grad():
-        inference = kernel(q, k, k, cross.logit_bias(index))
-    return inference, kernel(q, k, k, cross.logit_bias(index))
-
-
 def summary(train: dict[str, float], sac_speedup: float) -> None:
-    inference, training = attention_kernels()
+    from experiments.benchmark_attention import cross_attention_kernels
+
+    inference, training = cross_attention_kernels(PerceiverEncoder(default_space(), PerceiverConfig()))
     rows = [
         ["PPO learn steps/s, ours / MultiInputPolicy", train["ppo_vs_multiinput"], ">= 1.0"],
         ["rollout collection / env-only limit", train["collect_vs_env"], ">= 0.8"],

@@ -21,6 +21,18 @@ def kernel(q, k, v, mask=None) -> str:
     return SDPBackend(torch._fused_sdp_choice(q, k, v, mask, 0.0, False)).name.lower()
 
 
+def cross_attention_kernels(encoder) -> tuple[str, str]:
+    """The SDPA kernel an encoder's input cross-attention gets at inference (no grad) and in a training step
+    (the gating mask then needs a gradient)."""
+    cross = encoder.cross_attention
+    index = encoder._modality_index(tuple(range(len(encoder.specs))), encoder.latents.device)  # (N,)
+    q = torch.randn(1, cross.heads, encoder.config.num_latents, cross.head_dim)
+    k = torch.randn(1, cross.heads, len(index), cross.head_dim)
+    with torch.no_grad():
+        inference = kernel(q, k, k, cross.logit_bias(index))
+    return inference, kernel(q, k, k, cross.logit_bias(index))
+
+
 def bench_attention_kernel(space, quick: bool) -> None:
     config = PerceiverConfig()
     encoder = PerceiverEncoder(space, config).eval()
@@ -57,9 +69,7 @@ def bench_attention_kernel(space, quick: bool) -> None:
                 "",
             ]
         )
-    mask_with_grad = cross.logit_bias(index)  # training: the gating parameters receive gradients
-    train_kernel = kernel(torch.randn(1, heads, latents, dim), torch.randn(1, heads, tokens, dim),
-                          torch.randn(1, heads, tokens, dim), mask_with_grad)  # fmt: skip
+    train_kernel = cross_attention_kernels(encoder)[1]
     table(
         f"Input cross-attention SDPA ({latents} latents x {tokens} tokens, {heads} head of {dim}), inference "
         f"(no grad); in training the mask needs a gradient and the kernel is: {train_kernel}",

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 import envs
@@ -28,6 +29,7 @@ from envs.wrappers import ABSENT_KEY
 from experiments import config as cfg
 from experiments.checkpoint import CheckpointError, load_model, locate, save_checkpoint
 from experiments.evaluation import evaluate_policy
+from perceiver_policy import count_parameters
 
 
 def acting_parameters(model) -> int:
@@ -39,8 +41,7 @@ def acting_parameters(model) -> int:
         modules = [policy.pi_features_extractor, policy.action_net]
         branch = getattr(policy.mlp_extractor, "policy_net", None)
         modules += [branch] if branch is not None else [policy.mlp_extractor]
-    unique = {id(p): p for m in modules for p in m.parameters()}
-    return sum(p.numel() for p in unique.values())
+    return count_parameters(nn.ModuleList(modules), trainable_only=False)  # shared weights counted once
 
 
 def side_by_side_latency(models: dict, env, steps: int) -> dict[str, float]:

@@ -14,6 +14,7 @@ from envs.wrappers import ABSENT_KEY
 from experiments.tb import attention_overlay as attention_overlay_image
 from perceiver_policy.introspection import attention_on_frames
 from perceiver_policy.probes import MIN_EPISODES, state_probe
+from perceiver_policy.streaming import encoder_of
 from perceiver_policy.streaming import streaming as stream_tokens
 
 
@@ -43,7 +44,7 @@ class EvalResult:
 
 def perceiver_encoder(model):
     """The Perceiver encoder of a model's policy, or None for other policies."""
-    return getattr(model.policy, "encoder", None)
+    return encoder_of(model.policy)
 
 
 def is_recurrent(model) -> bool:

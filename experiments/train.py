@@ -41,7 +41,7 @@ from experiments.checkpoint import (
 )
 from experiments.evaluation import write_mp4
 from experiments.tb import PurgingTensorBoardFormat
-from perceiver_policy.finetuning import parameter_counts
+from perceiver_policy import count_parameters
 from perceiver_policy.model import cpu_has_native_bf16
 
 
@@ -103,23 +103,22 @@ def make_logger(run_dir: Path, purge_step: int | None) -> Logger:
 def initialise_from(model, config: cfg.TrainConfig) -> None:
     """Transfer: the source run's policy weights into `model` (agents.transfer_weights), with a report."""
     source_config, checkpoint = locate(Path(config.init_from))
-    source_dir = config.init_from
     for name in ("algorithm", "policy_type"):
         if getattr(source_config, name) != getattr(config, name):
             raise ValueError(
-                f"--init-from {source_dir} was trained with {name} {getattr(source_config, name)!r}; this run "
+                f"--init-from {config.init_from} was trained with {name} {getattr(source_config, name)!r}; this run "
                 f"uses {getattr(config, name)!r} (transfer needs the same {name})"
             )
     source = load_model(
         algorithm_class(source_config.algorithm, source_config.policy_type), checkpoint, device="cpu"
     )
     report = transfer_weights(model, source.policy.state_dict())
-    counts = parameter_counts(model.policy)
-    model.transfer_report = {**counts, "reinitialised": report["reinitialised"]}
+    fresh = report["reinitialised"]
     print(
         f"init from {checkpoint} ({source_config.task}): {len(report['loaded'])} tensors loaded, "
-        f"{len(report['reinitialised'])} freshly initialised{' ' + str(report['reinitialised']) if report['reinitialised'] else ''}; "
-        f"finetune {config.finetune}: {counts['trainable']:,} of {counts['total']:,} parameters train",
+        f"{len(fresh)} freshly initialised{' ' + str(fresh) if fresh else ''}; finetune {config.finetune}: "
+        f"{count_parameters(model.policy):,} of {count_parameters(model.policy, trainable_only=False):,} "
+        "parameters train",
         flush=True,
     )
 
@@ -171,10 +170,9 @@ def run(config: cfg.TrainConfig, run_dir: Path, resume: bool = False) -> dict:
     model, venv, start_step = build(config, run_dir, resume)
     # Events after the checkpoint's step are dropped; those at its step (its evaluation) describe the restored state.
     model.set_logger(make_logger(run_dir, purge_step=start_step + 1 if resume else None))
-    report = getattr(model, "transfer_report", None)
-    if report is not None:  # a transferred run: how much of the policy trains
-        model.logger.record("finetune/trainable_params", report["trainable"])
-        model.logger.record("finetune/total_params", report["total"])
+    if config.init_from and not resume:  # a transferred run: how much of the policy trains
+        model.logger.record("finetune/trainable_params", count_parameters(model.policy))
+        model.logger.record("finetune/total_params", count_parameters(model.policy, trainable_only=False))
         model.logger.dump(0)
     env_kwargs = config.env_kwargs()
     evaluator = EvalCallback(
@@ -258,7 +256,7 @@ def finish(
             "precision": getattr(getattr(model.policy, "perceiver_config", None), "dtype", "float32"),
             "init_from": config.init_from or "",
             "finetune": config.finetune,
-            "trainable_params": parameter_counts(model.policy)["trainable"],
+            "trainable_params": count_parameters(model.policy),
             **{
                 f"perceiver.{k}": v
                 for k, v in config.perceiver.items()

@@ -85,15 +85,6 @@ def apply_finetune(encoder: nn.Module, spec: Mapping | None) -> dict:
     return spec
 
 
-def parameter_counts(module: nn.Module) -> dict[str, int]:
-    """{'trainable': n, 'total': n} over unique parameters (shared modules counted once)."""
-    unique = {id(p): p for p in module.parameters()}.values()
-    return {
-        "trainable": sum(p.numel() for p in unique if p.requires_grad),
-        "total": sum(p.numel() for p in unique),
-    }
-
-
 def lora_parameter_names(module: nn.Module) -> list[str]:
     return [name for name, _ in module.named_parameters() if "lora_" in name]
 

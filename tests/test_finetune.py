@@ -6,11 +6,11 @@ import torch
 
 import agents
 import envs
+from perceiver_policy import count_parameters
 from perceiver_policy.finetuning import (
     check_finetune,
     lora_parameter_names,
     merge_lora,
-    parameter_counts,
 )
 
 pytest.importorskip("peft")
@@ -71,9 +71,9 @@ def test_lora_adds_only_adapter_parameters_and_merges_back():
     added = renamed - plain_names
     assert added == set(lora_parameter_names(lora.policy)) and added
     assert plain_names <= renamed
-    counts = parameter_counts(lora.policy)
     encoder_params = sum(p.numel() for n, p in lora.policy.encoder.named_parameters() if "lora_" not in n)
-    assert counts["trainable"] == counts["total"] - encoder_params
+    total = count_parameters(lora.policy, trainable_only=False)
+    assert count_parameters(lora.policy) == total - encoder_params
     lora.learn(64)  # move the adapters away from their zero start
     obs = lora.env.reset()
     expected, _ = lora.predict(obs, deterministic=True)

@@ -25,6 +25,7 @@ from torch import nn
 
 from envs.dmc import STATE_KEY
 from envs.wrappers import ABSENT_KEY
+from perceiver_policy.streaming import encoder_of
 
 STUDENTS = ("mlp", "cnn")
 NOT_INPUTS = (STATE_KEY, ABSENT_KEY)
@@ -83,17 +84,19 @@ class DaggerHistory:
     seconds: float = 0.0
 
 
-def _select(obs: dict[str, np.ndarray], keys: list[str]) -> dict[str, np.ndarray]:
-    return {k: obs[k] for k in keys}
+class _LatentTap:
+    """The teacher encoder's mean latent vector (B, D) from its latest forward, i.e. from `teacher.predict`:
+    latent targets cost no second encoder pass."""
 
+    def __init__(self, encoder):
+        self.latest: np.ndarray | None = None
+        self._handle = encoder.register_forward_hook(self._store)
 
-def _teacher_latents(teacher, obs: dict[str, np.ndarray]) -> np.ndarray | None:
-    encoder = getattr(teacher.policy, "encoder", None)
-    if encoder is None:
-        return None
-    with torch.no_grad():
-        tensor, _ = teacher.policy.obs_to_tensor(obs)
-        return encoder(tensor).mean(dim=1).cpu().numpy()  # (B, D)
+    def _store(self, module, inputs, output: torch.Tensor) -> None:
+        self.latest = output.detach().mean(dim=1).cpu().numpy()  # (B, M, D) -> (B, D)
+
+    def close(self) -> None:
+        self._handle.remove()
 
 
 def dagger(
@@ -107,15 +110,23 @@ def dagger(
 ) -> DaggerHistory:
     """Run DAgger; `venv` gives the teacher's observations (the student reads `keys` of them); `evaluate(student)`
     returns a return after each iteration; `log(iteration, metrics)` receives each iteration's metrics."""
+    head = tap = None
+    if config.latent_weight > 0:
+        encoder = encoder_of(teacher.policy)
+        if encoder is None:
+            raise ValueError("latent matching needs a Perceiver teacher (its latents are the targets)")
+        head = nn.Linear(student.policy.features_dim, encoder.config.latent_dim).to(student.device)
+        tap = _LatentTap(encoder)
+    try:
+        return _dagger_loop(teacher, student, keys, venv, config, head, tap, evaluate, log)
+    finally:
+        if tap is not None:
+            tap.close()
+
+
+def _dagger_loop(teacher, student, keys, venv, config, head, tap, evaluate, log) -> DaggerHistory:
     rng = np.random.default_rng(config.seed)
     policy = student.policy
-    wants_latents = config.latent_weight > 0
-    head = None
-    if wants_latents:
-        probe = _teacher_latents(teacher, venv.reset())
-        if probe is None:
-            raise ValueError("latent matching needs a Perceiver teacher (its latents are the targets)")
-        head = nn.Linear(policy.features_dim, probe.shape[1]).to(policy.device)
     parameters = list(policy.parameters()) + (list(head.parameters()) if head is not None else [])
     optimizer = torch.optim.Adam(parameters, lr=config.learning_rate)
     data: dict[str, list[np.ndarray]] = {k: [] for k in keys}
@@ -129,12 +140,13 @@ def dagger(
         new_obs, new_labels, new_latents, student_actions = [], [], [], []
         for _ in range(max(1, config.steps_per_iteration // venv.num_envs)):
             label, _ = teacher.predict(obs, deterministic=True)
-            mine, _ = student.predict(_select(obs, keys), deterministic=True)
-            new_obs.append(_select(obs, keys))
+            if tap is not None:
+                new_latents.append(tap.latest)  # from the forward that produced `label`
+            seen = {k: obs[k] for k in keys}  # what the student reads
+            mine, _ = student.predict(seen, deterministic=True)
+            new_obs.append(seen)
             new_labels.append(label)
             student_actions.append(mine)
-            if wants_latents:
-                new_latents.append(_teacher_latents(teacher, obs))
             acting = np.where(rng.random(venv.num_envs)[:, None] < beta, label, mine)
             obs, _, _, _ = venv.step(acting)
         on_policy_mse = float(np.mean((np.concatenate(student_actions) - np.concatenate(new_labels)) ** 2))

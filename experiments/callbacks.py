@@ -106,9 +106,8 @@ class EvalCallback(PeriodicCallback):
             self.logger.record(f"eval/{key}", summary[key])
         self.logger.record("perf/latency_p50_ms", summary["latency_p50_ms"])
         self.logger.record("perf/latency_p95_ms", summary["latency_p95_ms"])
-        for key, value in (
-            result.stream or {}
-        ).items():  # perf/stream_cache_hit_rate, perf/stream_window_overlap
+        # perf/stream_cache_hit_rate, perf/stream_window_overlap (Perceiver policies reading a frame stack)
+        for key, value in (result.stream or {}).items():
             self.logger.record(f"perf/{key}", value)
         self.logger.record("charts/frames", step * self.action_repeat)
         writer = tensorboard_writer(self.logger)

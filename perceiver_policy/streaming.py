@@ -4,14 +4,15 @@ Consecutive observations overlap: a frame stack of F frames shares F-1 frames wi
 action or proprio history of T steps shares T-1. Each image token's content depends only on its own frame's
 patch and each sequence token only on its own step, so their embeddings can be carried over. `StreamingTokens`
 keeps, per modality of a streamed kind (frame stacks by default; histories too with
-`kinds=("image", "sequence")`), the previous raw window and its content embeddings; when the new window's older part equals
-the previous window's newer part (compared per sample, so resets and batched envs with different episode
-boundaries are handled), it reuses those embeddings and embeds only the newest frame / step. The projected
-Fourier position features (and the pixel-scaling-folded patch weights) are constant at inference and computed
-once per weight version. Other modalities (proprio vectors; histories by default) are re-embedded every step. Cross-attention and everything after it run in full. New frames go through the same per-frame convolution as
-the full forward, so frame-stack tokens, and the actions, equal the full forward's bit for bit (tested over
-whole episodes, including resets and missing modalities, and in closed loop); streamed histories agree to float
-rounding (one step through a Linear vs all steps at once).
+`kinds=("image", "sequence")`), the previous raw window and its content embeddings; when the new window's older
+part equals the previous window's newer part (compared per sample, so resets and batched envs with different
+episode boundaries are handled), it reuses those embeddings and embeds only the newest frame / step. The
+projected Fourier position features (and the pixel-scaling-folded patch weights) are constant at inference and
+computed once per weight version. Other modalities (proprio vectors; histories by default) are re-embedded every
+step. Cross-attention and everything after it run in full. New frames go through the same per-frame
+convolution as the full forward, so frame-stack tokens, and the actions, equal the full forward's bit for bit
+(tested over whole episodes, including resets and missing modalities, and in closed loop); streamed histories
+agree to float rounding (one step through a Linear vs all steps at once).
 
 Usage::
 
@@ -35,7 +36,7 @@ from perceiver_policy.modalities import ModalityAdapter
 WINDOWED_KINDS = ("image", "sequence")
 STREAMED_KINDS = ("image",)
 """What streams by default: frame stacks. Re-embedding a history of T steps is one small Linear, cheaper at
-batch 1 than comparing and splicing windows (benchmark streaming: 1.19x slower with sequences streamed)."""
+batch 1 than comparing and splicing windows (benchmark streaming: 1.6-2.3x slower with histories streamed)."""
 
 
 @dataclass
@@ -53,17 +54,12 @@ class StreamingTokens:
             raise ValueError(f"cannot stream modality kinds {bad}; valid choices: {list(WINDOWED_KINDS)}")
         self.encoder, self.kinds = encoder, tuple(kinds)
         self._windows: dict[str, _Window] = {}
-        self._positions: dict[str, tuple[tuple, torch.Tensor]] = {}
-        self._folded_weights: dict[str, tuple[tuple, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._constants: dict[tuple, tuple[tuple, object]] = {}
         self.reused_tokens = self.total_tokens = 0
         self.overlap_sum = 0.0
         self.windows_seen = 0
         # {name: callable(x) -> tokens}: what the encoder calls instead of its `adapters` while streaming
         self.embedders = {name: functools.partial(self.tokens, name) for name in encoder.names}
-
-    def reset(self) -> None:
-        """Forget the cached windows (the statistics are kept)."""
-        self._windows.clear()
 
     def stats(self) -> dict[str, float]:
         """Fraction of tokens whose embedding was reused, and the mean fraction of each window (frames / steps)
@@ -73,23 +69,13 @@ class StreamingTokens:
             "stream_window_overlap": self.overlap_sum / max(self.windows_seen, 1),
         }
 
-    def _folded(self, name: str, adapter) -> tuple[torch.Tensor, torch.Tensor]:
-        """The image adapter's pixel-scaling-folded patch weights, recomputed only when its weights change."""
-        weight, bias = adapter.content.weight, adapter.content.bias
-        key = (weight.data_ptr(), weight._version, bias._version, weight.dtype, weight.device)
-        cached = self._folded_weights.get(name)
+    def _constant(self, name: str, what: str, sources: tuple[torch.Tensor, ...], compute, *extra):
+        """`compute()` for one modality, recomputed only when a source tensor is replaced or changed in place
+        (version counters move with optimizer steps and load_state_dict) or `extra` (dtype) changes."""
+        key = (*extra, *((t.data_ptr(), t._version) for t in sources))
+        cached = self._constants.get((name, what))
         if cached is None or cached[0] != key:
-            cached = self._folded_weights[name] = (key, adapter._folded())
-        return cached[1]
-
-    def _position(self, name: str, adapter: ModalityAdapter, dtype: torch.dtype) -> torch.Tensor:
-        """The projected position features (N, D), recomputed only when the projection's weights (or the
-        autocast dtype, seen in the content's dtype) change."""
-        weight = adapter.position.weight
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, dtype)
-        cached = self._positions.get(name)
-        if cached is None or cached[0] != key:
-            cached = self._positions[name] = (key, adapter.position(adapter.position_features))
+            cached = self._constants[(name, what)] = (key, compute())
         return cached[1]
 
     def tokens(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -101,7 +87,15 @@ class StreamingTokens:
         else:
             content = self._windowed(name, adapter, x).flatten(1, 2)  # (B, W * P, D)
         if adapter.use_position:
-            content = content + self._position(name, adapter, content.dtype)
+            # the projected position features (N, D); the dtype follows autocast, seen in the content's dtype
+            position = adapter.position
+            content = content + self._constant(
+                name,
+                "position",
+                (position.weight,),
+                lambda: position(adapter.position_features),
+                content.dtype,
+            )
         return content
 
     def _windowed(self, name: str, adapter: ModalityAdapter, x: torch.Tensor) -> torch.Tensor:
@@ -110,7 +104,10 @@ class StreamingTokens:
         step = adapter.spec.channels_per_frame if adapter.spec.kind == "image" else 1
         batch, width = x.shape[0], x.shape[1] // step
 
-        folded = self._folded(name, adapter) if adapter.spec.kind == "image" else None
+        folded = None
+        if adapter.spec.kind == "image":  # the pixel-scaling-folded patch weights
+            linear = adapter.content
+            folded = self._constant(name, "folded", (linear.weight, linear.bias), adapter._folded)
 
         def embed(part: torch.Tensor) -> torch.Tensor:  # (b, w * step, ...) -> (b, w, P, D)
             # The same kernel as the full forward (a per-frame convolution): the tokens, and so the actions, are

@@ -21,13 +21,15 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.utils import explained_variance, get_device
 from stable_baselines3.common.vec_env import VecEnv
 
+from agents.pipelined import collect_pipelined, pipelined_base
 from agents.rollout_buffer import DeviceRolloutBuffer
 from agents.sac import check_state_decoding, record_state_decoding
 from agents.transfer import ObservationTransfer, stack_observations
 
 
 class BatchedRolloutMixin:
-    """Overrides `OnPolicyAlgorithm.collect_rollouts` for `DeviceRolloutBuffer`; other buffers use SB3's.
+    """Overrides `OnPolicyAlgorithm.collect_rollouts` for `DeviceRolloutBuffer` and for pipelined subprocess envs
+    (`agents.pipelined`); other buffers and envs use SB3's.
 
     The default buffer is `DeviceRolloutBuffer` on CUDA (one host->device copy per step instead of one per
     minibatch and epoch) and SB3's `DictRolloutBuffer` on the CPU, where there is no copy to save: measured
@@ -50,6 +52,9 @@ class BatchedRolloutMixin:
     def collect_rollouts(
         self, env: VecEnv, callback: BaseCallback, rollout_buffer, n_rollout_steps: int
     ) -> bool:
+        pipelined = pipelined_base(env)
+        if pipelined is not None:
+            return collect_pipelined(self, env, pipelined, callback, rollout_buffer, n_rollout_steps)
         if not isinstance(rollout_buffer, DeviceRolloutBuffer):
             return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
         assert self._last_obs is not None, "No previous observation was provided"

@@ -301,6 +301,9 @@ def bench_train(quick: bool) -> dict[str, float]:
         "ours": {**spec, "policy": "perceiver"},
         "sb3_buffer": {**spec, "policy": "perceiver", "sb3_buffer": True},
         "cnn": {**spec, "policy": "cnn"},
+        # Subprocess envs, stepped whole or in two halves overlapped with the policy (--vec-env pipelined).
+        "subproc": {**spec, "policy": "perceiver", "sb3_buffer": True, "vec_env": "subproc"},
+        "pipelined": {**spec, "policy": "perceiver", "sb3_buffer": True, "vec_env": "pipelined"},
     }
     results = {name: [] for name in configs}
     for _ in range(1 if quick else 2):  # alternate configurations; report the mean of the repeats
@@ -311,6 +314,8 @@ def bench_train(quick: bool) -> dict[str, float]:
         "ours": "Perceiver + DeviceRolloutBuffer (the CUDA default)",
         "sb3_buffer": "Perceiver + SB3 DictRolloutBuffer (the CPU default)",
         "cnn": "SB3 MultiInputPolicy (NatureCNN)",
+        "subproc": "Perceiver + SB3 buffer, --vec-env subproc",
+        "pipelined": "Perceiver + SB3 buffer, --vec-env pipelined (halves overlapped)",
     }
     cnn = means["cnn"]
     rows = [
@@ -336,6 +341,7 @@ def bench_train(quick: bool) -> dict[str, float]:
     headline = {
         "ppo_vs_multiinput": default["learn_sps"] / cnn["learn_sps"],
         "collect_vs_env": default["collect_sps"] / default["env_sps"],
+        "pipelined_vs_subproc": means["pipelined"]["collect_sps"] / means["subproc"]["collect_sps"],
     }
     from gymnasium import spaces
     from stable_baselines3.common.buffers import DictReplayBuffer
@@ -389,6 +395,7 @@ def summary(train: dict[str, float], sac_speedup: float) -> None:
     rows = [
         ["PPO learn steps/s, ours / MultiInputPolicy", train["ppo_vs_multiinput"], ">= 1.0"],
         ["rollout collection / env-only limit", train["collect_vs_env"], ">= 0.8"],
+        ["collection, --vec-env pipelined / subproc", train["pipelined_vs_subproc"], "> 1"],
         ["SAC updates/s, ours / SB3 SAC (NatureCNN)", sac_speedup, "> 2.9 (session 2)"],
         [f"input cross-attention kernel: inference {inference}, training {training}", "", ""],
     ]

@@ -75,7 +75,8 @@ class TrainConfig:
     render_backend: str = "fast"
     n_envs: int = 4
     vec_env: str = "dummy"
-    """'dummy' (in-process) or 'subproc' (one process per env)."""
+    """'dummy' (in-process), 'subproc' (one process per env) or 'pipelined' (subproc stepped in two halves, each
+    half's policy forward overlapping the other half's env step; PPO/A2C with the Perceiver policy)."""
     env_modality_dropout: float = 0.0
     """Training envs mark each modality absent with this probability per step (envs.wrappers.ModalityDropout):
     robustness to missing sensors, PPO-safe because the flags are part of the observation. Eval envs: none."""

@@ -346,8 +346,9 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def test_a_dead_env_worker_ends_the_run_with_a_message_and_a_checkpoint(tmp_path):
-    args = ppo_run(tmp_path, "run", 100_000, 64, "--perceiver-log-freq", "0", "--vec-env", "subproc",
+@pytest.mark.parametrize("vec_env", ["subproc", "pipelined"])
+def test_a_dead_env_worker_ends_the_run_with_a_message_and_a_checkpoint(tmp_path, vec_env):
+    args = ppo_run(tmp_path, "run", 100_000, 64, "--perceiver-log-freq", "0", "--vec-env", vec_env,
                    "--modalities", "proprio", "action_history")  # fmt: skip
     env = {**os.environ, "MUJOCO_GL": "egl"}
     process = subprocess.Popen(

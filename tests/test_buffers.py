@@ -345,3 +345,29 @@ def test_default_rollout_buffer_is_sb3s_on_cpu():
         "ppo", venv, device="cpu", n_steps=16, perceiver={"num_latents": 8, "latent_dim": 32}
     )
     assert type(model.rollout_buffer) is DictRolloutBuffer
+
+
+@pytest.mark.parametrize("collect_threads,expected", [(1, 1), (None, 2)])
+def test_collection_runs_with_collect_threads_and_restores_torchs_setting(collect_threads, expected):
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    import agents
+    import envs
+
+    seen = []
+
+    class Record(BaseCallback):  # callbacks run inside the collection
+        def _on_step(self):
+            seen.append(torch.get_num_threads())
+            return True
+
+    venv = envs.make_vec_env("cartpole-balance", n_envs=1, seed=0, modalities=("proprio",))
+    model = agents.make_agent("ppo", venv, device="cpu", n_steps=16, batch_size=16, collect_threads=collect_threads,
+                              perceiver={"num_latents": 8, "latent_dim": 32})  # fmt: skip
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model.learn(32, callback=Record())
+        assert set(seen) == {expected} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

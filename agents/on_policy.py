@@ -53,8 +53,9 @@ class BatchedRolloutMixin:
 
     :param collect_threads: torch threads while collecting on the CPU (the update keeps torch's setting). At
         batch n_envs the forward gains nothing from more threads, and their OpenMP workers spin on the cores
-        the envs (their workers, the software renderer) need: on 2 cores, collection ran 1.17x (in-process
-        envs) and 1.33x (subprocess envs) faster with 1 thread than with 2. None leaves torch's setting.
+        the envs (their workers, the software renderer) need: on 2 cores, collection ran 1.09x (in-process
+        envs) and 1.24x (subprocess envs) faster with 1 thread than with 2 (docs/results.md). None leaves
+        torch's setting.
     """
 
     def __init__(self, policy, env, collect_threads: int | None = 1, **kwargs):

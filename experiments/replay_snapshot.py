@@ -108,7 +108,9 @@ def load_replay_snapshot(buffer, snapshot: Path) -> int:
                 f"replay snapshot {snapshot}: {key} has shape {data.shape}, the buffer {tuple(target.shape)}"
             )
         for start in range(0, len(data), CHUNK_ROWS):
-            chunk = np.ascontiguousarray(data[start : start + CHUNK_ROWS])
+            chunk = np.require(
+                data[start : start + CHUNK_ROWS], requirements=("C", "W")
+            )  # read-only mmap -> a copy
             if isinstance(target, torch.Tensor):
                 target[start : start + len(chunk)].copy_(torch.from_numpy(chunk))
             else:

@@ -305,6 +305,8 @@ def bench_train(quick: bool) -> dict[str, float]:
         "subproc": {**spec, "policy": "perceiver", "sb3_buffer": True, "vec_env": "subproc"},
         "pipelined": {**spec, "policy": "perceiver", "sb3_buffer": True, "vec_env": "pipelined"},
     }
+    if cpu_has_native_bf16() and not torch.cuda.is_available():  # emulated bf16 was 5x slower: no row there
+        configs["bf16"] = {**spec, "policy": "perceiver", "sb3_buffer": True, "dtype": "bfloat16"}
     results = {name: [] for name in configs}
     for _ in range(1 if quick else 2):  # alternate configurations; report the mean of the repeats
         for name, config in configs.items():
@@ -316,6 +318,7 @@ def bench_train(quick: bool) -> dict[str, float]:
         "cnn": "SB3 MultiInputPolicy (NatureCNN)",
         "subproc": "Perceiver + SB3 buffer, --vec-env subproc",
         "pipelined": "Perceiver + SB3 buffer, --vec-env pipelined (halves overlapped)",
+        "bf16": "Perceiver + SB3 buffer, dtype=bfloat16 (CPU autocast, native bf16)",
     }
     cnn = means["cnn"]
     rows = [

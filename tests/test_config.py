@@ -42,3 +42,22 @@ def test_resume_applies_safe_flags_and_refuses_the_rest():
     with pytest.raises(ValueError, match=r"cannot change --perceiver, --seed \(start a new run instead\)"):
         config.apply_resume_flags(cfg.given_fields(args))
     assert config.seed == 0 and config.eval_freq == 500  # nothing applied when anything is refused
+
+
+@pytest.mark.parametrize("variable", ["PERCEIVER_RL_SYSTEM_MALLOC", "LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_"])
+def test_allocator_tuning_leaves_a_users_allocator_choice_alone(monkeypatch, variable):
+    from experiments.runtime import keep_freed_memory
+
+    monkeypatch.setenv(variable, "1")
+    assert keep_freed_memory() is False
+
+
+def test_allocator_tuning_applies_on_glibc(monkeypatch):
+    import platform
+
+    from experiments.runtime import USER_SETTINGS, keep_freed_memory
+
+    for variable in USER_SETTINGS:
+        monkeypatch.delenv(variable, raising=False)
+    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is expected

@@ -110,8 +110,9 @@ def collect_pipelined(
     rollout_buffer.reset()
     callback.on_rollout_start()
     pipe.draw_noise()
-    current = [pipe.forward(half, algo._last_obs) for half in (0, 1)]
-    for half in (0, 1):
+    current = []
+    for half in (0, 1):  # A steps while B's forward runs
+        current.append(pipe.forward(half, algo._last_obs))
         pipe.send(half, current[half])
     for n_steps in range(1, n_rollout_steps + 1):
         last_step = n_steps == n_rollout_steps

@@ -30,6 +30,16 @@ LOG_STD_MODES = ("learned", "state")
 LOG_STD_RANGE = (-5.0, 2.0)
 
 
+def fused_adam(optimizer_class, optimizer_kwargs: dict | None, sb3_default: dict) -> dict:
+    """The optimizer kwargs SB3 would use (``sb3_default`` when none are given) plus ``fused=True`` for torch's
+    Adam / AdamW: one kernel per step instead of a loop over the parameter tensors (PPO update 1.06x faster on
+    the CPU, 6 of 6 alternated rounds; docs/results.md). A caller's own ``fused`` or ``foreach`` wins."""
+    kwargs = dict(sb3_default if optimizer_kwargs is None else optimizer_kwargs)
+    if optimizer_class in (torch.optim.Adam, torch.optim.AdamW) and not {"fused", "foreach"} & kwargs.keys():
+        kwargs["fused"] = True
+    return kwargs
+
+
 def as_config(perceiver: PerceiverConfig | dict | None) -> PerceiverConfig:
     if perceiver is None:
         return PerceiverConfig()
@@ -122,6 +132,11 @@ class PerceiverActorCriticPolicy(ActorCriticPolicy):
             "normalize_images",
         ):
             kwargs.pop(ignored, None)  # present when SB3 reloads a saved model; the Perceiver defines them
+        optimizer_class = kwargs.get("optimizer_class", torch.optim.Adam)
+        sb3_default = (
+            {"eps": 1e-5} if optimizer_class is torch.optim.Adam else {}
+        )  # ActorCriticPolicy's default
+        kwargs["optimizer_kwargs"] = fused_adam(optimizer_class, kwargs.get("optimizer_kwargs"), sb3_default)
         super().__init__(
             observation_space,
             action_space,

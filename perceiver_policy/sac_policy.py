@@ -18,7 +18,7 @@ from perceiver_policy.config import PerceiverConfig
 from perceiver_policy.finetuning import apply_finetune
 from perceiver_policy.model import ActionQueries, LearnedQueries, PerceiverDecoder, PerceiverEncoder
 from perceiver_policy.observations import check_observation
-from perceiver_policy.policies import LOG_STD_RANGE, as_config
+from perceiver_policy.policies import LOG_STD_RANGE, as_config, fused_adam
 from perceiver_policy.state_decoding import make_state_decoder
 
 
@@ -115,7 +115,7 @@ class PerceiverSACPolicy(BasePolicy):
             observation_space,
             action_space,
             optimizer_class=optimizer_class,
-            optimizer_kwargs=optimizer_kwargs,
+            optimizer_kwargs=fused_adam(optimizer_class, optimizer_kwargs, {}),
             squash_output=True,
             normalize_images=False,
         )

@@ -413,3 +413,19 @@ def test_nonfinite_observations_and_rewards_are_named_or_sanitised():
     obs, rewards, _, _ = lenient.step(np.zeros((2, 1), np.float32))
     assert np.isfinite(obs["proprio"]).all() and obs["proprio"][1, 0] == 0 and rewards[0] == 0
     assert lenient.nonfinite_count == 2
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "sac"])
+def test_perceiver_policies_use_fused_adam_unless_told_otherwise(algorithm):
+    venv = envs.make_vec_env("cartpole-balance", n_envs=1, seed=0, modalities=("proprio",))
+    small = {"num_latents": 8, "latent_dim": 32}
+    model = agents.make_agent(algorithm, venv, device="cpu", perceiver=small)
+    optimizers = (
+        [model.policy.optimizer] if algorithm == "ppo" else [model.actor.optimizer, model.critic.optimizer]
+    )
+    assert all(o.defaults["fused"] is True for o in optimizers)
+    if algorithm == "ppo":
+        assert model.policy.optimizer.defaults["eps"] == 1e-5  # SB3's ActorCriticPolicy default kept
+        own = agents.make_agent("ppo", venv, device="cpu", perceiver=small,
+                                policy_kwargs={"optimizer_kwargs": {"foreach": True}})  # fmt: skip
+        assert own.policy.optimizer.defaults["foreach"] is True and not own.policy.optimizer.defaults["fused"]

@@ -40,6 +40,7 @@ from experiments.checkpoint import (
     set_rng_state,
 )
 from experiments.evaluation import write_mp4
+from experiments.interrupt import RunStopped, StopOnSignal
 from experiments.tb import PurgingTensorBoardFormat
 from perceiver_policy import count_parameters
 from perceiver_policy.model import cpu_has_native_bf16
@@ -210,15 +211,17 @@ def run(config: cfg.TrainConfig, run_dir: Path, resume: bool = False) -> dict:
     )
     remaining = config.total_steps - model.num_timesteps
     started = time.perf_counter()
+    stopper = StopOnSignal()
     try:
         if remaining > 0:
             try:
-                model.learn(
-                    remaining,
-                    callback=CallbackList(callbacks),
-                    reset_num_timesteps=not resume,
-                    progress_bar=False,
-                )
+                with stopper.installed():
+                    model.learn(
+                        remaining,
+                        callback=CallbackList([stopper, *callbacks]),
+                        reset_num_timesteps=not resume,
+                        progress_bar=False,
+                    )
             except WORKER_DIED as err:  # a SubprocVecEnv worker died: keep what was trained, say how to go on
                 checkpoints.init_callback(model)
                 saved = checkpoints.save_now()
@@ -227,6 +230,14 @@ def run(config: cfg.TrainConfig, run_dir: Path, resume: bool = False) -> dict:
                     f"the model was checkpointed to {saved}; continue with: python -m experiments.train "
                     f"--resume {run_dir}"
                 ) from err
+            if stopper.received is not None:  # SIGTERM / Ctrl-C: keep what was trained, say how to go on
+                checkpoints.init_callback(model)
+                saved = checkpoints.save_now()
+                raise RunStopped(
+                    f"stopped by {stopper.name} at step {model.num_timesteps}; the model was checkpointed to "
+                    f"{saved}; continue with: python -m experiments.train --resume {run_dir}",
+                    stopper.received,
+                )
         evaluator.init_callback(model)
         final = evaluator.evaluate_now()
         checkpoints.init_callback(model)
@@ -326,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, CheckpointError, EnvWorkerDied) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunStopped as stop:
+        print(str(stop), file=sys.stderr)
+        return 128 + stop.signum
     return 0
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -149,6 +150,33 @@ def test_sigkill_then_resume_continues_from_the_checkpoint(tmp_path):
     assert steps[-1] == final_step and killed_step in steps  # the checkpoint's own evaluation is kept
     rows = [int(row.split(",")[0]) for row in history.read_text().splitlines()[1:]]
     assert rows == steps  # the CSV agrees with TensorBoard: rows past the checkpoint dropped, none repeated
+
+
+@pytest.mark.parametrize("algorithm,signum", [("sac", signal.SIGTERM), ("ppo", signal.SIGINT)])
+def test_sigterm_or_ctrl_c_checkpoints_at_the_step_and_resume_continues(tmp_path, algorithm, signum):
+    run_dir = tmp_path / "run"
+    extra = ["--algorithm", "sac", "--algo", "learning_starts=32", "batch_size=16", "buffer_size=1000"]
+    args = ppo_run(
+        tmp_path, "run", 100_000, 64, "--perceiver-log-freq", "0", *(extra if algorithm == "sac" else [])
+    )
+    env = {**os.environ, "MUJOCO_GL": "egl"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and not list_checkpoints(run_dir / "checkpoints"):
+        time.sleep(0.2)
+    first = int(read_meta(list_checkpoints(run_dir / "checkpoints")[-1])["step"])
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, stderr[-2000:]
+    name = signal.Signals(signum).name
+    step = int(re.search(rf"stopped by {name} at step (\d+);", stderr).group(1))
+    assert step >= first and f"--resume {run_dir}" in stderr
+    latest = list_checkpoints(run_dir / "checkpoints")[-1]
+    assert int(read_meta(latest)["step"]) == step  # written at the stop, not the last periodic one
+    result = cli("experiments.train", "--resume", str(run_dir), "--total-steps", str(step + 64))
+    assert f"from checkpoint step {step}" in result.stdout
 
 
 def test_sac_resume_continues_the_saved_replay_buffer(tmp_path):
@@ -364,7 +392,6 @@ def test_a_dead_env_worker_ends_the_run_with_a_message_and_a_checkpoint(tmp_path
     _, stderr = process.communicate(timeout=120)  # ends: no hang
     assert process.returncode == 2, stderr[-2000:]
     assert "an env worker process died" in stderr and "--resume" in stderr
-    import re
 
     step, saved = re.search(r"died at step (\d+) .*checkpointed to (\S+);", stderr).groups()
     assert int(read_meta(Path(saved))["step"]) == int(step) >= first  # written at the failure, readable

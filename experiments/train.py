@@ -223,19 +223,14 @@ def run(config: cfg.TrainConfig, run_dir: Path, resume: bool = False) -> dict:
                         progress_bar=False,
                     )
             except WORKER_DIED as err:  # a SubprocVecEnv worker died: keep what was trained, say how to go on
-                checkpoints.init_callback(model)
-                saved = checkpoints.save_now()
                 raise EnvWorkerDied(
                     f"an env worker process died at step {model.num_timesteps} ({type(err).__name__}: {err}); "
-                    f"the model was checkpointed to {saved}; continue with: python -m experiments.train "
-                    f"--resume {run_dir}"
+                    + checkpoint_and_hint(checkpoints, model, run_dir)
                 ) from err
             if stopper.received is not None:  # SIGTERM / Ctrl-C: keep what was trained, say how to go on
-                checkpoints.init_callback(model)
-                saved = checkpoints.save_now()
                 raise RunStopped(
-                    f"stopped by {stopper.name} at step {model.num_timesteps}; the model was checkpointed to "
-                    f"{saved}; continue with: python -m experiments.train --resume {run_dir}",
+                    f"stopped by {stopper.name} at step {model.num_timesteps}; "
+                    + checkpoint_and_hint(checkpoints, model, run_dir),
                     stopper.received,
                 )
         evaluator.init_callback(model)
@@ -246,6 +241,13 @@ def run(config: cfg.TrainConfig, run_dir: Path, resume: bool = False) -> dict:
         close_quietly(venv)
     seconds = time.perf_counter() - started
     return finish(config, run_dir, model, evaluator, final, seconds, remaining)
+
+
+def checkpoint_and_hint(checkpoints: CheckpointCallback, model, run_dir: Path) -> str:
+    """Checkpoints the model now (a run ending early) and says where, and how to go on."""
+    checkpoints.init_callback(model)
+    saved = checkpoints.save_now()
+    return f"the model was checkpointed to {saved}; continue with: python -m experiments.train --resume {run_dir}"
 
 
 def finish(

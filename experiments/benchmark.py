@@ -452,9 +452,15 @@ def bench_gpu_rollouts(quick: bool) -> None:
         for device, dtype in (("cpu", "float32"), ("cuda", "float32"), ("cuda", "bfloat16")):
             spec = {**base, "n_envs": n_envs, "device": device, "dtype": dtype,
                     "steps": (256 if quick else 2048) * max(1, n_envs // 4)}  # fmt: skip
-            result = run_worker(spec)
+            try:
+                result = run_worker(spec)
+            except subprocess.CalledProcessError as error:  # one failed row must not cost the others
+                print(f"{n_envs} envs, {device} {dtype}: worker failed:\n{error.stderr[-2000:]}", file=sys.stderr)
+                rows.append([n_envs, device, dtype, "failed", "", "", ""])
+                continue
             rows.append([n_envs, device, dtype, result["collect_sps"], result["collect_sps"] / result["env_sps"],
                          result["learn_sps"], result["update_s"]])  # fmt: skip
+            print(f"row done: {rows[-1]}", file=sys.stderr, flush=True)  # partial results survive a time limit
     table("GPU rollout batching, PPO, cheetah-run pixels 84 px x 3 + proprio + history (subprocess envs)",
           ["envs", "device", "dtype", "collect steps/s", "collect / env-only", "learn steps/s", "update s"], rows)  # fmt: skip
 
@@ -470,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
             "sac",
             "precision",
             "streaming",
+            "gpu",
             "all",
             "train-worker",
             "replay-worker",
@@ -493,7 +500,12 @@ def main(argv: list[str] | None = None) -> int:
     headline = None
     if args.what in ("train", "all"):
         headline = bench_train(args.quick)
-        bench_gpu_rollouts(args.quick)
+        if args.what == "train":  # "all" prints it with the other GPU tables
+            bench_gpu_rollouts(args.quick)
+    if args.what in ("gpu", "all"):
+        from experiments.benchmark_gpu import bench_gpu
+
+        bench_gpu(args.quick)
     if args.what in ("precision", "all"):
         from experiments.benchmark_precision import bench_bf16_ratio
 

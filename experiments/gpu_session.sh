@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# What a lent GPU machine is for, in one timed script (docs/results.md "GPU session"):
+#   1. the GPU tables (`python -m experiments.benchmark gpu --quick`) on a quiet machine;
+#   2. pixel SAC runs of studies 1 and 2 trained side by side on the GPU (the runs this 2-core CPU cannot finish),
+#      with `pytest -m gpu` beside them; at TRAIN_UNTIL seconds after the start every run gets SIGTERM, which
+#      writes a checkpoint at its step (continue it with `--resume RUN --total-steps 12500`);
+#   3. each run evaluated with the state probe (10 episodes), then the run folders (no replay) packed into $OUT.
+# Usage: OUT=/some/dir bash experiments/gpu_session.sh   (PY, RUNS, TRAIN_UNTIL, BENCH_LIMIT, GPU_RUNS, DEVICE overridable)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+start=$SECONDS
+PY=${PY:-python3}
+OUT=${OUT:?set OUT to the folder that collects the results}
+RUNS=${RUNS:-runs/gpu}
+TRAIN_UNTIL=${TRAIN_UNTIL:-430}
+BENCH_LIMIT=${BENCH_LIMIT:-190}
+export MUJOCO_GL=${MUJOCO_GL:-egl} PYTHONUNBUFFERED=1
+mkdir -p "$OUT" "$RUNS"
+log() { echo "[$((SECONDS - start)) s] $*" | tee -a "$OUT/session.log"; }
+
+log "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1)"
+$PY -c "import torch, mujoco, stable_baselines3, dm_control; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'mujoco', mujoco.__version__, 'sb3', stable_baselines3.__version__)" 2>&1 | tee -a "$OUT/session.log"
+
+log "GPU tables (limit ${BENCH_LIMIT} s)"
+timeout "$BENCH_LIMIT" $PY -m experiments.benchmark gpu --quick > "$OUT/bench-gpu.md" 2> "$OUT/bench-gpu.err"
+log "GPU tables rc=$?"
+
+# Study runs, the flags of experiments/reproduce_results.sh ("see" and "fuse"), fp32 as on the CPU, no replay
+# snapshot in the checkpoints (the GPU machine is given back; its disk is not kept).
+sac100k="--preset cartpole-swingup-pixels --total-frames 100000 --eval-freq 1250 --checkpoint-freq 1250 --keep-checkpoints 1"
+sac100k="$sac100k --algo batch_size=128 learning_starts=1000 buffer_size=12500 ent_coef=auto_0.1"
+sac100k="$sac100k --device ${DEVICE:-cuda} --checkpoint-replay-buffer false --run-dir $RUNS --progress-bar false --eval-video false"
+leanp="--perceiver num_latents=32 latent_dim=64 self_attn_layers=1 patch_size=12 dtype=float32"
+declare -A flags=(
+  [study1-pixels-cnn-s0]="--policy-type sb3 --modalities pixels --seed 0"
+  [study1-pixels-cnn-s1]="--policy-type sb3 --modalities pixels --seed 1"
+  [study2-robot-cnn-s0]="--policy-type sb3 --proprio robot --seed 0"
+  [study2-robot-cnn-s1]="--policy-type sb3 --proprio robot --seed 1"
+  [study1-pixels-perceiver-decode-s1]="$leanp --modalities pixels --aux-state-weight 1 --seed 1"
+  [study2-robot-perceiver-s1]="$leanp --proprio robot --seed 1"
+)
+names=${GPU_RUNS:-${!flags[*]}}
+pids=()
+for name in $names; do
+  # shellcheck disable=SC2086
+  OMP_NUM_THREADS=2 $PY -m experiments.train $sac100k ${flags[$name]} --run-name "$name" > "$OUT/$name.log" 2>&1 &
+  pids+=($!)
+done
+log "started ${#pids[@]} runs: $names"
+timeout 240 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_policies.py > "$OUT/pytest-gpu.log" 2>&1
+log "pytest -m gpu rc=$? ($(tail -1 "$OUT/pytest-gpu.log"))"
+nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader >> "$OUT/session.log" 2>&1
+
+alive() { for pid in "${pids[@]}"; do kill -0 "$pid" 2> /dev/null && return 0; done; return 1; }
+while ((SECONDS - start < TRAIN_UNTIL)) && alive; do sleep 5; done
+for pid in "${pids[@]}"; do kill -0 "$pid" 2> /dev/null && kill -TERM "$pid"; done
+for pid in "${pids[@]}"; do wait "$pid"; done
+log "runs ended: $(for name in $names; do echo -n "$name:$(grep -o 'step_[0-9]*' "$OUT/$name.log" | tail -1) "; done)"
+
+for name in $names; do
+  timeout 75 $PY -m experiments.evaluate "$RUNS/$name" --episodes 10 --probe-state > "$OUT/$name.probe.log" 2>&1 &
+done
+wait
+log "probes done"
+tar czf "$OUT/gpu-runs.tgz" --exclude='replay*' --exclude='*.mp4' \
+  $(for name in $names; do [[ $name == *cnn* ]] && echo "--exclude=$RUNS/$name/checkpoints"; done) "$RUNS"
+log "packed $(du -h "$OUT/gpu-runs.tgz" | cut -f1)"

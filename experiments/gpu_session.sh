@@ -4,7 +4,8 @@
 #   2. pixel SAC runs of studies 1 and 2 trained side by side on the GPU (the runs this 2-core CPU cannot finish),
 #      with `pytest -m gpu` beside them; at TRAIN_UNTIL seconds after the start every run gets SIGTERM, which
 #      writes a checkpoint at its step (continue it with `--resume RUN --total-steps 12500`);
-#   3. each run evaluated with the state probe (10 episodes), then the run folders (no replay) packed into $OUT.
+#   3. each run evaluated with the state probe (10 episodes), then the run folders and logs (no replay) packed into
+#      $OUT/gpu-runs.tgz (with session.log, bench-gpu.md and pytest-gpu.log beside it: a handful of files).
 # Usage: OUT=/some/dir bash experiments/gpu_session.sh   (PY, RUNS, TRAIN_UNTIL, BENCH_LIMIT, GPU_RUNS, DEVICE overridable)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,7 +44,7 @@ names=${GPU_RUNS:-${!flags[*]}}
 pids=()
 for name in $names; do
   # shellcheck disable=SC2086
-  OMP_NUM_THREADS=2 $PY -m experiments.train $sac100k ${flags[$name]} --run-name "$name" > "$OUT/$name.log" 2>&1 &
+  OMP_NUM_THREADS=2 $PY -m experiments.train $sac100k ${flags[$name]} --run-name "$name" > "$RUNS/$name.log" 2>&1 &
   pids+=($!)
 done
 log "started ${#pids[@]} runs: $names"
@@ -52,13 +53,16 @@ log "pytest -m gpu rc=$? ($(tail -1 "$OUT/pytest-gpu.log"))"
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader >> "$OUT/session.log" 2>&1
 
 alive() { for pid in "${pids[@]}"; do kill -0 "$pid" 2> /dev/null && return 0; done; return 1; }
-while ((SECONDS - start < TRAIN_UNTIL)) && alive; do sleep 5; done
+while ((SECONDS - start < TRAIN_UNTIL)) && alive; do
+  sleep 5
+  ((SECONDS % 60 < 5)) && nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader >> "$OUT/session.log" 2>&1
+done
 for pid in "${pids[@]}"; do kill -0 "$pid" 2> /dev/null && kill -TERM "$pid"; done
 for pid in "${pids[@]}"; do wait "$pid"; done
-log "runs ended: $(for name in $names; do echo -n "$name:$(grep -o 'step_[0-9]*' "$OUT/$name.log" | tail -1) "; done)"
+log "runs ended: $(for name in $names; do echo -n "$name:$(grep -o "step_[0-9]*" "$RUNS/$name.log" | tail -1) "; done)"
 
 for name in $names; do
-  timeout 75 $PY -m experiments.evaluate "$RUNS/$name" --episodes 10 --probe-state > "$OUT/$name.probe.log" 2>&1 &
+  timeout 75 $PY -m experiments.evaluate "$RUNS/$name" --episodes 10 --probe-state > "$RUNS/$name.probe.log" 2>&1 &
 done
 wait
 log "probes done"

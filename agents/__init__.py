@@ -1,6 +1,15 @@
 """SB3 algorithms wired for the Perceiver policy: batched device rollouts, frame replay, DrQ-style SAC."""
 
-from agents.factory import ALGORITHMS, DEFAULTS, POLICY_TYPES, algorithm_class, make_agent, resolve_device
+from agents.factory import (
+    ALGORITHMS,
+    BF16_MIN_LATENTS,
+    DEFAULTS,
+    POLICY_TYPES,
+    algorithm_class,
+    default_dtype,
+    make_agent,
+    resolve_device,
+)
 from agents.finetune import transfer_weights
 from agents.on_policy import BatchedRolloutMixin, PerceiverA2C, PerceiverPPO
 from agents.replay_buffer import FrameReplayBuffer
@@ -19,6 +28,8 @@ __all__ = [
     "PerceiverPPO",
     "PerceiverSAC",
     "make_agent",
+    "default_dtype",
+    "BF16_MIN_LATENTS",
     "resolve_device",
     "transfer_weights",
 ]

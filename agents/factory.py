@@ -15,6 +15,7 @@ from agents.baselines import ObservationExtractor
 from agents.on_policy import PerceiverA2C, PerceiverPPO
 from agents.replay_buffer import FrameReplayBuffer
 from agents.sac import PerceiverSAC
+from perceiver_policy.config import PerceiverConfig
 from perceiver_policy.model import cpu_has_native_bf16
 from perceiver_policy.policies import PerceiverActorCriticPolicy
 from perceiver_policy.sac_policy import PerceiverSACPolicy
@@ -89,6 +90,20 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+# On an NVIDIA H200 (docs/results.md, "Session 6: on a GPU") bf16 autocast made the encoder's batch-256 forward
+# 1.56x faster at 256 latents and 2.04x at 512, but 0.66x at 32 latents, and PPO with the default 32 latents
+# learned 3-13 % slower in bf16 at 1, 8 and 32 envs: below this many latents the casts cost more than the
+# small matmuls save.
+BF16_MIN_LATENTS = 256
+
+
+def default_dtype(device: torch.device, perceiver: dict) -> str:
+    """The Perceiver's precision when the caller names none: bf16 autocast on CUDA for models of at least
+    `BF16_MIN_LATENTS` latents, float32 otherwise (and always on the CPU)."""
+    latents = perceiver.get("num_latents", PerceiverConfig.num_latents)
+    return "bfloat16" if device.type == "cuda" and latents >= BF16_MIN_LATENTS else "float32"
+
+
 def make_agent(
     algorithm: str,
     env,
@@ -105,7 +120,8 @@ def make_agent(
 
     PPO/A2C use `PerceiverActorCriticPolicy` with batched device rollouts; SAC uses `PerceiverSACPolicy` with
     DrQ-style encoder training and `FrameReplayBuffer` when the observation has frame-stacked pixels. On CUDA
-    the Perceiver runs under bf16 autocast unless `perceiver={"dtype": "float32"}`.
+    the Perceiver runs under bf16 autocast from `BF16_MIN_LATENTS` latents on (see `default_dtype`); pass
+    `perceiver={"dtype": ...}` to choose.
     `policy_type="sb3"` builds the baseline instead: SB3's own algorithm with `MultiInputPolicy`, same
     hyper-parameters (the `perceiver` options are then ignored); `policy_type="lstm"`: sb3-contrib's
     `RecurrentPPO` with `MultiInputLstmPolicy`. Baselines never read the privileged `state` key.
@@ -113,9 +129,8 @@ def make_agent(
     algo_cls = algorithm_class(algorithm, policy_type)
     torch_device = resolve_device(device)
     perceiver = dict(perceiver or {})
-    if torch_device.type == "cuda":
-        perceiver.setdefault("dtype", "bfloat16")
-    elif perceiver.get("dtype") == "bfloat16" and not cpu_has_native_bf16():
+    perceiver.setdefault("dtype", default_dtype(torch_device, perceiver))
+    if torch_device.type == "cpu" and perceiver["dtype"] == "bfloat16" and not cpu_has_native_bf16():
         warnings.warn(
             "dtype='bfloat16' on a CPU without native bf16 (no AVX512-BF16 / AMX): autocast emulates it and was "
             "measured 5x slower than float32 on such a host; use dtype='float32'",

@@ -1,4 +1,4 @@
-"""Benchmarks (not tests): `python -m experiments.benchmark env|policy|train|sac|precision|all [--quick]`.
+"""Benchmarks (not tests): `python -m experiments.benchmark env|policy|train|sac|precision|streaming|gpu|all [--quick]`.
 
 Every table compares alternatives measured side by side in the same run and reports ratios; quote them with
 the machine (printed first). Timings use `time.perf_counter` after warm-up; latency is per call, p50/p95.
@@ -455,12 +455,17 @@ def bench_gpu_rollouts(quick: bool) -> None:
             try:
                 result = run_worker(spec)
             except subprocess.CalledProcessError as error:  # one failed row must not cost the others
-                print(f"{n_envs} envs, {device} {dtype}: worker failed:\n{error.stderr[-2000:]}", file=sys.stderr)
+                print(
+                    f"{n_envs} envs, {device} {dtype}: worker failed:\n{error.stderr[-2000:]}",
+                    file=sys.stderr,
+                )
                 rows.append([n_envs, device, dtype, "failed", "", "", ""])
                 continue
             rows.append([n_envs, device, dtype, result["collect_sps"], result["collect_sps"] / result["env_sps"],
                          result["learn_sps"], result["update_s"]])  # fmt: skip
-            print(f"row done: {rows[-1]}", file=sys.stderr, flush=True)  # partial results survive a time limit
+            print(
+                f"row done: {rows[-1]}", file=sys.stderr, flush=True
+            )  # partial results survive a time limit
     table("GPU rollout batching, PPO, cheetah-run pixels 84 px x 3 + proprio + history (subprocess envs)",
           ["envs", "device", "dtype", "collect steps/s", "collect / env-only", "learn steps/s", "update s"], rows)  # fmt: skip
 

@@ -49,14 +49,19 @@ def bench_gpu_extractor(quick: bool, device: str = "cuda") -> None:
     batches = {n: {k: v.to(device) for k, v in sample_batch(space, n).items()} for n in (256, 1024)}
     device_name = torch.cuda.get_device_name(0) if device == "cuda" else device
     rows = []
-    for name, config in (("perceiver fp32", PerceiverConfig()), ("perceiver bf16", PerceiverConfig(dtype="bfloat16"))):
+    for name, config in (
+        ("perceiver fp32", PerceiverConfig()),
+        ("perceiver bf16", PerceiverConfig(dtype="bfloat16")),
+    ):
         models, cnn = extractors(space, config)
         model = models["perceiver"].to(device)
         rows.append([name, *measure(model, one, batches, repeats, big, device)])
     cnn.to(device)  # in place: the "cnn" entry calls this module
     rows.append(["NatureCNN (SB3) fp32", *measure(models["cnn"], one, batches, repeats, big, device)])
     for ours in rows[:2]:
-        rows.append([f"{ours[0]} / cnn", ours[1] / rows[2][1], "", ours[3] / rows[2][3], ours[4] / rows[2][4], ""])
+        rows.append(
+            [f"{ours[0]} / cnn", ours[1] / rows[2][1], "", ours[3] / rows[2][3], ours[4] / rows[2][4], ""]
+        )
     table(
         f"Extractor forward on {device_name}, pixels 84 px x 3 + proprio + 8-step history "
         "(Perceiver 32x64, 1 self-attn layer)",
@@ -74,7 +79,15 @@ def bench_gpu_extractor(quick: bool, device: str = "cuda") -> None:
             rows.append([latents, cfg.latent_dim, dtype, flops["cross_attn"] / 1e6, p50, p95, thr])
     table(
         "num_latents sweep on the device (latent_dim 64, 128 from 256 latents): the quality/speed trade-off",
-        ["latents", "latent_dim", "dtype", "cross-attn MFLOPs", "b=1 p50 ms", "b=1 p95 ms", "b=256 samples/s"],
+        [
+            "latents",
+            "latent_dim",
+            "dtype",
+            "cross-attn MFLOPs",
+            "b=1 p50 ms",
+            "b=1 p95 ms",
+            "b=256 samples/s",
+        ],
         rows,
     )
     torch.set_grad_enabled(True)
@@ -83,7 +96,9 @@ def bench_gpu_extractor(quick: bool, device: str = "cuda") -> None:
 
 def measure(model, one, batches, repeats, big, device):
     p50, p95 = percentiles(device_timed(lambda: model(one), repeats, device))
-    throughput = {n: n / np.median(device_timed(lambda b=b: model(b), big, device)) for n, b in batches.items()}
+    throughput = {
+        n: n / np.median(device_timed(lambda b=b: model(b), big, device)) for n, b in batches.items()
+    }
     peak = ""
     if 1024 in batches and device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -102,7 +117,9 @@ def bench_gpu_attention_kernel(space, device: str) -> None:
         encoder = PerceiverEncoder(space, PerceiverConfig()).to(device)
         cross = encoder.cross_attention
         index = encoder._modality_index(tuple(range(len(encoder.specs))), encoder.latents.device)
-        q = torch.randn(256, cross.heads, encoder.config.num_latents, cross.head_dim, device=device, dtype=dtype)
+        q = torch.randn(
+            256, cross.heads, encoder.config.num_latents, cross.head_dim, device=device, dtype=dtype
+        )
         k = torch.randn(256, cross.heads, len(index), cross.head_dim, device=device, dtype=dtype)
         with torch.no_grad():
             inference = kernel(q, k, k, cross.logit_bias(index).to(dtype))

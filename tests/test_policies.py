@@ -1,5 +1,6 @@
 import pickle
 import pydoc
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -245,11 +246,27 @@ def test_sac_critic_trains_encoder_and_actor_sees_detached_latents():
     venv.close()
 
 
+def test_default_precision_follows_the_measured_crossover():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert agents.default_dtype(cuda, {}) == "float32"  # the default 32 latents: bf16 measured slower
+    assert agents.default_dtype(cuda, {"num_latents": agents.BF16_MIN_LATENTS - 1}) == "float32"
+    assert agents.default_dtype(cuda, {"num_latents": agents.BF16_MIN_LATENTS}) == "bfloat16"
+    assert agents.default_dtype(cpu, {"num_latents": 512}) == "float32"
+    venv = state_env(1)
+    with warnings.catch_warnings():  # hosts without native bf16 warn that it is emulated
+        warnings.simplefilter("ignore")
+        explicit = agents.make_agent(
+            "ppo", venv, perceiver={**TINY, "dtype": "bfloat16"}, device="cpu", n_steps=16
+        )
+    assert explicit.policy.perceiver_config.dtype == "bfloat16"  # a named precision is never overridden
+    venv.close()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_rollouts_bf16_and_device_buffers():
     venv = pixel_env()
-    model = agents.make_agent("ppo", venv, perceiver=TINY, device="cuda", n_steps=16)
+    model = agents.make_agent("ppo", venv, perceiver={**TINY, "dtype": "bfloat16"}, device="cuda", n_steps=16)
     assert model.policy.perceiver_config.dtype == "bfloat16"
     model.learn(64)
     assert model.rollout_buffer.observations["pixels"].device.type == "cuda"

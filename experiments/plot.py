@@ -38,7 +38,8 @@ def label(config: cfg.TrainConfig) -> str:
     name += f" +state decoding ×{config.aux_state_weight:g}" if config.aux_state_weight > 0 else ""
     name += f" ent_coef={config.algo['ent_coef']}" if "ent_coef" in config.algo else ""
     name += f" from {Path(config.init_from).name} ({config.finetune})" if config.init_from else ""
-    return f"{name} {labels.get(config.policy_type, config.policy_type)}"
+    device = " on CUDA" if str(config.device).startswith("cuda") else ""  # other hardware, another curve
+    return f"{name} {labels.get(config.policy_type, config.policy_type)}{device}"
 
 
 def group_runs(run_dirs: list[Path]) -> dict[str, list[tuple[cfg.TrainConfig, Path]]]:

@@ -85,3 +85,12 @@ def test_plot_legend_keeps_what_differs_and_the_title_what_is_shared():
     assert common == "swingup ppo [proprio]" and short == ["Perceiver", "SB3 MLP"]
     assert split_common_prefix(["a b", "a b c"]) == ("a", ["b", "b c"])  # never an empty label
     assert split_common_prefix(["only one"]) == ("", ["only one"])
+
+
+def test_plot_keeps_runs_on_another_device_apart():
+    from experiments import config as cfg
+    from experiments.plot import label
+
+    cpu = cfg.TrainConfig(task="cartpole-swingup", seed=0)
+    assert label(cfg.TrainConfig(task="cartpole-swingup", seed=1)) == label(cpu)  # seeds share a curve
+    assert label(cfg.TrainConfig(task="cartpole-swingup", device="cuda")) == label(cpu) + " on CUDA"

@@ -6,7 +6,11 @@
 #      writes a checkpoint at its step (continue it with `--resume RUN --total-steps 12500`);
 #   3. each run evaluated with the state probe (10 episodes), then the run folders and logs (no replay) packed into
 #      $OUT/gpu-runs.tgz (with session.log, bench-gpu.md and pytest-gpu.log beside it: a handful of files).
-# Usage: OUT=/some/dir bash experiments/gpu_session.sh   (PY, RUNS, TRAIN_UNTIL, BENCH_LIMIT, GPU_RUNS, DEVICE overridable)
+# Usage: OUT=/some/dir bash experiments/gpu_session.sh
+#   (PY, RUNS, TRAIN_UNTIL, BENCH_LIMIT, PROBE_LIMIT, GPU_RUNS, DEVICE overridable)
+# Measured on an H200 (session 6): the quick tables need ≈ 250 s (the 190 s limit cut the last two rows), and the
+# six default runs side by side make 16-22 agent steps/s each (30k-42k of 100k frames in 240 s; the GPU is
+# time-sliced between the processes): give them ≈ 12 min, or fewer runs, to reach 100k frames.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
@@ -15,16 +19,10 @@ OUT=${OUT:?set OUT to the folder that collects the results}
 RUNS=${RUNS:-runs/gpu}
 TRAIN_UNTIL=${TRAIN_UNTIL:-430}
 BENCH_LIMIT=${BENCH_LIMIT:-190}
+PROBE_LIMIT=${PROBE_LIMIT:-75}
 export MUJOCO_GL=${MUJOCO_GL:-egl} PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$RUNS"
 log() { echo "[$((SECONDS - start)) s] $*" | tee -a "$OUT/session.log"; }
-
-log "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1)"
-$PY -c "import torch, mujoco, stable_baselines3, dm_control; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'mujoco', mujoco.__version__, 'sb3', stable_baselines3.__version__)" 2>&1 | tee -a "$OUT/session.log"
-
-log "GPU tables (limit ${BENCH_LIMIT} s)"
-timeout "$BENCH_LIMIT" $PY -m experiments.benchmark gpu --quick > "$OUT/bench-gpu.md" 2> "$OUT/bench-gpu.err"
-log "GPU tables rc=$?"
 
 # Study runs, the flags of experiments/reproduce_results.sh ("see" and "fuse"), fp32 as on the CPU, no replay
 # snapshot in the checkpoints (the GPU machine is given back; its disk is not kept).
@@ -41,6 +39,16 @@ declare -A flags=(
   [study2-robot-perceiver-s1]="$leanp --proprio robot --seed 1"
 )
 names=${GPU_RUNS:-${!flags[*]}}
+for name in $names; do
+  [[ -v "flags[$name]" ]] || { echo "unknown run '$name' in GPU_RUNS; valid: ${!flags[*]}" >&2; exit 2; }
+done
+log "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1)"
+$PY -c "import torch, mujoco, stable_baselines3, dm_control; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'mujoco', mujoco.__version__, 'sb3', stable_baselines3.__version__)" 2>&1 | tee -a "$OUT/session.log"
+
+log "GPU tables (limit ${BENCH_LIMIT} s)"
+timeout "$BENCH_LIMIT" $PY -m experiments.benchmark gpu --quick > "$OUT/bench-gpu.md" 2> "$OUT/bench-gpu.err"
+log "GPU tables rc=$?"
+
 pids=()
 for name in $names; do
   # shellcheck disable=SC2086
@@ -62,7 +70,7 @@ for pid in "${pids[@]}"; do wait "$pid"; done
 log "runs ended: $(for name in $names; do echo -n "$name:$(grep -o "step_[0-9]*" "$RUNS/$name.log" | tail -1) "; done)"
 
 for name in $names; do
-  timeout 75 $PY -m experiments.evaluate "$RUNS/$name" --episodes 10 --probe-state > "$RUNS/$name.probe.log" 2>&1 &
+  timeout "$PROBE_LIMIT" $PY -m experiments.evaluate "$RUNS/$name" --episodes 10 --probe-state > "$RUNS/$name.probe.log" 2>&1 &
 done
 wait
 log "probes done"

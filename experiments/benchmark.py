@@ -463,9 +463,8 @@ def bench_gpu_rollouts(quick: bool) -> None:
                 continue
             rows.append([n_envs, device, dtype, result["collect_sps"], result["collect_sps"] / result["env_sps"],
                          result["learn_sps"], result["update_s"]])  # fmt: skip
-            print(
-                f"row done: {rows[-1]}", file=sys.stderr, flush=True
-            )  # partial results survive a time limit
+            # each row as it comes: what was measured survives a time limit
+            print(f"row done: {rows[-1]}", file=sys.stderr, flush=True)
     table("GPU rollout batching, PPO, cheetah-run pixels 84 px x 3 + proprio + history (subprocess envs)",
           ["envs", "device", "dtype", "collect steps/s", "collect / env-only", "learn steps/s", "update s"], rows)  # fmt: skip
 

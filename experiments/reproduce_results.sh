@@ -2,6 +2,8 @@
 # Reproduces the learning runs of docs/results.md on a CPU machine, JOBS runs at a time (one torch thread each).
 # Usage: bash experiments/reproduce_results.sh [states,pixels,missing,see,fuse,remember,transfer|all]
 #   (RUNS=runs/results JOBS=2 by default; SEEDS="0 1 2" picks the seeds of the see/fuse/remember studies)
+# On a CUDA machine, experiments/gpu_session.sh runs the GPU tables, `pytest -m gpu` and study 1/2 runs to a
+# deadline (session 6's H200 runs in docs/results.md came from it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

@@ -4,7 +4,8 @@
    batch-1 latency (p50/p95, synchronised) and throughput at batch 256 and 1024, with peak device memory; and the
    num_latents sweep (32 … 512) on the device, where the lecture's 256–512 latents are meant to run.
 2. Which SDPA kernel the input cross-attention gets on the device (inference and training) in fp32 and bf16.
-3. Rollout batching (`bench_gpu_rollouts` in experiments.benchmark): CPU path vs GPU path, fp32 vs bf16,
+3. The pixel SAC update (ours vs SB3 SAC + NatureCNN, fp32, batch 128), synchronised after each update.
+4. Rollout batching (`bench_gpu_rollouts` in experiments.benchmark): CPU path vs GPU path, fp32 vs bf16,
    1/8/32 subprocess envs.
 """
 
@@ -137,6 +138,9 @@ def bench_gpu(quick: bool) -> None:
         print("\n### GPU tables\n\nno CUDA device here: skipped (run on a GPU machine)")
         return
     from experiments.benchmark import bench_gpu_rollouts
+    from experiments.benchmark_sac import sac_update_table
 
     bench_gpu_extractor(quick)
+    venv = sac_update_table(fill=300, updates=30 if quick else 200, device="cuda")[2]
+    venv.close()
     bench_gpu_rollouts(quick)

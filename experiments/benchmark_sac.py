@@ -34,11 +34,13 @@ def clamped_index_shift(pixels: torch.Tensor, offsets: torch.Tensor, pad: int) -
     return pixels[(*index, rows[:, None, :, None], cols[:, None, None, :])]
 
 
-def bench_sac(quick: bool) -> float:
-    """Prints the tables; returns SAC updates/s ours / SB3's."""
-    fill, updates = (300, 4) if quick else (600, 20)
+def sac_update_table(fill: int, updates: int, device: str = "cpu"):
+    """Times `updates` SAC updates of ours and of SB3's, alternated, after `fill` random steps; prints the table.
+    Returns (ours / SB3 updates-per-second, the two models, the env)."""
     venv = envs.make_vec_env("cartpole-swingup", n_envs=1, seed=0, image_size=84, action_repeat=8)
-    common = dict(device="cpu", seed=0, batch_size=BATCH, buffer_size=10_000, learning_starts=fill)
+    common = dict(device=device, seed=0, batch_size=BATCH, buffer_size=10_000, learning_starts=fill)
+    if device == "cuda":  # fp32 on both sides, as the study runs on the GPU used
+        common["perceiver"] = {"dtype": "float32"}
     models = {
         "PerceiverSAC + FrameReplayBuffer (DrQ shifts)": make_agent("sac", venv, **common),
         "SB3 SAC, MultiInputPolicy (NatureCNN) + DictReplayBuffer": make_agent(
@@ -47,23 +49,34 @@ def bench_sac(quick: bool) -> float:
     }
     for model in models.values():
         model.learn(fill)  # random actions until learning_starts: fills the buffer, no update yet
+        model.train(gradient_steps=2, batch_size=BATCH)  # warm-up (CUDA: kernels, allocator, handles)
     times = {name: [] for name in models}
     for _ in range(updates):  # alternate the two, so that drifts in machine speed hit both
         for name, model in models.items():
             start = time.perf_counter()
             model.train(gradient_steps=1, batch_size=BATCH)
+            if device == "cuda":
+                torch.cuda.synchronize()
             times[name].append(time.perf_counter() - start)
     baseline = float(np.median(times[list(models)[1]]))
     rows = [
         [name, float(np.median(t)), 1 / float(np.median(t)), baseline / float(np.median(t))]
         for name, t in times.items()
     ]
+    where = torch.cuda.get_device_name(0) if device == "cuda" else device
     table(
-        f"SAC update, batch {BATCH}, cartpole-swingup pixels 84 px x 3 + proprio + history, median of {updates}",
+        f"SAC update on {where}, batch {BATCH}, cartpole-swingup pixels 84 px x 3 + proprio + history, "
+        f"median of {updates}",
         ["agent", "s / update", "updates / s", "speed vs SB3 SAC"],
         rows,
     )
-    speedup = rows[0][3]
+    return rows[0][3], models, venv
+
+
+def bench_sac(quick: bool) -> float:
+    """Prints the tables; returns SAC updates/s ours / SB3's."""
+    fill, updates = (300, 4) if quick else (600, 20)
+    speedup, models, venv = sac_update_table(fill, updates)
     ours = models[list(models)[0]].replay_buffer
     theirs = models[list(models)[1]].replay_buffer
     repeats = 5 if quick else 20

@@ -9,8 +9,8 @@
 # Usage: OUT=/some/dir bash experiments/gpu_session.sh
 #   (PY, RUNS, TRAIN_UNTIL, BENCH_LIMIT, PROBE_LIMIT, GPU_RUNS, DEVICE overridable)
 # Measured on an H200 (session 6): the quick tables need ≈ 250 s (the 190 s limit cut the last two rows), and the
-# six default runs side by side make 16-22 agent steps/s each (30k-42k of 100k frames in 240 s; the GPU is
-# time-sliced between the processes): give them ≈ 12 min, or fewer runs, to reach 100k frames.
+# six default runs side by side make 12-19 agent steps/s each in the learning phase (a lone Perceiver run: 25.7),
+# 30k-42k of 100k frames in 240 s: six need ≈ 17 min to reach 100k frames, one alone ≈ 8 min.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS

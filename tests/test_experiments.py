@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from experiments.checkpoint import list_checkpoints, read_meta
@@ -318,6 +319,12 @@ def test_benchmark_sac_prints_its_tables():  # plumbing only: benchmarks report 
     assert "### SAC update" in result.stdout and "### SAC data path" in result.stdout
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 2 + 2 + 5  # two headers, two agents, five kernels
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answer")
+def test_benchmark_gpu_without_cuda_says_it_skipped():
+    result = cli("experiments.benchmark", "gpu", "--quick")
+    assert "no CUDA device here: skipped" in result.stdout
 
 
 def test_benchmark_streaming_prints_equal_actions():  # plumbing, plus the one thing it checks: same actions

@@ -35,12 +35,21 @@ def percentiles(times_s: list[float]) -> tuple[float, float]:
     return float(np.percentile(ms, 50)), float(np.percentile(ms, 95))
 
 
-def timed(fn, repeats: int, warmup: int = 3) -> list[float]:
+def synchronize(device: str) -> None:
+    """Waits for the device's queued kernels (CUDA runs asynchronously); nothing to wait for on the CPU."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats: int, warmup: int = 3, device: str = "cpu") -> list[float]:
+    """Wall time per call, after `warmup` calls; on CUDA the device is synchronised after each call."""
     for _ in range(warmup):
         fn()
+    synchronize(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return times

@@ -11,32 +11,11 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 
-from experiments.benchmark_common import percentiles, table
+from experiments.benchmark_common import percentiles, table, timed
 from perceiver_policy import PerceiverConfig, count_flops
-
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def device_timed(fn, repeats: int, device: str, warmup: int = 5) -> list[float]:
-    """Wall time per call with the device synchronised after each (CUDA kernels are asynchronous)."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def bench_gpu_extractor(quick: bool, device: str = "cuda") -> None:
@@ -96,9 +75,10 @@ def bench_gpu_extractor(quick: bool, device: str = "cuda") -> None:
 
 
 def measure(model, one, batches, repeats, big, device):
-    p50, p95 = percentiles(device_timed(lambda: model(one), repeats, device))
+    p50, p95 = percentiles(timed(lambda: model(one), repeats, warmup=5, device=device))
     throughput = {
-        n: n / np.median(device_timed(lambda b=b: model(b), big, device)) for n, b in batches.items()
+        n: n / np.median(timed(lambda b=b: model(b), big, warmup=5, device=device))
+        for n, b in batches.items()
     }
     peak = ""
     if 1024 in batches and device == "cuda":

@@ -16,7 +16,7 @@ import torch
 import envs
 from agents import make_agent
 from agents.augment import shifted_windows
-from experiments.benchmark_common import table, timed
+from experiments.benchmark_common import synchronize, table, timed
 
 BATCH = 128
 
@@ -55,8 +55,7 @@ def sac_update_table(fill: int, updates: int, device: str = "cpu"):
         for name, model in models.items():
             start = time.perf_counter()
             model.train(gradient_steps=1, batch_size=BATCH)
-            if device == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
             times[name].append(time.perf_counter() - start)
     baseline = float(np.median(times[list(models)[1]]))
     rows = [

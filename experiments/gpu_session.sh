@@ -26,10 +26,9 @@ log() { echo "[$((SECONDS - start)) s] $*" | tee -a "$OUT/session.log"; }
 
 # Study runs, the flags of experiments/reproduce_results.sh ("see" and "fuse"), fp32 as on the CPU, no replay
 # snapshot in the checkpoints (the GPU machine is given back; its disk is not kept).
-sac100k="--preset cartpole-swingup-pixels --total-frames 100000 --eval-freq 1250 --checkpoint-freq 1250 --keep-checkpoints 1"
-sac100k="$sac100k --algo batch_size=128 learning_starts=1000 buffer_size=12500 ent_coef=auto_0.1"
+source experiments/study_flags.sh  # sac100k, leanp
 sac100k="$sac100k --device ${DEVICE:-cuda} --checkpoint-replay-buffer false --run-dir $RUNS --progress-bar false --eval-video false"
-leanp="--perceiver num_latents=32 latent_dim=64 self_attn_layers=1 patch_size=12 dtype=float32"
+leanp="$leanp dtype=float32"
 declare -A flags=(
   [study1-pixels-cnn-s0]="--policy-type sb3 --modalities pixels --seed 0"
   [study1-pixels-cnn-s1]="--policy-type sb3 --modalities pixels --seed 1"

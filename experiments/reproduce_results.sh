@@ -58,11 +58,7 @@ if [[ $what == *,missing,* || $what == *,all,* ]]; then
 fi
 
 # --- "Does the Perceiver see, and does it remember?" (docs/results.md, studies 1-3) -----------------------------
-# Pixel SAC runs at 100k frames of cartpole-swingup (action repeat 8 -> 12.5k agent steps): the replay holds the
-# whole run (12.5k transitions), DrQ's initial temperature 0.1, the CPU-sized Perceiver, batch 128.
-sac100k="--preset cartpole-swingup-pixels --total-frames 100000 --eval-freq 1250 --checkpoint-freq 1250 --keep-checkpoints 1"
-sac100k="$sac100k --algo batch_size=128 learning_starts=1000 buffer_size=12500 ent_coef=auto_0.1"
-leanp="--perceiver num_latents=32 latent_dim=64 self_attn_layers=1 patch_size=12"
+source experiments/study_flags.sh  # sac100k, leanp
 seeds=${SEEDS:-0 1}
 if [[ $what == *,see,* || $what == *,all,* ]]; then
   # Study 1: pixels only: ours, ours + state decoding, SB3 SAC + NatureCNN.

@@ -8,6 +8,11 @@
 #      $OUT/gpu-runs.tgz (with session.log, bench-gpu.md and pytest-gpu.log beside it: a handful of files).
 # Usage: OUT=/some/dir bash experiments/gpu_session.sh
 #   (PY, RUNS, TRAIN_UNTIL, BENCH_LIMIT, PROBE_LIMIT, GPU_RUNS, DEVICE overridable)
+#   BENCH_LIMIT=0 / PROBE_LIMIT=0 / GPU_TESTS=0 skip the tables / the probes / `pytest -m gpu`.
+#   REPLAY=true keeps the replay in the checkpoints, and RESUME=1 continues the runs in $RUNS to 100k frames: a
+#   second call on the still-warm machine finishes what the first one's deadline cut.
+#   MODELS=1 brings the model checkpoints back too (NatureCNN ones are 30 MB): the archive is then split into
+#   15 MiB parts, gpu-runs.tgz.part-aa, -ab, ... (`cat gpu-runs.tgz.part-* | tar xz`).
 # Measured on an H200 (session 6): the quick tables need ≈ 250 s (the 190 s limit cut the last two rows), and the
 # six default runs side by side make 12-19 agent steps/s each in the learning phase (a lone Perceiver run: 25.7),
 # 30k-42k of 100k frames in 240 s: six need ≈ 17 min to reach 100k frames, one alone ≈ 8 min.
@@ -20,14 +25,18 @@ RUNS=${RUNS:-runs/gpu}
 TRAIN_UNTIL=${TRAIN_UNTIL:-430}
 BENCH_LIMIT=${BENCH_LIMIT:-190}
 PROBE_LIMIT=${PROBE_LIMIT:-75}
+GPU_TESTS=${GPU_TESTS:-1}
+REPLAY=${REPLAY:-false}
+RESUME=${RESUME:-0}
+MODELS=${MODELS:-0}
 export MUJOCO_GL=${MUJOCO_GL:-egl} PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$RUNS"
 log() { echo "[$((SECONDS - start)) s] $*" | tee -a "$OUT/session.log"; }
 
-# Study runs, the flags of experiments/reproduce_results.sh ("see" and "fuse"), fp32 as on the CPU, no replay
-# snapshot in the checkpoints (the GPU machine is given back; its disk is not kept).
+# Study runs, the flags of experiments/reproduce_results.sh ("see" and "fuse"), fp32 as on the CPU; no replay
+# snapshot in the checkpoints unless REPLAY=true (the GPU machine is given back; its disk is not kept).
 source experiments/study_flags.sh  # sac100k, leanp
-sac100k="$sac100k --device ${DEVICE:-cuda} --checkpoint-replay-buffer false --run-dir $RUNS --progress-bar false --eval-video false"
+sac100k="$sac100k --device ${DEVICE:-cuda} --checkpoint-replay-buffer $REPLAY --run-dir $RUNS --progress-bar false --eval-video false"
 leanp="$leanp dtype=float32"
 declare -A flags=(
   [study1-pixels-cnn-s0]="--policy-type sb3 --modalities pixels --seed 0"
@@ -44,19 +53,27 @@ done
 log "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1)"
 $PY -c "import torch, mujoco, stable_baselines3, dm_control; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'mujoco', mujoco.__version__, 'sb3', stable_baselines3.__version__)" 2>&1 | tee -a "$OUT/session.log"
 
-log "GPU tables (limit ${BENCH_LIMIT} s)"
-timeout "$BENCH_LIMIT" $PY -m experiments.benchmark gpu --quick > "$OUT/bench-gpu.md" 2> "$OUT/bench-gpu.err"
-log "GPU tables rc=$?"
+if ((BENCH_LIMIT > 0)); then
+  log "GPU tables (limit ${BENCH_LIMIT} s)"
+  timeout "$BENCH_LIMIT" $PY -m experiments.benchmark gpu --quick > "$OUT/bench-gpu.md" 2> "$OUT/bench-gpu.err"
+  log "GPU tables rc=$?"
+fi
 
 pids=()
 for name in $names; do
-  # shellcheck disable=SC2086
-  OMP_NUM_THREADS=2 $PY -m experiments.train $sac100k ${flags[$name]} --run-name "$name" > "$RUNS/$name.log" 2>&1 &
+  if ((RESUME)); then
+    OMP_NUM_THREADS=2 $PY -m experiments.train --resume "$RUNS/$name" --total-steps 12500 >> "$RUNS/$name.log" 2>&1 &
+  else
+    # shellcheck disable=SC2086
+    OMP_NUM_THREADS=2 $PY -m experiments.train $sac100k ${flags[$name]} --run-name "$name" > "$RUNS/$name.log" 2>&1 &
+  fi
   pids+=($!)
 done
-log "started ${#pids[@]} runs: $names"
-timeout 240 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_policies.py > "$OUT/pytest-gpu.log" 2>&1
-log "pytest -m gpu rc=$? ($(tail -1 "$OUT/pytest-gpu.log"))"
+log "started ${#pids[@]} runs (resume=$RESUME): $names"
+if ((GPU_TESTS)); then
+  timeout 240 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_policies.py > "$OUT/pytest-gpu.log" 2>&1
+  log "pytest -m gpu rc=$? ($(tail -1 "$OUT/pytest-gpu.log"))"
+fi
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader >> "$OUT/session.log" 2>&1
 
 alive() { for pid in "${pids[@]}"; do kill -0 "$pid" 2> /dev/null && return 0; done; return 1; }
@@ -68,11 +85,18 @@ for pid in "${pids[@]}"; do kill -0 "$pid" 2> /dev/null && kill -TERM "$pid"; do
 for pid in "${pids[@]}"; do wait "$pid"; done
 log "runs ended: $(for name in $names; do echo -n "$name:$(grep -o "step_[0-9]*" "$RUNS/$name.log" | tail -1) "; done)"
 
-for name in $names; do
-  timeout "$PROBE_LIMIT" $PY -m experiments.evaluate "$RUNS/$name" --episodes 10 --probe-state > "$RUNS/$name.probe.log" 2>&1 &
-done
-wait
-log "probes done"
-tar czf "$OUT/gpu-runs.tgz" --exclude='replay*' --exclude='*.mp4' \
-  $(for name in $names; do [[ $name == *cnn* ]] && echo "--exclude=$RUNS/$name/checkpoints"; done) "$RUNS"
-log "packed $(du -h "$OUT/gpu-runs.tgz" | cut -f1)"
+if ((PROBE_LIMIT > 0)); then
+  for name in $names; do
+    timeout "$PROBE_LIMIT" $PY -m experiments.evaluate "$RUNS/$name" --episodes 10 --probe-state > "$RUNS/$name.probe.log" 2>&1 &
+  done
+  wait
+  log "probes done"
+fi
+if ((MODELS)); then
+  tar czf - --exclude='replay*' --exclude='*.mp4' "$RUNS" | split -b 15M - "$OUT/gpu-runs.tgz.part-"
+  log "packed $(du -ch "$OUT"/gpu-runs.tgz.part-* | tail -1 | cut -f1) in $(ls "$OUT"/gpu-runs.tgz.part-* | wc -l) parts"
+else
+  tar czf "$OUT/gpu-runs.tgz" --exclude='replay*' --exclude='*.mp4' \
+    $(for name in $names; do [[ $name == *cnn* ]] && echo "--exclude=$RUNS/$name/checkpoints"; done) "$RUNS"
+  log "packed $(du -h "$OUT/gpu-runs.tgz" | cut -f1)"
+fi

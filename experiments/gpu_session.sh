@@ -11,11 +11,15 @@
 #   BENCH_LIMIT=0 / PROBE_LIMIT=0 / GPU_TESTS=0 skip the tables / the probes / `pytest -m gpu`.
 #   REPLAY=true keeps the replay in the checkpoints, and RESUME=1 continues the runs in $RUNS to 100k frames: a
 #   second call on the still-warm machine finishes what the first one's deadline cut.
-#   MODELS=1 brings the model checkpoints back too (NatureCNN ones are 30 MB): the archive is then split into
-#   15 MiB parts, gpu-runs.tgz.part-aa, -ab, ... (`cat gpu-runs.tgz.part-* | tar xz`).
+#   MODELS=1 brings the model checkpoints back too (NatureCNN ones are 30 MB, 23 MB packed): the archive is then
+#   split into 15 MiB parts, gpu-runs.tgz.part-aa, -ab, ... (`cat gpu-runs.tgz.part-* | tar xz`). The device
+#   returns 64 MiB per call at most: two NatureCNN models per call; a second call fetches the rest.
 # Measured on an H200 (session 6): the quick tables need ≈ 250 s (the 190 s limit cut the last two rows), and the
 # six default runs side by side make 12-19 agent steps/s each in the learning phase (a lone Perceiver run: 25.7),
 # 30k-42k of 100k frames in 240 s: six need ≈ 17 min to reach 100k frames, one alone ≈ 8 min.
+# Session 7 (H200): three NatureCNN runs side by side made 28 agent steps/s each and reached 100k frames in 475 s:
+#   GPU_RUNS="study1-pixels-cnn-s1 study2-robot-cnn-s0 study2-robot-cnn-s1" BENCH_LIMIT=0 GPU_TESTS=0 \
+#   PROBE_LIMIT=0 REPLAY=true MODELS=1 TRAIN_UNTIL=510 OUT=... bash experiments/gpu_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
@@ -83,7 +87,8 @@ while ((SECONDS - start < TRAIN_UNTIL)) && alive; do
 done
 for pid in "${pids[@]}"; do kill -0 "$pid" 2> /dev/null && kill -TERM "$pid"; done
 for pid in "${pids[@]}"; do wait "$pid"; done
-log "runs ended: $(for name in $names; do echo -n "$name:$(grep -o "step_[0-9]*" "$RUNS/$name.log" | tail -1) "; done)"
+last_step() { grep -oE "(stopped by SIGTERM at step|steps +:) [0-9]+" "$RUNS/$1.log" | tail -1 | grep -oE "[0-9]+$"; }
+log "runs ended at agent step: $(for name in $names; do echo -n "$name:$(last_step "$name") "; done)"
 
 if ((PROBE_LIMIT > 0)); then
   for name in $names; do

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the learning runs of docs/results.md on a CPU machine, JOBS runs at a time (one torch thread each).
-# Usage: bash experiments/reproduce_results.sh [states,pixels,missing,see,fuse,remember,transfer|all]
+# Usage: bash experiments/reproduce_results.sh [states,pixels,missing,see,fuse,fuse-cup,remember,transfer|all]
 #   (RUNS=runs/results JOBS=2 by default; SEEDS="0 1 2" picks the seeds of the see/fuse/remember studies)
 # On a CUDA machine, experiments/gpu_session.sh runs the GPU tables, `pytest -m gpu` and study 1/2 runs to a
 # deadline (session 6's H200 runs in docs/results.md came from it).
@@ -76,6 +76,13 @@ if [[ $what == *,fuse,* || $what == *,all,* ]]; then
     jobs+=("-m experiments.train $sac100k $leanp --proprio robot --aux-state-weight 1 --seed $seed \
       --run-name study2-robot-perceiver-decode-s$seed $common")
     jobs+=("-m experiments.train $sac100k --policy-type sb3 --proprio robot --seed $seed --run-name study2-robot-cnn-s$seed $common")
+  done
+fi
+if [[ $what == *,fuse-cup,* || $what == *,all,* ]]; then
+  # Study 2 on ball_in_cup-catch (the ball only in the image): ours + state decoding and the SB3 agent.
+  for seed in $seeds; do
+    jobs+=("-m experiments.train $cup100k $leanp --aux-state-weight 1 --seed $seed --run-name study2-cup-perceiver-decode-s$seed $common")
+    jobs+=("-m experiments.train $cup100k --policy-type sb3 --seed $seed --run-name study2-cup-cnn-s$seed $common")
   done
 fi
 if [[ $what == *,remember,* || $what == *,all,* ]]; then

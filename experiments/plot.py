@@ -31,24 +31,26 @@ def read_scalars(run_dir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
     return steps, np.array([by_step[s] for s in steps])
 
 
-def label(config: cfg.TrainConfig) -> str:
+def label(config: cfg.TrainConfig, by_device: bool = True) -> str:
     name = f"{config.task} {config.algorithm} [{'+'.join(config.modalities)}]"
     labels = {"sb3": "SB3 MultiInputPolicy", "lstm": "RecurrentPPO LSTM", "perceiver": "Perceiver"}
     name += f" proprio={config.proprio}" if config.proprio != "full" else ""
     name += f" +state decoding ×{config.aux_state_weight:g}" if config.aux_state_weight > 0 else ""
     name += f" ent_coef={config.algo['ent_coef']}" if "ent_coef" in config.algo else ""
     name += f" from {Path(config.init_from).name} ({config.finetune})" if config.init_from else ""
-    device = " on CUDA" if str(config.device).startswith("cuda") else ""  # other hardware, another curve
+    # other hardware, another curve, unless asked to pool seeds across devices (returns per frame do not depend
+    # on the hardware in fp32; wall time does)
+    device = " on CUDA" if by_device and str(config.device).startswith("cuda") else ""
     return f"{name} {labels.get(config.policy_type, config.policy_type)}{device}"
 
 
-def group_runs(run_dirs: list[Path]) -> dict[str, list[tuple[cfg.TrainConfig, Path]]]:
+def group_runs(run_dirs: list[Path], by_device: bool = True) -> dict[str, list[tuple[cfg.TrainConfig, Path]]]:
     groups = defaultdict(list)
     for run_dir in run_dirs:
         if not (run_dir / "config.yaml").exists():
             raise ValueError(f"run directory {str(run_dir)!r} not found (no config.yaml in it)")
         config = cfg.load(run_dir / "config.yaml")
-        groups[label(config)].append((config, run_dir))
+        groups[label(config, by_device)].append((config, run_dir))
     return groups
 
 
@@ -63,9 +65,15 @@ def split_common_prefix(names: list[str]) -> tuple[str, list[str]]:
     return " ".join(words[0][:common]), [" ".join(w[common:]) for w in words]
 
 
-def plot(run_dirs: list[Path], out: Path, tag: str = "eval/return_mean", title: str | None = None) -> Path:
+def plot(
+    run_dirs: list[Path],
+    out: Path,
+    tag: str = "eval/return_mean",
+    title: str | None = None,
+    by_device: bool = True,
+) -> Path:
     figure, axis = plt.subplots(figsize=(7, 5.0), dpi=110)
-    groups = group_runs(run_dirs)
+    groups = group_runs(run_dirs, by_device)
     common, short = split_common_prefix(
         list(groups)
     )  # the shared part goes under the title, not in the legend
@@ -98,9 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default="eval/return_mean")
     parser.add_argument("--out", type=Path, default=Path("curves.png"))
     parser.add_argument("--title", default=None)
+    parser.add_argument(
+        "--merge-devices",
+        action="store_true",
+        help="one curve per agent whatever device trained each seed (default: CUDA runs get their own curve)",
+    )
     args = parser.parse_args(argv)
     try:
-        path = plot(args.runs, args.out, args.tag, args.title)
+        path = plot(args.runs, args.out, args.tag, args.title, by_device=not args.merge_devices)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -2,7 +2,8 @@
 
 Deterministic actions, one env per episode, policy latency timed per step. Writes `<out>/eval.csv` and
 `<out>/eval.md` (task, episodes, return mean ± std, episode length, latency p50/p95) and, with --video, one mp4
-per task. `--missing-modality pixels` (or any modality, repeatable) evaluates with it absent. `--probe-state`
+per task. `--missing-modality pixels` (or any modality, repeatable) evaluates with it absent (a Perceiver drops its
+tokens); `--blank-modality pixels` feeds it as zeros instead (a dead sensor; any policy). `--probe-state`
 adds one column per state sensor: R² of a linear probe from the policy's features (Perceiver latents, SB3
 extractor output, LSTM state) to the true state, fit on the first half of the episodes, scored on the rest.
 """
@@ -61,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         "--missing-modality", action="append", default=[], help="evaluate with this modality absent"
     )
     parser.add_argument(
+        "--blank-modality",
+        action="append",
+        default=[],
+        help="evaluate with this observation key all zeros (black frames): a dead sensor, for any policy",
+    )
+    parser.add_argument(
         "--probe-state",
         action="store_true",
         help="R² per state sensor of a linear probe from the policy's features (needs >= 4 episodes)",
@@ -97,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 video=args.video,
                 missing=tuple(args.missing_modality),
+                blank=tuple(args.blank_modality),
                 probe_state=args.probe_state,
                 attention_overlay=args.attention_overlay,
                 streaming=args.streaming,
@@ -107,11 +115,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"window overlap {result.stream['stream_window_overlap']:.3f}"
                 )
             probe = {f"r2_{name}": value for name, value in (result.probe or {}).items()}
-            rows.append(
-                {"task": task, "missing": ",".join(args.missing_modality), **result.summary(), **probe}
-            )
+            absent = args.missing_modality + [f"{name} (blank)" for name in args.blank_modality]
+            rows.append({"task": task, "missing": ",".join(absent), **result.summary(), **probe})
             if result.frames is not None:
                 suffix = f"-no-{'-'.join(args.missing_modality)}" if args.missing_modality else ""
+                suffix += f"-blank-{'-'.join(args.blank_modality)}" if args.blank_modality else ""
                 suffix += "-attention" if args.attention_overlay else ""
                 write_mp4(out / f"{task}{suffix}.mp4", result.frames)
     except (ValueError, CheckpointError) as err:

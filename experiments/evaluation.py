@@ -87,6 +87,14 @@ class FeatureTap:
             self._handle.remove()
 
 
+def check_blank_modalities(spaces: dict, names: tuple[str, ...]) -> None:
+    """`names` must be observation keys the policy reads (not the absent flags nor the privileged state)."""
+    valid = [key for key in spaces if key not in (ABSENT_KEY, STATE_KEY)]
+    unknown = [name for name in names if name not in valid]
+    if unknown:
+        raise ValueError(f"unknown modality {unknown} for --blank-modality; valid choices: {valid}")
+
+
 @contextlib.contextmanager
 def missing_modalities(model, names: tuple[str, ...]):
     """Evaluate as if these modalities were absent (the encoder reads the rest)."""
@@ -117,6 +125,7 @@ def evaluate_policy(
     seed: int = 10_000,
     video: bool = False,
     missing: tuple[str, ...] = (),
+    blank: tuple[str, ...] = (),
     probe_state: bool = False,
     attention_overlay: bool = False,
     streaming: bool = True,
@@ -128,10 +137,13 @@ def evaluate_policy(
     `attention_overlay` (with `video`): the video shows the policy's own stacked frames with the latents'
     cross-attention on each patch blended over them, instead of the camera render.
     `streaming`: a Perceiver embeds only the newest frame / step of each window (perceiver_policy.streaming;
-    the same actions as the full forward, bit for bit)."""
+    the same actions as the full forward, bit for bit).
+    `missing`: the Perceiver encoder drops these modalities' tokens (only a Perceiver can). `blank`: these
+    observation keys reach the policy as zeros (a dead sensor: black frames, zero readings), for any policy."""
     if probe_state and episodes < MIN_EPISODES:
         raise ValueError(f"a state probe needs at least {MIN_EPISODES} evaluation episodes, got {episodes}")
     spaces = getattr(model.observation_space, "spaces", {})
+    check_blank_modalities(spaces, tuple(blank))
     env_kwargs = {**env_kwargs, "privileged_state": probe_state or STATE_KEY in spaces}
     encoder = perceiver_encoder(model)
     if attention_overlay and (encoder is None or "pixels" not in encoder.names):
@@ -159,6 +171,8 @@ def evaluate_policy(
                         obs[ABSENT_KEY] = no_flags
                     if STATE_KEY not in spaces:
                         state = obs.pop(STATE_KEY, None)
+                    for name in blank:
+                        obs[name] = np.zeros_like(obs[name])
                     if overlay and episode == 0:
                         encoder.capture_attention = True
                     start = time.perf_counter()

@@ -228,6 +228,9 @@ def test_evaluate_writes_table_and_video(trained_run, tmp_path):
         str(tmp_path / "nopix"),
     )
     assert "| cartpole-balance | pixels | 1 |" in missing.stdout
+    blank = cli("experiments.evaluate", str(trained_run), "--episodes", "1", "--blank-modality", "pixels",
+                "--output", str(tmp_path / "blank"))  # fmt: skip
+    assert "| cartpole-balance | pixels (blank) | 1 |" in blank.stdout
     overlay = tmp_path / "overlay"
     cli("experiments.evaluate", str(trained_run), "--episodes", "1", "--video", "--attention-overlay",
         "--output", str(overlay))  # fmt: skip

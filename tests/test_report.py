@@ -110,11 +110,17 @@ def test_plot_merge_devices_pools_the_seeds_into_one_curve(tmp_path, monkeypatch
     assert len(plot_module.group_runs(runs)) == 2
     assert [len(v) for v in plot_module.group_runs(runs, by_device=False).values()] == [2]
     curves = {runs[0]: ([1, 2], [10.0, 20.0]), runs[1]: ([1, 2], [30.0, 40.0])}
-    monkeypatch.setattr(plot_module, "read_scalars", lambda run_dir, tag: tuple(map(np.array, curves[run_dir])))
+    monkeypatch.setattr(
+        plot_module, "read_scalars", lambda run_dir, tag: tuple(map(np.array, curves[run_dir]))
+    )
     grouped = []
     real_group_runs = plot_module.group_runs
-    monkeypatch.setattr(plot_module, "group_runs", lambda *a: grouped.append(real_group_runs(*a)) or grouped[-1])
-    assert plot_module.main([str(r) for r in runs] + ["--merge-devices", "--out", str(tmp_path / "c.png")]) == 0
+    monkeypatch.setattr(
+        plot_module, "group_runs", lambda *a: grouped.append(real_group_runs(*a)) or grouped[-1]
+    )
+    assert (
+        plot_module.main([str(r) for r in runs] + ["--merge-devices", "--out", str(tmp_path / "c.png")]) == 0
+    )
     assert [len(v) for v in grouped[-1].values()] == [2] and (tmp_path / "c.png").stat().st_size > 0
     assert plot_module.main([str(r) for r in runs] + ["--out", str(tmp_path / "d.png")]) == 0
     assert [len(v) for v in grouped[-1].values()] == [1, 1]

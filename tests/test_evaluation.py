@@ -1,0 +1,45 @@
+"""Evaluation-time interventions on what the policy reads (experiments.evaluation)."""
+
+import numpy as np
+import pytest
+
+import agents
+import envs
+from experiments.evaluation import evaluate_policy
+
+ENV = {"modalities": ("pixels", "proprio"), "image_size": 32, "action_repeat": 8}
+TINY = {"num_latents": 4, "latent_dim": 16, "self_attn_layers": 1}
+
+
+@pytest.fixture(scope="module")
+def model():
+    venv = envs.make_vec_env("cartpole-balance", n_envs=1, seed=0, **ENV)
+    return agents.make_agent("ppo", venv, device="cpu", perceiver=TINY, n_steps=16)
+
+
+def recorded_observations(model, monkeypatch, **kwargs):
+    seen, predict = [], type(model).predict  # the class's, not an earlier spy's
+
+    def spy(obs, **predict_kwargs):
+        seen.append({key: np.array(value) for key, value in obs.items()})
+        return predict(model, obs, **predict_kwargs)
+
+    monkeypatch.setattr(model, "predict", spy)
+    evaluate_policy(model, "cartpole-balance", ENV, episodes=1, seed=3, **kwargs)
+    return seen
+
+
+def test_blank_modality_feeds_zeros_for_that_key_only(model, monkeypatch):
+    normal = recorded_observations(model, monkeypatch)
+    blank = recorded_observations(model, monkeypatch, blank=("pixels",))
+    assert len(normal) == len(blank) == 125  # one episode, 1000 frames at action repeat 8
+    assert all(obs["pixels"].any() for obs in normal)  # the camera sees the cart
+    assert all(not obs["pixels"].any() and obs["pixels"].shape == normal[0]["pixels"].shape for obs in blank)
+    assert all(obs["proprio"].any() for obs in blank)
+    np.testing.assert_array_equal(blank[0]["proprio"], normal[0]["proprio"])  # same seed, same first reading
+
+
+def test_blank_modality_names_the_valid_keys(model):
+    with pytest.raises(ValueError, match=r"unknown modality \['camera'\] for --blank-modality; valid choices: "
+                                         r"\['pixels', 'proprio'\]"):  # fmt: skip
+        evaluate_policy(model, "cartpole-balance", ENV, episodes=1, blank=("camera",))

@@ -9,8 +9,10 @@
 # Usage: OUT=/some/dir bash experiments/gpu_session.sh
 #   (PY, RUNS, TRAIN_UNTIL, BENCH_LIMIT, PROBE_LIMIT, GPU_RUNS, DEVICE overridable)
 #   BENCH_LIMIT=0 / PROBE_LIMIT=0 / GPU_TESTS=0 skip the tables / the probes / `pytest -m gpu`.
-#   REPLAY=true keeps the replay in the checkpoints, and RESUME=1 continues the runs in $RUNS to 100k frames: a
-#   second call on the still-warm machine finishes what the first one's deadline cut.
+#   REPLAY=true keeps the replay in the checkpoints, and RESUME=1 continues the runs in $RUNS to their budgets
+#   (100k frames): a second call on the still-warm machine finishes what the first one's deadline cut.
+#   GPU_RUNS defaults to the runs not done yet (the flags table below); a ball_in_cup run has 25k agent steps,
+#   twice a cartpole run's, so at ≈ 28 steps/s it needs two calls (REPLAY=true, then RESUME=1).
 #   MODELS=1 brings the model checkpoints back too (NatureCNN ones are 30 MB, 23 MB packed): the archive is then
 #   split into 15 MiB parts, gpu-runs.tgz.part-aa, -ab, ... (`cat gpu-runs.tgz.part-* | tar xz`). The device
 #   returns 64 MiB per call at most: two NatureCNN models per call; a second call fetches the rest.
@@ -37,20 +39,27 @@ export MUJOCO_GL=${MUJOCO_GL:-egl} PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$RUNS"
 log() { echo "[$((SECONDS - start)) s] $*" | tee -a "$OUT/session.log"; }
 
-# Study runs, the flags of experiments/reproduce_results.sh ("see" and "fuse"), fp32 as on the CPU; no replay
-# snapshot in the checkpoints unless REPLAY=true (the GPU machine is given back; its disk is not kept).
-source experiments/study_flags.sh  # sac100k, leanp
-sac100k="$sac100k --device ${DEVICE:-cuda} --checkpoint-replay-buffer $REPLAY --run-dir $RUNS --progress-bar false --eval-video false"
+# Study runs, the flags of experiments/reproduce_results.sh ("see", "fuse", "fuse-cup"), fp32 as on the CPU; no
+# replay snapshot in the checkpoints unless REPLAY=true (the GPU machine is given back; its disk is not kept).
+source experiments/study_flags.sh  # sac100k, cup100k, leanp
+on_gpu="--device ${DEVICE:-cuda} --checkpoint-replay-buffer $REPLAY --run-dir $RUNS --progress-bar false --eval-video false"
 leanp="$leanp dtype=float32"
 declare -A flags=(
-  [study1-pixels-cnn-s0]="--policy-type sb3 --modalities pixels --seed 0"
-  [study1-pixels-cnn-s1]="--policy-type sb3 --modalities pixels --seed 1"
-  [study2-robot-cnn-s0]="--policy-type sb3 --proprio robot --seed 0"
-  [study2-robot-cnn-s1]="--policy-type sb3 --proprio robot --seed 1"
-  [study1-pixels-perceiver-decode-s1]="$leanp --modalities pixels --aux-state-weight 1 --seed 1"
-  [study2-robot-perceiver-s1]="$leanp --proprio robot --seed 1"
+  # done in sessions 6-7 (docs/results.md), kept to repeat them
+  [study1-pixels-cnn-s0]="$sac100k --policy-type sb3 --modalities pixels --seed 0"
+  [study1-pixels-cnn-s1]="$sac100k --policy-type sb3 --modalities pixels --seed 1"
+  [study2-robot-cnn-s0]="$sac100k --policy-type sb3 --proprio robot --seed 0"
+  [study2-robot-cnn-s1]="$sac100k --policy-type sb3 --proprio robot --seed 1"
+  [study1-pixels-perceiver-decode-s1]="$sac100k $leanp --modalities pixels --aux-state-weight 1 --seed 1"
+  [study2-robot-perceiver-s1]="$sac100k $leanp --proprio robot --seed 1"
+  # not done yet: the NatureCNN agents' third seeds and study 2 on ball_in_cup-catch (25k agent steps each)
+  [study1-pixels-cnn-s2]="$sac100k --policy-type sb3 --modalities pixels --seed 2"
+  [study2-robot-cnn-s2]="$sac100k --policy-type sb3 --proprio robot --seed 2"
+  [study2-cup-cnn-s0]="$cup100k --policy-type sb3 --seed 0"
+  [study2-cup-cnn-s1]="$cup100k --policy-type sb3 --seed 1"
+  [study2-cup-perceiver-decode-s1]="$cup100k $leanp --aux-state-weight 1 --seed 1"
 )
-names=${GPU_RUNS:-${!flags[*]}}
+names=${GPU_RUNS:-study2-cup-cnn-s0 study2-cup-cnn-s1 study2-cup-perceiver-decode-s1 study1-pixels-cnn-s2 study2-robot-cnn-s2}
 for name in $names; do
   [[ -v "flags[$name]" ]] || { echo "unknown run '$name' in GPU_RUNS; valid: ${!flags[*]}" >&2; exit 2; }
 done
@@ -66,10 +75,10 @@ fi
 pids=()
 for name in $names; do
   if ((RESUME)); then
-    OMP_NUM_THREADS=2 $PY -m experiments.train --resume "$RUNS/$name" --total-steps 12500 >> "$RUNS/$name.log" 2>&1 &
+    OMP_NUM_THREADS=2 $PY -m experiments.train --resume "$RUNS/$name" >> "$RUNS/$name.log" 2>&1 &
   else
     # shellcheck disable=SC2086
-    OMP_NUM_THREADS=2 $PY -m experiments.train $sac100k ${flags[$name]} --run-name "$name" > "$RUNS/$name.log" 2>&1 &
+    OMP_NUM_THREADS=2 $PY -m experiments.train ${flags[$name]} $on_gpu --run-name "$name" > "$RUNS/$name.log" 2>&1 &
   fi
   pids+=($!)
 done

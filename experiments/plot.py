@@ -1,7 +1,8 @@
 """Learning curves from TensorBoard events: `python -m experiments.plot RUN_DIR... [--out curves.png]`.
 
 Runs that differ only in their seed are one curve: mean ± std across seeds, on the x-axis in frames (agent steps
-x action repeat, as the DMC literature counts). Seeds are aligned by linear interpolation on the union of steps.
+x action repeat, as the DMC literature counts). Seeds are aligned by linear interpolation on the union of steps,
+over the frames every seed reached: a shorter (cut) seed shortens its curve, and the plot says so on stderr.
 """
 
 from __future__ import annotations
@@ -84,6 +85,14 @@ def plot(
             curves.append((steps * config.action_repeat, values))
         grid = np.unique(np.concatenate([frames for frames, _ in curves]))
         grid = grid[(grid >= max(c[0][0] for c in curves)) & (grid <= min(c[0][-1] for c in curves))]
+        ends = {run_dir: frames[-1] for (_, run_dir), (frames, _) in zip(runs, curves)}
+        if len(set(ends.values())) > 1:
+            shortest = min(ends, key=ends.get)
+            print(
+                f"warning: curve {name!r} stops at {ends[shortest]:g} frames, where {shortest} ends; its other "
+                f"seeds reach {max(ends.values()):g} (plot the cut run apart to keep the rest of the curve)",
+                file=sys.stderr,
+            )
         stacked = np.stack([np.interp(grid, frames, values) for frames, values in curves])
         mean, std = stacked.mean(0), stacked.std(0)
         axis.plot(grid, mean, label=f"{name} ({len(runs)} seed{'s' * (len(runs) > 1)})")

@@ -124,3 +124,24 @@ def test_plot_merge_devices_pools_the_seeds_into_one_curve(tmp_path, monkeypatch
     assert [len(v) for v in grouped[-1].values()] == [2] and (tmp_path / "c.png").stat().st_size > 0
     assert plot_module.main([str(r) for r in runs] + ["--out", str(tmp_path / "d.png")]) == 0
     assert [len(v) for v in grouped[-1].values()] == [1, 1]
+
+
+def test_plot_says_when_a_cut_seed_shortens_the_curve(tmp_path, monkeypatch, capsys):
+    from experiments import plot as plot_module
+
+    runs = []
+    for seed in (0, 1):
+        run_dir = tmp_path / f"run-s{seed}"
+        run_dir.mkdir()
+        cfg.save(cfg.TrainConfig(task="cartpole-swingup", seed=seed), run_dir / "config.yaml")
+        runs.append(run_dir)
+    curves = {runs[0]: ([1, 2, 3], [1.0, 2.0, 3.0]), runs[1]: ([1, 2], [1.0, 2.0])}
+    monkeypatch.setattr(
+        plot_module, "read_scalars", lambda run_dir, tag: tuple(map(np.array, curves[run_dir]))
+    )
+    plot_module.plot(runs, tmp_path / "c.png")
+    repeat = cfg.TrainConfig(task="cartpole-swingup").action_repeat
+    assert f"stops at {2 * repeat} frames, where {runs[1]} ends" in capsys.readouterr().err
+    curves[runs[1]] = ([1, 2, 3], [1.0, 2.0, 3.0])
+    plot_module.plot(runs, tmp_path / "d.png")
+    assert "warning" not in capsys.readouterr().err

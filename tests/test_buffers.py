@@ -320,12 +320,24 @@ def test_batched_collection_equals_sb3_collection_across_a_time_limit():
         model = agents.make_agent("ppo", venv, device="cpu", seed=3, n_steps=130, batch_size=26,
                                   rollout_buffer_class=buffer_class, perceiver={"num_latents": 8, "latent_dim": 32})  # fmt: skip
         assert isinstance(model.rollout_buffer, buffer_class)
+        # The two paths hand the policy the same observations in differently aligned memory (SB3 wraps numpy
+        # arrays, ours copies into torch buffers), so a matmul may differ in its last bit (seen once under load),
+        # and the unstable cart-pole plus pixel quantisation amplifies any difference over a 10 s episode. Actions
+        # on a 1e-3 grid keep both rollouts on one trajectory; what is compared is the collection, not the matmul.
+        forward = model.policy.forward
+
+        def on_grid(obs, deterministic=False, forward=forward):
+            actions, values, log_probs = forward(obs, deterministic)
+            return torch.round(actions * 1000) / 1000, values, log_probs
+
+        model.policy.forward = on_grid
         model._setup_learn(130 * 2, Null())
         callback = Null()
         callback.init_callback(model)
         model.collect_rollouts(model.env, callback, model.rollout_buffer, 130)  # an episode is 125 steps
         buffers[name] = model.rollout_buffer
     ours, sb3 = buffers["ours"], buffers["sb3"]
+    np.testing.assert_allclose(sb3.actions * 1000, np.round(sb3.actions * 1000), atol=1e-3)  # on the grid
     for key in sb3.observations:
         np.testing.assert_array_equal(ours.observations[key].numpy(), sb3.observations[key])
     np.testing.assert_allclose(ours.actions.numpy(), sb3.actions, atol=1e-6)

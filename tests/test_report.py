@@ -97,22 +97,30 @@ def test_plot_keeps_runs_on_another_device_apart():
     assert label(cfg.TrainConfig(task="cartpole-swingup", device="cuda"), by_device=False) == label(cpu)
 
 
-def test_plot_merge_devices_pools_the_seeds_into_one_curve(tmp_path, monkeypatch):
-    from experiments import config as cfg
+def seed_runs(tmp_path, monkeypatch, devices: tuple[str, ...], curves: list[tuple[list, list]]) -> list:
+    """One cartpole-swingup run directory per seed (its config only); `experiments.plot` reads `curves[seed]`
+    as its (steps, values) instead of TensorBoard events. Returns the directories; `curves` stays editable."""
     from experiments import plot as plot_module
 
     runs = []
-    for seed, device in ((0, "cpu"), (1, "cuda")):
+    for seed, device in enumerate(devices):
         run_dir = tmp_path / f"run-s{seed}"
         run_dir.mkdir()
         cfg.save(cfg.TrainConfig(task="cartpole-swingup", seed=seed, device=device), run_dir / "config.yaml")
         runs.append(run_dir)
+    monkeypatch.setattr(
+        plot_module, "read_scalars", lambda run_dir, tag: tuple(map(np.array, curves[runs.index(run_dir)]))
+    )
+    return runs
+
+
+def test_plot_merge_devices_pools_the_seeds_into_one_curve(tmp_path, monkeypatch):
+    from experiments import plot as plot_module
+
+    curves = [([1, 2], [10.0, 20.0]), ([1, 2], [30.0, 40.0])]
+    runs = seed_runs(tmp_path, monkeypatch, ("cpu", "cuda"), curves)
     assert len(plot_module.group_runs(runs)) == 2
     assert [len(v) for v in plot_module.group_runs(runs, by_device=False).values()] == [2]
-    curves = {runs[0]: ([1, 2], [10.0, 20.0]), runs[1]: ([1, 2], [30.0, 40.0])}
-    monkeypatch.setattr(
-        plot_module, "read_scalars", lambda run_dir, tag: tuple(map(np.array, curves[run_dir]))
-    )
     grouped = []
     real_group_runs = plot_module.group_runs
     monkeypatch.setattr(
@@ -129,19 +137,11 @@ def test_plot_merge_devices_pools_the_seeds_into_one_curve(tmp_path, monkeypatch
 def test_plot_says_when_a_cut_seed_shortens_the_curve(tmp_path, monkeypatch, capsys):
     from experiments import plot as plot_module
 
-    runs = []
-    for seed in (0, 1):
-        run_dir = tmp_path / f"run-s{seed}"
-        run_dir.mkdir()
-        cfg.save(cfg.TrainConfig(task="cartpole-swingup", seed=seed), run_dir / "config.yaml")
-        runs.append(run_dir)
-    curves = {runs[0]: ([1, 2, 3], [1.0, 2.0, 3.0]), runs[1]: ([1, 2], [1.0, 2.0])}
-    monkeypatch.setattr(
-        plot_module, "read_scalars", lambda run_dir, tag: tuple(map(np.array, curves[run_dir]))
-    )
+    curves = [([1, 2, 3], [1.0, 2.0, 3.0]), ([1, 2], [1.0, 2.0])]
+    runs = seed_runs(tmp_path, monkeypatch, ("cpu", "cpu"), curves)
     plot_module.plot(runs, tmp_path / "c.png")
     repeat = cfg.TrainConfig(task="cartpole-swingup").action_repeat
     assert f"stops at {2 * repeat} frames, where {runs[1]} ends" in capsys.readouterr().err
-    curves[runs[1]] = ([1, 2, 3], [1.0, 2.0, 3.0])
+    curves[1] = ([1, 2, 3], [1.0, 2.0, 3.0])
     plot_module.plot(runs, tmp_path / "d.png")
     assert "warning" not in capsys.readouterr().err

@@ -12,6 +12,7 @@ from stable_baselines3 import A2C, PPO, SAC
 from stable_baselines3.common.base_class import BaseAlgorithm
 
 from agents.baselines import ObservationExtractor
+from agents.drq_policy import DrQSACPolicy
 from agents.on_policy import PerceiverA2C, PerceiverPPO
 from agents.replay_buffer import FrameReplayBuffer
 from agents.sac import PerceiverSAC
@@ -21,7 +22,10 @@ from perceiver_policy.policies import PerceiverActorCriticPolicy
 from perceiver_policy.sac_policy import PerceiverSACPolicy
 
 ALGORITHMS = ("ppo", "a2c", "sac")
-POLICY_TYPES = ("perceiver", "sb3", "lstm")
+POLICY_TYPES = ("perceiver", "sb3", "lstm", "cnn", "drq-cnn")
+# Encoders of the shared pixel SAC recipe (agents/encoders.py): trained by `PerceiverSAC` with `DrQSACPolicy`.
+SAC_ENCODER_TYPES = ("cnn", "drq-cnn")
+RECIPES = ("sb3", "drq")
 
 # Sensible defaults per algorithm for DMC with the lean Perceiver (override any of them by keyword).
 DEFAULTS: dict[str, dict] = {
@@ -49,6 +53,31 @@ DEFAULTS: dict[str, dict] = {
     },
 }
 
+# DrQ's recipe (denisyarats/drq, config.yaml and drq.py), `recipe="drq"`; each value can be overridden by keyword.
+# The paper's batch is 512 ("use a batch size of 512 to reproduce the results in the paper"; the repository's
+# default is 128). SB3's `learning_starts` plays DrQ's `num_seed_steps` (random actions, no updates).
+DRQ_DEFAULTS: dict = {
+    "learning_rate": 1e-3,  # lr: actor, critic and temperature
+    "buffer_size": 100_000,  # replay_buffer_capacity
+    "learning_starts": 1_000,  # num_seed_steps
+    "batch_size": 512,  # the paper's batch
+    "tau": 0.01,  # critic_tau
+    "target_update_interval": 2,  # critic_target_update_frequency
+    "actor_update_interval": 2,  # actor_update_frequency (actor and temperature)
+    "target_augmentations": 2,  # K: target_Q averaged over next_obs and next_obs_aug
+    "critic_augmentations": 2,  # M: critic loss on obs and obs_aug
+    "ent_coef": "auto_0.1",  # init_temperature 0.1, learned; target entropy -|A|
+    "gamma": 0.99,  # discount
+    "train_freq": 1,  # one update per agent step (num_train_iters 1)
+    "gradient_steps": 1,
+    "augment_pad": 4,  # image_pad: replicate-pad 4 + random crop back to the image size
+}
+# DrQ's policy (config.yaml: encoder feature_dim 50; actor / critic hidden_dim 1024, hidden_depth 2; actor
+# log_std_bounds [-10, 2]); agents.drq_policy holds the same values as its defaults.
+DRQ_POLICY_DEFAULTS: dict = {"feature_dim": 50, "hidden_dim": 1024, "hidden_depth": 2, "log_std_bounds": (-10.0, 2.0)}
+# DrQ's action repeats (the PlaNet benchmark; drq README / data/dmc_planet_bench.csv) by DMC domain.
+DRQ_ACTION_REPEAT = {"cartpole": 8, "reacher": 4, "cheetah": 4, "ball_in_cup": 4, "finger": 2, "walker": 2}
+
 _CLASSES = {
     "ppo": (PerceiverPPO, PerceiverActorCriticPolicy),
     "a2c": (PerceiverA2C, PerceiverActorCriticPolicy),
@@ -66,6 +95,13 @@ def algorithm_class(algorithm: str, policy_type: str = "perceiver") -> type[Base
         raise ValueError(f"unknown policy_type {policy_type!r}; valid choices: {list(POLICY_TYPES)}")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; valid choices: {list(ALGORITHMS)}")
+    if policy_type in SAC_ENCODER_TYPES:
+        if algorithm != "sac":
+            raise ValueError(
+                f"policy_type {policy_type!r} (an encoder of the pixel SAC recipe) needs algorithm 'sac', got "
+                f"{algorithm!r}; for PPO/A2C with a CNN use policy_type 'sb3'"
+            )
+        return PerceiverSAC
     if policy_type == "lstm":
         if algorithm not in LSTM_CLASSES:
             raise ValueError(
@@ -114,6 +150,7 @@ def make_agent(
     tensorboard_log: str | None = None,
     verbose: int = 0,
     policy_type: str = "perceiver",
+    recipe: str = "sb3",
     **overrides,
 ) -> BaseAlgorithm:
     """`make_agent("ppo", vec_env, perceiver={"num_latents": 64}, n_steps=512)` -> a ready SB3 algorithm.
@@ -125,8 +162,12 @@ def make_agent(
     `policy_type="sb3"` builds the baseline instead: SB3's own algorithm with `MultiInputPolicy`, same
     hyper-parameters (the `perceiver` options are then ignored); `policy_type="lstm"`: sb3-contrib's
     `RecurrentPPO` with `MultiInputLstmPolicy`. Baselines never read the privileged `state` key.
+    `recipe="drq"` (SAC): DrQ's update rule and networks (`DRQ_DEFAULTS`, `DRQ_POLICY_DEFAULTS`) with the encoder
+    of `policy_type` ('perceiver', 'cnn' for SB3's NatureCNN, 'drq-cnn' for DrQ's), `DrQSACPolicy` and
+    `PerceiverSAC`; 'cnn' and 'drq-cnn' train with this recipe only.
     """
     algo_cls = algorithm_class(algorithm, policy_type)
+    check_recipe(algorithm, policy_type, recipe)
     torch_device = resolve_device(device)
     perceiver = dict(perceiver or {})
     perceiver.setdefault("dtype", default_dtype(torch_device, perceiver))
@@ -135,6 +176,25 @@ def make_agent(
             "dtype='bfloat16' on a CPU without native bf16 (no AVX512-BF16 / AMX): autocast emulates it and was "
             "measured 5x slower than float32 on such a host; use dtype='float32'",
             stacklevel=2,
+        )
+    if recipe == "drq":
+        kwargs = {**copy.deepcopy(DRQ_DEFAULTS), **overrides}
+        policy_kwargs = {**DRQ_POLICY_DEFAULTS, **(policy_kwargs or {}), "perceiver": perceiver}
+        policy_kwargs["encoder"] = "perceiver" if policy_type == "perceiver" else policy_type
+        obs_space = env.observation_space
+        if isinstance(obs_space, spaces.Dict) and "pixels" in obs_space.spaces:
+            kwargs.setdefault("replay_buffer_class", FrameReplayBuffer)
+        elif "augment_pad" not in overrides:
+            kwargs["augment_pad"] = 0
+        return PerceiverSAC(
+            DrQSACPolicy,
+            env,
+            policy_kwargs=policy_kwargs,
+            device=torch_device,
+            seed=seed,
+            tensorboard_log=tensorboard_log,
+            verbose=verbose,
+            **kwargs,
         )
     kwargs = {**copy.deepcopy(DEFAULTS[algorithm]), **overrides}
     policy_kwargs = {**(policy_kwargs or {}), "perceiver": perceiver}
@@ -162,3 +222,21 @@ def make_agent(
         else:
             kwargs.setdefault("augment_pad", 0)
     return algo_cls(_CLASSES[algorithm][1], env, **kwargs, **common)
+
+
+def check_recipe(algorithm: str, policy_type: str, recipe: str) -> None:
+    """A recipe exists, applies to the algorithm, and suits the policy type; errors name the valid choices."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; valid choices: {list(RECIPES)}")
+    if recipe == "drq" and algorithm != "sac":
+        raise ValueError(f"recipe 'drq' is a SAC recipe; got algorithm {algorithm!r} (use --algorithm sac)")
+    if recipe == "drq" and policy_type not in ("perceiver", *SAC_ENCODER_TYPES):
+        raise ValueError(
+            f"recipe 'drq' trains policy types {['perceiver', *SAC_ENCODER_TYPES]}, got {policy_type!r} "
+            "('sb3' is SB3's own SAC with its own recipe)"
+        )
+    if recipe == "sb3" and policy_type in SAC_ENCODER_TYPES:
+        raise ValueError(
+            f"policy_type {policy_type!r} trains with recipe 'drq' (the shared pixel SAC recipe), got recipe "
+            "'sb3'; for SB3's own SAC + NatureCNN use policy_type 'sb3'"
+        )

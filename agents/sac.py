@@ -8,6 +8,11 @@ critic's heads (the encoder has no target copy). Optional DrQ random shifts of t
 With ``aux_state_weight > 0`` (and the privileged ``state`` in the observation), the policy's state-decoding
 queries read the critic's latents of the augmented batch and their MSE joins the critic's loss, so the encoder
 is trained to carry the true state (`perceiver/state_decode_mse/<sensor>`).
+
+With `agents.DrQSACPolicy` (any encoder of `agents.encoders`) `train` runs DrQ's update rule instead
+(`agents.drq.drq_update`): K augmented next observations averaged in the target, M augmented observations in the
+critic loss, actor and temperature every `actor_update_interval` updates, the full target critic (encoder
+included) Polyak-averaged every `target_update_interval` updates.
 """
 
 from __future__ import annotations
@@ -19,16 +24,22 @@ from stable_baselines3 import SAC
 from stable_baselines3.common.utils import polyak_update
 
 from agents.augment import random_shift
+from agents.drq import drq_update
+from agents.drq_policy import DrQSACPolicy
 from perceiver_policy.introspection import encoder_parameter_groups, gradient_norms
 from perceiver_policy.modalities import STATE_KEY
 from perceiver_policy.sac_policy import PerceiverSACPolicy
 
 
 class PerceiverSAC(SAC):
-    """SB3 SAC for `PerceiverSACPolicy`.
+    """SB3 SAC for `PerceiverSACPolicy` (the SB3 recipe) and `DrQSACPolicy` (DrQ's recipe, any encoder).
 
     :param augment_pad: DrQ shift in pixels (0 disables).
     :param aux_state_weight: weight of the state-decoding loss (needs the privileged `state` observation key).
+    :param target_augmentations: DrQ's K, augmented next observations averaged in the target (DrQSACPolicy).
+    :param critic_augmentations: DrQ's M, augmented observations in the critic loss (DrQSACPolicy).
+    :param actor_update_interval: updates between actor and temperature steps (DrQSACPolicy).
+    SB3's ``target_update_interval`` counts updates over the whole run here (SB3 counts them per `train` call).
     """
 
     def __init__(
@@ -38,23 +49,53 @@ class PerceiverSAC(SAC):
         augment_pad: int = 4,
         pixel_key: str = "pixels",
         aux_state_weight: float = 0.0,
+        target_augmentations: int = 1,
+        critic_augmentations: int = 1,
+        actor_update_interval: int = 1,
         **kwargs,
     ):
         self.augment_pad, self.pixel_key, self.aux_state_weight = augment_pad, pixel_key, aux_state_weight
+        for name, value in (
+            ("target_augmentations", target_augmentations),
+            ("critic_augmentations", critic_augmentations),
+            ("actor_update_interval", actor_update_interval),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.target_augmentations, self.critic_augmentations = target_augmentations, critic_augmentations
+        self.actor_update_interval = actor_update_interval
         super().__init__(policy, env, **kwargs)
 
     def _setup_model(self) -> None:
         super()._setup_model()
-        if not isinstance(self.policy, PerceiverSACPolicy):
-            raise ValueError(f"PerceiverSAC needs PerceiverSACPolicy, got {type(self.policy).__name__}")
-        check_state_decoding(self.aux_state_weight, self.policy)
+        if not isinstance(self.policy, (PerceiverSACPolicy, DrQSACPolicy)):
+            raise ValueError(
+                f"PerceiverSAC needs PerceiverSACPolicy or DrQSACPolicy, got {type(self.policy).__name__}"
+            )
+        if isinstance(self.policy, DrQSACPolicy):
+            if self.aux_state_weight:
+                raise ValueError(
+                    f"aux_state_weight={self.aux_state_weight} (state decoding) runs with the SB3 recipe's "
+                    "PerceiverSACPolicy; DrQ's recipe has no decoding queries (use recipe 'sb3')"
+                )
+        else:
+            check_state_decoding(self.aux_state_weight, self.policy)
 
     def _augment(self, obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.augment_pad <= 0 or self.pixel_key not in obs:
             return obs
         return {**obs, self.pixel_key: random_shift(obs[self.pixel_key], self.augment_pad)}
 
+    def augmented_copies(self, obs: dict[str, torch.Tensor], copies: int) -> dict[str, torch.Tensor]:
+        """`copies` independently shifted copies of a batch, stacked along the batch: (copies * B, ...)."""
+        if copies > 1:
+            obs = {key: torch.cat([value] * copies) for key, value in obs.items()}
+        return self._augment(obs)
+
     def train(self, gradient_steps: int, batch_size: int = 64) -> None:
+        if isinstance(self.policy, DrQSACPolicy):
+            drq_update(self, gradient_steps, batch_size)
+            return
         self.policy.set_training_mode(True)
         optimizers = [self.actor.optimizer, self.critic.optimizer]
         if self.ent_coef_optimizer is not None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from agents.factory import ALGORITHMS, POLICY_TYPES, algorithm_class
+from agents.factory import ALGORITHMS, POLICY_TYPES, RECIPES, algorithm_class, check_recipe
 from envs.dmc import MODALITIES, TASKS
 from envs.proprio_modes import PROPRIO_MODES, valid_modes
 from envs.rendering import RENDER_BACKENDS
@@ -57,8 +57,13 @@ class TrainConfig:
     algorithm: str = "ppo"
     """ppo, a2c or sac."""
     policy_type: str = "perceiver"
-    """'perceiver'; 'sb3' for the baseline SB3 algorithm with MultiInputPolicy (NatureCNN / MLP); 'lstm' for
-    sb3-contrib's RecurrentPPO with MultiInputLstmPolicy (algorithm ppo)."""
+    """'perceiver'; 'sb3' for SB3's own algorithm with MultiInputPolicy (NatureCNN / MLP, SB3's own recipe); 'lstm'
+    for sb3-contrib's RecurrentPPO with MultiInputLstmPolicy (algorithm ppo); 'cnn' (SB3's NatureCNN) or 'drq-cnn'
+    (DrQ's encoder) for the shared pixel SAC recipe (--recipe drq), trained exactly as the Perceiver is."""
+    recipe: str = "sb3"
+    """SAC's training recipe: 'sb3' (SB3's SAC update and defaults; the Perceiver's action-conditioned queries)
+    or 'drq' (DrQ's update rule and networks for any encoder: K = M = 2 shifted copies, actor / temperature and
+    target every 2 updates, tau 0.01, lr 1e-3, temperature 0.1, 2 x 1024 heads, batch 512; agents.DRQ_DEFAULTS)."""
     modalities: list[str] = field(default_factory=lambda: ["pixels", "proprio", "action_history"])
     image_size: int = 84
     frame_stack: int = 3
@@ -171,6 +176,7 @@ class TrainConfig:
             "task": TASKS,
             "algorithm": ALGORITHMS,
             "policy_type": POLICY_TYPES,
+            "recipe": RECIPES,
             "render_backend": RENDER_BACKENDS,
             "vec_env": VEC_ENV_TYPES,
         }
@@ -201,6 +207,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         PerceiverConfig.from_dict(self.perceiver)  # names bad Perceiver fields
         algorithm_class(self.algorithm, self.policy_type)  # e.g. 'lstm' is PPO only
+        check_recipe(self.algorithm, self.policy_type, self.recipe)
         if self.proprio not in PROPRIO_MODES:
             raise ValueError(f"unknown proprio {self.proprio!r}; valid choices: {list(PROPRIO_MODES)}")
         domain = self.task.split("-", 1)[0]

@@ -52,10 +52,11 @@ def is_recurrent(model) -> bool:
 
 
 def feature_module(model):
-    """The module whose output the policy's heads read: the Perceiver encoder (latents), or the SB3 actor's
-    features extractor; None for a recurrent policy (its features are the LSTM state `predict` returns)."""
+    """The module whose output the policy's heads read: the policy's encoder (Perceiver latents, or the conv
+    encoder's features of `agents.DrQSACPolicy`), or the SB3 actor's features extractor; None for a recurrent
+    policy (its features are the LSTM state `predict` returns)."""
     policy = model.policy
-    encoder = perceiver_encoder(model)
+    encoder = getattr(policy, "encoder", None)
     if encoder is not None:
         return encoder
     if is_recurrent(model):

@@ -51,7 +51,8 @@ def p50_ms(fn, items: list) -> float:
         start = time.perf_counter()
         fn(item)
         times.append(time.perf_counter() - start)
-    return float(np.percentile(1000 * np.asarray(times[5:]), 50))
+    warm = times[5:] if len(times) > 5 else times  # the first calls warm caches up, when there are enough
+    return float(np.percentile(1000 * np.asarray(warm), 50))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--check-steps", type=int, default=50, help="observations to compare and time on")
     args = parser.parse_args(argv)
+    if args.check_steps < 1:
+        parser.error(f"--check-steps must be at least 1, got {args.check_steps}")
     try:
         config, checkpoint = locate(args.path)
         model = load_model(algorithm_class(config.algorithm, config.policy_type), checkpoint, device="cpu")

@@ -141,6 +141,7 @@ def build(config: cfg.TrainConfig, run_dir: Path, resume: bool):
             device=str(device),
             seed=config.seed,
             policy_type=config.policy_type,
+            recipe=config.recipe,
             **extra,
             **config.algo,
         )

@@ -9,13 +9,14 @@ DTYPES = ("float32", "bfloat16")
 DEFAULT_PATCH_SIZE = 12
 LEGACY_FIELDS = {"modality_dropout": "encoder_modality_dropout"}
 PROPRIO_TOKENS = ("sensor", "chunk")
+PIXEL_TOKENIZERS = ("patch", "conv")
 
 
 @dataclass
 class PerceiverConfig:
     """Perceiver IO hyper-parameters. Defaults are the lean CPU preset (fast enough for a control loop).
 
-    The lecture's quality setting is 256-512 latents of 256-1024 channels with several self-attention layers;
+    Perceiver IO's published models use 256-512 latents of 256-1024 channels with several self-attention layers;
     that belongs on a GPU. With 32 latents x 64 channels and one self-attention layer the encoder runs at
     about the cost of SB3's NatureCNN extractor on 2 CPU cores (see docs/results.md).
     """
@@ -54,6 +55,15 @@ class PerceiverConfig:
     patch_size: int | None = None
     """Pixel patch side (the image modality's token stride). None (default): the divisor of the image size
     nearest `DEFAULT_PATCH_SIZE` = 12 (84 and 96 px: 12; 64 px: 8); an explicit value must divide the image size."""
+    pixel_tokenizer: str = "patch"
+    """'patch': one token per (frame, patch_size x patch_size patch), a linear map of each frame's patch; 'conv': a
+    small conv stem (3x3 convs, `conv_channels` wide, strides `conv_strides`, padding 1, ReLU) over the *stacked*
+    frames, whose feature-map cells become tokens with 2-D Fourier features (84 px, strides 2, 2, 2: 11 x 11 =
+    121 tokens); the first layer sees every frame, so motion is visible before the attention."""
+    conv_channels: int = 32
+    """Channels of each conv-stem layer (pixel_tokenizer 'conv')."""
+    conv_strides: list[int] = field(default_factory=lambda: [2, 2, 2])
+    """Stride of each 3x3 conv-stem layer (pixel_tokenizer 'conv'); the number of layers is its length."""
     proprio_tokens: str = "sensor"
     """'sensor': one token per sensor of the env's layout; 'chunk': one token per `proprio_chunk` values."""
     proprio_chunk: int = 4
@@ -110,6 +120,22 @@ class PerceiverConfig:
                 )
         if self.dtype not in DTYPES:
             raise ValueError(f"PerceiverConfig.dtype {self.dtype!r} unknown; valid choices: {list(DTYPES)}")
+        if self.pixel_tokenizer not in PIXEL_TOKENIZERS:
+            raise ValueError(
+                f"PerceiverConfig.pixel_tokenizer {self.pixel_tokenizer!r} unknown; valid choices: {list(PIXEL_TOKENIZERS)}"
+            )
+        if not isinstance(self.conv_channels, int) or isinstance(self.conv_channels, bool) or self.conv_channels <= 0:
+            raise ValueError(f"PerceiverConfig.conv_channels must be a positive integer, got {self.conv_channels!r}")
+        strides = self.conv_strides
+        if (
+            not isinstance(strides, (list, tuple))
+            or not strides
+            or any(not isinstance(v, int) or isinstance(v, bool) or v <= 0 for v in strides)
+        ):
+            raise ValueError(
+                f"PerceiverConfig.conv_strides must be a non-empty list of positive integers, got {strides!r}"
+            )
+        self.conv_strides = list(strides)
         if self.proprio_tokens not in PROPRIO_TOKENS:
             raise ValueError(
                 f"PerceiverConfig.proprio_tokens {self.proprio_tokens!r} unknown; valid choices: {list(PROPRIO_TOKENS)}"

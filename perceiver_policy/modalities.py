@@ -10,6 +10,8 @@ attention stack. Built-in kinds:
 - ``vector``: float `(D,)` -> one token per named sensor (from the env's layout) or per fixed-size chunk, with a
   Fourier index encoding.
 - ``sequence``: float `(T, C)` (e.g. the action history) -> one token per step with a temporal Fourier encoding.
+- ``conv_image``: uint8 `(F*3, H, W)` frame stacks -> a conv stem over all frames at once -> one token per cell
+  of its feature map, with 2-D Fourier features (`PerceiverConfig.pixel_tokenizer='conv'` picks it for images).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from perceiver_policy.position import fourier_dim, grid_fourier_features
 ABSENT_KEY = "absent_modalities"  # = envs.wrappers.ABSENT_KEY (kept import-free of envs)
 STATE_KEY = "state"  # = envs.dmc.STATE_KEY: the privileged full state, for losses and probes, never an input
 NOT_MODALITIES = (ABSENT_KEY, STATE_KEY)
-KINDS = ("image", "vector", "sequence")
+KINDS = ("image", "vector", "sequence", "conv_image")
 _DEFAULT_KIND = {
     "pixels": "image",
     "proprio": "vector",
@@ -51,9 +53,23 @@ class ModalitySpec:
     """Vector only: named (sensor, start, stop) slices; one token per sensor when given."""
     channels_per_frame: int = 3
     """Image only: channels of one frame in the stacked channel axis."""
+    conv_strides: tuple[int, ...] = ()
+    """conv_image only: the stride of each 3x3, padding-1 conv layer of the stem."""
+    conv_channels: int = 32
+    """conv_image only: channels of each stem layer (= raw features per token)."""
+
+    @property
+    def conv_grid(self) -> tuple[int, int]:
+        """conv_image: the stem's feature-map size (H', W'); each 3x3 padding-1 layer maps n to (n - 1) // s + 1."""
+        height, width = self.shape[1], self.shape[2]
+        for s in self.conv_strides:
+            height, width = (height - 1) // s + 1, (width - 1) // s + 1
+        return height, width
 
     @property
     def fourier_resolutions(self) -> tuple[int, ...]:
+        if self.kind == "conv_image":
+            return self.conv_grid
         if self.kind == "image":
             frames, height, width = self.shape[0] // self.channels_per_frame, self.shape[1], self.shape[2]
             return (frames, height // self.stride, width // self.stride)
@@ -63,7 +79,7 @@ class ModalitySpec:
 
     @property
     def num_tokens(self) -> int:
-        if self.kind == "image":
+        if self.kind in ("image", "conv_image"):
             return int(np.prod(self.fourier_resolutions))
         if self.kind == "vector":
             return len(self.layout) if self.layout else -(-self.shape[0] // self.stride)
@@ -72,6 +88,8 @@ class ModalitySpec:
     @property
     def token_dim(self) -> int:
         """Raw content features per token, before projection."""
+        if self.kind == "conv_image":
+            return self.conv_channels
         if self.kind == "image":
             return self.channels_per_frame * self.stride**2
         if self.kind == "vector":
@@ -107,6 +125,9 @@ def build_specs(observation_space: spaces.Space, config: PerceiverConfig) -> lis
             continue
         overrides = dict(config.modality_overrides.get(name, {}))
         kind = overrides.pop("kind", None) or infer_kind(name, space)
+        if kind == "image" and config.pixel_tokenizer == "conv":
+            kind = "conv_image"
+            overrides = {"conv_strides": tuple(config.conv_strides), "conv_channels": config.conv_channels, **overrides}
         if kind not in ADAPTERS:
             raise ValueError(
                 f"unknown modality kind {kind!r} for {name!r}; valid choices: {sorted(ADAPTERS)}"
@@ -135,6 +156,8 @@ def build_specs(observation_space: spaces.Space, config: PerceiverConfig) -> lis
 
 
 def _validate_spec(spec: ModalitySpec) -> None:
+    if spec.kind == "conv_image" and (len(spec.shape) != 3 or spec.shape[0] % spec.channels_per_frame):
+        raise ValueError(f"image modality {spec.name!r} needs (frames*3, H, W), got shape {spec.shape}")
     if spec.kind == "image":
         if len(spec.shape) != 3 or spec.shape[0] % spec.channels_per_frame:
             raise ValueError(f"image modality {spec.name!r} needs (frames*3, H, W), got shape {spec.shape}")
@@ -237,6 +260,27 @@ class ImageAdapter(ModalityAdapter):
         return out.flatten(2).transpose(1, 2).reshape(batch, -1, out.shape[1])
 
 
+class ConvImageAdapter(ModalityAdapter):
+    """A conv stem over the stacked frames (B, F*3, H, W) uint8 -> tokens (B, H'*W', D), one per feature-map cell.
+
+    The first layer reads every frame of the stack (as DrQ's encoder does), so frame differences (motion) are in
+    each token; 3x3 convolutions are shift-equivariant, so DrQ's shifts move the features with the image instead
+    of re-cutting patch borders. Pixels are scaled to x / 255 - 0.5 here; channels-last on the CPU."""
+
+    def __init__(self, spec: ModalitySpec, config: PerceiverConfig):
+        super().__init__(spec, config)
+        layers: list[nn.Module] = []
+        channels = spec.shape[0]
+        for stride in spec.conv_strides:
+            layers += [nn.Conv2d(channels, spec.conv_channels, 3, stride=stride, padding=1), nn.ReLU()]
+            channels = spec.conv_channels
+        self.stem = nn.Sequential(*layers).to(memory_format=torch.channels_last)
+
+    def tokens_content(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.float() * (1.0 / 255.0) - 0.5).contiguous(memory_format=torch.channels_last)  # (B, F*3, H, W)
+        return self.stem(x).flatten(2).transpose(1, 2)  # (B, H'*W', conv_channels)
+
+
 class VectorAdapter(ModalityAdapter):
     def __init__(self, spec: ModalitySpec, config: PerceiverConfig):
         super().__init__(spec, config)
@@ -267,6 +311,7 @@ ADAPTERS: dict[str, type[ModalityAdapter]] = {
     "image": ImageAdapter,
     "vector": VectorAdapter,
     "sequence": SequenceAdapter,
+    "conv_image": ConvImageAdapter,
 }
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from perceiver_policy.modalities import ModalityAdapter
+from perceiver_policy.model import PerceiverEncoder
 
 WINDOWED_KINDS = ("image", "sequence")
 STREAMED_KINDS = ("image",)
@@ -152,8 +153,9 @@ def shifted_by_one(new: torch.Tensor, old: torch.Tensor, step: int) -> torch.Ten
 
 
 def encoder_of(policy):
-    """The Perceiver encoder of a policy (PPO/A2C or SAC), or None."""
-    return getattr(policy, "encoder", None)
+    """The Perceiver encoder of a policy (PPO/A2C or SAC), or None (also for a convolutional encoder)."""
+    encoder = getattr(policy, "encoder", None)
+    return encoder if isinstance(encoder, PerceiverEncoder) else None
 
 
 def applies(policy, kinds: tuple[str, ...] = STREAMED_KINDS) -> bool:

@@ -405,3 +405,26 @@ def test_a_dead_env_worker_ends_the_run_with_a_message_and_a_checkpoint(tmp_path
 
     step, saved = re.search(r"died at step (\d+) .*checkpointed to (\S+);", stderr).groups()
     assert int(read_meta(Path(saved))["step"]) == int(step) >= first  # written at the failure, readable
+
+
+@pytest.mark.parametrize("policy_type", ["drq-cnn", "perceiver"])  # 'cnn' shares drq-cnn's ConvEncoder
+def test_drq_recipe_agents_train_evaluate_probe_blank_export_and_resume(tmp_path, policy_type):
+    """The shared pixel SAC recipe, every encoder through the same commands as the Perceiver."""
+    pytest.importorskip("onnxruntime")
+    run = tmp_path / policy_type
+    drq = ["--algorithm", "sac", "--recipe", "drq", "--policy-type", policy_type, "--task", "cartpole-swingup",
+           "--image-size", "48", "--n-envs", "1", "--eval-episodes", "4", "--perceiver-log-freq", "0",
+           "--algo", "batch_size=8", "learning_starts=24", "buffer_size=200", "--policy", "hidden_dim=32"]  # fmt: skip
+    cli(*ppo_run(tmp_path, policy_type, 32, 32, *drq))
+    assert "perceiver/state_probe_r2/velocity" in tags(run).Tags()["scalars"]
+    assert "train/critic_loss" in tags(run).Tags()["scalars"]
+    resumed = cli("experiments.train", "--resume", str(run), "--total-steps", "48")
+    assert "from checkpoint step 32" in resumed.stdout
+    out = cli("experiments.evaluate", str(run), "--episodes", "4", "--probe-state", "--output", str(tmp_path / "e"))
+    assert "R² position" in out.stdout
+    blank = cli("experiments.evaluate", str(run), "--episodes", "1", "--blank-modality", "pixels",
+                "--output", str(tmp_path / "blank"))  # fmt: skip
+    assert "pixels (blank)" in blank.stdout
+    export = cli("experiments.export", str(run), "--format", "onnx", "--output", str(tmp_path / "a.onnx"),
+                 "--check-steps", "4")  # fmt: skip
+    assert "max |action - predict| over 4 observations" in export.stdout

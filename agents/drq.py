@@ -1,0 +1,128 @@
+"""DrQ's SAC update (Kostrikov, Yarats & Fergus 2020; denisyarats/drq, drq.py `DRQAgent.update`) for any encoder.
+
+One update on a replay batch of B transitions, `update` counting updates over the run:
+1. target: K independently shifted copies of next_obs; the online actor picks a' (reading the online encoder),
+   the target critic (its own encoder copy) scores it; y = r + gamma (1 - done) (min_i Q'_i - alpha log pi),
+   averaged over the K copies (`update_critic`, target_Q = (target_Q + target_Q_aug) / 2 for K = 2);
+2. critic: M independently shifted copies of obs, loss sum_m sum_i mean_b (Q_i - y)^2 (DrQ sums its two
+   critics over its two copies); the critic's optimizer owns the encoder, so this loss alone trains it;
+3. every `actor_update_interval` updates: the actor reads the first copy's encoder output detached (DrQ's
+   `detach_encoder=True`), loss mean(alpha log pi - min_i Q_i); then the temperature,
+   loss mean(alpha (-log pi - target_entropy)) (DrQ's `update_actor_and_alpha`, alpha itself, not log alpha);
+4. every `target_update_interval` updates: target <- tau * online + (1 - tau) * target over the whole critic,
+   encoder included (`utils.soft_update_params(self.critic, self.critic_target, self.critic_tau)`).
+
+The M and K copies go through each network in one batched forward (M * B and K * B samples), and the actor reuses
+the critic pass's encoder output of the first copy instead of encoding it again. DrQ encodes it again after the
+critic's step; here the actor reads the features from just before that step (one update older).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from stable_baselines3.common.utils import polyak_update
+
+from perceiver_policy.introspection import encoder_parameter_groups, gradient_norms
+from perceiver_policy.model import PerceiverEncoder
+
+
+def temperature(algo) -> torch.Tensor:
+    """alpha, detached: learned (SB3's `log_ent_coef`) or fixed (`ent_coef_tensor`)."""
+    if algo.ent_coef_optimizer is not None and algo.log_ent_coef is not None:
+        return torch.exp(algo.log_ent_coef.detach())
+    return algo.ent_coef_tensor
+
+
+def min_q(q_values: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return torch.cat(q_values, dim=1).min(dim=1, keepdim=True).values  # (B, 1)
+
+
+def critic_target(algo, data, alpha: torch.Tensor) -> torch.Tensor:
+    """y (B, 1): DrQ's target averaged over `algo.target_augmentations` shifted copies of next_obs."""
+    policy, copies = algo.policy, algo.target_augmentations
+    batch = data.actions.shape[0]
+    discounts = data.discounts if data.discounts is not None else algo.gamma
+    with torch.no_grad():
+        next_obs = algo.augmented_copies(data.next_observations, copies)  # (K*B, ...)
+        next_actions, next_log_prob = policy.actor.sample(policy.encoder(next_obs))
+        target = policy.critic_target
+        next_v = min_q(target.q_values(target.encoder(next_obs), next_actions)) - alpha * next_log_prob
+        y = data.rewards.repeat(copies, 1) + (1 - data.dones.repeat(copies, 1)) * (
+            discounts.repeat(copies, 1) if torch.is_tensor(discounts) else discounts
+        ) * next_v  # (K*B, 1)
+        return y.view(copies, batch, 1).mean(0)
+
+
+def critic_loss(q_values: tuple[torch.Tensor, ...], target: torch.Tensor, copies: int) -> torch.Tensor:
+    """sum over the critics and the M copies of mean_b (Q - y)^2; q_values each (M*B, 1), target (B, 1)."""
+    batch = target.shape[0]
+    loss = 0.0
+    for q in q_values:
+        errors = F.mse_loss(q.view(copies, batch, 1), target.expand(copies, batch, 1), reduction="none")
+        loss = loss + errors.mean(dim=(1, 2)).sum()
+    return loss
+
+
+def drq_step(algo, data, update: int) -> dict[str, float]:
+    """One DrQ update on a replay batch; returns its losses (the actor's and temperature's on their updates)."""
+    policy, copies = algo.policy, algo.critic_augmentations
+    batch = data.actions.shape[0]
+    alpha = temperature(algo)
+    target = critic_target(algo, data, alpha)
+
+    h = policy.encoder(algo.augmented_copies(data.observations, copies))  # (M*B, ...) with grad
+    loss = critic_loss(policy.critic.q_values(h, data.actions.repeat(copies, 1)), target, copies)
+    policy.critic.optimizer.zero_grad()
+    loss.backward()
+    algo._last_encoder_grads = (
+        gradient_norms(encoder_parameter_groups(policy.encoder))
+        if isinstance(policy.encoder, PerceiverEncoder)
+        else {}
+    )
+    policy.critic.optimizer.step()
+    metrics = {"critic_loss": loss.item(), "ent_coef": alpha.item()}
+
+    if update % algo.actor_update_interval == 0:
+        h_actor = h[:batch].detach()  # the first shifted copy, as DrQ's actor reads `obs`
+        actions, log_prob = policy.actor.sample(h_actor)
+        actor_loss = (alpha * log_prob - min_q(policy.critic.q_values(h_actor, actions))).mean()
+        policy.actor.optimizer.zero_grad()
+        actor_loss.backward()
+        policy.actor.optimizer.step()
+        metrics["actor_loss"] = actor_loss.item()
+        if algo.ent_coef_optimizer is not None and algo.log_ent_coef is not None:
+            alpha_loss = (
+                torch.exp(algo.log_ent_coef) * (-log_prob - algo.target_entropy).detach()
+            ).mean()
+            algo.ent_coef_optimizer.zero_grad()
+            alpha_loss.backward()
+            algo.ent_coef_optimizer.step()
+            metrics["ent_coef_loss"] = alpha_loss.item()
+
+    if update % algo.target_update_interval == 0:
+        polyak_update(policy.critic.parameters(), policy.critic_target.parameters(), algo.tau)
+    return metrics
+
+
+def drq_update(algo, gradient_steps: int, batch_size: int) -> None:
+    """`gradient_steps` DrQ updates (`PerceiverSAC.train` with a `DrQSACPolicy`), logged as SB3's SAC logs."""
+    algo.policy.set_training_mode(True)
+    optimizers = [algo.policy.actor.optimizer, algo.policy.critic.optimizer]
+    if algo.ent_coef_optimizer is not None:
+        optimizers.append(algo.ent_coef_optimizer)
+    algo._update_learning_rate(optimizers)
+    metrics: dict[str, list[float]] = defaultdict(list)
+    for step in range(gradient_steps):
+        data = algo.replay_buffer.sample(batch_size, env=algo._vec_normalize_env)
+        for name, value in drq_step(algo, data, algo._n_updates + step).items():
+            metrics[name].append(value)
+    algo._n_updates += gradient_steps
+    algo.logger.record("train/n_updates", algo._n_updates, exclude="tensorboard")
+    for name, values in metrics.items():
+        algo.logger.record(f"train/{name}", float(np.mean(values)))
+    for group, norm in getattr(algo, "_last_encoder_grads", {}).items():
+        algo.logger.record(f"perceiver/grad_norm/{group}", norm)

@@ -1,0 +1,194 @@
+"""The SAC policy of the shared pixel recipe: any encoder of `agents.encoders`, DrQ's actor and critic above it.
+
+Structure (denisyarats/drq, drq.py): one encoder trunk, owned by the critic (its loss alone trains it); actor and
+critic each own a readout (Linear -> feature_dim, LayerNorm, tanh; for the Perceiver an output query first) and
+an MLP of `hidden_depth` x `hidden_dim` ReLU layers; twin Q networks on [feature, action]; the actor a squashed
+Gaussian whose log-std is tanh-rescaled into `log_std_bounds`. The target critic is a full copy, encoder
+included, Polyak-averaged by `agents.PerceiverSAC`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from gymnasium import spaces
+from stable_baselines3.common.policies import BasePolicy
+from torch import nn
+
+from agents.encoders import ENCODERS, build_encoder, orthogonal_init
+from perceiver_policy.observations import check_observation
+from perceiver_policy.policies import as_config, fused_adam
+
+HIDDEN_DIM = 1024  # drq config.yaml: actor / critic hidden_dim
+HIDDEN_DEPTH = 2  # drq config.yaml: hidden_depth
+FEATURE_DIM = 50  # drq config.yaml: encoder feature_dim
+LOG_STD_BOUNDS = (-10.0, 2.0)  # drq config.yaml: actor log_std_bounds
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, depth: int) -> nn.Sequential:
+    """DrQ's `utils.mlp`: `depth` Linear + ReLU layers of `hidden_dim`, then a Linear to `out_dim`."""
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers += [nn.Linear(in_dim if i == 0 else hidden_dim, hidden_dim), nn.ReLU()]
+    layers.append(nn.Linear(hidden_dim if depth else in_dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+def squashed_log_prob(pre_tanh: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log pi(tanh(u)) summed over action dims, (B, 1): DrQ's `SquashedNormal` with its stable Jacobian
+    2 (log 2 - u - softplus(-2u)) (utils.py `TanhTransform.log_abs_det_jacobian`)."""
+    gaussian = torch.distributions.Normal(mean, std, validate_args=False).log_prob(pre_tanh)
+    jacobian = 2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))
+    return (gaussian - jacobian).sum(-1, keepdim=True)
+
+
+class DrQActor(nn.Module):
+    """readout -> MLP -> (mean, log-std tanh-rescaled into the bounds) -> tanh-squashed Gaussian.
+    The encoder is shared and deliberately not registered (a tuple), so `actor.parameters()` are its own."""
+
+    def __init__(self, encoder: nn.Module, action_dim: int, feature_dim, hidden_dim, hidden_depth, log_std_bounds):
+        super().__init__()
+        self._encoder = (encoder,)
+        self.readout = encoder.make_readout(feature_dim)
+        self.trunk = mlp(feature_dim, hidden_dim, 2 * action_dim, hidden_depth)
+        orthogonal_init(self.trunk)
+        self.log_std_bounds = tuple(log_std_bounds)
+
+    def mean_std(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder output h -> (mean, std), each (B, A), of the pre-tanh Gaussian."""
+        mean, log_std = self.trunk(self.readout(h)).chunk(2, dim=-1)
+        low, high = self.log_std_bounds
+        log_std = low + 0.5 * (high - low) * (torch.tanh(log_std) + 1.0)
+        return mean, log_std.exp()
+
+    def sample(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A reparameterised action in [-1, 1] (B, A) and its log-probability (B, 1)."""
+        mean, std = self.mean_std(h)
+        pre_tanh = mean + std * torch.randn_like(mean)
+        return torch.tanh(pre_tanh), squashed_log_prob(pre_tanh, mean, std)
+
+    def forward(self, obs: dict[str, torch.Tensor], deterministic: bool = False) -> torch.Tensor:
+        h = self._encoder[0](obs)
+        if deterministic:
+            return torch.tanh(self.mean_std(h)[0])
+        return self.sample(h)[0]
+
+
+class DrQCritic(nn.Module):
+    """Twin Q networks on [readout(encoder(obs)), action]. The encoder is registered here: the critic's optimizer
+    owns it, and the target critic (a deep copy) has its own, as DrQ's target network does."""
+
+    def __init__(self, encoder: nn.Module, action_dim: int, feature_dim, hidden_dim, hidden_depth, n_critics):
+        super().__init__()
+        self.encoder = encoder
+        self.readout = encoder.make_readout(feature_dim)
+        self.q_networks = nn.ModuleList(
+            mlp(feature_dim + action_dim, hidden_dim, 1, hidden_depth) for _ in range(n_critics)
+        )
+        orthogonal_init(self.q_networks)
+
+    def q_values(self, h: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Encoder output h and actions (B, A) -> n_critics tensors (B, 1)."""
+        x = torch.cat([self.readout(h), actions], dim=-1)
+        return tuple(q(x) for q in self.q_networks)
+
+    def forward(self, obs: dict[str, torch.Tensor], actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.q_values(self.encoder(obs), actions)
+
+
+class DrQSACPolicy(BasePolicy):
+    """`encoder`, `actor`, `critic` (which owns the encoder), `critic_target` (a full copy, encoder included).
+
+    ``policy_kwargs``: ``encoder`` ('perceiver', 'cnn', 'drq-cnn'), ``perceiver`` (PerceiverConfig fields, for the
+    Perceiver encoder), ``feature_dim``, ``hidden_dim``, ``hidden_depth``, ``log_std_bounds``, ``n_critics``."""
+
+    def __init__(
+        self,
+        observation_space: spaces.Dict,
+        action_space: spaces.Box,
+        lr_schedule,
+        encoder: str = "perceiver",
+        perceiver: dict | None = None,
+        feature_dim: int = FEATURE_DIM,
+        hidden_dim: int = HIDDEN_DIM,
+        hidden_depth: int = HIDDEN_DEPTH,
+        log_std_bounds: tuple[float, float] = LOG_STD_BOUNDS,
+        n_critics: int = 2,
+        use_sde: bool = False,
+        optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adam,
+        optimizer_kwargs: dict | None = None,
+        **kwargs,
+    ):
+        if not isinstance(action_space, spaces.Box):
+            raise ValueError(f"DrQSACPolicy needs a Box action space, got {action_space}")
+        if use_sde:
+            raise ValueError("use_sde=True is not supported by DrQSACPolicy")
+        if encoder not in ENCODERS:
+            raise ValueError(f"unknown encoder {encoder!r}; valid choices: {list(ENCODERS)}")
+        for ignored in ("normalize_images", "features_extractor_class", "features_extractor_kwargs"):
+            kwargs.pop(ignored, None)
+        if kwargs:
+            raise ValueError(f"unknown DrQSACPolicy arguments {sorted(kwargs)}")
+        low, high = (float(b) for b in log_std_bounds)
+        if not low < high:
+            raise ValueError(f"log_std_bounds must be (low, high) with low < high, got {log_std_bounds!r}")
+        for name, value in (("feature_dim", feature_dim), ("hidden_dim", hidden_dim), ("n_critics", n_critics)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(hidden_depth, int) or hidden_depth < 0:
+            raise ValueError(f"hidden_depth must be a non-negative integer, got {hidden_depth!r}")
+        super().__init__(
+            observation_space,
+            action_space,
+            optimizer_class=optimizer_class,
+            optimizer_kwargs=fused_adam(optimizer_class, optimizer_kwargs, {}),
+            squash_output=True,
+            normalize_images=False,
+        )
+        self.encoder_name = encoder
+        self.perceiver_config = as_config(perceiver)
+        self.feature_dim, self.hidden_dim, self.hidden_depth = feature_dim, hidden_dim, hidden_depth
+        self.log_std_bounds, self.n_critics = (low, high), n_critics
+        action_dim = int(action_space.shape[0])
+        self.encoder = build_encoder(encoder, observation_space, self.perceiver_config)
+        sizes = (feature_dim, hidden_dim, hidden_depth)
+        self.actor = DrQActor(self.encoder, action_dim, *sizes, self.log_std_bounds)
+        self.critic = DrQCritic(self.encoder, action_dim, *sizes, n_critics)
+        self.critic_target = copy.deepcopy(self.critic)
+        self.critic_target.requires_grad_(False)
+        self.critic_target.eval()
+        lr = lr_schedule(1)
+        self.actor.optimizer = optimizer_class(self.actor.parameters(), lr=lr, **self.optimizer_kwargs)
+        self.critic.optimizer = optimizer_class(self.critic.parameters(), lr=lr, **self.optimizer_kwargs)
+
+    def _get_constructor_parameters(self) -> dict:
+        data = super()._get_constructor_parameters()
+        data.update(
+            encoder=self.encoder_name,
+            perceiver=self.perceiver_config.to_dict(),
+            feature_dim=self.feature_dim,
+            hidden_dim=self.hidden_dim,
+            hidden_depth=self.hidden_depth,
+            log_std_bounds=self.log_std_bounds,
+            n_critics=self.n_critics,
+        )
+        return data
+
+    def obs_to_tensor(self, observation):
+        """SB3's conversion, after `check_observation` (missing / extra keys, shapes, uint8 pixels, dtypes)."""
+        check_observation(observation, self.observation_space)
+        return super().obs_to_tensor(observation)
+
+    def forward(self, obs, deterministic: bool = False) -> torch.Tensor:
+        return self._predict(obs, deterministic)
+
+    def _predict(self, observation, deterministic: bool = False) -> torch.Tensor:
+        return self.actor(observation, deterministic)
+
+    def set_training_mode(self, mode: bool) -> None:
+        self.actor.train(mode)
+        self.critic.train(mode)  # the encoder with it; the target critic stays in eval mode
+        self.training = mode

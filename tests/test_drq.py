@@ -1,0 +1,329 @@
+"""DrQ's update rule (agents/drq.py) against a transcription of DrQ's equations, and its encoders."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gymnasium import spaces
+from stable_baselines3.common.logger import configure
+from stable_baselines3.common.type_aliases import DictReplayBufferSamples
+
+import envs
+from agents import DRQ_DEFAULTS, DrQSACPolicy, make_agent
+from agents.drq import drq_step
+from agents.drq_policy import DrQActor, squashed_log_prob
+from perceiver_policy.config import PerceiverConfig
+from perceiver_policy.model import PerceiverEncoder
+
+LEAN = {"num_latents": 4, "latent_dim": 16, "fourier_bands": 2, "patch_size": 12}
+SMALL_HEADS = {"hidden_dim": 32, "feature_dim": 8}
+
+
+@pytest.fixture(scope="module")
+def venv():
+    env = envs.make_vec_env(
+        "cartpole-swingup", n_envs=1, seed=0, modalities=("pixels", "proprio"), image_size=48, action_repeat=8
+    )
+    yield env
+    env.close()
+
+
+def agent(venv, policy_type="drq-cnn", **overrides):
+    model = make_agent(
+        "sac", venv, perceiver=LEAN, policy_kwargs=dict(SMALL_HEADS), policy_type=policy_type, recipe="drq",
+        device="cpu", seed=0, buffer_size=200, learning_starts=0, **overrides,
+    )  # fmt: skip
+    model.set_logger(configure(None, []))
+    return model
+
+
+def batch(model, size=6, seed=0):
+    """A replay-shaped batch of random observations (uint8 pixels), actions, rewards and dones."""
+    generator = torch.Generator().manual_seed(seed)
+    space = model.observation_space
+
+    def observation():
+        out = {}
+        for key, sub in space.spaces.items():
+            if sub.dtype == np.uint8:
+                out[key] = torch.randint(0, 256, (size, *sub.shape), generator=generator, dtype=torch.uint8)
+            else:
+                out[key] = torch.randn((size, *sub.shape), generator=generator)
+        return out
+
+    return DictReplayBufferSamples(
+        observations=observation(),
+        actions=torch.rand((size, 1), generator=generator) * 2 - 1,
+        next_observations=observation(),
+        dones=(torch.rand((size, 1), generator=generator) < 0.3).float(),
+        rewards=torch.rand((size, 1), generator=generator),
+    )
+
+
+class Recorder:
+    """Replaces `DrQActor.sample` by the same computation that also records the Gaussian noise it drew, and the
+    augmented copies by fixed, distinguishable copies (copy i rolls the pixels by i), so a transcription can
+    replay both."""
+
+    def __init__(self, monkeypatch, model):
+        self.noise: list[torch.Tensor] = []
+        recorder = self
+
+        def sample(actor, h):
+            mean, std = actor.mean_std(h)
+            noise = torch.randn_like(mean)
+            recorder.noise.append(noise)
+            pre_tanh = mean + std * noise
+            return torch.tanh(pre_tanh), squashed_log_prob(pre_tanh, mean, std)
+
+        monkeypatch.setattr(DrQActor, "sample", sample)
+        monkeypatch.setattr(model, "augmented_copies", self.copies)
+
+    @staticmethod
+    def copy_of(obs, index):
+        return {k: v.roll(index, dims=-1) if v.dtype == torch.uint8 else v for k, v in obs.items()}
+
+    def copies(self, obs, count):
+        return {k: torch.cat([self.copy_of(obs, i)[k] for i in range(count)]) for k in obs}
+
+
+def drq_transcription(policy, log_alpha, data, noise, K, M, gamma, target_entropy):
+    """DrQ's equations (denisyarats/drq, drq.py `update_critic` / `update_actor_and_alpha`), one copy at a time,
+    on a deep copy of the policy; returns (critic loss, actor loss, alpha loss). `noise`: the recorded draws
+    (K*B for the target's next actions, then B for the actor). The actor reads the first copy's encoder output
+    from before the critic's step (agents/drq.py says why)."""
+    alpha = log_alpha.exp().detach()
+    batch = data.actions.shape[0]
+    squash = lambda mean, std: torch.distributions.TransformedDistribution(  # noqa: E731
+        torch.distributions.Normal(mean, std), [torch.distributions.TanhTransform(cache_size=1)]
+    )
+    targets = []
+    with torch.no_grad():
+        for k in range(K):
+            next_obs = Recorder.copy_of(data.next_observations, k)
+            mean, std = policy.actor.mean_std(policy.encoder(next_obs))
+            pre_tanh = mean + std * noise[0][k * batch : (k + 1) * batch]
+            action = torch.tanh(pre_tanh)
+            log_prob = squash(mean, std).log_prob(action).sum(-1, keepdim=True)
+            target = policy.critic_target
+            q1, q2 = target.q_values(target.encoder(next_obs), action)
+            target_v = torch.min(q1, q2) - alpha * log_prob
+            targets.append(data.rewards + (1 - data.dones) * gamma * target_v)
+        target_q = sum(targets) / K
+    critic_loss, first_h = 0.0, None
+    for m in range(M):
+        h = policy.encoder(Recorder.copy_of(data.observations, m))
+        first_h = h if first_h is None else first_h
+        q1, q2 = policy.critic.q_values(h, data.actions)
+        critic_loss = critic_loss + F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
+    policy.critic.optimizer.zero_grad()
+    critic_loss.backward()
+    policy.critic.optimizer.step()
+    mean, std = policy.actor.mean_std(first_h.detach())
+    pre_tanh = mean + std * noise[1]
+    action = torch.tanh(pre_tanh)
+    log_prob = squash(mean, std).log_prob(action).sum(-1, keepdim=True)
+    q1, q2 = policy.critic.q_values(first_h.detach(), action)
+    actor_loss = (alpha * log_prob - torch.min(q1, q2)).mean()
+    alpha_loss = (log_alpha.exp() * (-log_prob - target_entropy).detach()).mean()
+    return critic_loss.item(), actor_loss.item(), alpha_loss.item()
+
+
+@pytest.mark.parametrize("policy_type", ["drq-cnn", "cnn", "perceiver"])
+@pytest.mark.parametrize("copies", [(2, 2), (1, 3)])
+def test_drq_losses_equal_a_transcription_of_drqs_equations(venv, monkeypatch, policy_type, copies):
+    K, M = copies
+    model = agent(venv, policy_type, target_augmentations=K, critic_augmentations=M)
+    data = batch(model)
+    reference_policy = copy.deepcopy(model.policy)
+    reference_alpha = model.log_ent_coef.detach().clone()
+    recorder = Recorder(monkeypatch, model)
+    metrics = drq_step(model, data, update=0)
+    assert [n.shape[0] for n in recorder.noise] == [K * 6, 6]
+    expected = drq_transcription(
+        reference_policy, reference_alpha, data, recorder.noise, K, M, model.gamma, model.target_entropy
+    )
+    got = (metrics["critic_loss"], metrics["actor_loss"], metrics["ent_coef_loss"])
+    assert got == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert metrics["ent_coef"] == pytest.approx(0.1)  # DrQ's initial temperature
+
+
+def test_squashed_log_prob_is_drqs_squashed_normal():
+    torch.manual_seed(0)
+    mean, std = torch.randn(5, 3), torch.rand(5, 3) + 0.1
+    pre_tanh = mean + std * torch.randn(5, 3)
+    drq = torch.distributions.TransformedDistribution(
+        torch.distributions.Normal(mean, std), [torch.distributions.TanhTransform(cache_size=1)]
+    )
+    expected = drq.log_prob(torch.tanh(pre_tanh)).sum(-1, keepdim=True)
+    assert torch.allclose(squashed_log_prob(pre_tanh, mean, std), expected, atol=1e-4)
+
+
+def test_log_std_is_tanh_rescaled_into_drqs_bounds(venv):
+    policy = agent(venv).policy
+    assert policy.log_std_bounds == (-10.0, 2.0)
+    h = policy.encoder(batch(agent(venv)).observations) * 1e3  # saturate the tanh both ways
+    _, std = policy.actor.mean_std(h)
+    assert std.log().min() >= -10.0 - 1e-4 and std.log().max() <= 2.0 + 1e-4
+
+
+@pytest.mark.parametrize("K,M", [(1, 1), (2, 2), (3, 1)])
+def test_k_and_m_set_how_many_copies_each_network_reads(venv, K, M):
+    model = agent(venv, target_augmentations=K, critic_augmentations=M)
+    seen = {"online": [], "target": []}
+    model.policy.encoder.register_forward_hook(
+        lambda mod, inp, out: seen["online"].append((out.shape[0], torch.is_grad_enabled()))
+    )
+    model.policy.critic_target.encoder.register_forward_hook(
+        lambda mod, inp, out: seen["target"].append(out.shape[0])
+    )
+    drq_step(model, batch(model, size=4), update=1)  # update 1: the critic only (interval 2)
+    # online: K*B without grad (the actor's next actions), M*B with grad (the critic loss); target: K*B
+    assert seen == {"online": [(4 * K, False), (4 * M, True)], "target": [4 * K]}
+
+
+def test_the_encoder_receives_no_actor_gradient(venv):
+    model = agent(venv)
+    for group in model.policy.critic.optimizer.param_groups:
+        group["lr"] = 0.0  # the critic's step (which owns the encoder) changes nothing
+    encoder = {k: v.clone() for k, v in model.policy.encoder.state_dict().items()}
+    actor = {k: v.clone() for k, v in model.policy.actor.state_dict().items()}
+    drq_step(model, batch(model), update=0)  # update 0: critic, actor and temperature
+    assert all(torch.equal(v, model.policy.encoder.state_dict()[k]) for k, v in encoder.items())
+    changed = [k for k, v in actor.items() if not torch.equal(v, model.policy.actor.state_dict()[k])]
+    assert changed and not any(k.startswith("_encoder") for k in changed)
+    assert not set(model.policy.actor.state_dict()) & {f"encoder.{k}" for k in encoder}
+
+
+def test_actor_temperature_and_target_follow_their_intervals(venv, monkeypatch):
+    model = agent(venv, actor_update_interval=2, target_update_interval=3)
+    steps = {"actor": 0, "alpha": 0}
+    for name, optimizer in (("actor", model.policy.actor.optimizer), ("alpha", model.ent_coef_optimizer)):
+        original = optimizer.step
+        monkeypatch.setattr(optimizer, "step", lambda *a, _o=original, _n=name, **k: (steps.__setitem__(_n, steps[_n] + 1), _o(*a, **k))[1])  # noqa: E501
+    target_changes, previous = [], [p.clone() for p in model.policy.critic_target.parameters()]
+    model.replay_buffer = type("Fixed", (), {"sample": lambda self, n, env=None: batch(model, n)})()
+    for _ in range(6):
+        model.train(gradient_steps=1, batch_size=4)
+        now = list(model.policy.critic_target.parameters())
+        target_changes.append(any(not torch.equal(a, b) for a, b in zip(previous, now)))
+        previous = [p.clone() for p in now]
+    assert steps == {"actor": 3, "alpha": 3}  # updates 0, 2, 4
+    assert target_changes == [True, False, False, True, False, False]  # updates 0 and 3
+    assert model._n_updates == 6
+
+
+def test_the_target_copy_includes_the_encoder_and_polyak_uses_tau(venv):
+    model = agent(venv, tau=0.25)
+    policy = model.policy
+    assert policy.critic_target.encoder is not policy.encoder
+    before = [p.clone() for p in policy.critic_target.encoder.parameters()]
+    with torch.no_grad():
+        for p in policy.encoder.parameters():
+            p.add_(1.0)
+    model.replay_buffer = type("Fixed", (), {"sample": lambda self, n, env=None: batch(model, n)})()
+    for group in policy.critic.optimizer.param_groups:
+        group["lr"] = 0.0
+    model.train(gradient_steps=1, batch_size=4)  # update 0: a target update
+    for old, new, online in zip(before, policy.critic_target.encoder.parameters(), policy.encoder.parameters()):
+        assert torch.allclose(new, 0.75 * old + 0.25 * online, atol=1e-6)
+
+
+def test_drq_defaults_are_drqs_values(venv):
+    assert DRQ_DEFAULTS["batch_size"] == 512 and DRQ_DEFAULTS["learning_rate"] == 1e-3
+    model = make_agent("sac", venv, policy_type="cnn", recipe="drq", device="cpu", buffer_size=100)
+    assert (model.target_augmentations, model.critic_augmentations, model.actor_update_interval) == (2, 2, 2)
+    assert (model.tau, model.target_update_interval, model.learning_starts) == (0.01, 2, 1000)
+    assert math.isclose(float(model.log_ent_coef.detach().exp()), 0.1, rel_tol=1e-6)
+    policy = model.policy
+    assert isinstance(policy, DrQSACPolicy) and policy.hidden_dim == 1024 and policy.hidden_depth == 2
+    assert [m.out_features for m in policy.critic.q_networks[0] if isinstance(m, torch.nn.Linear)] == [1024, 1024, 1]
+    assert policy.feature_dim == 50 and policy.critic.readout.linear.out_features == 50
+
+
+def test_drq_cnn_is_drqs_encoder():
+    space = spaces.Dict({"pixels": spaces.Box(0, 255, (9, 84, 84), np.uint8)})
+    model = make_agent_free_encoder("drq-cnn", space)
+    convs = [m for m in model.convs if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size, c.stride, c.padding) for c in convs] == [
+        (32, (3, 3), (2, 2), (0, 0)),
+        (32, (3, 3), (1, 1), (0, 0)),
+        (32, (3, 3), (1, 1), (0, 0)),
+        (32, (3, 3), (1, 1), (0, 0)),
+    ]
+    assert model.conv_shape == (32, 35, 35) and model.out_dim == 32 * 35 * 35
+    nature = make_agent_free_encoder("cnn", space)
+    assert nature.conv_shape == (64, 7, 7)
+
+
+def make_agent_free_encoder(name, space):
+    from agents.encoders import build_encoder
+
+    return build_encoder(name, space, PerceiverConfig())
+
+
+def test_an_image_too_small_for_the_convolutions_is_a_named_error():
+    space = spaces.Dict({"pixels": spaces.Box(0, 255, (9, 32, 32), np.uint8)})
+    with pytest.raises(ValueError, match="encoder 'cnn' cannot read 32x32 images"):
+        make_agent_free_encoder("cnn", space)
+
+
+def test_conv_encoders_read_every_key_but_the_state_and_refuse_absent_flags():
+    from agents.encoders import build_encoder
+
+    space = spaces.Dict(
+        {
+            "pixels": spaces.Box(0, 255, (6, 48, 48), np.uint8),
+            "proprio": spaces.Box(-np.inf, np.inf, (5,), np.float32),
+            "action_history": spaces.Box(-1, 1, (4, 2), np.float32),
+            "state": spaces.Box(-np.inf, np.inf, (7,), np.float32),
+        }
+    )
+    encoder = build_encoder("cnn", space, PerceiverConfig())
+    assert encoder.pixel_key == "pixels" and encoder.vector_keys == ["action_history", "proprio"]
+    assert encoder.vector_dim == 5 + 8
+    obs = {k: torch.zeros((2, *s.shape), dtype=torch.uint8 if s.dtype == np.uint8 else torch.float32)
+           for k, s in space.spaces.items()}  # fmt: skip
+    base = encoder(obs)
+    obs["proprio"] = torch.ones(2, 5)
+    assert not torch.equal(encoder(obs), base)  # the vector keys reach the features
+    obs["state"] = torch.ones(2, 7)
+    assert torch.equal(encoder(obs), encoder({k: v for k, v in obs.items() if k != "state"}))
+    with pytest.raises(ValueError, match="absent_modalities"):
+        build_encoder("drq-cnn", spaces.Dict({**space.spaces, "absent_modalities": spaces.MultiBinary(3)}),
+                      PerceiverConfig())  # fmt: skip
+
+
+def test_recipe_errors_name_the_valid_choices(venv):
+    with pytest.raises(ValueError, match=r"unknown recipe 'drqq'; valid choices: \['sb3', 'drq'\]"):
+        make_agent("sac", venv, recipe="drqq", device="cpu")
+    with pytest.raises(ValueError, match="policy_type 'cnn' trains with recipe 'drq'"):
+        make_agent("sac", venv, policy_type="cnn", device="cpu")
+    with pytest.raises(ValueError, match="needs algorithm 'sac'"):
+        make_agent("ppo", venv, policy_type="drq-cnn", recipe="drq", device="cpu")
+    with pytest.raises(ValueError, match="recipe 'drq' is a SAC recipe"):
+        make_agent("ppo", venv, recipe="drq", device="cpu")
+    with pytest.raises(ValueError, match="target_augmentations must be a positive integer, got 0"):
+        agent(venv, target_augmentations=0)
+
+
+def test_conv_tokenizer_reads_the_stacked_frames_into_grid_tokens():
+    space = spaces.Dict({"pixels": spaces.Box(0, 255, (9, 84, 84), np.uint8)})
+    encoder = PerceiverEncoder(space, PerceiverConfig(num_latents=4, latent_dim=16, pixel_tokenizer="conv"))
+    assert encoder.num_tokens == {"pixels": 11 * 11}  # 84 -> 42 -> 21 -> 11
+    adapter = encoder.adapters["pixels"]
+    assert adapter.spec.kind == "conv_image" and adapter.stem[0].in_channels == 9  # all three frames at once
+    assert adapter.position_features.shape[0] == 121
+    x = torch.randint(0, 256, (2, 9, 84, 84), dtype=torch.uint8)
+    tokens = adapter(x)
+    assert tokens.shape == (2, 121, 16)
+    moved = x.clone()
+    moved[:, 6:] = torch.roll(x[:, 6:], 4, dims=-1)  # only the newest frame changes: every token may change
+    assert not torch.equal(adapter(moved), tokens)
+    with pytest.raises(ValueError, match="pixel_tokenizer 'conf' unknown; valid choices"):
+        PerceiverConfig(pixel_tokenizer="conf")
+    with pytest.raises(ValueError, match="conv_strides must be a non-empty list"):
+        PerceiverConfig(conv_strides=[])

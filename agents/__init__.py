@@ -1,5 +1,7 @@
 """SB3 algorithms wired for the Perceiver policy: batched device rollouts, frame replay, DrQ-style SAC."""
 
+from agents.drq_policy import DrQSACPolicy
+from agents.encoders import ENCODERS, build_encoder
 from agents.factory import (
     ALGORITHMS,
     BF16_MIN_LATENTS,
@@ -14,8 +16,6 @@ from agents.factory import (
     make_agent,
     resolve_device,
 )
-from agents.drq_policy import DrQSACPolicy
-from agents.encoders import ENCODERS, build_encoder
 from agents.finetune import transfer_weights
 from agents.on_policy import BatchedRolloutMixin, PerceiverA2C, PerceiverPPO
 from agents.replay_buffer import FrameReplayBuffer

@@ -51,9 +51,12 @@ def critic_target(algo, data, alpha: torch.Tensor) -> torch.Tensor:
         next_actions, next_log_prob = policy.actor.sample(policy.encoder(next_obs))
         target = policy.critic_target
         next_v = min_q(target.q_values(target.encoder(next_obs), next_actions)) - alpha * next_log_prob
-        y = data.rewards.repeat(copies, 1) + (1 - data.dones.repeat(copies, 1)) * (
-            discounts.repeat(copies, 1) if torch.is_tensor(discounts) else discounts
-        ) * next_v  # (K*B, 1)
+        y = (
+            data.rewards.repeat(copies, 1)
+            + (1 - data.dones.repeat(copies, 1))
+            * (discounts.repeat(copies, 1) if torch.is_tensor(discounts) else discounts)
+            * next_v
+        )  # (K*B, 1)
         return y.view(copies, batch, 1).mean(0)
 
 
@@ -95,9 +98,7 @@ def drq_step(algo, data, update: int) -> dict[str, float]:
         policy.actor.optimizer.step()
         metrics["actor_loss"] = actor_loss.item()
         if algo.ent_coef_optimizer is not None and algo.log_ent_coef is not None:
-            alpha_loss = (
-                torch.exp(algo.log_ent_coef) * (-log_prob - algo.target_entropy).detach()
-            ).mean()
+            alpha_loss = (torch.exp(algo.log_ent_coef) * (-log_prob - algo.target_entropy).detach()).mean()
             algo.ent_coef_optimizer.zero_grad()
             alpha_loss.backward()
             algo.ent_coef_optimizer.step()

@@ -49,7 +49,9 @@ class DrQActor(nn.Module):
     """readout -> MLP -> (mean, log-std tanh-rescaled into the bounds) -> tanh-squashed Gaussian.
     The encoder is shared and deliberately not registered (a tuple), so `actor.parameters()` are its own."""
 
-    def __init__(self, encoder: nn.Module, action_dim: int, feature_dim, hidden_dim, hidden_depth, log_std_bounds):
+    def __init__(
+        self, encoder: nn.Module, action_dim: int, feature_dim, hidden_dim, hidden_depth, log_std_bounds
+    ):
         super().__init__()
         self._encoder = (encoder,)
         self.readout = encoder.make_readout(feature_dim)
@@ -135,7 +137,11 @@ class DrQSACPolicy(BasePolicy):
         low, high = (float(b) for b in log_std_bounds)
         if not low < high:
             raise ValueError(f"log_std_bounds must be (low, high) with low < high, got {log_std_bounds!r}")
-        for name, value in (("feature_dim", feature_dim), ("hidden_dim", hidden_dim), ("n_critics", n_critics)):
+        for name, value in (
+            ("feature_dim", feature_dim),
+            ("hidden_dim", hidden_dim),
+            ("n_critics", n_critics),
+        ):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(hidden_depth, int) or hidden_depth < 0:

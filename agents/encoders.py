@@ -23,8 +23,8 @@ from gymnasium import spaces
 from torch import nn
 
 from perceiver_policy.config import PerceiverConfig
-from perceiver_policy.model import LearnedQueries, PerceiverDecoder, PerceiverEncoder
 from perceiver_policy.modalities import ABSENT_KEY, STATE_KEY
+from perceiver_policy.model import LearnedQueries, PerceiverDecoder, PerceiverEncoder
 
 ENCODERS = ("perceiver", "cnn", "drq-cnn")
 VECTOR_HIDDEN = 64

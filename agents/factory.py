@@ -74,7 +74,12 @@ DRQ_DEFAULTS: dict = {
 }
 # DrQ's policy (config.yaml: encoder feature_dim 50; actor / critic hidden_dim 1024, hidden_depth 2; actor
 # log_std_bounds [-10, 2]); agents.drq_policy holds the same values as its defaults.
-DRQ_POLICY_DEFAULTS: dict = {"feature_dim": 50, "hidden_dim": 1024, "hidden_depth": 2, "log_std_bounds": (-10.0, 2.0)}
+DRQ_POLICY_DEFAULTS: dict = {
+    "feature_dim": 50,
+    "hidden_dim": 1024,
+    "hidden_depth": 2,
+    "log_std_bounds": (-10.0, 2.0),
+}
 # DrQ's action repeats (the PlaNet benchmark; drq README / data/dmc_planet_bench.csv) by DMC domain.
 DRQ_ACTION_REPEAT = {"cartpole": 8, "reacher": 4, "cheetah": 4, "ball_in_cup": 4, "finger": 2, "walker": 2}
 

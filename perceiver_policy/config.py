@@ -124,8 +124,14 @@ class PerceiverConfig:
             raise ValueError(
                 f"PerceiverConfig.pixel_tokenizer {self.pixel_tokenizer!r} unknown; valid choices: {list(PIXEL_TOKENIZERS)}"
             )
-        if not isinstance(self.conv_channels, int) or isinstance(self.conv_channels, bool) or self.conv_channels <= 0:
-            raise ValueError(f"PerceiverConfig.conv_channels must be a positive integer, got {self.conv_channels!r}")
+        if (
+            not isinstance(self.conv_channels, int)
+            or isinstance(self.conv_channels, bool)
+            or self.conv_channels <= 0
+        ):
+            raise ValueError(
+                f"PerceiverConfig.conv_channels must be a positive integer, got {self.conv_channels!r}"
+            )
         strides = self.conv_strides
         if (
             not isinstance(strides, (list, tuple))

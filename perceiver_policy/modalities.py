@@ -127,7 +127,11 @@ def build_specs(observation_space: spaces.Space, config: PerceiverConfig) -> lis
         kind = overrides.pop("kind", None) or infer_kind(name, space)
         if kind == "image" and config.pixel_tokenizer == "conv":
             kind = "conv_image"
-            overrides = {"conv_strides": tuple(config.conv_strides), "conv_channels": config.conv_channels, **overrides}
+            overrides = {
+                "conv_strides": tuple(config.conv_strides),
+                "conv_channels": config.conv_channels,
+                **overrides,
+            }
         if kind not in ADAPTERS:
             raise ValueError(
                 f"unknown modality kind {kind!r} for {name!r}; valid choices: {sorted(ADAPTERS)}"

@@ -203,7 +203,11 @@ def test_actor_temperature_and_target_follow_their_intervals(venv, monkeypatch):
     steps = {"actor": 0, "alpha": 0}
     for name, optimizer in (("actor", model.policy.actor.optimizer), ("alpha", model.ent_coef_optimizer)):
         original = optimizer.step
-        monkeypatch.setattr(optimizer, "step", lambda *a, _o=original, _n=name, **k: (steps.__setitem__(_n, steps[_n] + 1), _o(*a, **k))[1])  # noqa: E501
+        monkeypatch.setattr(
+            optimizer,
+            "step",
+            lambda *a, _o=original, _n=name, **k: (steps.__setitem__(_n, steps[_n] + 1), _o(*a, **k))[1],
+        )  # noqa: E501
     target_changes, previous = [], [p.clone() for p in model.policy.critic_target.parameters()]
     model.replay_buffer = type("Fixed", (), {"sample": lambda self, n, env=None: batch(model, n)})()
     for _ in range(6):
@@ -228,7 +232,9 @@ def test_the_target_copy_includes_the_encoder_and_polyak_uses_tau(venv):
     for group in policy.critic.optimizer.param_groups:
         group["lr"] = 0.0
     model.train(gradient_steps=1, batch_size=4)  # update 0: a target update
-    for old, new, online in zip(before, policy.critic_target.encoder.parameters(), policy.encoder.parameters()):
+    for old, new, online in zip(
+        before, policy.critic_target.encoder.parameters(), policy.encoder.parameters()
+    ):
         assert torch.allclose(new, 0.75 * old + 0.25 * online, atol=1e-6)
 
 
@@ -240,7 +246,11 @@ def test_drq_defaults_are_drqs_values(venv):
     assert math.isclose(float(model.log_ent_coef.detach().exp()), 0.1, rel_tol=1e-6)
     policy = model.policy
     assert isinstance(policy, DrQSACPolicy) and policy.hidden_dim == 1024 and policy.hidden_depth == 2
-    assert [m.out_features for m in policy.critic.q_networks[0] if isinstance(m, torch.nn.Linear)] == [1024, 1024, 1]
+    assert [m.out_features for m in policy.critic.q_networks[0] if isinstance(m, torch.nn.Linear)] == [
+        1024,
+        1024,
+        1,
+    ]
     assert policy.feature_dim == 50 and policy.critic.readout.linear.out_features == 50
 
 

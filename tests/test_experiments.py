@@ -420,7 +420,9 @@ def test_drq_recipe_agents_train_evaluate_probe_blank_export_and_resume(tmp_path
     assert "train/critic_loss" in tags(run).Tags()["scalars"]
     resumed = cli("experiments.train", "--resume", str(run), "--total-steps", "48")
     assert "from checkpoint step 32" in resumed.stdout
-    out = cli("experiments.evaluate", str(run), "--episodes", "4", "--probe-state", "--output", str(tmp_path / "e"))
+    out = cli(
+        "experiments.evaluate", str(run), "--episodes", "4", "--probe-state", "--output", str(tmp_path / "e")
+    )
     assert "R² position" in out.stdout
     blank = cli("experiments.evaluate", str(run), "--episodes", "1", "--blank-modality", "pixels",
                 "--output", str(tmp_path / "blank"))  # fmt: skip

@@ -478,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             "policy",
             "train",
             "sac",
+            "drq",
             "precision",
             "streaming",
             "gpu",
@@ -524,6 +525,10 @@ def main(argv: list[str] | None = None) -> int:
         sac_speedup = bench_sac(args.quick)
         if headline is not None:
             summary(headline, sac_speedup)
+    if args.what in ("drq", "all"):
+        from experiments.benchmark_sac import bench_drq
+
+        bench_drq(args.quick)
     return 0
 
 

@@ -95,3 +95,85 @@ def bench_sac(quick: bool) -> float:
     )
     venv.close()
     return speedup
+
+
+LEAN = {"num_latents": 32, "latent_dim": 64, "self_attn_layers": 1, "patch_size": 12}
+DRQ_AGENTS = {  # name -> (policy_type, Perceiver options)
+    "Perceiver, patch tokens": ("perceiver", LEAN),
+    "Perceiver, patch tokens, bf16 autocast": ("perceiver", {**LEAN, "dtype": "bfloat16"}),
+    "Perceiver, conv tokens": ("perceiver", {**LEAN, "pixel_tokenizer": "conv"}),
+    "NatureCNN (cnn)": ("cnn", {}),
+    "DrQ's encoder (drq-cnn)": ("drq-cnn", {}),
+}
+
+
+def tokenizer_table() -> None:
+    """Tokens, parameters and forward FLOPs of each pixel tokenizer (the encoder's image adapter) at 84 px x 3."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gymnasium import spaces
+
+    from perceiver_policy.config import PerceiverConfig
+    from perceiver_policy.model import PerceiverEncoder
+
+    space = spaces.Dict({"pixels": spaces.Box(0, 255, (9, 84, 84), np.uint8)})
+    rows = []
+    for name, options in (
+        ("patch (12 px, per frame)", {}),
+        ("conv (3 x 3/2, 32 ch, stacked)", {"pixel_tokenizer": "conv"}),
+    ):
+        encoder = PerceiverEncoder(space, PerceiverConfig(**{**LEAN, **options}))
+        adapter = encoder.adapters["pixels"]
+        pixels = torch.zeros(1, 9, 84, 84, dtype=torch.uint8)
+        with torch.no_grad(), FlopCounterMode(display=False) as adapter_flops:
+            adapter(pixels)
+        with torch.no_grad(), FlopCounterMode(display=False) as encoder_flops:
+            encoder({"pixels": pixels})
+        params = sum(p.numel() for p in adapter.parameters())
+        rows.append([name, encoder.num_tokens["pixels"], params, adapter_flops.get_total_flops() / 1e6,
+                     encoder_flops.get_total_flops() / 1e6])  # fmt: skip
+    table(
+        "Pixel tokenizers of the lean Perceiver (32 latents x 64), 84 px x 3 frames, one observation",
+        ["tokenizer", "tokens", "tokenizer parameters", "tokenizer MFLOPs", "encoder MFLOPs"],
+        rows,
+    )
+
+
+def drq_update_table(batches: tuple[int, ...], updates: int, skip: tuple[str, ...] = ()) -> None:
+    """ms per DrQ-recipe update (K = M = 2, critic + actor + temperature + target) of every agent, identical but
+    for the encoder, alternated in this process; cartpole-swingup pixels only (84 px x 3)."""
+    venv = envs.make_vec_env("cartpole-swingup", n_envs=1, seed=0, image_size=84, action_repeat=8,
+                             modalities=("pixels",))  # fmt: skip
+    for batch in batches:
+        models = {}
+        for name, (policy_type, perceiver) in DRQ_AGENTS.items():
+            if (name, batch) in skip:
+                continue
+            model = make_agent("sac", venv, perceiver=perceiver, policy_type=policy_type, recipe="drq",
+                               device="cpu", seed=0, batch_size=batch, buffer_size=2000, learning_starts=300)  # fmt: skip
+            model.learn(300)  # random actions until learning_starts: fills the buffer, no update yet
+            model.train(gradient_steps=2, batch_size=batch)  # warm-up; two updates: one with the actor
+            models[name] = model
+        times = {name: [] for name in models}
+        for _ in range(updates):  # alternated, so that drifts in machine speed hit every agent
+            for name, model in models.items():
+                start = time.perf_counter()
+                model.train(gradient_steps=2, batch_size=batch)  # one critic-only, one full update
+                times[name].append((time.perf_counter() - start) / 2)
+        fastest = min(float(np.median(t)) for t in times.values())
+        table(
+            f"DrQ-recipe SAC update (K = M = 2, actor / target every 2), batch {batch}, cartpole-swingup "
+            f"pixels 84 px x 3, median of {updates} pairs, {torch.get_num_threads()} torch threads",
+            ["agent", "ms / update", "x the fastest"],
+            [[name, 1000 * float(np.median(t)), float(np.median(t)) / fastest] for name, t in times.items()],
+        )
+    venv.close()
+
+
+def bench_drq(quick: bool) -> None:
+    """`python -m experiments.benchmark drq [--quick]`: the tokenizer table and the DrQ update table."""
+    tokenizer_table()
+    if quick:
+        drq_update_table((32,), updates=2)
+    else:
+        drq_update_table((128, 512), updates=5, skip=(("DrQ's encoder (drq-cnn)", 512),))

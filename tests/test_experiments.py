@@ -325,6 +325,12 @@ def test_benchmark_sac_prints_its_tables():  # plumbing only: benchmarks report 
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answer")
+def test_benchmark_drq_prints_the_tokenizer_and_update_tables():  # plumbing only: no timing is asserted
+    out = cli("experiments.benchmark", "drq", "--quick", timeout=600).stdout
+    assert "| conv (3 x 3/2, 32 ch, stacked) | 121 |" in out and "| patch (12 px, per frame) | 147 |" in out
+    assert out.count("| DrQ's encoder (drq-cnn) |") == 1 and "batch 32" in out
+
+
 def test_benchmark_gpu_without_cuda_says_it_skipped():
     result = cli("experiments.benchmark", "gpu", "--quick")
     assert "no CUDA device here: skipped" in result.stdout

@@ -10,18 +10,26 @@ TORCH_PIP_ARGS ?=
 PY := $(VENV)/bin/python
 export MUJOCO_GL ?= egl
 
-.PHONY: install train test test-fast lint tensorboard benchmark clean
+.PHONY: install install-train train test test-fast lint tensorboard benchmark clean
 
-$(VENV)/.installed: pyproject.toml
+# What training needs (the package and its dependencies); `install` adds the dev extra (tests, lint, ONNX export,
+# rliable reports, Ray / Optuna sweeps, peft).
+$(VENV)/.installed-train: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e . "$(TORCH_SPEC)"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.installed-train
 	$(PY) -m pip install -q -e ".[dev]" "$(TORCH_SPEC)"
 	touch $@
 
+install-train: $(VENV)/.installed-train
+
 install: $(VENV)/.installed
 
-train: install
+train: install-train
 	$(PY) -m experiments.train --preset cartpole-balance-pixels
 
 # Two pytest-xdist workers: the suite is mostly one-core subprocess runs, so 2 cores halve its wall time.
@@ -35,8 +43,10 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-tensorboard: install
-	$(PY) -m tensorboard.main --logdir runs --bind_all
+# Served on localhost only; `make tensorboard TB_ARGS=--bind_all` serves every interface.
+TB_ARGS ?=
+tensorboard: install-train
+	$(PY) -m tensorboard.main --logdir runs $(TB_ARGS)
 
 benchmark: install
 	$(PY) -m experiments.benchmark all --quick

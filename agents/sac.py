@@ -17,6 +17,8 @@ included) Polyak-averaged every `target_update_interval` updates.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -115,7 +117,7 @@ class PerceiverSAC(SAC):
             data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)
             discounts = data.discounts if data.discounts is not None else self.gamma
             latents = encoder(self._augment(data.observations))  # (B, M, D), trained by the critic loss
-            with torch.no_grad():
+            with torch.no_grad(), evaluation_mode(encoder):  # the target's latents without dropout
                 next_latents = encoder(self._augment(data.next_observations))
 
             actions_pi, log_prob = self.actor.action_log_prob_latents(latents.detach())
@@ -170,6 +172,17 @@ class PerceiverSAC(SAC):
         record_state_decoding(self.logger, decode_metrics)
         for group, norm in encoder_grads.items():
             self.logger.record(f"perceiver/grad_norm/{group}", norm)
+
+
+@contextlib.contextmanager
+def evaluation_mode(module: torch.nn.Module):
+    """`module` in eval mode inside the block (no dropout, DropPath or modality dropout), its mode restored after."""
+    was_training = module.training
+    module.train(False)
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def check_state_decoding(weight: float, policy) -> None:

@@ -109,9 +109,8 @@ DRQ_AGENTS = {  # name -> (policy_type, Perceiver options)
 
 def tokenizer_table() -> None:
     """Tokens, parameters and forward FLOPs of each pixel tokenizer (the encoder's image adapter) at 84 px x 3."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from gymnasium import spaces
+    from torch.utils.flop_counter import FlopCounterMode
 
     from perceiver_policy.config import PerceiverConfig
     from perceiver_policy.model import PerceiverEncoder

@@ -55,3 +55,23 @@ def check_observation(observation: Mapping, space: spaces.Dict) -> None:
             )
         if isinstance(sub, spaces.Box) and np.issubdtype(sub.dtype, np.floating) and not _is_float(value):
             raise ValueError(f"observation {key!r}: expected a float array ({sub.dtype}), got {value.dtype}")
+    check_finite(observation, space)
+
+
+def check_finite(observation: Mapping, space: spaces.Dict) -> None:
+    """NaN / inf in a float key is an error naming the key. One sum per key and one check for all of them (a
+    finite total of finite values is the common case); only a non-finite total looks for the key."""
+    floats = [k for k, sub in space.spaces.items() if np.issubdtype(sub.dtype, np.floating)]
+    sums = [
+        observation[k].sum() if hasattr(observation[k], "sum") else np.sum(observation[k]) for k in floats
+    ]
+    if not sums or np.isfinite(float(sum(sums))):
+        return
+    for key in floats:
+        value = observation[key]
+        finite = torch.isfinite(value).all() if isinstance(value, torch.Tensor) else np.isfinite(value).all()
+        if not bool(finite):
+            raise ValueError(
+                f"observation {key!r} holds NaN or inf values; a policy acts only on finite observations "
+                "(check the sensor, or train with --sanitize-nonfinite to replace them by 0)"
+            )

@@ -128,6 +128,7 @@ class PerceiverSACPolicy(BasePolicy):
         self.critic_target = PerceiverSACCritic(self.encoder, self.perceiver_config, action_dim, n_critics)
         self.critic_target.load_state_dict(self.critic.state_dict())
         self.critic_target.requires_grad_(False)
+        self.critic_target.eval()  # as SB3's SAC: the target never runs dropout
         # State-decoding queries (auxiliary loss on the critic's encoder pass) when the obs has the privileged state.
         self.state_decoder = make_state_decoder(observation_space, self.perceiver_config)
         # Transfer: freeze the encoder / add LoRA adapters before the optimizers see the parameters.

@@ -16,11 +16,14 @@ from perceiver_policy.model import LearnedQueries, PerceiverDecoder, init_weight
 
 
 class RunningStandardizer(nn.Module):
-    """Per-dimension running mean / variance (parallel Welford), saved with the module's state."""
+    """Per-dimension running mean / variance (parallel Welford), saved with the module's state.
 
-    def __init__(self, dim: int, eps: float = 1e-4):
+    The scale is sqrt(max(var, min_var) + eps): a near-constant sensor (a variance far below its siblings') is
+    not amplified into a loss that dwarfs the others; with `min_var` = 1e-2 a sensor is scaled by at most 10x."""
+
+    def __init__(self, dim: int, eps: float = 1e-4, min_var: float = 1e-2):
         super().__init__()
-        self.eps = eps
+        self.eps, self.min_var = eps, min_var
         self.register_buffer("count", torch.zeros(()))
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("var", torch.ones(dim))
@@ -37,7 +40,10 @@ class RunningStandardizer(nn.Module):
         self.count.copy_(total)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / torch.sqrt(self.var + self.eps)
+        return (x - self.mean) / self.scale()
+
+    def scale(self) -> torch.Tensor:
+        return torch.sqrt(self.var.clamp_min(self.min_var) + self.eps)
 
 
 class StateDecoder(nn.Module):
@@ -78,7 +84,7 @@ class StateDecoder(nn.Module):
 
     def predict(self, latents: torch.Tensor) -> torch.Tensor:
         """The decoded state in the simulator's units, (B, state_dim)."""
-        scale = torch.sqrt(self.standardizer.var + self.standardizer.eps)
+        scale = self.standardizer.scale()
         return self(latents) * scale + self.standardizer.mean
 
 

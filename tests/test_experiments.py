@@ -231,10 +231,24 @@ def test_evaluate_writes_table_and_video(trained_run, tmp_path):
     blank = cli("experiments.evaluate", str(trained_run), "--episodes", "1", "--blank-modality", "pixels",
                 "--output", str(tmp_path / "blank"))  # fmt: skip
     assert "| cartpole-balance | pixels (blank) | 1 |" in blank.stdout
+    # one file per condition, so evaluating several conditions into one folder keeps each
+    cli("experiments.evaluate", str(trained_run), "--episodes", "1", "--missing-modality", "proprio",
+        "--output", str(tmp_path / "blank"))  # fmt: skip
+    assert {p.name for p in (tmp_path / "blank").glob("*.csv")} == {
+        "eval-blank-pixels.csv",
+        "eval-no-proprio.csv",
+    }
     overlay = tmp_path / "overlay"
     cli("experiments.evaluate", str(trained_run), "--episodes", "1", "--video", "--attention-overlay",
         "--output", str(overlay))  # fmt: skip
     assert (overlay / "cartpole-balance-attention.mp4").stat().st_size > 1000
+
+
+def test_evaluate_reports_the_episodes_of_the_final_training_evaluation(trained_run, tmp_path):
+    """One convention: evaluate's default env seeds are the training evaluations' (10000 + the run's seed)."""
+    final = (trained_run / "eval" / "history.csv").read_text().splitlines()[-1].split(",")
+    out = cli("experiments.evaluate", str(trained_run), "--episodes", "1", "--output", str(tmp_path)).stdout
+    assert f"| {float(final[2]):.1f} ± 0.0 |" in out  # step, frames, return_mean
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])

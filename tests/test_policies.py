@@ -391,8 +391,16 @@ def test_sac_logs_the_gradient_reaching_each_encoder_stage():
         ),
         (lambda o: {**o, "pixels": o["pixels"] / 255.0}, r"'pixels': expected uint8 .*got float64"),
         (lambda o: {**o, "proprio": o["proprio"].astype(np.int64)}, r"'proprio': expected a float array"),
+        (
+            lambda o: {**o, "proprio": np.where(np.arange(5) == 2, np.nan, o["proprio"]).astype(np.float32)},
+            r"observation 'proprio' holds NaN or inf values",
+        ),
+        (
+            lambda o: {**o, "action_history": np.full_like(o["action_history"], np.inf)},
+            r"observation 'action_history' holds NaN or inf values",
+        ),
     ],
-    ids=["missing", "extra", "shape", "float-pixels", "int-proprio"],
+    ids=["missing", "extra", "shape", "float-pixels", "int-proprio", "nan-proprio", "inf-history"],
 )
 @pytest.mark.parametrize("algorithm", ["ppo", "sac"])
 def test_predict_names_a_malformed_observation(algorithm, change, message):

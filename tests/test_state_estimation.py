@@ -206,3 +206,38 @@ def test_state_decoding_trains_and_logs_per_sensor(algorithm):
     assert {"perceiver/state_decode_mse/position", "perceiver/state_decode_mse/velocity"} <= set(logged)
     after = list(model.policy.state_decoder.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_the_standardiser_floors_the_variance_of_a_near_constant_sensor():
+    from perceiver_policy.state_decoding import RunningStandardizer
+
+    standardizer = RunningStandardizer(2)
+    x = torch.stack([torch.randn(256), 1e-4 * torch.randn(256)], dim=1)  # the second sensor barely moves
+    standardizer.update(x)
+    scale = standardizer.scale()
+    assert scale[1] >= 0.1 and torch.isclose(scale[0], x[:, 0].std(unbiased=False), rtol=0.05)
+    assert standardizer(x)[:, 1].abs().max() < 0.01  # not amplified up to 100x into the loss
+
+
+def test_sac_target_runs_in_eval_mode_and_the_target_latents_without_dropout():
+    import agents
+
+    venv = envs.make_vec_env("cartpole-balance", n_envs=1, seed=0, modalities=("proprio", "action_history"))
+    model = agents.make_agent(
+        "sac", venv, perceiver={"num_latents": 4, "latent_dim": 16, "dropout": 0.1}, device="cpu",
+        buffer_size=100, learning_starts=16, batch_size=8,
+    )  # fmt: skip
+    model.learn(16)
+    model.policy.set_training_mode(True)
+    assert not model.policy.critic_target.training
+    passes = []
+    model.policy.encoder.register_forward_hook(
+        lambda module, inputs, output: passes.append((torch.is_grad_enabled(), module.training))
+    )
+    from stable_baselines3.common.logger import configure
+
+    model.set_logger(configure(None, []))
+    model.train(gradient_steps=1, batch_size=8)
+    assert (True, True) in passes and (False, False) in passes  # online with dropout; target without
+    assert model.policy.encoder.training  # restored after the target pass
+    venv.close()

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from stable_baselines3.common.utils import polyak_update
 
 from perceiver_policy.introspection import encoder_parameter_groups, gradient_norms
+from perceiver_policy.modalities import STATE_KEY
 from perceiver_policy.model import PerceiverEncoder
 
 
@@ -79,6 +80,11 @@ def drq_step(algo, data, update: int) -> dict[str, float]:
 
     h = policy.encoder(algo.augmented_copies(data.observations, copies))  # (M*B, ...) with grad
     loss = critic_loss(policy.critic.q_values(h, data.actions.repeat(copies, 1)), target, copies)
+    metrics = {"critic_loss": loss.item(), "ent_coef": alpha.item()}
+    if algo.aux_state_weight > 0:  # state decoding from the first copy's latents, trained with the critic
+        decode_loss, per_sensor = policy.state_decoder.loss(h[:batch], data.observations[STATE_KEY])
+        loss = loss + algo.aux_state_weight * decode_loss
+        metrics["state_decode"] = per_sensor
     policy.critic.optimizer.zero_grad()
     loss.backward()
     algo._last_encoder_grads = (
@@ -87,7 +93,6 @@ def drq_step(algo, data, update: int) -> dict[str, float]:
         else {}
     )
     policy.critic.optimizer.step()
-    metrics = {"critic_loss": loss.item(), "ent_coef": alpha.item()}
 
     if update % algo.actor_update_interval == 0:
         h_actor = h[:batch].detach()  # the first shifted copy, as DrQ's actor reads `obs`
@@ -116,14 +121,21 @@ def drq_update(algo, gradient_steps: int, batch_size: int) -> None:
     if algo.ent_coef_optimizer is not None:
         optimizers.append(algo.ent_coef_optimizer)
     algo._update_learning_rate(optimizers)
+    from agents.sac import record_state_decoding  # agents.sac imports this module
+
     metrics: dict[str, list[float]] = defaultdict(list)
+    decoding: list[dict[str, float]] = []
     for step in range(gradient_steps):
         data = algo.replay_buffer.sample(batch_size, env=algo._vec_normalize_env)
         for name, value in drq_step(algo, data, algo._n_updates + step).items():
-            metrics[name].append(value)
+            if name == "state_decode":
+                decoding.append(value)
+            else:
+                metrics[name].append(value)
     algo._n_updates += gradient_steps
     algo.logger.record("train/n_updates", algo._n_updates, exclude="tensorboard")
     for name, values in metrics.items():
         algo.logger.record(f"train/{name}", float(np.mean(values)))
+    record_state_decoding(algo.logger, decoding)
     for group, norm in getattr(algo, "_last_encoder_grads", {}).items():
         algo.logger.record(f"perceiver/grad_norm/{group}", norm)

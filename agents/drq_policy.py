@@ -21,6 +21,7 @@ from torch import nn
 from agents.encoders import ENCODERS, build_encoder, orthogonal_init
 from perceiver_policy.observations import check_observation
 from perceiver_policy.policies import as_config, fused_adam
+from perceiver_policy.state_decoding import make_state_decoder
 
 HIDDEN_DIM = 1024  # drq config.yaml: actor / critic hidden_dim
 HIDDEN_DEPTH = 2  # drq config.yaml: hidden_depth
@@ -166,9 +167,16 @@ class DrQSACPolicy(BasePolicy):
         self.critic_target = copy.deepcopy(self.critic)
         self.critic_target.requires_grad_(False)
         self.critic_target.eval()
+        # State-decoding queries on the critic's latents (Perceiver encoder, privileged `state` in the space).
+        self.state_decoder = (
+            make_state_decoder(observation_space, self.perceiver_config) if encoder == "perceiver" else None
+        )
         lr = lr_schedule(1)
         self.actor.optimizer = optimizer_class(self.actor.parameters(), lr=lr, **self.optimizer_kwargs)
-        self.critic.optimizer = optimizer_class(self.critic.parameters(), lr=lr, **self.optimizer_kwargs)
+        critic_params = list(self.critic.parameters())
+        if self.state_decoder is not None:
+            critic_params += list(self.state_decoder.parameters())
+        self.critic.optimizer = optimizer_class(critic_params, lr=lr, **self.optimizer_kwargs)
 
     def _get_constructor_parameters(self) -> dict:
         data = super()._get_constructor_parameters()
@@ -197,4 +205,6 @@ class DrQSACPolicy(BasePolicy):
     def set_training_mode(self, mode: bool) -> None:
         self.actor.train(mode)
         self.critic.train(mode)  # the encoder with it; the target critic stays in eval mode
+        if self.state_decoder is not None:
+            self.state_decoder.train(mode)
         self.training = mode

@@ -74,14 +74,16 @@ class PerceiverSAC(SAC):
             raise ValueError(
                 f"PerceiverSAC needs PerceiverSACPolicy or DrQSACPolicy, got {type(self.policy).__name__}"
             )
-        if isinstance(self.policy, DrQSACPolicy):
-            if self.aux_state_weight:
-                raise ValueError(
-                    f"aux_state_weight={self.aux_state_weight} (state decoding) runs with the SB3 recipe's "
-                    "PerceiverSACPolicy; DrQ's recipe has no decoding queries (use recipe 'sb3')"
-                )
-        else:
-            check_state_decoding(self.aux_state_weight, self.policy)
+        if (
+            isinstance(self.policy, DrQSACPolicy)
+            and self.aux_state_weight
+            and self.policy.encoder_name != "perceiver"
+        ):
+            raise ValueError(
+                f"aux_state_weight={self.aux_state_weight} decodes the state with the Perceiver's output queries; "
+                f"encoder {self.policy.encoder_name!r} has none (use policy_type 'perceiver')"
+            )
+        check_state_decoding(self.aux_state_weight, self.policy)
 
     def _augment(self, obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.augment_pad <= 0 or self.pixel_key not in obs:

@@ -12,7 +12,10 @@ literature counts) and the step counts follow from them; an explicit step flag o
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import functools
+import inspect
 import math
 import os
 import typing
@@ -21,7 +24,14 @@ from pathlib import Path
 
 import yaml
 
-from agents.factory import ALGORITHMS, POLICY_TYPES, RECIPES, algorithm_class, check_recipe
+from agents.factory import (
+    ALGORITHMS,
+    DRQ_ACTION_REPEAT,
+    POLICY_TYPES,
+    RECIPES,
+    algorithm_class,
+    check_recipe,
+)
 from envs.dmc import MODALITIES, TASKS
 from envs.proprio_modes import PROPRIO_MODES, valid_modes
 from envs.rendering import RENDER_BACKENDS
@@ -65,10 +75,17 @@ class TrainConfig:
     or 'drq' (DrQ's update rule and networks for any encoder: K = M = 2 shifted copies, actor / temperature and
     target every 2 updates, tau 0.01, lr 1e-3, temperature 0.1, 2 x 1024 heads, batch 512; agents.DRQ_DEFAULTS)."""
     modalities: list[str] = field(default_factory=lambda: ["pixels", "proprio", "action_history"])
+    """Observation keys the policy reads: camera frames, the body's sensors, past actions (and proprio_history)."""
     image_size: int = 84
+    """Side of the square camera image in pixels (84 in the DMC pixel benchmarks)."""
     frame_stack: int = 3
+    """Camera frames stacked into one observation (the newest last)."""
     action_repeat: int = 4
+    """Simulator steps per agent step (the same action repeated); frames = agent steps x action_repeat. With
+    --recipe drq and no value given: DrQ's repeat for the domain (cartpole 8; reacher, cheetah, ball_in_cup 4;
+    finger, walker 2)."""
     action_history_len: int = 8
+    """Past actions in the action_history modality."""
     proprio: str = "full"
     """What proprio senses: 'full' (dm_control's whole observation), 'robot' (the agent's body only: the world
     must be seen) or 'positions' (no velocities); see the README's table and envs/proprio_modes.py."""
@@ -78,7 +95,9 @@ class TrainConfig:
     """Weight of the state-decoding loss: output queries decode the privileged full state from the latents
     (SAC: on the critic's batch; PPO/A2C: in each minibatch). 0 = off; > 0 gives the training envs the state."""
     render_backend: str = "fast"
+    """Camera renderer: 'fast' (MuJoCo's Renderer, reused) or 'physics' (dm_control's physics.render)."""
     n_envs: int = 4
+    """Environments stepped in parallel (one vector env)."""
     vec_env: str = "dummy"
     """'dummy' (in-process), 'subproc' (one process per env) or 'pipelined' (subproc stepped in two halves, each
     half's policy forward overlapping the other half's env step; PPO/A2C with the Perceiver policy)."""
@@ -93,7 +112,9 @@ class TrainConfig:
     1000 per episode: unscaled, the value loss dominates PPO's clipped gradient and the policy does not learn.
     The statistics are saved in checkpoints and restored on --resume; evaluation reports raw returns."""
     device: str = "auto"
+    """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
     seed: int = 0
+    """Seed of the networks, the training envs (seed, seed + 1, ...) and the evaluations (10000 + seed)."""
     total_steps: int = 100_000
     """Agent steps summed over envs (SB3 timesteps)."""
     total_frames: int | None = None
@@ -103,7 +124,9 @@ class TrainConfig:
     eval_every_frames: int | None = None
     """If set, eval_freq = ceil(eval_every_frames / action_repeat) (presets state frequencies in frames)."""
     eval_episodes: int = 5
+    """Episodes per evaluation (deterministic actions)."""
     eval_video: bool = True
+    """Write an mp4 of the first episode of each evaluation to RUN/eval/."""
     state_probe: bool = True
     """At each evaluation, fit a linear probe from the policy's features (Perceiver latents, SB3 extractor output,
     LSTM state) to the privileged state on half the episodes, score R² on the rest: perceiver/state_probe_r2/<sensor>.
@@ -113,14 +136,17 @@ class TrainConfig:
     checkpoint_every_frames: int | None = None
     """If set, checkpoint_freq = ceil(checkpoint_every_frames / action_repeat)."""
     keep_checkpoints: int = 3
+    """Most recent checkpoints kept on disk (older ones are deleted)."""
     checkpoint_replay_buffer: bool = True
     """SAC: store the replay buffer in checkpoints so --resume continues with it (large for pixels)."""
     perceiver_log_freq: int = 5_000
     """Agent steps between attention / modality-balance / latency logs (0 disables)."""
     run_dir: str = "runs"
+    """Folder that holds the run directories."""
     run_name: str | None = None
     """Default: '<preset or task>-<algorithm>-s<seed>-<time>'."""
     progress_bar: bool = True
+    """Show a progress bar (tqdm / rich) while training."""
     perceiver: dict = field(default_factory=dict)
     """PerceiverConfig fields."""
     algo: dict = field(default_factory=dict)
@@ -137,6 +163,7 @@ class TrainConfig:
     """What trains: 'all'; 'output-queries' (encoder frozen: output queries, decoders and heads train); 'lora'
     (as output-queries, plus LoRA adapters on the encoder's attention / MLP layers). Perceiver policies."""
     lora_rank: int = 8
+    """Rank of the LoRA adapters (--finetune lora)."""
     lora_alpha: float | None = None
     """LoRA scale numerator (default 2 x rank: adapters scaled by alpha / rank = 2)."""
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
@@ -305,38 +332,73 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+@functools.lru_cache(maxsize=1)
+def field_docs() -> dict[str, str]:
+    """Each TrainConfig field's docstring (the string literal under its annotation), whitespace folded."""
+    tree = ast.parse(inspect.getsource(TrainConfig))
+    body, docs = tree.body[0].body, {}
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr):
+            if isinstance(following.value, ast.Constant) and isinstance(following.value.value, str):
+                docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def field_choices() -> dict[str, list]:
+    """The valid values of the fields that have a fixed set (shown in --help; validate() enforces them)."""
+    return {
+        "algorithm": list(ALGORITHMS),
+        "policy_type": list(POLICY_TYPES),
+        "recipe": list(RECIPES),
+        "proprio": list(PROPRIO_MODES),
+        "render_backend": list(RENDER_BACKENDS),
+        "vec_env": list(VEC_ENV_TYPES),
+        "finetune": ["all", "output-queries", "lora"],
+        "preset": list_presets(),
+    }
+
+
+def field_help(name: str, default) -> str:
+    """One help line per flag: the field's docstring, its choices, its default (argparse's '%' escaped)."""
+    text = field_docs().get(name, "")
+    choices = field_choices().get(name)
+    if choices:
+        text += f" Choices: {'|'.join(map(str, choices))}."
+    if name == "task":
+        text += f" One of {len(TASKS)} DMC tasks, e.g. cartpole-swingup, walker-walk."
+    text += f" (default: {default})"
+    return text.strip().replace("%", "%%")
+
+
 def build_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=description)
     hints = typing.get_type_hints(TrainConfig)
     for name, f in _fields().items():
         flag = "--" + name.replace("_", "-")
         kind = hints[name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = field_help(name, default)
         if kind is bool:
             parser.add_argument(
-                flag, type=_parse_bool, nargs="?", const=True, default=None, help=f"(default {default})"
+                flag, type=_parse_bool, nargs="?", const=True, default=None, metavar="BOOL", help=help_text
             )
-        elif name == "modalities":
+        elif name in ("modalities", "lora_targets"):
+            valid = list(MODALITIES) if name == "modalities" else list(LORA_TARGETS)
             parser.add_argument(
-                flag, nargs="+", default=None, help=f"any of {list(MODALITIES)} (default {default})"
-            )
-        elif name == "lora_targets":
-            parser.add_argument(
-                flag, nargs="+", default=None, help=f"any of {list(LORA_TARGETS)} (default {default})"
+                flag, nargs="+", default=None, metavar="NAME", help=f"Any of {'|'.join(valid)}. {help_text}"
             )
         elif kind is dict:
-            parser.add_argument(
-                flag, nargs="+", default=None, metavar="KEY=VALUE", help=f"(default {default})"
-            )
+            parser.add_argument(flag, nargs="+", default=None, metavar="KEY=VALUE", help=help_text)
         elif name == "curriculum":
             parser.add_argument(
-                flag, default=None, help='YAML list, e.g. "[{step: 0, modalities: [proprio]}]"'
+                flag,
+                default=None,
+                metavar="YAML",
+                help=help_text + ' E.g. "[{step: 0, modalities: [proprio]}]".',
             )
         else:
             base = int if kind in (int, int | None) else float if kind in (float, float | None) else str
-            parser.add_argument(flag, type=base, default=None, help=f"(default {default})")
+            parser.add_argument(flag, type=base, default=None, help=help_text)
     # Renamed flags keep working (LEGACY_FIELDS).
     parser.add_argument("--modality-dropout", dest="env_modality_dropout", type=float, help=argparse.SUPPRESS)
     return parser
@@ -368,6 +430,10 @@ def resolve(args: argparse.Namespace) -> TrainConfig:
     for frames, steps in FRAME_FIELDS.items():
         if getattr(args, steps, None) is not None:
             values[frames] = None  # an explicit step count wins over the preset's frames
+    if values.get("recipe") == "drq" and "action_repeat" not in values:  # DrQ's repeat for the domain
+        domain = str(values.get("task", TrainConfig.task)).split("-", 1)[0]
+        if domain in DRQ_ACTION_REPEAT:
+            values["action_repeat"] = DRQ_ACTION_REPEAT[domain]
     config = from_dict(values)
     config.validate()
     return config

@@ -11,9 +11,9 @@ def resolve(*argv):
 
 def test_presets_state_frequencies_in_frames():
     config = resolve("--preset", "cartpole-swingup-pixels")  # action repeat 8
-    assert (config.total_steps, config.eval_freq, config.checkpoint_freq) == (12_500, 1_250, 2_500)
+    assert (config.total_steps, config.eval_freq, config.checkpoint_freq) == (12_500, 2_000, 1_000)
     config = resolve("--preset", "cartpole-swingup-pixels", "--action-repeat", "4")
-    assert (config.total_steps, config.eval_freq) == (25_000, 2_500)  # the same frames at another repeat
+    assert (config.total_steps, config.eval_freq) == (25_000, 4_000)  # the same frames at another repeat
     config = resolve("--preset", "cartpole-swingup-pixels", "--eval-freq", "100")
     assert config.eval_freq == 100 and config.eval_every_frames is None  # an explicit step count wins
 
@@ -61,3 +61,34 @@ def test_allocator_tuning_applies_on_glibc(monkeypatch):
         monkeypatch.delenv(variable, raising=False)
     expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert keep_freed_memory() is expected
+
+
+def test_drq_recipe_takes_drqs_action_repeat_unless_one_is_given():
+    assert resolve("--algorithm", "sac", "--recipe", "drq", "--task", "walker-walk").action_repeat == 2
+    assert resolve("--algorithm", "sac", "--recipe", "drq", "--task", "cartpole-swingup").action_repeat == 8
+    given = resolve("--algorithm", "sac", "--recipe", "drq", "--task", "walker-walk", "--action-repeat", "4")
+    assert given.action_repeat == 4
+    assert (
+        resolve("--algorithm", "sac", "--task", "walker-walk").action_repeat == 4
+    )  # the sb3 recipe: unchanged
+
+
+def test_pixel_presets_are_drqs_recipe_at_drqs_action_repeat():
+    from agents import DRQ_ACTION_REPEAT
+
+    for name in (n for n in cfg.list_presets() if n.endswith("-pixels") and "balance" not in n):
+        config = resolve("--preset", name)
+        assert config.recipe == "drq" and config.algorithm == "sac", name
+        assert config.action_repeat == DRQ_ACTION_REPEAT[config.task.split("-")[0]], name
+        assert "learning_rate" not in config.algo and "tau" not in config.algo, name  # DrQ's values stand
+
+
+def test_help_gives_each_flag_its_docstring_and_one_default():
+    import dataclasses
+
+    missing = [f.name for f in dataclasses.fields(cfg.TrainConfig) if f.name not in cfg.field_docs()]
+    assert not missing, f"TrainConfig fields without a docstring (their --help would be empty): {missing}"
+    text = cfg.build_parser("t").format_help()
+    assert "(default: None) (default" not in text and "(default X)" not in text
+    assert "Choices: full|robot|positions." in " ".join(text.split())
+    assert "Choices: sb3|drq." in " ".join(text.split())

@@ -337,3 +337,23 @@ def test_conv_tokenizer_reads_the_stacked_frames_into_grid_tokens():
         PerceiverConfig(pixel_tokenizer="conf")
     with pytest.raises(ValueError, match="conv_strides must be a non-empty list"):
         PerceiverConfig(conv_strides=[])
+
+
+def test_state_decoding_joins_the_critic_loss_of_the_drq_perceiver():
+    venv = envs.make_vec_env("cartpole-swingup", n_envs=1, seed=0, modalities=("pixels",), image_size=48,
+                             action_repeat=8, privileged_state=True)  # fmt: skip
+    model = make_agent("sac", venv, perceiver=LEAN, policy_kwargs=dict(SMALL_HEADS), recipe="drq", device="cpu",
+                       buffer_size=100, learning_starts=0, aux_state_weight=1.0)  # fmt: skip
+    data = batch(model)
+    decoder = model.policy.state_decoder
+    assert decoder is not None and all(
+        any(p is q for group in model.policy.critic.optimizer.param_groups for q in group["params"])
+        for p in decoder.parameters()
+    )
+    metrics = drq_step(model, data, update=0)
+    assert set(metrics["state_decode"]) == {"position", "velocity"}
+    with pytest.raises(ValueError, match="encoder 'cnn' has none"):
+        make_agent(
+            "sac", venv, policy_type="cnn", recipe="drq", device="cpu", buffer_size=100, aux_state_weight=1.0
+        )
+    venv.close()

@@ -53,7 +53,7 @@ def readme_commands() -> dict[str, set[str]]:
     commands: dict[str, set[str]] = {}
     for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
-            match = re.search(r"python -m (experiments\.\w+)(.*)", line.split("#")[0])
+            match = re.search(r"python -m (experiments\.\w+)(.*)", line)  # comments too: flags they show
             if match:
                 flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", match.group(2)))
                 commands.setdefault(match.group(1), set()).update(flags)

@@ -131,7 +131,7 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-# On an NVIDIA H200 (docs/results.md, "Session 6: on a GPU") bf16 autocast made the encoder's batch-256 forward
+# On an NVIDIA H200 (docs/results.md, "GPU") bf16 autocast made the encoder's batch-256 forward
 # 1.56x faster at 256 latents and 2.04x at 512, but 0.66x at 32 latents, and PPO with the default 32 latents
 # learned 3-13 % slower in bf16 at 1, 8 and 32 envs: below this many latents the casts cost more than the
 # small matmuls save.

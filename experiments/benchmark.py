@@ -399,10 +399,10 @@ def summary(train: dict[str, float], sac_speedup: float) -> None:
         ["PPO learn steps/s, ours / MultiInputPolicy", train["ppo_vs_multiinput"], ">= 1.0"],
         ["rollout collection / env-only limit", train["collect_vs_env"], ">= 0.8"],
         ["collection, --vec-env pipelined / subproc", train["pipelined_vs_subproc"], "> 1"],
-        ["SAC updates/s, ours / SB3 SAC (NatureCNN)", sac_speedup, "> 2.9 (session 2)"],
+        ["SAC updates/s, ours / SB3 SAC (NatureCNN)", sac_speedup, "> 2.9 (docs/results.md)"],
         [f"input cross-attention kernel: inference {inference}, training {training}", "", ""],
     ]
-    table("Throughput targets (issue 'Throughput'), this run", ["measure", "ratio", "target"], rows)
+    table("Throughput targets, this run", ["measure", "ratio", "target"], rows)
 
 
 def rss_mb() -> float:

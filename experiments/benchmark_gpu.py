@@ -2,7 +2,7 @@
 
 1. Extractor forward on the device: Perceiver fp32 and bf16 autocast against SB3's NatureCNN (CombinedExtractor),
    batch-1 latency (p50/p95, synchronised) and throughput at batch 256 and 1024, with peak device memory; and the
-   num_latents sweep (32 … 512) on the device, where the lecture's 256–512 latents are meant to run.
+   num_latents sweep (32 … 512) on the device, where Perceiver IO's published sizes (256–512 latents) are meant to run.
 2. Which SDPA kernel the input cross-attention gets on the device (inference and training) in fp32 and bf16.
 3. The pixel SAC update (ours vs SB3 SAC + NatureCNN, fp32, batch 128), synchronised after each update.
 4. Rollout batching (`bench_gpu_rollouts` in experiments.benchmark): CPU path vs GPU path, fp32 vs bf16,

@@ -16,10 +16,10 @@
 #   MODELS=1 brings the model checkpoints back too (NatureCNN ones are 30 MB, 23 MB packed): the archive is then
 #   split into 15 MiB parts, gpu-runs.tgz.part-aa, -ab, ... (`cat gpu-runs.tgz.part-* | tar xz`). The device
 #   returns 64 MiB per call at most: two NatureCNN models per call; a second call fetches the rest.
-# Measured on an H200 (session 6): the quick tables need ≈ 250 s (the 190 s limit cut the last two rows), and the
+# Measured on an H200 (2026-11-26): the quick tables need ≈ 250 s (the 190 s limit cut the last two rows), and the
 # six default runs side by side make 12-19 agent steps/s each in the learning phase (a lone Perceiver run: 25.7),
 # 30k-42k of 100k frames in 240 s: six need ≈ 17 min to reach 100k frames, one alone ≈ 8 min.
-# Session 7 (H200): three NatureCNN runs side by side made 28 agent steps/s each and reached 100k frames in 475 s:
+# On an H200 (2026-11-26): three NatureCNN runs side by side made 28 agent steps/s each and reached 100k frames in 475 s:
 #   GPU_RUNS="study1-pixels-cnn-s1 study2-robot-cnn-s0 study2-robot-cnn-s1" BENCH_LIMIT=0 GPU_TESTS=0 \
 #   PROBE_LIMIT=0 REPLAY=true MODELS=1 TRAIN_UNTIL=510 OUT=... bash experiments/gpu_session.sh
 set -uo pipefail
@@ -45,7 +45,7 @@ source experiments/study_flags.sh  # sac100k, cup100k, leanp
 on_gpu="--device ${DEVICE:-cuda} --checkpoint-replay-buffer $REPLAY --run-dir $RUNS --progress-bar false --eval-video false"
 leanp="$leanp dtype=float32"
 declare -A flags=(
-  # done in sessions 6-7 (docs/results.md), kept to repeat them
+  # done on the H200 (docs/results.md), kept to repeat them
   [study1-pixels-cnn-s0]="$sac100k --policy-type sb3 --modalities pixels --seed 0"
   [study1-pixels-cnn-s1]="$sac100k --policy-type sb3 --modalities pixels --seed 1"
   [study2-robot-cnn-s0]="$sac100k --policy-type sb3 --proprio robot --seed 0"

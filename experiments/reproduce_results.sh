@@ -3,7 +3,7 @@
 # Usage: bash experiments/reproduce_results.sh [states,pixels,missing,see,fuse,fuse-cup,remember,transfer|all]
 #   (RUNS=runs/results JOBS=2 by default; SEEDS="0 1 2" picks the seeds of the see/fuse/remember studies)
 # On a CUDA machine, experiments/gpu_session.sh runs the GPU tables, `pytest -m gpu` and study 1/2 runs to a
-# deadline (session 6's H200 runs in docs/results.md came from it).
+# deadline (the H200 runs in docs/results.md came from it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

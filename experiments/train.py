@@ -289,7 +289,7 @@ def finish(
     lines = [
         f"run directory : {run_dir}",
         f"steps         : {model.num_timesteps} agent steps = {model.num_timesteps * config.action_repeat} frames "
-        f"({fps:.0f} steps/s this session)",
+        f"({fps:.0f} steps/s since this command started)",
         f"eval return   : first {first:.1f} -> final {final['return_mean']:.1f} ± {final['return_std']:.1f} "
         f"({config.eval_episodes} episodes, deterministic)",
         f"tensorboard   : tensorboard --logdir {run_dir.parent}   (or: make tensorboard)",

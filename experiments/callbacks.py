@@ -164,7 +164,9 @@ class PerceiverMetricsCallback(PeriodicCallback):
     def __init__(self, every: int, latency_repeats: int = 20):
         super().__init__(every)
         self.latency_repeats = latency_repeats
-        self._first_moments: dict[str, tuple[float, float]] = {}  # input drift: since this process started (a resumed run starts anew)
+        self._first_moments: dict[
+            str, tuple[float, float]
+        ] = {}  # input drift: since this process started (a resumed run starts anew)
         self._cross_attn_gflops: float | None = None
         self._last = None
         self.seconds = 0.0

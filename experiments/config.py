@@ -259,6 +259,19 @@ class TrainConfig:
             )
         if not 0.0 <= self.env_modality_dropout < 1.0:
             raise ValueError(f"env_modality_dropout must be in [0, 1), got {self.env_modality_dropout!r}")
+        if (
+            self.policy_type != "perceiver"
+        ):  # what only the Perceiver honours is refused, never silently ignored
+            if self.env_modality_dropout > 0:
+                raise ValueError(
+                    f"env_modality_dropout needs policy_type 'perceiver' (it masks the dropped modality's tokens); "
+                    f"policy_type {self.policy_type!r} would still read the dropped data"
+                )
+            if self.curriculum:
+                raise ValueError(
+                    f"curriculum needs policy_type 'perceiver' (it switches the encoder's modalities); got "
+                    f"{self.policy_type!r}"
+                )
         for stage in self.curriculum:
             if not isinstance(stage, dict) or set(stage) != {"step", "modalities"}:
                 raise ValueError(f"curriculum stages are {{'step': N, 'modalities': [...]}}, got {stage!r}")
@@ -425,7 +438,16 @@ def resolve(args: argparse.Namespace) -> TrainConfig:
     if args.preset:
         values.update(load_preset(args.preset))
         values["preset"] = args.preset
-    for name, value in given_fields(args).items():
+    given = given_fields(args)
+    policy_type = given.get("policy_type", values.get("policy_type", TrainConfig.policy_type))
+    if policy_type != "perceiver":
+        if given.get("perceiver"):  # the preset's Perceiver is dropped; options the user typed are refused
+            raise ValueError(
+                f"--perceiver {' '.join(f'{k}={v}' for k, v in given['perceiver'].items())} configures the Perceiver; "
+                f"policy_type {policy_type!r} has none"
+            )
+        values.pop("perceiver", None)
+    for name, value in given.items():
         values[name] = {**values.get(name, {}), **value} if isinstance(value, dict) else value
     for frames, steps in FRAME_FIELDS.items():
         if getattr(args, steps, None) is not None:

@@ -129,7 +129,7 @@ def evaluate_policy(
     blank: tuple[str, ...] = (),
     probe_state: bool = False,
     attention_overlay: bool = False,
-    streaming: bool = True,
+    streaming: bool = False,
 ) -> EvalResult:
     """Run `episodes` deterministic episodes of `task` one by one, timing every `model.predict` call.
 

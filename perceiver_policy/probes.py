@@ -14,14 +14,17 @@ ALPHAS = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
 MIN_EPISODES = 4
 
 
-def ridge_fit(x: np.ndarray, y: np.ndarray, alpha: float):
+def ridge_fit(x: np.ndarray, y: np.ndarray, alpha: float, dual: bool | None = None):
     """(predict function) of ridge regression on standardised x with an intercept; x (N, F), y (N, S).
 
-    Uses the dual form when there are more features than samples (Perceiver latents: 2048 features)."""
+    Uses the dual form when there are more features than samples (Perceiver latents: 2048 features); `dual`
+    forces one form (the two are the same estimator: X^T (X X^T + aI)^-1 = (X^T X + aI)^-1 X^T)."""
     x_mean, x_std = x.mean(0), x.std(0) + 1e-6
     y_mean = y.mean(0)
     xs, yc = (x - x_mean) / x_std, y - y_mean
-    if xs.shape[1] <= xs.shape[0]:
+    if dual is None:
+        dual = xs.shape[1] > xs.shape[0]
+    if not dual:
         weights = np.linalg.solve(xs.T @ xs + alpha * np.eye(xs.shape[1]), xs.T @ yc)
     else:
         weights = xs.T @ np.linalg.solve(xs @ xs.T + alpha * np.eye(xs.shape[0]), yc)

@@ -92,3 +92,20 @@ def test_help_gives_each_flag_its_docstring_and_one_default():
     assert "(default: None) (default" not in text and "(default X)" not in text
     assert "Choices: full|robot|positions." in " ".join(text.split())
     assert "Choices: sb3|drq." in " ".join(text.split())
+
+
+@pytest.mark.parametrize("policy_type", ["sb3", "lstm", "cnn", "drq-cnn"])
+def test_options_only_the_perceiver_honours_are_refused_for_other_policies(policy_type):
+    recipe = "sb3" if policy_type == "sb3" else "drq"
+    algorithm = (
+        ["--algorithm", "ppo"] if policy_type == "lstm" else ["--algorithm", "sac", "--recipe", recipe]
+    )
+    base = ["--policy-type", policy_type, *algorithm]
+    with pytest.raises(ValueError, match=f"policy_type '{policy_type}' has none"):
+        resolve(*base, "--perceiver", "num_latents=8")
+    with pytest.raises(ValueError, match="env_modality_dropout needs policy_type 'perceiver'"):
+        resolve(*base, "--env-modality-dropout", "0.2")
+    with pytest.raises(ValueError, match="curriculum needs policy_type 'perceiver'"):
+        resolve(*base, "--curriculum", "[{step: 0, modalities: [proprio]}]")
+    if policy_type != "lstm":  # a preset's Perceiver block is dropped, not refused
+        assert resolve("--preset", "cartpole-swingup-pixels", *base).perceiver == {}

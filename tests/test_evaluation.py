@@ -43,3 +43,29 @@ def test_blank_modality_names_the_valid_keys(model):
     with pytest.raises(ValueError, match=r"unknown modality \['camera'\] for --blank-modality; valid choices: "
                                          r"\['pixels', 'proprio'\]"):  # fmt: skip
         evaluate_policy(model, "cartpole-balance", ENV, episodes=1, blank=("camera",))
+
+
+def test_a_recurrent_state_is_carried_within_an_episode_and_reset_at_its_start():
+    """evaluate_policy hands an LSTM policy back the state its last predict returned, and None with
+    episode_start=True at each new episode (a fake recurrent model records what it is given)."""
+    from gymnasium import spaces
+
+    class FakeRecurrent:
+        def __init__(self):
+            self.policy = type("P", (), {"lstm_actor": object()})()
+            self.observation_space = spaces.Dict({"proprio": spaces.Box(-np.inf, np.inf, (5,), np.float32)})
+            self.calls = []
+
+        def predict(self, obs, state=None, episode_start=None, deterministic=False):
+            self.calls.append((state, bool(episode_start[0])))
+            step = 0 if state is None else state[0] + 1
+            return np.zeros(1, np.float32), (step,)
+
+    model = FakeRecurrent()
+    evaluate_policy(
+        model, "cartpole-balance", {"modalities": ("proprio",), "action_repeat": 8}, episodes=2, seed=3
+    )
+    assert len(model.calls) == 250  # two episodes of 125 steps
+    for start in (0, 125):
+        assert model.calls[start] == (None, True)  # a new episode: no state, episode_start set
+        assert [c for c in model.calls[start + 1 : start + 125]] == [((i,), False) for i in range(124)]

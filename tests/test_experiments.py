@@ -26,12 +26,8 @@ TINY = [
     "1",
     "--action-repeat",
     "8",
-    "--perceiver",
-    "num_latents=8",
-    "latent_dim=32",
-    "fourier_bands=4",
-    "patch_size=8",
 ]
+TINY_PERCEIVER = ["--perceiver", "num_latents=8", "latent_dim=32", "fourier_bands=4", "patch_size=8"]
 REQUIRED_TAGS = {
     "eval/return_mean",
     "eval/return_std",
@@ -64,10 +60,15 @@ def cli(*args, check=True, timeout=300, **kwargs):
 
 def ppo_run(root, name: str, total_steps: int, every: int = 1000, *extra: str) -> list[str]:
     """A tiny training command (PPO unless `extra` says otherwise): evals and checkpoints every `every` agent steps, no video."""
+    policy_type = extra[extra.index("--policy-type") + 1] if "--policy-type" in extra else "perceiver"
+    perceiver = (
+        TINY_PERCEIVER if policy_type == "perceiver" else []
+    )  # other policies refuse Perceiver options
     return [
-        "experiments.train", "--task", "cartpole-balance", *TINY, "--algo", "n_steps=16", "batch_size=32",
-        "--total-steps", str(total_steps), "--eval-freq", str(every), "--checkpoint-freq", str(every),
-        "--eval-video", "false", "--run-dir", str(root), "--run-name", name, "--progress-bar", "false", *extra,
+        "experiments.train", "--task", "cartpole-balance", *TINY, *perceiver, "--algo", "n_steps=16",
+        "batch_size=32", "--total-steps", str(total_steps), "--eval-freq", str(every), "--checkpoint-freq",
+        str(every), "--eval-video", "false", "--run-dir", str(root), "--run-name", name, "--progress-bar", "false",
+        *extra,
     ]  # fmt: skip
 
 
@@ -89,6 +90,7 @@ def test_train_creates_run_directory_events_and_checkpoint(tmp_path, algorithm):
         "--task",
         "cartpole-balance",
         *TINY,
+        *TINY_PERCEIVER,
         *extra,
         "--total-steps",
         "128",

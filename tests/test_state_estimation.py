@@ -151,13 +151,40 @@ def test_probe_recovers_a_linear_map_and_scores_zero_on_noise():
         state_probe(features[:3], states[:3], layout)
 
 
-def test_ridge_dual_and_primal_forms_agree():
+@pytest.mark.parametrize("features", [20, 35])  # fewer and more features than the 30 samples
+def test_ridge_dual_and_primal_forms_agree(features):
     rng = np.random.default_rng(1)
-    x, y = rng.standard_normal((30, 20)), rng.standard_normal((30, 3))
-    wide = np.concatenate([x, x[:, :15]], axis=1)  # 35 features > 30 samples: dual form
-    primal = ridge_fit(x, y, 1.0)(x)
-    assert primal.shape == (30, 3)
-    assert ridge_fit(wide, y, 1.0)(wide).shape == (30, 3)
+    x, y = rng.standard_normal((30, features)), rng.standard_normal((30, 3))
+    new = rng.standard_normal((7, features))
+    primal, dual = ridge_fit(x, y, 1.0, dual=False)(new), ridge_fit(x, y, 1.0, dual=True)(new)
+    assert np.allclose(primal, dual, atol=1e-8)
+    assert np.allclose(
+        ridge_fit(x, y, 1.0)(new), primal, atol=1e-8
+    )  # the automatic choice: the same estimator
+    assert not np.allclose(ridge_fit(x, y, 100.0)(new), primal, atol=1e-3)  # the penalty matters
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "sac"])
+def test_the_state_decoding_loss_reaches_the_encoder(algorithm):
+    """With --aux-state-weight the encoder's gradient differs from the weight-0 run's on the same batch."""
+    from stable_baselines3.common.logger import configure
+
+    grads = {}
+    for weight in (0.0, 1.0):
+        venv = envs.make_vec_env("cartpole-swingup", n_envs=2, seed=0, modalities=("proprio", "action_history"),
+                                 proprio="positions", privileged_state=True)  # fmt: skip
+        extra = {"buffer_size": 64, "learning_starts": 32, "batch_size": 16} if algorithm == "sac" else {
+            "n_steps": 16, "batch_size": 32, "n_epochs": 1}  # fmt: skip
+        model = agents.make_agent(algorithm, venv, perceiver=TINY, device="cpu", seed=0,
+                                  aux_state_weight=weight, **extra)  # fmt: skip
+        model.set_logger(configure(None, []))
+        torch.manual_seed(0)
+        np.random.seed(0)
+        model.learn(40)  # SAC: 8 updates after its 32 random steps; PPO: two rollouts of 2 x 16
+        adapter = model.policy.encoder.adapters["proprio"].content.weight
+        grads[weight] = adapter.grad.clone() if adapter.grad is not None else torch.zeros_like(adapter)
+        venv.close()
+    assert grads[1.0].abs().sum() > 0 and not torch.allclose(grads[0.0], grads[1.0])
 
 
 def test_state_decoding_loss_falls_on_a_fixed_batch(dict_space):

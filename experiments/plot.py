@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from experiments import config as cfg  # noqa: E402
+from experiments.reporting import method_name  # noqa: E402
 
 
 def read_scalars(run_dir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
@@ -33,16 +34,11 @@ def read_scalars(run_dir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def label(config: cfg.TrainConfig, by_device: bool = True) -> str:
-    name = f"{config.task} {config.algorithm} [{'+'.join(config.modalities)}]"
-    labels = {"sb3": "SB3 MultiInputPolicy", "lstm": "RecurrentPPO LSTM", "perceiver": "Perceiver"}
-    name += f" proprio={config.proprio}" if config.proprio != "full" else ""
-    name += f" +state decoding ×{config.aux_state_weight:g}" if config.aux_state_weight > 0 else ""
-    name += f" ent_coef={config.algo['ent_coef']}" if "ent_coef" in config.algo else ""
-    name += f" from {Path(config.init_from).name} ({config.finetune})" if config.init_from else ""
-    # other hardware, another curve, unless asked to pool seeds across devices (returns per frame do not depend
-    # on the hardware in fp32; wall time does)
+    """The task and the report's method key (experiments.reporting.method_name): one curve per agent and protocol.
+    Other hardware, another curve, unless asked to pool seeds across devices (returns per frame do not depend on
+    the hardware in fp32; wall time does)."""
     device = " on CUDA" if by_device and str(config.device).startswith("cuda") else ""
-    return f"{name} {labels.get(config.policy_type, config.policy_type)}{device}"
+    return f"{config.task} {method_name(config)}{device}"
 
 
 def group_runs(run_dirs: list[Path], by_device: bool = True) -> dict[str, list[tuple[cfg.TrainConfig, Path]]]:

@@ -33,12 +33,34 @@ class Run:
         return self.returns[-1]
 
 
+POLICY_LABELS = {"sb3": "SB3 MultiInputPolicy", "lstm": "RecurrentPPO LSTM", "perceiver": "Perceiver"}
+
+
+def budget_frames(config: cfg.TrainConfig) -> int:
+    return config.total_steps * config.action_repeat
+
+
 def method_name(config: cfg.TrainConfig) -> str:
-    """What distinguishes agents in a comparison, e.g. 'sac perceiver [pixels]' or 'ppo lstm [...] positions'."""
-    name = f"{config.algorithm} {config.policy_type} [{'+'.join(config.modalities)}]"
-    name += f" proprio={config.proprio}" if config.proprio != "full" else ""
-    name += f" ent_coef={config.algo['ent_coef']}" if "ent_coef" in config.algo else ""
-    return name + (f" decode×{config.aux_state_weight:g}" if config.aux_state_weight > 0 else "")
+    """The one key that report and plot group runs by: everything that makes two runs different agents or
+    protocols (algorithm, recipe, policy, inputs, proprio mode, decoding, dropout, model, algorithm and policy
+    options, transfer source, action repeat, budget), never the seed or the device. Runs pool only when equal."""
+    parts = [config.algorithm, POLICY_LABELS.get(config.policy_type, config.policy_type)]
+    parts.append(
+        f"recipe={config.recipe}" if config.algorithm == "sac" and config.policy_type != "sb3" else ""
+    )
+    parts.append(f"[{'+'.join(config.modalities)}]")
+    parts.append(f"proprio={config.proprio}" if config.proprio != "full" else "")
+    parts.append(f"decode×{config.aux_state_weight:g}" if config.aux_state_weight > 0 else "")
+    parts.append(
+        f"modality-dropout={config.env_modality_dropout:g}" if config.env_modality_dropout > 0 else ""
+    )
+    for name in ("perceiver", "algo", "policy"):
+        options = getattr(config, name)
+        if options:
+            parts.append(f"{name}(" + ",".join(f"{k}={options[k]}" for k in sorted(options)) + ")")
+    parts.append(f"from {Path(config.init_from).name} ({config.finetune})" if config.init_from else "")
+    parts.append(f"repeat {config.action_repeat}, {budget_frames(config) / 1000:g}k frames")
+    return " ".join(part for part in parts if part)
 
 
 def find_runs(paths: list[Path]) -> list[Run]:
@@ -53,7 +75,13 @@ def find_runs(paths: list[Path]) -> list[Run]:
         for run_dir in candidates:
             config = cfg.load(run_dir / "config.yaml")
             rows = read_history(run_dir, config.action_repeat)
-            if rows:
+            if rows and int(rows[-1]["frames"]) < budget_frames(config):  # a cut run is not a final score
+                warnings.warn(
+                    f"{run_dir}: its last evaluation is at {rows[-1]['frames']} of its {budget_frames(config)} "
+                    "frames (cut): left out of the scores",
+                    stacklevel=2,
+                )
+            elif rows:
                 found.append(Run(run_dir, config.task, method_name(config),
                                  [int(r["frames"]) for r in rows], [float(r["return_mean"]) for r in rows]))  # fmt: skip
     if not found:

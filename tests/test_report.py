@@ -14,8 +14,16 @@ pytest.importorskip("rliable")
 def fake_run(root, name, task, policy_type, returns, frames_per_eval=10_000):
     run = root / name
     (run / "eval").mkdir(parents=True)
+    budget = len(returns) * frames_per_eval // 8  # agent steps at action repeat 8: the run reached its budget
     cfg.save(
-        cfg.TrainConfig(task=task, algorithm="sac", policy_type=policy_type, modalities=["pixels"]),
+        cfg.TrainConfig(
+            task=task,
+            algorithm="sac",
+            policy_type=policy_type,
+            modalities=["pixels"],
+            action_repeat=8,
+            total_steps=budget,
+        ),  # fmt: skip
         run / "config.yaml",
     )
     rows = ["step,frames,return_mean"] + [
@@ -46,7 +54,8 @@ def test_report_statistics_are_rliable_on_the_same_scores(tmp_path):
     assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
     scores = {}  # {method: (seeds, tasks) returns / 1000}, tasks in the report's (sorted) order
     for policy_type, per_task in finals.items():
-        config = cfg.TrainConfig(algorithm="sac", policy_type=policy_type, modalities=["pixels"])
+        config = cfg.TrainConfig(algorithm="sac", policy_type=policy_type, modalities=["pixels"], action_repeat=8,
+                                 total_steps=2500)  # fmt: skip
         scores[method_name(config)] = (
             np.array([per_task["cartpole-swingup"], per_task["walker-walk"]]).T / 1000
         )
@@ -69,6 +78,26 @@ def test_report_statistics_are_rliable_on_the_same_scores(tmp_path):
         )
     per_seed = ", ".join(f"{v:.1f}" for v in finals["sb3"]["walker-walk"])
     assert per_seed in report
+
+
+def test_runs_pool_only_when_agent_and_protocol_are_equal(tmp_path):
+    from experiments.plot import label
+
+    base = dict(task="cartpole-swingup", algorithm="sac", modalities=["pixels"])
+    key = method_name(cfg.TrainConfig(**base))
+    assert method_name(cfg.TrainConfig(**base, seed=3, device="cuda")) == key  # seeds and devices pool
+    for change in ({"init_from": "runs/src", "finetune": "lora"}, {"total_steps": 5000}, {"action_repeat": 2},
+                   {"perceiver": {"dropout": 0.1}}, {"algo": {"batch_size": 512}}, {"recipe": "drq"},
+                   {"env_modality_dropout": 0.2}):  # fmt: skip
+        assert method_name(cfg.TrainConfig(**{**base, **change})) != key, change
+    assert label(cfg.TrainConfig(**base)) == f"cartpole-swingup {key}"  # plot and report: one key
+    fake_run(tmp_path, "full", "cartpole-swingup", "perceiver", [100.0, 200.0])
+    cut = fake_run(tmp_path, "cut", "cartpole-swingup", "perceiver", [100.0])
+    cfg.save(cfg.TrainConfig(task="cartpole-swingup", algorithm="sac", modalities=["pixels"], action_repeat=8,
+                             total_steps=2500), cut / "config.yaml")  # fmt: skip
+    with pytest.warns(UserWarning, match="cut"):
+        runs = find_runs([tmp_path])
+    assert [run.path.name for run in runs] == ["full"]
 
 
 def test_report_errors_name_the_path(tmp_path):

@@ -20,6 +20,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 import envs  # noqa: E402
 from experiments.benchmark_common import machine, percentiles, table, timed  # noqa: E402
+from experiments.runtime import keep_freed_memory
 from perceiver_policy import PerceiverConfig, PerceiverEncoder, count_flops, count_parameters  # noqa: E402
 from perceiver_policy.model import cpu_has_native_bf16  # noqa: E402
 
@@ -533,4 +534,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # the commands tune the allocator, importing the package does not
     sys.exit(main())

@@ -19,6 +19,7 @@ from agents import algorithm_class
 from experiments import config as cfg
 from experiments.checkpoint import CheckpointError, load_model, locate
 from experiments.evaluation import evaluate_policy, write_mp4
+from experiments.runtime import keep_freed_memory
 
 COLUMNS = [
     "task",
@@ -151,4 +152,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # the commands tune the allocator, importing the package does not
     sys.exit(main())

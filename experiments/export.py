@@ -19,6 +19,7 @@ import torch
 from agents import algorithm_class
 from envs.vec import make_env_fn
 from experiments.checkpoint import CheckpointError, load_model, locate
+from experiments.runtime import keep_freed_memory
 from perceiver_policy.export import FORMATS, DeterministicActor, export_onnx, export_torchscript
 
 
@@ -100,4 +101,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # the commands tune the allocator, importing the package does not
     sys.exit(main())

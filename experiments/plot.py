@@ -21,6 +21,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from experiments import config as cfg  # noqa: E402
 from experiments.reporting import method_name  # noqa: E402
+from experiments.runtime import keep_freed_memory
 
 
 def read_scalars(run_dir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
@@ -127,4 +128,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # the commands tune the allocator, importing the package does not
     sys.exit(main())

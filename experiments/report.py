@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from experiments.reporting import find_runs, write_report
+from experiments.runtime import keep_freed_memory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,4 +39,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # the commands tune the allocator, importing the package does not
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""Process settings for the entry points (`python -m experiments.<command>`), applied when `experiments` is imported.
+"""Process settings for the entry points (`python -m experiments.<command>`), applied when a command runs.
 
 glibc serves every allocation above its mmap threshold (128 KiB, rising to at most 32 MiB as blocks are freed)
 with a fresh `mmap` and returns it with `munmap` when freed, so each large tensor a forward or an update creates
@@ -7,8 +7,8 @@ and trim thresholds keeps freed memory in the heap for the next call. Measured o
 px x 3 frames + proprio + history, one thread): the cast alone 76 -> 46 ms, the Perceiver extractor 303 -> 195 ms,
 SB3's NatureCNN extractor 318 -> 200 ms; the cost is that the process keeps its peak heap instead of returning it.
 
-The library (`agents`, `envs`, `perceiver_policy`) does not change a process's allocator on import; only these
-commands do. Skipped when the user chose an allocator (``LD_PRELOAD``, e.g. jemalloc or tcmalloc) or glibc
+Neither the library (`agents`, `envs`, `perceiver_policy`) nor importing `experiments` changes a process's
+allocator; only these commands do, when run. Skipped when the user chose an allocator (``LD_PRELOAD``, e.g. jemalloc or tcmalloc) or glibc
 thresholds (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``), when ``PERCEIVER_RL_SYSTEM_MALLOC=1``, and
 off glibc.
 """

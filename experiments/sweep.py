@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from experiments.runtime import keep_freed_memory
 from experiments.sweeping import load_spec, run_sweep
 
 
@@ -45,4 +46,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # the commands tune the allocator, importing the package does not
     sys.exit(main())

@@ -109,3 +109,19 @@ def test_options_only_the_perceiver_honours_are_refused_for_other_policies(polic
         resolve(*base, "--curriculum", "[{step: 0, modalities: [proprio]}]")
     if policy_type != "lstm":  # a preset's Perceiver block is dropped, not refused
         assert resolve("--preset", "cartpole-swingup-pixels", *base).perceiver == {}
+
+
+def test_importing_the_commands_leaves_the_allocator_alone():
+    """Only running a command tunes glibc's allocator (experiments.runtime); importing any module does not."""
+    import subprocess
+    import sys
+
+    code = (
+        "import experiments.runtime as r\n"
+        "def boom(*a, **k): raise SystemExit('keep_freed_memory called on import')\n"
+        "r.keep_freed_memory = boom\n"
+        "import experiments.train, experiments.evaluate, experiments.benchmark, experiments.export, experiments.plot\n"
+        "import experiments.report, experiments.distill\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -14,7 +14,7 @@ import yaml
 from experiments import config as cfg
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "docs" / "results.md", ROOT / "README.md"]
+DOCS = [ROOT / "docs" / "results.md", ROOT / "docs" / "guide.md", ROOT / "README.md"]
 
 
 def train_commands(block: str) -> list[list[str]]:

@@ -19,7 +19,7 @@ from stable_baselines3.common.policies import BasePolicy
 from torch import nn
 
 from agents.encoders import ENCODERS, build_encoder, orthogonal_init
-from perceiver_policy.observations import check_observation
+from perceiver_policy.observations import check_observation, sensor_space, without_state
 from perceiver_policy.policies import as_config, fused_adam
 from perceiver_policy.state_decoding import make_state_decoder
 
@@ -147,6 +147,8 @@ class DrQSACPolicy(BasePolicy):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(hidden_depth, int) or hidden_depth < 0:
             raise ValueError(f"hidden_depth must be a non-negative integer, got {hidden_depth!r}")
+        env_observation_space = observation_space  # with the privileged state, for the state decoder
+        observation_space = sensor_space(observation_space)
         super().__init__(
             observation_space,
             action_space,
@@ -169,7 +171,9 @@ class DrQSACPolicy(BasePolicy):
         self.critic_target.eval()
         # State-decoding queries on the critic's latents (Perceiver encoder, privileged `state` in the space).
         self.state_decoder = (
-            make_state_decoder(observation_space, self.perceiver_config) if encoder == "perceiver" else None
+            make_state_decoder(env_observation_space, self.perceiver_config)
+            if encoder == "perceiver"
+            else None
         )
         lr = lr_schedule(1)
         self.actor.optimizer = optimizer_class(self.actor.parameters(), lr=lr, **self.optimizer_kwargs)
@@ -193,6 +197,7 @@ class DrQSACPolicy(BasePolicy):
 
     def obs_to_tensor(self, observation):
         """SB3's conversion, after `check_observation` (missing / extra keys, shapes, uint8 pixels, dtypes)."""
+        observation = without_state(observation)
         check_observation(observation, self.observation_space)
         return super().obs_to_tensor(observation)
 

@@ -24,6 +24,24 @@ def _is_float(value) -> bool:
     return np.issubdtype(value.dtype, np.floating)
 
 
+STATE_KEY = "state"  # = envs.dmc.STATE_KEY: the privileged state, for losses and probes, never a policy input
+
+
+def sensor_space(space: spaces.Space) -> spaces.Space:
+    """The observation space a policy is built on: the env's, without the privileged `state` key (which only the
+    buffers and the losses see), so `predict`, evaluation and an exported actor need the sensor keys alone."""
+    if isinstance(space, spaces.Dict) and STATE_KEY in space.spaces:
+        return spaces.Dict({k: v for k, v in space.spaces.items() if k != STATE_KEY})
+    return space
+
+
+def without_state(observation):
+    """The observation without the privileged `state` key (a batch from the env or a buffer may carry it)."""
+    if isinstance(observation, Mapping) and STATE_KEY in observation:
+        return {k: v for k, v in observation.items() if k != STATE_KEY}
+    return observation
+
+
 def check_observation(observation: Mapping, space: spaces.Dict) -> None:
     """Raise one ValueError naming the key, what was expected and what was received; return None if it fits.
 

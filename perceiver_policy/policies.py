@@ -23,7 +23,7 @@ from perceiver_policy.config import PerceiverConfig
 from perceiver_policy.finetuning import apply_finetune, check_finetune
 from perceiver_policy.modalities import STATE_KEY
 from perceiver_policy.model import LearnedQueries, PerceiverDecoder, PerceiverEncoder
-from perceiver_policy.observations import check_observation
+from perceiver_policy.observations import check_observation, sensor_space, without_state
 from perceiver_policy.state_decoding import make_state_decoder
 
 LOG_STD_MODES = ("learned", "state")
@@ -137,8 +137,9 @@ class PerceiverActorCriticPolicy(ActorCriticPolicy):
             {"eps": 1e-5} if optimizer_class is torch.optim.Adam else {}
         )  # ActorCriticPolicy's default
         kwargs["optimizer_kwargs"] = fused_adam(optimizer_class, kwargs.get("optimizer_kwargs"), sb3_default)
+        self.env_observation_space = observation_space  # with the privileged state, for the state decoder
         super().__init__(
-            observation_space,
+            sensor_space(observation_space),
             action_space,
             lr_schedule,
             features_extractor_class=PerceiverExtractor,
@@ -172,7 +173,7 @@ class PerceiverActorCriticPolicy(ActorCriticPolicy):
             raise ValueError(f"unsupported action distribution {self.action_dist} for {self.action_space}")
         self.value_net = nn.Linear(dim, 1)
         # State-decoding output queries when the observation carries the privileged state (an auxiliary loss).
-        self.state_decoder = make_state_decoder(self.observation_space, self.perceiver_config)
+        self.state_decoder = make_state_decoder(self.env_observation_space, self.perceiver_config)
         self.state_decoding: tuple[torch.Tensor, dict[str, float]] | None = None
         if self.ortho_init:
             self.action_net.apply(lambda m: self.init_weights(m, gain=0.01))
@@ -187,9 +188,17 @@ class PerceiverActorCriticPolicy(ActorCriticPolicy):
             return (features_extractor or self.features_extractor)(obs)
         return self.pi_features_extractor(obs), self.vf_features_extractor(obs)
 
+    def predict_values(self, obs) -> torch.Tensor:
+        """SB3's, through `extract_features` (SB3 calls its base class's, which float-copies every pixel and
+        indexes the observation space by every observation key, the privileged state included)."""
+        features = self.vf_features_extractor(obs)  # the shared extractor when share_features_extractor
+        return self.value_net(self.mlp_extractor.forward_critic(features))
+
     def obs_to_tensor(self, observation):
-        """SB3's conversion, after `check_observation` (missing / extra keys, shapes, uint8 pixels, dtypes)."""
+        """SB3's conversion, after `check_observation` (missing / extra keys, shapes, uint8 pixels, dtypes, NaN);
+        a privileged `state` key in the observation is dropped (the policy never reads it)."""
         if isinstance(self.observation_space, spaces.Dict):
+            observation = without_state(observation)
             check_observation(observation, self.observation_space)
         return super().obs_to_tensor(observation)
 

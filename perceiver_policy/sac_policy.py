@@ -17,7 +17,7 @@ from torch import nn
 from perceiver_policy.config import PerceiverConfig
 from perceiver_policy.finetuning import apply_finetune
 from perceiver_policy.model import ActionQueries, LearnedQueries, PerceiverDecoder, PerceiverEncoder
-from perceiver_policy.observations import check_observation
+from perceiver_policy.observations import check_observation, sensor_space, without_state
 from perceiver_policy.policies import LOG_STD_RANGE, as_config, fused_adam
 from perceiver_policy.state_decoding import make_state_decoder
 
@@ -111,6 +111,8 @@ class PerceiverSACPolicy(BasePolicy):
             kwargs.pop(ignored, None)
         if kwargs:
             raise ValueError(f"unknown PerceiverSACPolicy arguments {sorted(kwargs)}")
+        env_observation_space = observation_space  # with the privileged state, for the state decoder
+        observation_space = sensor_space(observation_space)
         super().__init__(
             observation_space,
             action_space,
@@ -130,7 +132,7 @@ class PerceiverSACPolicy(BasePolicy):
         self.critic_target.requires_grad_(False)
         self.critic_target.eval()  # as SB3's SAC: the target never runs dropout
         # State-decoding queries (auxiliary loss on the critic's encoder pass) when the obs has the privileged state.
-        self.state_decoder = make_state_decoder(observation_space, self.perceiver_config)
+        self.state_decoder = make_state_decoder(env_observation_space, self.perceiver_config)
         # Transfer: freeze the encoder / add LoRA adapters before the optimizers see the parameters.
         self.finetune = apply_finetune(self.encoder, finetune)
         lr = lr_schedule(1)
@@ -149,6 +151,7 @@ class PerceiverSACPolicy(BasePolicy):
 
     def obs_to_tensor(self, observation):
         """SB3's conversion, after `check_observation` (missing / extra keys, shapes, uint8 pixels, dtypes)."""
+        observation = without_state(observation)
         check_observation(observation, self.observation_space)
         return super().obs_to_tensor(observation)
 

@@ -268,3 +268,36 @@ def test_sac_target_runs_in_eval_mode_and_the_target_latents_without_dropout():
     assert (True, True) in passes and (False, False) in passes  # online with dropout; target without
     assert model.policy.encoder.training  # restored after the target pass
     venv.close()
+
+
+@pytest.mark.parametrize("algorithm,recipe", [("ppo", "sb3"), ("sac", "sb3"), ("sac", "drq")])
+def test_a_policy_trained_with_the_state_predicts_evaluates_and_exports_from_its_sensors(
+    algorithm, recipe, tmp_path
+):
+    """The privileged state stays in the buffers and losses: the policy's interface is the sensor keys."""
+    from perceiver_policy.export import DeterministicActor
+
+    venv = envs.make_vec_env("cartpole-swingup", n_envs=2, seed=0, modalities=("proprio", "action_history"),
+                             proprio="positions", privileged_state=True)  # fmt: skip
+    extra = (
+        {"buffer_size": 64, "learning_starts": 16, "batch_size": 8} if algorithm == "sac" else {"n_steps": 16}
+    )
+    if recipe == "drq":
+        extra.update(recipe="drq", policy_kwargs={"hidden_dim": 32})
+    model = agents.make_agent(algorithm, venv, perceiver=TINY, device="cpu", aux_state_weight=1.0, **extra)
+    model.learn(32)
+    assert "state" in model.observation_space.spaces  # the algorithm's buffers keep it
+    assert "state" not in model.policy.observation_space.spaces and model.policy.state_decoder is not None
+    obs = venv.reset()
+    sensors = {k: v for k, v in obs.items() if k != "state"}
+    action, _ = model.predict(sensors, deterministic=True)
+    np.testing.assert_array_equal(
+        action, model.predict(obs, deterministic=True)[0]
+    )  # the state changes nothing
+    assert DeterministicActor(model.policy).input_names == ["action_history", "proprio"]
+    from experiments.evaluation import evaluate_policy
+
+    result = evaluate_policy(model, "cartpole-swingup", {"modalities": ("proprio", "action_history"),
+                             "proprio": "positions", "action_repeat": 8}, episodes=1)  # fmt: skip
+    assert len(result.returns) == 1
+    venv.close()

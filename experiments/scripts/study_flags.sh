@@ -1,5 +1,5 @@
 # The training flags of the pixel SAC studies (docs/results.md, studies 1 and 2), sourced by
-# experiments/reproduce_results.sh (CPU) and experiments/gpu_session.sh (CUDA), so both run one protocol.
+# experiments/scripts/reproduce_results.sh (CPU) and experiments/scripts/gpu_session.sh (CUDA), so both run one protocol.
 # Pixel SAC runs at 100k frames of cartpole-swingup (action repeat 8 -> 12.5k agent steps): the replay holds the
 # whole run (12.5k transitions), DrQ's initial temperature 0.1, the CPU-sized Perceiver, batch 128.
 sac100k="--preset cartpole-swingup-pixels --recipe sb3 --total-frames 100000 --eval-freq 1250 --checkpoint-freq 1250 --keep-checkpoints 1"

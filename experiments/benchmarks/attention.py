@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
-from experiments.benchmark_common import percentiles, table, timed
+from experiments.benchmarks.common import percentiles, table, timed
 from perceiver_policy import PerceiverConfig, PerceiverEncoder
 
 EXTRA_CHANNELS = 8  # one per modality + the absent flag, padded to 8 (as the first version did)

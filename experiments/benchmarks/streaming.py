@@ -15,7 +15,7 @@ import torch
 import envs
 from agents import make_agent
 from envs.vec import make_env_fn
-from experiments.benchmark_common import table
+from experiments.benchmarks.common import table
 from perceiver_policy.streaming import streaming
 
 PIXELS = ("cartpole-swingup", {"action_repeat": 8})

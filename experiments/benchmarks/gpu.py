@@ -14,13 +14,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from experiments.benchmark_common import percentiles, table, timed
+from experiments.benchmarks.common import percentiles, table, timed
 from perceiver_policy import PerceiverConfig, count_flops
 
 
 def bench_gpu_extractor(quick: bool, device: str = "cuda") -> None:
     """The extractor tables on `device` ("cpu" runs the same code here, to check it without a GPU)."""
-    from experiments.benchmark import default_space, extractors, sample_batch
+    from experiments.benchmarks.policy import default_space, extractors, sample_batch
 
     torch.set_grad_enabled(False)
     space = default_space()
@@ -90,7 +90,7 @@ def measure(model, one, batches, repeats, big, device):
 
 
 def bench_gpu_attention_kernel(space, device: str) -> None:
-    from experiments.benchmark_attention import kernel
+    from experiments.benchmarks.attention import kernel
     from perceiver_policy import PerceiverEncoder
 
     rows = []
@@ -117,8 +117,8 @@ def bench_gpu(quick: bool) -> None:
     if not torch.cuda.is_available():
         print("\n### GPU tables\n\nno CUDA device here: skipped (run on a GPU machine)")
         return
-    from experiments.benchmark import bench_gpu_rollouts
-    from experiments.benchmark_sac import sac_update_table
+    from experiments.benchmarks.sac import sac_update_table
+    from experiments.benchmarks.training import bench_gpu_rollouts
 
     bench_gpu_extractor(quick)
     venv = sac_update_table(fill=300, updates=30 if quick else 200, device="cuda")[2]

@@ -16,7 +16,7 @@ import torch
 import envs
 from agents import make_agent
 from agents.augment import shifted_windows
-from experiments.benchmark_common import synchronize, table, timed
+from experiments.benchmarks.common import synchronize, table, timed
 
 BATCH = 128
 

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Reproduces the learning runs of docs/results.md on a CPU machine, JOBS runs at a time (one torch thread each).
-# Usage: bash experiments/reproduce_results.sh [states,pixels,missing,see,fuse,fuse-cup,remember,transfer|all]
+# Usage: bash experiments/scripts/reproduce_results.sh [states,pixels,missing,see,fuse,fuse-cup,remember,transfer|all]
 #   (RUNS=runs/results JOBS=2 by default; SEEDS="0 1 2" picks the seeds of the see/fuse/remember studies)
-# On a CUDA machine, experiments/gpu_session.sh runs the GPU tables, `pytest -m gpu` and study 1/2 runs to a
+# On a CUDA machine, experiments/scripts/gpu_session.sh runs the GPU tables, `pytest -m gpu` and study 1/2 runs to a
 # deadline (the H200 runs in docs/results.md came from it).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 RUNS=${RUNS:-runs/results}
 JOBS=${JOBS:-2}
@@ -58,7 +58,7 @@ if [[ $what == *,missing,* || $what == *,all,* ]]; then
 fi
 
 # --- "Does the Perceiver see, and does it remember?" (docs/results.md, studies 1-3) -----------------------------
-source experiments/study_flags.sh  # sac100k, leanp
+source experiments/scripts/study_flags.sh  # sac100k, leanp
 seeds=${SEEDS:-0 1}
 if [[ $what == *,see,* || $what == *,all,* ]]; then
   # Study 1: pixels only: ours, ours + state decoding, SB3 SAC + NatureCNN.

@@ -13,7 +13,7 @@ import torch
 
 import envs
 from agents import make_agent
-from experiments.benchmark_common import table
+from experiments.benchmarks.common import table
 
 TINY_PIXELS = {"image_size": 64, "frame_stack": 3, "action_repeat": 4}
 

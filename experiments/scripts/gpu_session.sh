@@ -6,7 +6,7 @@
 #      writes a checkpoint at its step (continue it with `--resume RUN --total-steps 12500`);
 #   3. each run evaluated with the state probe (10 episodes), then the run folders and logs (no replay) packed into
 #      $OUT/gpu-runs.tgz (with session.log, bench-gpu.md and pytest-gpu.log beside it: a handful of files).
-# Usage: OUT=/some/dir bash experiments/gpu_session.sh
+# Usage: OUT=/some/dir bash experiments/scripts/gpu_session.sh
 #   (PY, RUNS, TRAIN_UNTIL, BENCH_LIMIT, PROBE_LIMIT, GPU_RUNS, DEVICE overridable)
 #   BENCH_LIMIT=0 / PROBE_LIMIT=0 / GPU_TESTS=0 skip the tables / the probes / `pytest -m gpu`.
 #   REPLAY=true keeps the replay in the checkpoints, and RESUME=1 continues the runs in $RUNS to their budgets
@@ -21,9 +21,9 @@
 # 30k-42k of 100k frames in 240 s: six need ≈ 17 min to reach 100k frames, one alone ≈ 8 min.
 # On an H200 (2026-11-26): three NatureCNN runs side by side made 28 agent steps/s each and reached 100k frames in 475 s:
 #   GPU_RUNS="study1-pixels-cnn-s1 study2-robot-cnn-s0 study2-robot-cnn-s1" BENCH_LIMIT=0 GPU_TESTS=0 \
-#   PROBE_LIMIT=0 REPLAY=true MODELS=1 TRAIN_UNTIL=510 OUT=... bash experiments/gpu_session.sh
+#   PROBE_LIMIT=0 REPLAY=true MODELS=1 TRAIN_UNTIL=510 OUT=... bash experiments/scripts/gpu_session.sh
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 start=$SECONDS
 PY=${PY:-python3}
 OUT=${OUT:?set OUT to the folder that collects the results}
@@ -39,9 +39,9 @@ export MUJOCO_GL=${MUJOCO_GL:-egl} PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$RUNS"
 log() { echo "[$((SECONDS - start)) s] $*" | tee -a "$OUT/session.log"; }
 
-# Study runs, the flags of experiments/reproduce_results.sh ("see", "fuse", "fuse-cup"), fp32 as on the CPU; no
+# Study runs, the flags of experiments/scripts/reproduce_results.sh ("see", "fuse", "fuse-cup"), fp32 as on the CPU; no
 # replay snapshot in the checkpoints unless REPLAY=true (the GPU machine is given back; its disk is not kept).
-source experiments/study_flags.sh  # sac100k, cup100k, leanp
+source experiments/scripts/study_flags.sh  # sac100k, cup100k, leanp
 on_gpu="--device ${DEVICE:-cuda} --checkpoint-replay-buffer $REPLAY --run-dir $RUNS --progress-bar false --eval-video false"
 leanp="$leanp dtype=float32"
 declare -A flags=(

@@ -1,0 +1,90 @@
+"""Benchmarks (not tests): `python -m experiments.benchmark env|policy|train|sac|precision|streaming|gpu|all [--quick]`.
+
+Every table compares alternatives measured side by side in the same run and reports ratios; quote them with
+the machine (printed first). Timings use `time.perf_counter` after warm-up; latency is per call, p50/p95.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+from experiments.benchmarks.common import machine  # noqa: E402
+from experiments.benchmarks.environment import bench_env  # noqa: E402
+from experiments.benchmarks.policy import bench_policy  # noqa: E402
+from experiments.benchmarks.training import (  # noqa: E402
+    bench_gpu_rollouts,
+    bench_train,
+    replay_worker,
+    summary,
+    train_worker,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "what",
+        choices=[
+            "env",
+            "policy",
+            "train",
+            "sac",
+            "drq",
+            "precision",
+            "streaming",
+            "gpu",
+            "all",
+            "train-worker",
+            "replay-worker",
+        ],
+    )
+    parser.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer repetitions: a few minutes on 2 CPU cores"
+    )
+    args = parser.parse_args(argv)
+    if args.what in ("train-worker", "replay-worker"):
+        worker = train_worker if args.what == "train-worker" else replay_worker
+        print(json.dumps(worker(json.loads(args.spec))))
+        return 0
+    torch.manual_seed(0)
+    print(f"machine: {machine()}; date: {time.strftime('%Y-%m-%d')}; quick={args.quick}")
+    if args.what in ("env", "all"):
+        bench_env(args.quick)
+    if args.what in ("policy", "all"):
+        bench_policy(args.quick)
+    headline = None
+    if args.what in ("train", "all"):
+        headline = bench_train(args.quick)
+        if args.what == "train":  # "all" prints it with the other GPU tables
+            bench_gpu_rollouts(args.quick)
+    if args.what in ("gpu", "all"):
+        from experiments.benchmarks.gpu import bench_gpu
+
+        bench_gpu(args.quick)
+    if args.what in ("precision", "all"):
+        from experiments.benchmarks.precision import bench_bf16_ratio
+
+        bench_bf16_ratio(args.quick)
+    if args.what in ("streaming", "all"):
+        from experiments.benchmarks.streaming import bench_streaming
+
+        bench_streaming(args.quick)
+    if args.what in ("train", "sac", "all"):
+        from experiments.benchmarks.sac import bench_sac
+
+        sac_speedup = bench_sac(args.quick)
+        if headline is not None:
+            summary(headline, sac_speedup)
+    if args.what in ("drq", "all"):
+        from experiments.benchmarks.sac import bench_drq
+
+        bench_drq(args.quick)
+    return 0

@@ -15,12 +15,12 @@ import math
 import torch
 import torch.nn.functional as F
 from gymnasium import spaces
-from stable_baselines3.common.policies import BasePolicy
 from torch import nn
 
 from agents.encoders import ENCODERS, build_encoder, orthogonal_init
-from perceiver_policy.observations import check_observation, sensor_space, without_state
+from perceiver_policy.observations import sensor_space
 from perceiver_policy.policies import as_config, fused_adam
+from perceiver_policy.sac_policy import SACActorPolicy
 from perceiver_policy.state_decoding import make_state_decoder
 
 HIDDEN_DIM = 1024  # drq config.yaml: actor / critic hidden_dim
@@ -102,7 +102,7 @@ class DrQCritic(nn.Module):
         return self.q_values(self.encoder(obs), actions)
 
 
-class DrQSACPolicy(BasePolicy):
+class DrQSACPolicy(SACActorPolicy):
     """`encoder`, `actor`, `critic` (which owns the encoder), `critic_target` (a full copy, encoder included).
 
     ``policy_kwargs``: ``encoder`` ('perceiver', 'cnn', 'drq-cnn'), ``perceiver`` (PerceiverConfig fields, for the
@@ -194,18 +194,6 @@ class DrQSACPolicy(BasePolicy):
             n_critics=self.n_critics,
         )
         return data
-
-    def obs_to_tensor(self, observation):
-        """SB3's conversion, after `check_observation` (missing / extra keys, shapes, uint8 pixels, dtypes)."""
-        observation = without_state(observation)
-        check_observation(observation, self.observation_space)
-        return super().obs_to_tensor(observation)
-
-    def forward(self, obs, deterministic: bool = False) -> torch.Tensor:
-        return self._predict(obs, deterministic)
-
-    def _predict(self, observation, deterministic: bool = False) -> torch.Tensor:
-        return self.actor(observation, deterministic)
 
     def set_training_mode(self, mode: bool) -> None:
         self.actor.train(mode)

@@ -93,3 +93,14 @@ def check_finite(observation: Mapping, space: spaces.Dict) -> None:
                 f"observation {key!r} holds NaN or inf values; a policy acts only on finite observations "
                 "(check the sensor, or train with --sanitize-nonfinite to replace them by 0)"
             )
+
+
+class SensorObservations:
+    """Mixin for SB3 policies built on `sensor_space`: `obs_to_tensor` drops the privileged `state` key, then
+    `check_observation` (missing / extra keys, shapes, uint8 pixels, dtypes, NaN / inf), then SB3's conversion."""
+
+    def obs_to_tensor(self, observation):
+        if isinstance(self.observation_space, spaces.Dict):
+            observation = without_state(observation)
+            check_observation(observation, self.observation_space)
+        return super().obs_to_tensor(observation)

@@ -23,7 +23,7 @@ from perceiver_policy.config import PerceiverConfig
 from perceiver_policy.finetuning import apply_finetune, check_finetune
 from perceiver_policy.modalities import STATE_KEY
 from perceiver_policy.model import LearnedQueries, PerceiverDecoder, PerceiverEncoder
-from perceiver_policy.observations import check_observation, sensor_space, without_state
+from perceiver_policy.observations import SensorObservations, sensor_space
 from perceiver_policy.state_decoding import make_state_decoder
 
 LOG_STD_MODES = ("learned", "state")
@@ -87,7 +87,7 @@ class PerceiverOutputQueries(nn.Module):
         return self._decode(features, slice(1, 2))[:, 0]
 
 
-class PerceiverActorCriticPolicy(ActorCriticPolicy):
+class PerceiverActorCriticPolicy(SensorObservations, ActorCriticPolicy):
     """SB3 `ActorCriticPolicy` with a Perceiver IO for PPO and A2C.
 
     :param perceiver: a `PerceiverConfig` or a dict of its fields (pass it through ``policy_kwargs``).
@@ -193,14 +193,6 @@ class PerceiverActorCriticPolicy(ActorCriticPolicy):
         indexes the observation space by every observation key, the privileged state included)."""
         features = self.vf_features_extractor(obs)  # the shared extractor when share_features_extractor
         return self.value_net(self.mlp_extractor.forward_critic(features))
-
-    def obs_to_tensor(self, observation):
-        """SB3's conversion, after `check_observation` (missing / extra keys, shapes, uint8 pixels, dtypes, NaN);
-        a privileged `state` key in the observation is dropped (the policy never reads it)."""
-        if isinstance(self.observation_space, spaces.Dict):
-            observation = without_state(observation)
-            check_observation(observation, self.observation_space)
-        return super().obs_to_tensor(observation)
 
     def evaluate_actions(self, obs, actions: torch.Tensor):
         """SB3's evaluate_actions (values, log-prob, entropy); with a state decoder, the state-decoding loss of

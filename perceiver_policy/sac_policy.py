@@ -17,7 +17,7 @@ from torch import nn
 from perceiver_policy.config import PerceiverConfig
 from perceiver_policy.finetuning import apply_finetune
 from perceiver_policy.model import ActionQueries, LearnedQueries, PerceiverDecoder, PerceiverEncoder
-from perceiver_policy.observations import check_observation, sensor_space, without_state
+from perceiver_policy.observations import SensorObservations, sensor_space
 from perceiver_policy.policies import LOG_STD_RANGE, as_config, fused_adam
 from perceiver_policy.state_decoding import make_state_decoder
 
@@ -76,7 +76,18 @@ class PerceiverSACCritic(nn.Module):
         return self.q_values(self._encoder[0](obs), actions)
 
 
-class PerceiverSACPolicy(BasePolicy):
+class SACActorPolicy(SensorObservations, BasePolicy):
+    """A SAC policy whose `actor(obs, deterministic)` acts (the Perceiver's and `agents.DrQSACPolicy`), built on
+    the sensor keys (`SensorObservations`)."""
+
+    def forward(self, obs, deterministic: bool = False) -> torch.Tensor:
+        return self._predict(obs, deterministic)
+
+    def _predict(self, observation, deterministic: bool = False) -> torch.Tensor:
+        return self.actor(observation, deterministic)
+
+
+class PerceiverSACPolicy(SACActorPolicy):
     """SAC policy: `encoder`, `actor`, `critic`, `critic_target` (heads only; the encoder has no target copy,
     as in DrQ-v2: the target heads read the shared encoder's latents, without gradient under SB3's no_grad).
     Options go through ``policy_kwargs`` (``perceiver=dict(...)``, ``n_critics``).
@@ -148,18 +159,6 @@ class PerceiverSACPolicy(BasePolicy):
             perceiver=self.perceiver_config.to_dict(), n_critics=self.n_critics, finetune=self.finetune
         )
         return data
-
-    def obs_to_tensor(self, observation):
-        """SB3's conversion, after `check_observation` (missing / extra keys, shapes, uint8 pixels, dtypes)."""
-        observation = without_state(observation)
-        check_observation(observation, self.observation_space)
-        return super().obs_to_tensor(observation)
-
-    def forward(self, obs, deterministic: bool = False) -> torch.Tensor:
-        return self._predict(obs, deterministic)
-
-    def _predict(self, observation, deterministic: bool = False) -> torch.Tensor:
-        return self.actor(observation, deterministic)
 
     def set_training_mode(self, mode: bool) -> None:
         self.encoder.train(mode)

@@ -18,8 +18,7 @@ from gymnasium import spaces
 from torch import nn
 
 from agents.encoders import ENCODERS, build_encoder, orthogonal_init
-from perceiver_policy.observations import sensor_space
-from perceiver_policy.policies import as_config, fused_adam
+from perceiver_policy.policies import as_config
 from perceiver_policy.sac_policy import SACActorPolicy
 from perceiver_policy.state_decoding import make_state_decoder
 
@@ -125,16 +124,8 @@ class DrQSACPolicy(SACActorPolicy):
         optimizer_kwargs: dict | None = None,
         **kwargs,
     ):
-        if not isinstance(action_space, spaces.Box):
-            raise ValueError(f"DrQSACPolicy needs a Box action space, got {action_space}")
-        if use_sde:
-            raise ValueError("use_sde=True is not supported by DrQSACPolicy")
         if encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {encoder!r}; valid choices: {list(ENCODERS)}")
-        for ignored in ("normalize_images", "features_extractor_class", "features_extractor_kwargs"):
-            kwargs.pop(ignored, None)
-        if kwargs:
-            raise ValueError(f"unknown DrQSACPolicy arguments {sorted(kwargs)}")
         low, high = (float(b) for b in log_std_bounds)
         if not low < high:
             raise ValueError(f"log_std_bounds must be (low, high) with low < high, got {log_std_bounds!r}")
@@ -147,22 +138,13 @@ class DrQSACPolicy(SACActorPolicy):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(hidden_depth, int) or hidden_depth < 0:
             raise ValueError(f"hidden_depth must be a non-negative integer, got {hidden_depth!r}")
-        env_observation_space = observation_space  # with the privileged state, for the state decoder
-        observation_space = sensor_space(observation_space)
-        super().__init__(
-            observation_space,
-            action_space,
-            optimizer_class=optimizer_class,
-            optimizer_kwargs=fused_adam(optimizer_class, optimizer_kwargs, {}),
-            squash_output=True,
-            normalize_images=False,
-        )
+        super().__init__(observation_space, action_space, use_sde, optimizer_class, optimizer_kwargs, kwargs)
         self.encoder_name = encoder
         self.perceiver_config = as_config(perceiver)
         self.feature_dim, self.hidden_dim, self.hidden_depth = feature_dim, hidden_dim, hidden_depth
         self.log_std_bounds, self.n_critics = (low, high), n_critics
         action_dim = int(action_space.shape[0])
-        self.encoder = build_encoder(encoder, observation_space, self.perceiver_config)
+        self.encoder = build_encoder(encoder, self.observation_space, self.perceiver_config)
         sizes = (feature_dim, hidden_dim, hidden_depth)
         self.actor = DrQActor(self.encoder, action_dim, *sizes, self.log_std_bounds)
         self.critic = DrQCritic(self.encoder, action_dim, *sizes, n_critics)
@@ -171,16 +153,13 @@ class DrQSACPolicy(SACActorPolicy):
         self.critic_target.eval()
         # State-decoding queries on the critic's latents (Perceiver encoder, privileged `state` in the space).
         self.state_decoder = (
-            make_state_decoder(env_observation_space, self.perceiver_config)
+            make_state_decoder(self.env_observation_space, self.perceiver_config)
             if encoder == "perceiver"
             else None
         )
-        lr = lr_schedule(1)
-        self.actor.optimizer = optimizer_class(self.actor.parameters(), lr=lr, **self.optimizer_kwargs)
-        critic_params = list(self.critic.parameters())
-        if self.state_decoder is not None:
-            critic_params += list(self.state_decoder.parameters())
-        self.critic.optimizer = optimizer_class(critic_params, lr=lr, **self.optimizer_kwargs)
+        self.make_optimizers(
+            lr_schedule, optimizer_class, list(self.critic.parameters())
+        )  # the encoder's included
 
     def _get_constructor_parameters(self) -> dict:
         data = super()._get_constructor_parameters()

@@ -78,7 +78,45 @@ class PerceiverSACCritic(nn.Module):
 
 class SACActorPolicy(SensorObservations, BasePolicy):
     """A SAC policy whose `actor(obs, deterministic)` acts (the Perceiver's and `agents.DrQSACPolicy`), built on
-    the sensor keys (`SensorObservations`)."""
+    the sensor keys (`SensorObservations`; `env_observation_space` keeps the privileged state for the losses).
+    `kwargs`: what SB3 passes on a reload (ignored here: the subclass defines it); anything else is refused."""
+
+    IGNORED_KWARGS = (
+        "normalize_images",
+        "features_extractor_class",
+        "features_extractor_kwargs",
+        "squash_output",
+    )
+
+    def __init__(
+        self, observation_space, action_space, use_sde, optimizer_class, optimizer_kwargs, kwargs: dict
+    ):
+        name = type(self).__name__
+        if not isinstance(action_space, spaces.Box):
+            raise ValueError(f"{name} needs a Box action space, got {action_space}")
+        if use_sde:
+            raise ValueError(f"use_sde=True is not supported by {name}")
+        unknown = sorted(set(kwargs) - set(self.IGNORED_KWARGS))
+        if unknown:
+            raise ValueError(f"unknown {name} arguments {unknown}")
+        self.env_observation_space = observation_space
+        super().__init__(
+            sensor_space(observation_space),
+            action_space,
+            optimizer_class=optimizer_class,
+            optimizer_kwargs=fused_adam(optimizer_class, optimizer_kwargs, {}),
+            squash_output=True,
+            normalize_images=False,
+        )
+
+    def make_optimizers(self, lr_schedule, optimizer_class, critic_params: list) -> None:
+        """`actor.optimizer` over the actor's own parameters; `critic.optimizer` over `critic_params` (those the
+        critic's loss trains, the shared encoder's included) and the state decoder's, if any."""
+        lr = lr_schedule(1)
+        self.actor.optimizer = optimizer_class(self.actor.parameters(), lr=lr, **self.optimizer_kwargs)
+        if self.state_decoder is not None:
+            critic_params = [*critic_params, *self.state_decoder.parameters()]
+        self.critic.optimizer = optimizer_class(critic_params, lr=lr, **self.optimizer_kwargs)
 
     def forward(self, obs, deterministic: bool = False) -> torch.Tensor:
         return self._predict(obs, deterministic)
@@ -109,33 +147,11 @@ class PerceiverSACPolicy(SACActorPolicy):
         optimizer_kwargs: dict | None = None,
         **kwargs,
     ):
-        if not isinstance(action_space, spaces.Box):
-            raise ValueError(f"PerceiverSACPolicy needs a Box action space, got {action_space}")
-        if use_sde:
-            raise ValueError("use_sde=True is not supported by PerceiverSACPolicy")
-        for ignored in (
-            "normalize_images",
-            "features_extractor_class",
-            "features_extractor_kwargs",
-            "squash_output",
-        ):
-            kwargs.pop(ignored, None)
-        if kwargs:
-            raise ValueError(f"unknown PerceiverSACPolicy arguments {sorted(kwargs)}")
-        env_observation_space = observation_space  # with the privileged state, for the state decoder
-        observation_space = sensor_space(observation_space)
-        super().__init__(
-            observation_space,
-            action_space,
-            optimizer_class=optimizer_class,
-            optimizer_kwargs=fused_adam(optimizer_class, optimizer_kwargs, {}),
-            squash_output=True,
-            normalize_images=False,
-        )
+        super().__init__(observation_space, action_space, use_sde, optimizer_class, optimizer_kwargs, kwargs)
         self.perceiver_config = as_config(perceiver)
         self.n_critics = n_critics
         action_dim = int(action_space.shape[0])
-        self.encoder = PerceiverEncoder(observation_space, self.perceiver_config)
+        self.encoder = PerceiverEncoder(self.observation_space, self.perceiver_config)
         self.actor = PerceiverSACActor(self.encoder, self.perceiver_config, action_dim)
         self.critic = PerceiverSACCritic(self.encoder, self.perceiver_config, action_dim, n_critics)
         self.critic_target = PerceiverSACCritic(self.encoder, self.perceiver_config, action_dim, n_critics)
@@ -143,15 +159,12 @@ class PerceiverSACPolicy(SACActorPolicy):
         self.critic_target.requires_grad_(False)
         self.critic_target.eval()  # as SB3's SAC: the target never runs dropout
         # State-decoding queries (auxiliary loss on the critic's encoder pass) when the obs has the privileged state.
-        self.state_decoder = make_state_decoder(env_observation_space, self.perceiver_config)
+        self.state_decoder = make_state_decoder(self.env_observation_space, self.perceiver_config)
         # Transfer: freeze the encoder / add LoRA adapters before the optimizers see the parameters.
         self.finetune = apply_finetune(self.encoder, finetune)
-        lr = lr_schedule(1)
-        self.actor.optimizer = optimizer_class(self.actor.parameters(), lr=lr, **self.optimizer_kwargs)
-        critic_params = list(self.encoder.parameters()) + list(self.critic.parameters())
-        if self.state_decoder is not None:
-            critic_params += list(self.state_decoder.parameters())
-        self.critic.optimizer = optimizer_class(critic_params, lr=lr, **self.optimizer_kwargs)
+        self.make_optimizers(
+            lr_schedule, optimizer_class, [*self.encoder.parameters(), *self.critic.parameters()]
+        )
 
     def _get_constructor_parameters(self) -> dict:
         data = super()._get_constructor_parameters()

@@ -84,6 +84,15 @@ class PerceiverSAC(SAC):
                 f"encoder {self.policy.encoder_name!r} has none (use policy_type 'perceiver')"
             )
         check_state_decoding(self.aux_state_weight, self.policy)
+        drq_only = {
+            name: getattr(self, name)
+            for name in ("target_augmentations", "critic_augmentations", "actor_update_interval")
+            if getattr(self, name) != 1
+        }
+        if drq_only and not isinstance(self.policy, DrQSACPolicy):
+            raise ValueError(
+                f"{drq_only} are settings of DrQ's update rule; this policy trains with SB3's (use recipe 'drq')"
+            )
 
     def _augment(self, obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.augment_pad <= 0 or self.pixel_key not in obs:

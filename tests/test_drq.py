@@ -318,6 +318,8 @@ def test_recipe_errors_name_the_valid_choices(venv):
         make_agent("ppo", venv, recipe="drq", device="cpu")
     with pytest.raises(ValueError, match="target_augmentations must be a positive integer, got 0"):
         agent(venv, target_augmentations=0)
+    with pytest.raises(ValueError, match=r"\{'critic_augmentations': 2\} are settings of DrQ's update rule"):
+        make_agent("sac", venv, perceiver=LEAN, device="cpu", buffer_size=100, critic_augmentations=2)
 
 
 def test_conv_tokenizer_reads_the_stacked_frames_into_grid_tokens():

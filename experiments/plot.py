@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -92,7 +93,10 @@ def plot(
             )
         stacked = np.stack([np.interp(grid, frames, values) for frames, values in curves])
         mean, std = stacked.mean(0), stacked.std(0)
-        axis.plot(grid, mean, label=f"{name} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+        text = f"{name} ({len(runs)} seed{'s' * (len(runs) > 1)})"
+        axis.plot(
+            grid, mean, label=textwrap.fill(text, 90)
+        )  # long method keys wrap instead of widening the figure
         axis.fill_between(grid, mean - std, mean + std, alpha=0.2)
     axis.set_xlabel("frames (agent steps x action repeat)")
     axis.set_ylabel(tag)

@@ -54,7 +54,7 @@ def method_name(config: cfg.TrainConfig) -> str:
     parts.append(
         f"modality-dropout={config.env_modality_dropout:g}" if config.env_modality_dropout > 0 else ""
     )
-    for name in ("perceiver", "algo", "policy"):
+    for name in ("perceiver", "algo", "policy") if config.policy_type == "perceiver" else ("algo", "policy"):
         options = getattr(config, name)
         if options:
             parts.append(f"{name}(" + ",".join(f"{k}={options[k]}" for k in sorted(options)) + ")")

@@ -32,6 +32,7 @@ from experiments.callbacks import (
 from experiments.checkpoint import (
     CheckpointError,
     latest_checkpoint,
+    list_checkpoints,
     load_model,
     load_replay_buffer,
     load_rng_state,
@@ -332,6 +333,13 @@ def main(argv: list[str] | None = None) -> int:
             config = cfg.resolve(args)
             run_dir = Path(config.run_dir) / (config.run_name or default_run_name(config))
             if (run_dir / "config.yaml").exists():
+                if not list_checkpoints(
+                    run_dir / "checkpoints"
+                ):  # a start that failed before its first checkpoint
+                    raise ValueError(
+                        f"run directory {str(run_dir)!r} already exists without a checkpoint to resume; remove it "
+                        "or choose another --run-name"
+                    )
                 raise ValueError(
                     f"run directory {str(run_dir)!r} already exists; use --resume {run_dir} to continue"
                 )

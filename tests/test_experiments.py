@@ -296,6 +296,20 @@ def test_bad_cli_values_exit_with_one_line_error(args, message):
     assert len(lines) == 1 and message in lines[0], result.stderr
 
 
+def test_a_run_name_in_use_says_whether_it_can_be_resumed(trained_run, tmp_path):
+    args = ["experiments.train", "--run-dir", str(trained_run.parent), "--run-name", trained_run.name]
+    taken = cli(*args, check=False)
+    assert taken.returncode == 2 and f"use --resume {trained_run}" in taken.stderr
+    failed = tmp_path / "failed"  # a start that failed before its first checkpoint leaves only config.yaml
+    failed.mkdir()
+    (failed / "config.yaml").write_text((trained_run / "config.yaml").read_text())
+    again = cli("experiments.train", "--run-dir", str(tmp_path), "--run-name", "failed", check=False)
+    assert (
+        again.returncode == 2
+        and "without a checkpoint to resume; remove it or choose another" in again.stderr
+    )
+
+
 def test_corrupt_checkpoint_is_a_one_line_error(trained_run, tmp_path):
     import shutil
 

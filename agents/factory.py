@@ -70,8 +70,7 @@ DRQ_DEFAULTS: dict = {
     "gamma": 0.99,  # discount
     "train_freq": 1,  # one update per agent step (num_train_iters 1)
     "gradient_steps": 1,
-    "augment_pad": 4,  # image_pad: replicate-pad 4 + random crop back to the image size
-}
+}  # DrQ's image_pad 4 (replicate-pad, random crop back) is PerceiverSAC's default augment_pad
 # DrQ's policy (config.yaml: encoder feature_dim 50; actor / critic hidden_dim 1024, hidden_depth 2; actor
 # log_std_bounds [-10, 2]); agents.drq_policy holds the same values as its defaults.
 DRQ_POLICY_DEFAULTS: dict = {
@@ -185,24 +184,10 @@ def make_agent(
     if recipe == "drq":
         kwargs = {**copy.deepcopy(DRQ_DEFAULTS), **overrides}
         policy_kwargs = {**DRQ_POLICY_DEFAULTS, **(policy_kwargs or {}), "perceiver": perceiver}
-        policy_kwargs["encoder"] = "perceiver" if policy_type == "perceiver" else policy_type
-        obs_space = env.observation_space
-        if isinstance(obs_space, spaces.Dict) and "pixels" in obs_space.spaces:
-            kwargs.setdefault("replay_buffer_class", FrameReplayBuffer)
-        elif "augment_pad" not in overrides:
-            kwargs["augment_pad"] = 0
-        return PerceiverSAC(
-            DrQSACPolicy,
-            env,
-            policy_kwargs=policy_kwargs,
-            device=torch_device,
-            seed=seed,
-            tensorboard_log=tensorboard_log,
-            verbose=verbose,
-            **kwargs,
-        )
-    kwargs = {**copy.deepcopy(DEFAULTS[algorithm]), **overrides}
-    policy_kwargs = {**(policy_kwargs or {}), "perceiver": perceiver}
+        policy_kwargs["encoder"] = policy_type  # 'perceiver', 'cnn' or 'drq-cnn' (agents.encoders)
+    else:
+        kwargs = {**copy.deepcopy(DEFAULTS[algorithm]), **overrides}
+        policy_kwargs = {**(policy_kwargs or {}), "perceiver": perceiver}
     common = dict(
         policy_kwargs=policy_kwargs,
         device=torch_device,
@@ -226,7 +211,8 @@ def make_agent(
             kwargs.setdefault("replay_buffer_class", FrameReplayBuffer)
         else:
             kwargs.setdefault("augment_pad", 0)
-    return algo_cls(_CLASSES[algorithm][1], env, **kwargs, **common)
+    policy_class = DrQSACPolicy if recipe == "drq" else _CLASSES[algorithm][1]
+    return algo_cls(policy_class, env, **kwargs, **common)
 
 
 def check_recipe(algorithm: str, policy_type: str, recipe: str) -> None:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from gymnasium import spaces
 from torch import nn
 
-from agents.encoders import ENCODERS, build_encoder, orthogonal_init
+from agents.encoders import ENCODERS, READOUTS, build_encoder, orthogonal_init
 from perceiver_policy.policies import as_config
 from perceiver_policy.sac_policy import SACActorPolicy
 from perceiver_policy.state_decoding import make_state_decoder
@@ -50,11 +50,18 @@ class DrQActor(nn.Module):
     The encoder is shared and deliberately not registered (a tuple), so `actor.parameters()` are its own."""
 
     def __init__(
-        self, encoder: nn.Module, action_dim: int, feature_dim, hidden_dim, hidden_depth, log_std_bounds
+        self,
+        encoder: nn.Module,
+        action_dim: int,
+        feature_dim,
+        hidden_dim,
+        hidden_depth,
+        log_std_bounds,
+        readout,
     ):
         super().__init__()
         self._encoder = (encoder,)
-        self.readout = encoder.make_readout(feature_dim)
+        self.readout = encoder.make_readout(feature_dim, readout)
         self.trunk = mlp(feature_dim, hidden_dim, 2 * action_dim, hidden_depth)
         orthogonal_init(self.trunk)
         self.log_std_bounds = tuple(log_std_bounds)
@@ -83,10 +90,12 @@ class DrQCritic(nn.Module):
     """Twin Q networks on [readout(encoder(obs)), action]. The encoder is registered here: the critic's optimizer
     owns it, and the target critic (a deep copy) has its own, as DrQ's target network does."""
 
-    def __init__(self, encoder: nn.Module, action_dim: int, feature_dim, hidden_dim, hidden_depth, n_critics):
+    def __init__(
+        self, encoder: nn.Module, action_dim: int, feature_dim, hidden_dim, hidden_depth, n_critics, readout
+    ):
         super().__init__()
         self.encoder = encoder
-        self.readout = encoder.make_readout(feature_dim)
+        self.readout = encoder.make_readout(feature_dim, readout)
         self.q_networks = nn.ModuleList(
             mlp(feature_dim + action_dim, hidden_dim, 1, hidden_depth) for _ in range(n_critics)
         )
@@ -105,7 +114,8 @@ class DrQSACPolicy(SACActorPolicy):
     """`encoder`, `actor`, `critic` (which owns the encoder), `critic_target` (a full copy, encoder included).
 
     ``policy_kwargs``: ``encoder`` ('perceiver', 'cnn', 'drq-cnn'), ``perceiver`` (PerceiverConfig fields, for the
-    Perceiver encoder), ``feature_dim``, ``hidden_dim``, ``hidden_depth``, ``log_std_bounds``, ``n_critics``."""
+    Perceiver encoder), ``readout`` (`agents.encoders.READOUTS`; None: 'query' for the Perceiver, 'flat' for the
+    conv encoders), ``feature_dim``, ``hidden_dim``, ``hidden_depth``, ``log_std_bounds``, ``n_critics``."""
 
     def __init__(
         self,
@@ -119,6 +129,7 @@ class DrQSACPolicy(SACActorPolicy):
         hidden_depth: int = HIDDEN_DEPTH,
         log_std_bounds: tuple[float, float] = LOG_STD_BOUNDS,
         n_critics: int = 2,
+        readout: str | None = None,
         use_sde: bool = False,
         optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adam,
         optimizer_kwargs: dict | None = None,
@@ -126,6 +137,10 @@ class DrQSACPolicy(SACActorPolicy):
     ):
         if encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {encoder!r}; valid choices: {list(ENCODERS)}")
+        if readout is None:
+            readout = "query" if encoder == "perceiver" else "flat"
+        if readout not in READOUTS:
+            raise ValueError(f"unknown readout {readout!r}; valid choices: {list(READOUTS)}")
         low, high = (float(b) for b in log_std_bounds)
         if not low < high:
             raise ValueError(f"log_std_bounds must be (low, high) with low < high, got {log_std_bounds!r}")
@@ -142,12 +157,12 @@ class DrQSACPolicy(SACActorPolicy):
         self.encoder_name = encoder
         self.perceiver_config = as_config(perceiver)
         self.feature_dim, self.hidden_dim, self.hidden_depth = feature_dim, hidden_dim, hidden_depth
-        self.log_std_bounds, self.n_critics = (low, high), n_critics
+        self.log_std_bounds, self.n_critics, self.readout = (low, high), n_critics, readout
         action_dim = int(action_space.shape[0])
         self.encoder = build_encoder(encoder, self.observation_space, self.perceiver_config)
         sizes = (feature_dim, hidden_dim, hidden_depth)
-        self.actor = DrQActor(self.encoder, action_dim, *sizes, self.log_std_bounds)
-        self.critic = DrQCritic(self.encoder, action_dim, *sizes, n_critics)
+        self.actor = DrQActor(self.encoder, action_dim, *sizes, self.log_std_bounds, readout)
+        self.critic = DrQCritic(self.encoder, action_dim, *sizes, n_critics, readout)
         self.critic_target = copy.deepcopy(self.critic)
         self.critic_target.requires_grad_(False)
         self.critic_target.eval()
@@ -171,6 +186,7 @@ class DrQSACPolicy(SACActorPolicy):
             hidden_depth=self.hidden_depth,
             log_std_bounds=self.log_std_bounds,
             n_critics=self.n_critics,
+            readout=self.readout,
         )
         return data
 

@@ -27,6 +27,10 @@ from perceiver_policy.modalities import ABSENT_KEY, STATE_KEY
 from perceiver_policy.model import LearnedQueries, PerceiverDecoder, PerceiverEncoder
 
 ENCODERS = ("perceiver", "cnn", "drq-cnn")
+READOUTS = ("query", "flat")
+"""How actor and critic read the Perceiver's latents (B, M, D): ``query``, one learned output query cross-attends
+them (D features); ``flat``, DrQ's head on the flattened latents (M * D features), as on a conv feature map.
+The convolutional encoders always read out ``flat``."""
 VECTOR_HIDDEN = 64
 """Width of the small MLP that reads the vector and history keys of the convolutional encoders."""
 
@@ -144,7 +148,12 @@ class ConvEncoder(nn.Module):
             parts.append(self.vectors(flat))
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (B, out_dim)
 
-    def make_readout(self, feature_dim: int) -> nn.Module:
+    def make_readout(self, feature_dim: int, kind: str = "flat") -> nn.Module:
+        if kind != "flat":
+            raise ValueError(
+                f"encoder {self.name!r} reads out its flat feature map only; readout {kind!r} is for "
+                "policy_type 'perceiver' (valid choice here: 'flat')"
+            )
         readout = FeatureReadout(self.out_dim, feature_dim)
         orthogonal_init(readout)
         return readout
@@ -174,12 +183,18 @@ def _channels(observation_space: spaces.Dict) -> int:
 
 
 class PerceiverTrunk(PerceiverEncoder):
-    """The Perceiver encoder as a pluggable trunk: h = latents (B, M, D); readout by an output query."""
+    """The Perceiver encoder as a pluggable trunk: h = latents (B, M, D); readout by an output query or flat."""
 
-    def make_readout(self, feature_dim: int) -> nn.Module:
-        readout = QueryReadout(self.config, feature_dim)
-        orthogonal_init(readout.head)
-        return readout
+    def make_readout(self, feature_dim: int, kind: str = "query") -> nn.Module:
+        if kind == "query":
+            readout = QueryReadout(self.config, feature_dim)
+            orthogonal_init(readout.head)
+            return readout
+        if kind == "flat":
+            readout = FeatureReadout(self.config.num_latents * self.config.latent_dim, feature_dim)
+            orthogonal_init(readout)
+            return readout
+        raise ValueError(f"unknown readout {kind!r}; valid choices: {list(READOUTS)}")
 
 
 def build_encoder(name: str, observation_space: spaces.Dict, perceiver: PerceiverConfig) -> nn.Module:

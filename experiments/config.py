@@ -18,6 +18,7 @@ import functools
 import inspect
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,7 +153,7 @@ class TrainConfig:
     algo: dict = field(default_factory=dict)
     """Keyword overrides for the SB3 algorithm (learning_rate, n_steps, batch_size, buffer_size, ...)."""
     policy: dict = field(default_factory=dict)
-    """Extra policy_kwargs (e.g. log_std_mode)."""
+    """Extra policy_kwargs (e.g. log_std_mode; for the DrQ recipe feature_dim, hidden_dim, readout=query|flat)."""
     curriculum: list = field(default_factory=list)
     """Optional [{'step': N, 'modalities': [...]}, ...]: from agent step N the model reads only those."""
     init_from: str | None = None
@@ -312,11 +313,28 @@ def load_preset(name: str) -> dict:
     path = PRESET_DIR / f"{name}.yaml"
     if not path.exists():
         raise ValueError(f"unknown preset {name!r}; valid choices: {list_presets()}")
-    return yaml.safe_load(path.read_text()) or {}
+    return load_yaml(path.read_text()) or {}
 
 
 def _fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: ``3e-4`` and ``1E5`` are numbers, not strings (YAML 1.1,
+    which PyYAML follows, needs a dot: ``3.0e-4``), so ``--algo learning_rate=3e-4`` means what it says."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str):
+    """Parse a YAML document or scalar (config files, ``KEY=VALUE`` values) with YAML 1.2's float syntax."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def from_dict(values: dict) -> TrainConfig:
@@ -333,7 +351,7 @@ def _key_values(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep:
             raise ValueError(f"expected KEY=VALUE, got {pair!r}")
-        out[key.replace("-", "_")] = yaml.safe_load(value)
+        out[key.replace("-", "_")] = load_yaml(value)
     return out
 
 
@@ -427,7 +445,7 @@ def given_fields(args: argparse.Namespace) -> dict:
         if f.type in ("dict", dict):
             value = _key_values(value)
         elif name == "curriculum":
-            value = yaml.safe_load(value)
+            value = load_yaml(value)
         given[name] = value
     return given
 
@@ -470,4 +488,4 @@ def save(config: TrainConfig, path: Path) -> None:
 
 
 def load(path: Path) -> TrainConfig:
-    return from_dict(yaml.safe_load(Path(path).read_text()))
+    return from_dict(load_yaml(Path(path).read_text()))

@@ -13,8 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
+from experiments.config import load_yaml
 from experiments.reporting import find_runs, write_report
 from experiments.runtime import keep_freed_memory
 
@@ -27,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=2000, help="bootstrap samples")
     args = parser.parse_args(argv)
     try:
-        baselines = yaml.safe_load(args.baselines.read_text()) if args.baselines else None
+        baselines = load_yaml(args.baselines.read_text()) if args.baselines else None
         runs = find_runs(args.paths)
         report = write_report(runs, args.out, baselines, reps=args.reps)
     except (ValueError, OSError) as err:

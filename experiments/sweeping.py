@@ -20,8 +20,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from experiments import config as cfg
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +57,7 @@ def _check_field(key: str) -> None:
 
 
 def load_spec(path: Path) -> SweepSpec:
-    values = yaml.safe_load(Path(path).read_text()) or {}
+    values = cfg.load_yaml(Path(path).read_text()) or {}
     known = set(SweepSpec.__dataclass_fields__)
     unknown = sorted(set(values) - known)
     if unknown:

@@ -125,3 +125,11 @@ def test_importing_the_commands_leaves_the_allocator_alone():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_key_values_read_exponent_floats_as_numbers():
+    config = resolve(
+        "--task", "cartpole-swingup", "--algorithm", "sac", "--algo", "learning_rate=3e-4", "tau=1E-2"
+    )
+    assert config.algo == {"learning_rate": 3e-4, "tau": 1e-2}
+    assert cfg.load_yaml("[1e-3, 2, 1.5, abc, 1e]") == [1e-3, 2, 1.5, "abc", "1e"]

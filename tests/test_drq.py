@@ -359,3 +359,25 @@ def test_state_decoding_joins_the_critic_loss_of_the_drq_perceiver():
             "sac", venv, policy_type="cnn", recipe="drq", device="cpu", buffer_size=100, aux_state_weight=1.0
         )
     venv.close()
+
+
+def test_the_perceiver_reads_out_by_query_or_flat_and_conv_encoders_flat_only(venv):
+    from agents.encoders import FeatureReadout, QueryReadout
+
+    query = agent(venv, "perceiver").policy
+    assert isinstance(query.critic.readout, QueryReadout) and query.readout == "query"
+    model = make_agent(
+        "sac", venv, perceiver=LEAN, policy_kwargs={**SMALL_HEADS, "readout": "flat"}, policy_type="perceiver",
+        recipe="drq", device="cpu", seed=0, buffer_size=200, learning_starts=0,
+    )  # fmt: skip
+    flat = model.policy
+    assert isinstance(flat.critic.readout, FeatureReadout) and isinstance(flat.actor.readout, FeatureReadout)
+    assert flat.critic.readout.linear.in_features == LEAN["num_latents"] * LEAN["latent_dim"]
+    h = flat.encoder(batch(model).observations)
+    assert flat.actor.mean_std(h)[0].shape == (6, 1)
+    assert flat._get_constructor_parameters()["readout"] == "flat"  # saved with the policy
+    for policy_type, readout, message in (("cnn", "query", r"readout 'query'.*'flat'"),
+                                          ("perceiver", "mean", r"'mean'.*\['query', 'flat'\]")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            make_agent("sac", venv, perceiver=LEAN, policy_kwargs={**SMALL_HEADS, "readout": readout},
+                       policy_type=policy_type, recipe="drq", device="cpu", buffer_size=200)  # fmt: skip

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from stable_baselines3.common.utils import polyak_update
 
 from perceiver_policy.introspection import encoder_parameter_groups, gradient_norms
+from perceiver_policy.latent_scaling import num_latents, training_num_latents
 from perceiver_policy.modalities import STATE_KEY
 from perceiver_policy.model import PerceiverEncoder
 
@@ -127,7 +128,9 @@ def drq_update(algo, gradient_steps: int, batch_size: int) -> None:
     decoding: list[dict[str, float]] = []
     for step in range(gradient_steps):
         data = algo.replay_buffer.sample(batch_size, env=algo._vec_normalize_env)
-        for name, value in drq_step(algo, data, algo._n_updates + step).items():
+        with num_latents(algo.policy, training_num_latents(algo.policy)):  # nested latents: one k per update
+            losses = drq_step(algo, data, algo._n_updates + step)
+        for name, value in losses.items():
             if name == "state_decode":
                 decoding.append(value)
             else:

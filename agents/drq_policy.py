@@ -159,6 +159,11 @@ class DrQSACPolicy(SACActorPolicy):
         self.feature_dim, self.hidden_dim, self.hidden_depth = feature_dim, hidden_dim, hidden_depth
         self.log_std_bounds, self.n_critics, self.readout = (low, high), n_critics, readout
         action_dim = int(action_space.shape[0])
+        if readout == "flat" and encoder == "perceiver" and self.perceiver_config.latent_scaling:
+            raise ValueError(
+                "readout 'flat' reads a fixed number of latents; latent_scaling "
+                f"{self.perceiver_config.latent_scaling} needs readout 'query' (valid choices: {list(READOUTS)})"
+            )
         self.encoder = build_encoder(encoder, self.observation_space, self.perceiver_config)
         sizes = (feature_dim, hidden_dim, hidden_depth)
         self.actor = DrQActor(self.encoder, action_dim, *sizes, self.log_std_bounds, readout)

@@ -27,6 +27,12 @@ from agents.pipelined import collect_pipelined, pipelined_base
 from agents.rollout_buffer import DeviceRolloutBuffer
 from agents.sac import check_state_decoding, record_state_decoding
 from agents.transfer import ObservationTransfer, stack_observations
+from perceiver_policy.latent_scaling import (
+    get_num_latents,
+    perceiver_encoders,
+    set_num_latents,
+    training_num_latents,
+)
 
 
 @contextlib.contextmanager
@@ -70,13 +76,27 @@ class BatchedRolloutMixin:
         return self._obs_transfer
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_obs_transfer"]
+        return [*super()._excluded_save_params(), "_obs_transfer", "_acting_num_latents"]
 
     def collect_rollouts(
         self, env: VecEnv, callback: BaseCallback, rollout_buffer, n_rollout_steps: int
     ) -> bool:
+        """Collects with the k of the next update when `PerceiverConfig.latent_scaling` is on (`train` keeps it,
+        then restores the acting k): the buffer's old log-probabilities are those of the policy it updates."""
+        k = training_num_latents(self.policy)
+        if k is not None:
+            if getattr(self, "_acting_num_latents", None) is None:
+                self._acting_num_latents = get_num_latents(self.policy)
+            set_num_latents(self.policy, k)
         with torch_threads(self.collect_threads if self.device.type == "cpu" else None):
             return self._collect(env, callback, rollout_buffer, n_rollout_steps)
+
+    def _restore_acting_num_latents(self) -> None:
+        """After an update: the policy acts (and is evaluated, saved) with its own k again."""
+        acting = getattr(self, "_acting_num_latents", None)
+        if acting is not None and perceiver_encoders(self.policy):
+            set_num_latents(self.policy, acting)
+            self._acting_num_latents = None
 
     def _collect(self, env: VecEnv, callback: BaseCallback, rollout_buffer, n_rollout_steps: int) -> bool:
         pipelined = pipelined_base(env)
@@ -241,6 +261,7 @@ class PerceiverPPO(StateDecodingMixin, BatchedRolloutMixin, PPO):
         if self.clip_range_vf is not None:
             self.logger.record("train/clip_range_vf", clip_range_vf)
         self._record_auxiliary()
+        self._restore_acting_num_latents()
 
 
 class PerceiverA2C(StateDecodingMixin, BatchedRolloutMixin, A2C):
@@ -281,3 +302,4 @@ class PerceiverA2C(StateDecodingMixin, BatchedRolloutMixin, A2C):
         if hasattr(self.policy, "log_std"):
             self.logger.record("train/std", torch.exp(self.policy.log_std).mean().item())
         self._record_auxiliary()
+        self._restore_acting_num_latents()

@@ -3,7 +3,9 @@
 `SAC.train` calls the critic the same way for the critic and the actor losses, so with a shared encoder the
 actor's loss would also train it. `PerceiverSAC.train` instead encodes obs once (with grad, for the critic loss)
 and next_obs once (no grad, for the target), gives the actor detached latents, and Polyak-averages only the
-critic's heads (the encoder has no target copy). Optional DrQ random shifts of the pixels.
+critic's heads (the encoder has no target copy). Optional DrQ random shifts of the pixels. With
+`PerceiverConfig.latent_scaling`, each update (both recipes) reads the first k latents, k drawn from the list;
+the agent acts with the k set on the policy (all latents unless `set_num_latents` chose fewer).
 
 With ``aux_state_weight > 0`` (and the privileged ``state`` in the observation), the policy's state-decoding
 queries read the critic's latents of the augmented batch and their MSE joins the critic's loss, so the encoder
@@ -29,6 +31,7 @@ from agents.augment import random_shift
 from agents.drq import drq_update
 from agents.drq_policy import DrQSACPolicy
 from perceiver_policy.introspection import encoder_parameter_groups, gradient_norms
+from perceiver_policy.latent_scaling import num_latents, training_num_latents
 from perceiver_policy.modalities import STATE_KEY
 from perceiver_policy.sac_policy import PerceiverSACPolicy
 
@@ -114,7 +117,6 @@ class PerceiverSAC(SAC):
         if self.ent_coef_optimizer is not None:
             optimizers.append(self.ent_coef_optimizer)
         self._update_learning_rate(optimizers)
-        encoder = self.policy.encoder
         metrics: dict[str, list[float]] = {
             "ent_coef": [],
             "actor_loss": [],
@@ -125,55 +127,12 @@ class PerceiverSAC(SAC):
         encoder_grads: dict[str, float] = {}
 
         for gradient_step in range(gradient_steps):
-            data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)
-            discounts = data.discounts if data.discounts is not None else self.gamma
-            latents = encoder(self._augment(data.observations))  # (B, M, D), trained by the critic loss
-            with torch.no_grad(), evaluation_mode(encoder):  # the target's latents without dropout
-                next_latents = encoder(self._augment(data.next_observations))
-
-            actions_pi, log_prob = self.actor.action_log_prob_latents(latents.detach())
-            log_prob = log_prob.reshape(-1, 1)
-            if self.ent_coef_optimizer is not None and self.log_ent_coef is not None:
-                ent_coef = torch.exp(self.log_ent_coef.detach())
-                ent_coef_loss = -(self.log_ent_coef * (log_prob + self.target_entropy).detach()).mean()
-                self.ent_coef_optimizer.zero_grad()
-                ent_coef_loss.backward()
-                self.ent_coef_optimizer.step()
-                metrics["ent_coef_loss"].append(ent_coef_loss.item())
-            else:
-                ent_coef = self.ent_coef_tensor
-            metrics["ent_coef"].append(ent_coef.item())
-
-            with torch.no_grad():
-                next_actions, next_log_prob = self.actor.action_log_prob_latents(next_latents)
-                next_q = torch.cat(self.critic_target.q_values(next_latents, next_actions), dim=1)
-                next_q = next_q.min(dim=1, keepdim=True).values - ent_coef * next_log_prob.reshape(-1, 1)
-                target_q = data.rewards + (1 - data.dones) * discounts * next_q
-
-            current_q = self.critic.q_values(latents, data.actions)
-            critic_loss = 0.5 * sum(F.mse_loss(q, target_q) for q in current_q)
-            if self.aux_state_weight > 0:
-                decode_loss, per_sensor = self.policy.state_decoder.loss(
-                    latents, data.observations[STATE_KEY]
+            with num_latents(
+                self.policy, training_num_latents(self.policy)
+            ):  # nested latents: one k per update
+                self._perceiver_step(
+                    gradient_step, gradient_steps, batch_size, metrics, decode_metrics, encoder_grads
                 )
-                critic_loss = critic_loss + self.aux_state_weight * decode_loss
-                decode_metrics.append(per_sensor)
-            self.critic.optimizer.zero_grad()
-            critic_loss.backward()
-            if gradient_step == gradient_steps - 1:  # what reaches each encoder stage (cheap: ~20 norms)
-                encoder_grads = gradient_norms(encoder_parameter_groups(encoder))
-            self.critic.optimizer.step()
-            metrics["critic_loss"].append(critic_loss.item())
-
-            q_pi = torch.cat(self.critic.q_values(latents.detach(), actions_pi), dim=1)
-            actor_loss = (ent_coef * log_prob - q_pi.min(dim=1, keepdim=True).values).mean()
-            self.actor.optimizer.zero_grad()
-            actor_loss.backward()
-            self.actor.optimizer.step()
-            metrics["actor_loss"].append(actor_loss.item())
-
-            if gradient_step % self.target_update_interval == 0:
-                polyak_update(self.critic.parameters(), self.critic_target.parameters(), self.tau)
 
         self._n_updates += gradient_steps
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
@@ -183,6 +142,59 @@ class PerceiverSAC(SAC):
         record_state_decoding(self.logger, decode_metrics)
         for group, norm in encoder_grads.items():
             self.logger.record(f"perceiver/grad_norm/{group}", norm)
+
+    def _perceiver_step(
+        self, gradient_step, gradient_steps, batch_size, metrics, decode_metrics, encoder_grads
+    ):
+        """One update of the SB3 recipe (critic, actor, temperature, target heads), losses into `metrics`."""
+        encoder = self.policy.encoder
+        data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)
+        discounts = data.discounts if data.discounts is not None else self.gamma
+        latents = encoder(self._augment(data.observations))  # (B, k, D), trained by the critic loss
+        with torch.no_grad(), evaluation_mode(encoder):  # the target's latents without dropout
+            next_latents = encoder(self._augment(data.next_observations))
+
+        actions_pi, log_prob = self.actor.action_log_prob_latents(latents.detach())
+        log_prob = log_prob.reshape(-1, 1)
+        if self.ent_coef_optimizer is not None and self.log_ent_coef is not None:
+            ent_coef = torch.exp(self.log_ent_coef.detach())
+            ent_coef_loss = -(self.log_ent_coef * (log_prob + self.target_entropy).detach()).mean()
+            self.ent_coef_optimizer.zero_grad()
+            ent_coef_loss.backward()
+            self.ent_coef_optimizer.step()
+            metrics["ent_coef_loss"].append(ent_coef_loss.item())
+        else:
+            ent_coef = self.ent_coef_tensor
+        metrics["ent_coef"].append(ent_coef.item())
+
+        with torch.no_grad():
+            next_actions, next_log_prob = self.actor.action_log_prob_latents(next_latents)
+            next_q = torch.cat(self.critic_target.q_values(next_latents, next_actions), dim=1)
+            next_q = next_q.min(dim=1, keepdim=True).values - ent_coef * next_log_prob.reshape(-1, 1)
+            target_q = data.rewards + (1 - data.dones) * discounts * next_q
+
+        current_q = self.critic.q_values(latents, data.actions)
+        critic_loss = 0.5 * sum(F.mse_loss(q, target_q) for q in current_q)
+        if self.aux_state_weight > 0:
+            decode_loss, per_sensor = self.policy.state_decoder.loss(latents, data.observations[STATE_KEY])
+            critic_loss = critic_loss + self.aux_state_weight * decode_loss
+            decode_metrics.append(per_sensor)
+        self.critic.optimizer.zero_grad()
+        critic_loss.backward()
+        if gradient_step == gradient_steps - 1:  # what reaches each encoder stage (cheap: ~20 norms)
+            encoder_grads.update(gradient_norms(encoder_parameter_groups(encoder)))
+        self.critic.optimizer.step()
+        metrics["critic_loss"].append(critic_loss.item())
+
+        q_pi = torch.cat(self.critic.q_values(latents.detach(), actions_pi), dim=1)
+        actor_loss = (ent_coef * log_prob - q_pi.min(dim=1, keepdim=True).values).mean()
+        self.actor.optimizer.zero_grad()
+        actor_loss.backward()
+        self.actor.optimizer.step()
+        metrics["actor_loss"].append(actor_loss.item())
+
+        if gradient_step % self.target_update_interval == 0:
+            polyak_update(self.critic.parameters(), self.critic_target.parameters(), self.tau)
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ from perceiver_policy.introspection import (
     modality_balance,
     token_moments,
 )
+from perceiver_policy.latent_scaling import num_latents, perceiver_encoders
 from perceiver_policy.probes import MIN_EPISODES
 
 HISTORY_COLUMNS = ["step", "frames", "return_mean"]
@@ -38,6 +39,12 @@ def tensorboard_writer(logger):
         if isinstance(output, TensorBoardOutputFormat):
             return output.writer
     return None
+
+
+def scaled_latent_choices(model) -> list[int]:
+    """The trained numbers of latents of a policy trained with latent_scaling, ascending; [] otherwise."""
+    encoders = perceiver_encoders(model)
+    return list(encoders[0].config.latent_scaling) if encoders else []
 
 
 class PeriodicCallback(BaseCallback):
@@ -86,17 +93,31 @@ class EvalCallback(PeriodicCallback):
         self.seconds = 0.0
 
     def evaluate_now(self) -> dict:
+        """Evaluates with all latents; a policy trained with latent_scaling also at each trained k:
+        eval/k<k>/return_mean and perf/k<k>/latency_p95_ms (the largest k is the main evaluation's)."""
         start = time.perf_counter()
-        result = evaluate_policy(
-            self.model,
-            self.task,
-            self.env_kwargs,
-            self.episodes,
-            seed=self.seed,
-            video=self.video,
-            probe_state=self.probe_state,
-        )
+        choices = scaled_latent_choices(self.model)
+        with num_latents(self.model, choices[-1] if choices else None):
+            result = evaluate_policy(
+                self.model,
+                self.task,
+                self.env_kwargs,
+                self.episodes,
+                seed=self.seed,
+                video=self.video,
+                probe_state=self.probe_state,
+            )
         summary = result.summary()
+        for k in choices:
+            if k == choices[-1]:
+                scaled = summary
+            else:
+                with num_latents(self.model, k):
+                    scaled = evaluate_policy(
+                        self.model, self.task, self.env_kwargs, self.episodes, seed=self.seed
+                    ).summary()
+            self.logger.record(f"eval/k{k}/return_mean", scaled["return_mean"])
+            self.logger.record(f"perf/k{k}/latency_p95_ms", scaled["latency_p95_ms"])
         self._append_history(self.num_timesteps, summary["return_mean"])
         for sensor, r2 in (result.probe or {}).items():
             self.logger.record(f"perceiver/state_probe_r2/{sensor}", r2)

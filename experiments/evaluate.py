@@ -6,6 +6,9 @@ per task. `--missing-modality pixels` (or any modality, repeatable) evaluates wi
 tokens); `--blank-modality pixels` feeds it as zeros instead (a dead sensor; any policy). `--probe-state`
 adds one column per state sensor: R² of a linear probe from the policy's features (Perceiver latents, SB3
 extractor output, LSTM state) to the true state, fit on the first half of the episodes, scored on the rest.
+`--num-latents 4 8 32` evaluates a policy trained with latent_scaling at each of those numbers of latents (one
+row each); `--latency-budget-ms B` measures p95 batch-1 latency at every trained k here and evaluates the largest
+k that fits.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from agents import algorithm_class
 from experiments import config as cfg
 from experiments.checkpoint import CheckpointError, load_model, locate
 from experiments.evaluation import evaluate_policy, write_mp4
+from experiments.export import observations
 from experiments.runtime import keep_freed_memory
+from perceiver_policy.latent_scaling import choose_num_latents, num_latents, set_num_latents
 
 COLUMNS = [
     "task",
@@ -30,28 +35,51 @@ COLUMNS = [
     "length_mean",
     "latency_p50_ms",
     "latency_p95_ms",
+    "num_latents",
 ]
 
 
 def markdown_table(rows: list[dict], probe_columns: list[str] = ()) -> str:
     probe_head = "".join(f" R² {name} |" for name in probe_columns)
+    latents = any(r.get("num_latents") for r in rows)
     lines = [
-        "| task | missing | episodes | return | length | latency p50 / p95 (ms) |" + probe_head,
-        "| --- | --- | --- | --- | --- | --- |" + " --- |" * len(probe_columns),
-    ]
+        "| task | missing |" + (" latents |" if latents else "")
+        + " episodes | return | length | latency p50 / p95 (ms) |" + probe_head,
+        "| --- | --- |" + (" --- |" if latents else "") + " --- | --- | --- | --- |" + " --- |" * len(probe_columns),
+    ]  # fmt: skip
     for r in rows:
         probes = "".join(f" {r.get('r2_' + name, float('nan')):.3f} |" for name in probe_columns)
         lines.append(
-            f"| {r['task']} | {r['missing'] or '-'} | {r['episodes']} | {r['return_mean']:.1f} ± {r['return_std']:.1f} "
+            f"| {r['task']} | {r['missing'] or '-'} |" + (f" {r.get('num_latents') or '-'} |" if latents else "")
+            + f" {r['episodes']} | {r['return_mean']:.1f} ± {r['return_std']:.1f} "
             f"| {r['length_mean']:.0f} | {r['latency_p50_ms']:.2f} / {r['latency_p95_ms']:.2f} |" + probes
-        )
+        )  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
 def condition(args: argparse.Namespace) -> str:
     """The file-name suffix of an evaluated condition: '' (every sensor), '-no-pixels', '-blank-pixels', ..."""
     suffix = f"-no-{'-'.join(args.missing_modality)}" if args.missing_modality else ""
-    return suffix + (f"-blank-{'-'.join(args.blank_modality)}" if args.blank_modality else "")
+    suffix += f"-blank-{'-'.join(args.blank_modality)}" if args.blank_modality else ""
+    if args.num_latents:
+        suffix += f"-k{'-'.join(str(k) for k in args.num_latents)}"
+    return suffix + (f"-budget{args.latency_budget_ms:g}ms" if args.latency_budget_ms is not None else "")
+
+
+def latent_sizes(model, config, args: argparse.Namespace) -> list[int | None]:
+    """The numbers of latents to evaluate at: --num-latents, the one --latency-budget-ms picks, or [None]
+    (the policy as loaded)."""
+    if args.num_latents:
+        for k in args.num_latents:
+            set_num_latents(model, k)  # names the trained choices when k is not one
+        return list(args.num_latents)
+    if args.latency_budget_ms is None:
+        return [None]
+    obs = observations(config, 1, seed=0)[0]
+    k, latency = choose_num_latents(model, obs, args.latency_budget_ms)
+    measured = ", ".join(f"k={size}: {ms:.2f} ms" for size, ms in latency.items())
+    print(f"p95 batch-1 latency here: {measured}; within {args.latency_budget_ms:g} ms: k={k}")
+    return [k]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +114,24 @@ def main(argv: list[str] | None = None) -> int:
         help="Perceiver policies embed only the newest frame / step of each window (same actions; measured "
         "1.00-1.02x the plain forward on 2 CPU cores, so off by default)",
     )
+    scaling = parser.add_mutually_exclusive_group()
+    scaling.add_argument(
+        "--num-latents",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="K",
+        help="evaluate with the first K latents, one row per K (a policy trained with latent_scaling: one of its "
+        "trained values; without it: only all of them)",
+    )
+    scaling.add_argument(
+        "--latency-budget-ms",
+        type=float,
+        default=None,
+        metavar="B",
+        help="measure p95 batch-1 latency at every trained number of latents on this machine and evaluate the "
+        "largest that fits within B ms",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--seed",
@@ -107,23 +153,25 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(
             algorithm_class(config.algorithm, config.policy_type), checkpoint, device=args.device
         )
+        sizes = latent_sizes(model, config, args)
         out = args.output or (checkpoint.parent.parent / "eval")
         out.mkdir(parents=True, exist_ok=True)
         rows = []
-        for task in tasks:
-            result = evaluate_policy(
-                model,
-                task,
-                config.env_kwargs(),
-                args.episodes,
-                seed=seed,
-                video=args.video,
-                missing=tuple(args.missing_modality),
-                blank=tuple(args.blank_modality),
-                probe_state=args.probe_state,
-                attention_overlay=args.attention_overlay,
-                streaming=args.streaming,
-            )
+        for task, k in ((task, k) for task in tasks for k in sizes):
+            with num_latents(model, k):
+                result = evaluate_policy(
+                    model,
+                    task,
+                    config.env_kwargs(),
+                    args.episodes,
+                    seed=seed,
+                    video=args.video,
+                    missing=tuple(args.missing_modality),
+                    blank=tuple(args.blank_modality),
+                    probe_state=args.probe_state,
+                    attention_overlay=args.attention_overlay,
+                    streaming=args.streaming,
+                )
             if result.stream is not None:
                 print(
                     f"{task}: streaming cache hit rate {result.stream['stream_cache_hit_rate']:.3f}, "
@@ -131,9 +179,17 @@ def main(argv: list[str] | None = None) -> int:
                 )
             probe = {f"r2_{name}": value for name, value in (result.probe or {}).items()}
             absent = args.missing_modality + [f"{name} (blank)" for name in args.blank_modality]
-            rows.append({"task": task, "missing": ",".join(absent), **result.summary(), **probe})
+            rows.append(
+                {
+                    "task": task,
+                    "missing": ",".join(absent),
+                    **result.summary(),
+                    "num_latents": k or "",
+                    **probe,
+                }
+            )
             if result.frames is not None:
-                attention = "-attention" if args.attention_overlay else ""
+                attention = ("-attention" if args.attention_overlay else "") + (f"-k{k}" if k else "")
                 write_mp4(out / f"{task}{condition(args)}{attention}.mp4", result.frames)
     except (ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)

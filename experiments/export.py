@@ -4,6 +4,7 @@ Writes a deterministic actor (the observation keys as inputs, uint8 pixels accep
 clipped / rescaled to the env's bounds as `predict` returns it) that runs without SB3: ONNX (onnxruntime, any
 language) or TorchScript (`torch.jit.load`). Checks the exported file against `model.predict` on real
 observations of the run's task and prints batch-1 latency of both. ONNX needs `pip install -e .[export]`.
+`--num-latents K` exports a policy trained with latent_scaling running its first K latents.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from envs.vec import make_env_fn
 from experiments.checkpoint import CheckpointError, load_model, locate
 from experiments.runtime import keep_freed_memory
 from perceiver_policy.export import FORMATS, DeterministicActor, export_onnx, export_torchscript
+from perceiver_policy.latent_scaling import set_num_latents
 
 
 def observations(config, count: int, seed: int = 0) -> list[dict]:
@@ -64,14 +66,25 @@ def main(argv: list[str] | None = None) -> int:
         "--output", type=Path, default=None, help="file to write (default: RUN_DIR/export/actor.*)"
     )
     parser.add_argument("--check-steps", type=int, default=50, help="observations to compare and time on")
+    parser.add_argument(
+        "--num-latents",
+        type=int,
+        default=None,
+        metavar="K",
+        help="export with the first K latents (a value the policy was trained with; see latent_scaling)",
+    )
     args = parser.parse_args(argv)
     if args.check_steps < 1:
         parser.error(f"--check-steps must be at least 1, got {args.check_steps}")
     try:
         config, checkpoint = locate(args.path)
         model = load_model(algorithm_class(config.algorithm, config.policy_type), checkpoint, device="cpu")
+        if args.num_latents is not None:
+            set_num_latents(model, args.num_latents)  # names the trained choices when K is not one
         actor = DeterministicActor(model.policy)
-        suffix = ".onnx" if args.format == "onnx" else ".pt"
+        suffix = (f"-k{args.num_latents}" if args.num_latents is not None else "") + (
+            ".onnx" if args.format == "onnx" else ".pt"
+        )
         out = args.output or checkpoint.parent.parent / "export" / f"actor{suffix}"
         out.parent.mkdir(parents=True, exist_ok=True)
         (export_onnx if args.format == "onnx" else export_torchscript)(actor, out)

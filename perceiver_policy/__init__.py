@@ -2,6 +2,7 @@
 
 from perceiver_policy.config import PerceiverConfig
 from perceiver_policy.introspection import count_flops, count_parameters
+from perceiver_policy.latent_scaling import choose_num_latents, get_num_latents, set_num_latents
 from perceiver_policy.modalities import ADAPTERS, ModalityAdapter, ModalitySpec, build_specs, register_adapter
 from perceiver_policy.model import ActionQueries, LearnedQueries, PerceiverDecoder, PerceiverEncoder
 
@@ -15,6 +16,9 @@ __all__ = [
     "PerceiverDecoder",
     "PerceiverEncoder",
     "build_specs",
+    "choose_num_latents",
+    "get_num_latents",
+    "set_num_latents",
     "count_flops",
     "count_parameters",
     "register_adapter",

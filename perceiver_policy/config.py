@@ -23,6 +23,12 @@ class PerceiverConfig:
 
     num_latents: int = 32
     """M, the number of latent vectors (the cross-attention cost is O(M * N) for N input tokens)."""
+    latent_scaling: list[int] = field(default_factory=list)
+    """Nested latents (dynamic latent scaling): the numbers k of leading latents the policy is trained to run
+    with, e.g. [4, 8, 16, 32]; the largest must be `num_latents`. Each update of PerceiverSAC, PerceiverPPO and
+    PerceiverA2C reads the first k latents, k drawn uniformly from the list (PPO/A2C: one k per rollout and its
+    update, so the ratio's old log-probabilities are the rollout's own), so every prefix of the latent array is a
+    working encoder; at inference `perceiver_policy.set_num_latents(model, k)` picks one. Empty: all latents, always."""
     latent_dim: int = 64
     """Channels of every latent and of every input token after its modality's projection."""
     cross_attn_heads: int = 1
@@ -99,6 +105,20 @@ class PerceiverConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"PerceiverConfig.{name} must be a positive integer, got {value!r}")
+        scaling = self.latent_scaling
+        if not isinstance(scaling, (list, tuple)) or any(
+            not isinstance(k, int) or isinstance(k, bool) or not 0 < k <= self.num_latents for k in scaling
+        ):
+            raise ValueError(
+                f"PerceiverConfig.latent_scaling must be a list of integers in [1, num_latents={self.num_latents}], "
+                f"got {scaling!r}"
+            )
+        if scaling and max(scaling) != self.num_latents:
+            raise ValueError(
+                f"PerceiverConfig.latent_scaling {list(scaling)} must include num_latents={self.num_latents} as its "
+                "largest value (latents beyond the largest k would never be trained)"
+            )
+        self.latent_scaling = sorted(set(scaling))
         if self.patch_size is not None and (
             not isinstance(self.patch_size, int) or isinstance(self.patch_size, bool) or self.patch_size <= 0
         ):
@@ -152,6 +172,10 @@ class PerceiverConfig:
             raise ValueError(
                 f"PerceiverConfig.modality_overrides must be a dict, got {self.modality_overrides!r}"
             )
+
+    def latent_choices(self) -> list[int]:
+        """The numbers of latents this configuration runs with: `latent_scaling`, or [num_latents] without it."""
+        return list(self.latent_scaling) or [self.num_latents]
 
     def image_patch_size(self, height: int, width: int) -> int:
         """`patch_size` if given, else the common divisor of the image sides nearest `DEFAULT_PATCH_SIZE`

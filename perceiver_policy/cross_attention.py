@@ -106,15 +106,21 @@ class GatedCrossAttention(CrossAttentionLayers):
         modality_index: torch.Tensor,
         absent: torch.Tensor | None = None,
         capture: bool = False,
+        num_latents: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """latents (M, D), tokens (B, N, D), modality_index (N,) long, absent (B, N) bool or None.
+        """latents (M, D), tokens (B, N, D), modality_index (N,) long, absent (B, N) bool or None; `num_latents`
+        k <= M: only the first k latents read the tokens (nested latents; queries and gates are computed, and
+        cached, for all M and sliced).
 
-        Returns the updated latents (B, M, D) and, when `capture`, the attention weights (B, H, M, N).
+        Returns the updated latents (B, k, D) and, when `capture`, the attention weights (B, H, k, N).
         """
         batch = tokens.shape[0]
+        count = latents.shape[0] if num_latents is None else num_latents
         k, v = (split_heads(t, self.heads) for t in self.kv(self.context_norm(tokens)).chunk(2, dim=-1))
-        q = self.latent_queries(latents).to(k.dtype).expand(batch, -1, -1, -1)  # (B, H, M, dh)
+        q = self.latent_queries(latents)[:, :, :count].to(k.dtype).expand(batch, -1, -1, -1)  # (B, H, k, dh)
         mask = self.logit_bias(modality_index)  # (1, H, M, N) or None
+        if mask is not None:
+            mask = mask[:, :, :count]
         if absent is not None:
             absent_logits = absent[:, None, None, :].to(k.dtype) * ABSENT_LOGIT  # (B, 1, 1, N)
             mask = absent_logits if mask is None else mask.to(k.dtype) + absent_logits
@@ -127,7 +133,9 @@ class GatedCrossAttention(CrossAttentionLayers):
             weights = torch.softmax(logits if mask is None else logits + mask.float(), dim=-1)
         dropout = self.attn_dropout if self.training else 0.0
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
-        x = latents.unsqueeze(0) + self.drop_path(self.dropout(self.out(merge_heads(attended))))  # (B, M, D)
+        x = latents[:count].unsqueeze(0) + self.drop_path(
+            self.dropout(self.out(merge_heads(attended)))
+        )  # (B, k, D)
         return x + self.drop_path(self.mlp(self.mlp_norm(x))), weights
 
     @property

@@ -113,6 +113,7 @@ class PerceiverEncoder(nn.Module):
         )
         self.final_norm = nn.LayerNorm(dim)
         self.disabled_modalities: set[str] = set()
+        self.num_active_latents = config.num_latents  # k of the nested latents (`set_num_latents`)
         self.capture_attention = False
         self.last_capture: dict | None = None
         # A perceiver_policy.streaming.StreamingTokens while streaming (inference only): reuses the embeddings of
@@ -128,6 +129,21 @@ class PerceiverEncoder(nn.Module):
     @property
     def num_tokens(self) -> dict[str, int]:
         return {spec.name: spec.num_tokens for spec in self.specs}
+
+    def set_num_latents(self, k: int) -> None:
+        """Run with the first `k` latents (one of `config.latent_choices()`: those the policy was trained with)."""
+        choices = self.config.latent_choices()
+        if isinstance(k, bool) or not isinstance(k, int) or k not in choices:
+            trained = (
+                f"trained with latent_scaling {choices}"
+                if self.config.latent_scaling
+                else f"trained with all {self.config.num_latents} latents only (PerceiverConfig.latent_scaling is "
+                "empty; train with latent_scaling to run at other sizes)"
+            )
+            raise ValueError(
+                f"num_latents {k!r} is not available: this encoder was {trained}; valid choices: {choices}"
+            )
+        self.num_active_latents = k
 
     def _layer_sequence(self) -> list[nn.Module]:
         if (
@@ -178,7 +194,7 @@ class PerceiverEncoder(nn.Module):
     def forward(
         self, obs: Mapping[str, torch.Tensor], absent: Mapping[str, torch.Tensor] | None = None
     ) -> torch.Tensor:
-        """obs: {name: (B, ...)} -> latents (B, M, D) float32."""
+        """obs: {name: (B, ...)} -> latents (B, k, D) float32, k = `num_active_latents` (M unless set)."""
         present = tuple(i for i, n in enumerate(self.names) if n in obs and n not in self.disabled_modalities)
         if not present:
             raise ValueError(
@@ -204,7 +220,12 @@ class PerceiverEncoder(nn.Module):
                 column_of[list(present)] = torch.arange(len(present), device=device)
                 token_absent = flags[:, column_of[modality_index]]
             latents, weights = self.cross_attention(
-                self.latents, tokens, modality_index, token_absent, capture=self.capture_attention
+                self.latents,
+                tokens,
+                modality_index,
+                token_absent,
+                capture=self.capture_attention,
+                num_latents=self.num_active_latents,
             )
             for layer in self._layer_sequence():
                 latents = layer(latents)

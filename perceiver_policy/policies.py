@@ -73,7 +73,7 @@ class PerceiverOutputQueries(nn.Module):
         self.decoder = PerceiverDecoder(config)
 
     def _decode(self, features: torch.Tensor, which: slice) -> torch.Tensor:
-        latents = features.view(features.shape[0], self.num_latents, self.latent_dim)  # (B, M, D)
+        latents = features.view(features.shape[0], -1, self.latent_dim)  # (B, k, D): any number of latents
         return self.decoder(self.queries(features.shape[0])[:, which], latents)  # (B, Q, D)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,7 +202,7 @@ class PerceiverActorCriticPolicy(SensorObservations, ActorCriticPolicy):
         features = self.extract_features(obs)  # (B, M * D)
         latent_pi, latent_vf = self.mlp_extractor(features)
         distribution = self._get_action_dist_from_latent(latent_pi)
-        latents = features.view(features.shape[0], self.perceiver_config.num_latents, -1)  # (B, M, D)
+        latents = features.view(features.shape[0], -1, self.perceiver_config.latent_dim)  # (B, k, D)
         self.state_decoding = self.state_decoder.loss(latents, obs[STATE_KEY])
         return self.value_net(latent_vf), distribution.log_prob(actions), distribution.entropy()
 

@@ -68,27 +68,33 @@ class GatedCrossAttention(CrossAttentionLayers):
             return None
         return (*extra, *((id(t), t._version) for t in sources))
 
-    def latent_queries(self, latents: torch.Tensor) -> torch.Tensor:
-        """Projected latent queries (1, H, M, E). In eval mode without grad they are input-independent, so they
-        are cached; a parameter change, a dtype/device move or train() invalidates the cache."""
-        key = self._cache_key(self._query_sources(latents), latents.device, latents.dtype)
+    def latent_queries(self, latents: torch.Tensor, count: int | None = None) -> torch.Tensor:
+        """Projected queries of the first `count` latents (1, H, k, E), contiguous (SDPA's fused kernels need
+        it). In eval mode without grad they are input-independent, so they are cached; a parameter change, a
+        dtype/device move, another k or train() invalidates the cache."""
+        count = latents.shape[0] if count is None else count
+        key = self._cache_key(self._query_sources(latents), latents.device, latents.dtype, count)
         if key is not None and self._query_cache is not None and self._query_cache[0] == key:
             return self._query_cache[1]
         with torch.autocast(latents.device.type, enabled=False):
-            q = split_heads(self.q(self.query_norm(latents)).unsqueeze(0), self.heads)  # (1, H, M, dh)
+            q = split_heads(
+                self.q(self.query_norm(latents[:count])).unsqueeze(0), self.heads
+            )  # (1, H, k, dh)
         if key is not None:
             self._query_cache = (key, q)
         return q
 
-    def logit_bias(self, modality_index: torch.Tensor) -> torch.Tensor | None:
-        """The gating mask (1, H, M, N): b[h, m(n)] + gamma[l, m(n)], or None without gating."""
+    def logit_bias(self, modality_index: torch.Tensor, count: int | None = None) -> torch.Tensor | None:
+        """The gating mask of the first `count` latents (1, H, k, N): b[h, m(n)] + gamma[l, m(n)], or None
+        without gating."""
         if not self.gating:
             return None
+        count = self.gate_logits.shape[0] if count is None else count
         sources = [self.modality_bias, self.gate_logits]
-        key = self._cache_key(sources, modality_index.data_ptr(), modality_index.shape[0])
+        key = self._cache_key(sources, modality_index.data_ptr(), modality_index.shape[0], count)
         if key is not None and self._mask_cache is not None and self._mask_cache[0] == key:
             return self._mask_cache[1]
-        table = self.modality_bias[:, None, :] + self.gate_logits[None, :, :]  # (H, M, n_mod)
+        table = self.modality_bias[:, None, :] + self.gate_logits[None, :count, :]  # (H, k, n_mod)
         mask = table[:, :, modality_index].unsqueeze(0)  # (1, H, M, N)
         if key is not None:
             self._mask_cache = (key, mask)
@@ -109,18 +115,15 @@ class GatedCrossAttention(CrossAttentionLayers):
         num_latents: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """latents (M, D), tokens (B, N, D), modality_index (N,) long, absent (B, N) bool or None; `num_latents`
-        k <= M: only the first k latents read the tokens (nested latents; queries and gates are computed, and
-        cached, for all M and sliced).
+        k <= M: only the first k latents read the tokens (nested latents).
 
         Returns the updated latents (B, k, D) and, when `capture`, the attention weights (B, H, k, N).
         """
         batch = tokens.shape[0]
         count = latents.shape[0] if num_latents is None else num_latents
         k, v = (split_heads(t, self.heads) for t in self.kv(self.context_norm(tokens)).chunk(2, dim=-1))
-        q = self.latent_queries(latents)[:, :, :count].to(k.dtype).expand(batch, -1, -1, -1)  # (B, H, k, dh)
-        mask = self.logit_bias(modality_index)  # (1, H, M, N) or None
-        if mask is not None:
-            mask = mask[:, :, :count]
+        q = self.latent_queries(latents, count).to(k.dtype).expand(batch, -1, -1, -1)  # (B, H, k, dh)
+        mask = self.logit_bias(modality_index, count)  # (1, H, k, N) or None
         if absent is not None:
             absent_logits = absent[:, None, None, :].to(k.dtype) * ABSENT_LOGIT  # (B, 1, 1, N)
             mask = absent_logits if mask is None else mask.to(k.dtype) + absent_logits

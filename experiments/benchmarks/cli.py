@@ -1,4 +1,4 @@
-"""Benchmarks (not tests): `python -m experiments.benchmark env|policy|train|sac|precision|streaming|gpu|all [--quick]`.
+"""Benchmarks (not tests): `python -m experiments.benchmark env|policy|train|sac|drq|latents|precision|streaming|gpu|all [--quick]`.
 
 Every table compares alternatives measured side by side in the same run and reports ratios; quote them with
 the machine (printed first). Timings use `time.perf_counter` after warm-up; latency is per call, p50/p95.
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             "train",
             "sac",
             "drq",
+            "latents",
             "precision",
             "streaming",
             "gpu",
@@ -87,4 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         from experiments.benchmarks.sac import bench_drq
 
         bench_drq(args.quick)
+    if args.what in ("latents", "all"):
+        from experiments.benchmarks.latents import bench_latents
+
+        bench_latents(args.quick)
     return 0

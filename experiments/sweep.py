@@ -3,16 +3,19 @@
 Trials are normal run directories under `<run_dir>/<sweep name>/`; a failed or killed trial is retried from its
 last checkpoint, and running the same spec again only does what is left. Summarise with
 `python -m experiments.report <run_dir>/<sweep name> --out DIR`. Needs `pip install -e .[sweep]`.
+`--print-commands` prints each trial's `experiments.train` command instead (no Ray): the study scripts
+(experiments/scripts/) run the specs that way, so each study's settings live in its spec only.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
 from experiments.runtime import keep_freed_memory
-from experiments.sweeping import load_spec, run_sweep
+from experiments.sweeping import load_spec, run_sweep, train_args, trials
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,11 +27,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-concurrent", type=int, default=None, help="trials at a time (default: CPUs / torch_threads)"
     )
+    parser.add_argument(
+        "--print-commands",
+        action="store_true",
+        help="print one `experiments.train ...` command per trial (shell-quoted) and exit, without Ray",
+    )
+    parser.add_argument(
+        "--run-dir", default=None, help="parent of the runs (default: the spec's run_dir/<name>)"
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="replace the spec's seed grid")
     args = parser.parse_args(argv)
     try:
         if not args.spec.exists():
             raise ValueError(f"sweep spec {str(args.spec)!r} not found")
         spec = load_spec(args.spec)
+        if args.seeds is not None:
+            spec.grid["seed"] = args.seeds
+        if args.print_commands:
+            root = args.run_dir or str(Path(spec.run_dir) / spec.name)
+            for name, settings in trials(spec):
+                args_ = [*train_args(settings), "--run-dir", root, "--run-name", name]
+                print(shlex.join(["experiments.train", *args_]))
+            return 0
+        if args.run_dir is not None:
+            spec.run_dir, spec.name = str(Path(args.run_dir).parent), Path(args.run_dir).name
         results = run_sweep(spec, address=args.address, max_concurrent=args.max_concurrent)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -42,9 +42,18 @@ class SweepSpec:
     search: dict = field(default_factory=dict)
     """Optional Optuna space: field -> [low, high] or [low, high, 'log']; sampled num_samples times per grid point."""
     num_samples: int = 1
+    run_name: str | None = None
+    """Optional run-name template over the trial's settings and its variant's `label`, e.g.
+    'study1-pixels-{label}-s{seed}'; default: the settings spelled out ('policy_type=sb3,seed=0')."""
+
+
+LABEL = "label"
+"""A variant's name in run names (`SweepSpec.run_name`), not a training setting."""
 
 
 def _check_field(key: str) -> None:
+    if key == LABEL:
+        return
     name = key.split(".", 1)[0]
     fields = {f for f in cfg.TrainConfig.__dataclass_fields__}
     if (
@@ -77,10 +86,43 @@ def trial_name(point: dict) -> str:
     return re.sub(r"[^A-Za-z0-9_.,=-]+", "_", text)
 
 
+def run_name(template: str | None, point: dict) -> str:
+    """The run directory name of a trial: the spec's template filled from its settings, or `trial_name`."""
+    if template is None:
+        return trial_name({k: v for k, v in point.items() if k != LABEL})
+    try:
+        return template.format(**{k.replace(".", "_"): v for k, v in point.items()})
+    except KeyError as err:
+        raise ValueError(
+            f"run_name {template!r} names {err}, which this trial does not set: {sorted(point)}"
+        ) from None
+
+
+def trials(spec: SweepSpec) -> list[tuple[str, dict]]:
+    """(run name, settings) of every trial of a grid spec: the grid's product crossed with the variants."""
+    import itertools
+
+    if spec.search:
+        raise ValueError(f"sweep {spec.name!r} samples a search space: its trials are chosen while it runs")
+    keys = list(spec.grid)
+    out = []
+    for variant in spec.variants or [{}]:
+        for values in itertools.product(*(spec.grid[k] for k in keys)):
+            point = {**variant, **dict(zip(keys, values))}
+            out.append((run_name(spec.run_name, point), {**spec.base, **point}))
+    names = [name for name, _ in out]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"run_name {spec.run_name!r} gives several trials the same name: {duplicates}")
+    return out
+
+
 def train_args(settings: dict) -> list[str]:
     """TrainConfig settings -> experiments.train flags (dict fields grouped into KEY=VALUE lists)."""
     args, dicts = [], {}
     for key, value in settings.items():
+        if key == LABEL:
+            continue
         name, _, sub = key.partition(".")
         if sub:
             dicts.setdefault(name, []).append(f"{sub}={value}")
@@ -105,7 +147,7 @@ def run_trial(config: dict) -> None:
 
     point, spec = {**config.get("variant", {}), **config["point"]}, config["spec"]
     run_root = Path(spec["root"])
-    run_dir = run_root / trial_name(point)
+    run_dir = run_root / run_name(spec["run_name"], point)
     settings = {**spec["base"], **point}
     if (run_dir / "config.yaml").exists():  # a retry or a re-run: continue (or find it finished)
         args = ["--resume", str(run_dir), "--progress-bar", "false"]
@@ -149,7 +191,12 @@ def run_sweep(spec: SweepSpec, address: str | None = None, max_concurrent: int |
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     concurrency = max_concurrent or spec.max_concurrent or max(1, cpus // spec.torch_threads)
-    shared = {"root": str(run_root), "base": spec.base, "torch_threads": spec.torch_threads}
+    shared = {
+        "root": str(run_root),
+        "base": spec.base,
+        "torch_threads": spec.torch_threads,
+        "run_name": spec.run_name,
+    }
     point_space = {key: tune.grid_search(values) for key, values in spec.grid.items()}
     search_alg, samples = None, 1
     if spec.search:  # Optuna samples every key (it does not enumerate a grid): grid keys become choices

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the learning runs of docs/results.md on a CPU machine, JOBS runs at a time (one torch thread each).
-# Usage: bash experiments/scripts/reproduce_results.sh [states,pixels,missing,see,fuse,fuse-cup,remember,transfer|all]
-#   (RUNS=runs/results JOBS=2 by default; SEEDS="0 1 2" picks the seeds of the see/fuse/remember studies)
+# Usage: bash experiments/scripts/reproduce_results.sh [states,pixels,missing,see,fuse,fuse-cup,remember,latents,transfer|all]
+#   (RUNS=runs/results JOBS=2 by default; SEEDS="0 1 2" replaces the seeds of the studies' sweep specs)
 # On a CUDA machine, experiments/scripts/gpu_session.sh runs the GPU tables, `pytest -m gpu` and study 1/2 runs to a
 # deadline (the H200 runs in docs/results.md came from it).
 set -euo pipefail
@@ -57,47 +57,23 @@ if [[ $what == *,missing,* || $what == *,all,* ]]; then
     --eval-freq 1250 --env-modality-dropout 0.2 --seed 0 --run-name swingup-pixels-proprio-mdrop-s0 $common")
 fi
 
-# --- "Does the Perceiver see, and does it remember?" (docs/results.md, studies 1-3) -----------------------------
-source experiments/scripts/study_flags.sh  # sac100k, leanp
-seeds=${SEEDS:-0 1}
-if [[ $what == *,see,* || $what == *,all,* ]]; then
-  # Study 1: pixels only: ours, ours + state decoding, SB3 SAC + NatureCNN.
-  for seed in $seeds; do
-    jobs+=("-m experiments.train $sac100k $leanp --modalities pixels --seed $seed --run-name study1-pixels-perceiver-s$seed $common")
-    jobs+=("-m experiments.train $sac100k $leanp --modalities pixels --aux-state-weight 1 --seed $seed \
-      --run-name study1-pixels-perceiver-decode-s$seed $common")
-    jobs+=("-m experiments.train $sac100k --policy-type sb3 --modalities pixels --seed $seed --run-name study1-pixels-cnn-s$seed $common")
-  done
-fi
-if [[ $what == *,fuse,* || $what == *,all,* ]]; then
-  # Study 2: the camera for the world (the pole), joint sensors for the body (the cart): --proprio robot.
-  for seed in $seeds; do
-    jobs+=("-m experiments.train $sac100k $leanp --proprio robot --seed $seed --run-name study2-robot-perceiver-s$seed $common")
-    jobs+=("-m experiments.train $sac100k $leanp --proprio robot --aux-state-weight 1 --seed $seed \
-      --run-name study2-robot-perceiver-decode-s$seed $common")
-    jobs+=("-m experiments.train $sac100k --policy-type sb3 --proprio robot --seed $seed --run-name study2-robot-cnn-s$seed $common")
-  done
-fi
-if [[ $what == *,fuse-cup,* || $what == *,all,* ]]; then
-  # Study 2 on ball_in_cup-catch (the ball only in the image): ours + state decoding and the SB3 agent.
-  for seed in $seeds; do
-    jobs+=("-m experiments.train $cup100k $leanp --aux-state-weight 1 --seed $seed --run-name study2-cup-perceiver-decode-s$seed $common")
-    jobs+=("-m experiments.train $cup100k --policy-type sb3 --seed $seed --run-name study2-cup-cnn-s$seed $common")
-  done
-fi
-if [[ $what == *,remember,* || $what == *,all,* ]]; then
-  # Study 3: no velocities, no camera (--proprio positions): PPO, 500k frames at action repeat 4, the same Dict for
-  # every agent (proprio + proprio history + action history); the full-proprio MLP reference is the states stage.
-  history="--proprio positions --modalities proprio proprio_history action_history --action-repeat 4 --eval-freq 12500"
-  for task in cartpole-swingup:swingup walker-walk:walker; do
-    for seed in ${SEEDS:-0 1 2}; do
-      for policy in perceiver lstm sb3; do
-        jobs+=("-m experiments.train --preset ${task%%:*}-states $history --policy-type $policy --seed $seed \
-          --run-name study3-${task##*:}-positions-$policy-s$seed $common")
-      done
-    done
-  done
-fi
+# --- The studies (docs/results.md): each study's settings live in its sweep spec only (experiments/sweeps/) -------
+# experiments.sweep --print-commands prints the spec's experiments.train commands (no Ray); SEEDS replaces its seeds.
+spec_jobs() {
+  local line
+  while IFS= read -r line; do jobs+=("-m $line --progress-bar false"); done < <(
+    $PY -m experiments.sweep "experiments/sweeps/$1.yaml" --print-commands --run-dir "$RUNS" ${SEEDS:+--seeds $SEEDS})
+}
+# Study 1, pixels only: ours, ours + state decoding, SB3 SAC + NatureCNN.
+if [[ $what == *,see,* || $what == *,all,* ]]; then spec_jobs study1-see; fi
+# Study 2: the camera for the world (the pole), joint sensors for the body (the cart): --proprio robot.
+if [[ $what == *,fuse,* || $what == *,all,* ]]; then spec_jobs study2-fuse; fi
+# Study 2 on ball_in_cup-catch (the ball only in the image): ours + state decoding and the SB3 agent.
+if [[ $what == *,fuse-cup,* || $what == *,all,* ]]; then spec_jobs study2-fuse-cup; fi
+# Study 3: no velocities, no camera (--proprio positions): Perceiver, LSTM and MLP over the same histories.
+if [[ $what == *,remember,* || $what == *,all,* ]]; then spec_jobs study3-remember; fi
+# Latency control: one policy with nested latents against fixed-k policies (cartpole-swingup from states).
+if [[ $what == *,latents,* || $what == *,all,* ]]; then spec_jobs latent-scaling; fi
 
 if [[ $what == *,transfer,* || $what == *,all,* ]]; then
   # Transfer from states (PPO, action repeat 4): cartpole-balance (200k frames) -> cartpole-swingup at 200k frames,
@@ -117,5 +93,8 @@ if [[ $what == *,transfer,* || $what == *,all,* ]]; then
 fi
 
 mkdir -p "$RUNS"
-printf '%s\n' "${jobs[@]}" | xargs -P "$JOBS" -I{} sh -c "$PY {} > /dev/null 2>>$RUNS/errors.log || echo 'FAILED: {}' >> $RUNS/errors.log"
+export PY LOG="$RUNS/errors.log"
+# one job per line, its quoting kept (eval): a spec's 'latent_scaling=[4, 8]' stays one argument
+printf '%s\n' "${jobs[@]}" | xargs -d '\n' -P "$JOBS" -I{} \
+  sh -c 'eval "$PY $1" > /dev/null 2>> "$LOG" || printf "FAILED: %s\n" "$1" >> "$LOG"' _ {}
 echo "done; errors (if any) in $RUNS/errors.log"

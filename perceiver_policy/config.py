@@ -10,6 +10,8 @@ DEFAULT_PATCH_SIZE = 12
 LEGACY_FIELDS = {"modality_dropout": "encoder_modality_dropout"}
 PROPRIO_TOKENS = ("sensor", "chunk")
 PIXEL_TOKENIZERS = ("patch", "conv")
+MISSING_TOKENS = ("remove", "mask")
+SHARED_GROUP = "shared"
 
 
 @dataclass
@@ -78,6 +80,17 @@ class PerceiverConfig:
     """Model-side, training mode only: the encoder drops a whole modality per sample with this probability (never
     all of them). It makes PPO's ratio inexact (rollouts run in eval mode); for PPO use the env-side
     `TrainConfig.env_modality_dropout`, which puts the flags into the observation. (Was `modality_dropout`.)"""
+    missing_tokens: str = "remove"
+    """How a withheld or missing modality enters the cross-attention. 'remove': its tokens get no attention (the
+    same result as if they had never been there; the softmax's denominator changes, so "missing" and
+    "uninformative" differ). 'mask': each of its tokens is replaced by a learned mask token of that modality (as
+    Perceiver IO's multimodal preprocessor does), keeping the token count: the latents see that it is withheld."""
+    latent_groups: dict = field(default_factory=dict)
+    """Grouped latents (bottleneck fusion), e.g. {pixels: 16, proprio: 8, action_history: 8}: in the input
+    cross-attention each group's latents read only their modality's tokens; 'shared' latents (MBT's bottleneck)
+    read every modality; latent self-attention fuses the groups. Counts sum to num_latents, in this order along
+    the latent array; needs missing_tokens 'mask' (a group whose modality is withheld reads its mask tokens). Empty:
+    every latent reads every token."""
     modality_gating: bool = True
     """Learned per-head, per-modality logit bias and per-latent modality gate in the input cross-attention."""
     init_std: float = 0.02
@@ -119,6 +132,34 @@ class PerceiverConfig:
                 "largest value (latents beyond the largest k would never be trained)"
             )
         self.latent_scaling = sorted(set(scaling))
+        if self.missing_tokens not in MISSING_TOKENS:
+            raise ValueError(
+                f"PerceiverConfig.missing_tokens {self.missing_tokens!r} unknown; valid choices: {list(MISSING_TOKENS)}"
+            )
+        groups = self.latent_groups
+        if not isinstance(groups, dict) or any(
+            not isinstance(n, int) or isinstance(n, bool) or n <= 0 for n in groups.values()
+        ):
+            raise ValueError(
+                f"PerceiverConfig.latent_groups must map modality names (or {SHARED_GROUP!r}) to positive latent "
+                f"counts, got {groups!r}"
+            )
+        if groups:
+            if sum(groups.values()) != self.num_latents:
+                raise ValueError(
+                    f"PerceiverConfig.latent_groups {groups} has {sum(groups.values())} latents; num_latents is "
+                    f"{self.num_latents}: the counts must add up to it"
+                )
+            if self.missing_tokens != "mask":
+                raise ValueError(
+                    "PerceiverConfig.latent_groups needs missing_tokens 'mask': with 'remove', a group whose modality "
+                    "is withheld would have no token to read"
+                )
+            if self.latent_scaling:
+                raise ValueError(
+                    "PerceiverConfig.latent_groups and latent_scaling cannot be combined: a prefix of grouped latents "
+                    "would drop whole groups"
+                )
         if self.patch_size is not None and (
             not isinstance(self.patch_size, int) or isinstance(self.patch_size, bool) or self.patch_size <= 0
         ):

@@ -113,9 +113,11 @@ class GatedCrossAttention(CrossAttentionLayers):
         absent: torch.Tensor | None = None,
         capture: bool = False,
         num_latents: int | None = None,
+        latent_token_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """latents (M, D), tokens (B, N, D), modality_index (N,) long, absent (B, N) bool or None; `num_latents`
-        k <= M: only the first k latents read the tokens (nested latents).
+        k <= M: only the first k latents read the tokens (nested latents); `latent_token_bias` (M, N): additive
+        logits per latent and token (grouped latents: ABSENT_LOGIT where a latent may not read a token).
 
         Returns the updated latents (B, k, D) and, when `capture`, the attention weights (B, H, k, N).
         """
@@ -124,6 +126,9 @@ class GatedCrossAttention(CrossAttentionLayers):
         k, v = (split_heads(t, self.heads) for t in self.kv(self.context_norm(tokens)).chunk(2, dim=-1))
         q = self.latent_queries(latents, count).to(k.dtype).expand(batch, -1, -1, -1)  # (B, H, k, dh)
         mask = self.logit_bias(modality_index, count)  # (1, H, k, N) or None
+        if latent_token_bias is not None:
+            group = latent_token_bias[:count][None, None]  # (1, 1, k, N)
+            mask = group if mask is None else mask + group
         if absent is not None:
             absent_logits = absent[:, None, None, :].to(k.dtype) * ABSENT_LOGIT  # (B, 1, 1, N)
             mask = absent_logits if mask is None else mask.to(k.dtype) + absent_logits

@@ -16,8 +16,8 @@ import torch
 from gymnasium import spaces
 from torch import nn
 
-from perceiver_policy.attention import QueryCrossAttention, SelfAttentionLayer
-from perceiver_policy.config import PerceiverConfig
+from perceiver_policy.attention import ABSENT_LOGIT, QueryCrossAttention, SelfAttentionLayer
+from perceiver_policy.config import SHARED_GROUP, PerceiverConfig
 from perceiver_policy.cross_attention import GatedCrossAttention
 from perceiver_policy.modalities import ABSENT_KEY, ADAPTERS, build_specs
 
@@ -114,6 +114,12 @@ class PerceiverEncoder(nn.Module):
         self.final_norm = nn.LayerNorm(dim)
         self.disabled_modalities: set[str] = set()
         self.num_active_latents = config.num_latents  # k of the nested latents (`set_num_latents`)
+        # missing_tokens 'mask': one learned mask token per modality; latent_groups: each latent's modality (-1: shared)
+        self.mask_tokens = (
+            nn.Parameter(torch.zeros(len(self.specs), dim)) if config.missing_tokens == "mask" else None
+        )
+        self.register_buffer("latent_group", self._latent_groups(config), persistent=False)
+        self._group_bias_cache: dict = {}
         self.capture_attention = False
         self.last_capture: dict | None = None
         # A perceiver_policy.streaming.StreamingTokens while streaming (inference only): reuses the embeddings of
@@ -121,7 +127,11 @@ class PerceiverEncoder(nn.Module):
         self.token_cache = None
         self._modality_index_cache: dict = {}
         init_weights(self)
-        for param in (self.modality_embedding, self.latents):
+        for param in (
+            self.modality_embedding,
+            self.latents,
+            *([self.mask_tokens] if self.mask_tokens is not None else []),
+        ):
             nn.init.trunc_normal_(param, std=config.init_std, a=-2 * config.init_std, b=2 * config.init_std)
         for adapter in self.adapters.values():
             adapter.reset_position_baseline()
@@ -129,6 +139,36 @@ class PerceiverEncoder(nn.Module):
     @property
     def num_tokens(self) -> dict[str, int]:
         return {spec.name: spec.num_tokens for spec in self.specs}
+
+    def _latent_groups(self, config: PerceiverConfig) -> torch.Tensor | None:
+        """(M,) long: the modality index each latent reads (-1: every modality), or None without groups."""
+        if not config.latent_groups:
+            return None
+        unknown = sorted(set(config.latent_groups) - set(self.names) - {SHARED_GROUP})
+        if unknown:
+            raise ValueError(
+                f"latent_groups names {unknown}, which this observation does not have; valid choices: "
+                f"{[*self.names, SHARED_GROUP]}"
+            )
+        index = [
+            self.names.index(g) if g != SHARED_GROUP else -1
+            for g, n in config.latent_groups.items()
+            for _ in range(n)
+        ]
+        return torch.tensor(index, dtype=torch.long)
+
+    def _group_bias(self, present: tuple[int, ...], device) -> torch.Tensor | None:
+        """(M, N) additive logits: 0 where a latent may read a token (its group's modality, or a shared latent),
+        ABSENT_LOGIT elsewhere; None without latent groups."""
+        if self.latent_group is None:
+            return None
+        key = (present, device)
+        if key not in self._group_bias_cache:
+            modality_index = self._modality_index(present, device)
+            group = self.latent_group.to(device)
+            allowed = (group[:, None] == -1) | (group[:, None] == modality_index[None, :])
+            self._group_bias_cache[key] = torch.where(allowed, 0.0, ABSENT_LOGIT).to(device)
+        return self._group_bias_cache[key]
 
     def set_num_latents(self, k: int) -> None:
         """Run with the first `k` latents (one of `config.latent_choices()`: those the policy was trained with)."""
@@ -194,14 +234,21 @@ class PerceiverEncoder(nn.Module):
     def forward(
         self, obs: Mapping[str, torch.Tensor], absent: Mapping[str, torch.Tensor] | None = None
     ) -> torch.Tensor:
-        """obs: {name: (B, ...)} -> latents (B, k, D) float32, k = `num_active_latents` (M unless set)."""
-        present = tuple(i for i, n in enumerate(self.names) if n in obs and n not in self.disabled_modalities)
-        if not present:
+        """obs: {name: (B, ...)} -> latents (B, k, D) float32, k = `num_active_latents` (M unless set).
+
+        With `config.missing_tokens == "mask"`, a modality missing from `obs` (or disabled) and one flagged absent
+        for a sample enter as its learned mask tokens (same token count); otherwise their tokens get no attention."""
+        available = tuple(
+            i for i, n in enumerate(self.names) if n in obs and n not in self.disabled_modalities
+        )
+        if not available:
             raise ValueError(
                 f"no modality to read: observation keys {sorted(obs)}, disabled {sorted(self.disabled_modalities)}; "
                 f"the encoder reads {list(self.names)}"
             )
-        batch = obs[self.names[present[0]]].shape[0]
+        masking = self.mask_tokens is not None
+        present = tuple(range(len(self.names))) if masking else available
+        batch = obs[self.names[available[0]]].shape[0]
         device = self.latents.device
         if ABSENT_KEY in obs:
             flags = torch.as_tensor(obs[ABSENT_KEY], device=device).bool().reshape(batch, len(self.names))
@@ -210,15 +257,30 @@ class PerceiverEncoder(nn.Module):
         if self.token_cache is not None and not self.training and not torch.is_grad_enabled():
             embed = self.token_cache.embedders
         with autocast_context(self.config, device):
-            tokens = [embed[self.names[m]](obs[self.names[m]]) + self.modality_embedding[m] for m in present]
+            mask_vectors = self.mask_tokens + self.modality_embedding if masking else None  # (n_mod, D)
+            tokens = []
+            for m in present:
+                if m in available:
+                    tokens.append(embed[self.names[m]](obs[self.names[m]]) + self.modality_embedding[m])
+                else:  # masking: a missing modality is its mask tokens
+                    tokens.append(mask_vectors[m].expand(batch, self.specs[m].num_tokens, -1))
             tokens = torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]  # (B, N, D)
             modality_index = self._modality_index(present, device)
-            flags = self._absent_flags(present, batch, absent, device)
+            flags = self._absent_flags(available, batch, absent, device)  # (B, n_available) or None
+            if masking and len(available) < len(present):
+                full = torch.ones(batch, len(present), dtype=torch.bool, device=device)
+                full[:, list(available)] = False if flags is None else flags
+                flags = full
             token_absent = None
             if flags is not None:  # (B, n_present) -> (B, N) via each token's column among the present ones
                 column_of = torch.zeros(len(self.names), dtype=torch.long, device=device)
                 column_of[list(present)] = torch.arange(len(present), device=device)
                 token_absent = flags[:, column_of[modality_index]]
+                if masking:  # the withheld tokens become mask tokens, which the latents attend to
+                    tokens = torch.where(
+                        token_absent[..., None], mask_vectors[modality_index].to(tokens.dtype), tokens
+                    )
+                    token_absent = None
             latents, weights = self.cross_attention(
                 self.latents,
                 tokens,
@@ -226,6 +288,7 @@ class PerceiverEncoder(nn.Module):
                 token_absent,
                 capture=self.capture_attention,
                 num_latents=self.num_active_latents,
+                latent_token_bias=self._group_bias(present, device),
             )
             for layer in self._layer_sequence():
                 latents = layer(latents)

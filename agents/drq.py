@@ -72,15 +72,22 @@ def critic_loss(q_values: tuple[torch.Tensor, ...], target: torch.Tensor, copies
     return loss
 
 
-def drq_step(algo, data, update: int) -> dict[str, float]:
-    """One DrQ update on a replay batch; returns its losses (the actor's and temperature's on their updates)."""
+def drq_step(algo, data, update: int, mix_index: torch.Tensor | None = None) -> dict[str, float]:
+    """One DrQ update on a replay batch; returns its losses (the actor's and temperature's on their updates).
+    `mix_index`: each sample's modality subset (`PerceiverSAC.mix_batch`), for the per-subset critic loss."""
     policy, copies = algo.policy, algo.critic_augmentations
     batch = data.actions.shape[0]
     alpha = temperature(algo)
     target = critic_target(algo, data, alpha)
 
     h = policy.encoder(algo.augmented_copies(data.observations, copies))  # (M*B, ...) with grad
-    loss = critic_loss(policy.critic.q_values(h, data.actions.repeat(copies, 1)), target, copies)
+    q_values = policy.critic.q_values(h, data.actions.repeat(copies, 1))
+    loss = critic_loss(q_values, target, copies)
+    if (
+        mix_index is not None
+    ):  # per-sample squared TD error: summed over the critics, averaged over the copies
+        errors = sum((q.detach().view(copies, batch) - target.view(1, batch)).square() for q in q_values)
+        algo.mixer.record(mix_index, errors.mean(0))
     metrics = {"critic_loss": loss.item(), "ent_coef": alpha.item()}
     if algo.aux_state_weight > 0:  # state decoding from the first copy's latents, trained with the critic
         decode_loss, per_sensor = policy.state_decoder.loss(h[:batch], data.observations[STATE_KEY])
@@ -127,9 +134,9 @@ def drq_update(algo, gradient_steps: int, batch_size: int) -> None:
     metrics: dict[str, list[float]] = defaultdict(list)
     decoding: list[dict[str, float]] = []
     for step in range(gradient_steps):
-        data = algo.replay_buffer.sample(batch_size, env=algo._vec_normalize_env)
+        data, mix_index = algo.mix_batch(algo.replay_buffer.sample(batch_size, env=algo._vec_normalize_env))
         with num_latents(algo.policy, training_num_latents(algo.policy)):  # nested latents: one k per update
-            losses = drq_step(algo, data, algo._n_updates + step)
+            losses = drq_step(algo, data, algo._n_updates + step, mix_index)
         for name, value in losses.items():
             if name == "state_decode":
                 decoding.append(value)
@@ -142,3 +149,5 @@ def drq_update(algo, gradient_steps: int, batch_size: int) -> None:
     record_state_decoding(algo.logger, decoding)
     for group, norm in getattr(algo, "_last_encoder_grads", {}).items():
         algo.logger.record(f"perceiver/grad_norm/{group}", norm)
+    if algo.mixer is not None:
+        algo.mixer.log(algo.logger, algo.num_timesteps)

@@ -30,9 +30,11 @@ from stable_baselines3.common.utils import polyak_update
 from agents.augment import random_shift
 from agents.drq import drq_update
 from agents.drq_policy import DrQSACPolicy
+from agents.modality_mix import ModalityMixer, with_flags
 from perceiver_policy.introspection import encoder_parameter_groups, gradient_norms
 from perceiver_policy.latent_scaling import num_latents, training_num_latents
-from perceiver_policy.modalities import STATE_KEY
+from perceiver_policy.modalities import ABSENT_KEY, STATE_KEY
+from perceiver_policy.model import PerceiverEncoder
 from perceiver_policy.sac_policy import PerceiverSACPolicy
 
 
@@ -44,6 +46,10 @@ class PerceiverSAC(SAC):
     :param target_augmentations: DrQ's K, augmented next observations averaged in the target (DrQSACPolicy).
     :param critic_augmentations: DrQ's M, augmented observations in the critic loss (DrQSACPolicy).
     :param actor_update_interval: updates between actor and temperature steps (DrQSACPolicy).
+    :param modality_mix: a weighted modality sampler spec (`agents.modality_mix`): each replay sample trained with
+        a modality subset, withheld modalities masked alike in the critic, target and actor passes.
+    :param modality_mix_mode: 'fixed', 'curriculum' (stages by frames) or 'active' (weights follow TD error).
+    :param frames_per_step: the env's action repeat (curriculum stages are in frames).
     SB3's ``target_update_interval`` counts updates over the whole run here (SB3 counts them per `train` call).
     """
 
@@ -57,6 +63,9 @@ class PerceiverSAC(SAC):
         target_augmentations: int = 1,
         critic_augmentations: int = 1,
         actor_update_interval: int = 1,
+        modality_mix: str | None = None,
+        modality_mix_mode: str = "fixed",
+        frames_per_step: int = 1,
         **kwargs,
     ):
         self.augment_pad, self.pixel_key, self.aux_state_weight = augment_pad, pixel_key, aux_state_weight
@@ -69,6 +78,12 @@ class PerceiverSAC(SAC):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.target_augmentations, self.critic_augmentations = target_augmentations, critic_augmentations
         self.actor_update_interval = actor_update_interval
+        self.modality_mix, self.modality_mix_mode, self.frames_per_step = (
+            modality_mix,
+            modality_mix_mode,
+            frames_per_step,
+        )
+        self.mixer: ModalityMixer | None = None
         super().__init__(policy, env, **kwargs)
 
     def _setup_model(self) -> None:
@@ -96,6 +111,28 @@ class PerceiverSAC(SAC):
             raise ValueError(
                 f"{drq_only} are settings of DrQ's update rule; this policy trains with SB3's (use recipe 'drq')"
             )
+        if self.modality_mix:
+            encoder = self.policy.encoder
+            if not isinstance(encoder, PerceiverEncoder):
+                raise ValueError(
+                    f"modality_mix withholds modalities inside the Perceiver; encoder {self.policy.encoder_name!r} "
+                    "cannot (use policy_type 'perceiver')"
+                )
+            self.mixer = ModalityMixer(
+                self.modality_mix, self.modality_mix_mode, encoder.names, self.frames_per_step
+            )
+
+    def mix_batch(self, data):
+        """The replay batch with each sample's withheld modalities flagged in obs and next_obs alike, and the
+        subset index per sample (None without modality_mix)."""
+        if self.mixer is None:
+            return data, None
+        batch = data.actions.shape[0]
+        index, flags = self.mixer.draw(batch, self.num_timesteps, data.actions.device)
+        return data._replace(
+            observations=with_flags(data.observations, flags, ABSENT_KEY),
+            next_observations=with_flags(data.next_observations, flags, ABSENT_KEY),
+        ), index
 
     def _augment(self, obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.augment_pad <= 0 or self.pixel_key not in obs:
@@ -142,13 +179,15 @@ class PerceiverSAC(SAC):
         record_state_decoding(self.logger, decode_metrics)
         for group, norm in encoder_grads.items():
             self.logger.record(f"perceiver/grad_norm/{group}", norm)
+        if self.mixer is not None:
+            self.mixer.log(self.logger, self.num_timesteps)
 
     def _perceiver_step(
         self, gradient_step, gradient_steps, batch_size, metrics, decode_metrics, encoder_grads
     ):
         """One update of the SB3 recipe (critic, actor, temperature, target heads), losses into `metrics`."""
         encoder = self.policy.encoder
-        data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)
+        data, mix_index = self.mix_batch(self.replay_buffer.sample(batch_size, env=self._vec_normalize_env))
         discounts = data.discounts if data.discounts is not None else self.gamma
         latents = encoder(self._augment(data.observations))  # (B, k, D), trained by the critic loss
         with torch.no_grad(), evaluation_mode(encoder):  # the target's latents without dropout
@@ -175,6 +214,8 @@ class PerceiverSAC(SAC):
 
         current_q = self.critic.q_values(latents, data.actions)
         critic_loss = 0.5 * sum(F.mse_loss(q, target_q) for q in current_q)
+        if mix_index is not None:  # per-sample squared TD error, summed over the critics
+            self.mixer.record(mix_index, sum((q.detach() - target_q).square() for q in current_q).squeeze(1))
         if self.aux_state_weight > 0:
             decode_loss, per_sensor = self.policy.state_decoder.loss(latents, data.observations[STATE_KEY])
             critic_loss = critic_loss + self.aux_state_weight * decode_loss

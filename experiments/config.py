@@ -33,6 +33,7 @@ from agents.factory import (
     algorithm_class,
     check_recipe,
 )
+from agents.modality_mix import MIX_MODES, parse_schedule
 from envs.dmc import MODALITIES, TASKS
 from envs.proprio_modes import PROPRIO_MODES, valid_modes
 from envs.rendering import RENDER_BACKENDS
@@ -105,6 +106,14 @@ class TrainConfig:
     env_modality_dropout: float = 0.0
     """Training envs mark each modality absent with this probability per step (envs.wrappers.ModalityDropout):
     robustness to missing sensors, PPO-safe because the flags are part of the observation. Eval envs: none."""
+    modality_mix: str = ""
+    """SAC with the Perceiver: a weighted modality sampler. Each replay sample is trained with one modality subset,
+    e.g. 'all=0.5 pixels+action_history=0.3 proprio+action_history=0.2' (weights normalised; 'all' = every
+    modality); the others are withheld (masked per PerceiverConfig.missing_tokens) in the critic, target and actor
+    passes alike. Acting and evaluation see every modality. Empty: off. See agents/modality_mix.py."""
+    modality_mix_mode: str = "fixed"
+    """How the modality_mix weights move: 'fixed'; 'curriculum' (stages by frames: '0: all=1; 50000: all=0.5
+    pixels+action_history=0.5', interpolated); 'active' (towards the subsets with the larger critic TD error)."""
     sanitize_nonfinite: bool = False
     """NaN / inf in an observation or reward stop the run with a named error (default); with this flag they are
     replaced by 0 and counted (env/nonfinite_count)."""
@@ -207,6 +216,7 @@ class TrainConfig:
             "recipe": RECIPES,
             "render_backend": RENDER_BACKENDS,
             "vec_env": VEC_ENV_TYPES,
+            "modality_mix_mode": MIX_MODES,
         }
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
@@ -273,6 +283,14 @@ class TrainConfig:
                     f"curriculum needs policy_type 'perceiver' (it switches the encoder's modalities); got "
                     f"{self.policy_type!r}"
                 )
+        if self.modality_mix:
+            if self.algorithm != "sac" or self.policy_type != "perceiver":
+                raise ValueError(
+                    f"modality_mix trains SAC with policy_type 'perceiver' (got {self.algorithm!r}, "
+                    f"{self.policy_type!r}); for PPO/A2C use env_modality_dropout, whose flags are part of the "
+                    "observation, so the ratio's old log-probabilities see the same masks"
+                )
+            parse_schedule(self.modality_mix, tuple(self.modalities), self.modality_mix_mode)
         for stage in self.curriculum:
             if not isinstance(stage, dict) or set(stage) != {"step", "modalities"}:
                 raise ValueError(f"curriculum stages are {{'step': N, 'modalities': [...]}}, got {stage!r}")
@@ -384,6 +402,7 @@ def field_choices() -> dict[str, list]:
         "proprio": list(PROPRIO_MODES),
         "render_backend": list(RENDER_BACKENDS),
         "vec_env": list(VEC_ENV_TYPES),
+        "modality_mix_mode": list(MIX_MODES),
         "finetune": ["all", "output-queries", "lora"],
         "preset": list_presets(),
     }

@@ -132,6 +132,9 @@ def build(config: cfg.TrainConfig, run_dir: Path, resume: bool):
     if not resume:
         venv = make_env(config, config.seed)
         extra = {"aux_state_weight": config.aux_state_weight} if config.aux_state_weight > 0 else {}
+        if config.modality_mix:
+            extra.update(modality_mix=config.modality_mix, modality_mix_mode=config.modality_mix_mode,
+                         frames_per_step=config.action_repeat)  # fmt: skip
         policy_kwargs = dict(config.policy)
         if config.policy_type == "perceiver" and config.finetune != "all":
             policy_kwargs["finetune"] = config.finetune_spec()

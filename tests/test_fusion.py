@@ -1,5 +1,6 @@
 """Fusion mechanisms of the encoder: mask tokens for withheld modalities, grouped latents."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -90,3 +91,123 @@ def test_a_group_for_a_modality_the_observation_lacks_is_a_named_error(dict_spac
         match=r"latent_groups names \['lidar'\].*valid choices: \['action_history', 'pixels', 'proprio', 'shared'\]",
     ):
         masked_encoder(dict_space, latent_groups={"lidar": 4, "shared": 4})
+
+
+# --------------------------------------------------------------------------- the weighted modality sampler
+NAMES = ("pixels", "proprio", "action_history")
+
+
+def test_mix_specs_parse_and_name_their_errors():
+    from agents.modality_mix import parse_mix, parse_schedule
+
+    assert parse_mix("all=3 pixels+action_history=1", NAMES) == {"all": 0.75, "pixels+action_history": 0.25}
+    with pytest.raises(ValueError, match=r"subset 'pixels\+lidar' names \['lidar'\].*among \['pixels'"):
+        parse_mix("pixels+lidar=1", NAMES)
+    with pytest.raises(ValueError, match=r"weight of 'all' must be > 0, got '-1'"):
+        parse_mix("all=-1", NAMES)
+    with pytest.raises(ValueError, match=r"need modality_mix_mode 'curriculum', got 'fixed'"):
+        parse_schedule("0: all=1; 100: proprio=1", NAMES, "fixed")
+    with pytest.raises(ValueError, match=r"unknown modality_mix_mode 'greedy'; valid choices"):
+        parse_schedule("all=1", NAMES, "greedy")
+
+
+def test_curriculum_interpolates_between_stages_in_frames():
+    from agents.modality_mix import ModalityMixer
+
+    mixer = ModalityMixer("0: all=1; 1000: all=0.5 pixels=0.5", "curriculum", NAMES, frames_per_step=4)
+    assert mixer.subsets == ["all", "pixels"]
+    np.testing.assert_allclose(mixer.weights(0), [1.0, 0.0])
+    np.testing.assert_allclose(mixer.weights(125), [0.75, 0.25])  # 500 frames: half way
+    np.testing.assert_allclose(mixer.weights(10_000), [0.5, 0.5])
+    index, flags = mixer.draw(4000, 10_000, "cpu")
+    assert abs(float((index == 1).float().mean()) - 0.5) < 0.05
+    assert flags[index == 1].tolist()[0] == [False, True, True]  # 'pixels': proprio and history withheld
+    assert not flags[index == 0].any()
+
+
+def test_active_mode_draws_more_of_the_subset_with_the_larger_td_error():
+    from agents.modality_mix import ACTIVE_FLOOR, ModalityMixer
+
+    mixer = ModalityMixer("all=0.5 pixels+action_history=0.5", "active", NAMES)
+    for _ in range(300):
+        mixer.record(torch.tensor([0, 0, 1, 1]), torch.tensor([0.1, 0.1, 5.0, 5.0]))
+    weights = mixer.weights(0)
+    assert weights[1] > 0.8 and weights[0] >= ACTIVE_FLOOR / 2 - 1e-9
+
+
+@pytest.fixture(scope="module")
+def mix_venv():
+    import envs
+
+    env = envs.make_vec_env("cartpole-swingup", n_envs=1, seed=0, modalities=("pixels", "proprio", "action_history"),
+                            image_size=32, action_repeat=8)  # fmt: skip
+    yield env
+    env.close()
+
+
+@pytest.mark.parametrize("recipe", ["sb3", "drq"])
+def test_withheld_modalities_are_masked_alike_in_online_target_and_actor_passes(
+    mix_venv, monkeypatch, recipe
+):
+    from stable_baselines3.common.logger import configure
+
+    from agents import make_agent
+    from perceiver_policy.modalities import ABSENT_KEY
+
+    model = make_agent(
+        "sac", mix_venv, perceiver={**SMALL, "missing_tokens": "mask"}, recipe=recipe, device="cpu", seed=0,
+        learning_starts=8, batch_size=8, modality_mix="all=0.5 pixels+action_history=0.5",
+        **({"policy_kwargs": {"hidden_dim": 32}, "target_augmentations": 2, "critic_augmentations": 2}
+           if recipe == "drq" else {}),
+    )  # fmt: skip
+    model.set_logger(configure(None, []))
+    seen = []
+    forward = PerceiverEncoder.forward
+
+    def recording(self, obs, absent=None):
+        seen.append(obs[ABSENT_KEY].clone() if ABSENT_KEY in obs else None)
+        return forward(self, obs, absent)
+
+    model.learn(8)  # seed steps fill the replay
+    monkeypatch.setattr(PerceiverEncoder, "forward", recording)
+    model.train(gradient_steps=1, batch_size=8)
+    flags = [f for f in seen if f is not None]
+    assert len(flags) == len(seen) >= 2  # every training pass carries the sampler's flags
+    per_sample = flags[0][:8]
+    assert all(
+        torch.equal(f.view(-1, 8, 3)[0], per_sample) for f in flags
+    )  # one subset per sample everywhere
+    proprio_only = tuple(int(n == "proprio") for n in model.policy.encoder.names)
+    assert set(map(tuple, per_sample.int().tolist())) <= {
+        (0, 0, 0),
+        proprio_only,
+    }  # proprio withheld or nothing
+    seen.clear()
+    model.predict(mix_venv.observation_space.sample(), deterministic=True)
+    assert seen == [None]  # acting sees every modality
+
+
+def test_modality_mix_is_refused_where_it_cannot_be_exact():
+    from experiments import config as cfg
+
+    parser = cfg.build_parser("t")
+    with pytest.raises(ValueError, match=r"modality_mix trains SAC.*env_modality_dropout"):
+        cfg.resolve(parser.parse_args(["--algorithm", "ppo", "--modality-mix", "all=1"]))
+    with pytest.raises(ValueError, match=r"subset 'pixels' names \['pixels'\]"):
+        cfg.resolve(
+            parser.parse_args(["--algorithm", "sac", "--modalities", "proprio", "--modality-mix", "pixels=1"])
+        )
+
+
+def test_a_sac_run_with_mask_tokens_and_the_sampler_logs_the_mix(tmp_path):
+    from tests.test_experiments import TINY, cli, tags
+
+    cli("experiments.train", "--task", "cartpole-balance", "--algorithm", "sac", *TINY, "--n-envs", "1",
+        "--perceiver", "num_latents=8", "latent_dim=16", "patch_size=8", "missing_tokens=mask",
+        "--modality-mix", "all=0.5 pixels+action_history=0.5", "--modality-mix-mode", "active",
+        "--algo", "learning_starts=16", "batch_size=16", "buffer_size=500", "--total-steps", "64",
+        "--eval-freq", "64", "--eval-video", "false", "--run-dir", str(tmp_path), "--run-name", "mix",
+        "--progress-bar", "false")  # fmt: skip
+    scalars = set(tags(tmp_path / "mix").Tags()["scalars"])
+    assert {"perceiver/modality_mix/all", "perceiver/modality_mix/pixels+action_history",
+            "perceiver/modality_mix_critic_loss/all", "eval/return_mean"} <= scalars  # fmt: skip

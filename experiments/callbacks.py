@@ -82,8 +82,10 @@ class EvalCallback(PeriodicCallback):
         video: bool,
         seed: int,
         probe_state: bool = False,
+        reliance: bool = False,
     ):
         super().__init__(every)
+        self.reliance = reliance
         self.probe_state = probe_state and episodes >= MIN_EPISODES
         self.task, self.env_kwargs, self.episodes = task, env_kwargs, episodes
         self.run_dir, self.action_repeat, self.video, self.seed = run_dir, action_repeat, video, seed
@@ -106,8 +108,13 @@ class EvalCallback(PeriodicCallback):
                 seed=self.seed,
                 video=self.video,
                 probe_state=self.probe_state,
+                reliance=self.reliance,
             )
         summary = result.summary()
+        for key, change in (result.reliance or {}).items():
+            self.logger.record(f"perceiver/reliance/{key}/action", change["action"])
+            if np.isfinite(change["value"]):
+                self.logger.record(f"perceiver/reliance/{key}/value", change["value"])
         for k in choices:
             if k == choices[-1]:
                 scaled = summary

@@ -141,6 +141,9 @@ class TrainConfig:
     """At each evaluation, fit a linear probe from the policy's features (Perceiver latents, SB3 extractor output,
     LSTM state) to the privileged state on half the episodes, score R² on the rest: perceiver/state_probe_r2/<sensor>.
     Needs eval_episodes >= 4 (skipped otherwise)."""
+    reliance: bool = True
+    """At each evaluation, the causal reliance on each modality (experiments.evaluation.RelianceProbe): how much
+    the deterministic action and the value change when it is withheld: perceiver/reliance/<key>/action|value."""
     checkpoint_freq: int = 10_000
     """Agent steps between checkpoints."""
     checkpoint_every_frames: int | None = None

@@ -66,6 +66,20 @@ def condition(args: argparse.Namespace) -> str:
     return suffix + (f"-budget{args.latency_budget_ms:g}ms" if args.latency_budget_ms is not None else "")
 
 
+def reliance_table(model, task: str, config, args: argparse.Namespace, seed: int, result) -> list[str]:
+    """Markdown rows: per observation key, the action / value change withheld and the return with it blanked."""
+    rows = []
+    for key, change in result.reliance.items():
+        blanked = evaluate_policy(
+            model, task, config.env_kwargs(), args.episodes, seed=seed, blank=(key,)
+        ).summary()
+        rows.append(
+            f"| {task} | {key} | {change['action']:.3f} | {change['value']:.3f} | "
+            f"{blanked['return_mean']:.1f} ± {blanked['return_std']:.1f} |\n"
+        )
+    return rows
+
+
 def latent_sizes(model, config, args: argparse.Namespace) -> list[int | None]:
     """The numbers of latents to evaluate at: --num-latents, the one --latency-budget-ms picks, or [None]
     (the policy as loaded)."""
@@ -106,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         "--probe-state",
         action="store_true",
         help="R² per state sensor of a linear probe from the policy's features (needs >= 4 episodes)",
+    )
+    parser.add_argument(
+        "--reliance",
+        action="store_true",
+        help="per observation key: how much the deterministic action and the value change when it is withheld "
+        "(the Perceiver's mask tokens if it has them, else zeros), and the return with it blanked",
     )
     parser.add_argument(
         "--streaming",
@@ -156,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes = latent_sizes(model, config, args)
         out = args.output or (checkpoint.parent.parent / "eval")
         out.mkdir(parents=True, exist_ok=True)
-        rows = []
+        rows, reliance_rows = [], []
         for task, k in ((task, k) for task in tasks for k in sizes):
             with num_latents(model, k):
                 result = evaluate_policy(
@@ -171,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
                     probe_state=args.probe_state,
                     attention_overlay=args.attention_overlay,
                     streaming=args.streaming,
+                    reliance=args.reliance,
                 )
+                if result.reliance is not None:
+                    reliance_rows += reliance_table(model, task, config, args, seed, result)
             if result.stream is not None:
                 print(
                     f"{task}: streaming cache hit rate {result.stream['stream_cache_hit_rate']:.3f}, "
@@ -200,6 +223,13 @@ def main(argv: list[str] | None = None) -> int:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS + [f"r2_{name}" for name in probe_columns])
         writer.writeheader()
         writer.writerows(rows)
+    if reliance_rows:
+        text = "| task | withheld | action change | value change | return, blanked |\n| --- | --- | --- | --- | --- |\n"
+        text += "".join(reliance_rows)
+        (out / f"reliance{condition(args)}.md").write_text(
+            f"Checkpoint: `{checkpoint}`, env seeds from {seed}\n\n{text}"
+        )
+        print(text, end="")
     table = markdown_table(rows, probe_columns)
     (out / f"{name}.md").write_text(f"Checkpoint: `{checkpoint}`, env seeds from {seed}\n\n" + table)
     print(table, end="")

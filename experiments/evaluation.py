@@ -29,6 +29,8 @@ class EvalResult:
     """R² per state sensor of a linear probe from the policy's features (with probe_state=True)."""
     stream: dict[str, float] | None = None
     """Streaming inference's token cache hit rate and window overlap (Perceiver policies, streaming=True)."""
+    reliance: dict[str, dict[str, float]] | None = None
+    """Per modality (reliance=True): how much the deterministic action and the value change when it is withheld."""
 
     def summary(self) -> dict[str, float]:
         latency = np.asarray(self.latencies_ms) if self.latencies_ms else np.zeros(1)
@@ -118,6 +120,70 @@ def missing_modalities(model, names: tuple[str, ...]):
         encoder.disabled_modalities = previous
 
 
+class RelianceProbe:
+    """Causal reliance on each modality, on the evaluation's own states: at every step, the policy's deterministic
+    action and value with one modality withheld beside those with every modality (the episode follows the
+    full-observation action). Withheld = the Perceiver's mask tokens when it has them (`missing_tokens='mask'`),
+    else the key blanked (zeros: black frames, zero readings), for any policy. Reported per modality:
+    ``action``, mean |a_withheld - a| over steps and action dimensions (actions in [-1, 1]); ``value``, mean
+    |V_withheld - V| / mean |V|, where V is the critic's min Q at the full-observation action (SAC) or the value
+    head (PPO / A2C); NaN for recurrent policies, whose value depends on the LSTM state."""
+
+    def __init__(self, model, keys: list[str]):
+        self.model, self.keys = model, keys
+        encoder = perceiver_encoder(model)
+        self.masks = encoder is not None and encoder.mask_tokens is not None
+        self.encoder = encoder
+        self.action_change = {k: [] for k in keys}
+        self.value_change = {k: [] for k in keys}
+        self.values: list[float] = []
+
+    def value(self, obs: dict, action: np.ndarray) -> float:
+        import torch
+
+        policy = self.model.policy
+        if is_recurrent(self.model):
+            return float("nan")
+        spaces = self.model.observation_space.spaces
+        with torch.no_grad():
+            tensors, _ = policy.obs_to_tensor({k: v for k, v in obs.items() if k in spaces})
+            critic = getattr(policy, "critic", None)
+            if critic is not None and hasattr(policy, "scale_action"):
+                scaled = torch.as_tensor(
+                    policy.scale_action(np.asarray(action, dtype=np.float32)).reshape(1, -1)
+                )
+                return float(torch.cat(critic(tensors, scaled.to(policy.device)), dim=1).min())
+            return float(policy.predict_values(tensors).squeeze())
+
+    def withheld(self, obs: dict, key: str):
+        if self.masks:
+            return obs, missing_modalities(self.model, (key,))
+        return {**obs, key: np.zeros_like(obs[key])}, contextlib.nullcontext()
+
+    def step(self, obs: dict, action: np.ndarray, state, episode_start) -> None:
+        value = self.value(obs, action)
+        self.values.append(abs(value))
+        for key in self.keys:
+            withheld, context = self.withheld(obs, key)
+            with context:
+                other, _ = self.model.predict(
+                    withheld, state=state, episode_start=episode_start, deterministic=True
+                )
+                other_value = self.value(withheld, action)
+            self.action_change[key].append(float(np.abs(np.asarray(other) - np.asarray(action)).mean()))
+            self.value_change[key].append(abs(other_value - value))
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        scale = max(float(np.mean(self.values)), 1e-8) if self.values else float("nan")
+        return {
+            key: {
+                "action": float(np.mean(self.action_change[key])),
+                "value": float(np.mean(self.value_change[key])) / scale,
+            }
+            for key in self.keys
+        }
+
+
 def evaluate_policy(
     model,
     task: str,
@@ -130,6 +196,7 @@ def evaluate_policy(
     probe_state: bool = False,
     attention_overlay: bool = False,
     streaming: bool = False,
+    reliance: bool = False,
 ) -> EvalResult:
     """Run `episodes` deterministic episodes of `task` one by one, timing every `model.predict` call.
 
@@ -140,7 +207,8 @@ def evaluate_policy(
     `streaming`: a Perceiver embeds only the newest frame / step of each window (perceiver_policy.streaming;
     the same actions as the full forward, bit for bit).
     `missing`: the Perceiver encoder drops these modalities' tokens (only a Perceiver can). `blank`: these
-    observation keys reach the policy as zeros (a dead sensor: black frames, zero readings), for any policy."""
+    observation keys reach the policy as zeros (a dead sensor: black frames, zero readings), for any policy.
+    `reliance`: `RelianceProbe` on every step (result.reliance)."""
     if probe_state and episodes < MIN_EPISODES:
         raise ValueError(f"a state probe needs at least {MIN_EPISODES} evaluation episodes, got {episodes}")
     spaces = getattr(model.observation_space, "spaces", {})
@@ -156,6 +224,9 @@ def evaluate_policy(
     tap = FeatureTap(model) if probe_state else None
     features, states = [], []
     wants_flags = ABSENT_KEY in spaces
+    probe = (
+        RelianceProbe(model, [k for k in spaces if k not in (ABSENT_KEY, STATE_KEY)]) if reliance else None
+    )
     no_flags = np.zeros(spaces[ABSENT_KEY].n, dtype=np.int8) if wants_flags else None
     try:
         with missing_modalities(model, tuple(missing)), stream_tokens(model.policy, streaming) as stream:
@@ -176,6 +247,7 @@ def evaluate_policy(
                         obs[name] = np.zeros_like(obs[name])
                     if overlay and episode == 0:
                         encoder.capture_attention = True
+                    before = recurrent_state
                     start = time.perf_counter()
                     action, recurrent_state = model.predict(
                         obs, state=recurrent_state, episode_start=episode_start, deterministic=True
@@ -185,6 +257,8 @@ def evaluate_policy(
                         encoder.capture_attention = False
                         heat = attention_on_frames(encoder.last_capture, encoder.specs)
                         frames.append(attention_overlay_image(obs["pixels"], heat.cpu().numpy()))
+                    if probe is not None:
+                        probe.step(obs, action, before, episode_start)
                     episode_start = np.zeros(1, dtype=bool)
                     if tap is not None:
                         episode_features.append(tap.after_predict(recurrent_state))
@@ -201,6 +275,8 @@ def evaluate_policy(
                 states.append(np.stack(episode_states) if episode_states else None)
         if stream is not None:
             result.stream = stream.stats()
+        if probe is not None:
+            result.reliance = probe.summary()
         if tap is not None:
             result.probe = state_probe(features, states, env.unwrapped.state_layout)
     finally:

@@ -192,6 +192,7 @@ def run(config: cfg.TrainConfig, run_dir: Path, resume: bool = False) -> dict:
         config.eval_video,
         seed=10_000 + config.seed,
         probe_state=config.state_probe,
+        reliance=config.reliance,
     )
     if resume:  # evaluations logged after the checkpoint are dropped, as in TensorBoard
         evaluator.truncate_history(start_step)

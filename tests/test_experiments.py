@@ -253,6 +253,15 @@ def test_evaluate_reports_the_episodes_of_the_final_training_evaluation(trained_
     assert f"| {float(final[2]):.1f} ± 0.0 |" in out  # step, frames, return_mean
 
 
+def test_evaluate_reliance_prints_each_key_withheld_and_blanked(trained_run, tmp_path):
+    out = cli("experiments.evaluate", str(trained_run), "--episodes", "1", "--reliance", "--output", str(tmp_path))
+    for key in ("pixels", "proprio", "action_history"):
+        assert f"| cartpole-balance | {key} |" in out.stdout
+    assert "| action change | value change | return, blanked |" in (tmp_path / "reliance.md").read_text()
+    scalars = set(tags(trained_run).Tags()["scalars"])
+    assert {"perceiver/reliance/pixels/action", "perceiver/reliance/proprio/value"} <= scalars
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_export_cli_writes_an_actor_that_matches_predict(trained_run, tmp_path, fmt):
     pytest.importorskip("onnxruntime")

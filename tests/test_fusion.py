@@ -211,3 +211,40 @@ def test_a_sac_run_with_mask_tokens_and_the_sampler_logs_the_mix(tmp_path):
     scalars = set(tags(tmp_path / "mix").Tags()["scalars"])
     assert {"perceiver/modality_mix/all", "perceiver/modality_mix/pixels+action_history",
             "perceiver/modality_mix_critic_loss/all", "eval/return_mean"} <= scalars  # fmt: skip
+
+
+# --------------------------------------------------------------------------- causal reliance
+@pytest.mark.parametrize("algorithm,missing_tokens", [("ppo", "remove"), ("sac", "mask")])
+def test_reliance_is_zero_for_a_modality_the_policy_cannot_read(mix_venv, algorithm, missing_tokens):
+    from agents import make_agent
+    from experiments.evaluation import evaluate_policy
+
+    model = make_agent(algorithm, mix_venv, perceiver={**SMALL, "missing_tokens": missing_tokens}, device="cpu",
+                       seed=0, **({"learning_starts": 10} if algorithm == "sac" else {}))  # fmt: skip
+    encoder = model.policy.encoder
+    with (
+        torch.no_grad()
+    ):  # no attention reaches the pixel tokens (nor their mask tokens): the policy is blind
+        encoder.cross_attention.modality_bias[:, encoder.names.index("pixels")] = -30000.0
+    env_kwargs = {"modalities": ("pixels", "proprio", "action_history"), "image_size": 32, "action_repeat": 8}
+    result = evaluate_policy(model, "cartpole-swingup", env_kwargs, episodes=1, reliance=True)
+    assert set(result.reliance) == {"pixels", "proprio", "action_history"}
+    assert result.reliance["pixels"]["action"] < 1e-5 and result.reliance["pixels"]["value"] < 1e-5
+    assert result.reliance["proprio"]["action"] > 1e-4 and result.reliance["proprio"]["value"] > 1e-4
+
+
+def test_reliance_works_for_every_policy_type():
+    import envs
+    from agents import make_agent
+    from experiments.evaluation import evaluate_policy
+
+    env_kwargs = {"modalities": ("proprio", "action_history"), "action_repeat": 8}
+    venv = envs.make_vec_env("cartpole-swingup", n_envs=1, seed=0, **env_kwargs)
+    for algorithm, policy_type in (("sac", "sb3"), ("ppo", "sb3"), ("ppo", "lstm"), ("sac", "drq-cnn")):
+        model = make_agent(algorithm, venv, policy_type=policy_type, device="cpu", seed=0,
+                           **({"recipe": "drq"} if policy_type == "drq-cnn" else {}))  # fmt: skip
+        reliance = evaluate_policy(model, "cartpole-swingup", env_kwargs, episodes=1, reliance=True).reliance
+        assert set(reliance) == {"proprio", "action_history"}
+        assert reliance["proprio"]["action"] > 0  # an untrained policy still reads its sensors
+        assert np.isnan(reliance["proprio"]["value"]) == (policy_type == "lstm")
+    venv.close()

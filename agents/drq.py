@@ -119,7 +119,17 @@ def drq_step(algo, data, update: int, mix_index: torch.Tensor | None = None) -> 
 
     if update % algo.target_update_interval == 0:
         polyak_update(policy.critic.parameters(), policy.critic_target.parameters(), algo.tau)
+        copy_running_means(policy.critic, policy.critic_target)
     return metrics
+
+
+def copy_running_means(online: torch.nn.Module, target: torch.nn.Module) -> None:
+    """The target critic's readout statistics follow the online critic's (as SB3 copies BatchNorm statistics)."""
+    buffers = dict(target.named_buffers())
+    with torch.no_grad():
+        for name, value in online.named_buffers():
+            if name.endswith(("running_mean", "initialised")):
+                buffers[name].copy_(value)
 
 
 def drq_update(algo, gradient_steps: int, batch_size: int) -> None:

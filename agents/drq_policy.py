@@ -58,10 +58,11 @@ class DrQActor(nn.Module):
         hidden_depth,
         log_std_bounds,
         readout,
+        center: bool = False,
     ):
         super().__init__()
         self._encoder = (encoder,)
-        self.readout = encoder.make_readout(feature_dim, readout)
+        self.readout = encoder.make_readout(feature_dim, readout, center)
         self.trunk = mlp(feature_dim, hidden_dim, 2 * action_dim, hidden_depth)
         orthogonal_init(self.trunk)
         self.log_std_bounds = tuple(log_std_bounds)
@@ -91,11 +92,19 @@ class DrQCritic(nn.Module):
     owns it, and the target critic (a deep copy) has its own, as DrQ's target network does."""
 
     def __init__(
-        self, encoder: nn.Module, action_dim: int, feature_dim, hidden_dim, hidden_depth, n_critics, readout
+        self,
+        encoder: nn.Module,
+        action_dim: int,
+        feature_dim,
+        hidden_dim,
+        hidden_depth,
+        n_critics,
+        readout,
+        center: bool = False,
     ):
         super().__init__()
         self.encoder = encoder
-        self.readout = encoder.make_readout(feature_dim, readout)
+        self.readout = encoder.make_readout(feature_dim, readout, center)
         self.q_networks = nn.ModuleList(
             mlp(feature_dim + action_dim, hidden_dim, 1, hidden_depth) for _ in range(n_critics)
         )
@@ -115,7 +124,9 @@ class DrQSACPolicy(SACActorPolicy):
 
     ``policy_kwargs``: ``encoder`` ('perceiver', 'cnn', 'drq-cnn'), ``perceiver`` (PerceiverConfig fields, for the
     Perceiver encoder), ``readout`` (`agents.encoders.READOUTS`; None: 'query' for the Perceiver, 'flat' for the
-    conv encoders), ``feature_dim``, ``hidden_dim``, ``hidden_depth``, ``log_std_bounds``, ``n_critics``."""
+    conv encoders), ``center_features`` (the readouts subtract a running mean of their input,
+    `agents.encoders.FeatureReadout`), ``feature_dim``, ``hidden_dim``, ``hidden_depth``, ``log_std_bounds``,
+    ``n_critics``. The target critic's running means follow the online critic's at each target update."""
 
     def __init__(
         self,
@@ -130,6 +141,7 @@ class DrQSACPolicy(SACActorPolicy):
         log_std_bounds: tuple[float, float] = LOG_STD_BOUNDS,
         n_critics: int = 2,
         readout: str | None = None,
+        center_features: bool = False,
         use_sde: bool = False,
         optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adam,
         optimizer_kwargs: dict | None = None,
@@ -158,6 +170,7 @@ class DrQSACPolicy(SACActorPolicy):
         self.perceiver_config = as_config(perceiver)
         self.feature_dim, self.hidden_dim, self.hidden_depth = feature_dim, hidden_dim, hidden_depth
         self.log_std_bounds, self.n_critics, self.readout = (low, high), n_critics, readout
+        self.center_features = bool(center_features)
         action_dim = int(action_space.shape[0])
         if readout == "flat" and encoder == "perceiver" and self.perceiver_config.latent_scaling:
             raise ValueError(
@@ -166,8 +179,10 @@ class DrQSACPolicy(SACActorPolicy):
             )
         self.encoder = build_encoder(encoder, self.observation_space, self.perceiver_config)
         sizes = (feature_dim, hidden_dim, hidden_depth)
-        self.actor = DrQActor(self.encoder, action_dim, *sizes, self.log_std_bounds, readout)
-        self.critic = DrQCritic(self.encoder, action_dim, *sizes, n_critics, readout)
+        self.actor = DrQActor(
+            self.encoder, action_dim, *sizes, self.log_std_bounds, readout, self.center_features
+        )
+        self.critic = DrQCritic(self.encoder, action_dim, *sizes, n_critics, readout, self.center_features)
         self.critic_target = copy.deepcopy(self.critic)
         self.critic_target.requires_grad_(False)
         self.critic_target.eval()
@@ -192,6 +207,7 @@ class DrQSACPolicy(SACActorPolicy):
             log_std_bounds=self.log_std_bounds,
             n_critics=self.n_critics,
             readout=self.readout,
+            center_features=self.center_features,
         )
         return data
 

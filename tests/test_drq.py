@@ -381,3 +381,38 @@ def test_the_perceiver_reads_out_by_query_or_flat_and_conv_encoders_flat_only(ve
         with pytest.raises(ValueError, match=message):
             make_agent("sac", venv, perceiver=LEAN, policy_kwargs={**SMALL_HEADS, "readout": readout},
                        policy_type=policy_type, recipe="drq", device="cpu", buffer_size=200)  # fmt: skip
+
+
+def test_centered_readouts_subtract_a_running_mean_that_the_target_follows(venv, tmp_path):
+    from agents.encoders import CENTER_MOMENTUM, FeatureReadout
+
+    readout = FeatureReadout(4, 3, center=True)
+    h = torch.randn(8, 4) + 5.0
+    readout.train()
+    readout(h)
+    torch.testing.assert_close(readout.running_mean, h.mean(0))  # the first batch initialises it
+    h2 = torch.randn(8, 4)
+    readout(h2)
+    torch.testing.assert_close(readout.running_mean, h.mean(0) + CENTER_MOMENTUM * (h2.mean(0) - h.mean(0)))
+    readout.eval()
+    before = readout.running_mean.clone()
+    out = readout(h)
+    torch.testing.assert_close(readout.running_mean, before)  # eval mode reads it, never moves it
+    manual = torch.tanh(readout.norm(readout.linear(h - before)))
+    torch.testing.assert_close(out, manual)
+    model = make_agent(
+        "sac", venv, perceiver=LEAN, policy_kwargs={**SMALL_HEADS, "center_features": True}, policy_type="perceiver",
+        recipe="drq", device="cpu", seed=0, buffer_size=200, learning_starts=0,
+    )  # fmt: skip
+    model.set_logger(configure(None, []))
+    drq_step(model, batch(model), update=0)  # update 0: the target update copies the running means
+    online = dict(model.policy.critic.named_buffers())
+    for name, value in model.policy.critic_target.named_buffers():
+        if name.endswith("running_mean"):
+            torch.testing.assert_close(value, online[name])
+    assert model.policy._get_constructor_parameters()["center_features"] is True
+    model.save(tmp_path / "m.zip")  # the running means are saved with the weights
+    loaded = type(model).load(tmp_path / "m.zip", device="cpu")
+    torch.testing.assert_close(
+        loaded.policy.actor.readout.head.running_mean, model.policy.actor.readout.head.running_mean
+    )

@@ -254,7 +254,9 @@ def test_evaluate_reports_the_episodes_of_the_final_training_evaluation(trained_
 
 
 def test_evaluate_reliance_prints_each_key_withheld_and_blanked(trained_run, tmp_path):
-    out = cli("experiments.evaluate", str(trained_run), "--episodes", "1", "--reliance", "--output", str(tmp_path))
+    out = cli(
+        "experiments.evaluate", str(trained_run), "--episodes", "1", "--reliance", "--output", str(tmp_path)
+    )
     for key in ("pixels", "proprio", "action_history"):
         assert f"| cartpole-balance | {key} |" in out.stdout
     assert "| action change | value change | return, blanked |" in (tmp_path / "reliance.md").read_text()

@@ -372,6 +372,11 @@ def test_benchmark_drq_prints_the_tokenizer_and_update_tables():  # plumbing onl
     assert out.count("| DrQ's encoder (drq-cnn) |") == 1 and "batch 32" in out
 
 
+def test_benchmark_features_prints_the_variation_table():  # plumbing: the table's rows and columns
+    out = cli("experiments.benchmark", "features", timeout=600).stdout
+    assert "| NatureCNN (cnn) |" in out and "| Perceiver, patch tokens, query readout, centred |" in out
+
+
 def test_benchmark_gpu_without_cuda_says_it_skipped():
     result = cli("experiments.benchmark", "gpu", "--quick")
     assert "no CUDA device here: skipped" in result.stdout

@@ -1,4 +1,4 @@
-"""Benchmarks (not tests): `python -m experiments.benchmark env|policy|train|sac|drq|latents|precision|streaming|gpu|all [--quick]`.
+"""Benchmarks (not tests): `python -m experiments.benchmark env|policy|train|sac|drq|features|latents|precision|streaming|gpu|all [--quick]`.
 
 Every table compares alternatives measured side by side in the same run and reports ratios; quote them with
 the machine (printed first). Timings use `time.perf_counter` after warm-up; latency is per call, p50/p95.
@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
             "train",
             "sac",
             "drq",
+            "features",
             "latents",
             "precision",
             "streaming",
@@ -49,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument(
         "--quick", action="store_true", help="fewer repetitions: a few minutes on 2 CPU cores"
+    )
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="features: trained pixel SAC runs (with a replay snapshot)",
     )
     args = parser.parse_args(argv)
     if args.what in ("train-worker", "replay-worker"):
@@ -88,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         from experiments.benchmarks.sac import bench_drq
 
         bench_drq(args.quick)
+    if args.what in ("features", "all"):
+        from experiments.benchmarks.features import bench_features
+
+        bench_features(args.runs)
     if args.what in ("latents", "all"):
         from experiments.benchmarks.latents import bench_latents
 

@@ -1,0 +1,107 @@
+"""Do the critic's features see the state? How much a pixel SAC critic's readout features vary across real
+observations, at initialisation for every encoder and, for trained runs, on their own replay.
+
+Variation = total std over the batch / root-mean-square, over all feature dimensions: 0 when every observation
+gives the same feature vector, ~1 when the features are centred. A critic whose features barely vary cannot tell
+states apart, and the actor it trains acts the same everywhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from experiments.benchmarks.common import table
+
+LEAN = {"num_latents": 32, "latent_dim": 64, "self_attn_layers": 1, "patch_size": 12}
+
+
+def variation(x: torch.Tensor) -> float:
+    x = x.flatten(1).float()
+    return float(x.std(0).pow(2).sum().sqrt() / x.pow(2).mean(0).sum().sqrt().clamp_min(1e-12))
+
+
+def random_observations(count: int = 256, seed: int = 0) -> tuple[object, dict[str, torch.Tensor]]:
+    """(vec env, `count` observations of cartpole-swingup pixels, 84 px x 3, DrQ's repeat 8, random actions)."""
+    import envs
+
+    venv = envs.make_vec_env("cartpole-swingup", n_envs=1, seed=seed, modalities=("pixels",), action_repeat=8)
+    rng = np.random.default_rng(seed)
+    obs, frames = venv.reset(), []
+    for _ in range(count):
+        frames.append(obs["pixels"][0])
+        obs, *_ = venv.step(rng.uniform(-1, 1, (1, 1)).astype(np.float32))
+    return venv, {"pixels": torch.as_tensor(np.stack(frames))}
+
+
+def critic_spread(policy, obs: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """(variation of the critic's readout features, of the encoder output) on `obs`, in eval mode."""
+    policy.set_training_mode(False)
+    with torch.no_grad():
+        h = policy.encoder(obs)
+        return variation(policy.critic.readout(h)), variation(h)
+
+
+def init_table() -> None:
+    from agents import make_agent
+
+    venv, obs = random_observations()
+    rows = []
+    for name, policy_type, perceiver, kwargs in (
+        ("NatureCNN (cnn)", "cnn", None, {}),
+        ("DrQ's encoder (drq-cnn)", "drq-cnn", None, {}),
+        ("Perceiver, patch tokens, query readout", "perceiver", LEAN, {}),
+        ("Perceiver, patch tokens, flat readout", "perceiver", LEAN, {"readout": "flat"}),
+        ("Perceiver, conv tokens, query readout", "perceiver", {**LEAN, "pixel_tokenizer": "conv"}, {}),
+        ("Perceiver, patch tokens, query readout, centred", "perceiver", LEAN, {"center_features": True}),
+    ):
+        model = make_agent("sac", venv, policy_type=policy_type, recipe="drq", policy_kwargs=kwargs, device="cpu",
+                           seed=0, **({"perceiver": perceiver} if perceiver else {}))  # fmt: skip
+        if kwargs.get("center_features"):  # the running means start at the first training batch's mean
+            model.policy.set_training_mode(True)
+            with torch.no_grad():
+                model.policy.critic.readout(model.policy.encoder(obs))
+        features, encoder = critic_spread(model.policy, obs)
+        rows.append([name, encoder, features])
+    venv.close()
+    table("Variation across 256 cartpole-swingup pixel observations (random actions), DrQ recipe, at initialisation",
+          ["encoder", "encoder output", "critic features"], rows)  # fmt: skip
+
+
+def trained_table(runs: list[Path]) -> None:
+    """For trained runs: feature variation, Q's spread over states and over actions, on 256 replay samples."""
+    from agents import algorithm_class
+    from envs import make_vec_env
+    from experiments.checkpoint import load_model, load_replay_buffer, locate
+
+    rows = []
+    for run in runs:
+        config, checkpoint = locate(run)
+        venv = make_vec_env(config.task, n_envs=1, seed=0, **config.env_kwargs())
+        model = load_model(
+            algorithm_class(config.algorithm, config.policy_type), checkpoint, env=venv, device="cpu"
+        )
+        if load_replay_buffer(model, checkpoint) is None:
+            raise ValueError(f"{run} has no replay snapshot (train with --checkpoint-replay-buffer true)")
+        torch.manual_seed(0)
+        data = model.replay_buffer.sample(256)
+        features, encoder = critic_spread(model.policy, data.observations)
+        with torch.no_grad():
+            h = model.policy.encoder(data.observations)
+            grid = torch.linspace(-1, 1, 11)
+            q = torch.stack([torch.cat(model.policy.critic.q_values(h, torch.full((256, 1), float(a))), 1).min(1).values
+                             for a in grid], 1)  # (256, 11)  # fmt: skip
+            mean, _ = model.policy.actor.mean_std(h)
+        rows.append([run.name, encoder, features, float(q[:, 5].std()), float((q.max(1).values - q.min(1).values).mean()),
+                     float(torch.tanh(mean).std())])  # fmt: skip
+        venv.close()
+    table("Trained runs, on 256 samples of their own replay",
+          ["run", "encoder output variation", "critic features variation", "Q(s, 0) std over states",
+           "Q range over actions", "deterministic action std over states"], rows)  # fmt: skip
+
+
+def bench_features(runs: list[Path] | None = None) -> None:
+    init_table()
+    if runs:
+        trained_table(runs)

@@ -21,11 +21,18 @@ def train_commands(block: str) -> list[list[str]]:
     """The argv of each `python -m experiments.train` line (continuations joined, shell loops' $vars -> 0)."""
     commands = []
     for line in block.replace("\\\n", " ").splitlines():
-        line = line.split("#")[0]
         match = re.search(r"python -m experiments\.train\s+(.*)", line)
         if match and "--resume" not in match.group(1):
-            text = re.sub(r"\$\{?\w+\}?", "0", match.group(1)).split(";")[0].split("&&")[0]
-            commands.append(shlex.split(text))
+            lexer = shlex.shlex(
+                re.sub(r"\$\{?\w+\}?", "0", match.group(1)), posix=True, punctuation_chars=";&|"
+            )
+            lexer.whitespace_split, lexer.commenters = True, "#"
+            argv = []
+            for token in lexer:  # the command ends at a shell separator outside quotes (`; done`, `&&`)
+                if token in (";", "&&", "||", "|", "&"):
+                    break
+                argv.append(token)
+            commands.append(argv)
     return commands
 
 

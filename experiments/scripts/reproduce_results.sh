@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the learning runs of docs/results.md on a CPU machine, JOBS runs at a time (one torch thread each).
-# Usage: bash experiments/scripts/reproduce_results.sh [states,pixels,missing,see,fuse,fuse-cup,remember,latents,transfer|all]
+# Usage: bash experiments/scripts/reproduce_results.sh [states,pixels,missing,see,fuse,fuse-cup,remember,drq,latents,transfer|all]
 #   (RUNS=runs/results JOBS=2 by default; SEEDS="0 1 2" replaces the seeds of the studies' sweep specs)
 # On a CUDA machine, experiments/scripts/gpu_session.sh runs the GPU tables, `pytest -m gpu` and study 1/2 runs to a
 # deadline (the H200 runs in docs/results.md came from it).
@@ -72,6 +72,8 @@ if [[ $what == *,fuse,* || $what == *,all,* ]]; then spec_jobs study2-fuse; fi
 if [[ $what == *,fuse-cup,* || $what == *,all,* ]]; then spec_jobs study2-fuse-cup; fi
 # Study 3: no velocities, no camera (--proprio positions): Perceiver, LSTM and MLP over the same histories.
 if [[ $what == *,remember,* || $what == *,all,* ]]; then spec_jobs study3-remember; fi
+# Pixels under DrQ's recipe: NatureCNN and the Perceiver, its readout features as they are and centred.
+if [[ $what == *,drq,* || $what == *,all,* ]]; then spec_jobs pixels-drq; fi
 # Latency control: one policy with nested latents against fixed-k policies (cartpole-swingup from states).
 if [[ $what == *,latents,* || $what == *,all,* ]]; then spec_jobs latent-scaling; fi
 

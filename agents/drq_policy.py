@@ -49,21 +49,14 @@ class DrQActor(nn.Module):
     """readout -> MLP -> (mean, log-std tanh-rescaled into the bounds) -> tanh-squashed Gaussian.
     The encoder is shared and deliberately not registered (a tuple), so `actor.parameters()` are its own."""
 
-    def __init__(
-        self,
-        encoder: nn.Module,
-        action_dim: int,
-        feature_dim,
-        hidden_dim,
-        hidden_depth,
-        log_std_bounds,
-        readout,
-        center: bool = False,
-    ):
+    def __init__(self, encoder: nn.Module, readout: nn.Module, sizes: dict, log_std_bounds):
+        """`readout`: the actor's own (`make_readout`); `sizes`: action_dim, feature_dim, hidden_dim, hidden_depth."""
         super().__init__()
         self._encoder = (encoder,)
-        self.readout = encoder.make_readout(feature_dim, readout, center)
-        self.trunk = mlp(feature_dim, hidden_dim, 2 * action_dim, hidden_depth)
+        self.readout = readout
+        self.trunk = mlp(
+            sizes["feature_dim"], sizes["hidden_dim"], 2 * sizes["action_dim"], sizes["hidden_depth"]
+        )
         orthogonal_init(self.trunk)
         self.log_std_bounds = tuple(log_std_bounds)
 
@@ -91,22 +84,14 @@ class DrQCritic(nn.Module):
     """Twin Q networks on [readout(encoder(obs)), action]. The encoder is registered here: the critic's optimizer
     owns it, and the target critic (a deep copy) has its own, as DrQ's target network does."""
 
-    def __init__(
-        self,
-        encoder: nn.Module,
-        action_dim: int,
-        feature_dim,
-        hidden_dim,
-        hidden_depth,
-        n_critics,
-        readout,
-        center: bool = False,
-    ):
+    def __init__(self, encoder: nn.Module, readout: nn.Module, sizes: dict, n_critics: int):
+        """`readout`: the critic's own (`make_readout`); `sizes`: action_dim, feature_dim, hidden_dim, hidden_depth."""
         super().__init__()
         self.encoder = encoder
-        self.readout = encoder.make_readout(feature_dim, readout, center)
+        self.readout = readout
+        width = sizes["feature_dim"] + sizes["action_dim"]
         self.q_networks = nn.ModuleList(
-            mlp(feature_dim + action_dim, hidden_dim, 1, hidden_depth) for _ in range(n_critics)
+            mlp(width, sizes["hidden_dim"], 1, sizes["hidden_depth"]) for _ in range(n_critics)
         )
         orthogonal_init(self.q_networks)
 
@@ -178,11 +163,11 @@ class DrQSACPolicy(SACActorPolicy):
                 f"{self.perceiver_config.latent_scaling} needs readout 'query' (valid choices: {list(READOUTS)})"
             )
         self.encoder = build_encoder(encoder, self.observation_space, self.perceiver_config)
-        sizes = (feature_dim, hidden_dim, hidden_depth)
-        self.actor = DrQActor(
-            self.encoder, action_dim, *sizes, self.log_std_bounds, readout, self.center_features
-        )
-        self.critic = DrQCritic(self.encoder, action_dim, *sizes, n_critics, readout, self.center_features)
+        sizes = {"action_dim": action_dim, "feature_dim": feature_dim, "hidden_dim": hidden_dim,
+                 "hidden_depth": hidden_depth}  # fmt: skip
+        make = lambda: self.encoder.make_readout(feature_dim, readout, self.center_features)  # noqa: E731
+        self.actor = DrQActor(self.encoder, make(), sizes, self.log_std_bounds)
+        self.critic = DrQCritic(self.encoder, make(), sizes, n_critics)
         self.critic_target = copy.deepcopy(self.critic)
         self.critic_target.requires_grad_(False)
         self.critic_target.eval()

@@ -5,6 +5,8 @@ stratified-bootstrap CI over seeds, per-seed values; across tasks: IQM / median 
 returns / 1000 with CIs), DIR/scores.csv, DIR/performance_profile.png and DIR/curves.png. Statistics by rliable
 (`pip install -e .[report]`). A baselines YAML adds published rows per task:
 `{cartpole-swingup: {"DrQ": {mean: 759, std: 92, seeds: 10, frames: 100000, source: "DrQ Table 1"}}}`.
+`--scores FILE.yaml` reports per-seed scores given by hand instead of runs ({comparison: {agent: {task: [scores]}}},
+e.g. docs/headline-scores.yaml): IQM and mean of returns / 1000 with 95 % CIs per agent.
 """
 
 from __future__ import annotations
@@ -14,17 +16,27 @@ import sys
 from pathlib import Path
 
 from experiments.config import load_yaml
-from experiments.reporting import find_runs, write_report
+from experiments.reporting import find_runs, score_table, write_report
 from experiments.runtime import keep_freed_memory
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("paths", nargs="+", type=Path, help="run directories, or directories holding runs")
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("paths", nargs="*", type=Path, help="run directories, or directories holding runs")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (required with runs)")
+    parser.add_argument("--scores", type=Path, default=None, help="YAML of per-seed scores instead of runs")
     parser.add_argument("--baselines", type=Path, default=None, help="YAML of published rows per task")
     parser.add_argument("--reps", type=int, default=2000, help="bootstrap samples")
     args = parser.parse_args(argv)
+    if args.scores is not None:
+        try:
+            print(score_table(load_yaml(args.scores.read_text()), reps=args.reps), end="")
+        except (ValueError, OSError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
+    if not args.paths or args.out is None:
+        parser.error("give run directories and --out, or --scores FILE")
     try:
         baselines = load_yaml(args.baselines.read_text()) if args.baselines else None
         runs = find_runs(args.paths)

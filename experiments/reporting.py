@@ -153,6 +153,41 @@ def aggregates(matrices: dict[str, np.ndarray], reps: int = 2000, seed: int = 0)
     return points, intervals
 
 
+def score_table(comparisons: dict, reps: int = 2000) -> str:
+    """Markdown: per comparison and agent, seeds, mean ± sample std of the returns, IQM and mean with 95 %
+    stratified-bootstrap CIs (rliable, returns / 1000, shown x 1000). Every agent of a comparison needs the same
+    tasks; seed counts may differ."""
+    lines = ["| comparison | agent | tasks | seeds | mean ± sample std | IQM [95 % CI] | mean [95 % CI] |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    if not isinstance(comparisons, dict) or not comparisons:
+        raise ValueError("scores YAML must map comparison -> agent -> task -> [per-seed scores]")
+    for comparison, agents in comparisons.items():
+        tasks = None
+        for agent, per_task in agents.items():
+            if tasks is None:
+                tasks = sorted(per_task)
+            elif sorted(per_task) != tasks:
+                raise ValueError(
+                    f"{comparison!r}: agent {agent!r} has tasks {sorted(per_task)}, the others {tasks}"
+                )
+            seeds = min(len(per_task[t]) for t in tasks)
+            matrix = np.array([[per_task[t][i] for t in tasks] for i in range(seeds)]) / MAX_RETURN
+            values = matrix.mean(axis=1) * MAX_RETURN  # per seed, over tasks
+            spread = (
+                f"{values.mean():.1f} ± {values.std(ddof=1):.1f}" if seeds > 1 else f"{values.mean():.1f}"
+            )
+            if seeds > 1:
+                points, intervals = aggregates({agent: matrix}, reps=reps)
+                iqm = _ci(points[agent][0], *intervals[agent][:, 0], scale=MAX_RETURN)
+                mean = _ci(points[agent][2], *intervals[agent][:, 2], scale=MAX_RETURN)
+            else:
+                iqm = mean = "– (one seed)"
+            lines.append(
+                f"| {comparison} | {agent} | {', '.join(tasks)} | {seeds} | {spread} | {iqm} | {mean} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def _ci(point, low, high, scale: float = 1.0) -> str:
     return f"{point * scale:.1f} [{low * scale:.1f}, {high * scale:.1f}]"
 

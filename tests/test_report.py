@@ -1,6 +1,8 @@
 """experiments.report: tables from run directories, statistics as rliable computes them."""
 
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -174,3 +176,22 @@ def test_plot_says_when_a_cut_seed_shortens_the_curve(tmp_path, monkeypatch, cap
     curves[1] = ([1, 2, 3], [1.0, 2.0, 3.0])
     plot_module.plot(runs, tmp_path / "d.png")
     assert "warning" not in capsys.readouterr().err
+
+
+def test_hand_given_scores_get_rliable_intervals_and_name_their_errors(tmp_path):
+    pytest.importorskip("rliable")
+    from experiments.reporting import score_table
+
+    text = score_table({"c": {"a": {"t": [100.0, 200.0, 300.0]}, "b": {"t": [50.0]}}}, reps=200)
+    row = next(line for line in text.splitlines() if "| a |" in line)
+    assert "| 3 | 200.0 ± 100.0 |" in row  # sample std (ddof = 1)
+    low, high = (float(v) for v in row.split("|")[7].split("[")[1].rstrip("] ").split(","))
+    assert 100.0 <= low <= 200.0 <= high <= 300.0
+    assert "– (one seed)" in next(line for line in text.splitlines() if "| b |" in line)
+    with pytest.raises(ValueError, match=r"agent 'b' has tasks \['u'\], the others \['t'\]"):
+        score_table({"c": {"a": {"t": [1.0, 2.0]}, "b": {"u": [1.0, 2.0]}}})
+    path = tmp_path / "s.yaml"
+    path.write_text("c: {a: {t: [100, 200]}, b: {t: [300, 400]}}\n")
+    out = subprocess.run([sys.executable, "-m", "experiments.report", "--scores", str(path), "--reps", "200"],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert "| c | b | t | 2 | 350.0 ± 70.7 |" in out

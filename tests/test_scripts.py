@@ -1,0 +1,55 @@
+"""The study scripts run the commands their sweep specs print, quoting intact (a fake interpreter records them)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def fake_python(tmp_path: Path) -> tuple[Path, Path]:
+    """An interpreter that runs `-m experiments.sweep` for real and records every other call's argv."""
+    records = tmp_path / "calls"
+    records.mkdir()
+    fake = tmp_path / "fakepy"
+    fake.write_text(
+        f'#!/bin/sh\nif [ "$2" = "experiments.sweep" ]; then exec {sys.executable} "$@"; fi\n'
+        f'printf "%s\\n" "$@" > "{records}/$$.args"\n'
+    )
+    fake.chmod(0o755)
+    return fake, records
+
+
+def calls(records: Path) -> list[list[str]]:
+    return [p.read_text().splitlines() for p in sorted(records.glob("*.args"))]
+
+
+def test_reproduce_results_runs_the_specs_commands(tmp_path):
+    fake, records = fake_python(tmp_path)
+    env = {**os.environ, "PY": str(fake), "RUNS": str(tmp_path / "runs"), "JOBS": "2", "SEEDS": "0"}
+    subprocess.run(["bash", "experiments/scripts/reproduce_results.sh", "latents"], cwd=ROOT, env=env, check=True,
+                   capture_output=True, text=True, timeout=120)  # fmt: skip
+    argvs = calls(records)
+    assert len(argvs) == 3  # three variants, one seed
+    scaled = next(a for a in argvs if "latents-swingup-scaled-s0" in a)
+    assert scaled[:2] == ["-m", "experiments.train"] and "latent_scaling=[4, 8, 16, 32]" in scaled
+    assert (
+        not (tmp_path / "runs" / "errors.log").exists()
+        or "FAILED" not in (tmp_path / "runs" / "errors.log").read_text()
+    )
+
+
+def test_gpu_session_trains_the_named_spec_runs_on_the_gpu(tmp_path):
+    fake, records = fake_python(tmp_path)
+    env = {**os.environ, "PY": str(fake), "OUT": str(tmp_path / "out"), "RUNS": str(tmp_path / "gpu"),
+           "BENCH_LIMIT": "0", "GPU_TESTS": "0", "PROBE_LIMIT": "0", "TRAIN_UNTIL": "1",
+           "GPU_RUNS": "drq128-swingup-perceiver-center-s1"}  # fmt: skip
+    subprocess.run(["bash", "experiments/scripts/gpu_session.sh"], cwd=ROOT, env=env, check=True,
+                   capture_output=True, text=True, timeout=120)  # fmt: skip
+    (argv,) = [a for a in calls(records) if "experiments.train" in a]
+    assert "drq128-swingup-perceiver-center-s1" in argv and "center_features=True" in argv
+    assert argv[argv.index("--device") + 1] == "cuda"
+    bad = subprocess.run(["bash", "experiments/scripts/gpu_session.sh"], cwd=ROOT, capture_output=True, text=True,
+                         env={**env, "GPU_RUNS": "nope"}, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and "unknown run 'nope' in GPU_RUNS" in bad.stderr

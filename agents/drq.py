@@ -31,6 +31,16 @@ from perceiver_policy.latent_scaling import num_latents, training_num_latents
 from perceiver_policy.modalities import STATE_KEY
 from perceiver_policy.model import PerceiverEncoder
 
+FEATURE_LOG_INTERVAL = 100
+"""Updates between measurements of `train/critic_feature_variation`."""
+
+
+def feature_variation(x: torch.Tensor) -> float:
+    """Total std over the batch / root mean square of (B, ...) features: 0 when every sample gives the same
+    features (a critic that cannot tell states apart), about 1 when they are centred."""
+    x = x.flatten(1).float()
+    return float(x.std(0).pow(2).sum().sqrt() / x.pow(2).mean(0).sum().sqrt().clamp_min(1e-12))
+
 
 def temperature(algo) -> torch.Tensor:
     """alpha, detached: learned (SB3's `log_ent_coef`) or fixed (`ent_coef_tensor`)."""
@@ -81,7 +91,8 @@ def drq_step(algo, data, update: int, mix_index: torch.Tensor | None = None) -> 
     target = critic_target(algo, data, alpha)
 
     h = policy.encoder(algo.augmented_copies(data.observations, copies))  # (M*B, ...) with grad
-    q_values = policy.critic.q_values(h, data.actions.repeat(copies, 1))
+    features = policy.critic.readout(h)
+    q_values = policy.critic.q_heads(features, data.actions.repeat(copies, 1))
     loss = critic_loss(q_values, target, copies)
     if (
         mix_index is not None
@@ -89,6 +100,8 @@ def drq_step(algo, data, update: int, mix_index: torch.Tensor | None = None) -> 
         errors = sum((q.detach().view(copies, batch) - target.view(1, batch)).square() for q in q_values)
         algo.mixer.record(mix_index, errors.mean(0))
     metrics = {"critic_loss": loss.item(), "ent_coef": alpha.item()}
+    if update % FEATURE_LOG_INTERVAL == 0:  # do the critic's features tell the batch's states apart?
+        metrics["critic_feature_variation"] = feature_variation(features[:batch].detach())
     if algo.aux_state_weight > 0:  # state decoding from the first copy's latents, trained with the critic
         decode_loss, per_sensor = policy.state_decoder.loss(h[:batch], data.observations[STATE_KEY])
         loss = loss + algo.aux_state_weight * decode_loss

@@ -97,7 +97,11 @@ class DrQCritic(nn.Module):
 
     def q_values(self, h: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Encoder output h and actions (B, A) -> n_critics tensors (B, 1)."""
-        x = torch.cat([self.readout(h), actions], dim=-1)
+        return self.q_heads(self.readout(h), actions)
+
+    def q_heads(self, features: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Readout features (B, feature_dim) and actions (B, A) -> n_critics tensors (B, 1)."""
+        x = torch.cat([features, actions], dim=-1)
         return tuple(q(x) for q in self.q_networks)
 
     def forward(self, obs: dict[str, torch.Tensor], actions: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -416,3 +416,10 @@ def test_centered_readouts_subtract_a_running_mean_that_the_target_follows(venv,
     torch.testing.assert_close(
         loaded.policy.actor.readout.head.running_mean, model.policy.actor.readout.head.running_mean
     )
+
+
+def test_drq_steps_measure_whether_the_critic_features_vary(venv):
+    model = agent(venv, "perceiver")
+    metrics = drq_step(model, batch(model), update=0)
+    assert 0.0 < metrics["critic_feature_variation"] < 2.0
+    assert "critic_feature_variation" not in drq_step(model, batch(model), update=1)  # every 100 updates

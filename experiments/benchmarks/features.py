@@ -12,14 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from agents.drq import feature_variation as variation
 from experiments.benchmarks.common import table
 
 LEAN = {"num_latents": 32, "latent_dim": 64, "self_attn_layers": 1, "patch_size": 12}
-
-
-def variation(x: torch.Tensor) -> float:
-    x = x.flatten(1).float()
-    return float(x.std(0).pow(2).sum().sqrt() / x.pow(2).mean(0).sum().sqrt().clamp_min(1e-12))
 
 
 def random_observations(count: int = 256, seed: int = 0) -> tuple[object, dict[str, torch.Tensor]]:

@@ -78,7 +78,8 @@ class GatedCrossAttention(CrossAttentionLayers):
             return self._query_cache[1]
         with torch.autocast(latents.device.type, enabled=False):
             q = split_heads(
-                self.q(self.query_norm(latents[:count])).unsqueeze(0), self.heads
+                self.q(self.query_norm(latents if count == len(latents) else latents[:count])).unsqueeze(0),
+                self.heads,
             )  # (1, H, k, dh)
         if key is not None:
             self._query_cache = (key, q)

@@ -33,7 +33,7 @@ from agents.drq_policy import DrQSACPolicy
 from agents.modality_mix import ModalityMixer, with_flags
 from perceiver_policy.introspection import encoder_parameter_groups, gradient_norms
 from perceiver_policy.latent_scaling import num_latents, training_num_latents
-from perceiver_policy.modalities import ABSENT_KEY, STATE_KEY
+from perceiver_policy.modalities import ABSENT_KEY, ACTION_MASK_KEY, STATE_KEY, TASK_KEY
 from perceiver_policy.model import PerceiverEncoder
 from perceiver_policy.sac_policy import PerceiverSACPolicy
 
@@ -102,6 +102,8 @@ class PerceiverSAC(SAC):
                 f"encoder {self.policy.encoder_name!r} has none (use policy_type 'perceiver')"
             )
         check_state_decoding(self.aux_state_weight, self.policy)
+        if ACTION_MASK_KEY in self.observation_space.spaces:
+            self._setup_multitask()
         drq_only = {
             name: getattr(self, name)
             for name in ("target_augmentations", "critic_augmentations", "actor_update_interval")
@@ -121,6 +123,33 @@ class PerceiverSAC(SAC):
             self.mixer = ModalityMixer(
                 self.modality_mix, self.modality_mix_mode, encoder.names, self.frames_per_step
             )
+
+    @property
+    def num_tasks(self) -> int:
+        """Training tasks of a multi-task policy (envs.multitask observations); 0 for one task."""
+        return getattr(self.policy, "num_tasks", 0)
+
+    def _setup_multitask(self) -> None:
+        """A multi-task policy learns one temperature per task (as multi-task SAC does: bodies with 1 and 6
+        actuators need different entropy bonuses), each towards its own target entropy, -(the task's actuators)."""
+        if not isinstance(self.policy, PerceiverSACPolicy):
+            raise ValueError(
+                "a multi-task observation (envs.multitask) needs PerceiverSACPolicy: its per-actuator queries keep "
+                f"padded actions out of log-probabilities and Q; got {type(self.policy).__name__} (recipe 'sb3', "
+                "policy_type 'perceiver')"
+            )
+        if self.log_ent_coef is not None:
+            initial = self.log_ent_coef.detach().reshape(-1)[0]
+            self.log_ent_coef = initial.repeat(self.num_tasks).requires_grad_(True)
+            self.ent_coef_optimizer = torch.optim.Adam([self.log_ent_coef], lr=self.lr_schedule(1))
+
+    def temperature_terms(self, observations) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log temperature, target entropy) per sample, (B, 1) each (broadcastable scalars for one task)."""
+        if not self.num_tasks:
+            return self.log_ent_coef, torch.as_tensor(self.target_entropy)
+        task = observations[TASK_KEY].reshape(-1).long()
+        target = -observations[ACTION_MASK_KEY].float().sum(dim=1, keepdim=True)
+        return self.log_ent_coef[task][:, None], target
 
     def mix_batch(self, data):
         """The replay batch with each sample's withheld modalities flagged in obs and next_obs alike, and the
@@ -193,26 +222,28 @@ class PerceiverSAC(SAC):
         with torch.no_grad(), evaluation_mode(encoder):  # the target's latents without dropout
             next_latents = encoder(self._augment(data.next_observations))
 
-        actions_pi, log_prob = self.actor.action_log_prob_latents(latents.detach())
+        actions_pi, log_prob = self.actor.action_log_prob_latents(latents.detach(), data.observations)
         log_prob = log_prob.reshape(-1, 1)
         if self.ent_coef_optimizer is not None and self.log_ent_coef is not None:
-            ent_coef = torch.exp(self.log_ent_coef.detach())
-            ent_coef_loss = -(self.log_ent_coef * (log_prob + self.target_entropy).detach()).mean()
+            log_alpha, target_entropy = self.temperature_terms(data.observations)
+            ent_coef = torch.exp(log_alpha.detach())
+            ent_coef_loss = -(log_alpha * (log_prob + target_entropy).detach()).mean()
             self.ent_coef_optimizer.zero_grad()
             ent_coef_loss.backward()
             self.ent_coef_optimizer.step()
             metrics["ent_coef_loss"].append(ent_coef_loss.item())
         else:
             ent_coef = self.ent_coef_tensor
-        metrics["ent_coef"].append(ent_coef.item())
+        metrics["ent_coef"].append(ent_coef.mean().item())
 
         with torch.no_grad():
-            next_actions, next_log_prob = self.actor.action_log_prob_latents(next_latents)
-            next_q = torch.cat(self.critic_target.q_values(next_latents, next_actions), dim=1)
+            next_obs = data.next_observations
+            next_actions, next_log_prob = self.actor.action_log_prob_latents(next_latents, next_obs)
+            next_q = torch.cat(self.critic_target.q_values(next_latents, next_actions, next_obs), dim=1)
             next_q = next_q.min(dim=1, keepdim=True).values - ent_coef * next_log_prob.reshape(-1, 1)
             target_q = data.rewards + (1 - data.dones) * discounts * next_q
 
-        current_q = self.critic.q_values(latents, data.actions)
+        current_q = self.critic.q_values(latents, data.actions, data.observations)
         critic_loss = 0.5 * sum(F.mse_loss(q, target_q) for q in current_q)
         if mix_index is not None:  # per-sample squared TD error, summed over the critics
             self.mixer.record(mix_index, sum((q.detach() - target_q).square() for q in current_q).squeeze(1))
@@ -227,7 +258,7 @@ class PerceiverSAC(SAC):
         self.critic.optimizer.step()
         metrics["critic_loss"].append(critic_loss.item())
 
-        q_pi = torch.cat(self.critic.q_values(latents.detach(), actions_pi), dim=1)
+        q_pi = torch.cat(self.critic.q_values(latents.detach(), actions_pi, data.observations), dim=1)
         actor_loss = (ent_coef * log_prob - q_pi.min(dim=1, keepdim=True).values).mean()
         self.actor.optimizer.zero_grad()
         actor_loss.backward()

@@ -26,6 +26,15 @@ from envs.dmc import (  # noqa: E402
     SensorBox,
     parse_task,
 )
+from envs.multitask import (  # noqa: E402
+    ACTION_MASK_KEY,
+    TASK_KEY,
+    TASK_SAMPLERS,
+    MultiTaskEnv,
+    make_multitask_vec_env,
+    present_key,
+    sensor_slots,
+)
 from envs.proprio_modes import PROPRIO_MODES  # noqa: E402
 from envs.vec import make_env_fn, make_vec_env  # noqa: E402
 from envs.wrappers import ABSENT_KEY, ModalityDropout, NonFiniteGuard  # noqa: E402
@@ -55,6 +64,13 @@ _register_all()
 
 __all__ = [
     "ABSENT_KEY",
+    "ACTION_MASK_KEY",
+    "MultiTaskEnv",
+    "TASK_KEY",
+    "TASK_SAMPLERS",
+    "make_multitask_vec_env",
+    "present_key",
+    "sensor_slots",
     "ModalityDropout",
     "NonFiniteGuard",
     "DMCEnv",

@@ -17,7 +17,15 @@ START_METHODS = ("forkserver", "spawn")
 
 
 def make_env_fn(task: str, **env_kwargs):
-    """A picklable constructor for one env (subprocess workers import `envs` and build their own renderer)."""
+    """A picklable constructor for one env (subprocess workers import `envs` and build their own renderer). With
+    ``tasks=(...)`` in `env_kwargs`: an `envs.MultiTaskEnv` over those tasks that plays `task` only (the
+    evaluation env of a multi-task policy)."""
+    if env_kwargs.get("tasks"):
+        from envs.multitask import MultiTaskEnv  # envs.multitask builds its VecEnv with this module
+
+        tasks = tuple(env_kwargs.pop("tasks"))
+        return functools.partial(MultiTaskEnv, tasks, task=task, **env_kwargs)
+    env_kwargs.pop("tasks", None)
     domain, name = parse_task(task)
     return functools.partial(DMCEnv, domain, name, **env_kwargs)
 
@@ -41,6 +49,27 @@ def make_vec_env(
     Env ``i`` is seeded with ``seed + i``. ``modality_dropout > 0`` wraps each env in
     `envs.wrappers.ModalityDropout` (PPO-safe random missing modalities, flagged in the observation).
     """
+    return make_vec_env_from_fn(
+        make_env_fn(task, **env_kwargs),
+        n_envs=n_envs,
+        seed=seed,
+        vec_env_type=vec_env_type,
+        start_method=start_method,
+        monitor_dir=monitor_dir,
+        modality_dropout=modality_dropout,
+    )
+
+
+def make_vec_env_from_fn(
+    env_fn,
+    n_envs: int = 1,
+    seed: int | None = None,
+    vec_env_type: str = "dummy",
+    start_method: str = "forkserver",
+    monitor_dir: str | None = None,
+    modality_dropout: float = 0.0,
+) -> VecEnv:
+    """`make_vec_env` for any picklable env constructor (`envs.multitask` builds its VecEnv here too)."""
     if vec_env_type not in VEC_ENV_TYPES:
         raise ValueError(f"unknown vec_env_type {vec_env_type!r}; valid choices: {list(VEC_ENV_TYPES)}")
     if start_method not in START_METHODS:
@@ -51,7 +80,6 @@ def make_vec_env(
         raise ValueError(
             f"vec_env_type 'pipelined' steps the envs in two halves: it needs n_envs >= 2, got {n_envs}"
         )
-    env_fn = make_env_fn(task, **env_kwargs)
     if vec_env_type in ("subproc", "pipelined"):
         vec_cls = PipelinedSubprocVecEnv if vec_env_type == "pipelined" else SubprocVecEnv
         vec_kwargs = {"start_method": start_method}

@@ -17,8 +17,9 @@ import torch
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import TensorBoardOutputFormat
 
+from envs.multitask import active_task_weights
 from experiments.checkpoint import save_checkpoint
-from experiments.evaluation import evaluate_policy, perceiver_encoder
+from experiments.evaluation import evaluate_tasks, perceiver_encoder
 from experiments.tb import add_video, attention_figure, attention_overlay
 from perceiver_policy.introspection import (
     attention_entropy,
@@ -83,13 +84,18 @@ class EvalCallback(PeriodicCallback):
         seed: int,
         probe_state: bool = False,
         reliance: bool = False,
+        references: dict[str, float] | None = None,
+        task_sampler: str = "uniform",
     ):
         super().__init__(every)
         self.reliance = reliance
+        # Multi-task (env_kwargs['tasks']): each task's reference return; 'active' reweights the training envs' tasks.
+        self.references, self.task_sampler = references, task_sampler
         self.probe_state = probe_state and episodes >= MIN_EPISODES
         self.task, self.env_kwargs, self.episodes = task, env_kwargs, episodes
         self.run_dir, self.action_repeat, self.video, self.seed = run_dir, action_repeat, video, seed
         self.history: list[tuple[int, float]] = []
+        self.last_per_task: dict[str, dict] = {}  # multi-task: the latest evaluation's summary per task
         self._total: int | None = None
         self.last_frames: np.ndarray | None = None  # (T, H, W, 3) of the latest evaluation's first episode
         self.seconds = 0.0
@@ -100,7 +106,7 @@ class EvalCallback(PeriodicCallback):
         start = time.perf_counter()
         choices = scaled_latent_choices(self.model)
         with num_latents(self.model, choices[-1] if choices else None):
-            result = evaluate_policy(
+            result, per_task = evaluate_tasks(
                 self.model,
                 self.task,
                 self.env_kwargs,
@@ -120,11 +126,13 @@ class EvalCallback(PeriodicCallback):
                 scaled = summary
             else:
                 with num_latents(self.model, k):
-                    scaled = evaluate_policy(
+                    scaled = evaluate_tasks(
                         self.model, self.task, self.env_kwargs, self.episodes, seed=self.seed
-                    ).summary()
+                    )[0].summary()
             self.logger.record(f"eval/k{k}/return_mean", scaled["return_mean"])
             self.logger.record(f"perf/k{k}/latency_p95_ms", scaled["latency_p95_ms"])
+        if per_task:
+            self._record_tasks(per_task)
         self._append_history(self.num_timesteps, summary["return_mean"])
         for sensor, r2 in (result.probe or {}).items():
             self.logger.record(f"perceiver/state_probe_r2/{sensor}", r2)
@@ -145,6 +153,22 @@ class EvalCallback(PeriodicCallback):
         self.logger.dump(step)
         self.seconds += time.perf_counter() - start
         return summary
+
+    def _record_tasks(self, per_task: dict[str, dict]) -> None:
+        """Multi-task: eval/<task>/return_mean, the mean normalised score, and the task sampler's weights (the
+        active sampler's new weights pushed to the training envs first)."""
+        returns = [per_task[t]["return_mean"] for t in per_task]
+        references = [self.references[t] for t in per_task]
+        for task, ret, ref in zip(per_task, returns, references, strict=True):
+            self.logger.record(f"eval/{task}/return_mean", ret)
+            self.logger.record(f"eval/{task}/normalized_return", ret / ref)
+        self.logger.record("eval/normalized_return_mean", float(np.mean(np.divide(returns, references))))
+        if self.task_sampler == "active":
+            self.training_env.env_method("set_task_weights", active_task_weights(returns, references))
+        weights = self.training_env.get_attr("task_weights", indices=[0])[0]
+        for task, weight in zip(per_task, weights, strict=True):
+            self.logger.record(f"multitask/weight/{task}", float(weight))
+        self.last_per_task = per_task
 
     @property
     def history_path(self) -> Path:

@@ -35,6 +35,7 @@ from agents.factory import (
 )
 from agents.modality_mix import MIX_MODES, parse_schedule
 from envs.dmc import MODALITIES, TASKS
+from envs.multitask import TASK_SAMPLERS, check_tasks, initial_task_weights
 from envs.proprio_modes import PROPRIO_MODES, valid_modes
 from envs.rendering import RENDER_BACKENDS
 from envs.vec import VEC_ENV_TYPES
@@ -66,6 +67,18 @@ class TrainConfig:
     """YAML preset in experiments/presets/ (its name without .yaml); CLI flags override it."""
     task: str = "cartpole-balance"
     """DMC task, '<domain>-<task>'."""
+    tasks: list[str] = field(default_factory=list)
+    """Multi-task: one policy trained on all these DMC tasks at once (envs.multitask: sensor slots, padded actions,
+    a task index; SAC with the Perceiver, recipe sb3), e.g. cartpole-swingup walker-walk cheetah-run reacher-easy.
+    --task is then the first of them unless it names another. Empty: the single --task."""
+    task_sampler: str = "uniform"
+    """Multi-task: which task each env plays after a reset. 'uniform'; 'fixed' (--task-weights); 'active' (each
+    evaluation moves weight towards the tasks furthest below their reference return: envs.multitask.active_task_weights)."""
+    task_weights: str = ""
+    """Multi-task, task_sampler 'fixed': 'walker-walk=2 cheetah-run=1' (normalised; an unlisted task gets 0)."""
+    task_references: str = ""
+    """Multi-task: each task's reference return, 'walker-walk=900 ...', for the normalised score and the active
+    sampler; a task not given takes SAC-from-states at 500k frames (experiments/published/dmc-states.yaml), else 1000."""
     algorithm: str = "ppo"
     """ppo, a2c or sac."""
     policy_type: str = "perceiver"
@@ -184,6 +197,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.modalities = list(self.modalities)
+        self.tasks = list(self.tasks)
+        if self.tasks and self.task not in self.tasks:  # a multi-task run's --task: the first of its tasks
+            self.task = self.tasks[0]
         self.sync_frames()
 
     def sync_frames(self) -> None:
@@ -220,6 +236,7 @@ class TrainConfig:
             "render_backend": RENDER_BACKENDS,
             "vec_env": VEC_ENV_TYPES,
             "modality_mix_mode": MIX_MODES,
+            "task_sampler": TASK_SAMPLERS,
         }
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
@@ -262,6 +279,8 @@ class TrainConfig:
             raise ValueError(
                 f"aux_state_weight needs policy_type 'perceiver' (its state-decoding queries), got {self.policy_type!r}"
             )
+        if self.tasks:
+            self.validate_tasks()
         check_finetune(self.finetune_spec())  # names a bad mode, rank or target
         if self.finetune != "all" and self.policy_type != "perceiver":
             raise ValueError(
@@ -303,14 +322,53 @@ class TrainConfig:
                     f"curriculum modality {extra} not among the run's modalities {self.modalities}"
                 )
 
+    @property
+    def multitask(self) -> bool:
+        return bool(self.tasks)
+
+    def validate_tasks(self) -> None:
+        """Multi-task runs: known, distinct tasks, SAC with the Perceiver (SB3 recipe), no privileged state."""
+        check_tasks(self.tasks)
+        for task in self.tasks:
+            if self.proprio not in valid_modes(task.split("-", 1)[0]):
+                raise ValueError(
+                    f"proprio {self.proprio!r} is not defined for {task}; valid choices: {list(valid_modes(task.split('-', 1)[0]))}"
+                )
+        if (self.algorithm, self.policy_type, self.recipe) != ("sac", "perceiver", "sb3"):
+            raise ValueError(
+                f"--tasks trains SAC with policy_type 'perceiver' and recipe 'sb3' (per-actuator queries keep padded "
+                f"actions out of the log-probabilities and Q); got algorithm {self.algorithm!r}, policy_type "
+                f"{self.policy_type!r}, recipe {self.recipe!r}"
+            )
+        if self.aux_state_weight > 0 or self.modality_mix or self.env_modality_dropout > 0 or self.curriculum:
+            raise ValueError(
+                "--tasks does not combine with aux_state_weight (the privileged state differs per body), "
+                "modality_mix, env_modality_dropout or curriculum"
+            )
+        initial_task_weights(self.tasks, self.task_sampler, self.task_weights or None)
+        self.references()
+
+    def references(self) -> dict[str, float]:
+        """Each training task's reference return (task_references, else the published SAC-from-states value)."""
+        given = parse_pairs(self.task_references, "task_references") if self.task_references else {}
+        unknown = sorted(set(given) - set(self.tasks))
+        if unknown:
+            raise ValueError(
+                f"task_references names {unknown}, which this run does not train; its tasks: {self.tasks}"
+            )
+        published = published_references()
+        return {t: float(given.get(t, published.get(t, 1000.0))) for t in self.tasks}
+
     def finetune_spec(self) -> dict:
         """The policy's `finetune` argument (perceiver_policy.finetuning)."""
         spec = {"mode": self.finetune, "lora_rank": self.lora_rank, "lora_targets": list(self.lora_targets)}
         return spec if self.lora_alpha is None else {**spec, "lora_alpha": self.lora_alpha}
 
     def env_kwargs(self, privileged_state: bool = False) -> dict:
-        """Keyword arguments of `envs.DMCEnv`; the privileged state only where a loss or probe reads it."""
+        """Keyword arguments of `envs.DMCEnv` (multi-task: and the `tasks` of `envs.MultiTaskEnv`); the privileged
+        state only where a loss or probe reads it."""
         return {
+            **({"tasks": tuple(self.tasks)} if self.tasks else {}),
             "modalities": tuple(self.modalities),
             "image_size": self.image_size,
             "frame_stack": self.frame_stack,
@@ -324,6 +382,32 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+PUBLISHED_STATES = Path(__file__).parent / "published" / "dmc-states.yaml"
+
+
+def parse_pairs(spec: str, name: str) -> dict[str, float]:
+    """'a=1 b=2.5' -> {'a': 1.0, 'b': 2.5}, with an error naming the field and the bad item."""
+    out = {}
+    for item in spec.split():
+        key, sep, value = item.partition("=")
+        try:
+            out[key] = float(value) if sep else float("nan")
+        except ValueError:
+            out[key] = float("nan")
+        if not sep or out[key] != out[key]:
+            raise ValueError(f"{name} are TASK=NUMBER pairs, got {item!r}")
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def published_references() -> dict[str, float]:
+    """SAC from states at 500k frames per task (experiments/published/dmc-states.yaml, the 'SAC-state' rows)."""
+    data = load_yaml(PUBLISHED_STATES.read_text()) or {}
+    return {
+        task: float(rows["SAC-state 500k"]["mean"]) for task, rows in data.items() if "SAC-state 500k" in rows
+    }
 
 
 def list_presets() -> list[str]:
@@ -406,6 +490,7 @@ def field_choices() -> dict[str, list]:
         "render_backend": list(RENDER_BACKENDS),
         "vec_env": list(VEC_ENV_TYPES),
         "modality_mix_mode": list(MIX_MODES),
+        "task_sampler": list(TASK_SAMPLERS),
         "finetune": ["all", "output-queries", "lora"],
         "preset": list_presets(),
     }
@@ -440,6 +525,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
             parser.add_argument(
                 flag, nargs="+", default=None, metavar="NAME", help=f"Any of {'|'.join(valid)}. {help_text}"
             )
+        elif name == "tasks":
+            parser.add_argument(flag, nargs="+", default=None, metavar="TASK", help=help_text)
         elif kind is dict:
             parser.add_argument(flag, nargs="+", default=None, metavar="KEY=VALUE", help=help_text)
         elif name == "curriculum":

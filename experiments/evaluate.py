@@ -99,7 +99,15 @@ def latent_sizes(model, config, args: argparse.Namespace) -> list[int | None]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", type=Path, help="run directory or checkpoint directory")
-    parser.add_argument("--tasks", nargs="+", default=None, help="DMC tasks (default: the run's task)")
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        default=None,
+        help="DMC tasks (default: the run's task; a multi-task run's: all of them)",
+    )
+    parser.add_argument(
+        "--task", default=None, help="evaluate this one task (e.g. one of a multi-task run's)"
+    )
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--video", action="store_true", help="write an mp4 of the first episode per task")
     parser.add_argument(
@@ -167,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--episodes must be a positive integer, got {args.episodes}")
         config, checkpoint = locate(args.path)
         seed = args.seed if args.seed is not None else 10_000 + config.seed
-        tasks = args.tasks or [config.task]
+        if args.task and args.tasks:
+            raise ValueError("give --task T (one task) or --tasks T1 T2 ..., not both")
+        tasks = [args.task] if args.task else args.tasks or list(config.tasks) or [config.task]
         for task in tasks:
             cfg.TrainConfig(**{**config.to_dict(), "task": task}).validate()
         model = load_model(
@@ -233,6 +243,15 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(rows, probe_columns)
     (out / f"{name}.md").write_text(f"Checkpoint: `{checkpoint}`, env seeds from {seed}\n\n" + table)
     print(table, end="")
+    if config.multitask:
+        references = config.references()
+        trained = [r for r in rows if r["task"] in references and not r["missing"]]
+        if trained:
+            mean = sum(r["return_mean"] for r in trained) / len(trained)
+            normalised = sum(r["return_mean"] / references[r["task"]] for r in trained) / len(trained)
+            print(
+                f"mean over {len(trained)} training tasks: return {mean:.1f}, normalised by the references {normalised:.3f}"
+            )
     print(f"written: {out / f'{name}.csv'}, {out / f'{name}.md'}")
     return 0
 

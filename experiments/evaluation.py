@@ -13,6 +13,7 @@ from envs.vec import make_env_fn
 from envs.wrappers import ABSENT_KEY
 from experiments.tb import attention_overlay as attention_overlay_image
 from perceiver_policy.introspection import attention_on_frames
+from perceiver_policy.modalities import is_input_key
 from perceiver_policy.probes import MIN_EPISODES, state_probe
 from perceiver_policy.streaming import encoder_of
 from perceiver_policy.streaming import streaming as stream_tokens
@@ -92,7 +93,7 @@ class FeatureTap:
 
 def check_blank_modalities(spaces: dict, names: tuple[str, ...]) -> None:
     """`names` must be observation keys the policy reads (not the absent flags nor the privileged state)."""
-    valid = [key for key in spaces if key not in (ABSENT_KEY, STATE_KEY)]
+    valid = [key for key in spaces if is_input_key(key)]
     unknown = [name for name in names if name not in valid]
     if unknown:
         raise ValueError(f"unknown modality {unknown} for --blank-modality; valid choices: {valid}")
@@ -224,9 +225,7 @@ def evaluate_policy(
     tap = FeatureTap(model) if probe_state else None
     features, states = [], []
     wants_flags = ABSENT_KEY in spaces
-    probe = (
-        RelianceProbe(model, [k for k in spaces if k not in (ABSENT_KEY, STATE_KEY)]) if reliance else None
-    )
+    probe = RelianceProbe(model, [k for k in spaces if is_input_key(k)]) if reliance else None
     no_flags = np.zeros(spaces[ABSENT_KEY].n, dtype=np.int8) if wants_flags else None
     try:
         with missing_modalities(model, tuple(missing)), stream_tokens(model.policy, streaming) as stream:
@@ -286,6 +285,34 @@ def evaluate_policy(
     if frames:
         result.frames = np.stack(frames)
     return result
+
+
+def evaluate_tasks(model, task: str, env_kwargs: dict, episodes: int, **kwargs) -> tuple[EvalResult, dict]:
+    """`evaluate_policy` over every task of a multi-task run (``env_kwargs["tasks"]``), `episodes` each; for one
+    task, just that task. Returns the pooled result (equal episodes per task: its mean return is the mean over
+    tasks; the video is the first task's; reliance averaged over tasks) and {task: summary} (multi-task only)."""
+    tasks = env_kwargs.get("tasks")
+    if not tasks:
+        return evaluate_policy(model, task, env_kwargs, episodes, **kwargs), {}
+    pooled, per_task = EvalResult(), {}
+    reliances = []
+    for index, name in enumerate(tasks):
+        options = dict(kwargs, video=kwargs.get("video", False) and index == 0)
+        result = evaluate_policy(model, name, env_kwargs, episodes, **options)
+        per_task[name] = result.summary()
+        pooled.returns += result.returns
+        pooled.lengths += result.lengths
+        pooled.latencies_ms += result.latencies_ms
+        if result.frames is not None:
+            pooled.frames = result.frames
+        if result.reliance is not None:
+            reliances.append(result.reliance)
+    if reliances:
+        pooled.reliance = {
+            key: {part: float(np.mean([r[key][part] for r in reliances])) for part in reliances[0][key]}
+            for key in reliances[0]
+        }
+    return pooled, per_task
 
 
 def write_mp4(path, frames: np.ndarray, fps: int = 30):

@@ -49,12 +49,24 @@ from perceiver_policy.model import cpu_has_native_bf16
 
 
 def default_run_name(config: cfg.TrainConfig) -> str:
-    base = config.preset or f"{config.task}-{config.algorithm}"
+    base = config.preset or f"{'multitask' if config.multitask else config.task}-{config.algorithm}"
     base += "" if config.policy_type == "perceiver" else f"-{config.policy_type}"
     return f"{base}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def make_env(config: cfg.TrainConfig, seed: int, normalizer: Path | None = None):
+    if config.multitask:  # SAC only (validated): raw rewards, no VecNormalize
+        kwargs = config.env_kwargs()
+        venv = envs.make_multitask_vec_env(
+            kwargs.pop("tasks"),
+            n_envs=config.n_envs,
+            seed=seed,
+            task_sampler=config.task_sampler,
+            task_weights=config.task_weights or None,
+            vec_env_type=config.vec_env,
+            **kwargs,
+        )
+        return envs.NonFiniteGuard(venv, sanitize=config.sanitize_nonfinite)
     venv = envs.make_vec_env(
         config.task,
         n_envs=config.n_envs,
@@ -191,8 +203,10 @@ def run(config: cfg.TrainConfig, run_dir: Path, resume: bool = False) -> dict:
         config.action_repeat,
         config.eval_video,
         seed=10_000 + config.seed,
-        probe_state=config.state_probe,
+        probe_state=config.state_probe and not config.multitask,  # no privileged state across bodies
         reliance=config.reliance,
+        references=config.references() if config.multitask else None,
+        task_sampler=config.task_sampler,
     )
     if resume:  # evaluations logged after the checkpoint are dropped, as in TensorBoard
         evaluator.truncate_history(start_step)
@@ -268,7 +282,7 @@ def finish(
     tb = tensorboard_writer(model.logger)
     if tb is not None:
         hparams = {
-            "task": config.task,
+            "task": ",".join(config.tasks) if config.multitask else config.task,
             "algorithm": config.algorithm,
             "seed": config.seed,
             "modalities": ",".join(config.modalities),
@@ -297,7 +311,11 @@ def finish(
         f"steps         : {model.num_timesteps} agent steps = {model.num_timesteps * config.action_repeat} frames "
         f"({fps:.0f} steps/s since this command started)",
         f"eval return   : first {first:.1f} -> final {final['return_mean']:.1f} ± {final['return_std']:.1f} "
-        f"({config.eval_episodes} episodes, deterministic)",
+        f"({config.eval_episodes} episodes{' per task, mean over tasks' if config.multitask else ''}, deterministic)",
+        *(
+            f"  {task:<12}: {summary['return_mean']:.1f} ± {summary['return_std']:.1f}"
+            for task, summary in evaluator.last_per_task.items()
+        ),
         f"tensorboard   : tensorboard --logdir {run_dir.parent}   (or: make tensorboard)",
         f"checkpoints   : {run_dir / 'checkpoints'}",
     ]

@@ -91,6 +91,11 @@ class PerceiverConfig:
     read every modality; latent self-attention fuses the groups. Counts sum to num_latents, in this order along
     the latent array; needs missing_tokens 'mask' (a group whose modality is withheld reads its mask tokens). Empty:
     every latent reads every token."""
+    domain_embedding: bool = True
+    """Multi-task observations (a `task` key, envs.multitask): a learned embedding of the task enters the encoder as
+    one more input token (the latents read the body's identity beside its sensors, whose slots are shared across
+    bodies) and joins each actuator query of the actor (actuator slot j is a different joint in each body). False
+    ignores the `task` key (to measure what the embedding is worth). Without a `task` key: no effect."""
     modality_gating: bool = True
     """Learned per-head, per-modality logit bias and per-latent modality gate in the input cross-attention."""
     init_std: float = 0.02

@@ -30,14 +30,28 @@ from perceiver_policy.position import fourier_dim, grid_fourier_features
 
 ABSENT_KEY = "absent_modalities"  # = envs.wrappers.ABSENT_KEY (kept import-free of envs)
 STATE_KEY = "state"  # = envs.dmc.STATE_KEY: the privileged full state, for losses and probes, never an input
-NOT_MODALITIES = (ABSENT_KEY, STATE_KEY)
-KINDS = ("image", "vector", "sequence", "conv_image")
+TASK_KEY = "task"  # = envs.multitask.TASK_KEY: the task index of a multi-task observation
+ACTION_MASK_KEY = "action_mask"  # = envs.multitask.ACTION_MASK_KEY: which padded action entries are real
+PRESENT_SUFFIX = (
+    "_present"  # = envs.multitask.PRESENT_SUFFIX: '<key>_present' flags that key's tokens (slots)
+)
+NOT_MODALITIES = (ABSENT_KEY, STATE_KEY, ACTION_MASK_KEY)
+KINDS = ("image", "vector", "sequence", "conv_image", "task")
 _DEFAULT_KIND = {
     "pixels": "image",
     "proprio": "vector",
     "action_history": "sequence",
     "proprio_history": "sequence",
+    TASK_KEY: "task",
 }
+
+
+def is_input_key(name: str, config: PerceiverConfig | None = None) -> bool:
+    """Whether an observation key becomes tokens: not the absent flags, the privileged state, the action mask or
+    a key's presence flags; the task index only with `config.domain_embedding`."""
+    if name in NOT_MODALITIES or name.endswith(PRESENT_SUFFIX):
+        return False
+    return name != TASK_KEY or config is None or config.domain_embedding
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,8 @@ class ModalitySpec:
     """conv_image only: the stride of each 3x3, padding-1 conv layer of the stem."""
     conv_channels: int = 32
     """conv_image only: channels of each stem layer (= raw features per token)."""
+    num_classes: int = 0
+    """task only: how many tasks the index takes (the embedding's rows)."""
 
     @property
     def conv_grid(self) -> tuple[int, int]:
@@ -75,6 +91,8 @@ class ModalitySpec:
             return (frames, height // self.stride, width // self.stride)
         if self.kind == "vector":
             return (self.num_tokens,)
+        if self.kind == "task":
+            return (1,)
         return (self.shape[0],)
 
     @property
@@ -83,6 +101,8 @@ class ModalitySpec:
             return int(np.prod(self.fourier_resolutions))
         if self.kind == "vector":
             return len(self.layout) if self.layout else -(-self.shape[0] // self.stride)
+        if self.kind == "task":
+            return 1
         return self.shape[0]
 
     @property
@@ -94,6 +114,8 @@ class ModalitySpec:
             return self.channels_per_frame * self.stride**2
         if self.kind == "vector":
             return max(stop - start for _, start, stop in self.layout) if self.layout else self.stride
+        if self.kind == "task":
+            return self.num_classes
         return self.shape[1]
 
 
@@ -121,7 +143,7 @@ def build_specs(observation_space: spaces.Space, config: PerceiverConfig) -> lis
         )
     specs = []
     for name, space in observation_space.spaces.items():
-        if name in NOT_MODALITIES:  # absent flags (envs.wrappers.ModalityDropout); the privileged state
+        if not is_input_key(name, config):  # absent / presence flags, the privileged state, the action mask
             continue
         overrides = dict(config.modality_overrides.get(name, {}))
         kind = overrides.pop("kind", None) or infer_kind(name, space)
@@ -141,6 +163,8 @@ def build_specs(observation_space: spaces.Space, config: PerceiverConfig) -> lis
             layout = tuple((sensor, int(a), int(b)) for sensor, (a, b) in layout.items())
         else:
             layout = None
+        if kind == "task":
+            overrides.setdefault("num_classes", int(np.max(space.high)) + 1)
         if kind == "image":
             stride = config.image_patch_size(*space.shape[-2:]) if len(space.shape) == 3 else 1
         else:
@@ -306,6 +330,19 @@ class VectorAdapter(ModalityAdapter):
         return padded[:, self.gather_index]  # (B, N, width)
 
 
+class TaskAdapter(ModalityAdapter):
+    """The task index (B, 1) -> one token (B, 1, D): the domain embedding (a linear map of the one-hot index,
+    i.e. one learned row per task)."""
+
+    def tokens_content(self, x: torch.Tensor) -> torch.Tensor:
+        index = x.reshape(x.shape[0], 1).long()
+        if bool((index < 0).any() or (index >= self.spec.num_classes).any()):
+            raise ValueError(
+                f"task index {index.flatten().tolist()} outside the {self.spec.num_classes} tasks this policy knows"
+            )
+        return F.one_hot(index, self.spec.num_classes).float()  # (B, 1, n_tasks)
+
+
 class SequenceAdapter(ModalityAdapter):
     def tokens_content(self, x: torch.Tensor) -> torch.Tensor:
         return x.float()  # (B, T, C): one token per step
@@ -316,6 +353,7 @@ ADAPTERS: dict[str, type[ModalityAdapter]] = {
     "vector": VectorAdapter,
     "sequence": SequenceAdapter,
     "conv_image": ConvImageAdapter,
+    "task": TaskAdapter,
 }
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from perceiver_policy.attention import ABSENT_LOGIT, QueryCrossAttention, SelfAttentionLayer
 from perceiver_policy.config import SHARED_GROUP, PerceiverConfig
 from perceiver_policy.cross_attention import GatedCrossAttention
-from perceiver_policy.modalities import ABSENT_KEY, ADAPTERS, build_specs
+from perceiver_policy.modalities import ABSENT_KEY, ADAPTERS, PRESENT_SUFFIX, build_specs
 
 
 def init_weights(module: nn.Module, std: float | None = None) -> None:
@@ -80,6 +80,18 @@ class PerceiverEncoder(nn.Module):
         self.config = config = config or PerceiverConfig()
         self.specs = build_specs(observation_space, config)
         self.names = tuple(spec.name for spec in self.specs)
+        # Keys whose tokens can be flagged absent one by one ('<key>_present': a multi-task env's sensor slots).
+        self.slot_flagged = tuple(
+            spec.name for spec in self.specs if spec.name + PRESENT_SUFFIX in observation_space.spaces
+        )
+        for name in self.slot_flagged:
+            flags = observation_space.spaces[name + PRESENT_SUFFIX].shape
+            spec = self.specs[self.names.index(name)]
+            if flags != (spec.num_tokens,):
+                raise ValueError(
+                    f"{name + PRESENT_SUFFIX!r} flags {flags[0] if flags else 0} sensor slots but {name!r} is read as "
+                    f"{spec.num_tokens} tokens; one token per sensor needs proprio_tokens 'sensor'"
+                )
         self.adapters = nn.ModuleDict({spec.name: ADAPTERS[spec.kind](spec, config) for spec in self.specs})
         dim = config.latent_dim
         self.modality_embedding = nn.Parameter(torch.empty(len(self.specs), dim))
@@ -231,6 +243,19 @@ class PerceiverEncoder(nn.Module):
                 flags = torch.where(combined.all(dim=1, keepdim=True), flags, combined)
         return flags
 
+    def _slot_absent(self, obs, present, available, batch: int, device) -> torch.Tensor | None:
+        """(B, N) bool: tokens of the sensor slots flagged absent ('<key>_present' == 0), or None."""
+        if not any(name + PRESENT_SUFFIX in obs for name in self.slot_flagged):
+            return None
+        parts = []
+        for m in present:
+            key, count = self.names[m] + PRESENT_SUFFIX, self.specs[m].num_tokens
+            if m in available and key in obs:
+                parts.append(torch.as_tensor(obs[key], device=device).reshape(batch, count) < 0.5)
+            else:
+                parts.append(torch.zeros(batch, count, dtype=torch.bool, device=device))
+        return torch.cat(parts, dim=1)
+
     def forward(
         self, obs: Mapping[str, torch.Tensor], absent: Mapping[str, torch.Tensor] | None = None
     ) -> torch.Tensor:
@@ -281,6 +306,9 @@ class PerceiverEncoder(nn.Module):
                         token_absent[..., None], mask_vectors[modality_index].to(tokens.dtype), tokens
                     )
                     token_absent = None
+            slot_absent = self._slot_absent(obs, present, available, batch, device)
+            if slot_absent is not None:  # sensor slots the sample's body lacks: never attended
+                token_absent = slot_absent if token_absent is None else token_absent | slot_absent
             latents, weights = self.cross_attention(
                 self.latents,
                 tokens,

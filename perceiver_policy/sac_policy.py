@@ -16,6 +16,7 @@ from torch import nn
 
 from perceiver_policy.config import PerceiverConfig
 from perceiver_policy.finetuning import apply_finetune
+from perceiver_policy.modalities import ACTION_MASK_KEY, TASK_KEY
 from perceiver_policy.model import ActionQueries, LearnedQueries, PerceiverDecoder, PerceiverEncoder
 from perceiver_policy.observations import SensorObservations, sensor_space
 from perceiver_policy.policies import LOG_STD_RANGE, as_config, fused_adam
@@ -33,13 +34,13 @@ class PerceiverSACActor(nn.Module):
         self.head = nn.Linear(config.latent_dim, 2 * action_dim)
         self.action_dist = SquashedDiagGaussianDistribution(action_dim)
 
-    def distribution(self, latents: torch.Tensor) -> SquashedDiagGaussianDistribution:
+    def distribution(self, latents: torch.Tensor, obs=None) -> SquashedDiagGaussianDistribution:
         out = self.decoder(self.query(latents.shape[0]), latents)[:, 0]  # (B, D)
         mean, log_std = self.head(out).chunk(2, dim=-1)
         return self.action_dist.proba_distribution(mean, log_std.clamp(*LOG_STD_RANGE))
 
     def forward(self, obs: dict[str, torch.Tensor], deterministic: bool = False) -> torch.Tensor:
-        return self.distribution(self._encoder[0](obs)).get_actions(deterministic=deterministic)
+        return self.distribution(self._encoder[0](obs), obs).get_actions(deterministic=deterministic)
 
     def action_log_prob(self, obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """SB3 SAC's entry point: the actor reads latents without gradient (the critic alone trains the encoder,
@@ -47,12 +48,66 @@ class PerceiverSACActor(nn.Module):
         weights changed under its graph."""
         with torch.no_grad():
             latents = self._encoder[0](obs)
-        return self.action_log_prob_latents(latents)
+        return self.action_log_prob_latents(latents, obs)
 
-    def action_log_prob_latents(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dist = self.distribution(latents)
+    def action_log_prob_latents(self, latents: torch.Tensor, obs=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sampled action and its log-probability from latents; `obs` (the batch they were encoded from) gives a
+        multi-task actor its task and action mask."""
+        dist = self.distribution(latents, obs)
         actions = dist.get_actions()
         return actions, dist.log_prob(actions)
+
+
+class MaskedSquashedGaussian:
+    """A tanh-squashed diagonal Gaussian over padded actions: entries where `mask` is 0 are returned as 0 and add
+    nothing to the log-probability (nor, therefore, to the entropy term of SAC)."""
+
+    EPS = 1e-6  # as SB3's SquashedDiagGaussianDistribution
+
+    def __init__(self, mean: torch.Tensor, log_std: torch.Tensor, mask: torch.Tensor):
+        self.mean, self.std, self.mask = mean, log_std.exp(), mask
+        self._gaussian: torch.Tensor | None = None
+
+    def get_actions(self, deterministic: bool = False) -> torch.Tensor:
+        gaussian = self.mean if deterministic else self.mean + self.std * torch.randn_like(self.mean)
+        self._gaussian = gaussian
+        return torch.tanh(gaussian) * self.mask
+
+    def log_prob(self, actions: torch.Tensor) -> torch.Tensor:
+        """(B,) for the actions of the latest `get_actions` (their pre-tanh values are kept, as SB3 does)."""
+        gaussian = self._gaussian
+        normal = torch.distributions.Normal(self.mean, self.std).log_prob(gaussian)
+        squash = torch.log(1.0 - torch.tanh(gaussian).square() + self.EPS)
+        return ((normal - squash) * self.mask).sum(dim=-1)
+
+
+class PerceiverMultiTaskActor(PerceiverSACActor):
+    """The actor of a multi-task policy: one output query per actuator slot (a 1-actuator cartpole and a
+    6-actuator walker share one decoder), each answered by a shared (mean, log-std) head; with the domain
+    embedding, the task's embedding joins every actuator query (slot j is a different joint in each body).
+    Padded actuators act 0 and add nothing to the log-probability (`MaskedSquashedGaussian`)."""
+
+    def __init__(self, encoder, config: PerceiverConfig, action_dim: int, num_tasks: int):
+        super().__init__(encoder, config, action_dim)
+        self.query = LearnedQueries(action_dim, config.latent_dim, config.init_std)
+        self.head = nn.Linear(config.latent_dim, 2)
+        self.task_query = nn.Embedding(num_tasks, config.latent_dim) if config.domain_embedding else None
+        if self.task_query is not None:
+            nn.init.trunc_normal_(
+                self.task_query.weight, std=config.init_std, a=-2 * config.init_std, b=2 * config.init_std
+            )
+
+    def distribution(self, latents: torch.Tensor, obs=None) -> MaskedSquashedGaussian:
+        if obs is None or ACTION_MASK_KEY not in obs:
+            raise ValueError(
+                f"a multi-task actor needs the observation's {ACTION_MASK_KEY!r} (and {TASK_KEY!r})"
+            )
+        queries = self.query(latents.shape[0])  # (B, A, D)
+        if self.task_query is not None:
+            queries = queries + self.task_query(obs[TASK_KEY].reshape(-1).long())[:, None]
+        out = self.decoder(queries, latents)  # (B, A, D)
+        mean, log_std = self.head(out).unbind(dim=-1)  # (B, A) each
+        return MaskedSquashedGaussian(mean, log_std.clamp(*LOG_STD_RANGE), obs[ACTION_MASK_KEY].float())
 
 
 class PerceiverSACCritic(nn.Module):
@@ -67,13 +122,29 @@ class PerceiverSACCritic(nn.Module):
         self.head_weight = nn.Parameter(torch.randn(n_critics, config.latent_dim) * config.latent_dim**-0.5)
         self.head_bias = nn.Parameter(torch.zeros(n_critics))
 
-    def q_values(self, latents: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def q_values(self, latents: torch.Tensor, actions: torch.Tensor, obs=None) -> tuple[torch.Tensor, ...]:
+        """Q of each critic, (B, 1) each; a multi-task observation's `action_mask` zeroes the padded entries
+        first (exploration samples them at random), so padding never reaches Q."""
+        if obs is not None and ACTION_MASK_KEY in obs:
+            actions = actions * obs[ACTION_MASK_KEY].to(actions.dtype)
         out = self.decoder(self.queries(actions), latents)  # (B, n_critics, D)
         q = (out * self.head_weight).sum(-1) + self.head_bias  # (B, n_critics)
         return tuple(q[:, i : i + 1] for i in range(self.n_critics))
 
     def forward(self, obs: dict[str, torch.Tensor], actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.q_values(self._encoder[0](obs), actions)
+        return self.q_values(self._encoder[0](obs), actions, obs)
+
+
+def multitask_count(observation_space: spaces.Dict) -> int:
+    """How many training tasks a multi-task observation space indexes (`task` and `action_mask` keys); 0 otherwise."""
+    keys = observation_space.spaces
+    if ACTION_MASK_KEY not in keys:
+        return 0
+    if TASK_KEY not in keys:
+        raise ValueError(
+            f"a multi-task observation has {ACTION_MASK_KEY!r} and {TASK_KEY!r}; {TASK_KEY!r} is missing"
+        )
+    return int(keys[TASK_KEY].high.max()) + 1
 
 
 class SACActorPolicy(SensorObservations, BasePolicy):
@@ -152,7 +223,14 @@ class PerceiverSACPolicy(SACActorPolicy):
         self.n_critics = n_critics
         action_dim = int(action_space.shape[0])
         self.encoder = PerceiverEncoder(self.observation_space, self.perceiver_config)
-        self.actor = PerceiverSACActor(self.encoder, self.perceiver_config, action_dim)
+        # Multi-task observations (envs.multitask): per-actuator queries over padded actions, per-task temperatures.
+        self.num_tasks = multitask_count(self.observation_space)
+        if self.num_tasks:
+            self.actor = PerceiverMultiTaskActor(
+                self.encoder, self.perceiver_config, action_dim, self.num_tasks
+            )
+        else:
+            self.actor = PerceiverSACActor(self.encoder, self.perceiver_config, action_dim)
         self.critic = PerceiverSACCritic(self.encoder, self.perceiver_config, action_dim, n_critics)
         self.critic_target = PerceiverSACCritic(self.encoder, self.perceiver_config, action_dim, n_critics)
         self.critic_target.load_state_dict(self.critic.state_dict())

@@ -8,6 +8,10 @@ import torch  # noqa: E402
 from gymnasium import spaces  # noqa: E402
 
 import envs  # noqa: E402,F401  (registers dmc/ ids)
+
+# A subprocess's time limit in the tests guards against a hang only, never against slowness: a loaded 2-core CI
+# host ran the suite 3x slower than a quiet one, and one end-to-end run there took over 300 s.
+HANG_GUARD_S = 3600
 from envs import SensorBox  # noqa: E402
 
 

@@ -1,6 +1,7 @@
 """The training config: frames vs agent steps, renamed fields, what --resume may change."""
 
 import pytest
+from conftest import HANG_GUARD_S
 
 from experiments import config as cfg
 
@@ -123,7 +124,9 @@ def test_importing_the_commands_leaves_the_allocator_alone():
         "import experiments.train, experiments.evaluate, experiments.benchmark, experiments.export, experiments.plot\n"
         "import experiments.report, experiments.distill\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD_S
+    )
     assert result.returncode == 0, result.stderr[-2000:]
 
 

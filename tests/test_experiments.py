@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import HANG_GUARD_S
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from experiments.checkpoint import list_checkpoints, read_meta
@@ -46,7 +47,7 @@ REQUIRED_TAGS = {
 }
 
 
-def cli(*args, check=True, timeout=300, **kwargs):
+def cli(*args, check=True, timeout=HANG_GUARD_S, **kwargs):
     env = {**os.environ, "MUJOCO_GL": "egl", "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(
         [sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, env=env, **kwargs
@@ -171,7 +172,7 @@ def test_sigterm_or_ctrl_c_checkpoints_at_the_step_and_resume_continues(tmp_path
         time.sleep(0.2)
     first = int(read_meta(list_checkpoints(run_dir / "checkpoints")[-1])["step"])
     process.send_signal(signum)
-    _, stderr = process.communicate(timeout=120)
+    _, stderr = process.communicate(timeout=HANG_GUARD_S)
     assert process.returncode == 128 + signum, stderr[-2000:]
     name = signal.Signals(signum).name
     step = int(re.search(rf"stopped by {name} at step (\d+);", stderr).group(1))
@@ -301,7 +302,7 @@ def test_plot_writes_png(trained_run, tmp_path):
     ],
 )
 def test_bad_cli_values_exit_with_one_line_error(args, message):
-    result = cli(*args, check=False, timeout=120)
+    result = cli(*args, check=False, timeout=HANG_GUARD_S)
     assert result.returncode != 0
     lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error")]
     assert len(lines) == 1 and message in lines[0], result.stderr
@@ -336,7 +337,7 @@ def test_corrupt_checkpoint_is_a_one_line_error(trained_run, tmp_path):
         "1000",
     ]  # more to train: loads it
     for command in (["experiments.evaluate", str(broken)], resume):
-        result = cli(*command, check=False, timeout=120)
+        result = cli(*command, check=False, timeout=HANG_GUARD_S)
         assert result.returncode != 0
         assert "error: corrupt checkpoint" in result.stderr and "model.zip" in result.stderr
 
@@ -367,13 +368,13 @@ def test_benchmark_sac_prints_its_tables():  # plumbing only: benchmarks report 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answer")
 def test_benchmark_drq_prints_the_tokenizer_and_update_tables():  # plumbing only: no timing is asserted
-    out = cli("experiments.benchmark", "drq", "--quick", timeout=600).stdout
+    out = cli("experiments.benchmark", "drq", "--quick", timeout=HANG_GUARD_S).stdout
     assert "| conv (3 x 3/2, 32 ch, stacked) | 121 |" in out and "| patch (12 px, per frame) | 147 |" in out
     assert out.count("| DrQ's encoder (drq-cnn) |") == 1 and "batch 32" in out
 
 
 def test_benchmark_features_prints_the_variation_table():  # plumbing: the table's rows and columns
-    out = cli("experiments.benchmark", "features", timeout=600).stdout
+    out = cli("experiments.benchmark", "features", timeout=HANG_GUARD_S).stdout
     assert "| NatureCNN (cnn) |" in out and "| Perceiver, patch tokens, query readout, centred |" in out
 
 
@@ -451,7 +452,7 @@ def test_a_dead_env_worker_ends_the_run_with_a_message_and_a_checkpoint(tmp_path
     workers = [grandchild for child in _children(process.pid) for grandchild in _children(child)]
     assert workers, "no env worker processes found"
     os.kill(workers[0], signal.SIGKILL)
-    _, stderr = process.communicate(timeout=120)  # ends: no hang
+    _, stderr = process.communicate(timeout=HANG_GUARD_S)  # ends: no hang
     assert process.returncode == 2, stderr[-2000:]
     assert "an env worker process died" in stderr and "--resume" in stderr
 

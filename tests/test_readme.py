@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HANG_GUARD_S
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +43,12 @@ def test_readme_python_block_runs_as_a_script(tmp_path, index):
     script.write_text(code)
     env = {**os.environ, "MUJOCO_GL": "egl", "PYTHONPATH": str(README.parent)}
     result = subprocess.run(
-        [sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env
+        [sys.executable, "example.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+        env=env,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 
@@ -64,7 +70,7 @@ def readme_commands() -> dict[str, set[str]]:
 def test_readme_commands_use_existing_flags(module):
     """A flag the README shows must be one the command accepts (its --help lists it)."""
     result = subprocess.run(
-        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=HANG_GUARD_S
     )
     assert result.returncode == 0, result.stderr[-2000:]
     missing = sorted(flag for flag in readme_commands()[module] if flag not in result.stdout)

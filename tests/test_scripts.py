@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import HANG_GUARD_S
+
 ROOT = Path(__file__).parents[1]
 
 
@@ -29,7 +31,7 @@ def test_reproduce_results_runs_the_specs_commands(tmp_path):
     fake, records = fake_python(tmp_path)
     env = {**os.environ, "PY": str(fake), "RUNS": str(tmp_path / "runs"), "JOBS": "2", "SEEDS": "0"}
     subprocess.run(["bash", "experiments/scripts/reproduce_results.sh", "latents"], cwd=ROOT, env=env, check=True,
-                   capture_output=True, text=True, timeout=600)  # fmt: skip
+                   capture_output=True, text=True, timeout=HANG_GUARD_S)  # fmt: skip
     argvs = calls(records)
     assert len(argvs) == 3  # three variants, one seed
     scaled = next(a for a in argvs if "latents-swingup-scaled-s0" in a)
@@ -46,10 +48,10 @@ def test_gpu_session_trains_the_named_spec_runs_on_the_gpu(tmp_path):
            "BENCH_LIMIT": "0", "GPU_TESTS": "0", "PROBE_LIMIT": "0", "TRAIN_UNTIL": "1",
            "GPU_RUNS": "drq128-swingup-perceiver-center-s1"}  # fmt: skip
     subprocess.run(["bash", "experiments/scripts/gpu_session.sh"], cwd=ROOT, env=env, check=True,
-                   capture_output=True, text=True, timeout=600)  # fmt: skip
+                   capture_output=True, text=True, timeout=HANG_GUARD_S)  # fmt: skip
     (argv,) = [a for a in calls(records) if "experiments.train" in a]
     assert "drq128-swingup-perceiver-center-s1" in argv and "center_features=True" in argv
     assert argv[argv.index("--device") + 1] == "cuda"
     bad = subprocess.run(["bash", "experiments/scripts/gpu_session.sh"], cwd=ROOT, capture_output=True, text=True,
-                         env={**env, "GPU_RUNS": "nope"}, timeout=600)  # fmt: skip
+                         env={**env, "GPU_RUNS": "nope"}, timeout=HANG_GUARD_S)  # fmt: skip
     assert bad.returncode == 2 and "unknown run 'nope' in GPU_RUNS" in bad.stderr

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import HANG_GUARD_S
 
 from experiments.checkpoint import list_checkpoints, read_meta
 from experiments.sweeping import load_spec, train_args, trial_name
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.slow
 SPEC = {
     "name": "tiny",
     "max_concurrent": 2,
-    "grid": {"task": ["cartpole-balance", "cartpole-swingup"], "seed": [0, 1]},
+    "grid": {"task": ["cartpole-balance", "cartpole-swingup"], "seed": [0]},
     "base": {
         "modalities": ["proprio", "action_history"], "n_envs": 2, "action_repeat": 8, "total_steps": 192,
         "eval_freq": 96, "checkpoint_freq": 32, "eval_episodes": 1, "eval_video": False, "state_probe": False,
@@ -60,7 +61,7 @@ def test_sweep_retries_a_killed_trial_from_its_checkpoint_and_a_rerun_trains_not
     env = {**os.environ, "MUJOCO_GL": "egl", "RAY_DEDUP_LOGS": "0"}
     sweep = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     victim = tmp_path / "sweeps" / "tiny" / "seed=0,task=cartpole-balance"
-    deadline = time.time() + 400
+    deadline = time.time() + HANG_GUARD_S
     while time.time() < deadline and not list_checkpoints(victim / "checkpoints"):
         time.sleep(0.5)
     killed = False
@@ -69,22 +70,22 @@ def test_sweep_retries_a_killed_trial_from_its_checkpoint_and_a_rerun_trains_not
             os.kill(pid, signal.SIGKILL)
             killed = True
         time.sleep(0.2)
-    output, _ = sweep.communicate(timeout=600)
+    output, _ = sweep.communicate(timeout=HANG_GUARD_S)
     assert killed and sweep.returncode == 0, output[-3000:]
-    assert "4 trials done, 0 failed" in output
+    assert "2 trials done, 0 failed" in output
     for run in (tmp_path / "sweeps" / "tiny").glob("seed=*"):
         if run.is_dir():
             assert read_meta(list_checkpoints(run / "checkpoints")[-1])["step"] >= 192, run
     assert "resuming" in (victim.parent / f"{victim.name}.log").read_text()  # the retry continued the run
 
-    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "4 trials done" in again.stdout, again.stdout[-2000:]
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert again.returncode == 0 and "2 trials done" in again.stdout, again.stdout[-2000:]
     for log in (tmp_path / "sweeps" / "tiny").glob("*.log"):
         assert log.read_text().rstrip().endswith("(pass a larger --total-steps to continue)"), log
 
     report = subprocess.run(
         [sys.executable, "-m", "experiments.report", str(tmp_path / "sweeps" / "tiny"), "--out", str(tmp_path / "report")],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True, text=True, timeout=HANG_GUARD_S, env=env,
     )  # fmt: skip
     assert report.returncode == 0, report.stderr[-2000:]
     assert (tmp_path / "report" / "curves.png").exists() and (

@@ -1,0 +1,206 @@
+"""One Perceiver for many bodies: the multi-task env, masked sensor slots and actuators, per-task temperatures, and
+the generalist through train / evaluate / resume / export as a user types them."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import HANG_GUARD_S
+from stable_baselines3.common.distributions import SquashedDiagGaussianDistribution
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import envs
+from agents import PerceiverSAC, make_agent
+from envs.multitask import active_task_weights, parse_task_weights
+from experiments import config as cfg
+from perceiver_policy.sac_policy import MaskedSquashedGaussian
+
+TASKS = ("cartpole-swingup", "reacher-easy", "finger-spin")  # 1, 2, 2 actuators; finger alone has touch
+STATES = ("proprio", "action_history")
+TINY = {"num_latents": 8, "latent_dim": 32, "fourier_bands": 4}
+
+
+def make_env(**kwargs):
+    return envs.MultiTaskEnv(TASKS, modalities=STATES, action_repeat=8, **kwargs)
+
+
+def test_slots_padding_and_flags_follow_the_playing_task():
+    env = make_env()
+    assert list(env.slots.items()) == [("position", 4), ("velocity", 3), ("to_target", 2), ("touch", 2)]
+    assert env.action_space.shape == (2,) and env.observation_space["proprio"].shape == (11,)
+    obs, info = env.reset(seed=0, options={"task": "cartpole-swingup"})
+    assert info["task"] == "cartpole-swingup" and obs["task"].tolist() == [0]
+    assert obs["action_mask"].tolist() == [1.0, 0.0]
+    assert obs["proprio_present"].tolist() == [1.0, 1.0, 0.0, 0.0]  # position, velocity; no target, no touch
+    layout = env.observation_space["proprio"].layout
+    assert np.all(
+        obs["proprio"][layout["position"][0] + 3 : layout["position"][1]] == 0
+    )  # cartpole's 3 of 4 wide
+    assert np.all(obs["proprio"][slice(*layout["touch"])] == 0)
+    obs, *_ = env.step(np.array([0.5, 0.9], dtype=np.float32))
+    assert obs["action_history"][-1].tolist() == [0.5, 0.0]  # the padding never reached the simulator
+    obs, info = env.reset(options={"task": "finger-spin"})
+    assert obs["proprio_present"].tolist() == [1.0, 1.0, 0.0, 1.0] and obs["task"].tolist() == [2]
+    assert set(info["task_frames"]) == set(TASKS) and info["task_frames"]["cartpole-swingup"] == 8
+
+
+def test_padded_action_entries_do_not_change_the_episode():
+    a, b = make_env(task="cartpole-swingup"), make_env(task="cartpole-swingup")
+    oa, _ = a.reset(seed=3)
+    ob, _ = b.reset(seed=3)
+    for step in range(5):
+        action = np.array([np.sin(step), 0.0], dtype=np.float32)
+        oa, ra, *_ = a.step(action)
+        ob, rb, *_ = b.step(action + np.array([0.0, 0.7], dtype=np.float32))
+        assert ra == rb and np.array_equal(oa["proprio"], ob["proprio"])
+
+
+def test_task_sampler_weights_and_the_active_rule():
+    env = make_env(task_weights=parse_task_weights("reacher-easy=1", TASKS))
+    assert {env.reset(seed=s)[1]["task"] for s in range(8)} == {"reacher-easy"}
+    env.set_task_weights([1, 0, 0])
+    assert {env.reset()[1]["task"] for _ in range(5)} == {"cartpole-swingup"}
+    weights = active_task_weights([800, 100, 1000], [800, 800, 900])
+    assert weights.argmax() == 1 and weights[0] == weights[2] > 0  # at / above reference: the floor, never 0
+    np.testing.assert_allclose(weights.sum(), 1.0)
+    vec = envs.make_multitask_vec_env(TASKS, n_envs=2, seed=0, task_sampler="fixed", task_weights="finger-spin=2",
+                                      modalities=STATES)  # fmt: skip
+    assert vec.reset()["task"].ravel().tolist() == [2, 2]
+    vec.close()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"tasks": ["cartpole-swingup"]}, "at least two tasks"),
+        ({"tasks": ["cartpole-swingup", "cartpole-swingup"]}, "listed twice"),
+        ({"tasks": ["cartpole-swingup", "walker-run-fast"]}, "unknown task 'walker-run-fast'"),
+        ({"task_sampler": "fixed"}, "needs task weights"),
+        ({"task_sampler": "fixed", "task_weights": "walker-walk=1"}, "does not train"),
+        ({"task_sampler": "greedy"}, "valid choices: \\['uniform', 'fixed', 'active'\\]"),
+        ({"task_weights": "cartpole-swingup=1"}, "read by task_sampler 'fixed' only"),
+    ],
+)
+def test_vec_env_errors_name_the_bad_value(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        envs.make_multitask_vec_env(**{"tasks": TASKS, **kwargs}, modalities=STATES)
+
+
+def test_a_task_whose_sensors_do_not_fit_the_slots_is_refused():
+    with pytest.raises(ValueError, match="do not fit the sensor slots"):
+        envs.MultiTaskEnv(TASKS, task="walker-walk", slots=make_env().slots, modalities=STATES)
+
+
+def _agent(**perceiver):
+    vec = envs.make_multitask_vec_env(TASKS, n_envs=2, seed=0, modalities=STATES, action_repeat=8)
+    return make_agent("sac", vec, perceiver={**TINY, **perceiver}, learning_starts=16, batch_size=16, seed=0)
+
+
+def test_absent_sensor_slots_and_padded_actions_reach_nothing():
+    model = _agent()
+    policy = model.policy
+    vec = model.get_env()
+    obs = vec.reset()
+    obs = {k: torch.as_tensor(v) for k, v in obs.items()}
+    obs["action_mask"] = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    obs["proprio_present"] = torch.tensor([[1.0, 1.0, 0.0, 0.0]] * 2)
+    policy.set_training_mode(False)
+    with torch.no_grad():
+        latents = policy.encoder(obs)
+        changed = dict(obs, proprio=obs["proprio"].clone())
+        layout = vec.observation_space["proprio"].layout
+        changed["proprio"][:, slice(*layout["touch"])] = 5.0  # an absent slot's values
+        assert torch.equal(policy.encoder(changed), latents)
+        actions = torch.tensor([[0.3, 0.0], [-0.2, 0.0]])
+        noisy = actions + torch.tensor([[0.0, 0.9], [0.0, -0.4]])
+        for a, b in zip(
+            policy.critic.q_values(latents, actions, obs), policy.critic.q_values(latents, noisy, obs)
+        ):
+            assert torch.equal(a, b)
+        sampled = policy.actor(obs)
+    assert torch.all(sampled[:, 1] == 0)
+
+
+def test_the_masked_log_probability_is_the_real_actuators_one():
+    torch.manual_seed(0)
+    mean, log_std = torch.randn(5, 3), torch.randn(5, 3).clamp(-2, 1)
+    mask = torch.tensor([[1.0, 1.0, 0.0]] * 5)
+    masked = MaskedSquashedGaussian(mean, log_std, mask)
+    actions = masked.get_actions()
+    reference = SquashedDiagGaussianDistribution(2).proba_distribution(mean[:, :2], log_std[:, :2])
+    torch.testing.assert_close(
+        masked.log_prob(actions), reference.log_prob(actions[:, :2], masked._gaussian[:, :2])
+    )
+    assert torch.all(actions[:, 2] == 0)
+
+
+def test_per_task_temperatures_learn_save_and_load(tmp_path):
+    model = _agent()
+    assert model.log_ent_coef.shape == (3,)
+    model.learn(64)
+    assert model.log_ent_coef.detach().ne(0).any()
+    model.save(tmp_path / "mt.zip")
+    loaded = PerceiverSAC.load(tmp_path / "mt.zip", env=model.get_env())
+    torch.testing.assert_close(loaded.log_ent_coef.detach(), model.log_ent_coef.detach())
+    obs = model.get_env().reset()
+    np.testing.assert_array_equal(
+        loaded.predict(obs, deterministic=True)[0], model.predict(obs, deterministic=True)[0]
+    )
+
+
+def test_domain_embedding_off_ignores_the_task_key():
+    assert "task" in _agent().policy.encoder.names
+    model = _agent(domain_embedding=False)
+    assert "task" not in model.policy.encoder.names and model.policy.actor.task_query is None
+
+
+def test_config_refuses_what_a_multitask_run_cannot_do():
+    with pytest.raises(ValueError, match="--tasks trains SAC with policy_type 'perceiver'"):
+        cfg.from_dict({"tasks": list(TASKS)}).validate()
+    with pytest.raises(ValueError, match="aux_state_weight"):
+        cfg.from_dict({"tasks": list(TASKS), "algorithm": "sac", "aux_state_weight": 1.0}).validate()
+    with pytest.raises(ValueError, match="task_references names \\['walker-walk'\\]"):
+        cfg.from_dict(
+            {"tasks": list(TASKS), "algorithm": "sac", "task_references": "walker-walk=9"}
+        ).validate()
+    config = cfg.from_dict({"tasks": list(TASKS), "algorithm": "sac", "task_references": "finger-spin=500"})
+    assert config.task == TASKS[0]
+    assert config.references() == {"cartpole-swingup": 848.0, "reacher-easy": 923.0, "finger-spin": 500.0}
+
+
+def _cli(*args):
+    env = {**os.environ, "MUJOCO_GL": "egl"}
+    result = subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=HANG_GUARD_S, env=env
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_generalist_trains_evaluates_every_task_resumes_and_exports(tmp_path):
+    run = tmp_path / "mt"
+    out = _cli("experiments.train", "--tasks", *TASKS, "--algorithm", "sac", "--modalities", *STATES, "--n-envs", "2",
+         "--action-repeat", "8", "--total-steps", "64", "--eval-freq", "32", "--checkpoint-freq", "32",
+         "--eval-episodes", "1", "--eval-video", "false", "--task-sampler", "active", "--algo", "learning_starts=16",
+         "batch_size=16", "--perceiver", "num_latents=8", "latent_dim=32", "--run-dir", str(tmp_path), "--run-name",
+         "mt", "--progress-bar", "false")  # fmt: skip
+    accumulator = EventAccumulator(str(run / "tb"))
+    accumulator.Reload()
+    scalars = set(accumulator.Tags()["scalars"])
+    for task in TASKS:
+        assert {
+            f"eval/{task}/return_mean",
+            f"eval/{task}/normalized_return",
+            f"multitask/weight/{task}",
+        } <= scalars
+    assert "eval/normalized_return_mean" in scalars
+    assert all(f"  {task}" in out for task in TASKS)  # the final evaluation, per task
+    out = _cli("experiments.evaluate", str(run), "--episodes", "1", "--task", "reacher-easy")
+    assert "| reacher-easy |" in out and "| cartpole-swingup |" not in out
+    _cli("experiments.train", "--resume", str(run), "--total-steps", "96")
+    out = _cli("experiments.export", str(run))
+    assert "onnx" in out

@@ -66,6 +66,11 @@ def _task_sensors(task: str, proprio: str) -> tuple[tuple[tuple[str, int], ...],
     return tuple((sensor, stop - start) for sensor, (start, stop) in layout.items()), action_dim
 
 
+def padded_action_dim(tasks) -> int:
+    """The padded action size of a multi-task env over `tasks`: their largest number of actuators."""
+    return max(_task_sensors(t, "full")[1] for t in tasks)
+
+
 def sensor_slots(tasks, proprio: str = "full") -> dict[str, int]:
     """{sensor name: slot width} over `tasks`: each name once, in first-seen order, as wide as its widest reading."""
     slots: dict[str, int] = {}
@@ -195,7 +200,8 @@ class MultiTaskEnv(gym.Env):
             misfit = [(s, w) for s, w in layout if s not in self.slots or w > self.slots[s]]
             if misfit:
                 raise ValueError(
-                    f"task {t!r} has sensors {misfit} (name, width) that do not fit the sensor slots {self.slots}"
+                    f"task {t!r} has sensors {misfit} (name, width) that do not fit the sensor slots {self.slots}; "
+                    "a policy reads only the slots it was built with (train it with a task that has these sensors)"
                 )
         self._index = {t: _reading_index(layout, self.slots) for t, layout in sensors.items()}
         self._present = {
@@ -208,7 +214,7 @@ class MultiTaskEnv(gym.Env):
                 raise ValueError(
                     f"task {t!r} has action bounds other than [-1, 1]: it cannot share padded actions"
                 )
-        largest = max(_task_sensors(t, proprio)[1] for t in self.tasks)
+        largest = padded_action_dim(self.tasks)
         self.max_action_dim = int(max_action_dim) if max_action_dim is not None else largest
         if self.max_action_dim < largest:
             raise ValueError(

@@ -86,11 +86,12 @@ class EvalCallback(PeriodicCallback):
         reliance: bool = False,
         references: dict[str, float] | None = None,
         task_sampler: str = "uniform",
+        tasks: list[str] | None = None,
     ):
         super().__init__(every)
         self.reliance = reliance
         # Multi-task (env_kwargs['tasks']): each task's reference return; 'active' reweights the training envs' tasks.
-        self.references, self.task_sampler = references, task_sampler
+        self.references, self.task_sampler, self.tasks = references, task_sampler, tasks
         self.probe_state = probe_state and episodes >= MIN_EPISODES
         self.task, self.env_kwargs, self.episodes = task, env_kwargs, episodes
         self.run_dir, self.action_repeat, self.video, self.seed = run_dir, action_repeat, video, seed
@@ -115,6 +116,7 @@ class EvalCallback(PeriodicCallback):
                 video=self.video,
                 probe_state=self.probe_state,
                 reliance=self.reliance,
+                tasks=self.tasks,
             )
         summary = result.summary()
         for key, change in (result.reliance or {}).items():
@@ -127,7 +129,12 @@ class EvalCallback(PeriodicCallback):
             else:
                 with num_latents(self.model, k):
                     scaled = evaluate_tasks(
-                        self.model, self.task, self.env_kwargs, self.episodes, seed=self.seed
+                        self.model,
+                        self.task,
+                        self.env_kwargs,
+                        self.episodes,
+                        seed=self.seed,
+                        tasks=self.tasks,
                     )[0].summary()
             self.logger.record(f"eval/k{k}/return_mean", scaled["return_mean"])
             self.logger.record(f"perf/k{k}/latency_p95_ms", scaled["latency_p95_ms"])
@@ -166,8 +173,9 @@ class EvalCallback(PeriodicCallback):
         if self.task_sampler == "active":
             self.training_env.env_method("set_task_weights", active_task_weights(returns, references))
         weights = self.training_env.get_attr("task_weights", indices=[0])[0]
-        for task, weight in zip(per_task, weights, strict=True):
-            self.logger.record(f"multitask/weight/{task}", float(weight))
+        trained = self.env_kwargs["tasks"]
+        for task in per_task:
+            self.logger.record(f"multitask/weight/{task}", float(weights[list(trained).index(task)]))
         self.last_per_task = per_task
 
     @property

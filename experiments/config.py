@@ -348,6 +348,16 @@ class TrainConfig:
         initial_task_weights(self.tasks, self.task_sampler, self.task_weights or None)
         self.references()
 
+    def eval_tasks(self) -> list[str]:
+        """The tasks evaluations report: a multi-task run's tasks with a sampling weight (task_sampler 'fixed'
+        gives 0 to unlisted ones: a generalist fine-tuned to one task evaluates that task), else all of them."""
+        if not self.tasks:
+            return [self.task]
+        if self.task_sampler != "fixed":
+            return list(self.tasks)
+        weights = initial_task_weights(self.tasks, "fixed", self.task_weights or None)
+        return [t for t, w in zip(self.tasks, weights, strict=True) if w > 0]
+
     def references(self) -> dict[str, float]:
         """Each training task's reference return (task_references, else the published SAC-from-states value)."""
         given = parse_pairs(self.task_references, "task_references") if self.task_references else {}

@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         seed = args.seed if args.seed is not None else 10_000 + config.seed
         if args.task and args.tasks:
             raise ValueError("give --task T (one task) or --tasks T1 T2 ..., not both")
-        tasks = [args.task] if args.task else args.tasks or list(config.tasks) or [config.task]
+        tasks = [args.task] if args.task else args.tasks or config.eval_tasks()
         for task in tasks:
             cfg.TrainConfig(**{**config.to_dict(), "task": task}).validate()
         model = load_model(

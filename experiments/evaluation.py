@@ -287,13 +287,15 @@ def evaluate_policy(
     return result
 
 
-def evaluate_tasks(model, task: str, env_kwargs: dict, episodes: int, **kwargs) -> tuple[EvalResult, dict]:
-    """`evaluate_policy` over every task of a multi-task run (``env_kwargs["tasks"]``), `episodes` each; for one
-    task, just that task. Returns the pooled result (equal episodes per task: its mean return is the mean over
+def evaluate_tasks(
+    model, task: str, env_kwargs: dict, episodes: int, tasks: list[str] | None = None, **kwargs
+) -> tuple[EvalResult, dict]:
+    """`evaluate_policy` over the tasks of a multi-task run (`tasks`, default all of ``env_kwargs["tasks"]``),
+    `episodes` each; for one task, just that task. Returns the pooled result (equal episodes per task: its mean return is the mean over
     tasks; the video is the first task's; reliance averaged over tasks) and {task: summary} (multi-task only)."""
-    tasks = env_kwargs.get("tasks")
-    if not tasks:
+    if not env_kwargs.get("tasks"):
         return evaluate_policy(model, task, env_kwargs, episodes, **kwargs), {}
+    tasks = tasks or env_kwargs["tasks"]
     pooled, per_task = EvalResult(), {}
     reliances = []
     for index, name in enumerate(tasks):

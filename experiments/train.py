@@ -19,6 +19,7 @@ from stable_baselines3.common.vec_env import VecNormalize
 
 import envs
 from agents import DEFAULTS, algorithm_class, make_agent, resolve_device, transfer_weights
+from envs.multitask import padded_action_dim
 from experiments import config as cfg
 from experiments.callbacks import (
     CheckpointCallback,
@@ -130,12 +131,40 @@ def initialise_from(model, config: cfg.TrainConfig) -> None:
     report = transfer_weights(model, source.policy.state_dict())
     fresh = report["reinitialised"]
     print(
-        f"init from {checkpoint} ({source_config.task}): {len(report['loaded'])} tensors loaded, "
+        f"init from {checkpoint} ({', '.join(source_config.tasks) or source_config.task}): {len(report['loaded'])} tensors loaded, "
         f"{len(fresh)} freshly initialised{' ' + str(fresh) if fresh else ''}; finetune {config.finetune}: "
         f"{count_parameters(model.policy):,} of {count_parameters(model.policy, trainable_only=False):,} "
         "parameters train",
         flush=True,
     )
+
+
+def adopt_multitask_layout(config: cfg.TrainConfig) -> None:
+    """A run initialised from a multi-task policy (--init-from GENERALIST) keeps the generalist's observation and
+    action layout: it becomes a multi-task run over the generalist's tasks plus its own --task, which alone it
+    plays (task sampler 'fixed'); its task gets a new row of the domain embeddings. Its sensors must fit the
+    generalist's slots and its actuators the padded action size (an error names what does not)."""
+    if not config.init_from or config.multitask:
+        return
+    source, _ = locate(Path(config.init_from))
+    if not source.multitask:
+        return
+    slots = envs.sensor_slots(source.tasks, source.proprio)
+    envs.MultiTaskEnv(
+        source.tasks,
+        task=config.task,
+        slots=slots,
+        max_action_dim=padded_action_dim(source.tasks),
+        modalities=("proprio",),
+        proprio=source.proprio,
+    ).close()  # fmt: skip  (names what does not fit)
+    config.tasks = list(source.tasks) + ([] if config.task in source.tasks else [config.task])
+    config.task_sampler, config.task_weights = "fixed", f"{config.task}=1"
+    if source.task_references:
+        config.task_references = " ".join(
+            pair for pair in source.task_references.split() if pair.split("=")[0] in config.tasks
+        )
+    config.validate()
 
 
 def build(config: cfg.TrainConfig, run_dir: Path, resume: bool):
@@ -206,6 +235,7 @@ def run(config: cfg.TrainConfig, run_dir: Path, resume: bool = False) -> dict:
         probe_state=config.state_probe and not config.multitask,  # no privileged state across bodies
         reliance=config.reliance,
         references=config.references() if config.multitask else None,
+        tasks=config.eval_tasks(),
         task_sampler=config.task_sampler,
     )
     if resume:  # evaluations logged after the checkpoint are dropped, as in TensorBoard
@@ -353,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             run(config, run_dir, resume=True)
         else:
             config = cfg.resolve(args)
+            adopt_multitask_layout(config)
             run_dir = Path(config.run_dir) / (config.run_name or default_run_name(config))
             if (run_dir / "config.yaml").exists():
                 if not list_checkpoints(

@@ -101,6 +101,27 @@ def merge_lora(module: nn.Module) -> nn.Module:
     return module
 
 
+# Task-embedding tensors and the axis that indexes the task: the encoder's task token (a Linear of the one-hot
+# index, (D, n_tasks)) and the actor's task query (an Embedding, (n_tasks, D)).
+TASK_EMBEDDINGS = {"adapters.task.content.weight": 1, "task_query.weight": 0}
+
+
+def _extend_task_embedding(
+    key: str, target: torch.Tensor | None, source: torch.Tensor
+) -> torch.Tensor | None:
+    """The target's task embedding with the source's tasks copied in, when the target indexes more tasks (a
+    generalist fine-tuned to a task it was not trained on: that task's row stays freshly initialised)."""
+    axis = next((a for suffix, a in TASK_EMBEDDINGS.items() if key.endswith(suffix)), None)
+    if axis is None or target is None or target.shape == source.shape or target.dim() != source.dim():
+        return None
+    other = [d for d in range(target.dim()) if d != axis]
+    if any(target.shape[d] != source.shape[d] for d in other) or target.shape[axis] < source.shape[axis]:
+        return None
+    out = target.clone()
+    out.narrow(axis, 0, source.shape[axis]).copy_(source)
+    return out
+
+
 def load_source_weights(policy: nn.Module, source: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
     """Copy a source policy's state dict into `policy` wherever names and shapes agree.
 
@@ -115,6 +136,13 @@ def load_source_weights(policy: nn.Module, source: Mapping[str, torch.Tensor]) -
             key = f"{stem}.base_layer.{field}" if f"{stem}.base_layer.{field}" in target else key
         renamed[key] = value
     loaded = {k: v for k, v in renamed.items() if k in target and target[k].shape == v.shape}
+    for (
+        key,
+        value,
+    ) in renamed.items():  # a multi-task policy's task embeddings, given one more task: keep the known
+        extended = _extend_task_embedding(key, target.get(key), value)
+        if extended is not None:
+            loaded[key] = extended
     policy.load_state_dict(loaded, strict=False)
     fresh = [k for k in target if k not in loaded and "lora_" not in k]
     return {

@@ -13,7 +13,7 @@ from stable_baselines3.common.distributions import SquashedDiagGaussianDistribut
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import envs
-from agents import PerceiverSAC, make_agent
+from agents import PerceiverSAC, make_agent, transfer_weights
 from envs.multitask import active_task_weights, parse_task_weights
 from experiments import config as cfg
 from perceiver_policy.sac_policy import MaskedSquashedGaussian
@@ -151,6 +151,18 @@ def test_per_task_temperatures_learn_save_and_load(tmp_path):
     )
 
 
+def test_a_source_with_fewer_tasks_keeps_its_task_embeddings():
+    source, target = _agent(), envs.make_multitask_vec_env((*TASKS, "point_mass-easy"), modalities=STATES)
+    model = make_agent("sac", target, perceiver=TINY, seed=1)
+    report = transfer_weights(model, source.policy.state_dict())
+    assert report["reinitialised"] == []
+    before = source.policy.actor.task_query.weight
+    after = model.policy.actor.task_query.weight
+    assert after.shape == (4, 32) and torch.equal(after[:3], before)
+    column = model.policy.encoder.adapters["task"].content.weight
+    assert torch.equal(column[:, :3], source.policy.encoder.adapters["task"].content.weight)
+
+
 def test_domain_embedding_off_ignores_the_task_key():
     assert "task" in _agent().policy.encoder.names
     model = _agent(domain_embedding=False)
@@ -171,13 +183,13 @@ def test_config_refuses_what_a_multitask_run_cannot_do():
     assert config.references() == {"cartpole-swingup": 848.0, "reacher-easy": 923.0, "finger-spin": 500.0}
 
 
-def _cli(*args):
+def _cli(*args, code=0):
     env = {**os.environ, "MUJOCO_GL": "egl"}
     result = subprocess.run(
         [sys.executable, "-m", *args], capture_output=True, text=True, timeout=HANG_GUARD_S, env=env
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
+    assert result.returncode == code, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
 
 
 @pytest.mark.slow
@@ -204,3 +216,15 @@ def test_generalist_trains_evaluates_every_task_resumes_and_exports(tmp_path):
     _cli("experiments.train", "--resume", str(run), "--total-steps", "96")
     out = _cli("experiments.export", str(run))
     assert "onnx" in out
+    # Transfer to a body it never trained on: the generalist's layout, a new domain-embedding row, its task only.
+    finetune = ["experiments.train", "--algorithm", "sac", "--init-from", str(run), "--finetune", "output-queries",
+                "--modalities", *STATES, "--n-envs", "2", "--action-repeat", "8", "--total-steps", "32",
+                "--eval-freq", "32", "--checkpoint-freq", "32", "--eval-episodes", "1", "--eval-video", "false",
+                "--algo", "learning_starts=16", "batch_size=16", "--perceiver", "num_latents=8", "latent_dim=32",
+                "--run-dir", str(tmp_path), "--progress-bar", "false"]  # fmt: skip
+    out = _cli(*finetune, "--task", "point_mass-easy", "--run-name", "ft")
+    assert "0 freshly initialised" in out and "  point_mass-easy" in out and "  cartpole-swingup" not in out
+    saved = cfg.load(tmp_path / "ft" / "config.yaml")
+    assert saved.tasks == [*TASKS, "point_mass-easy"] and saved.task_weights == "point_mass-easy=1"
+    out = _cli(*finetune, "--task", "walker-walk", "--run-name", "bad", code=2)
+    assert "do not fit the sensor slots" in out and not (tmp_path / "bad").exists()

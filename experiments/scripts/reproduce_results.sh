@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the learning runs of docs/results.md on a CPU machine, JOBS runs at a time (one torch thread each).
-# Usage: bash experiments/scripts/reproduce_results.sh [states,pixels,missing,see,fuse,fuse-cup,remember,drq,latents,transfer|all]
+# Usage: bash experiments/scripts/reproduce_results.sh [states,pixels,missing,see,fuse,fuse-cup,remember,drq,latents,multitask,transfer|all]
 #   (RUNS=runs/results JOBS=2 by default; SEEDS="0 1 2" replaces the seeds of the studies' sweep specs)
 # On a CUDA machine, experiments/scripts/gpu_session.sh runs the GPU tables, `pytest -m gpu` and study 1/2 runs to a
 # deadline (the H200 runs in docs/results.md came from it).
@@ -76,6 +76,8 @@ if [[ $what == *,remember,* || $what == *,all,* ]]; then spec_jobs study3-rememb
 if [[ $what == *,drq,* || $what == *,all,* ]]; then spec_jobs pixels-drq; fi
 # Latency control: one policy with nested latents against fixed-k policies (cartpole-swingup from states).
 if [[ $what == *,latents,* || $what == *,all,* ]]; then spec_jobs latent-scaling; fi
+# One policy for many bodies: the SAC generalist over four domains against single-task Perceivers and MLPs.
+if [[ $what == *,multitask,* || $what == *,all,* ]]; then spec_jobs multitask-states; fi
 
 if [[ $what == *,transfer,* || $what == *,all,* ]]; then
   # Transfer from states (PPO, action repeat 4): cartpole-balance (200k frames) -> cartpole-swingup at 200k frames,

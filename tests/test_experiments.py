@@ -59,6 +59,20 @@ def cli(*args, check=True, timeout=HANG_GUARD_S, **kwargs):
     return result
 
 
+def wait_for_checkpoints(process: subprocess.Popen, folder: Path, count: int = 1) -> None:
+    """Until the running command has written `count` checkpoints, however loaded the host (a fixed deadline made
+    these tests fail on a slow CI host): fails at once, with its output, if the command ends first."""
+    deadline = time.time() + HANG_GUARD_S
+    while len(list_checkpoints(folder)) < count:
+        if process.poll() is not None:
+            _, stderr = process.communicate()
+            raise AssertionError(
+                f"the run ended ({process.returncode}) before {count} checkpoint(s): {stderr!s:.2000}"
+            )
+        assert time.time() < deadline, "no checkpoint within the hang guard"
+        time.sleep(0.2)
+
+
 def ppo_run(root, name: str, total_steps: int, every: int = 1000, *extra: str) -> list[str]:
     """A tiny training command (PPO unless `extra` says otherwise): evals and checkpoints every `every` agent steps, no video."""
     policy_type = extra[extra.index("--policy-type") + 1] if "--policy-type" in extra else "perceiver"
@@ -131,9 +145,7 @@ def test_sigkill_then_resume_continues_from_the_checkpoint(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list_checkpoints(run_dir / "checkpoints")) < 2:
-        time.sleep(0.2)
+    wait_for_checkpoints(process, run_dir / "checkpoints", 2)
     process.send_signal(signal.SIGKILL)
     process.wait()
     checkpoints = list_checkpoints(run_dir / "checkpoints")
@@ -167,9 +179,7 @@ def test_sigterm_or_ctrl_c_checkpoints_at_the_step_and_resume_continues(tmp_path
     process = subprocess.Popen(
         [sys.executable, "-m", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.time() + 240
-    while time.time() < deadline and not list_checkpoints(run_dir / "checkpoints"):
-        time.sleep(0.2)
+    wait_for_checkpoints(process, run_dir / "checkpoints")
     first = int(read_meta(list_checkpoints(run_dir / "checkpoints")[-1])["step"])
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=HANG_GUARD_S)
@@ -445,9 +455,7 @@ def test_a_dead_env_worker_ends_the_run_with_a_message_and_a_checkpoint(tmp_path
     process = subprocess.Popen(
         [sys.executable, "-m", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.time() + 240
-    while time.time() < deadline and not list_checkpoints(tmp_path / "run" / "checkpoints"):
-        time.sleep(0.2)
+    wait_for_checkpoints(process, tmp_path / "run" / "checkpoints")
     first = int(read_meta(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])["step"])
     workers = [grandchild for child in _children(process.pid) for grandchild in _children(child)]
     assert workers, "no env worker processes found"

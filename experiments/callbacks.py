@@ -365,6 +365,24 @@ class FramesCallback(BaseCallback):
             self.logger.record("env/nonfinite_count", guard.nonfinite_count)
 
 
+class TaskReturnsCallback(BaseCallback):
+    """Multi-task runs: multitask/train_return/<task> and multitask/train_episodes/<task>, from the training
+    episodes that ended (SB3's Monitor puts `episode` in their info; envs.MultiTaskEnv names the task)."""
+
+    def __init__(self):
+        super().__init__()
+        self.episodes: dict[str, int] = {}
+
+    def _on_step(self) -> bool:
+        for info in self.locals.get("infos", ()):
+            if "episode" in info and "task" in info:
+                task = info["task"]
+                self.episodes[task] = self.episodes.get(task, 0) + 1
+                self.logger.record_mean(f"multitask/train_return/{task}", float(info["episode"]["r"]))
+                self.logger.record(f"multitask/train_episodes/{task}", self.episodes[task])
+        return True
+
+
 class CurriculumCallback(BaseCallback):
     """Starts with a subset of modalities and adds the rest at given steps, via the missing-modality path.
 

@@ -28,6 +28,7 @@ from experiments.callbacks import (
     FramesCallback,
     PerceiverMetricsCallback,
     ProgressCallback,
+    TaskReturnsCallback,
     tensorboard_writer,
 )
 from experiments.checkpoint import (
@@ -247,6 +248,8 @@ def run(config: cfg.TrainConfig, run_dir: Path, resume: bool = False) -> dict:
         config.checkpoint_replay_buffer,
     )
     callbacks = [FramesCallback(config.action_repeat), evaluator, checkpoints]
+    if config.multitask:
+        callbacks.append(TaskReturnsCallback())
     if config.perceiver_log_freq > 0:
         callbacks.append(PerceiverMetricsCallback(config.perceiver_log_freq))
     if config.curriculum:

@@ -196,10 +196,10 @@ def _cli(*args, code=0):
 def test_generalist_trains_evaluates_every_task_resumes_and_exports(tmp_path):
     run = tmp_path / "mt"
     out = _cli("experiments.train", "--tasks", *TASKS, "--algorithm", "sac", "--modalities", *STATES, "--n-envs", "2",
-         "--action-repeat", "8", "--total-steps", "64", "--eval-freq", "32", "--checkpoint-freq", "32",
+         "--action-repeat", "125", "--total-steps", "64", "--eval-freq", "32", "--checkpoint-freq", "32",
          "--eval-episodes", "1", "--eval-video", "false", "--task-sampler", "active", "--algo", "learning_starts=16",
          "batch_size=16", "--perceiver", "num_latents=8", "latent_dim=32", "--run-dir", str(tmp_path), "--run-name",
-         "mt", "--progress-bar", "false")  # fmt: skip
+         "mt", "--progress-bar", "false", "--reliance", "false", "--perceiver-log-freq", "0")  # fmt: skip
     accumulator = EventAccumulator(str(run / "tb"))
     accumulator.Reload()
     scalars = set(accumulator.Tags()["scalars"])
@@ -210,6 +210,7 @@ def test_generalist_trains_evaluates_every_task_resumes_and_exports(tmp_path):
             f"multitask/weight/{task}",
         } <= scalars
     assert "eval/normalized_return_mean" in scalars
+    assert any(tag.startswith("multitask/train_return/") for tag in scalars)  # episodes of 8 steps ended
     assert all(f"  {task}" in out for task in TASKS)  # the final evaluation, per task
     out = _cli("experiments.evaluate", str(run), "--episodes", "1", "--task", "reacher-easy")
     assert "| reacher-easy |" in out and "| cartpole-swingup |" not in out
@@ -221,7 +222,7 @@ def test_generalist_trains_evaluates_every_task_resumes_and_exports(tmp_path):
                 "--modalities", *STATES, "--n-envs", "2", "--action-repeat", "8", "--total-steps", "32",
                 "--eval-freq", "32", "--checkpoint-freq", "32", "--eval-episodes", "1", "--eval-video", "false",
                 "--algo", "learning_starts=16", "batch_size=16", "--perceiver", "num_latents=8", "latent_dim=32",
-                "--run-dir", str(tmp_path), "--progress-bar", "false"]  # fmt: skip
+                "--run-dir", str(tmp_path), "--progress-bar", "false", "--reliance", "false"]  # fmt: skip
     out = _cli(*finetune, "--task", "point_mass-easy", "--run-name", "ft")
     assert "0 freshly initialised" in out and "  point_mass-easy" in out and "  cartpole-swingup" not in out
     saved = cfg.load(tmp_path / "ft" / "config.yaml")

@@ -30,7 +30,7 @@ from gymnasium import spaces
 
 from envs import proprio_modes
 from envs.dmc import STATE_KEY, DMCEnv, SensorBox, parse_task
-from envs.vec import make_vec_env_from_fn
+from envs.vec import make_vec_env
 
 TASK_KEY = "task"
 ACTION_MASK_KEY = "action_mask"
@@ -368,7 +368,7 @@ def make_multitask_vec_env(
     ``env_method("set_task_weights", w)``. The other arguments are `envs.make_vec_env`'s."""
     tasks = check_tasks(tasks)
     weights = initial_task_weights(tasks, task_sampler, task_weights)
-    return make_vec_env_from_fn(
+    return make_vec_env(
         make_multitask_env_fn(tasks, task_weights=weights, **env_kwargs),
         n_envs=n_envs,
         seed=seed,

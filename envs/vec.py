@@ -31,7 +31,7 @@ def make_env_fn(task: str, **env_kwargs):
 
 
 def make_vec_env(
-    task: str,
+    task,
     n_envs: int = 1,
     seed: int | None = None,
     vec_env_type: str = "dummy",
@@ -40,7 +40,8 @@ def make_vec_env(
     modality_dropout: float = 0.0,
     **env_kwargs,
 ) -> VecEnv:
-    """``n_envs`` copies of ``dmc/<task>`` as an SB3 ``VecEnv``, each wrapped in SB3's ``Monitor``.
+    """``n_envs`` copies of ``dmc/<task>`` as an SB3 ``VecEnv``, each wrapped in SB3's ``Monitor``. `task` may
+    also be a picklable env constructor (`envs.multitask` builds its VecEnv so).
 
     ``vec_env_type="subproc"`` runs each env in its own process (one renderer each); ``"dummy"`` steps them in
     this process; ``"pipelined"`` is ``"subproc"`` whose two halves can also be stepped one after the other
@@ -49,27 +50,6 @@ def make_vec_env(
     Env ``i`` is seeded with ``seed + i``. ``modality_dropout > 0`` wraps each env in
     `envs.wrappers.ModalityDropout` (PPO-safe random missing modalities, flagged in the observation).
     """
-    return make_vec_env_from_fn(
-        make_env_fn(task, **env_kwargs),
-        n_envs=n_envs,
-        seed=seed,
-        vec_env_type=vec_env_type,
-        start_method=start_method,
-        monitor_dir=monitor_dir,
-        modality_dropout=modality_dropout,
-    )
-
-
-def make_vec_env_from_fn(
-    env_fn,
-    n_envs: int = 1,
-    seed: int | None = None,
-    vec_env_type: str = "dummy",
-    start_method: str = "forkserver",
-    monitor_dir: str | None = None,
-    modality_dropout: float = 0.0,
-) -> VecEnv:
-    """`make_vec_env` for any picklable env constructor (`envs.multitask` builds its VecEnv here too)."""
     if vec_env_type not in VEC_ENV_TYPES:
         raise ValueError(f"unknown vec_env_type {vec_env_type!r}; valid choices: {list(VEC_ENV_TYPES)}")
     if start_method not in START_METHODS:
@@ -85,6 +65,9 @@ def make_vec_env_from_fn(
         vec_kwargs = {"start_method": start_method}
     else:
         vec_cls, vec_kwargs = DummyVecEnv, None
+    if callable(task) and env_kwargs:
+        raise ValueError(f"env options {sorted(env_kwargs)} go into the env constructor when `task` is one")
+    env_fn = task if callable(task) else make_env_fn(task, **env_kwargs)
     wrapper = functools.partial(ModalityDropout, probability=modality_dropout) if modality_dropout else None
     return sb3_make_vec_env(
         env_fn,

@@ -7,6 +7,7 @@ logged beside it, as the DMC literature counts frames.
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import resource
 import time
@@ -106,17 +107,18 @@ class EvalCallback(PeriodicCallback):
         eval/k<k>/return_mean and perf/k<k>/latency_p95_ms (the largest k is the main evaluation's)."""
         start = time.perf_counter()
         choices = scaled_latent_choices(self.model)
+        evaluate = functools.partial(
+            evaluate_tasks,
+            self.model,
+            self.task,
+            self.env_kwargs,
+            self.episodes,
+            seed=self.seed,
+            tasks=self.tasks,
+        )
         with num_latents(self.model, choices[-1] if choices else None):
-            result, per_task = evaluate_tasks(
-                self.model,
-                self.task,
-                self.env_kwargs,
-                self.episodes,
-                seed=self.seed,
-                video=self.video,
-                probe_state=self.probe_state,
-                reliance=self.reliance,
-                tasks=self.tasks,
+            result, per_task = evaluate(
+                video=self.video, probe_state=self.probe_state, reliance=self.reliance
             )
         summary = result.summary()
         for key, change in (result.reliance or {}).items():
@@ -128,14 +130,7 @@ class EvalCallback(PeriodicCallback):
                 scaled = summary
             else:
                 with num_latents(self.model, k):
-                    scaled = evaluate_tasks(
-                        self.model,
-                        self.task,
-                        self.env_kwargs,
-                        self.episodes,
-                        seed=self.seed,
-                        tasks=self.tasks,
-                    )[0].summary()
+                    scaled = evaluate()[0].summary()
             self.logger.record(f"eval/k{k}/return_mean", scaled["return_mean"])
             self.logger.record(f"perf/k{k}/latency_p95_ms", scaled["latency_p95_ms"])
         if per_task:

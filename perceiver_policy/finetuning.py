@@ -136,10 +136,8 @@ def load_source_weights(policy: nn.Module, source: Mapping[str, torch.Tensor]) -
             key = f"{stem}.base_layer.{field}" if f"{stem}.base_layer.{field}" in target else key
         renamed[key] = value
     loaded = {k: v for k, v in renamed.items() if k in target and target[k].shape == v.shape}
-    for (
-        key,
-        value,
-    ) in renamed.items():  # a multi-task policy's task embeddings, given one more task: keep the known
+    # A multi-task policy's task embeddings, given one more task: the known tasks' rows are copied.
+    for key, value in renamed.items():
         extended = _extend_task_embedding(key, target.get(key), value)
         if extended is not None:
             loaded[key] = extended

@@ -73,6 +73,16 @@ def check_observation(observation: Mapping, space: spaces.Dict) -> None:
             )
         if isinstance(sub, spaces.Box) and np.issubdtype(sub.dtype, np.floating) and not _is_float(value):
             raise ValueError(f"observation {key!r}: expected a float array ({sub.dtype}), got {value.dtype}")
+        if isinstance(sub, spaces.Box) and np.issubdtype(
+            sub.dtype, np.integer
+        ):  # an index (a multi-task `task`)
+            low, high = int(np.min(sub.low)), int(np.max(sub.high))
+            values = value if isinstance(value, torch.Tensor) else np.asarray(value)
+            if int(values.min()) < low or int(values.max()) > high:
+                raise ValueError(
+                    f"observation {key!r}: {values.flatten().tolist()[:8]} outside the policy's range [{low}, {high}] "
+                    "(a task index the policy was not trained with: fine-tune it with --init-from first)"
+                )
     check_finite(observation, space)
 
 

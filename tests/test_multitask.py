@@ -124,6 +124,14 @@ def test_absent_sensor_slots_and_padded_actions_reach_nothing():
     assert torch.all(sampled[:, 1] == 0)
 
 
+def test_predict_refuses_a_task_index_it_was_not_trained_with():
+    model = _agent()
+    obs = model.get_env().reset()
+    obs["task"][:] = 3
+    with pytest.raises(ValueError, match="observation 'task': .* outside the policy's range \\[0, 2\\]"):
+        model.predict(obs, deterministic=True)
+
+
 def test_the_masked_log_probability_is_the_real_actuators_one():
     torch.manual_seed(0)
     mean, log_std = torch.randn(5, 3), torch.randn(5, 3).clamp(-2, 1)

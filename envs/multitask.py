@@ -231,6 +231,7 @@ class MultiTaskEnv(gym.Env):
         self.observation_space = self._build_observation_space(len(self.tasks))
         self.current = self.fixed_task or next(iter(self.envs))
         self.task_frames = {t: 0 for t in self.envs}
+        self._episode_frames = 0
 
     def _repeats(self, action_repeat) -> dict[str, int]:
         if isinstance(action_repeat, dict):
@@ -321,14 +322,15 @@ class MultiTaskEnv(gym.Env):
         else:
             self.current = self.tasks[int(self.np_random.choice(len(self.task_weights), p=self.task_weights))]
         obs, info = self.envs[self.current].reset(seed=int(self.np_random.integers(2**31 - 1)))
+        self._episode_frames = 0
         return self._pad(obs), self._info(info)
 
     def step(self, action):
         action = np.asarray(action, dtype=np.float32).reshape(self.max_action_dim)
         env = self.envs[self.current]
-        before = env._sim_frames
         obs, reward, terminated, truncated, info = env.step(action[: self.action_dims[self.current]])
-        self.task_frames[self.current] += env._sim_frames - before
+        self.task_frames[self.current] += info["frames"] - self._episode_frames  # frames of this step
+        self._episode_frames = info["frames"]
         return self._pad(obs), reward, terminated, truncated, self._info(info)
 
     def render(self):
@@ -338,11 +340,6 @@ class MultiTaskEnv(gym.Env):
         for env in self.envs.values():
             env.close()
         super().close()
-
-    @property
-    def unwrapped_task(self) -> DMCEnv:
-        """The playing task's `DMCEnv`."""
-        return self.envs[self.current]
 
 
 def make_multitask_env_fn(tasks, **env_kwargs):

@@ -51,7 +51,7 @@ def test_print_commands_prints_the_study_scripts_jobs():
         [sys.executable, "-m", "experiments.sweep", str(spec), "--print-commands", "--run-dir", "R", "--seeds", "7"],
         capture_output=True, text=True, check=True,
     ).stdout.splitlines()  # fmt: skip
-    assert len(out) == 3  # three variants x one seed
+    assert len(out) == 5  # five variants x one seed
     argv = shlex.split(out[0])
     assert argv[0] == "experiments.train" and "latent_scaling=[4, 8, 16, 32]" in argv
     assert argv[-4:] == ["--run-dir", "R", "--run-name", "latents-swingup-scaled-s7"]

@@ -80,27 +80,33 @@ def sensor_slots(tasks, proprio: str = "full") -> dict[str, int]:
     return slots
 
 
-def parse_task_weights(spec, tasks) -> np.ndarray:
-    """'walker-walk=2 cheetah-run=1' (or a {task: weight} dict) -> normalised weights in `tasks` order; an
-    unlisted task gets weight 0, an unknown one is an error naming the run's tasks."""
+def parse_task_values(spec, tasks, name: str = "task_weights") -> dict[str, float]:
+    """'walker-walk=2 cheetah-run=1' (or a {task: value} dict) -> {task: value}; a bad pair or a task the run does
+    not train is an error naming it (`name`: the setting's name in the message)."""
     tasks = tuple(tasks)
     if isinstance(spec, str):
         pairs = {}
         for item in spec.split():
             task, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"task weights are TASK=WEIGHT pairs, got {item!r} in {spec!r}")
             try:
-                pairs[task] = float(value)
+                pairs[task] = float(value) if sep else None
             except ValueError:
-                raise ValueError(f"task weight of {task!r} is not a number: {value!r}") from None
+                pairs[task] = None
+            if pairs[task] is None:
+                raise ValueError(f"{name} are TASK=NUMBER pairs, got {item!r} in {spec!r}")
         spec = pairs
     unknown = sorted(set(spec) - set(tasks))
     if unknown:
-        raise ValueError(
-            f"task weights name {unknown}, which this run does not train; its tasks: {list(tasks)}"
-        )
-    weights = np.array([float(spec.get(t, 0.0)) for t in tasks])
+        raise ValueError(f"{name} names {unknown}, which this run does not train; its tasks: {list(tasks)}")
+    return {task: float(value) for task, value in spec.items()}
+
+
+def parse_task_weights(spec, tasks) -> np.ndarray:
+    """'walker-walk=2 cheetah-run=1' (or a {task: weight} dict) -> normalised weights in `tasks` order; an
+    unlisted task gets weight 0."""
+    tasks = tuple(tasks)
+    values = parse_task_values(spec, tasks)
+    weights = np.array([values.get(t, 0.0) for t in tasks])
     if not np.all(np.isfinite(weights)) or (weights < 0).any() or weights.sum() <= 0:
         raise ValueError(f"task weights must be finite, >= 0 and not all 0, got {dict(zip(tasks, weights))}")
     return weights / weights.sum()

@@ -35,7 +35,7 @@ from agents.factory import (
 )
 from agents.modality_mix import MIX_MODES, parse_schedule
 from envs.dmc import MODALITIES, TASKS
-from envs.multitask import TASK_SAMPLERS, check_tasks, initial_task_weights
+from envs.multitask import TASK_SAMPLERS, check_tasks, initial_task_weights, parse_task_values
 from envs.proprio_modes import PROPRIO_MODES, valid_modes
 from envs.rendering import RENDER_BACKENDS
 from envs.vec import VEC_ENV_TYPES
@@ -360,12 +360,7 @@ class TrainConfig:
 
     def references(self) -> dict[str, float]:
         """Each training task's reference return (task_references, else the published SAC-from-states value)."""
-        given = parse_pairs(self.task_references, "task_references") if self.task_references else {}
-        unknown = sorted(set(given) - set(self.tasks))
-        if unknown:
-            raise ValueError(
-                f"task_references names {unknown}, which this run does not train; its tasks: {self.tasks}"
-            )
+        given = parse_task_values(self.task_references, self.tasks, "task_references")
         published = published_references()
         return {t: float(given.get(t, published.get(t, 1000.0))) for t in self.tasks}
 
@@ -395,20 +390,6 @@ class TrainConfig:
 
 
 PUBLISHED_STATES = Path(__file__).parent / "published" / "dmc-states.yaml"
-
-
-def parse_pairs(spec: str, name: str) -> dict[str, float]:
-    """'a=1 b=2.5' -> {'a': 1.0, 'b': 2.5}, with an error naming the field and the bad item."""
-    out = {}
-    for item in spec.split():
-        key, sep, value = item.partition("=")
-        try:
-            out[key] = float(value) if sep else float("nan")
-        except ValueError:
-            out[key] = float("nan")
-        if not sep or out[key] != out[key]:
-            raise ValueError(f"{name} are TASK=NUMBER pairs, got {item!r}")
-    return out
 
 
 @functools.lru_cache(maxsize=1)

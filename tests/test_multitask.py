@@ -187,7 +187,9 @@ def test_config_refuses_what_a_multitask_run_cannot_do():
             {"tasks": list(TASKS), "algorithm": "sac", "task_references": "walker-walk=9"}
         ).validate()
     with pytest.raises(ValueError, match="task_references are TASK=NUMBER pairs, got 'finger-spin=high'"):
-        cfg.from_dict({"tasks": list(TASKS), "algorithm": "sac", "task_references": "finger-spin=high"}).validate()
+        cfg.from_dict(
+            {"tasks": list(TASKS), "algorithm": "sac", "task_references": "finger-spin=high"}
+        ).validate()
     config = cfg.from_dict({"tasks": list(TASKS), "algorithm": "sac", "task_references": "finger-spin=500"})
     assert config.task == TASKS[0]
     assert config.references() == {"cartpole-swingup": 848.0, "reacher-easy": 923.0, "finger-spin": 500.0}

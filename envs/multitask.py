@@ -235,6 +235,15 @@ class MultiTaskEnv(gym.Env):
         )
         self.set_task_weights(self.task_weights)
         self.observation_space = self._build_observation_space(len(self.tasks))
+        # What every observation of a task repeats, built once: the slot vector's width, its index and action mask.
+        self._width = sum(self.slots.values())
+        self._constant = {
+            t: (
+                np.array([self.tasks.index(t)], dtype=np.int64),
+                (np.arange(self.max_action_dim) < dim).astype(np.float32),
+            )
+            for t, dim in self.action_dims.items()
+        }
         self.current = self.fixed_task or next(iter(self.envs))
         self.task_frames = {t: 0 for t in self.envs}
         self._episode_frames = 0
@@ -293,7 +302,7 @@ class MultiTaskEnv(gym.Env):
         out = {}
         if "pixels" in obs:
             out["pixels"] = obs["pixels"]
-        width = sum(self.slots.values())
+        width = self._width
         if "proprio" in obs:
             reading = np.zeros(width, dtype=np.float32)
             reading[self._index[task]] = obs["proprio"]
@@ -307,10 +316,7 @@ class MultiTaskEnv(gym.Env):
             actions = np.zeros((obs["action_history"].shape[0], self.max_action_dim), dtype=np.float32)
             actions[:, : self.action_dims[task]] = obs["action_history"]
             out["action_history"] = actions
-        out[TASK_KEY] = np.array([self.tasks.index(task)], dtype=np.int64)
-        mask = np.zeros(self.max_action_dim, dtype=np.float32)
-        mask[: self.action_dims[task]] = 1.0
-        out[ACTION_MASK_KEY] = mask
+        out[TASK_KEY], out[ACTION_MASK_KEY] = self._constant[task]
         return out
 
     def _info(self, info: dict) -> dict:

@@ -81,16 +81,44 @@ class MaskedSquashedGaussian:
         return ((normal - squash) * self.mask).sum(dim=-1)
 
 
+class SlotHeads(nn.Module):
+    """One (mean, log-std) readout per actuator slot: (B, A, D) -> (B, A, 2).
+
+    A head shared by every slot would start all of a body's actuators at the same action: the actuator queries
+    are initialised near zero (init_std) and the decoder ends in a LayerNorm, so at initialisation the slots'
+    outputs differ by almost nothing. Per-slot readouts break that symmetry from the first update (a shared
+    head left walker's hip, knee and ankle saturated together). Initialised as `nn.Linear(D, 2)` per slot."""
+
+    def __init__(self, num_slots: int, dim: int):
+        super().__init__()
+        bound = dim**-0.5
+        self.weight = nn.Parameter(torch.empty(num_slots, dim, 2).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(num_slots, 2).uniform_(-bound, bound))
+
+    def forward(self, out: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bad,adk->bak", out, self.weight) + self.bias
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A policy saved with one shared nn.Linear(D, 2) head (perceiver-rl 0.4.0): every slot gets that head,
+        # so it acts exactly as it was trained.
+        weight, bias = state_dict.get(prefix + "weight"), state_dict.get(prefix + "bias")
+        if weight is not None and weight.dim() == 2 and bias is not None and bias.dim() == 1:
+            slots = self.weight.shape[0]
+            state_dict[prefix + "weight"] = weight.t().unsqueeze(0).expand(slots, -1, -1).clone()
+            state_dict[prefix + "bias"] = bias.unsqueeze(0).expand(slots, -1).clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 class PerceiverMultiTaskActor(PerceiverSACActor):
     """The actor of a multi-task policy: one output query per actuator slot (a 1-actuator cartpole and a
-    6-actuator walker share one decoder), each answered by a shared (mean, log-std) head; with the domain
-    embedding, the task's embedding joins every actuator query (slot j is a different joint in each body).
-    Padded actuators act 0 and add nothing to the log-probability (`MaskedSquashedGaussian`)."""
+    6-actuator walker share one decoder), each read out by its slot's (mean, log-std) head (`SlotHeads`); with
+    the domain embedding, the task's embedding joins every actuator query (slot j is a different joint in each
+    body). Padded actuators act 0 and add nothing to the log-probability (`MaskedSquashedGaussian`)."""
 
     def __init__(self, encoder, config: PerceiverConfig, action_dim: int, num_tasks: int):
         super().__init__(encoder, config, action_dim)
         self.query = LearnedQueries(action_dim, config.latent_dim, config.init_std)
-        self.head = nn.Linear(config.latent_dim, 2)
+        self.head = SlotHeads(action_dim, config.latent_dim)
         self.task_query = nn.Embedding(num_tasks, config.latent_dim) if config.domain_embedding else None
         if self.task_query is not None:
             nn.init.trunc_normal_(

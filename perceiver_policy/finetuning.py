@@ -4,7 +4,8 @@ The encoder holds what is general (how to read the sensors); output queries and 
 task-specific. Three modes (`FINETUNE_MODES`):
 
 - ``all``: every parameter trains (plain initialisation from the source);
-- ``output-queries``: the encoder is frozen; output queries, decoders and heads train;
+- ``output-queries``: the encoder is frozen but for its task-specific parameters (`TASK_SPECIFIC`: a
+  multi-task policy's task token and task stems); output queries, decoders and heads train;
 - ``lora``: as ``output-queries``, plus low-rank adapters (peft's LoRA) on the encoder's attention and MLP Linear
   layers (`LORA_TARGETS`); `merge_lora` folds them back into plain Linear layers for deployment.
 
@@ -25,6 +26,12 @@ LORA_TARGETS = ("q", "kv", "qkv", "out", "mlp")
 """Linear layers of the encoder's attention blocks that can carry adapters: cross-attention q / kv / out,
 self-attention qkv / out, and both MLP layers (mlp). The tokenisers (adapters' content / position projections)
 are left out: the pixel path folds its weights and streaming caches them."""
+
+
+TASK_SPECIFIC = ("adapters.task.", "task_stems.")
+"""Encoder parameters (name prefixes) that describe one body rather than how to read sensors: the task token's
+embedding and the per-task stems of a multi-task policy. They train in every mode: a generalist fine-tuned to a
+new task would otherwise read that task through a frozen, randomly initialised embedding row."""
 
 
 def check_finetune(spec: Mapping | None) -> dict:
@@ -82,6 +89,9 @@ def apply_finetune(encoder: nn.Module, spec: Mapping | None) -> dict:
             target_modules=lora_target_names(encoder, spec["lora_targets"]),
         )
         inject_adapter_in_model(config, encoder)  # adapters trainable, everything else in `encoder` frozen
+    for name, parameter in encoder.named_parameters():
+        if name.startswith(TASK_SPECIFIC):
+            parameter.requires_grad_(True)
     return spec
 
 

@@ -195,6 +195,27 @@ def test_a_source_with_fewer_tasks_keeps_its_task_embeddings():
     assert torch.equal(column[:, :3], source.policy.encoder.adapters["task"].content.weight)
 
 
+@pytest.mark.parametrize("mode", ["output-queries", "lora"])
+def test_a_frozen_encoder_still_trains_its_task_embedding(mode):
+    """Fine-tuning a generalist to a new task freezes the encoder, but not the task token: the new task's row
+    would otherwise stay a frozen random vector."""
+    vec = envs.make_multitask_vec_env(TASKS, n_envs=1, seed=0, modalities=STATES, action_repeat=8)
+    model = make_agent(
+        "sac", vec, perceiver=TINY, policy_kwargs={"finetune": {"mode": mode}}, learning_starts=16,
+        batch_size=16, seed=0,
+    )  # fmt: skip
+    encoder = model.policy.encoder
+    task_before = encoder.adapters["task"].content.weight.detach().clone()
+    frozen = {
+        n: p.detach().clone() for n, p in encoder.cross_attention.named_parameters() if "lora_" not in n
+    }
+    model.learn(48)
+    assert not torch.equal(encoder.adapters["task"].content.weight, task_before)
+    for name, parameter in encoder.cross_attention.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(parameter, frozen[name]), name
+
+
 def test_domain_embedding_off_ignores_the_task_key():
     assert "task" in _agent().policy.encoder.names
     model = _agent(domain_embedding=False)

@@ -96,6 +96,11 @@ class PerceiverConfig:
     one more input token (the latents read the body's identity beside its sensors, whose slots are shared across
     bodies) and joins each actuator query of the actor (actuator slot j is a different joint in each body). False
     ignores the `task` key (to measure what the embedding is worth). Without a `task` key: no effect."""
+    task_stems: bool = False
+    """Multi-task observations: every vector and sequence token (sensor slots, action history) is projected by the
+    shared content projection plus a per-task residual projection, zero at initialisation (embodiment-specific
+    stems, as in HPT, Wang et al. 2024). A slot shared by two bodies (cartpole's and cheetah's `velocity`, action
+    slot j) is then read in each body's own coordinates instead of through one map. Without a `task` key: no effect."""
     modality_gating: bool = True
     """Learned per-head, per-modality logit bias and per-latent modality gate in the input cross-attention."""
     init_std: float = 0.02

@@ -112,7 +112,8 @@ def merge_lora(module: nn.Module) -> nn.Module:
 
 
 # Task-embedding tensors and the axis that indexes the task: the encoder's task token (a Linear of the one-hot
-# index, (D, n_tasks)) and the actor's task query (an Embedding, (n_tasks, D)).
+# index, (D, n_tasks)) and the actor's task query (an Embedding, (n_tasks, D)); the encoder's task stems,
+# (n_tasks, W, D) each, are matched by name below.
 TASK_EMBEDDINGS = {"adapters.task.content.weight": 1, "task_query.weight": 0}
 
 
@@ -122,6 +123,8 @@ def _extend_task_embedding(
     """The target's task embedding with the source's tasks copied in, when the target indexes more tasks (a
     generalist fine-tuned to a task it was not trained on: that task's row stays freshly initialised)."""
     axis = next((a for suffix, a in TASK_EMBEDDINGS.items() if key.endswith(suffix)), None)
+    if ".task_stems.weights." in f".{key}":  # (n_tasks, W, D): a new task's stem starts at zero (shared map)
+        axis = 0
     if axis is None or target is None or target.shape == source.shape or target.dim() != source.dim():
         return None
     other = [d for d in range(target.dim()) if d != axis]

@@ -12,6 +12,7 @@ import platform
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from gymnasium import spaces
 from torch import nn
@@ -19,7 +20,7 @@ from torch import nn
 from perceiver_policy.attention import ABSENT_LOGIT, QueryCrossAttention, SelfAttentionLayer
 from perceiver_policy.config import SHARED_GROUP, PerceiverConfig
 from perceiver_policy.cross_attention import GatedCrossAttention
-from perceiver_policy.modalities import ABSENT_KEY, ADAPTERS, PRESENT_SUFFIX, build_specs
+from perceiver_policy.modalities import ABSENT_KEY, ADAPTERS, PRESENT_SUFFIX, TASK_KEY, build_specs
 
 
 def init_weights(module: nn.Module, std: float | None = None) -> None:
@@ -64,6 +65,35 @@ def autocast_context(config: PerceiverConfig, device: torch.device):
     if config.dtype == "bfloat16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+class TaskStems(nn.Module):
+    """`PerceiverConfig.task_stems`: a per-task residual to the content projection of each vector and sequence
+    modality, (n_tasks, token_dim, D) per modality, zero at initialisation (every task starts from the shared
+    projection; a task added later for fine-tuning starts there too)."""
+
+    KINDS = ("vector", "sequence")
+
+    def __init__(self, specs, num_tasks: int, dim: int):
+        super().__init__()
+        self.weights = nn.ParameterDict(
+            {
+                spec.name: nn.Parameter(torch.zeros(num_tasks, spec.token_dim, dim))
+                for spec in specs
+                if spec.kind in self.KINDS
+            }
+        )
+
+    def forward(self, name: str, content: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """content (B, N, W) raw token features, task (B,) long -> the residual tokens (B, N, D)."""
+        weight = self.weights[name][task]  # (B, W, D)
+        return torch.einsum("bnw,bwd->bnd", content.to(weight.dtype), weight)
+
+
+def task_count(observation_space: spaces.Dict) -> int:
+    """Tasks a multi-task observation's `task` index takes (its Box bound + 1); 0 without a `task` key."""
+    space = observation_space.spaces.get(TASK_KEY)
+    return int(np.max(space.high)) + 1 if space is not None else 0
 
 
 class PerceiverEncoder(nn.Module):
@@ -124,6 +154,8 @@ class PerceiverEncoder(nn.Module):
             for i in range(depth)
         )
         self.final_norm = nn.LayerNorm(dim)
+        num_tasks = task_count(observation_space)
+        self.task_stems = TaskStems(self.specs, num_tasks, dim) if config.task_stems and num_tasks else None
         self.disabled_modalities: set[str] = set()
         self.num_active_latents = config.num_latents  # k of the nested latents (`set_num_latents`)
         # missing_tokens 'mask': one learned mask token per modality; latent_groups: each latent's modality (-1: shared)
@@ -284,9 +316,18 @@ class PerceiverEncoder(nn.Module):
         with autocast_context(self.config, device):
             mask_vectors = self.mask_tokens + self.modality_embedding if masking else None  # (n_mod, D)
             tokens = []
+            stems, task = self.task_stems, None
+            if stems is not None:
+                if TASK_KEY not in obs:
+                    raise ValueError(f"task_stems read the observation's {TASK_KEY!r} index; it is missing")
+                task = torch.as_tensor(obs[TASK_KEY], device=device).reshape(batch).long()
             for m in present:
                 if m in available:
-                    tokens.append(embed[self.names[m]](obs[self.names[m]]) + self.modality_embedding[m])
+                    name = self.names[m]
+                    token = embed[name](obs[name]) + self.modality_embedding[m]
+                    if stems is not None and name in stems.weights:
+                        token = token + stems(name, self.adapters[name].tokens_content(obs[name]), task)
+                    tokens.append(token)
                 else:  # masking: a missing modality is its mask tokens
                     tokens.append(mask_vectors[m].expand(batch, self.specs[m].num_tokens, -1))
             tokens = torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]  # (B, N, D)

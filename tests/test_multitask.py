@@ -216,6 +216,38 @@ def test_a_frozen_encoder_still_trains_its_task_embedding(mode):
             assert torch.equal(parameter, frozen[name]), name
 
 
+def test_task_stems_read_each_body_in_its_own_coordinates():
+    plain, stemmed = _agent().policy, _agent(task_stems=True).policy
+    encoder = stemmed.encoder
+    assert set(encoder.task_stems.weights) == {"proprio", "action_history"}
+    proprio = encoder.specs[encoder.names.index("proprio")]
+    assert encoder.task_stems.weights["proprio"].shape == (3, proprio.token_dim, 32)
+    space = stemmed.observation_space
+    obs = {k: torch.stack([torch.as_tensor(space.sample()[k]) for _ in range(4)]) for k in space.spaces}
+    obs["task"] = torch.tensor([[0], [1], [2], [1]])
+    obs["proprio_present"] = torch.ones_like(obs["proprio_present"])
+    missing = plain.encoder.load_state_dict(encoder.state_dict(), strict=False)
+    assert all(k.startswith("task_stems.") for k in missing.unexpected_keys)
+    encoder.eval(), plain.encoder.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(obs), plain.encoder(obs))  # zero at initialisation: the shared map
+        encoder.task_stems.weights["proprio"][1].normal_()
+        changed = encoder(obs) != plain.encoder(obs)
+    assert changed[[1, 3]].any() and not changed[[0, 2]].any()  # only task 1's samples read differently
+
+
+def test_a_generalist_with_task_stems_transfers_to_a_new_task():
+    source = _agent(task_stems=True)
+    with torch.no_grad():
+        source.policy.encoder.task_stems.weights["proprio"].normal_()
+    target = envs.make_multitask_vec_env((*TASKS, "point_mass-easy"), modalities=STATES)
+    model = make_agent("sac", target, perceiver={**TINY, "task_stems": True}, seed=1)
+    assert transfer_weights(model, source.policy.state_dict())["reinitialised"] == []
+    stems = model.policy.encoder.task_stems.weights["proprio"]
+    assert torch.equal(stems[:3], source.policy.encoder.task_stems.weights["proprio"])
+    assert torch.all(stems[3] == 0)  # the new task starts from the shared projection
+
+
 def test_domain_embedding_off_ignores_the_task_key():
     assert "task" in _agent().policy.encoder.names
     model = _agent(domain_embedding=False)

@@ -1,4 +1,4 @@
-"""Benchmarks (not tests): `python -m experiments.benchmark env|policy|train|sac|drq|features|latents|precision|streaming|gpu|all [--quick]`.
+"""Benchmarks (not tests): `python -m experiments.benchmark env|policy|train|sac|drq|features|latents|multitask|precision|streaming|gpu|all [--quick]`.
 
 Every table compares alternatives measured side by side in the same run and reports ratios; quote them with
 the machine (printed first). Timings use `time.perf_counter` after warm-up; latency is per call, p50/p95.
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             "drq",
             "features",
             "latents",
+            "multitask",
             "precision",
             "streaming",
             "gpu",
@@ -105,4 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         from experiments.benchmarks.latents import bench_latents
 
         bench_latents(args.quick)
+    if args.what in ("multitask", "all"):
+        from experiments.benchmarks.multitask import bench_multitask
+
+        bench_multitask(args.quick)
     return 0

@@ -14,9 +14,10 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from agents.baselines import ObservationExtractor
 from agents.drq_policy import DrQSACPolicy
 from agents.on_policy import PerceiverA2C, PerceiverPPO
-from agents.replay_buffer import FrameReplayBuffer
+from agents.replay_buffer import FrameReplayBuffer, TaskReplayBuffer
 from agents.sac import PerceiverSAC
 from perceiver_policy.config import PerceiverConfig
+from perceiver_policy.modalities import TASK_KEY
 from perceiver_policy.model import cpu_has_native_bf16
 from perceiver_policy.policies import PerceiverActorCriticPolicy
 from perceiver_policy.sac_policy import PerceiverSACPolicy
@@ -211,6 +212,8 @@ def make_agent(
             kwargs.setdefault("replay_buffer_class", FrameReplayBuffer)
         else:
             kwargs.setdefault("augment_pad", 0)
+            if isinstance(obs_space, spaces.Dict) and TASK_KEY in obs_space.spaces:
+                kwargs.setdefault("replay_buffer_class", TaskReplayBuffer)
     policy_class = DrQSACPolicy if recipe == "drq" else _CLASSES[algorithm][1]
     return algo_cls(policy_class, env, **kwargs, **common)
 

@@ -11,6 +11,9 @@ small and stored as obs/next_obs arrays.
 Frame ids are monotonic per env; slot = id % frame_capacity. A transition whose frames were overwritten (only
 possible with episodes shorter than ~1/frame_margin steps) is never sampled: `sample` draws only from the valid
 range, found by binary search (no rejection sampling, no give-up).
+
+`TaskReplayBuffer`: SB3's Dict replay for multi-task observations from states, drawing each batch's samples per
+task by the task sampler's weights.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 from gymnasium import spaces
-from stable_baselines3.common.buffers import BaseBuffer
+from stable_baselines3.common.buffers import BaseBuffer, DictReplayBuffer
 from stable_baselines3.common.type_aliases import DictReplayBufferSamples
+
+from perceiver_policy.modalities import TASK_KEY
 
 
 def committed_zeros(shape: tuple, dtype) -> np.ndarray:
@@ -233,3 +238,73 @@ class FrameReplayBuffer(BaseBuffer):
         arrays = [self.obs_ids, self.next_obs_ids, self.actions, self.rewards, self.dones, self.timeouts]
         arrays += list(self.observations.values()) + list(self.next_observations.values())
         return self.frames.numel() * self.frames.element_size() + sum(a.nbytes for a in arrays)
+
+
+class TaskReplayBuffer(DictReplayBuffer):
+    """SB3's `DictReplayBuffer` for a multi-task observation (envs.multitask, its `task` key): with
+    `set_task_weights(w)`, each batch draws its number of samples per task from a multinomial over `w` (restricted
+    to the tasks the buffer holds) and each task's samples uniformly among its transitions; without weights, it
+    samples stored transitions uniformly, as SB3 does. experiments.train sets the task sampler's weights
+    (`TrainConfig.task_replay` 'sampler'), so the replay's task mix follows the sampler and not the episodes that
+    happen to be stored."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if TASK_KEY not in self.observations:
+            raise ValueError(
+                f"TaskReplayBuffer needs a multi-task observation with a {TASK_KEY!r} key (envs.multitask); got keys "
+                f"{sorted(self.observations)}"
+            )
+        self.num_tasks = int(np.max(self.observation_space[TASK_KEY].high)) + 1
+        self.task_weights: np.ndarray | None = None
+
+    def set_task_weights(self, weights) -> None:
+        """Per-task sampling weights (normalised here), or None for uniform over stored transitions."""
+        if weights is None:
+            self.task_weights = None
+            return
+        weights = np.asarray(weights, dtype=np.float64).reshape(-1)
+        if weights.shape != (self.num_tasks,) or np.any(weights < 0) or not np.isfinite(weights).all():
+            raise ValueError(
+                f"task weights must be {self.num_tasks} finite non-negative numbers, got {weights.tolist()}"
+            )
+        if weights.sum() <= 0:
+            raise ValueError(f"task weights must not all be 0, got {weights.tolist()}")
+        self.task_weights = weights / weights.sum()
+
+    def sample(self, batch_size: int, env=None) -> DictReplayBufferSamples:
+        if self.task_weights is None:
+            return super().sample(batch_size, env=env)
+        upper = self.buffer_size if self.full else self.pos
+        tasks = self.observations[TASK_KEY][:upper].reshape(upper * self.n_envs)  # row-major: (step, env)
+        held = np.bincount(tasks.astype(np.int64), minlength=self.num_tasks) > 0
+        weights = np.where(held, self.task_weights, 0.0)
+        if weights.sum() <= 0:  # none of the weighted tasks is stored yet: uniform over what is
+            weights = held.astype(np.float64)
+        counts = np.random.multinomial(batch_size, weights / weights.sum())
+        flat = np.concatenate(
+            [
+                np.random.choice(np.flatnonzero(tasks == task), size=count)
+                for task, count in enumerate(counts)
+                if count
+            ]
+        )
+        return self._samples_at(*np.divmod(flat, self.n_envs), env=env)
+
+    def _samples_at(self, batch_inds, env_indices, env=None) -> DictReplayBufferSamples:
+        """`DictReplayBuffer._get_samples` at given (step, env) pairs (SB3's draws the env at random)."""
+        obs = self._normalize_obs(
+            {k: o[batch_inds, env_indices, :] for k, o in self.observations.items()}, env
+        )
+        next_obs = self._normalize_obs(
+            {k: o[batch_inds, env_indices, :] for k, o in self.next_observations.items()}, env
+        )
+        dones = self.dones[batch_inds, env_indices] * (1 - self.timeouts[batch_inds, env_indices])
+        rewards = self._normalize_reward(self.rewards[batch_inds, env_indices].reshape(-1, 1), env)
+        return DictReplayBufferSamples(
+            observations={k: self.to_torch(v) for k, v in obs.items()},
+            actions=self.to_torch(self.actions[batch_inds, env_indices]),
+            next_observations={k: self.to_torch(v) for k, v in next_obs.items()},
+            dones=self.to_torch(dones).reshape(-1, 1),
+            rewards=self.to_torch(rewards),
+        )

@@ -168,6 +168,9 @@ class EvalCallback(PeriodicCallback):
         if self.task_sampler == "active":
             self.training_env.env_method("set_task_weights", active_task_weights(returns, references))
         weights = self.training_env.get_attr("task_weights", indices=[0])[0]
+        replay = getattr(self.model, "replay_buffer", None)
+        if getattr(replay, "task_weights", None) is not None:  # the replay follows the sampler (task_replay)
+            replay.set_task_weights(weights)
         trained = self.env_kwargs["tasks"]
         for task in per_task:
             self.logger.record(f"multitask/weight/{task}", float(weights[list(trained).index(task)]))

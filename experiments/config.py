@@ -59,6 +59,9 @@ RESUME_SAFE_FIELDS = (
 )  # fmt: skip
 
 
+TASK_REPLAYS = ("auto", "sampler", "transitions")
+
+
 @dataclass
 class TrainConfig:
     """A training run. Every field is a CLI flag (`--field-name`)."""
@@ -76,6 +79,11 @@ class TrainConfig:
     evaluation moves weight towards the tasks furthest below their reference return: envs.multitask.active_task_weights)."""
     task_weights: str = ""
     """Multi-task, task_sampler 'fixed': 'walker-walk=2 cheetah-run=1' (normalised; an unlisted task gets 0)."""
+    task_replay: str = "auto"
+    """Multi-task SAC: which task each replay sample comes from. 'sampler' (from states): each batch's samples per
+    task follow the task sampler's weights (uniform: equal shares; active: its latest weights;
+    agents.replay_buffer.TaskReplayBuffer); 'transitions': uniform over the stored transitions, so the mix follows
+    the episodes played; 'auto': 'sampler' from states, 'transitions' with pixels (the frame replay)."""
     task_references: str = ""
     """Multi-task: each task's reference return, 'walker-walk=900 ...', for the normalised score and the active
     sampler; a task not given takes SAC-from-states at 500k frames (experiments/published/dmc-states.yaml), else 1000."""
@@ -237,6 +245,7 @@ class TrainConfig:
             "vec_env": VEC_ENV_TYPES,
             "modality_mix_mode": MIX_MODES,
             "task_sampler": TASK_SAMPLERS,
+            "task_replay": TASK_REPLAYS,
         }
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
@@ -346,7 +355,16 @@ class TrainConfig:
                 "modality_mix, env_modality_dropout or curriculum"
             )
         initial_task_weights(self.tasks, self.task_sampler, self.task_weights or None)
+        if "pixels" in self.modalities and self.task_replay == "sampler":
+            raise ValueError(
+                "task_replay 'sampler' weights the replay of multi-task runs from states; pixel runs replay stored "
+                "transitions uniformly (valid choices with pixels: 'auto', 'transitions')"
+            )
         self.references()
+
+    def replay_follows_sampler(self) -> bool:
+        """Whether a multi-task run's replay draws each batch's tasks by the task sampler's weights."""
+        return self.multitask and self.task_replay != "transitions" and "pixels" not in self.modalities
 
     def eval_tasks(self) -> list[str]:
         """The tasks evaluations report: a multi-task run's tasks with a sampling weight (task_sampler 'fixed'
@@ -482,6 +500,7 @@ def field_choices() -> dict[str, list]:
         "vec_env": list(VEC_ENV_TYPES),
         "modality_mix_mode": list(MIX_MODES),
         "task_sampler": list(TASK_SAMPLERS),
+        "task_replay": list(TASK_REPLAYS),
         "finetune": ["all", "output-queries", "lora"],
         "preset": list_presets(),
     }

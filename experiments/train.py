@@ -219,6 +219,8 @@ def run(config: cfg.TrainConfig, run_dir: Path, resume: bool = False) -> dict:
     model, venv, start_step = build(config, run_dir, resume)
     # Events after the checkpoint's step are dropped; those at its step (its evaluation) describe the restored state.
     model.set_logger(make_logger(run_dir, purge_step=start_step + 1 if resume else None))
+    if config.replay_follows_sampler() and hasattr(model.replay_buffer, "set_task_weights"):
+        model.replay_buffer.set_task_weights(venv.get_attr("task_weights", indices=[0])[0])
     if config.init_from and not resume:  # a transferred run: how much of the policy trains
         model.logger.record("finetune/trainable_params", count_parameters(model.policy))
         model.logger.record("finetune/total_params", count_parameters(model.policy, trainable_only=False))

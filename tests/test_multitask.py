@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import gymnasium
 import numpy as np
 import pytest
 import torch
@@ -14,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import envs
 from agents import PerceiverSAC, make_agent, transfer_weights
+from agents.replay_buffer import TaskReplayBuffer
 from envs.multitask import active_task_weights, parse_task_weights
 from experiments import config as cfg
 from perceiver_policy.sac_policy import MaskedSquashedGaussian
@@ -254,6 +256,44 @@ def test_domain_embedding_off_ignores_the_task_key():
     assert "task" not in model.policy.encoder.names and model.policy.actor.task_query is None
 
 
+def _filled_replay(n_envs: int, tasks_per_step) -> TaskReplayBuffer:
+    """A replay whose transition (step, env) plays task tasks_per_step[step][env], its action and reward
+    recording the same task index (to check that a sample's fields stay together)."""
+    space = envs.make_multitask_vec_env(TASKS, n_envs=1, modalities=STATES).observation_space
+    replay = TaskReplayBuffer(len(tasks_per_step), space, gymnasium.spaces.Box(-1, 1, (2,)), n_envs=n_envs)
+    for row in tasks_per_step:
+        obs = {k: np.zeros((n_envs, *v.shape), v.dtype) for k, v in space.spaces.items()}
+        obs["task"][:, 0] = row
+        action = np.repeat(np.asarray(row, np.float32)[:, None], 2, axis=1) / 10
+        replay.add(obs, obs, action, np.asarray(row, np.float32), np.zeros(n_envs), [{}] * n_envs)
+    return replay
+
+
+def test_the_replay_draws_each_task_by_the_sampler_weights():
+    rng = np.random.default_rng(0)
+    tasks = np.where(rng.random((500, 2)) < 0.9, 0, 1)  # task 0 holds 90 % of the transitions, task 2 none
+    replay = _filled_replay(2, tasks)
+    np.random.seed(0)
+    uniform = replay.sample(4000).observations["task"].numpy().ravel()
+    assert abs(np.mean(uniform == 1) - np.mean(tasks == 1)) < 0.03  # no weights: SB3's uniform draw
+    replay.set_task_weights([1.0, 1.0, 1.0])  # task 2 is not stored: the batch splits between 0 and 1
+    batch = replay.sample(4000)
+    task = batch.observations["task"].numpy().ravel()
+    assert abs(np.mean(task == 1) - 0.5) < 0.03 and not np.any(task == 2)
+    np.testing.assert_array_equal(batch.actions.numpy()[:, 0] * 10, task)  # one transition's fields together
+    np.testing.assert_array_equal(batch.rewards.numpy().ravel(), task)
+    replay.set_task_weights([0.0, 1.0, 0.0])
+    assert np.all(replay.sample(256).observations["task"].numpy() == 1)
+    with pytest.raises(
+        ValueError, match=r"task weights must be 3 finite non-negative numbers, got \[1.0, -1.0\]"
+    ):
+        replay.set_task_weights([1.0, -1.0])
+
+
+def test_a_multitask_sac_agent_gets_the_task_replay():
+    assert isinstance(_agent().replay_buffer, TaskReplayBuffer)
+
+
 def test_config_refuses_what_a_multitask_run_cannot_do():
     with pytest.raises(ValueError, match="--tasks trains SAC with policy_type 'perceiver'"):
         cfg.from_dict({"tasks": list(TASKS)}).validate()
@@ -267,7 +307,16 @@ def test_config_refuses_what_a_multitask_run_cannot_do():
         cfg.from_dict(
             {"tasks": list(TASKS), "algorithm": "sac", "task_references": "finger-spin=high"}
         ).validate()
+    with pytest.raises(ValueError, match="unknown task_replay 'episodes'.*'auto', 'sampler', 'transitions'"):
+        cfg.from_dict({"tasks": list(TASKS), "algorithm": "sac", "task_replay": "episodes"}).validate()
+    pixels = {"tasks": list(TASKS), "algorithm": "sac", "modalities": ["pixels"], "task_replay": "sampler"}
+    with pytest.raises(
+        ValueError, match="task_replay 'sampler' weights the replay of multi-task runs from states"
+    ):
+        cfg.from_dict(pixels).validate()
     config = cfg.from_dict({"tasks": list(TASKS), "algorithm": "sac", "task_references": "finger-spin=500"})
+    assert cfg.from_dict({"tasks": list(TASKS), "modalities": list(STATES)}).replay_follows_sampler()
+    assert not cfg.from_dict({**pixels, "task_replay": "auto"}).replay_follows_sampler()
     assert config.task == TASKS[0]
     assert config.references() == {"cartpole-swingup": 848.0, "reacher-easy": 923.0, "finger-spin": 500.0}
 

@@ -323,6 +323,14 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def sampler_state(venv) -> dict:
+    """A multi-task run's task-sampler weights ({'task_weights': [...]}, for the checkpoint: the active sampler's
+    weights survive --resume); {} for one task."""
+    if venv is None or not venv.has_attr("task_weights"):
+        return {}
+    return {"task_weights": [float(w) for w in venv.get_attr("task_weights", indices=[0])[0]]}
+
+
 class CheckpointCallback(PeriodicCallback):
     def __init__(self, every: int, directory: Path, keep: int, with_replay_buffer: bool):
         super().__init__(every)
@@ -337,7 +345,7 @@ class CheckpointCallback(PeriodicCallback):
             self.num_timesteps,
             self.keep,
             self.with_replay_buffer,
-            {"time": time.time()},
+            {"time": time.time(), **sampler_state(self.training_env)},
         )
 
     def _fire(self) -> None:

@@ -197,8 +197,11 @@ def build(config: cfg.TrainConfig, run_dir: Path, resume: bool):
             initialise_from(model, config)
         return model, venv, 0
     checkpoint = latest_checkpoint(run_dir)
-    step = int(read_meta(checkpoint)["step"])
+    meta = read_meta(checkpoint)
+    step = int(meta["step"])
     venv = make_env(config, config.seed + step, normalizer=checkpoint / "vecnormalize.pkl")
+    if "task_weights" in meta:  # the task sampler where the run left it (the active sampler's latest weights)
+        venv.env_method("set_task_weights", meta["task_weights"])
     model = load_model(
         algorithm_class(config.algorithm, config.policy_type), checkpoint, env=venv, device=str(device)
     )

@@ -1,6 +1,7 @@
 """One Perceiver for many bodies: the multi-task env, masked sensor slots and actuators, per-task temperatures, and
 the generalist through train / evaluate / resume / export as a user types them."""
 
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from agents import PerceiverSAC, make_agent, transfer_weights
 from agents.replay_buffer import TaskReplayBuffer
 from envs.multitask import active_task_weights, parse_task_weights
 from experiments import config as cfg
+from experiments import train
+from experiments.checkpoint import COMPLETE, latest_checkpoint
 from perceiver_policy.sac_policy import MaskedSquashedGaussian
 
 TASKS = ("cartpole-swingup", "reacher-easy", "finger-spin")  # 1, 2, 2 actuators; finger alone has touch
@@ -352,6 +355,15 @@ def test_generalist_trains_evaluates_every_task_resumes_and_exports(tmp_path):
     assert all(f"  {task}" in out for task in TASKS)  # the final evaluation, per task
     out = _cli("experiments.evaluate", str(run), "--episodes", "1", "--task", "reacher-easy")
     assert "| reacher-easy |" in out and "| cartpole-swingup |" not in out
+    # The task sampler's weights are in every checkpoint and come back with --resume (the active sampler's would
+    # otherwise restart uniform); set by hand here, since a 1-episode evaluation may leave them uniform.
+    checkpoint = latest_checkpoint(run)
+    meta = json.loads((checkpoint / COMPLETE).read_text())
+    assert len(meta["task_weights"]) == len(TASKS)
+    (checkpoint / COMPLETE).write_text(json.dumps({**meta, "task_weights": [0.5, 0.3, 0.2]}))
+    _, venv, _ = train.build(cfg.load(run / "config.yaml"), run, resume=True)
+    np.testing.assert_allclose(venv.get_attr("task_weights", indices=[0])[0], [0.5, 0.3, 0.2])
+    venv.close()
     _cli("experiments.train", "--resume", str(run), "--total-steps", "96")
     out = _cli("experiments.export", str(run))
     assert "onnx" in out

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the learning runs of docs/results.md on a CPU machine, JOBS runs at a time (one torch thread each).
-# Usage: bash experiments/scripts/reproduce_results.sh [states,pixels,missing,see,fuse,fuse-cup,remember,drq,latents,multitask,transfer|all]
+# Usage: bash experiments/scripts/reproduce_results.sh [states,pixels,missing,see,fuse,fuse-cup,remember,drq,latents,multitask,multitask-transfer,transfer|all]
 #   (RUNS=runs/results JOBS=2 by default; SEEDS="0 1 2" replaces the seeds of the studies' sweep specs)
 # On a CUDA machine, experiments/scripts/gpu_session.sh runs the GPU tables, `pytest -m gpu` and study 1/2 runs to a
 # deadline (the H200 runs in docs/results.md came from it).
@@ -78,6 +78,15 @@ if [[ $what == *,drq,* || $what == *,all,* ]]; then spec_jobs pixels-drq; fi
 if [[ $what == *,latents,* || $what == *,all,* ]]; then spec_jobs latent-scaling; fi
 # One policy for many bodies: the SAC generalist over four domains against single-task Perceivers and MLPs.
 if [[ $what == *,multitask,* || $what == *,all,* ]]; then spec_jobs multitask-states; fi
+# The generalist fine-tuned to ball_in_cup-catch against scratch: reads runs/results/mt-generalist-s0 (the spec's
+# init_from), so it runs after the multitask stage has finished.
+if [[ $what == *,multitask-transfer,* ]]; then
+  if [[ ! -d runs/results/mt-generalist-s0/checkpoints ]]; then
+    echo "multitask-transfer fine-tunes runs/results/mt-generalist-s0: run the multitask stage first" >&2
+    exit 2
+  fi
+  spec_jobs multitask-transfer
+fi
 
 if [[ $what == *,transfer,* || $what == *,all,* ]]; then
   # Transfer from states (PPO, action repeat 4): cartpole-balance (200k frames) -> cartpole-swingup at 200k frames,

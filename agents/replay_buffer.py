@@ -246,10 +246,19 @@ class TaskReplayBuffer(DictReplayBuffer):
     to the tasks the buffer holds) and each task's samples uniformly among its transitions; without weights, it
     samples stored transitions uniformly, as SB3 does. experiments.train sets the task sampler's weights
     (`TrainConfig.task_replay` 'sampler'), so the replay's task mix follows the sampler and not the episodes that
-    happen to be stored."""
+    happen to be stored.
 
-    def __init__(self, *args, **kwargs):
+    `normalize_task_rewards`: each sampled reward of task t is multiplied by s / s_t, s_t the std of task t's
+    stored rewards (at least `MIN_REWARD_STD`) and s their mean over the stored tasks: every task's rewards (hence
+    its Q values and TD errors) get the same spread, while the overall scale stays that of the raw rewards. A
+    shared critic otherwise fits the task whose returns are largest and ignores the rest (the multi-task failure
+    PopArt addresses, Hessel et al. 2019); SAC's per-task temperatures absorb the change of scale."""
+
+    MIN_REWARD_STD = 1e-2
+
+    def __init__(self, *args, normalize_task_rewards: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.normalize_task_rewards = normalize_task_rewards
         if TASK_KEY not in self.observations:
             raise ValueError(
                 f"TaskReplayBuffer needs a multi-task observation with a {TASK_KEY!r} key (envs.multitask); got keys "
@@ -291,6 +300,22 @@ class TaskReplayBuffer(DictReplayBuffer):
         )
         return self._samples_at(*np.divmod(flat, self.n_envs), env=env)
 
+    def reward_scales(self) -> np.ndarray:
+        """(num_tasks,) the factor s / s_t each task's rewards are multiplied by (1 for a task not stored)."""
+        upper = self.buffer_size if self.full else self.pos
+        tasks = self.observations[TASK_KEY][:upper].reshape(-1).astype(np.int64)
+        rewards = self.rewards[:upper].reshape(-1).astype(np.float64)
+        count = np.bincount(tasks, minlength=self.num_tasks)
+        held = count > 0
+        mean = np.bincount(tasks, rewards, self.num_tasks) / np.maximum(count, 1)
+        var = np.bincount(tasks, rewards**2, self.num_tasks) / np.maximum(count, 1) - mean**2
+        std = np.maximum(np.sqrt(np.maximum(var, 0.0)), self.MIN_REWARD_STD)
+        return np.where(held, std[held].mean() / std if held.any() else 1.0, 1.0)
+
+    def _get_samples(self, batch_inds, env=None) -> DictReplayBufferSamples:
+        """SB3's uniform draw (no task weights): the env of each sample drawn at random, as SB3 does."""
+        return self._samples_at(batch_inds, np.random.randint(0, self.n_envs, size=len(batch_inds)), env=env)
+
     def _samples_at(self, batch_inds, env_indices, env=None) -> DictReplayBufferSamples:
         """`DictReplayBuffer._get_samples` at given (step, env) pairs (SB3's draws the env at random)."""
         obs = self._normalize_obs(
@@ -301,6 +326,9 @@ class TaskReplayBuffer(DictReplayBuffer):
         )
         dones = self.dones[batch_inds, env_indices] * (1 - self.timeouts[batch_inds, env_indices])
         rewards = self._normalize_reward(self.rewards[batch_inds, env_indices].reshape(-1, 1), env)
+        if self.normalize_task_rewards:
+            task = self.observations[TASK_KEY][batch_inds, env_indices].reshape(-1).astype(np.int64)
+            rewards = (rewards * self.reward_scales()[task][:, None]).astype(np.float32)
         return DictReplayBufferSamples(
             observations={k: self.to_torch(v) for k, v in obs.items()},
             actions=self.to_torch(self.actions[batch_inds, env_indices]),

@@ -168,12 +168,16 @@ class EvalCallback(PeriodicCallback):
         if self.task_sampler == "active":
             self.training_env.env_method("set_task_weights", active_task_weights(returns, references))
         weights = self.training_env.get_attr("task_weights", indices=[0])[0]
+        trained = list(self.env_kwargs["tasks"])
         replay = getattr(self.model, "replay_buffer", None)
         if getattr(replay, "task_weights", None) is not None:  # the replay follows the sampler (task_replay)
             replay.set_task_weights(weights)
-        trained = self.env_kwargs["tasks"]
+        if getattr(replay, "normalize_task_rewards", False):
+            scales = replay.reward_scales()
+            for task in per_task:
+                self.logger.record(f"multitask/reward_scale/{task}", float(scales[trained.index(task)]))
         for task in per_task:
-            self.logger.record(f"multitask/weight/{task}", float(weights[list(trained).index(task)]))
+            self.logger.record(f"multitask/weight/{task}", float(weights[trained.index(task)]))
         self.last_per_task = per_task
 
     @property

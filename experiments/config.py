@@ -84,6 +84,10 @@ class TrainConfig:
     task follow the task sampler's weights (uniform: equal shares; active: its latest weights;
     agents.replay_buffer.TaskReplayBuffer); 'transitions': uniform over the stored transitions, so the mix follows
     the episodes played; 'auto': 'sampler' from states, 'transitions' with pixels (the frame replay)."""
+    task_reward_normalization: bool = False
+    """Multi-task SAC from states: give every task's rewards the same spread in each replay batch (each scaled by
+    the mean over tasks of their reward std over its own; agents.replay_buffer.TaskReplayBuffer), so a shared critic
+    does not fit only the task whose returns are largest."""
     task_references: str = ""
     """Multi-task: each task's reference return, 'walker-walk=900 ...', for the normalised score and the active
     sampler; a task not given takes SAC-from-states at 500k frames (experiments/published/dmc-states.yaml), else 1000."""
@@ -355,6 +359,11 @@ class TrainConfig:
                 "modality_mix, env_modality_dropout or curriculum"
             )
         initial_task_weights(self.tasks, self.task_sampler, self.task_weights or None)
+        if "pixels" in self.modalities and self.task_reward_normalization:
+            raise ValueError(
+                "task_reward_normalization scales rewards in the replay of multi-task runs from states; pixel runs "
+                "use the frame replay (set it to false)"
+            )
         if "pixels" in self.modalities and self.task_replay == "sampler":
             raise ValueError(
                 "task_replay 'sampler' weights the replay of multi-task runs from states; pixel runs replay stored "

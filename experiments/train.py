@@ -174,6 +174,8 @@ def build(config: cfg.TrainConfig, run_dir: Path, resume: bool):
     if not resume:
         venv = make_env(config, config.seed)
         extra = {"aux_state_weight": config.aux_state_weight} if config.aux_state_weight > 0 else {}
+        if config.multitask and config.task_reward_normalization:
+            extra["replay_buffer_kwargs"] = {"normalize_task_rewards": True}
         if config.modality_mix:
             extra.update(modality_mix=config.modality_mix, modality_mix_mode=config.modality_mix_mode,
                          frames_per_step=config.action_repeat)  # fmt: skip

@@ -259,17 +259,39 @@ def test_domain_embedding_off_ignores_the_task_key():
     assert "task" not in model.policy.encoder.names and model.policy.actor.task_query is None
 
 
-def _filled_replay(n_envs: int, tasks_per_step) -> TaskReplayBuffer:
-    """A replay whose transition (step, env) plays task tasks_per_step[step][env], its action and reward
-    recording the same task index (to check that a sample's fields stay together)."""
+def _filled_replay(n_envs: int, tasks_per_step, rewards=None, **kwargs) -> TaskReplayBuffer:
+    """A replay whose transition (step, env) plays task tasks_per_step[step][env], its action (and its reward,
+    unless `rewards` gives them) recording the same task index (to check that a sample's fields stay together)."""
     space = envs.make_multitask_vec_env(TASKS, n_envs=1, modalities=STATES).observation_space
-    replay = TaskReplayBuffer(len(tasks_per_step), space, gymnasium.spaces.Box(-1, 1, (2,)), n_envs=n_envs)
-    for row in tasks_per_step:
+    replay = TaskReplayBuffer(
+        len(tasks_per_step), space, gymnasium.spaces.Box(-1, 1, (2,)), n_envs=n_envs, **kwargs
+    )
+    rewards = np.asarray(tasks_per_step, np.float32) if rewards is None else rewards
+    for row, reward in zip(tasks_per_step, rewards, strict=True):
         obs = {k: np.zeros((n_envs, *v.shape), v.dtype) for k, v in space.spaces.items()}
         obs["task"][:, 0] = row
         action = np.repeat(np.asarray(row, np.float32)[:, None], 2, axis=1) / 10
-        replay.add(obs, obs, action, np.asarray(row, np.float32), np.zeros(n_envs), [{}] * n_envs)
+        replay.add(obs, obs, action, np.asarray(reward, np.float32), np.zeros(n_envs), [{}] * n_envs)
     return replay
+
+
+def test_task_reward_normalization_gives_every_task_the_same_reward_spread():
+    tasks = np.array(
+        [[0], [1]] * 200
+    )  # alternating: task 0 rewards 0 / 2 (std 1), task 1 rewards 0 / 0.2 (0.1)
+    rewards = np.where(tasks == 0, 2.0, 0.2) * (np.arange(400)[:, None] // 2 % 2)
+    replay = _filled_replay(1, tasks, rewards, normalize_task_rewards=True)
+    np.testing.assert_allclose(replay.reward_scales(), [0.55, 5.5, 1.0], rtol=1e-5)  # s = mean(1, 0.1)
+    for weights in (None, [1.0, 1.0, 1.0]):  # SB3's uniform draw and the task-weighted draw alike
+        replay.set_task_weights(weights)
+        batch = replay.sample(512)
+        task = batch.observations["task"].numpy().ravel()
+        for t in (0, 1):
+            np.testing.assert_allclose(
+                np.unique(batch.rewards.numpy().ravel()[task == t]), [0.0, 1.1], rtol=1e-5
+            )
+    plain = _filled_replay(1, tasks, rewards).sample(512)
+    assert set(np.unique(plain.rewards.numpy())) == {0.0, 2.0, np.float32(0.2)}
 
 
 def test_the_replay_draws_each_task_by_the_sampler_weights():
@@ -317,6 +339,8 @@ def test_config_refuses_what_a_multitask_run_cannot_do():
         ValueError, match="task_replay 'sampler' weights the replay of multi-task runs from states"
     ):
         cfg.from_dict(pixels).validate()
+    with pytest.raises(ValueError, match="task_reward_normalization scales rewards in the replay"):
+        cfg.from_dict({**pixels, "task_replay": "auto", "task_reward_normalization": True}).validate()
     config = cfg.from_dict({"tasks": list(TASKS), "algorithm": "sac", "task_references": "finger-spin=500"})
     assert cfg.from_dict({"tasks": list(TASKS), "modalities": list(STATES)}).replay_follows_sampler()
     assert not cfg.from_dict({**pixels, "task_replay": "auto"}).replay_follows_sampler()

@@ -329,16 +329,19 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 def sampler_state(venv) -> dict:
     """A multi-task run's task-sampler weights ({'task_weights': [...]}, for the checkpoint: the active sampler's
-    weights survive --resume); {} for one task."""
-    if venv is None or not venv.has_attr("task_weights"):
-        return {}
+    weights survive --resume)."""
     return {"task_weights": [float(w) for w in venv.get_attr("task_weights", indices=[0])[0]]}
 
 
 class CheckpointCallback(PeriodicCallback):
-    def __init__(self, every: int, directory: Path, keep: int, with_replay_buffer: bool):
+    def __init__(
+        self, every: int, directory: Path, keep: int, with_replay_buffer: bool, multitask: bool = False
+    ):
+        """`multitask`: also record the task sampler's weights (asked of the envs only then: a pipelined env
+        refuses queries while half of it is stepping)."""
         super().__init__(every)
         self.directory, self.keep, self.with_replay_buffer = directory, keep, with_replay_buffer
+        self.multitask = multitask
 
     def save_now(self) -> Path:
         """Checkpoint the current step. At the end of a run this rewrites a periodic checkpoint of the same step on
@@ -349,7 +352,7 @@ class CheckpointCallback(PeriodicCallback):
             self.num_timesteps,
             self.keep,
             self.with_replay_buffer,
-            {"time": time.time(), **sampler_state(self.training_env)},
+            {"time": time.time(), **(sampler_state(self.training_env) if self.multitask else {})},
         )
 
     def _fire(self) -> None:

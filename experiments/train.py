@@ -253,6 +253,7 @@ def run(config: cfg.TrainConfig, run_dir: Path, resume: bool = False) -> dict:
         run_dir / "checkpoints",
         config.keep_checkpoints,
         config.checkpoint_replay_buffer,
+        multitask=config.multitask,
     )
     callbacks = [FramesCallback(config.action_repeat), evaluator, checkpoints]
     if config.multitask:

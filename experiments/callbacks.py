@@ -327,12 +327,6 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def sampler_state(venv) -> dict:
-    """A multi-task run's task-sampler weights ({'task_weights': [...]}, for the checkpoint: the active sampler's
-    weights survive --resume)."""
-    return {"task_weights": [float(w) for w in venv.get_attr("task_weights", indices=[0])[0]]}
-
-
 class CheckpointCallback(PeriodicCallback):
     def __init__(
         self, every: int, directory: Path, keep: int, with_replay_buffer: bool, multitask: bool = False
@@ -342,6 +336,20 @@ class CheckpointCallback(PeriodicCallback):
         super().__init__(every)
         self.directory, self.keep, self.with_replay_buffer = directory, keep, with_replay_buffer
         self.multitask = multitask
+        self.task_weights: list[float] | None = None
+
+    def sampler_state(self) -> dict:
+        """{'task_weights': [...]} of a multi-task run (the active sampler's weights survive --resume), as the
+        envs report them; the weights last read when they cannot answer (a checkpoint written because a worker
+        died, a pipelined half still stepping): the checkpoint itself must never fail on them."""
+        if not self.multitask:
+            return {}
+        try:
+            weights = self.training_env.get_attr("task_weights", indices=[0])[0]
+            self.task_weights = [float(w) for w in weights]
+        except (EOFError, OSError, ValueError, RuntimeError):
+            pass
+        return {"task_weights": self.task_weights} if self.task_weights is not None else {}
 
     def save_now(self) -> Path:
         """Checkpoint the current step. At the end of a run this rewrites a periodic checkpoint of the same step on
@@ -352,7 +360,7 @@ class CheckpointCallback(PeriodicCallback):
             self.num_timesteps,
             self.keep,
             self.with_replay_buffer,
-            {"time": time.time(), **(sampler_state(self.training_env) if self.multitask else {})},
+            {"time": time.time(), **self.sampler_state()},
         )
 
     def _fire(self) -> None:

@@ -24,7 +24,7 @@ from gymnasium import spaces
 from stable_baselines3.common.buffers import BaseBuffer, DictReplayBuffer
 from stable_baselines3.common.type_aliases import DictReplayBufferSamples
 
-from perceiver_policy.modalities import TASK_KEY
+from perceiver_policy.modalities import TASK_KEY, task_count
 
 
 def committed_zeros(shape: tuple, dtype) -> np.ndarray:
@@ -264,7 +264,7 @@ class TaskReplayBuffer(DictReplayBuffer):
                 f"TaskReplayBuffer needs a multi-task observation with a {TASK_KEY!r} key (envs.multitask); got keys "
                 f"{sorted(self.observations)}"
             )
-        self.num_tasks = int(np.max(self.observation_space[TASK_KEY].high)) + 1
+        self.num_tasks = task_count(self.observation_space)
         self.task_weights: np.ndarray | None = None
 
     def set_task_weights(self, weights) -> None:

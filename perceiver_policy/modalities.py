@@ -45,6 +45,12 @@ _DEFAULT_KIND = {
 }
 
 
+def task_count(observation_space: spaces.Dict) -> int:
+    """Tasks a multi-task observation's `task` index takes (its Box bound + 1); 0 without a `task` key."""
+    space = observation_space.spaces.get(TASK_KEY)
+    return int(np.max(space.high)) + 1 if space is not None else 0
+
+
 def is_input_key(name: str, config: PerceiverConfig | None = None) -> bool:
     """Whether an observation key becomes tokens: not the absent flags, the privileged state, the action mask or
     a key's presence flags; the task index only with `config.domain_embedding`."""
@@ -163,7 +169,7 @@ def build_specs(observation_space: spaces.Space, config: PerceiverConfig) -> lis
         else:
             layout = None
         if kind == "task":
-            overrides.setdefault("num_classes", int(np.max(space.high)) + 1)
+            overrides.setdefault("num_classes", task_count(observation_space))
         if kind == "image":
             stride = config.image_patch_size(*space.shape[-2:]) if len(space.shape) == 3 else 1
         else:

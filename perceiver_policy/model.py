@@ -12,7 +12,6 @@ import platform
 from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
 from gymnasium import spaces
 from torch import nn
@@ -20,7 +19,14 @@ from torch import nn
 from perceiver_policy.attention import ABSENT_LOGIT, QueryCrossAttention, SelfAttentionLayer
 from perceiver_policy.config import SHARED_GROUP, PerceiverConfig
 from perceiver_policy.cross_attention import GatedCrossAttention
-from perceiver_policy.modalities import ABSENT_KEY, ADAPTERS, PRESENT_SUFFIX, TASK_KEY, build_specs
+from perceiver_policy.modalities import (
+    ABSENT_KEY,
+    ADAPTERS,
+    PRESENT_SUFFIX,
+    TASK_KEY,
+    build_specs,
+    task_count,
+)
 
 
 def init_weights(module: nn.Module, std: float | None = None) -> None:
@@ -88,12 +94,6 @@ class TaskStems(nn.Module):
         """content (B, N, W) raw token features, task (B,) long -> the residual tokens (B, N, D)."""
         weight = self.weights[name][task]  # (B, W, D)
         return torch.einsum("bnw,bwd->bnd", content.to(weight.dtype), weight)
-
-
-def task_count(observation_space: spaces.Dict) -> int:
-    """Tasks a multi-task observation's `task` index takes (its Box bound + 1); 0 without a `task` key."""
-    space = observation_space.spaces.get(TASK_KEY)
-    return int(np.max(space.high)) + 1 if space is not None else 0
 
 
 class PerceiverEncoder(nn.Module):

@@ -16,7 +16,7 @@ from torch import nn
 
 from perceiver_policy.config import PerceiverConfig
 from perceiver_policy.finetuning import apply_finetune
-from perceiver_policy.modalities import ACTION_MASK_KEY, TASK_KEY
+from perceiver_policy.modalities import ACTION_MASK_KEY, TASK_KEY, task_count
 from perceiver_policy.model import ActionQueries, LearnedQueries, PerceiverDecoder, PerceiverEncoder
 from perceiver_policy.observations import SensorObservations, sensor_space
 from perceiver_policy.policies import LOG_STD_RANGE, as_config, fused_adam
@@ -172,7 +172,7 @@ def multitask_count(observation_space: spaces.Dict) -> int:
         raise ValueError(
             f"a multi-task observation has {ACTION_MASK_KEY!r} and {TASK_KEY!r}; {TASK_KEY!r} is missing"
         )
-    return int(keys[TASK_KEY].high.max()) + 1
+    return task_count(observation_space)
 
 
 class SACActorPolicy(SensorObservations, BasePolicy):

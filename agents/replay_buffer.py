@@ -284,9 +284,8 @@ class TaskReplayBuffer(DictReplayBuffer):
     def sample(self, batch_size: int, env=None) -> DictReplayBufferSamples:
         if self.task_weights is None:
             return super().sample(batch_size, env=env)
-        upper = self.buffer_size if self.full else self.pos
-        tasks = self.observations[TASK_KEY][:upper].reshape(upper * self.n_envs)  # row-major: (step, env)
-        held = np.bincount(tasks.astype(np.int64), minlength=self.num_tasks) > 0
+        tasks = self._stored_tasks()
+        held = np.bincount(tasks, minlength=self.num_tasks) > 0
         weights = np.where(held, self.task_weights, 0.0)
         if weights.sum() <= 0:  # none of the weighted tasks is stored yet: uniform over what is
             weights = held.astype(np.float64)
@@ -300,11 +299,15 @@ class TaskReplayBuffer(DictReplayBuffer):
         )
         return self._samples_at(*np.divmod(flat, self.n_envs), env=env)
 
+    def _stored_tasks(self) -> np.ndarray:
+        """The task index of every stored transition, flat in (step, env) row-major order, int64."""
+        upper = self.buffer_size if self.full else self.pos
+        return self.observations[TASK_KEY][:upper].reshape(-1).astype(np.int64)
+
     def reward_scales(self) -> np.ndarray:
         """(num_tasks,) the factor s / s_t each task's rewards are multiplied by (1 for a task not stored)."""
-        upper = self.buffer_size if self.full else self.pos
-        tasks = self.observations[TASK_KEY][:upper].reshape(-1).astype(np.int64)
-        rewards = self.rewards[:upper].reshape(-1).astype(np.float64)
+        tasks = self._stored_tasks()
+        rewards = self.rewards[: self.buffer_size if self.full else self.pos].reshape(-1).astype(np.float64)
         count = np.bincount(tasks, minlength=self.num_tasks)
         held = count > 0
         mean = np.bincount(tasks, rewards, self.num_tasks) / np.maximum(count, 1)

@@ -17,7 +17,14 @@ import torch.nn.functional as F
 from gymnasium import spaces
 from torch import nn
 
-from agents.encoders import ENCODERS, READOUTS, build_encoder, orthogonal_init
+from agents.encoders import (
+    CENTER_MOMENTUM,
+    ENCODERS,
+    READOUTS,
+    build_encoder,
+    check_center_momentum,
+    orthogonal_init,
+)
 from perceiver_policy.policies import as_config
 from perceiver_policy.sac_policy import SACActorPolicy
 from perceiver_policy.state_decoding import make_state_decoder
@@ -114,7 +121,8 @@ class DrQSACPolicy(SACActorPolicy):
     ``policy_kwargs``: ``encoder`` ('perceiver', 'cnn', 'drq-cnn'), ``perceiver`` (PerceiverConfig fields, for the
     Perceiver encoder), ``readout`` (`agents.encoders.READOUTS`; None: 'query' for the Perceiver, 'flat' for the
     conv encoders), ``center_features`` (the readouts subtract a running mean of their input,
-    `agents.encoders.FeatureReadout`), ``feature_dim``, ``hidden_dim``, ``hidden_depth``, ``log_std_bounds``,
+    `agents.encoders.FeatureReadout`), ``center_momentum`` (the weight of each training batch in that running mean;
+    default `agents.encoders.CENTER_MOMENTUM`), ``feature_dim``, ``hidden_dim``, ``hidden_depth``, ``log_std_bounds``,
     ``n_critics``. The target critic's running means follow the online critic's at each target update."""
 
     def __init__(
@@ -131,6 +139,7 @@ class DrQSACPolicy(SACActorPolicy):
         n_critics: int = 2,
         readout: str | None = None,
         center_features: bool = False,
+        center_momentum: float = CENTER_MOMENTUM,
         use_sde: bool = False,
         optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adam,
         optimizer_kwargs: dict | None = None,
@@ -160,6 +169,7 @@ class DrQSACPolicy(SACActorPolicy):
         self.feature_dim, self.hidden_dim, self.hidden_depth = feature_dim, hidden_dim, hidden_depth
         self.log_std_bounds, self.n_critics, self.readout = (low, high), n_critics, readout
         self.center_features = bool(center_features)
+        self.center_momentum = check_center_momentum(center_momentum)
         action_dim = int(action_space.shape[0])
         if readout == "flat" and encoder == "perceiver" and self.perceiver_config.latent_scaling:
             raise ValueError(
@@ -169,7 +179,9 @@ class DrQSACPolicy(SACActorPolicy):
         self.encoder = build_encoder(encoder, self.observation_space, self.perceiver_config)
         sizes = {"action_dim": action_dim, "feature_dim": feature_dim, "hidden_dim": hidden_dim,
                  "hidden_depth": hidden_depth}  # fmt: skip
-        make = lambda: self.encoder.make_readout(feature_dim, readout, self.center_features)  # noqa: E731
+        make = lambda: self.encoder.make_readout(  # noqa: E731
+            feature_dim, readout, self.center_features, self.center_momentum
+        )
         self.actor = DrQActor(self.encoder, make(), sizes, self.log_std_bounds)
         self.critic = DrQCritic(self.encoder, make(), sizes, n_critics)
         self.critic_target = copy.deepcopy(self.critic)
@@ -197,6 +209,7 @@ class DrQSACPolicy(SACActorPolicy):
             n_critics=self.n_critics,
             readout=self.readout,
             center_features=self.center_features,
+            center_momentum=self.center_momentum,
         )
         return data
 

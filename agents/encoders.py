@@ -52,17 +52,18 @@ def orthogonal_init(module: nn.Module) -> None:
 class FeatureReadout(nn.Module):
     """DrQ's encoder head (drq.py `Encoder.head` + tanh): flat h (B, F) -> Linear -> LayerNorm -> tanh (B, feature_dim).
 
-    `center`: subtract a running mean of h first (updated in training mode, momentum `CENTER_MOMENTUM`, used as is
-    in eval mode). The Perceiver's latents are dominated by an input-independent part (the learned latent array,
+    `center`: subtract a running mean of h first (updated in training mode with weight `momentum` per batch, used as
+    is in eval mode). The Perceiver's latents are dominated by an input-independent part (the learned latent array,
     position and modality embeddings, the attention's average over background tokens): on cartpole pixels their
     variation across states is ~1 % of their size at initialisation against ~60 % for a conv feature map
     (docs/results.md), so without centering the critic starts, and can stay, blind to the state."""
 
-    def __init__(self, in_dim: int, feature_dim: int, center: bool = False):
+    def __init__(self, in_dim: int, feature_dim: int, center: bool = False, momentum: float | None = None):
         super().__init__()
         self.linear = nn.Linear(in_dim, feature_dim)
         self.norm = nn.LayerNorm(feature_dim)
         self.center = center
+        self.momentum = check_center_momentum(CENTER_MOMENTUM if momentum is None else momentum)
         if center:
             self.register_buffer("running_mean", torch.zeros(in_dim))
             self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
@@ -77,24 +78,33 @@ class FeatureReadout(nn.Module):
                         self.running_mean.copy_(mean)
                         self.initialised.fill_(True)
                     else:
-                        self.running_mean.lerp_(mean, CENTER_MOMENTUM)
+                        self.running_mean.lerp_(mean, self.momentum)
             h = h - self.running_mean.to(h.dtype)
         return torch.tanh(self.norm(self.linear(h)))
 
 
 CENTER_MOMENTUM = 0.01
-"""Weight of each training batch in the readout's running mean (an average over the last ~100 batches)."""
+"""Default weight of each training batch in the readout's running mean (an average over the last ~100 batches).
+The running mean lags the encoder it centres: on the state-regression benchmark 0.1 learned faster (docs/results.md)."""
+
+
+def check_center_momentum(momentum: float) -> float:
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 < momentum <= 1:
+        raise ValueError(f"center_momentum must be a number in (0, 1], got {momentum!r}")
+    return float(momentum)
 
 
 class QueryReadout(nn.Module):
     """The Perceiver's readout: one learned output query cross-attends the latents (B, M, D) -> (B, D), then DrQ's
     Linear -> LayerNorm -> tanh. Actor and critic each own one, as each DrQ network owns its `Encoder.head`."""
 
-    def __init__(self, config: PerceiverConfig, feature_dim: int, center: bool = False):
+    def __init__(
+        self, config: PerceiverConfig, feature_dim: int, center: bool = False, momentum: float | None = None
+    ):
         super().__init__()
         self.query = LearnedQueries(1, config.latent_dim, config.init_std)
         self.decoder = PerceiverDecoder(config)
-        self.head = FeatureReadout(config.latent_dim, feature_dim, center)
+        self.head = FeatureReadout(config.latent_dim, feature_dim, center, momentum)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         return self.head(self.decoder(self.query(latents.shape[0]), latents)[:, 0])
@@ -173,13 +183,15 @@ class ConvEncoder(nn.Module):
             parts.append(self.vectors(flat))
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (B, out_dim)
 
-    def make_readout(self, feature_dim: int, kind: str = "flat", center: bool = False) -> nn.Module:
+    def make_readout(
+        self, feature_dim: int, kind: str = "flat", center: bool = False, momentum: float | None = None
+    ) -> nn.Module:
         if kind != "flat":
             raise ValueError(
                 f"encoder {self.name!r} reads out its flat feature map only; readout {kind!r} is for "
                 "policy_type 'perceiver' (valid choice here: 'flat')"
             )
-        readout = FeatureReadout(self.out_dim, feature_dim, center)
+        readout = FeatureReadout(self.out_dim, feature_dim, center, momentum)
         orthogonal_init(readout)
         return readout
 
@@ -210,13 +222,17 @@ def _channels(observation_space: spaces.Dict) -> int:
 class PerceiverTrunk(PerceiverEncoder):
     """The Perceiver encoder as a pluggable trunk: h = latents (B, M, D); readout by an output query or flat."""
 
-    def make_readout(self, feature_dim: int, kind: str = "query", center: bool = False) -> nn.Module:
+    def make_readout(
+        self, feature_dim: int, kind: str = "query", center: bool = False, momentum: float | None = None
+    ) -> nn.Module:
         if kind == "query":
-            readout = QueryReadout(self.config, feature_dim, center)
+            readout = QueryReadout(self.config, feature_dim, center, momentum)
             orthogonal_init(readout.head)
             return readout
         if kind == "flat":
-            readout = FeatureReadout(self.config.num_latents * self.config.latent_dim, feature_dim, center)
+            readout = FeatureReadout(
+                self.config.num_latents * self.config.latent_dim, feature_dim, center, momentum
+            )
             orthogonal_init(readout)
             return readout
         raise ValueError(f"unknown readout {kind!r}; valid choices: {list(READOUTS)}")

@@ -307,7 +307,16 @@ class ConvImageAdapter(ModalityAdapter):
         for stride in spec.conv_strides:
             layers += [nn.Conv2d(channels, spec.conv_channels, 3, stride=stride, padding=1), nn.ReLU()]
             channels = spec.conv_channels
-        self.stem = nn.Sequential(*layers).to(memory_format=torch.channels_last)
+        self.stem = nn.Sequential(*layers)
+        # DrQ's init (orthogonal, ReLU gain, zero bias), before channels-last. PyTorch's default conv init shrinks
+        # the activations at every layer: at 84 px the token contents came out 25x smaller than the position
+        # features, so every token looked alike and a Perceiver on conv tokens could not learn the state
+        # (experiments/benchmarks/estimator.py, docs/results.md).
+        for layer in self.stem:
+            if isinstance(layer, nn.Conv2d):
+                nn.init.orthogonal_(layer.weight, nn.init.calculate_gain("relu"))
+                nn.init.zeros_(layer.bias)
+        self.stem.to(memory_format=torch.channels_last)
 
     def tokens_content(self, x: torch.Tensor) -> torch.Tensor:
         x = (x.float() * (1.0 / 255.0) - 0.5).contiguous(memory_format=torch.channels_last)  # (B, F*3, H, W)

@@ -423,3 +423,25 @@ def test_drq_steps_measure_whether_the_critic_features_vary(venv):
     metrics = drq_step(model, batch(model), update=0)
     assert 0.0 < metrics["critic_feature_variation"] < 2.0
     assert "critic_feature_variation" not in drq_step(model, batch(model), update=1)  # every 100 updates
+
+
+def test_center_momentum_sets_how_fast_the_running_mean_follows_and_is_saved(venv, tmp_path):
+    from agents.encoders import FeatureReadout
+
+    readout = FeatureReadout(4, 3, center=True, momentum=0.5)
+    readout.train()
+    h, h2 = torch.randn(8, 4) + 5.0, torch.randn(8, 4)
+    readout(h)
+    readout(h2)
+    torch.testing.assert_close(readout.running_mean, (h.mean(0) + h2.mean(0)) / 2)
+    for bad in (0.0, 1.5, True, "fast"):
+        with pytest.raises(ValueError, match=rf"center_momentum must be a number in \(0, 1\], got {bad!r}"):
+            FeatureReadout(4, 3, center=True, momentum=bad)
+    model = make_agent(
+        "sac", venv, perceiver=LEAN, policy_type="perceiver", recipe="drq", device="cpu", seed=0, buffer_size=200,
+        policy_kwargs={**SMALL_HEADS, "center_features": True, "center_momentum": 0.1},
+    )  # fmt: skip
+    assert {model.policy.actor.readout.head.momentum, model.policy.critic.readout.head.momentum} == {0.1}
+    model.save(tmp_path / "m.zip")
+    loaded = type(model).load(tmp_path / "m.zip", device="cpu")
+    assert loaded.policy.critic_target.readout.head.momentum == 0.1

@@ -507,3 +507,16 @@ def test_fourier_drift_measures_the_position_projection_from_a_saved_baseline(di
         old
     )  # a checkpoint from before the baseline: the loaded projection is the reference
     assert legacy.adapters["pixels"].position_drift() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_conv_tokens_are_not_drowned_by_their_position_features_at_init():
+    # PyTorch's default conv init shrank the stem's output at each layer: contents 25x smaller than the position
+    # features, every token alike, and a Perceiver on conv tokens that could not learn the state from pixels.
+    space = spaces.Dict({"pixels": spaces.Box(0, 255, (9, 84, 84), np.uint8)})
+    encoder = PerceiverEncoder(space, PerceiverConfig(num_latents=8, latent_dim=64, pixel_tokenizer="conv"))
+    adapter = encoder.adapters["pixels"]
+    pixels = torch.randint(0, 256, (16, 9, 84, 84), dtype=torch.uint8)
+    with torch.no_grad():
+        content, position = adapter.embed(pixels), adapter.position(adapter.position_features)
+    rms = lambda x: float(x.pow(2).mean().sqrt())  # noqa: E731
+    assert rms(content) > 0.25 * rms(position)

@@ -1,4 +1,4 @@
-"""Benchmarks (not tests): `python -m experiments.benchmark env|policy|train|sac|drq|features|latents|multitask|precision|streaming|gpu|all [--quick]`.
+"""Benchmarks (not tests): `python -m experiments.benchmark env|policy|train|sac|drq|features|estimator|latents|multitask|precision|streaming|gpu|all [--quick]`.
 
 Every table compares alternatives measured side by side in the same run and reports ratios; quote them with
 the machine (printed first). Timings use `time.perf_counter` after warm-up; latency is per call, p50/p95.
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             "sac",
             "drq",
             "features",
+            "estimator",
             "latents",
             "multitask",
             "precision",
@@ -52,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument(
         "--quick", action="store_true", help="fewer repetitions: a few minutes on 2 CPU cores"
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        help="estimator: which encoders (default: all; --quick: four); names in experiments/benchmarks/estimator.py",
     )
     parser.add_argument(
         "--runs",
@@ -102,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         from experiments.benchmarks.features import bench_features
 
         bench_features(args.runs)
+    if args.what in ("estimator", "all"):
+        from experiments.benchmarks.estimator import bench_estimator
+
+        bench_estimator(args.quick, args.variants)
     if args.what in ("latents", "all"):
         from experiments.benchmarks.latents import bench_latents
 

@@ -1,0 +1,187 @@
+"""Which pixel encoder learns the state fastest? Supervised state regression from pixels, every encoder side by side.
+
+A pixel SAC critic can only value states it can tell apart, and it learns to tell them apart from a TD signal
+that is noisy and moving. This benchmark takes the RL out: each encoder, with the readout a DrQ-recipe critic
+uses (`make_readout`: Linear -> 50 + LayerNorm + tanh) and DrQ's 2 x 1024 head, regresses the simulator's full
+state (standardised) from 84 px x 3 frame stacks, with DrQ's +-4 px shifts, Adam at DrQ's lr 1e-3, batch 128.
+Scored on held-out episodes: R^2 per state dimension, averaged over the position dimensions and over the
+velocity dimensions, after a quarter, half and all of the steps. An encoder that cannot learn the state here
+in a few hundred steps gives its critic features that do not vary across states (docs/results.md, "Why the
+Perceiver does not learn under DrQ's recipe").
+
+`python -m experiments.benchmark estimator [--quick] [--variants NAME ...]`; cartpole-swingup, random actions
+held for 1-8 steps (so the cart crosses the track and the pole swings), DrQ's action repeat 8.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from agents.augment import random_shift
+from agents.drq_policy import FEATURE_DIM, HIDDEN_DEPTH, HIDDEN_DIM, mlp
+from agents.encoders import build_encoder
+from experiments.benchmarks.common import table
+from perceiver_policy.config import PerceiverConfig
+
+LEAN = {"num_latents": 32, "latent_dim": 64, "self_attn_layers": 1, "patch_size": 12}
+"""The lean Perceiver of the pixel studies (docs/results.md)."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One encoder as a DrQ-recipe critic would build it: `build_encoder(encoder, ...)` + `make_readout`."""
+
+    encoder: str
+    perceiver: dict = field(default_factory=dict)
+    readout: str | None = None  # None: the encoder's default ('query' for the Perceiver, 'flat' for CNNs)
+    center: bool = False
+    center_momentum: float | None = None  # None: agents.encoders.CENTER_MOMENTUM
+
+
+VARIANTS: dict[str, Variant] = {
+    "cnn": Variant("cnn"),
+    "drq-cnn": Variant("drq-cnn"),
+    "perceiver-patch": Variant("perceiver", LEAN),
+    "perceiver-patch-centred": Variant("perceiver", LEAN, center=True),
+    "perceiver-conv": Variant("perceiver", {**LEAN, "pixel_tokenizer": "conv"}),
+    "perceiver-conv-centred": Variant("perceiver", {**LEAN, "pixel_tokenizer": "conv"}, center=True),
+    "perceiver-patch-centred-m0.1": Variant("perceiver", LEAN, center=True, center_momentum=0.1),
+    "perceiver-conv-centred-m0.1": Variant(
+        "perceiver", {**LEAN, "pixel_tokenizer": "conv"}, center=True, center_momentum=0.1
+    ),
+}
+QUICK = ("cnn", "perceiver-patch", "perceiver-patch-centred", "perceiver-conv-centred-m0.1")
+
+
+@dataclass
+class StateData:
+    """Pixel stacks (N, F*3, H, W) uint8 and states (N, S) float32, with the state's sensor layout."""
+
+    pixels: torch.Tensor
+    states: torch.Tensor
+    layout: dict[str, tuple[int, int]]
+
+
+def collect(count: int, seed: int, task: str = "cartpole-swingup", action_repeat: int = 8) -> StateData:
+    """`count` observations of `task` (84 px x 3 frames, privileged state) under random actions, each held for
+    1-8 agent steps. The privileged state is the task's full observation vector (positions and velocities)."""
+    import envs
+
+    venv = envs.make_vec_env(task, n_envs=1, seed=seed, modalities=("pixels",), action_repeat=action_repeat,
+                             privileged_state=True)  # fmt: skip
+    layout = dict(venv.observation_space[envs.STATE_KEY].layout)
+    rng = np.random.default_rng(seed)
+    shape = venv.action_space.shape
+    obs, pixels, states, action, hold = venv.reset(), [], [], None, 0
+    for _ in range(count):
+        pixels.append(obs["pixels"][0])
+        states.append(obs[envs.STATE_KEY][0])
+        if hold == 0:
+            action, hold = rng.uniform(-1, 1, (1, *shape)).astype(np.float32), int(rng.integers(1, 9))
+        hold -= 1
+        obs, *_ = venv.step(action)
+    venv.close()
+    return StateData(torch.as_tensor(np.stack(pixels)), torch.as_tensor(np.stack(states)), layout)
+
+
+def r2_by_dim(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Coefficient of determination of each column: 1 - SSE / SST (1: exact, 0: the column's mean, < 0: worse)."""
+    sse = (prediction - target).pow(2).sum(0)
+    sst = (target - target.mean(0)).pow(2).sum(0).clamp_min(1e-12)
+    return 1 - sse / sst
+
+
+class StateRegressor(nn.Module):
+    """encoder -> readout (a DrQ-recipe critic's features, 50-d) -> DrQ's 2 x 1024 MLP -> the state."""
+
+    def __init__(self, variant: Variant, observation_space, state_dim: int):
+        super().__init__()
+        self.encoder = build_encoder(variant.encoder, observation_space, PerceiverConfig(**variant.perceiver))
+        kind = variant.readout or ("query" if variant.encoder == "perceiver" else "flat")
+        self.readout = self.encoder.make_readout(FEATURE_DIM, kind, variant.center, variant.center_momentum)
+        self.head = mlp(FEATURE_DIM, HIDDEN_DIM, state_dim, HIDDEN_DEPTH)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.readout(self.encoder({"pixels": pixels})))
+
+
+def fit(
+    variant: Variant,
+    train: StateData,
+    test: StateData,
+    steps: int,
+    evaluate_at: tuple[int, ...],
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    shift_pad: int = 4,
+    seed: int = 0,
+) -> dict:
+    """Train one variant; {'r2': {step: (R^2 per state dim)}, 'ms_per_step': float, 'params': int}."""
+    from gymnasium import spaces
+
+    torch.manual_seed(seed)
+    space = spaces.Dict({"pixels": spaces.Box(0, 255, tuple(train.pixels.shape[1:]), np.uint8)})
+    model = StateRegressor(variant, space, train.states.shape[1])
+    mean, std = train.states.mean(0), train.states.std(0).clamp_min(1e-6)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    scores, elapsed = {}, 0.0
+    for step in range(1, steps + 1):
+        model.train()
+        index = torch.randint(0, len(train.pixels), (batch_size,), generator=generator)
+        start = time.perf_counter()
+        prediction = model(random_shift(train.pixels[index], shift_pad))
+        loss = (prediction - (train.states[index] - mean) / std).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        elapsed += time.perf_counter() - start
+        if step in evaluate_at:
+            model.eval()
+            with torch.no_grad():
+                predicted = torch.cat([model(chunk) for chunk in test.pixels.split(256)])
+            scores[step] = r2_by_dim(predicted, (test.states - mean) / std)
+    params = sum(p.numel() for p in model.parameters())
+    return {"r2": scores, "ms_per_step": 1000 * elapsed / steps, "params": params}
+
+
+def group_means(r2: torch.Tensor, layout: dict[str, tuple[int, int]]) -> dict[str, float]:
+    """Mean R^2 over each sensor of the state layout (cartpole: position, velocity)."""
+    return {name: float(r2[a:b].mean()) for name, (a, b) in layout.items()}
+
+
+def bench_estimator(
+    quick: bool = False,
+    variants: list[str] | None = None,
+    steps: int | None = None,
+    observations: tuple[int, int] | None = None,
+) -> None:
+    """The table for `variants` (names of `VARIANTS`); `steps` and `observations` (train, held-out) override the
+    sizes (full: 1200 steps on 6000 / 1000 observations; quick: 400 on 2000 / 500)."""
+    names = list(variants or (QUICK if quick else VARIANTS))
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown estimator variants {unknown}; valid choices: {list(VARIANTS)}")
+    steps = steps or (400 if quick else 1200)
+    evaluate_at = tuple(sorted({max(1, steps // 4), max(1, steps // 2), steps}))
+    n_train, n_test = observations or ((2000, 500) if quick else (6000, 1000))
+    train = collect(n_train, seed=0)
+    test = collect(n_test, seed=1)
+    rows = []
+    for name in names:
+        result = fit(VARIANTS[name], train, test, steps, evaluate_at)
+        groups = [group_means(result["r2"][s], train.layout) for s in evaluate_at]
+        cells = [" / ".join(f"{g[k]:.2f}" for k in train.layout) for g in groups]
+        rows.append([name, result["params"], *cells, result["ms_per_step"]])
+    sensors = " / ".join(train.layout)
+    table(
+        f"State regression from pixels (cartpole-swingup, {len(train.pixels)} train / {len(test.pixels)} held-out "
+        f"observations, DrQ shifts, Adam 1e-3, batch 128): held-out R^2 ({sensors})",
+        ["encoder", "parameters", *[f"R^2 at {s} steps" for s in evaluate_at], "ms / step"],
+        rows,
+    )

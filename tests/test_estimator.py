@@ -1,0 +1,58 @@
+"""The state-regression benchmark: its R^2, its data and its plumbing (it reports no timing a test could assert)."""
+
+import pytest
+import torch
+
+from experiments.benchmarks import estimator
+from experiments.benchmarks.estimator import VARIANTS, StateData, Variant, bench_estimator, fit, r2_by_dim
+
+
+def test_r2_is_one_for_the_target_zero_for_its_mean_and_negative_when_worse():
+    target = torch.randn(100, 3)
+    assert torch.allclose(r2_by_dim(target, target), torch.ones(3))
+    assert torch.allclose(r2_by_dim(target.mean(0).expand(100, 3), target), torch.zeros(3), atol=1e-6)
+    assert (r2_by_dim(-target, target) < 0).all()
+
+
+def synthetic(count: int, seed: int) -> StateData:
+    """A bright 12-px square at a random column of a dark 3-frame stack; the state is its column (and noise)."""
+    generator = torch.Generator().manual_seed(seed)
+    column = torch.randint(0, 72, (count,), generator=generator)
+    pixels = torch.zeros(count, 9, 84, 84, dtype=torch.uint8)
+    for i, c in enumerate(column.tolist()):
+        pixels[i, :, 36:48, c : c + 12] = 255
+    states = torch.stack([column.float(), torch.randn(count, generator=generator)], 1)
+    return StateData(pixels, states, {"position": (0, 1), "noise": (1, 2)})
+
+
+def test_fit_learns_where_the_square_is_from_pixels_alone():
+    result = fit(VARIANTS["cnn"], synthetic(256, 0), synthetic(128, 1), steps=60, evaluate_at=(1, 60),
+                 batch_size=32, shift_pad=0)  # fmt: skip
+    assert set(result["r2"]) == {1, 60} and result["params"] > 0
+    assert result["r2"][60][0] > 0.9 and result["r2"][60][0] > result["r2"][1][0]  # the column is learned ...
+    assert result["r2"][60][1] < 0.2  # ... the noise is not: R^2 is scored on held-out observations
+
+
+def test_every_variant_builds_its_encoder_and_readout():
+    data = synthetic(8, 0)
+    for name, variant in VARIANTS.items():
+        result = fit(variant, data, data, steps=1, evaluate_at=(1,), batch_size=4)
+        assert result["r2"][1].shape == (2,), name
+
+
+def test_unknown_variants_are_refused_with_the_choices():
+    with pytest.raises(ValueError, match=r"unknown estimator variants \['mlp'\]; valid choices: \['cnn'"):
+        bench_estimator(variants=["mlp"])
+
+
+def test_the_table_has_one_row_per_variant(monkeypatch, capsys):
+    monkeypatch.setattr(estimator, "collect", lambda count, seed: synthetic(count, seed))
+    monkeypatch.setitem(
+        VARIANTS, "tiny-perceiver", Variant("perceiver", {"num_latents": 4, "latent_dim": 16})
+    )
+    bench_estimator(variants=["cnn", "tiny-perceiver"], steps=4, observations=(16, 8))
+    rows = [
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line
+    ]
+    assert [row.split("|")[1].strip() for row in rows] == ["encoder", "cnn", "tiny-perceiver"]
+    assert "R^2 at 1 steps" in rows[0] and "R^2 at 4 steps" in rows[0]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from experiments.benchmarks import estimator
-from experiments.benchmarks.estimator import VARIANTS, StateData, Variant, bench_estimator, fit, r2_by_dim
+from experiments.benchmarks.estimator import VARIANTS, Variant, bench_estimator, fit, r2_by_dim, square
 
 
 def test_r2_is_one_for_the_target_zero_for_its_mean_and_negative_when_worse():
@@ -14,19 +14,8 @@ def test_r2_is_one_for_the_target_zero_for_its_mean_and_negative_when_worse():
     assert (r2_by_dim(-target, target) < 0).all()
 
 
-def synthetic(count: int, seed: int) -> StateData:
-    """A bright 12-px square at a random column of a dark 3-frame stack; the state is its column (and noise)."""
-    generator = torch.Generator().manual_seed(seed)
-    column = torch.randint(0, 72, (count,), generator=generator)
-    pixels = torch.zeros(count, 9, 84, 84, dtype=torch.uint8)
-    for i, c in enumerate(column.tolist()):
-        pixels[i, :, 36:48, c : c + 12] = 255
-    states = torch.stack([column.float(), torch.randn(count, generator=generator)], 1)
-    return StateData(pixels, states, {"position": (0, 1), "noise": (1, 2)})
-
-
 def test_fit_learns_where_the_square_is_from_pixels_alone():
-    result = fit(VARIANTS["cnn"], synthetic(256, 0), synthetic(128, 1), steps=60, evaluate_at=(1, 60),
+    result = fit(VARIANTS["cnn"], square(256, 0), square(128, 1), steps=60, evaluate_at=(1, 60),
                  batch_size=32, shift_pad=0)  # fmt: skip
     assert set(result["r2"]) == {1, 60} and result["params"] > 0
     assert result["r2"][60][0] > 0.9 and result["r2"][60][0] > result["r2"][1][0]  # the column is learned ...
@@ -34,7 +23,7 @@ def test_fit_learns_where_the_square_is_from_pixels_alone():
 
 
 def test_every_variant_builds_its_encoder_and_readout():
-    data = synthetic(8, 0)
+    data = square(8, 0)
     for name, variant in VARIANTS.items():
         result = fit(variant, data, data, steps=1, evaluate_at=(1,), batch_size=4)
         assert result["r2"][1].shape == (2,), name
@@ -46,7 +35,8 @@ def test_unknown_variants_are_refused_with_the_choices():
 
 
 def test_the_table_has_one_row_per_variant(monkeypatch, capsys):
-    monkeypatch.setattr(estimator, "collect", lambda count, seed: synthetic(count, seed))
+    monkeypatch.setattr(estimator, "collect", lambda count, seed: square(count, seed))
+    monkeypatch.setattr(estimator, "square", lambda count, seed: square(16, seed))
     monkeypatch.setitem(
         VARIANTS, "tiny-perceiver", Variant("perceiver", {"num_latents": 4, "latent_dim": 16})
     )
@@ -54,5 +44,9 @@ def test_the_table_has_one_row_per_variant(monkeypatch, capsys):
     rows = [
         line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line
     ]
-    assert [row.split("|")[1].strip() for row in rows] == ["encoder", "cnn", "tiny-perceiver"]
-    assert "R^2 at 1 steps" in rows[0] and "R^2 at 4 steps" in rows[0]
+    assert [row.split("|")[1].strip() for row in rows] == [
+        "encoder",
+        "cnn",
+        "tiny-perceiver",
+    ] * 2  # two tables
+    assert "| 4 steps |" in rows[0] and "R^2 at 1 steps" in rows[3] and "R^2 at 4 steps" in rows[3]

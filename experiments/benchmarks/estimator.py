@@ -9,8 +9,12 @@ velocity dimensions, after a quarter, half and all of the steps. An encoder that
 in a few hundred steps gives its critic features that do not vary across states (docs/results.md, "Why the
 Perceiver does not learn under DrQ's recipe").
 
-`python -m experiments.benchmark estimator [--quick] [--variants NAME ...]`; cartpole-swingup, random actions
-held for 1-8 steps (so the cart crosses the track and the pole swings), DrQ's action repeat 8.
+Two tables. First the simplest question a pixel encoder must answer: where is a bright 12-px square on a dark
+84 px stack (its column, regressed; a noise column beside it must stay unlearned), batch 32, no shifts, three
+seeds. Then cartpole-swingup: random actions held for 1-8 steps (so the cart crosses the track and the pole
+swings), DrQ's action repeat 8.
+
+`python -m experiments.benchmark estimator [--quick] [--variants NAME ...]`.
 """
 
 from __future__ import annotations
@@ -87,6 +91,18 @@ def collect(count: int, seed: int, task: str = "cartpole-swingup", action_repeat
         obs, *_ = venv.step(action)
     venv.close()
     return StateData(torch.as_tensor(np.stack(pixels)), torch.as_tensor(np.stack(states)), layout)
+
+
+def square(count: int, seed: int) -> StateData:
+    """A bright 12 x 12 px square at a random column of a dark 3-frame, 84 px stack; the state is its column
+    and a column of noise (which no encoder can learn: a held-out check that R^2 is not fit to the training set)."""
+    generator = torch.Generator().manual_seed(seed)
+    column = torch.randint(0, 72, (count,), generator=generator)
+    pixels = torch.zeros(count, 9, 84, 84, dtype=torch.uint8)
+    for i, c in enumerate(column.tolist()):
+        pixels[i, :, 36:48, c : c + 12] = 255
+    states = torch.stack([column.float(), torch.randn(count, generator=generator)], 1)
+    return StateData(pixels, states, {"position": (0, 1), "noise": (1, 2)})
 
 
 def r2_by_dim(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -167,6 +183,7 @@ def bench_estimator(
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         raise ValueError(f"unknown estimator variants {unknown}; valid choices: {list(VARIANTS)}")
+    square_table(names, seeds=(1,) if quick else (1, 2, 3), steps=min(steps or 100, 100))
     steps = steps or (400 if quick else 1200)
     evaluate_at = tuple(sorted({max(1, steps // 4), max(1, steps // 2), steps}))
     n_train, n_test = observations or ((2000, 500) if quick else (6000, 1000))
@@ -183,5 +200,23 @@ def bench_estimator(
         f"State regression from pixels (cartpole-swingup, {len(train.pixels)} train / {len(test.pixels)} held-out "
         f"observations, DrQ shifts, Adam 1e-3, batch 128): held-out R^2 ({sensors})",
         ["encoder", "parameters", *[f"R^2 at {s} steps" for s in evaluate_at], "ms / step"],
+        rows,
+    )
+
+
+def square_table(names: list[str], seeds: tuple[int, ...], steps: int = 100) -> None:
+    """R^2 of the square's column on held-out stacks after 10 / 25 / 50 / `steps` steps, each seed's value."""
+    train, test = square(512, seed=0), square(256, seed=1)
+    evaluate_at = tuple(sorted({min(s, steps) for s in (10, 25, 50)} | {steps}))
+    rows = []
+    for name in names:
+        runs = [fit(VARIANTS[name], train, test, steps, evaluate_at, batch_size=32, shift_pad=0, seed=seed)
+                for seed in seeds]  # fmt: skip
+        cells = [" / ".join(f"{float(run['r2'][s][0]):.2f}" for run in runs) for s in evaluate_at]
+        rows.append([name, *cells])
+    table(
+        f"Where is the square? Held-out R^2 of its column (512 train / 256 held-out stacks, batch 32), seeds "
+        f"{' / '.join(map(str, seeds))}",
+        ["encoder", *[f"{s} steps" for s in evaluate_at]],
         rows,
     )

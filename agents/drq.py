@@ -137,11 +137,14 @@ def drq_step(algo, data, update: int, mix_index: torch.Tensor | None = None) -> 
 
 
 def copy_running_means(online: torch.nn.Module, target: torch.nn.Module) -> None:
-    """The target critic's readout statistics follow the online critic's (as SB3 copies BatchNorm statistics)."""
+    """The target critic's readout statistics and reference observation follow the online critic's (as SB3 copies
+    BatchNorm statistics)."""
     buffers = dict(target.named_buffers())
     with torch.no_grad():
         for name, value in online.named_buffers():
-            if name.endswith(("running_mean", "initialised")):
+            if name.endswith(("running_mean", "initialised")) or name.rsplit(".", 1)[-1].startswith(
+                "reference_"
+            ):
                 buffers[name].copy_(value)
 
 

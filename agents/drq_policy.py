@@ -35,6 +35,18 @@ FEATURE_DIM = 50  # drq config.yaml: encoder feature_dim
 LOG_STD_BOUNDS = (-10.0, 2.0)  # drq config.yaml: actor log_std_bounds
 
 
+CENTERINGS = ("none", "running", "reference")
+
+
+def centering_mode(value: bool | str) -> str:
+    """`center_features` as one of `CENTERINGS` (True: 'running', False: 'none')."""
+    if isinstance(value, bool):
+        return "running" if value else "none"
+    if value not in CENTERINGS:
+        raise ValueError(f"center_features {value!r} unknown; valid choices: {[*CENTERINGS, True, False]}")
+    return value
+
+
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, depth: int) -> nn.Sequential:
     """DrQ's `utils.mlp`: `depth` Linear + ReLU layers of `hidden_dim`, then a Linear to `out_dim`."""
     layers: list[nn.Module] = []
@@ -120,10 +132,12 @@ class DrQSACPolicy(SACActorPolicy):
 
     ``policy_kwargs``: ``encoder`` ('perceiver', 'cnn', 'drq-cnn'), ``perceiver`` (PerceiverConfig fields, for the
     Perceiver encoder), ``readout`` (`agents.encoders.READOUTS`; None: 'query' for the Perceiver, 'flat' for the
-    conv encoders), ``center_features`` (the readouts subtract a running mean of their input,
-    `agents.encoders.FeatureReadout`), ``center_momentum`` (the weight of each training batch in that running mean;
-    default `agents.encoders.CENTER_MOMENTUM`), ``feature_dim``, ``hidden_dim``, ``hidden_depth``, ``log_std_bounds``,
-    ``n_critics``. The target critic's running means follow the online critic's at each target update."""
+    conv encoders), ``center_features`` (`CENTERINGS`: 'none' / False; 'running' / True: the readouts subtract a
+    running mean of their input, `agents.encoders.FeatureReadout`; 'reference': the Perceiver's latents minus its
+    latents of a reference observation, `agents.encoders.PerceiverTrunk`), ``center_momentum`` (the weight of each
+    training batch in that running mean; default `agents.encoders.CENTER_MOMENTUM`), ``feature_dim``,
+    ``hidden_dim``, ``hidden_depth``, ``log_std_bounds``, ``n_critics``. The target critic's running means and
+    reference follow the online critic's at each target update."""
 
     def __init__(
         self,
@@ -138,7 +152,7 @@ class DrQSACPolicy(SACActorPolicy):
         log_std_bounds: tuple[float, float] = LOG_STD_BOUNDS,
         n_critics: int = 2,
         readout: str | None = None,
-        center_features: bool = False,
+        center_features: bool | str = False,
         center_momentum: float = CENTER_MOMENTUM,
         use_sde: bool = False,
         optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adam,
@@ -168,7 +182,8 @@ class DrQSACPolicy(SACActorPolicy):
         self.perceiver_config = as_config(perceiver)
         self.feature_dim, self.hidden_dim, self.hidden_depth = feature_dim, hidden_dim, hidden_depth
         self.log_std_bounds, self.n_critics, self.readout = (low, high), n_critics, readout
-        self.center_features = bool(center_features)
+        self.center_features = center_features
+        self.centering = centering_mode(center_features)
         self.center_momentum = check_center_momentum(center_momentum)
         action_dim = int(action_space.shape[0])
         if readout == "flat" and encoder == "perceiver" and self.perceiver_config.latent_scaling:
@@ -176,11 +191,13 @@ class DrQSACPolicy(SACActorPolicy):
                 "readout 'flat' reads a fixed number of latents; latent_scaling "
                 f"{self.perceiver_config.latent_scaling} needs readout 'query' (valid choices: {list(READOUTS)})"
             )
-        self.encoder = build_encoder(encoder, self.observation_space, self.perceiver_config)
+        self.encoder = build_encoder(
+            encoder, self.observation_space, self.perceiver_config, reference=self.centering == "reference"
+        )
         sizes = {"action_dim": action_dim, "feature_dim": feature_dim, "hidden_dim": hidden_dim,
                  "hidden_depth": hidden_depth}  # fmt: skip
         make = lambda: self.encoder.make_readout(  # noqa: E731
-            feature_dim, readout, self.center_features, self.center_momentum
+            feature_dim, readout, self.centering == "running", self.center_momentum
         )
         self.actor = DrQActor(self.encoder, make(), sizes, self.log_std_bounds)
         self.critic = DrQCritic(self.encoder, make(), sizes, n_critics)

@@ -31,10 +31,10 @@ def venv():
     env.close()
 
 
-def agent(venv, policy_type="drq-cnn", **overrides):
+def agent(venv, policy_type="drq-cnn", policy_kwargs=None, **overrides):
     model = make_agent(
-        "sac", venv, perceiver=LEAN, policy_kwargs=dict(SMALL_HEADS), policy_type=policy_type, recipe="drq",
-        device="cpu", seed=0, buffer_size=200, learning_starts=0, **overrides,
+        "sac", venv, perceiver=LEAN, policy_kwargs=policy_kwargs or dict(SMALL_HEADS), policy_type=policy_type,
+        recipe="drq", device="cpu", seed=0, buffer_size=200, learning_starts=0, **overrides,
     )  # fmt: skip
     model.set_logger(configure(None, []))
     return model
@@ -445,3 +445,54 @@ def test_center_momentum_sets_how_fast_the_running_mean_follows_and_is_saved(ven
     model.save(tmp_path / "m.zip")
     loaded = type(model).load(tmp_path / "m.zip", device="cpu")
     assert loaded.policy.critic_target.readout.head.momentum == 0.1
+
+
+def square_stacks(columns, size=48):
+    """Pixel stacks (n, 9, size, size) of one grey background with a bright square at each given column."""
+    pixels = torch.full((len(columns), 9, size, size), 90, dtype=torch.uint8)
+    for i, c in enumerate(columns):
+        pixels[i, :, 18:26, c : c + 8] = 250
+    return pixels
+
+
+def test_reference_centring_subtracts_the_latents_of_the_first_observation_read(venv, tmp_path):
+    from agents.drq import feature_variation
+    from agents.encoders import PerceiverTrunk
+
+    model = agent(venv, "perceiver", policy_kwargs={**SMALL_HEADS, "center_features": "reference"})
+    encoder = model.policy.encoder
+    assert isinstance(encoder, PerceiverTrunk) and not bool(encoder.reference_initialised)
+    obs = {
+        "pixels": square_stacks([2, 10, 20, 30, 38]),
+        "proprio": torch.zeros(5, 5),
+    }  # only the square moves
+    with torch.no_grad():
+        h = encoder(obs)  # the first read: the first sample becomes the reference
+        plain = PerceiverEncoder.forward(encoder, obs)
+    assert bool(encoder.reference_initialised) and torch.equal(encoder.reference_pixels, obs["pixels"][:1])
+    torch.testing.assert_close(
+        h, plain - plain[:1], atol=1e-5, rtol=0
+    )  # h = latents(obs) - latents(reference)
+    assert h[0].abs().max() < 1e-5
+    # What does not depend on the input cancels: plain latents barely differ between the squares, h does not
+    assert feature_variation(h[1:]) > 10 * feature_variation(plain[1:])
+    later = {"pixels": square_stacks([12, 14]), "proprio": torch.randn(2, 5)}
+    encoder(later)
+    assert torch.equal(encoder.reference_pixels, obs["pixels"][:1])  # captured once
+    drq_step(model, batch(model), update=0)  # update 0: the target critic takes the reference
+    assert torch.equal(model.policy.critic_target.encoder.reference_pixels, obs["pixels"][:1])
+    model.save(tmp_path / "m.zip")
+    loaded = type(model).load(tmp_path / "m.zip", device="cpu")
+    assert loaded.policy.center_features == "reference"
+    assert torch.equal(loaded.policy.encoder.reference_pixels, obs["pixels"][:1])
+
+
+def test_centring_choices_are_checked(venv):
+    with pytest.raises(
+        ValueError, match=r"center_features 'mean' unknown; valid choices: \['none', 'running'"
+    ):
+        agent(venv, "perceiver", policy_kwargs={**SMALL_HEADS, "center_features": "mean"})
+    with pytest.raises(ValueError, match="'reference' is for the Perceiver's latents; encoder 'cnn' takes"):
+        agent(venv, "cnn", policy_kwargs={**SMALL_HEADS, "center_features": "reference"})
+    running = agent(venv, "perceiver", policy_kwargs={**SMALL_HEADS, "center_features": "running"})
+    assert running.policy.critic.readout.head.center and not running.policy.encoder.reference

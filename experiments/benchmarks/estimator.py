@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from agents.augment import random_shift
-from agents.drq_policy import FEATURE_DIM, HIDDEN_DEPTH, HIDDEN_DIM, mlp
+from agents.drq_policy import FEATURE_DIM, HIDDEN_DEPTH, HIDDEN_DIM, centering_mode, mlp
 from agents.encoders import build_encoder
 from experiments.benchmarks.common import table
 from perceiver_policy.config import PerceiverConfig
@@ -43,7 +43,7 @@ class Variant:
     encoder: str
     perceiver: dict = field(default_factory=dict)
     readout: str | None = None  # None: the encoder's default ('query' for the Perceiver, 'flat' for CNNs)
-    center: bool = False
+    center: bool | str = False  # agents.drq_policy.CENTERINGS: False / 'none', True / 'running', 'reference'
     center_momentum: float | None = None  # None: agents.encoders.CENTER_MOMENTUM
 
 
@@ -58,11 +58,13 @@ VARIANTS: dict[str, Variant] = {
     "perceiver-conv-centred-m0.1": Variant(
         "perceiver", {**LEAN, "pixel_tokenizer": "conv"}, center=True, center_momentum=0.1
     ),
+    "perceiver-patch-reference": Variant("perceiver", LEAN, center="reference"),
+    "perceiver-conv-reference": Variant("perceiver", {**LEAN, "pixel_tokenizer": "conv"}, center="reference"),
 }
 DEFAULT = tuple(
     name for name in VARIANTS if name != "drq-cnn"
 )  # DrQ's encoder: ~5x NatureCNN's time per step
-QUICK = ("cnn", "perceiver-patch", "perceiver-patch-centred", "perceiver-conv-centred-m0.1")
+QUICK = ("cnn", "perceiver-patch", "perceiver-patch-centred", "perceiver-patch-reference")
 
 
 @dataclass
@@ -120,9 +122,14 @@ class StateRegressor(nn.Module):
 
     def __init__(self, variant: Variant, observation_space, state_dim: int):
         super().__init__()
-        self.encoder = build_encoder(variant.encoder, observation_space, PerceiverConfig(**variant.perceiver))
+        centering = centering_mode(variant.center)
+        self.encoder = build_encoder(
+            variant.encoder, observation_space, PerceiverConfig(**variant.perceiver), centering == "reference"
+        )
         kind = variant.readout or ("query" if variant.encoder == "perceiver" else "flat")
-        self.readout = self.encoder.make_readout(FEATURE_DIM, kind, variant.center, variant.center_momentum)
+        self.readout = self.encoder.make_readout(
+            FEATURE_DIM, kind, centering == "running", variant.center_momentum
+        )
         self.head = mlp(FEATURE_DIM, HIDDEN_DIM, state_dim, HIDDEN_DEPTH)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:

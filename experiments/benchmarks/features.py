@@ -51,10 +51,24 @@ def init_table() -> None:
         ("Perceiver, patch tokens, flat readout", "perceiver", LEAN, {"readout": "flat"}),
         ("Perceiver, conv tokens, query readout", "perceiver", {**LEAN, "pixel_tokenizer": "conv"}, {}),
         ("Perceiver, patch tokens, query readout, centred", "perceiver", LEAN, {"center_features": True}),
+        (
+            "Perceiver, patch tokens, query readout, reference-centred",
+            "perceiver",
+            LEAN,
+            {"center_features": "reference"},
+        ),
+        (
+            "Perceiver, conv tokens, query readout, reference-centred",
+            "perceiver",
+            {**LEAN, "pixel_tokenizer": "conv"},
+            {"center_features": "reference"},
+        ),
     ):
         model = make_agent("sac", venv, policy_type=policy_type, recipe="drq", policy_kwargs=kwargs, device="cpu",
                            seed=0, **({"perceiver": perceiver} if perceiver else {}))  # fmt: skip
-        if kwargs.get("center_features"):  # the running means start at the first training batch's mean
+        if kwargs.get(
+            "center_features"
+        ):  # running means and references start at the first batch read in training
             model.policy.set_training_mode(True)
             with torch.no_grad():
                 model.policy.critic.readout(model.policy.encoder(obs))

@@ -159,9 +159,13 @@ def encoder_of(policy):
 
 
 def applies(policy, kinds: tuple[str, ...] = STREAMED_KINDS) -> bool:
-    """Whether streaming changes anything: a Perceiver encoder reading a modality of a streamed kind."""
+    """Whether streaming changes anything: a Perceiver encoder reading a modality of a streamed kind. Not for an
+    encoder that also reads a reference observation in each pass (`center_features='reference'`): its batch
+    carries the reference beside the stream, so it runs uncached."""
     encoder = encoder_of(policy)
-    return encoder is not None and any(spec.kind in kinds for spec in encoder.specs)
+    if encoder is None or getattr(encoder, "reference", False):
+        return False
+    return any(spec.kind in kinds for spec in encoder.specs)
 
 
 @contextlib.contextmanager

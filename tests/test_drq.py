@@ -496,3 +496,17 @@ def test_centring_choices_are_checked(venv):
         agent(venv, "cnn", policy_kwargs={**SMALL_HEADS, "center_features": "reference"})
     running = agent(venv, "perceiver", policy_kwargs={**SMALL_HEADS, "center_features": "running"})
     assert running.policy.critic.readout.head.center and not running.policy.encoder.reference
+
+
+def test_a_reference_centred_encoder_runs_uncached_under_streaming(venv):
+    from perceiver_policy.streaming import applies, streaming
+
+    plain = agent(venv, "perceiver")
+    model = agent(venv, "perceiver", policy_kwargs={**SMALL_HEADS, "center_features": "reference"})
+    assert applies(plain.policy) and not applies(model.policy)
+    obs = {"pixels": square_stacks([4]), "proprio": torch.zeros(1, 5)}
+    with torch.no_grad():
+        expected = model.policy.actor(obs, deterministic=True)
+        with streaming(model.policy) as cache:
+            assert cache is None
+            torch.testing.assert_close(model.policy.actor(obs, deterministic=True), expected)

@@ -50,3 +50,10 @@ def test_the_table_has_one_row_per_variant(monkeypatch, capsys):
         "tiny-perceiver",
     ] * 2  # two tables
     assert "| 4 steps |" in rows[0] and "R^2 at 1 steps" in rows[3] and "R^2 at 4 steps" in rows[3]
+
+
+def test_reference_centred_latents_find_the_square_where_plain_latents_do_not_yet():
+    train, test = square(256, 0), square(128, 1)
+    runs = {name: fit(VARIANTS[name], train, test, steps=25, evaluate_at=(25,), batch_size=32, shift_pad=0, seed=1)
+            for name in ("perceiver-patch", "perceiver-patch-reference")}  # fmt: skip
+    assert runs["perceiver-patch-reference"]["r2"][25][0] > 0.5 > runs["perceiver-patch"]["r2"][25][0]

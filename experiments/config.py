@@ -190,7 +190,8 @@ class TrainConfig:
     algo: dict = field(default_factory=dict)
     """Keyword overrides for the SB3 algorithm (learning_rate, n_steps, batch_size, buffer_size, ...)."""
     policy: dict = field(default_factory=dict)
-    """Extra policy_kwargs (e.g. log_std_mode; for the DrQ recipe feature_dim, hidden_dim, readout=query|flat)."""
+    """Extra policy_kwargs (e.g. log_std_mode; for the DrQ recipe feature_dim, hidden_dim, readout=query|flat,
+    center_features=none|running|reference, center_momentum)."""
     curriculum: list = field(default_factory=list)
     """Optional [{'step': N, 'modalities': [...]}, ...]: from agent step N the model reads only those."""
     init_from: str | None = None
@@ -326,6 +327,7 @@ class TrainConfig:
                     "observation, so the ratio's old log-probabilities see the same masks"
                 )
             parse_schedule(self.modality_mix, tuple(self.modalities), self.modality_mix_mode)
+        self.validate_centering()
         for stage in self.curriculum:
             if not isinstance(stage, dict) or set(stage) != {"step", "modalities"}:
                 raise ValueError(f"curriculum stages are {{'step': N, 'modalities': [...]}}, got {stage!r}")
@@ -338,6 +340,33 @@ class TrainConfig:
     @property
     def multitask(self) -> bool:
         return bool(self.tasks)
+
+    def validate_centering(self) -> None:
+        """`--policy center_features=...` (DrQ recipe): a known choice; 'reference' needs the Perceiver and every
+        modality in each pass (its reference observation has them all)."""
+        if "center_features" not in self.policy:
+            return
+        from agents.drq_policy import centering_mode
+
+        if self.recipe != "drq":
+            raise ValueError(
+                f"center_features is a setting of the DrQ recipe's readouts; recipe {self.recipe!r} has none "
+                "(use --recipe drq)"
+            )
+        if centering_mode(self.policy["center_features"]) != "reference":
+            return
+        if self.policy_type != "perceiver":
+            raise ValueError(
+                f"center_features 'reference' is for the Perceiver's latents; policy_type {self.policy_type!r} "
+                "takes 'running' or 'none'"
+            )
+        withheld = [f"{name}={value!r}" for name, value in (("modality_mix", self.modality_mix),
+                    ("env_modality_dropout", self.env_modality_dropout), ("curriculum", self.curriculum)) if value]  # fmt: skip
+        if withheld:
+            raise ValueError(
+                f"center_features 'reference' reads every modality in each pass; {', '.join(withheld)} withholds "
+                "some: use center_features 'running' or 'none' with them"
+            )
 
     def validate_tasks(self) -> None:
         """Multi-task runs: known, distinct tasks, SAC with the Perceiver (SB3 recipe), no privileged state."""

@@ -136,3 +136,19 @@ def test_key_values_read_exponent_floats_as_numbers():
     )
     assert config.algo == {"learning_rate": 3e-4, "tau": 1e-2}
     assert cfg.load_yaml("[1e-3, 2, 1.5, abc, 1e]") == [1e-3, 2, 1.5, "abc", "1e"]
+
+
+def test_centring_is_checked_before_a_run_starts():
+    pixels = ("--preset", "cartpole-swingup-pixels", "--modalities", "pixels")
+    assert resolve(*pixels, "--policy", "center_features=reference").policy == {
+        "center_features": "reference"
+    }
+    for argv, message in (
+        (("--policy", "center_features=mean"), r"center_features 'mean' unknown; valid choices: \['none'"),
+        (("--policy-type", "cnn", "--policy", "center_features=reference"), "policy_type 'cnn' takes 'running'"),
+        (("--policy", "center_features=reference", "--env-modality-dropout", "0.2"),
+         r"env_modality_dropout=0.2 withholds some: use center_features 'running' or 'none'"),
+        (("--recipe", "sb3", "--policy", "center_features=true"), "recipe 'sb3' has none"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            resolve(*pixels, *argv)

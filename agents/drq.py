@@ -142,9 +142,8 @@ def copy_running_means(online: torch.nn.Module, target: torch.nn.Module) -> None
     buffers = dict(target.named_buffers())
     with torch.no_grad():
         for name, value in online.named_buffers():
-            if name.endswith(("running_mean", "initialised")) or name.rsplit(".", 1)[-1].startswith(
-                "reference_"
-            ):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("running_mean", "initialised") or leaf.startswith("reference_"):
                 buffers[name].copy_(value)
 
 

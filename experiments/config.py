@@ -360,8 +360,12 @@ class TrainConfig:
                 f"center_features 'reference' is for the Perceiver's latents; policy_type {self.policy_type!r} "
                 "takes 'running' or 'none'"
             )
-        withheld = [f"{name}={value!r}" for name, value in (("modality_mix", self.modality_mix),
-                    ("env_modality_dropout", self.env_modality_dropout), ("curriculum", self.curriculum)) if value]  # fmt: skip
+        withholding = {
+            "modality_mix": self.modality_mix,
+            "env_modality_dropout": self.env_modality_dropout,
+            "curriculum": self.curriculum,
+        }
+        withheld = [f"{name}={value!r}" for name, value in withholding.items() if value]
         if withheld:
             raise ValueError(
                 f"center_features 'reference' reads every modality in each pass; {', '.join(withheld)} withholds "

@@ -30,10 +30,8 @@ from agents.augment import random_shift
 from agents.drq_policy import FEATURE_DIM, HIDDEN_DEPTH, HIDDEN_DIM, centering_mode, mlp
 from agents.encoders import build_encoder
 from experiments.benchmarks.common import table
+from experiments.benchmarks.features import LEAN  # the lean Perceiver of the pixel studies
 from perceiver_policy.config import PerceiverConfig
-
-LEAN = {"num_latents": 32, "latent_dim": 64, "self_attn_layers": 1, "patch_size": 12}
-"""The lean Perceiver of the pixel studies (docs/results.md)."""
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from agents.encoders import (
     check_center_momentum,
     orthogonal_init,
 )
+from perceiver_policy.config import CENTERINGS, centering_mode  # noqa: F401 (re-exported)
 from perceiver_policy.policies import as_config
 from perceiver_policy.sac_policy import SACActorPolicy
 from perceiver_policy.state_decoding import make_state_decoder
@@ -33,18 +34,6 @@ HIDDEN_DIM = 1024  # drq config.yaml: actor / critic hidden_dim
 HIDDEN_DEPTH = 2  # drq config.yaml: hidden_depth
 FEATURE_DIM = 50  # drq config.yaml: encoder feature_dim
 LOG_STD_BOUNDS = (-10.0, 2.0)  # drq config.yaml: actor log_std_bounds
-
-
-CENTERINGS = ("none", "running", "reference")
-
-
-def centering_mode(value: bool | str) -> str:
-    """`center_features` as one of `CENTERINGS` (True: 'running', False: 'none')."""
-    if isinstance(value, bool):
-        return "running" if value else "none"
-    if value not in CENTERINGS:
-        raise ValueError(f"center_features {value!r} unknown; valid choices: {[*CENTERINGS, True, False]}")
-    return value
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, depth: int) -> nn.Sequential:

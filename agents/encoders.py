@@ -222,45 +222,10 @@ def _channels(observation_space: spaces.Dict) -> int:
 class PerceiverTrunk(PerceiverEncoder):
     """The Perceiver encoder as a pluggable trunk: h = latents (B, M, D); readout by an output query or flat.
 
-    `reference=True` (`center_features='reference'`): h = latents(obs) - latents(reference), where the reference
-    is the first observation the trunk reads (a replay sample, captured once, saved with the weights, copied into
-    the target critic with the running means). Both terms come from the same weights in the same pass, so
-    everything that does not depend on the input (the latent array, position and modality embeddings, the
-    attention's average over background tokens) cancels exactly, at every update, with no running statistic to
-    lag behind. In pixel SAC runs a running mean's lag grew to 600x the across-state signal within 3k updates
-    (docs/results.md)."""
-
-    def __init__(self, observation_space: spaces.Dict, config: PerceiverConfig, reference: bool = False):
-        super().__init__(observation_space, config)
-        self.reference = bool(reference)
-        if self.reference:
-            for name in self.names:
-                space = observation_space[name]
-                dtype = torch.uint8 if space.dtype == np.uint8 else torch.float32
-                self.register_buffer(f"reference_{name}", torch.zeros((1, *space.shape), dtype=dtype))
-            self.register_buffer("reference_initialised", torch.zeros((), dtype=torch.bool))
-
-    def forward(self, obs, absent=None) -> torch.Tensor:
-        if not self.reference:
-            return super().forward(obs, absent)
-        if ABSENT_KEY in obs or absent is not None:
-            raise ValueError(
-                "center_features 'reference' reads every modality of the reference observation; per-sample absent "
-                "modalities (env_modality_dropout, modality_mix) need center_features 'running' or 'none'"
-            )
-        if not bool(self.reference_initialised):
-            with torch.no_grad():
-                for name in self.names:
-                    getattr(self, f"reference_{name}").copy_(torch.as_tensor(obs[name])[:1])
-                self.reference_initialised.fill_(True)
-        joined = {k: v for k, v in obs.items() if k not in self.names}
-        for name in self.names:
-            if name in obs:
-                value = torch.as_tensor(obs[name], device=self.latents.device)
-                reference = getattr(self, f"reference_{name}").to(value.dtype)
-                joined[name] = torch.cat([value, reference])
-        latents = super().forward(joined)
-        return latents[:-1] - latents[-1:]
+    `reference=True` (`center_features='reference'`): h = latents(obs) - latents(reference), the reference being
+    the first observation the trunk reads (`PerceiverEncoder`), copied into the target critic with the running
+    means. In pixel SAC runs a running mean's lag grew to 600x the across-state signal within 3k updates
+    (docs/results.md); the reference has nothing to lag."""
 
     def make_readout(
         self, feature_dim: int, kind: str = "query", center: bool = False, momentum: float | None = None

@@ -342,34 +342,30 @@ class TrainConfig:
         return bool(self.tasks)
 
     def validate_centering(self) -> None:
-        """`--policy center_features=...` (DrQ recipe): a known choice; 'reference' needs the Perceiver and every
-        modality in each pass (its reference observation has them all)."""
+        """`--policy center_features=...`: a known choice the run's policy has. 'running' is a statistic of the DrQ
+        recipe's readouts; 'reference' centres the Perceiver's latents under any recipe and algorithm, but not
+        a multi-task run's (one reference observation is one body's)."""
         if "center_features" not in self.policy:
             return
-        from agents.drq_policy import centering_mode
+        from perceiver_policy.config import centering_mode
 
-        if self.recipe != "drq":
+        mode = centering_mode(self.policy["center_features"])
+        drq = self.algorithm == "sac" and self.recipe == "drq"
+        where = f"sac with recipe {self.recipe!r}" if self.algorithm == "sac" else self.algorithm
+        if mode == "running" and not drq:
             raise ValueError(
-                f"center_features is a setting of the DrQ recipe's readouts; recipe {self.recipe!r} has none "
-                "(use --recipe drq)"
+                f"center_features {self.policy['center_features']!r} (a running mean) is a setting of the DrQ "
+                f"recipe's readouts; {where} takes 'reference' or 'none' (or use --algorithm sac --recipe drq)"
             )
-        if centering_mode(self.policy["center_features"]) != "reference":
-            return
-        if self.policy_type != "perceiver":
+        if self.policy_type != "perceiver" and (mode == "reference" or not drq):
             raise ValueError(
-                f"center_features 'reference' is for the Perceiver's latents; policy_type {self.policy_type!r} "
-                "takes 'running' or 'none'"
+                f"center_features {self.policy['center_features']!r} is for the Perceiver's latents; policy_type "
+                f"{self.policy_type!r} takes " + ("'running' or 'none'" if drq else "no center_features")
             )
-        withholding = {
-            "modality_mix": self.modality_mix,
-            "env_modality_dropout": self.env_modality_dropout,
-            "curriculum": self.curriculum,
-        }
-        withheld = [f"{name}={value!r}" for name, value in withholding.items() if value]
-        if withheld:
+        if mode == "reference" and self.multitask:
             raise ValueError(
-                f"center_features 'reference' reads every modality in each pass; {', '.join(withheld)} withholds "
-                "some: use center_features 'running' or 'none' with them"
+                "center_features 'reference' centres one body's latents on one reference observation; a multi-task "
+                f"run ({' '.join(self.tasks)}) takes 'none'"
             )
 
     def validate_tasks(self) -> None:

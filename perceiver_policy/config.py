@@ -12,6 +12,30 @@ PROPRIO_TOKENS = ("sensor", "chunk")
 PIXEL_TOKENIZERS = ("patch", "conv")
 MISSING_TOKENS = ("remove", "mask")
 SHARED_GROUP = "shared"
+CENTERINGS = ("none", "running", "reference")
+"""A policy's `center_features`: 'none'; 'running' (the DrQ recipe's readouts subtract a running mean of their
+input); 'reference' (the Perceiver's latents minus those of a reference observation, `PerceiverEncoder`)."""
+
+
+def centering_mode(value: bool | str) -> str:
+    """`center_features` as one of `CENTERINGS` (True: 'running', False: 'none')."""
+    if isinstance(value, bool):
+        return "running" if value else "none"
+    if value not in CENTERINGS:
+        raise ValueError(f"center_features {value!r} unknown; valid choices: {[*CENTERINGS, True, False]}")
+    return value
+
+
+def reference_centring(value: bool | str, policy: str) -> bool:
+    """`center_features` of a policy whose heads read the latents directly (SB3's SAC recipe, PPO / A2C):
+    'reference' or 'none'; 'running' is a statistic of the DrQ recipe's readouts, which `policy` has not."""
+    mode = centering_mode(value)
+    if mode == "running":
+        raise ValueError(
+            f"center_features {value!r} (a running mean) belongs to the DrQ recipe's readouts; {policy} takes "
+            "'reference' or 'none'"
+        )
+    return mode == "reference"
 
 
 @dataclass

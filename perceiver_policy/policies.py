@@ -19,7 +19,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
-from perceiver_policy.config import PerceiverConfig
+from perceiver_policy.config import PerceiverConfig, centering_mode, reference_centring
 from perceiver_policy.finetuning import apply_finetune, check_finetune
 from perceiver_policy.modalities import STATE_KEY
 from perceiver_policy.model import LearnedQueries, PerceiverDecoder, PerceiverEncoder
@@ -53,10 +53,12 @@ def as_config(perceiver: PerceiverConfig | dict | None) -> PerceiverConfig:
 class PerceiverExtractor(BaseFeaturesExtractor):
     """The Perceiver encoder as an SB3 features extractor: Dict obs -> flattened latents (B, M * D)."""
 
-    def __init__(self, observation_space: spaces.Dict, config: PerceiverConfig | dict | None = None):
+    def __init__(
+        self, observation_space: spaces.Dict, config: PerceiverConfig | dict | None = None, reference: bool = False
+    ):
         config = as_config(config)
         super().__init__(observation_space, features_dim=config.num_latents * config.latent_dim)
-        self.encoder = PerceiverEncoder(observation_space, config)
+        self.encoder = PerceiverEncoder(observation_space, config, reference)
 
     def forward(self, observations: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.encoder(observations).flatten(1)
@@ -93,6 +95,9 @@ class PerceiverActorCriticPolicy(SensorObservations, ActorCriticPolicy):
     :param perceiver: a `PerceiverConfig` or a dict of its fields (pass it through ``policy_kwargs``).
     :param log_std_mode: Box actions only. ``"learned"``: a state-independent log-std parameter (SB3's
         default); ``"state"``: the action query also outputs a log-std per action dimension, clamped to [-5, 2].
+    :param center_features: ``"reference"``: the latents are relative to those of a reference observation (the
+        first the encoder reads, saved with the weights; `PerceiverEncoder`), so that what the input changes is
+        not ~1 % of what the heads read; ``"none"`` (default).
     :param ortho_init: SB3's orthogonal init, applied to the action and value heads only; the Perceiver keeps
         its own truncated-normal init (SB3 would otherwise re-initialise every Linear inside it).
 
@@ -108,6 +113,7 @@ class PerceiverActorCriticPolicy(SensorObservations, ActorCriticPolicy):
         perceiver: PerceiverConfig | dict | None = None,
         log_std_mode: str = "learned",
         finetune: dict | None = None,
+        center_features: bool | str = "none",
         **kwargs,
     ):
         if log_std_mode not in LOG_STD_MODES:
@@ -122,6 +128,8 @@ class PerceiverActorCriticPolicy(SensorObservations, ActorCriticPolicy):
             )
         self.perceiver_config = as_config(perceiver)
         self.log_std_mode = log_std_mode
+        self.center_features = centering_mode(center_features)
+        reference = reference_centring(center_features, "the Perceiver's PPO / A2C policy")
         self.finetune = check_finetune(finetune)
         if self.finetune["mode"] != "all" and kwargs.get("share_features_extractor") is False:
             raise ValueError(f"finetune mode {self.finetune['mode']!r} needs share_features_extractor=True")
@@ -143,7 +151,7 @@ class PerceiverActorCriticPolicy(SensorObservations, ActorCriticPolicy):
             action_space,
             lr_schedule,
             features_extractor_class=PerceiverExtractor,
-            features_extractor_kwargs={"config": self.perceiver_config},
+            features_extractor_kwargs={"config": self.perceiver_config, "reference": reference},
             normalize_images=False,
             share_features_extractor=kwargs.pop("share_features_extractor", True),
             **kwargs,
@@ -215,6 +223,9 @@ class PerceiverActorCriticPolicy(SensorObservations, ActorCriticPolicy):
     def _get_constructor_parameters(self) -> dict:
         data = super()._get_constructor_parameters()
         data.update(
-            perceiver=self.perceiver_config.to_dict(), log_std_mode=self.log_std_mode, finetune=self.finetune
+            perceiver=self.perceiver_config.to_dict(),
+            log_std_mode=self.log_std_mode,
+            finetune=self.finetune,
+            center_features=self.center_features,
         )
         return data

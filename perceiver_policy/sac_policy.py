@@ -14,7 +14,7 @@ from stable_baselines3.common.distributions import SquashedDiagGaussianDistribut
 from stable_baselines3.common.policies import BasePolicy
 from torch import nn
 
-from perceiver_policy.config import PerceiverConfig
+from perceiver_policy.config import PerceiverConfig, centering_mode, reference_centring
 from perceiver_policy.finetuning import apply_finetune
 from perceiver_policy.modalities import ACTION_MASK_KEY, TASK_KEY, task_count
 from perceiver_policy.model import ActionQueries, LearnedQueries, PerceiverDecoder, PerceiverEncoder
@@ -227,7 +227,8 @@ class SACActorPolicy(SensorObservations, BasePolicy):
 class PerceiverSACPolicy(SACActorPolicy):
     """SAC policy: `encoder`, `actor`, `critic`, `critic_target` (heads only; the encoder has no target copy,
     as in DrQ-v2: the target heads read the shared encoder's latents, without gradient under SB3's no_grad).
-    Options go through ``policy_kwargs`` (``perceiver=dict(...)``, ``n_critics``).
+    Options go through ``policy_kwargs`` (``perceiver=dict(...)``, ``n_critics``, ``center_features``:
+    'reference' makes the latents relative to a reference observation's, `PerceiverEncoder`).
 
     Works with SB3's own ``SAC`` (the critic's optimizer owns the encoder, so the critic loss trains it; the
     actor's gradients that reach the encoder are cleared by the next critic step) and with `agents.PerceiverSAC`,
@@ -241,6 +242,7 @@ class PerceiverSACPolicy(SACActorPolicy):
         perceiver: PerceiverConfig | dict | None = None,
         n_critics: int = 2,
         finetune: dict | None = None,
+        center_features: bool | str = "none",
         use_sde: bool = False,
         optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adam,
         optimizer_kwargs: dict | None = None,
@@ -250,7 +252,12 @@ class PerceiverSACPolicy(SACActorPolicy):
         self.perceiver_config = as_config(perceiver)
         self.n_critics = n_critics
         action_dim = int(action_space.shape[0])
-        self.encoder = PerceiverEncoder(self.observation_space, self.perceiver_config)
+        self.center_features = centering_mode(center_features)
+        self.encoder = PerceiverEncoder(
+            self.observation_space,
+            self.perceiver_config,
+            reference=reference_centring(center_features, "the Perceiver SAC policy of SB3's recipe"),
+        )
         # Multi-task observations (envs.multitask): per-actuator queries over padded actions, per-task temperatures.
         self.num_tasks = multitask_count(self.observation_space)
         if self.num_tasks:
@@ -275,7 +282,10 @@ class PerceiverSACPolicy(SACActorPolicy):
     def _get_constructor_parameters(self) -> dict:
         data = super()._get_constructor_parameters()
         data.update(
-            perceiver=self.perceiver_config.to_dict(), n_critics=self.n_critics, finetune=self.finetune
+            perceiver=self.perceiver_config.to_dict(),
+            n_critics=self.n_critics,
+            finetune=self.finetune,
+            center_features=self.center_features,
         )
         return data
 

@@ -146,9 +146,18 @@ def test_centring_is_checked_before_a_run_starts():
     for argv, message in (
         (("--policy", "center_features=mean"), r"center_features 'mean' unknown; valid choices: \['none'"),
         (("--policy-type", "cnn", "--policy", "center_features=reference"), "policy_type 'cnn' takes 'running'"),
-        (("--policy", "center_features=reference", "--env-modality-dropout", "0.2"),
-         r"env_modality_dropout=0.2 withholds some: use center_features 'running' or 'none'"),
-        (("--recipe", "sb3", "--policy", "center_features=true"), "recipe 'sb3' has none"),
+        (("--recipe", "sb3", "--policy", "center_features=true"),
+         r"a setting of the DrQ recipe's readouts; sac with recipe 'sb3' takes 'reference' or 'none'"),
+        (("--recipe", "sb3", "--policy-type", "sb3", "--policy", "center_features=none"),
+         "policy_type 'sb3' takes no center_features"),
+        (("--algorithm", "ppo", "--recipe", "sb3", "--policy", "center_features=running"),
+         "readouts; ppo takes 'reference' or 'none'"),
     ):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             resolve(*pixels, *argv)
+    # 'reference' under every recipe and algorithm, with modalities withheld per sample
+    for argv in (("--recipe", "sb3"), ("--algorithm", "ppo", "--recipe", "sb3"), ("--env-modality-dropout", "0.2")):
+        assert resolve(*pixels, *argv, "--policy", "center_features=reference").policy["center_features"] == "reference"
+    with pytest.raises(ValueError, match=r"a multi-task run \(cartpole-swingup walker-walk\) takes 'none'"):
+        resolve("--algorithm", "sac", "--modalities", "proprio", "action_history", "--tasks", "cartpole-swingup",
+                "walker-walk", "--policy", "center_features=reference")  # fmt: skip

@@ -520,3 +520,53 @@ def test_conv_tokens_are_not_drowned_by_their_position_features_at_init():
         content, position = adapter.embed(pixels), adapter.position(adapter.position_features)
     rms = lambda x: float(x.pow(2).mean().sqrt())  # noqa: E731
     assert rms(content) > 0.25 * rms(position)
+
+
+@pytest.mark.parametrize("missing_tokens", ["remove", "mask"])
+def test_reference_centred_latents_withhold_only_what_each_row_withholds(missing_tokens):
+    """latents(obs) - latents(reference): the reference row reads every modality, whatever the batch withholds
+    (a missing key, per-sample flags); the first observation read becomes the reference, once."""
+    space = spaces.Dict(
+        {
+            "pixels": spaces.Box(0, 255, (9, 32, 32), np.uint8),
+            "proprio": spaces.Box(-np.inf, np.inf, (5,), np.float32),
+        }
+    )
+    config = PerceiverConfig(num_latents=8, latent_dim=32, patch_size=8, missing_tokens=missing_tokens)
+    torch.manual_seed(0)
+    encoder = PerceiverEncoder(space, config, reference=True).eval()
+    obs = {"pixels": torch.randint(0, 255, (4, 9, 32, 32), dtype=torch.uint8), "proprio": torch.randn(4, 5)}
+    with torch.no_grad():
+        h = encoder(obs)
+        reference = {"pixels": obs["pixels"][:1], "proprio": obs["proprio"][:1]}
+        base = encoder._encode(reference)
+        torch.testing.assert_close(h, encoder._encode(obs) - base, atol=1e-5, rtol=0)
+        assert h[0].abs().max() < 1e-5
+        absent = {"pixels": torch.tensor([True, False, True, False])}
+        flagged = encoder(obs, absent)
+        torch.testing.assert_close(flagged, encoder._encode(obs, absent) - base, atol=1e-5, rtol=0)
+        removed = encoder({"proprio": obs["proprio"]})  # no pixels key: every row withholds them
+        torch.testing.assert_close(removed, encoder._encode({"proprio": obs["proprio"]}) - base, atol=1e-5, rtol=0)
+        torch.testing.assert_close(removed[[0, 2]], flagged[[0, 2]], atol=1e-5, rtol=0)
+        encoder({"pixels": obs["pixels"][2:], "proprio": obs["proprio"][2:]})
+    assert torch.equal(encoder.reference_pixels, obs["pixels"][:1])  # captured once
+
+
+def test_reference_centring_refuses_multitask_observations_and_an_incomplete_first_read():
+    space = spaces.Dict(
+        {
+            "proprio": spaces.Box(-np.inf, np.inf, (5,), np.float32),
+            "task": spaces.Box(0, 3, (1,), np.int64),
+        }
+    )
+    with pytest.raises(ValueError, match="multi-task observations .* take center_features 'none'"):
+        PerceiverEncoder(space, PerceiverConfig(num_latents=4, latent_dim=16), reference=True)
+    pixels = spaces.Dict(
+        {
+            "pixels": spaces.Box(0, 255, (9, 32, 32), np.uint8),
+            "proprio": spaces.Box(-np.inf, np.inf, (5,), np.float32),
+        }
+    )
+    encoder = PerceiverEncoder(pixels, PerceiverConfig(num_latents=4, latent_dim=16, patch_size=8), reference=True)
+    with pytest.raises(ValueError, match=r"the reference observation must have every modality \['pixels', 'proprio'\]"):
+        encoder({"proprio": torch.zeros(2, 5)})

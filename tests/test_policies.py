@@ -454,3 +454,36 @@ def test_perceiver_policies_use_fused_adam_unless_told_otherwise(algorithm):
         own = agents.make_agent("ppo", venv, device="cpu", perceiver=small,
                                 policy_kwargs={"optimizer_kwargs": {"foreach": True}})  # fmt: skip
         assert own.policy.optimizer.defaults["foreach"] is True and not own.policy.optimizer.defaults["fused"]
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "sac"])
+def test_reference_centring_under_sb3s_recipe_and_ppo(tmp_path, algorithm):
+    """`center_features='reference'` outside the DrQ recipe: the latents are those of the observation minus those
+    of the first one read, per-sample withheld modalities stay withheld from their own rows only, and the
+    reference survives save / load."""
+    venv = pixel_env(modality_dropout=0.3)  # per-sample absent_modalities flags in every observation
+    extra = {"learning_starts": 32, "batch_size": 16, "buffer_size": 500} if algorithm == "sac" else {"n_steps": 16}
+    kwargs = {"center_features": "reference"}
+    model = agents.make_agent(algorithm, venv, perceiver=TINY, policy_kwargs=kwargs, device="cpu", seed=0, **extra)
+    encoder = model.policy.encoder
+    assert encoder.reference and not bool(encoder.reference_initialised)
+    model.learn(96)
+    assert bool(encoder.reference_initialised)
+    reference = {name: getattr(encoder, f"reference_{name}").clone() for name in encoder.names}
+    obs = venv.reset()
+    tensors = model.policy.obs_to_tensor(obs)[0]
+    assert tensors[envs.ABSENT_KEY].any()
+    encoder.eval()
+    with torch.no_grad():
+        expected = encoder._encode(tensors) - encoder._encode(reference)
+        torch.testing.assert_close(encoder(tensors), expected, atol=1e-5, rtol=0)
+    actions, _ = model.predict(obs, deterministic=True)
+    model.save(tmp_path / "model.zip")
+    loaded = type(model).load(tmp_path / "model.zip", device="cpu")
+    assert loaded.policy.center_features == "reference"
+    for name in encoder.names:
+        assert torch.equal(getattr(loaded.policy.encoder, f"reference_{name}"), reference[name])
+    np.testing.assert_array_equal(actions, loaded.predict(obs, deterministic=True)[0])
+    with pytest.raises(ValueError, match=r"center_features 'running' \(a running mean\) belongs to the DrQ"):
+        agents.make_agent(algorithm, venv, perceiver=TINY, policy_kwargs={"center_features": "running"}, device="cpu")
+    venv.close()

@@ -12,9 +12,16 @@ TINY = {"num_latents": 8, "latent_dim": 32, "fourier_bands": 4}
 
 
 @pytest.mark.parametrize(
-    "algorithm,policy_type", [("ppo", "perceiver"), ("sac", "perceiver"), ("sac", "sb3")]
+    "algorithm,policy_type,center",
+    [
+        ("ppo", "perceiver", "none"),
+        ("sac", "perceiver", "none"),
+        ("sac", "sb3", None),
+        ("ppo", "perceiver", "reference"),  # the reference observation is exported with the weights
+        ("sac", "perceiver", "reference"),
+    ],
 )
-def test_exported_actor_equals_predict(tmp_path, algorithm, policy_type):
+def test_exported_actor_equals_predict(tmp_path, algorithm, policy_type, center):
     onnxruntime = pytest.importorskip("onnxruntime")
     venv = envs.make_vec_env("cartpole-balance", n_envs=2, image_size=48, action_repeat=4, seed=0)
     extra = (
@@ -23,8 +30,9 @@ def test_exported_actor_equals_predict(tmp_path, algorithm, policy_type):
         else {"learning_starts": 16, "batch_size": 16, "buffer_size": 200}
     )
     perceiver = TINY if policy_type == "perceiver" else None
+    kwargs = {"center_features": center} if center else None
     model = agents.make_agent(
-        algorithm, venv, device="cpu", policy_type=policy_type, perceiver=perceiver, **extra
+        algorithm, venv, device="cpu", policy_type=policy_type, perceiver=perceiver, policy_kwargs=kwargs, **extra
     )
     model.learn(48)
     actor = DeterministicActor(model.policy)

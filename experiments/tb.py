@@ -63,16 +63,23 @@ def attention_figure(weights: np.ndarray, names: list[str], counts: list[int]):
 def attention_overlay(
     pixels: np.ndarray, heat: np.ndarray, scale: int = 2, alpha: float = 0.55
 ) -> np.ndarray:
-    """The stacked frames side by side (oldest first) with each frame's patch attention blended over it.
+    """The stacked frames side by side (oldest first) with the attention on their tokens blended over them.
 
-    pixels (F*3, H, W) uint8; heat (F, Hp, Wp) attention mass per patch -> (H*scale, F*W*scale, 3) uint8. The
-    colour scale is shared across frames (max of the stack), so a frame the latents ignore stays dark."""
+    pixels (F*3, H, W) uint8; heat (F, Hp, Wp) attention mass per patch of each frame (patch tokens), or (Hp, Wp)
+    per cell of a conv feature map that read the whole stack (conv tokens: the same map over every frame) ->
+    (H*scale, F*W*scale, 3) uint8. Each pixel takes the value of the cell that covers it (cells need not divide
+    the image evenly: 11 conv cells over 84 px). The colour scale is shared across frames (max of the stack), so
+    a frame the latents ignore stays dark."""
     import matplotlib.pyplot as plt
 
     frames = np.asarray(pixels).reshape(-1, 3, *pixels.shape[-2:]).transpose(0, 2, 3, 1)  # (F, H, W, 3)
     heat = np.asarray(heat, dtype=np.float32)
-    patch = frames.shape[1] // heat.shape[1]
-    upsampled = heat.repeat(patch, axis=1).repeat(patch, axis=2) / max(float(heat.max()), 1e-12)
+    if heat.ndim == 2:
+        heat = np.broadcast_to(heat, (frames.shape[0], *heat.shape))
+    height, width = frames.shape[1:3]
+    rows = np.minimum(np.arange(height) * heat.shape[1] // height, heat.shape[1] - 1)
+    cols = np.minimum(np.arange(width) * heat.shape[2] // width, heat.shape[2] - 1)
+    upsampled = heat[:, rows][:, :, cols] / max(float(heat.max()), 1e-12)
     colours = plt.get_cmap("inferno")(upsampled)[..., :3] * 255.0  # (F, H, W, 3)
     blended = (1 - alpha) * frames.astype(np.float32) + alpha * colours
     strip = np.concatenate(list(blended.clip(0, 255).astype(np.uint8)), axis=1)  # (H, F*W, 3)

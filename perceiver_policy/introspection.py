@@ -79,7 +79,8 @@ def token_moments(capture: dict) -> dict[str, tuple[float, float]]:
 def attention_on_frames(capture: dict, specs, sample: int = 0, key: str = "pixels") -> torch.Tensor | None:
     """(F, Hp, Wp) share of one sample's cross-attention mass on each (frame, patch) token of the image modality
     `key` (summed over latents, averaged over heads, as a fraction of all the sample's attention mass), or None
-    when that modality is absent. Tokens are ordered (frame, patch row, patch col) by the image adapter."""
+    when that modality is absent. Tokens are ordered (frame, patch row, patch col) by the image adapter; conv
+    tokens (`pixel_tokenizer='conv'`, one per cell of a feature map over the stacked frames) give (Hp, Wp)."""
     names = capture["names"]
     if key not in names:
         return None

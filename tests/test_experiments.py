@@ -94,6 +94,15 @@ def tags(run_dir: Path) -> dict:
     return accumulator
 
 
+def test_conv_tokens_log_their_attention_on_the_frames(tmp_path):
+    """A run with conv tokens logs its attention maps (one (Hp, Wp) map over the stacked frames, drawn over each
+    frame) instead of stopping at its first Perceiver log step."""
+    conv = ["--perceiver", "num_latents=8", "latent_dim=32", "fourier_bands=4", "pixel_tokenizer=conv",
+            "conv_strides=[2, 2, 2]", "--perceiver-log-freq", "16"]  # fmt: skip
+    cli(*ppo_run(tmp_path, "conv", 32, 1000, *conv))
+    assert "perceiver/attention_on_frame" in tags(tmp_path / "conv").Tags()["images"]
+
+
 @pytest.mark.parametrize("algorithm", ["ppo", "a2c", "sac"])
 def test_train_creates_run_directory_events_and_checkpoint(tmp_path, algorithm):
     extra = (

@@ -410,6 +410,27 @@ def test_attention_on_frames_is_the_pixel_share_on_the_patch_grid(dict_space):
     assert attention_on_frames(encoder.last_capture, encoder.specs) is None
 
 
+def test_attention_on_frames_of_conv_tokens_is_one_map_over_the_stack():
+    """Conv tokens read the stacked frames at once: one (Hp, Wp) map, drawn over every frame, even where the
+    cells do not divide the image (11 cells over 84 px)."""
+    from experiments.tb import attention_overlay
+    from perceiver_policy.introspection import attention_on_frames, modality_balance
+
+    space = spaces.Dict({"pixels": spaces.Box(0, 255, (9, 84, 84), np.uint8)})
+    encoder = PerceiverEncoder(space, PerceiverConfig(num_latents=4, latent_dim=16, pixel_tokenizer="conv"))
+    encoder.eval()
+    encoder.capture_attention = True
+    obs = sample_obs(space, 2)
+    with torch.no_grad():
+        encoder(obs)
+    heat = attention_on_frames(encoder.last_capture, encoder.specs)
+    assert heat.shape == (11, 11)
+    assert float(heat.sum()) == pytest.approx(1.0, rel=1e-5)  # the only modality
+    image = attention_overlay(obs["pixels"][0].numpy(), heat.numpy())
+    assert image.shape == (168, 3 * 168, 3) and image.dtype == np.uint8
+    assert modality_balance(encoder.last_capture)["pixels"] == pytest.approx(1.0)
+
+
 def test_cross_attention_is_eligible_for_the_fused_kernel(dict_space, monkeypatch):
     """The gating reaches SDPA as a float mask: q, k and v share one head size, and without grad PyTorch picks
     its fused flash kernel on the CPU (the old extra bias channels forced the math kernel)."""

@@ -75,7 +75,7 @@ if [[ $what == *,remember,* || $what == *,all,* ]]; then spec_jobs study3-rememb
 # Pixels under DrQ's recipe: NatureCNN and the Perceiver, its readout features as they are and centred.
 if [[ $what == *,drq,* || $what == *,all,* ]]; then spec_jobs pixels-drq; fi
 # Latency control: one policy with nested latents against fixed-k policies (cartpole-swingup from states).
-if [[ $what == *,latents,* || $what == *,all,* ]]; then spec_jobs latent-scaling; fi
+if [[ $what == *,latents,* || $what == *,all,* ]]; then spec_jobs latent-scaling; spec_jobs latent-scaling-walker; fi
 # One policy for many bodies: the SAC generalist over four domains against single-task Perceivers and MLPs.
 if [[ $what == *,multitask,* || $what == *,all,* ]]; then spec_jobs multitask-states; fi
 # The generalist fine-tuned to ball_in_cup-catch against scratch: reads runs/results/mt-generalist-s0 (the spec's

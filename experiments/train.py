@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from stable_baselines3.common.callbacks import CallbackList
@@ -100,6 +101,10 @@ WORKER_DIED = (EOFError, BrokenPipeError, ConnectionResetError)
 
 class EnvWorkerDied(RuntimeError):
     """An env subprocess died mid-run; the run was checkpointed first."""
+
+
+class TrainingFailed(RuntimeError):
+    """An error stopped training mid-run (a bug, a bad state); the model was checkpointed first where it could be."""
 
 
 def close_quietly(venv) -> None:
@@ -289,6 +294,11 @@ def run(config: cfg.TrainConfig, run_dir: Path, resume: bool = False) -> dict:
                     f"an env worker process died at step {model.num_timesteps} ({type(err).__name__}: {err}); "
                     + checkpoint_and_hint(checkpoints, model, run_dir)
                 ) from err
+            except Exception as err:  # anything else mid-run: keep what was trained, then say what stopped it
+                raise TrainingFailed(
+                    f"training stopped at step {model.num_timesteps} by {type(err).__name__}: {err}; "
+                    + checkpoint_or_reason(checkpoints, model, run_dir)
+                ) from err
             if stopper.received is not None:  # SIGTERM / Ctrl-C: keep what was trained, say how to go on
                 raise RunStopped(
                     f"stopped by {stopper.name} at step {model.num_timesteps}; "
@@ -310,6 +320,17 @@ def checkpoint_and_hint(checkpoints: CheckpointCallback, model, run_dir: Path) -
     checkpoints.init_callback(model)
     saved = checkpoints.save_now()
     return f"the model was checkpointed to {saved}; continue with: python -m experiments.train --resume {run_dir}"
+
+
+def checkpoint_or_reason(checkpoints: CheckpointCallback, model, run_dir: Path) -> str:
+    """`checkpoint_and_hint`, or why no checkpoint could be written and where the last periodic one is."""
+    try:
+        return checkpoint_and_hint(checkpoints, model, run_dir)
+    except Exception as err:  # the model itself may be what broke
+        return (
+            f"no checkpoint could be written ({type(err).__name__}: {err}); the latest periodic checkpoint in "
+            f"{run_dir / 'checkpoints'} continues with: python -m experiments.train --resume {run_dir}"
+        )
 
 
 def finish(
@@ -416,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as stop:
         print(str(stop), file=sys.stderr)
         return 128 + stop.signum
+    except TrainingFailed as failed:
+        traceback.print_exception(failed.__cause__, file=sys.stderr)
+        print(f"error: {failed}", file=sys.stderr)
+        return 1
     return 0
 
 

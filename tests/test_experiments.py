@@ -94,6 +94,23 @@ def tags(run_dir: Path) -> dict:
     return accumulator
 
 
+def test_an_error_mid_run_checkpoints_what_was_trained(tmp_path, monkeypatch, capsys):
+    """A bug in any callback (here the Perceiver's logging) stops the run with its traceback, after a checkpoint
+    at the step it reached, and says how to go on."""
+    from experiments import callbacks, train
+
+    def broken(self):
+        raise ValueError("a broken logger")
+
+    monkeypatch.setattr(callbacks.PerceiverMetricsCallback, "_fire", broken)
+    code = train.main(ppo_run(tmp_path, "run", 64, 1000, "--perceiver-log-freq", "32")[1:])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "Traceback" in err and "error: training stopped at step 32 by ValueError: a broken logger" in err
+    assert f"continue with: python -m experiments.train --resume {tmp_path / 'run'}" in err
+    assert [read_meta(c)["step"] for c in list_checkpoints(tmp_path / "run" / "checkpoints")] == [32]
+
+
 def test_conv_tokens_log_their_attention_on_the_frames(tmp_path):
     """A run with conv tokens logs its attention maps (one (Hp, Wp) map over the stacked frames, drawn over each
     frame) instead of stopping at its first Perceiver log step."""

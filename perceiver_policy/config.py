@@ -95,7 +95,10 @@ class PerceiverConfig:
     conv_channels: int = 32
     """Channels of each conv-stem layer (pixel_tokenizer 'conv')."""
     conv_strides: list[int] = field(default_factory=lambda: [2, 2, 2])
-    """Stride of each 3x3 conv-stem layer (pixel_tokenizer 'conv'); the number of layers is its length."""
+    """Stride of each conv-stem layer (pixel_tokenizer 'conv'); the number of layers is its length."""
+    conv_kernels: list[int] | None = None
+    """Kernel side of each conv-stem layer, padded by (k - 1) // 2 (pixel_tokenizer 'conv'); None: 3 for every
+    layer. NatureCNN's stem is `conv_kernels=[8, 4, 3] conv_strides=[4, 2, 1]` (84 px: 10 x 10 tokens)."""
     proprio_tokens: str = "sensor"
     """'sensor': one token per sensor of the env's layout; 'chunk': one token per `proprio_chunk` values."""
     proprio_chunk: int = 4
@@ -237,6 +240,18 @@ class PerceiverConfig:
                 f"PerceiverConfig.conv_strides must be a non-empty list of positive integers, got {strides!r}"
             )
         self.conv_strides = list(strides)
+        kernels = self.conv_kernels
+        if kernels is not None:
+            if (
+                not isinstance(kernels, (list, tuple))
+                or len(kernels) != len(strides)
+                or any(not isinstance(v, int) or isinstance(v, bool) or v <= 0 for v in kernels)
+            ):
+                raise ValueError(
+                    f"PerceiverConfig.conv_kernels must be None or one positive integer per conv_strides entry "
+                    f"({len(strides)}), got {kernels!r}"
+                )
+            self.conv_kernels = list(kernels)
         if self.proprio_tokens not in PROPRIO_TOKENS:
             raise ValueError(
                 f"PerceiverConfig.proprio_tokens {self.proprio_tokens!r} unknown; valid choices: {list(PROPRIO_TOKENS)}"

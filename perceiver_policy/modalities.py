@@ -73,18 +73,28 @@ class ModalitySpec:
     channels_per_frame: int = 3
     """Image only: channels of one frame in the stacked channel axis."""
     conv_strides: tuple[int, ...] = ()
-    """conv_image only: the stride of each 3x3, padding-1 conv layer of the stem."""
+    """conv_image only: the stride of each conv layer of the stem."""
+    conv_kernels: tuple[int, ...] = ()
+    """conv_image only: the kernel side of each layer, padded by (k - 1) // 2; empty: 3 for every layer."""
     conv_channels: int = 32
     """conv_image only: channels of each stem layer (= raw features per token)."""
     num_classes: int = 0
     """task only: how many tasks the index takes (the embedding's rows)."""
 
     @property
+    def conv_layers(self) -> tuple[tuple[int, int], ...]:
+        """conv_image: (kernel, stride) of each stem layer."""
+        kernels = self.conv_kernels or (3,) * len(self.conv_strides)
+        return tuple(zip(kernels, self.conv_strides))
+
+    @property
     def conv_grid(self) -> tuple[int, int]:
-        """conv_image: the stem's feature-map size (H', W'); each 3x3 padding-1 layer maps n to (n - 1) // s + 1."""
+        """conv_image: the stem's feature-map size (H', W'); a layer of kernel k, stride s and padding
+        p = (k - 1) // 2 maps n to (n + 2p - k) // s + 1."""
         height, width = self.shape[1], self.shape[2]
-        for s in self.conv_strides:
-            height, width = (height - 1) // s + 1, (width - 1) // s + 1
+        for k, s in self.conv_layers:
+            pad = (k - 1) // 2
+            height, width = (height + 2 * pad - k) // s + 1, (width + 2 * pad - k) // s + 1
         return height, width
 
     @property
@@ -156,6 +166,7 @@ def build_specs(observation_space: spaces.Space, config: PerceiverConfig) -> lis
             kind = "conv_image"
             overrides = {
                 "conv_strides": tuple(config.conv_strides),
+                "conv_kernels": tuple(config.conv_kernels or ()),
                 "conv_channels": config.conv_channels,
                 **overrides,
             }
@@ -304,8 +315,9 @@ class ConvImageAdapter(ModalityAdapter):
         super().__init__(spec, config)
         layers: list[nn.Module] = []
         channels = spec.shape[0]
-        for stride in spec.conv_strides:
-            layers += [nn.Conv2d(channels, spec.conv_channels, 3, stride=stride, padding=1), nn.ReLU()]
+        for kernel, stride in spec.conv_layers:
+            conv = nn.Conv2d(channels, spec.conv_channels, kernel, stride=stride, padding=(kernel - 1) // 2)
+            layers += [conv, nn.ReLU()]
             channels = spec.conv_channels
         self.stem = nn.Sequential(*layers)
         # DrQ's init (orthogonal, ReLU gain, zero bias), before channels-last. PyTorch's default conv init shrinks

@@ -339,6 +339,18 @@ def test_conv_tokenizer_reads_the_stacked_frames_into_grid_tokens():
         PerceiverConfig(pixel_tokenizer="conf")
     with pytest.raises(ValueError, match="conv_strides must be a non-empty list"):
         PerceiverConfig(conv_strides=[])
+    # NatureCNN's stem (8x8/4, 4x4/2, 3x3/1), padded by (k - 1) // 2: 84 -> 21 -> 10 -> 10
+    nature = PerceiverConfig(
+        num_latents=4, latent_dim=16, pixel_tokenizer="conv", conv_kernels=[8, 4, 3], conv_strides=[4, 2, 1]
+    )
+    encoder = PerceiverEncoder(space, nature)
+    assert encoder.num_tokens == {"pixels": 10 * 10}
+    stem = [layer for layer in encoder.adapters["pixels"].stem if isinstance(layer, torch.nn.Conv2d)]
+    assert [(c.kernel_size, c.stride, c.padding) for c in stem] == [((8, 8), (4, 4), (3, 3)), ((4, 4), (2, 2), (1, 1)),
+                                                                    ((3, 3), (1, 1), (1, 1))]  # fmt: skip
+    assert encoder.adapters["pixels"](x).shape == (2, 100, 16)
+    with pytest.raises(ValueError, match=r"conv_kernels must be None or one positive integer per conv_strides entry \(3\)"):
+        PerceiverConfig(conv_kernels=[8, 4])
 
 
 def test_state_decoding_joins_the_critic_loss_of_the_drq_perceiver():

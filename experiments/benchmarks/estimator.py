@@ -58,10 +58,29 @@ VARIANTS: dict[str, Variant] = {
     ),
     "perceiver-patch-reference": Variant("perceiver", LEAN, center="reference"),
     "perceiver-conv-reference": Variant("perceiver", {**LEAN, "pixel_tokenizer": "conv"}, center="reference"),
+    "perceiver-conv-reference-flat": Variant(
+        "perceiver", {**LEAN, "pixel_tokenizer": "conv"}, readout="flat", center="reference"
+    ),
+    "perceiver-conv64-reference": Variant(
+        "perceiver", {**LEAN, "pixel_tokenizer": "conv", "conv_channels": 64}, center="reference"
+    ),
+    "perceiver-nature-reference": Variant(  # NatureCNN's stem (8x8/4, 4x4/2, 3x3/1, 64 channels) as tokens
+        "perceiver",
+        {**LEAN, "pixel_tokenizer": "conv", "conv_kernels": [8, 4, 3], "conv_strides": [4, 2, 1], "conv_channels": 64},
+        center="reference",
+    ),
 }
+STEMS = (
+    "cnn",
+    "perceiver-conv-reference",
+    "perceiver-conv-reference-flat",
+    "perceiver-conv64-reference",
+    "perceiver-nature-reference",
+)
+"""The conv-token Perceivers against NatureCNN: which stem and readout learn the velocity (`--variants`)."""
 DEFAULT = tuple(
-    name for name in VARIANTS if name != "drq-cnn"
-)  # DrQ's encoder: ~5x NatureCNN's time per step
+    name for name in VARIANTS if name != "drq-cnn" and name not in STEMS[2:]
+)  # DrQ's encoder: ~5x NatureCNN's time per step; the stem variants: `--variants` (STEMS)
 QUICK = ("cnn", "perceiver-patch", "perceiver-patch-centred", "perceiver-patch-reference")
 
 

@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         "--variants",
         nargs="+",
         default=None,
-        help="estimator: which encoders (default: all but drq-cnn; --quick: four); names in experiments/benchmarks/estimator.py",
+        help="estimator: which encoders (default: all but drq-cnn and the stem variants; --quick: four; 'stems': "
+        "the conv-stem comparison); names in experiments/benchmarks/estimator.py",
     )
     parser.add_argument(
         "--runs",

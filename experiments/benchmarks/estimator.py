@@ -45,6 +45,9 @@ class Variant:
     center_momentum: float | None = None  # None: agents.encoders.CENTER_MOMENTUM
 
 
+NATURE_STEM = {**LEAN, "pixel_tokenizer": "conv", "conv_kernels": [8, 4, 3], "conv_strides": [4, 2, 1], "conv_channels": 64}
+"""NatureCNN's convolutions (8x8/4, 4x4/2, 3x3/1, here 64 channels each) as the Perceiver's tokenizer."""
+
 VARIANTS: dict[str, Variant] = {
     "cnn": Variant("cnn"),
     "drq-cnn": Variant("drq-cnn"),
@@ -64,18 +67,28 @@ VARIANTS: dict[str, Variant] = {
     "perceiver-conv64-reference": Variant(
         "perceiver", {**LEAN, "pixel_tokenizer": "conv", "conv_channels": 64}, center="reference"
     ),
-    "perceiver-nature-reference": Variant(  # NatureCNN's stem (8x8/4, 4x4/2, 3x3/1, 64 channels) as tokens
-        "perceiver",
-        {**LEAN, "pixel_tokenizer": "conv", "conv_kernels": [8, 4, 3], "conv_strides": [4, 2, 1], "conv_channels": 64},
-        center="reference",
+    "perceiver-conv221-reference": Variant(
+        "perceiver", {**LEAN, "pixel_tokenizer": "conv", "conv_strides": [2, 2, 1]}, center="reference"
     ),
+    "perceiver-conv-reference-64latents": Variant(
+        "perceiver", {**LEAN, "pixel_tokenizer": "conv", "num_latents": 64}, center="reference"
+    ),
+    "perceiver-conv-reference-2layers": Variant(
+        "perceiver", {**LEAN, "pixel_tokenizer": "conv", "self_attn_layers": 2}, center="reference"
+    ),
+    "perceiver-nature-reference": Variant("perceiver", NATURE_STEM, center="reference"),
+    "perceiver-nature-reference-flat": Variant("perceiver", NATURE_STEM, readout="flat", center="reference"),
 }
 STEMS = (
     "cnn",
     "perceiver-conv-reference",
     "perceiver-conv-reference-flat",
     "perceiver-conv64-reference",
+    "perceiver-conv221-reference",
+    "perceiver-conv-reference-64latents",
+    "perceiver-conv-reference-2layers",
     "perceiver-nature-reference",
+    "perceiver-nature-reference-flat",
 )
 """The conv-token Perceivers against NatureCNN: which stem and readout learn the velocity (`--variants`)."""
 DEFAULT = tuple(
@@ -204,13 +217,13 @@ def bench_estimator(
     steps: int | None = None,
     observations: tuple[int, int] | None = None,
 ) -> None:
-    """The table for `variants` (names of `VARIANTS`); `steps` and `observations` (train, held-out) override the
+    """The table for `variants` (names of `VARIANTS`, or 'stems' for `STEMS`); `steps` and `observations` (train, held-out) override the
     sizes (full: 800 steps on 6000 / 1000 observations; quick: 400 on 2000 / 500). Default variants: all but
     'drq-cnn' (quick: four)."""
-    names = list(variants or (QUICK if quick else DEFAULT))
+    names = [n for v in (variants or (QUICK if quick else DEFAULT)) for n in (STEMS if v == "stems" else (v,))]
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
-        raise ValueError(f"unknown estimator variants {unknown}; valid choices: {list(VARIANTS)}")
+        raise ValueError(f"unknown estimator variants {unknown}; valid choices: {[*VARIANTS, 'stems']}")
     square_table(names, seeds=(1,) if quick else (1, 2, 3), steps=min(steps or 100, 100))
     steps = steps or (400 if quick else 800)
     evaluate_at = tuple(sorted({max(1, steps // 4), max(1, steps // 2), steps}))

@@ -145,9 +145,11 @@ def mix_venv():
     env.close()
 
 
-@pytest.mark.parametrize("recipe", ["sb3", "drq"])
+@pytest.mark.parametrize(
+    "recipe,center", [("sb3", "none"), ("drq", "none"), ("sb3", "reference"), ("drq", "reference")]
+)
 def test_withheld_modalities_are_masked_alike_in_online_target_and_actor_passes(
-    mix_venv, monkeypatch, recipe
+    mix_venv, monkeypatch, recipe, center
 ):
     from stable_baselines3.common.logger import configure
 
@@ -157,8 +159,8 @@ def test_withheld_modalities_are_masked_alike_in_online_target_and_actor_passes(
     model = make_agent(
         "sac", mix_venv, perceiver={**SMALL, "missing_tokens": "mask"}, recipe=recipe, device="cpu", seed=0,
         learning_starts=8, batch_size=8, modality_mix="all=0.5 pixels+action_history=0.5",
-        **({"policy_kwargs": {"hidden_dim": 32}, "target_augmentations": 2, "critic_augmentations": 2}
-           if recipe == "drq" else {}),
+        **({"policy_kwargs": {"hidden_dim": 32, "center_features": center}, "target_augmentations": 2,
+            "critic_augmentations": 2} if recipe == "drq" else {"policy_kwargs": {"center_features": center}}),
     )  # fmt: skip
     model.set_logger(configure(None, []))
     seen = []

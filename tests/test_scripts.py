@@ -33,7 +33,8 @@ def test_reproduce_results_runs_the_specs_commands(tmp_path):
     subprocess.run(["bash", "experiments/scripts/reproduce_results.sh", "latents"], cwd=ROOT, env=env, check=True,
                    capture_output=True, text=True, timeout=HANG_GUARD_S)  # fmt: skip
     argvs = calls(records)
-    assert len(argvs) == 5  # five variants, one seed
+    assert len(argvs) == 10  # five variants, one seed, two tasks (cartpole-swingup, walker-walk)
+    assert any("latents-walker-k4-s0" in a for a in argvs)
     scaled = next(a for a in argvs if "latents-swingup-scaled-s0" in a)
     assert scaled[:2] == ["-m", "experiments.train"] and "latent_scaling=[4, 8, 16, 32]" in scaled
     assert (

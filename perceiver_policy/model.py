@@ -335,25 +335,25 @@ class PerceiverEncoder(nn.Module):
                 for name in self.names:
                     getattr(self, f"reference_{name}").copy_(torch.as_tensor(obs[name])[:1])
                 self.reference_initialised.fill_(True)
-        joined = {}
+        device = self.latents.device
+        joined, absent = {}, dict(absent or {})
         for name in self.names:  # the reference row reads every modality, whatever this batch withholds
             reference = getattr(self, f"reference_{name}")
             if name in obs:
-                value = torch.as_tensor(obs[name], device=reference.device)
+                value = torch.as_tensor(obs[name], device=device)
                 joined[name] = torch.cat([value, reference.to(value.dtype)])
             else:
                 joined[name] = reference.expand(batch + 1, *reference.shape[1:])
-                absent = {**(absent or {}), name: torch.ones(batch, dtype=torch.bool)}
+                absent[name] = torch.ones(batch, dtype=torch.bool)
         if ABSENT_KEY in obs:
-            flags = torch.as_tensor(obs[ABSENT_KEY], device=self.latents.device).bool().reshape(batch, -1)
-            absent = {**{n: flags[:, i] for i, n in enumerate(self.names)}, **(absent or {})}
-        if absent:
-            absent = {
-                name: torch.cat([torch.as_tensor(flag, device=self.latents.device).bool().reshape(batch),
-                                 torch.zeros(1, dtype=torch.bool, device=self.latents.device)])
-                for name, flag in absent.items()
-            }  # fmt: skip
-        latents = self._encode(joined, absent)
+            flags = torch.as_tensor(obs[ABSENT_KEY], device=device).reshape(batch, -1)
+            joined[ABSENT_KEY] = torch.cat([flags, flags.new_zeros(1, flags.shape[1])])
+        none = torch.zeros(1, dtype=torch.bool, device=device)
+        absent = {
+            n: torch.cat([torch.as_tensor(f, device=device).bool().reshape(batch), none])
+            for n, f in absent.items()
+        }
+        latents = self._encode(joined, absent or None)
         if self.capture_attention and self.last_capture is not None:
             self.last_capture["weights"] = self.last_capture["weights"][:-1]
             self.last_capture["tokens"] = self.last_capture["tokens"][:-1]

@@ -54,7 +54,10 @@ class PerceiverExtractor(BaseFeaturesExtractor):
     """The Perceiver encoder as an SB3 features extractor: Dict obs -> flattened latents (B, M * D)."""
 
     def __init__(
-        self, observation_space: spaces.Dict, config: PerceiverConfig | dict | None = None, reference: bool = False
+        self,
+        observation_space: spaces.Dict,
+        config: PerceiverConfig | dict | None = None,
+        reference: bool = False,
     ):
         config = as_config(config)
         super().__init__(observation_space, features_dim=config.num_latents * config.latent_dim)

@@ -156,8 +156,15 @@ def test_centring_is_checked_before_a_run_starts():
         with pytest.raises(ValueError, match=message):
             resolve(*pixels, *argv)
     # 'reference' under every recipe and algorithm, with modalities withheld per sample
-    for argv in (("--recipe", "sb3"), ("--algorithm", "ppo", "--recipe", "sb3"), ("--env-modality-dropout", "0.2")):
-        assert resolve(*pixels, *argv, "--policy", "center_features=reference").policy["center_features"] == "reference"
+    for argv in (
+        ("--recipe", "sb3"),
+        ("--algorithm", "ppo", "--recipe", "sb3"),
+        ("--env-modality-dropout", "0.2"),
+    ):
+        assert (
+            resolve(*pixels, *argv, "--policy", "center_features=reference").policy["center_features"]
+            == "reference"
+        )
     with pytest.raises(ValueError, match=r"a multi-task run \(cartpole-swingup walker-walk\) takes 'none'"):
         resolve("--algorithm", "sac", "--modalities", "proprio", "action_history", "--tasks", "cartpole-swingup",
                 "walker-walk", "--policy", "center_features=reference")  # fmt: skip

@@ -349,7 +349,9 @@ def test_conv_tokenizer_reads_the_stacked_frames_into_grid_tokens():
     assert [(c.kernel_size, c.stride, c.padding) for c in stem] == [((8, 8), (4, 4), (3, 3)), ((4, 4), (2, 2), (1, 1)),
                                                                     ((3, 3), (1, 1), (1, 1))]  # fmt: skip
     assert encoder.adapters["pixels"](x).shape == (2, 100, 16)
-    with pytest.raises(ValueError, match=r"conv_kernels must be None or one positive integer per conv_strides entry \(3\)"):
+    with pytest.raises(
+        ValueError, match=r"conv_kernels must be None or one positive integer per conv_strides entry \(3\)"
+    ):
         PerceiverConfig(conv_kernels=[8, 4])
 
 

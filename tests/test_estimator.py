@@ -53,7 +53,9 @@ def test_the_table_has_one_row_per_variant(monkeypatch, capsys):
     capsys.readouterr()
     monkeypatch.setattr(estimator, "STEMS", ("tiny-perceiver", "cnn"))
     bench_estimator(variants=["stems"], steps=4, observations=(16, 8))  # a group name: its variants, in order
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    rows = [
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line
+    ]
     assert [row.split("|")[1].strip() for row in rows] == ["encoder", "tiny-perceiver", "cnn"] * 2
 
 

@@ -32,7 +32,13 @@ def test_exported_actor_equals_predict(tmp_path, algorithm, policy_type, center)
     perceiver = TINY if policy_type == "perceiver" else None
     kwargs = {"center_features": center} if center else None
     model = agents.make_agent(
-        algorithm, venv, device="cpu", policy_type=policy_type, perceiver=perceiver, policy_kwargs=kwargs, **extra
+        algorithm,
+        venv,
+        device="cpu",
+        policy_type=policy_type,
+        perceiver=perceiver,
+        policy_kwargs=kwargs,
+        **extra,
     )
     model.learn(48)
     actor = DeterministicActor(model.policy)

@@ -567,7 +567,9 @@ def test_reference_centred_latents_withhold_only_what_each_row_withholds(missing
         flagged = encoder(obs, absent)
         torch.testing.assert_close(flagged, encoder._encode(obs, absent) - base, atol=1e-5, rtol=0)
         removed = encoder({"proprio": obs["proprio"]})  # no pixels key: every row withholds them
-        torch.testing.assert_close(removed, encoder._encode({"proprio": obs["proprio"]}) - base, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            removed, encoder._encode({"proprio": obs["proprio"]}) - base, atol=1e-5, rtol=0
+        )
         torch.testing.assert_close(removed[[0, 2]], flagged[[0, 2]], atol=1e-5, rtol=0)
         encoder({"pixels": obs["pixels"][2:], "proprio": obs["proprio"][2:]})
     assert torch.equal(encoder.reference_pixels, obs["pixels"][:1])  # captured once
@@ -588,6 +590,10 @@ def test_reference_centring_refuses_multitask_observations_and_an_incomplete_fir
             "proprio": spaces.Box(-np.inf, np.inf, (5,), np.float32),
         }
     )
-    encoder = PerceiverEncoder(pixels, PerceiverConfig(num_latents=4, latent_dim=16, patch_size=8), reference=True)
-    with pytest.raises(ValueError, match=r"the reference observation must have every modality \['pixels', 'proprio'\]"):
+    encoder = PerceiverEncoder(
+        pixels, PerceiverConfig(num_latents=4, latent_dim=16, patch_size=8), reference=True
+    )
+    with pytest.raises(
+        ValueError, match=r"the reference observation must have every modality \['pixels', 'proprio'\]"
+    ):
         encoder({"proprio": torch.zeros(2, 5)})

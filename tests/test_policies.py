@@ -462,9 +462,15 @@ def test_reference_centring_under_sb3s_recipe_and_ppo(tmp_path, algorithm):
     of the first one read, per-sample withheld modalities stay withheld from their own rows only, and the
     reference survives save / load."""
     venv = pixel_env(modality_dropout=0.3)  # per-sample absent_modalities flags in every observation
-    extra = {"learning_starts": 32, "batch_size": 16, "buffer_size": 500} if algorithm == "sac" else {"n_steps": 16}
+    extra = (
+        {"learning_starts": 32, "batch_size": 16, "buffer_size": 500}
+        if algorithm == "sac"
+        else {"n_steps": 16}
+    )
     kwargs = {"center_features": "reference"}
-    model = agents.make_agent(algorithm, venv, perceiver=TINY, policy_kwargs=kwargs, device="cpu", seed=0, **extra)
+    model = agents.make_agent(
+        algorithm, venv, perceiver=TINY, policy_kwargs=kwargs, device="cpu", seed=0, **extra
+    )
     encoder = model.policy.encoder
     assert encoder.reference and not bool(encoder.reference_initialised)
     model.learn(96)
@@ -485,5 +491,7 @@ def test_reference_centring_under_sb3s_recipe_and_ppo(tmp_path, algorithm):
         assert torch.equal(getattr(loaded.policy.encoder, f"reference_{name}"), reference[name])
     np.testing.assert_array_equal(actions, loaded.predict(obs, deterministic=True)[0])
     with pytest.raises(ValueError, match=r"center_features 'running' \(a running mean\) belongs to the DrQ"):
-        agents.make_agent(algorithm, venv, perceiver=TINY, policy_kwargs={"center_features": "running"}, device="cpu")
+        agents.make_agent(
+            algorithm, venv, perceiver=TINY, policy_kwargs={"center_features": "running"}, device="cpu"
+        )
     venv.close()

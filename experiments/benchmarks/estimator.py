@@ -45,7 +45,13 @@ class Variant:
     center_momentum: float | None = None  # None: agents.encoders.CENTER_MOMENTUM
 
 
-NATURE_STEM = {**LEAN, "pixel_tokenizer": "conv", "conv_kernels": [8, 4, 3], "conv_strides": [4, 2, 1], "conv_channels": 64}
+NATURE_STEM = {
+    **LEAN,
+    "pixel_tokenizer": "conv",
+    "conv_kernels": [8, 4, 3],
+    "conv_strides": [4, 2, 1],
+    "conv_channels": 64,
+}
 """NatureCNN's convolutions (8x8/4, 4x4/2, 3x3/1, here 64 channels each) as the Perceiver's tokenizer."""
 
 VARIANTS: dict[str, Variant] = {
@@ -220,7 +226,9 @@ def bench_estimator(
     """The table for `variants` (names of `VARIANTS`, or 'stems' for `STEMS`); `steps` and `observations` (train, held-out) override the
     sizes (full: 800 steps on 6000 / 1000 observations; quick: 400 on 2000 / 500). Default variants: all but
     'drq-cnn' (quick: four)."""
-    names = [n for v in (variants or (QUICK if quick else DEFAULT)) for n in (STEMS if v == "stems" else (v,))]
+    names = [
+        n for v in (variants or (QUICK if quick else DEFAULT)) for n in (STEMS if v == "stems" else (v,))
+    ]
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         raise ValueError(f"unknown estimator variants {unknown}; valid choices: {[*VARIANTS, 'stems']}")

@@ -45,9 +45,10 @@ class Variant:
     center_momentum: float | None = None  # None: agents.encoders.CENTER_MOMENTUM
 
 
+CONV = {**LEAN, "pixel_tokenizer": "conv"}
+"""The lean Perceiver on conv tokens (3x3 stride-2 layers, 32 channels)."""
 NATURE_STEM = {
-    **LEAN,
-    "pixel_tokenizer": "conv",
+    **CONV,
     "conv_kernels": [8, 4, 3],
     "conv_strides": [4, 2, 1],
     "conv_channels": 64,
@@ -59,28 +60,22 @@ VARIANTS: dict[str, Variant] = {
     "drq-cnn": Variant("drq-cnn"),
     "perceiver-patch": Variant("perceiver", LEAN),
     "perceiver-patch-centred": Variant("perceiver", LEAN, center=True),
-    "perceiver-conv": Variant("perceiver", {**LEAN, "pixel_tokenizer": "conv"}),
-    "perceiver-conv-centred": Variant("perceiver", {**LEAN, "pixel_tokenizer": "conv"}, center=True),
+    "perceiver-conv": Variant("perceiver", CONV),
+    "perceiver-conv-centred": Variant("perceiver", CONV, center=True),
     "perceiver-patch-centred-m0.1": Variant("perceiver", LEAN, center=True, center_momentum=0.1),
-    "perceiver-conv-centred-m0.1": Variant(
-        "perceiver", {**LEAN, "pixel_tokenizer": "conv"}, center=True, center_momentum=0.1
-    ),
+    "perceiver-conv-centred-m0.1": Variant("perceiver", CONV, center=True, center_momentum=0.1),
     "perceiver-patch-reference": Variant("perceiver", LEAN, center="reference"),
-    "perceiver-conv-reference": Variant("perceiver", {**LEAN, "pixel_tokenizer": "conv"}, center="reference"),
-    "perceiver-conv-reference-flat": Variant(
-        "perceiver", {**LEAN, "pixel_tokenizer": "conv"}, readout="flat", center="reference"
-    ),
-    "perceiver-conv64-reference": Variant(
-        "perceiver", {**LEAN, "pixel_tokenizer": "conv", "conv_channels": 64}, center="reference"
-    ),
+    "perceiver-conv-reference": Variant("perceiver", CONV, center="reference"),
+    "perceiver-conv-reference-flat": Variant("perceiver", CONV, readout="flat", center="reference"),
+    "perceiver-conv64-reference": Variant("perceiver", {**CONV, "conv_channels": 64}, center="reference"),
     "perceiver-conv221-reference": Variant(
-        "perceiver", {**LEAN, "pixel_tokenizer": "conv", "conv_strides": [2, 2, 1]}, center="reference"
+        "perceiver", {**CONV, "conv_strides": [2, 2, 1]}, center="reference"
     ),
     "perceiver-conv-reference-64latents": Variant(
-        "perceiver", {**LEAN, "pixel_tokenizer": "conv", "num_latents": 64}, center="reference"
+        "perceiver", {**CONV, "num_latents": 64}, center="reference"
     ),
     "perceiver-conv-reference-2layers": Variant(
-        "perceiver", {**LEAN, "pixel_tokenizer": "conv", "self_attn_layers": 2}, center="reference"
+        "perceiver", {**CONV, "self_attn_layers": 2}, center="reference"
     ),
     "perceiver-nature-reference": Variant("perceiver", NATURE_STEM, center="reference"),
     "perceiver-nature-reference-flat": Variant("perceiver", NATURE_STEM, readout="flat", center="reference"),
@@ -225,7 +220,7 @@ def bench_estimator(
 ) -> None:
     """The table for `variants` (names of `VARIANTS`, or 'stems' for `STEMS`); `steps` and `observations` (train, held-out) override the
     sizes (full: 800 steps on 6000 / 1000 observations; quick: 400 on 2000 / 500). Default variants: all but
-    'drq-cnn' (quick: four)."""
+    'drq-cnn' and the stem variants (quick: four)."""
     names = [
         n for v in (variants or (QUICK if quick else DEFAULT)) for n in (STEMS if v == "stems" else (v,))
     ]

@@ -62,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         "the conv-stem comparison); names in experiments/benchmarks/estimator.py",
     )
     parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="estimator: training steps of each encoder (default 800; --quick: 400); R^2 is scored after a "
+        "quarter, half and all of them",
+    )
+    parser.add_argument(
         "--runs",
         nargs="+",
         type=Path,
@@ -113,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.what in ("estimator", "all"):
         from experiments.benchmarks.estimator import bench_estimator
 
-        bench_estimator(args.quick, args.variants)
+        bench_estimator(args.quick, args.variants, args.steps)
     if args.what in ("latents", "all"):
         from experiments.benchmarks.latents import bench_latents
 

@@ -224,6 +224,8 @@ def bench_estimator(
     names = [
         n for v in (variants or (QUICK if quick else DEFAULT)) for n in (STEMS if v == "stems" else (v,))
     ]
+    if steps is not None and steps < 1:
+        raise ValueError(f"estimator steps must be a positive integer, got {steps!r}")
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         raise ValueError(f"unknown estimator variants {unknown}; valid choices: {[*VARIANTS, 'stems']}")

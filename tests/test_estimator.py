@@ -62,7 +62,7 @@ def test_the_table_has_one_row_per_variant(monkeypatch, capsys):
     ] * 2  # two tables
     assert "| 4 steps |" in rows[0] and "R^2 at 1 steps" in rows[3] and "R^2 at 4 steps" in rows[3]
     capsys.readouterr()
-    monkeypatch.setattr(estimator, "STEMS", ("tiny-perceiver", "cnn"))
+    monkeypatch.setitem(estimator.GROUPS, "stems", ("tiny-perceiver", "cnn"))
     bench_estimator(variants=["stems"], steps=4, observations=(16, 8))  # a group name: its variants, in order
     rows = [
         line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line

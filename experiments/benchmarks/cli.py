@@ -58,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         "--variants",
         nargs="+",
         default=None,
-        help="estimator: which encoders (default: all but drq-cnn and the stem variants; --quick: four; 'stems': "
-        "the conv-stem comparison); names in experiments/benchmarks/estimator.py",
+        help="estimator: which encoders (default: all but drq-cnn and the stem and knob variants; --quick: four; "
+        "'stems': the conv-stem comparison; 'knobs': one Perceiver setting at a time); names in "
+        "experiments/benchmarks/estimator.py",
     )
     parser.add_argument(
         "--steps",

@@ -3,7 +3,8 @@
 A pixel SAC critic can only value states it can tell apart, and it learns to tell them apart from a TD signal
 that is noisy and moving. This benchmark takes the RL out: each encoder, with the readout a DrQ-recipe critic
 uses (`make_readout`: Linear -> 50 + LayerNorm + tanh) and DrQ's 2 x 1024 head, regresses the simulator's full
-state (standardised) from 84 px x 3 frame stacks, with DrQ's +-4 px shifts, Adam at DrQ's lr 1e-3, batch 128.
+state (standardised) from 84 px x 3 frame stacks, with DrQ's +-4 px shifts, Adam at DrQ's lr 1e-3 (unless a variant sets
+another), batch 128.
 Scored on held-out episodes: R^2 per state dimension, averaged over the position dimensions and over the
 velocity dimensions, after a quarter, half and all of the steps. An encoder that cannot learn the state here
 in a few hundred steps gives its critic features that do not vary across states (docs/results.md, "Why the
@@ -32,6 +33,7 @@ from agents.encoders import build_encoder
 from experiments.benchmarks.common import table
 from experiments.benchmarks.features import LEAN  # the lean Perceiver of the pixel studies
 from perceiver_policy.config import PerceiverConfig
+from perceiver_policy.modalities import ModalityAdapter, ModalitySpec, register_adapter
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class Variant:
     readout: str | None = None  # None: the encoder's default ('query' for the Perceiver, 'flat' for CNNs)
     center: bool | str = False  # agents.drq_policy.CENTERINGS: False / 'none', True / 'running', 'reference'
     center_momentum: float | None = None  # None: agents.encoders.CENTER_MOMENTUM
+    lr: float = 1e-3  # DrQ's
 
 
 CONV = {**LEAN, "pixel_tokenizer": "conv"}
@@ -54,6 +57,42 @@ NATURE_STEM = {
     "conv_channels": 64,
 }
 """NatureCNN's convolutions (8x8/4, 4x4/2, 3x3/1, here 64 channels each) as the Perceiver's tokenizer."""
+
+
+class CNNTokens(ModalityAdapter):
+    """A diagnostic tokenizer, not a library one: NatureCNN's convolutions (DrQ's orthogonal init), then a flat
+    Linear + ReLU over the whole feature map as NatureCNN reads out, reshaped into tokens. Its tokens carry what a
+    CNN's features carry: if a Perceiver on them still learns the state more slowly than the CNN, the latent path
+    (cross-attention, self-attention, readout) loses it, not the tokenizer. A kind ModalitySpec does not know
+    gets (shape[0],) token positions of shape[1] features: 9 tokens of 84 for 84 px x 3 frames."""
+
+    def __init__(self, spec: ModalitySpec, config: PerceiverConfig):
+        super().__init__(spec, config)
+        self.stem = nn.Sequential(
+            nn.Conv2d(spec.shape[0], 32, 8, stride=4),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 4, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=1),
+            nn.ReLU(),
+            nn.Flatten(),
+        )
+        for layer in self.stem:
+            if isinstance(layer, nn.Conv2d):
+                nn.init.orthogonal_(layer.weight, nn.init.calculate_gain("relu"))
+                nn.init.zeros_(layer.bias)
+        with torch.no_grad():
+            cells = self.stem(torch.zeros(1, *spec.shape)).shape[1]
+        self.flat = nn.Linear(cells, spec.num_tokens * spec.token_dim)
+
+    def tokens_content(self, x: torch.Tensor) -> torch.Tensor:
+        features = torch.relu(self.flat(self.stem(x.float() * (1.0 / 255.0) - 0.5)))
+        return features.view(x.shape[0], self.spec.num_tokens, self.spec.token_dim)
+
+
+register_adapter("estimator_cnn_tokens", CNNTokens)
+CNN_TOKENS = {**LEAN, "modality_overrides": {"pixels": {"kind": "estimator_cnn_tokens"}}}
+"""The lean Perceiver reading `CNNTokens`."""
 
 VARIANTS: dict[str, Variant] = {
     "cnn": Variant("cnn"),
@@ -77,6 +116,22 @@ VARIANTS: dict[str, Variant] = {
     "perceiver-conv-reference-2layers": Variant(
         "perceiver", {**CONV, "self_attn_layers": 2}, center="reference"
     ),
+    "perceiver-patch-reference-lr3e-4": Variant("perceiver", LEAN, center="reference", lr=3e-4),
+    "perceiver-patch-reference-heads4": Variant(
+        "perceiver", {**LEAN, "cross_attn_heads": 4}, center="reference"
+    ),
+    "perceiver-patch-reference-dim128": Variant("perceiver", {**LEAN, "latent_dim": 128}, center="reference"),
+    "perceiver-patch6-reference": Variant("perceiver", {**LEAN, "patch_size": 6}, center="reference"),
+    "perceiver-patch-reference-bands16": Variant(
+        "perceiver", {**LEAN, "fourier_bands": 16}, center="reference"
+    ),
+    "perceiver-conv-reference-heads4": Variant(
+        "perceiver", {**CONV, "cross_attn_heads": 4}, center="reference"
+    ),
+    "perceiver-cnn-tokens-reference": Variant("perceiver", CNN_TOKENS, center="reference"),
+    "perceiver-cnn-tokens-reference-flat": Variant(
+        "perceiver", CNN_TOKENS, readout="flat", center="reference"
+    ),
     "perceiver-nature-reference": Variant("perceiver", NATURE_STEM, center="reference"),
     "perceiver-nature-reference-flat": Variant("perceiver", NATURE_STEM, readout="flat", center="reference"),
 }
@@ -92,9 +147,24 @@ STEMS = (
     "perceiver-nature-reference-flat",
 )
 """The conv-token Perceivers against NatureCNN: which stem and readout learn the velocity (`--variants`)."""
+KNOBS = (
+    "cnn",
+    "perceiver-patch-reference",
+    "perceiver-patch-reference-lr3e-4",
+    "perceiver-patch-reference-heads4",
+    "perceiver-patch-reference-dim128",
+    "perceiver-patch6-reference",
+    "perceiver-patch-reference-bands16",
+    "perceiver-conv-reference-heads4",
+    "perceiver-cnn-tokens-reference",
+    "perceiver-cnn-tokens-reference-flat",
+)
+"""One setting at a time of the reference-centred Perceiver, and CNN features as its tokens: is the velocity gap
+the tokenizer's, the attention's, the width's or the learning rate's? (`--variants knobs`)"""
+GROUPS = {"stems": STEMS, "knobs": KNOBS}
 DEFAULT = tuple(
-    name for name in VARIANTS if name != "drq-cnn" and name not in STEMS[2:]
-)  # DrQ's encoder: ~5x NatureCNN's time per step; the stem variants: `--variants` (STEMS)
+    name for name in VARIANTS if name != "drq-cnn" and name not in STEMS[2:] + KNOBS[2:]
+)  # DrQ's encoder: ~5x NatureCNN's time per step; the stem and knob variants: `--variants stems|knobs`
 QUICK = ("cnn", "perceiver-patch", "perceiver-patch-centred", "perceiver-patch-reference")
 
 
@@ -174,7 +244,7 @@ def fit(
     steps: int,
     evaluate_at: tuple[int, ...],
     batch_size: int = 128,
-    lr: float = 1e-3,
+    lr: float | None = None,
     shift_pad: int = 4,
     seed: int = 0,
 ) -> dict:
@@ -185,7 +255,7 @@ def fit(
     space = spaces.Dict({"pixels": spaces.Box(0, 255, tuple(train.pixels.shape[1:]), np.uint8)})
     model = StateRegressor(variant, space, train.states.shape[1])
     mean, std = train.states.mean(0), train.states.std(0).clamp_min(1e-6)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=variant.lr if lr is None else lr)
     generator = torch.Generator().manual_seed(seed)
     scores, elapsed = {}, 0.0
     for step in range(1, steps + 1):
@@ -218,17 +288,15 @@ def bench_estimator(
     steps: int | None = None,
     observations: tuple[int, int] | None = None,
 ) -> None:
-    """The table for `variants` (names of `VARIANTS`, or 'stems' for `STEMS`); `steps` and `observations` (train, held-out) override the
+    """The table for `variants` (names of `VARIANTS`, or a group of `GROUPS`: 'stems', 'knobs'); `steps` and `observations` (train, held-out) override the
     sizes (full: 800 steps on 6000 / 1000 observations; quick: 400 on 2000 / 500). Default variants: all but
     'drq-cnn' and the stem variants (quick: four)."""
-    names = [
-        n for v in (variants or (QUICK if quick else DEFAULT)) for n in (STEMS if v == "stems" else (v,))
-    ]
+    names = [n for v in (variants or (QUICK if quick else DEFAULT)) for n in GROUPS.get(v, (v,))]
     if steps is not None and steps < 1:
         raise ValueError(f"estimator steps must be a positive integer, got {steps!r}")
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
-        raise ValueError(f"unknown estimator variants {unknown}; valid choices: {[*VARIANTS, 'stems']}")
+        raise ValueError(f"unknown estimator variants {unknown}; valid choices: {[*VARIANTS, *GROUPS]}")
     square_table(names, seeds=(1,) if quick else (1, 2, 3), steps=min(steps or 100, 100))
     steps = steps or (400 if quick else 800)
     evaluate_at = tuple(sorted({max(1, steps // 4), max(1, steps // 2), steps}))
@@ -244,7 +312,7 @@ def bench_estimator(
     sensors = " / ".join(train.layout)
     table(
         f"State regression from pixels (cartpole-swingup, {len(train.pixels)} train / {len(test.pixels)} held-out "
-        f"observations, DrQ shifts, Adam 1e-3, batch 128): held-out R^2 ({sensors})",
+        f"observations, DrQ shifts, Adam 1e-3 unless the name says otherwise, batch 128): held-out R^2 ({sensors})",
         ["encoder", "parameters", *[f"R^2 at {s} steps" for s in evaluate_at], "ms / step"],
         rows,
     )

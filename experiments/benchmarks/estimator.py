@@ -29,7 +29,7 @@ from torch import nn
 
 from agents.augment import random_shift
 from agents.drq_policy import FEATURE_DIM, HIDDEN_DEPTH, HIDDEN_DIM, centering_mode, mlp
-from agents.encoders import build_encoder
+from agents.encoders import build_encoder, orthogonal_init
 from experiments.benchmarks.common import table
 from experiments.benchmarks.features import LEAN  # the lean Perceiver of the pixel studies
 from perceiver_policy.config import PerceiverConfig
@@ -77,10 +77,7 @@ class CNNTokens(ModalityAdapter):
             nn.ReLU(),
             nn.Flatten(),
         )
-        for layer in self.stem:
-            if isinstance(layer, nn.Conv2d):
-                nn.init.orthogonal_(layer.weight, nn.init.calculate_gain("relu"))
-                nn.init.zeros_(layer.bias)
+        orthogonal_init(self.stem)
         with torch.no_grad():
             cells = self.stem(torch.zeros(1, *spec.shape)).shape[1]
         self.flat = nn.Linear(cells, spec.num_tokens * spec.token_dim)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 
 import torch
@@ -205,6 +206,7 @@ def make_agent(
         if kwargs.pop("aux_state_weight", 0):
             raise ValueError(f"aux_state_weight needs policy_type 'perceiver', got {policy_type!r}")
         policy = "MultiInputLstmPolicy" if policy_type == "lstm" else "MultiInputPolicy"
+        check_algorithm_kwargs(algo_cls, kwargs, algorithm, policy_type)
         return algo_cls(policy, env, **kwargs, **common)
     if algorithm == "sac":
         obs_space = env.observation_space
@@ -215,7 +217,45 @@ def make_agent(
             if isinstance(obs_space, spaces.Dict) and TASK_KEY in obs_space.spaces:
                 kwargs.setdefault("replay_buffer_class", TaskReplayBuffer)
     policy_class = DrQSACPolicy if recipe == "drq" else _CLASSES[algorithm][1]
+    check_algorithm_kwargs(algo_cls, kwargs, algorithm, policy_type)
     return algo_cls(policy_class, env, **kwargs, **common)
+
+
+def algorithm_settings(algo_cls: type) -> set[str]:
+    """The keyword arguments `algo_cls(policy, env, ...)` accepts: its own and those its `**kwargs` pass on
+    along the MRO (the mixins of agents/ forward theirs to SB3's classes)."""
+    names: set[str] = set()
+    for klass in algo_cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        parameters = inspect.signature(init).parameters.values()
+        names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return names - {
+        "self",
+        "_init_setup_model",
+        "policy",
+        "env",
+        "policy_kwargs",
+        "device",
+        "seed",
+        "tensorboard_log",
+        "verbose",
+    }
+
+
+def check_algorithm_kwargs(algo_cls: type, kwargs: dict, algorithm: str, policy_type: str) -> None:
+    """Every algorithm setting (`--algo key=value`, a preset's `algo:`) is one the class takes; the error names the
+    unknown ones and the valid choices instead of a TypeError from deep inside SB3."""
+    valid = algorithm_settings(algo_cls)
+    unknown = sorted(set(kwargs) - valid)
+    if unknown:
+        raise ValueError(
+            f"unknown {algorithm} settings {unknown} for policy_type {policy_type!r} ({algo_cls.__name__}); "
+            f"valid choices: {sorted(valid)}"
+        )
 
 
 def check_recipe(algorithm: str, policy_type: str, recipe: str) -> None:

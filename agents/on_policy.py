@@ -27,6 +27,7 @@ from agents.pipelined import collect_pipelined, pipelined_base
 from agents.rollout_buffer import DeviceRolloutBuffer
 from agents.sac import check_state_decoding, record_state_decoding
 from agents.transfer import ObservationTransfer, stack_observations
+from agents.warmup import LearningRateWarmupMixin
 from perceiver_policy.latent_scaling import (
     get_num_latents,
     perceiver_encoders,
@@ -186,9 +187,9 @@ class StateDecodingMixin:
         return [*super()._excluded_save_params(), "_decode_metrics"]
 
 
-class PerceiverPPO(StateDecodingMixin, BatchedRolloutMixin, PPO):
+class PerceiverPPO(LearningRateWarmupMixin, StateDecodingMixin, BatchedRolloutMixin, PPO):
     """SB3 PPO with batched device rollouts (default buffer: `DeviceRolloutBuffer` on CUDA, SB3's on the CPU) and the optional
-    state-decoding loss (``aux_state_weight``)."""
+    state-decoding loss (``aux_state_weight``), and learning-rate warmup (``lr_warmup``, `agents.warmup`)."""
 
     def train(self) -> None:
         """SB3's `PPO.train` (2.9) with `self._auxiliary_loss()` added to each minibatch loss."""
@@ -264,9 +265,9 @@ class PerceiverPPO(StateDecodingMixin, BatchedRolloutMixin, PPO):
         self._restore_acting_num_latents()
 
 
-class PerceiverA2C(StateDecodingMixin, BatchedRolloutMixin, A2C):
+class PerceiverA2C(LearningRateWarmupMixin, StateDecodingMixin, BatchedRolloutMixin, A2C):
     """SB3 A2C with batched device rollouts (default buffer: `DeviceRolloutBuffer` on CUDA, SB3's on the CPU) and the optional
-    state-decoding loss (``aux_state_weight``)."""
+    state-decoding loss (``aux_state_weight``), and learning-rate warmup (``lr_warmup``, `agents.warmup`)."""
 
     def train(self) -> None:
         """SB3's `A2C.train` (2.9) with `self._auxiliary_loss()` added to the loss."""

@@ -31,6 +31,7 @@ from agents.augment import random_shift
 from agents.drq import drq_update
 from agents.drq_policy import DrQSACPolicy
 from agents.modality_mix import ModalityMixer, with_flags
+from agents.warmup import LearningRateWarmupMixin
 from perceiver_policy.introspection import encoder_parameter_groups, gradient_norms
 from perceiver_policy.latent_scaling import num_latents, training_num_latents
 from perceiver_policy.modalities import ABSENT_KEY, ACTION_MASK_KEY, STATE_KEY, TASK_KEY
@@ -38,7 +39,7 @@ from perceiver_policy.model import PerceiverEncoder
 from perceiver_policy.sac_policy import PerceiverSACPolicy
 
 
-class PerceiverSAC(SAC):
+class PerceiverSAC(LearningRateWarmupMixin, SAC):
     """SB3 SAC for `PerceiverSACPolicy` (the SB3 recipe) and `DrQSACPolicy` (DrQ's recipe, any encoder).
 
     :param augment_pad: DrQ shift in pixels (0 disables).
@@ -50,6 +51,8 @@ class PerceiverSAC(SAC):
         a modality subset, withheld modalities masked alike in the critic, target and actor passes.
     :param modality_mix_mode: 'fixed', 'curriculum' (stages by frames) or 'active' (weights follow TD error).
     :param frames_per_step: the env's action repeat (curriculum stages are in frames).
+    :param lr_warmup: updates of linear learning-rate warmup for actor, critic and temperature (`agents.warmup`;
+        0, the default: none).
     SB3's ``target_update_interval`` counts updates over the whole run here (SB3 counts them per `train` call).
     """
 

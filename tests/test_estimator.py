@@ -75,3 +75,19 @@ def test_reference_centred_latents_find_the_square_where_plain_latents_do_not_ye
     runs = {name: fit(VARIANTS[name], train, test, steps=25, evaluate_at=(25,), batch_size=32, shift_pad=0, seed=1)
             for name in ("perceiver-patch", "perceiver-patch-reference")}  # fmt: skip
     assert runs["perceiver-patch-reference"]["r2"][25][0] > 0.5 > runs["perceiver-patch"]["r2"][25][0]
+
+
+def test_a_variants_warmup_ramps_its_learning_rate_linearly(monkeypatch):
+    rates, step = [], torch.optim.Adam.step
+    monkeypatch.setattr(
+        torch.optim.Adam,
+        "step",
+        lambda self, *a, **k: (rates.append(self.param_groups[0]["lr"]), step(self, *a, **k))[1],
+    )
+    data = square(8, 0)
+    fit(Variant("cnn", lr=1e-3, warmup=4), data, data, steps=6, evaluate_at=(6,), batch_size=4)
+    assert rates == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert (
+        "perceiver-patch-warmup" in estimator.GROUPS["warmup"]
+        and "perceiver-patch-warmup" not in estimator.DEFAULT
+    )

@@ -46,6 +46,7 @@ class Variant:
     center: bool | str = False  # agents.drq_policy.CENTERINGS: False / 'none', True / 'running', 'reference'
     center_momentum: float | None = None  # None: agents.encoders.CENTER_MOMENTUM
     lr: float = 1e-3  # DrQ's
+    warmup: int = 0  # steps of linear learning-rate warmup (0: none, as DrQ)
 
 
 CONV = {**LEAN, "pixel_tokenizer": "conv"}
@@ -129,6 +130,12 @@ VARIANTS: dict[str, Variant] = {
     "perceiver-cnn-tokens-reference-flat": Variant(
         "perceiver", CNN_TOKENS, readout="flat", center="reference"
     ),
+    # agents.warmup: the Perceiver's tokens grow an input-independent part in Adam's first steps at full rate
+    "perceiver-patch-warmup": Variant("perceiver", LEAN, warmup=100),
+    "perceiver-conv-warmup": Variant("perceiver", CONV, warmup=100),
+    "perceiver-patch-reference-warmup": Variant("perceiver", LEAN, center="reference", warmup=100),
+    "perceiver-conv-reference-warmup": Variant("perceiver", CONV, center="reference", warmup=100),
+    "cnn-warmup": Variant("cnn", warmup=100),
     "perceiver-nature-reference": Variant("perceiver", NATURE_STEM, center="reference"),
     "perceiver-nature-reference-flat": Variant("perceiver", NATURE_STEM, readout="flat", center="reference"),
 }
@@ -158,10 +165,21 @@ KNOBS = (
 )
 """One setting at a time of the reference-centred Perceiver, and CNN features as its tokens: is the velocity gap
 the tokenizer's, the attention's, the width's or the learning rate's? (`--variants knobs`)"""
-GROUPS = {"stems": STEMS, "knobs": KNOBS}
+WARMUP = (
+    "cnn",
+    "cnn-warmup",
+    "perceiver-patch",
+    "perceiver-patch-warmup",
+    "perceiver-conv-warmup",
+    "perceiver-patch-reference",
+    "perceiver-patch-reference-warmup",
+    "perceiver-conv-reference-warmup",
+)
+"""A 100-step linear learning-rate warmup (`agents.warmup`), with and without the reference (`--variants warmup`)."""
+GROUPS = {"stems": STEMS, "knobs": KNOBS, "warmup": WARMUP}
 DEFAULT = tuple(
-    name for name in VARIANTS if name != "drq-cnn" and name not in STEMS[2:] + KNOBS[2:]
-)  # DrQ's encoder: ~5x NatureCNN's time per step; the stem and knob variants: `--variants stems|knobs`
+    name for name in VARIANTS if name != "drq-cnn" and name not in STEMS[2:] + KNOBS[2:] + WARMUP
+)  # DrQ's encoder: ~5x NatureCNN's time per step; the other groups: `--variants stems|knobs|warmup`
 QUICK = ("cnn", "perceiver-patch", "perceiver-patch-centred", "perceiver-patch-reference")
 
 
@@ -253,6 +271,9 @@ def fit(
     model = StateRegressor(variant, space, train.states.shape[1])
     mean, std = train.states.mean(0), train.states.std(0).clamp_min(1e-6)
     optimizer = torch.optim.Adam(model.parameters(), lr=variant.lr if lr is None else lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda done: min(1.0, (done + 1) / max(1, variant.warmup))
+    )
     generator = torch.Generator().manual_seed(seed)
     scores, elapsed = {}, 0.0
     for step in range(1, steps + 1):
@@ -264,6 +285,7 @@ def fit(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        schedule.step()
         elapsed += time.perf_counter() - start
         if step in evaluate_at:
             model.eval()
@@ -285,7 +307,7 @@ def bench_estimator(
     steps: int | None = None,
     observations: tuple[int, int] | None = None,
 ) -> None:
-    """The table for `variants` (names of `VARIANTS`, or a group of `GROUPS`: 'stems', 'knobs'); `steps` and
+    """The table for `variants` (names of `VARIANTS`, or a group of `GROUPS`: 'stems', 'knobs', 'warmup'); `steps` and
     `observations` (train, held-out) override the sizes (full: 800 steps on 6000 / 1000 observations; quick: 400 on
     2000 / 500). Default variants: all but 'drq-cnn' and the stem and knob variants (quick: four)."""
     names = [n for v in (variants or (QUICK if quick else DEFAULT)) for n in GROUPS.get(v, (v,))]

@@ -49,6 +49,3 @@ class LearningRateWarmupMixin:
             for group in optimizer.param_groups:
                 group["lr"] *= factor
         self.logger.record("train/learning_rate", self.lr_schedule(self._current_progress_remaining) * factor)
-
-
-__all__ = ["LearningRateWarmupMixin", "check_warmup", "warmup_factor"]

@@ -91,3 +91,6 @@ def test_a_variants_warmup_ramps_its_learning_rate_linearly(monkeypatch):
         "perceiver-patch-warmup" in estimator.GROUPS["warmup"]
         and "perceiver-patch-warmup" not in estimator.DEFAULT
     )
+    assert {"cnn", "perceiver-patch", "perceiver-patch-reference"} <= set(
+        estimator.DEFAULT
+    )  # the group's baselines

@@ -30,6 +30,7 @@ from torch import nn
 from agents.augment import random_shift
 from agents.drq_policy import FEATURE_DIM, HIDDEN_DEPTH, HIDDEN_DIM, centering_mode, mlp
 from agents.encoders import build_encoder, orthogonal_init
+from agents.warmup import warmup_factor
 from experiments.benchmarks.common import table
 from experiments.benchmarks.features import LEAN  # the lean Perceiver of the pixel studies
 from perceiver_policy.config import PerceiverConfig
@@ -178,7 +179,9 @@ WARMUP = (
 """A 100-step linear learning-rate warmup (`agents.warmup`), with and without the reference (`--variants warmup`)."""
 GROUPS = {"stems": STEMS, "knobs": KNOBS, "warmup": WARMUP}
 DEFAULT = tuple(
-    name for name in VARIANTS if name != "drq-cnn" and name not in STEMS[2:] + KNOBS[2:] + WARMUP
+    name
+    for name in VARIANTS
+    if name != "drq-cnn" and name not in STEMS[2:] + KNOBS[2:] and not name.endswith("-warmup")
 )  # DrQ's encoder: ~5x NatureCNN's time per step; the other groups: `--variants stems|knobs|warmup`
 QUICK = ("cnn", "perceiver-patch", "perceiver-patch-centred", "perceiver-patch-reference")
 
@@ -271,9 +274,7 @@ def fit(
     model = StateRegressor(variant, space, train.states.shape[1])
     mean, std = train.states.mean(0), train.states.std(0).clamp_min(1e-6)
     optimizer = torch.optim.Adam(model.parameters(), lr=variant.lr if lr is None else lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda done: min(1.0, (done + 1) / max(1, variant.warmup))
-    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: warmup_factor(done, variant.warmup))
     generator = torch.Generator().manual_seed(seed)
     scores, elapsed = {}, 0.0
     for step in range(1, steps + 1):

@@ -321,14 +321,17 @@ def test_batched_collection_equals_sb3_collection_across_a_time_limit():
                                   rollout_buffer_class=buffer_class, perceiver={"num_latents": 8, "latent_dim": 32})  # fmt: skip
         assert isinstance(model.rollout_buffer, buffer_class)
         # The two paths hand the policy the same observations in differently aligned memory (SB3 wraps numpy
-        # arrays, ours copies into torch buffers), so a matmul may differ in its last bit (seen once under load),
-        # and the unstable cart-pole plus pixel quantisation amplifies any difference over a 10 s episode. Actions
-        # on a 1e-3 grid keep both rollouts on one trajectory; what is compared is the collection, not the matmul.
-        forward = model.policy.forward
+        # arrays, ours copies into torch buffers), so a matmul may differ in its last bit, and the unstable
+        # cart-pole plus pixel quantisation amplifies any difference over a 10 s episode. Rounding the policy's
+        # actions to a grid was not enough (under load an action sat on a rounding boundary and the trajectories
+        # parted): the actions come from one seeded sequence on a 1e-3 grid, the same in both paths, and the
+        # values from the policy. What is compared is the collection, not the matmul.
+        forward, draws = model.policy.forward, torch.Generator().manual_seed(7)
 
-        def on_grid(obs, deterministic=False, forward=forward):
+        def on_grid(obs, deterministic=False, forward=forward, draws=draws):
             actions, values, log_probs = forward(obs, deterministic)
-            return torch.round(actions * 1000) / 1000, values, log_probs
+            drawn = torch.randint(-1000, 1001, actions.shape, generator=draws).to(actions.dtype) / 1000
+            return drawn, values, log_probs
 
         model.policy.forward = on_grid
         model._setup_learn(130 * 2, Null())

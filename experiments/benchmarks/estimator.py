@@ -310,7 +310,8 @@ def bench_estimator(
 ) -> None:
     """The table for `variants` (names of `VARIANTS`, or a group of `GROUPS`: 'stems', 'knobs', 'warmup'); `steps` and
     `observations` (train, held-out) override the sizes (full: 800 steps on 6000 / 1000 observations; quick: 400 on
-    2000 / 500). Default variants: all but 'drq-cnn' and the stem and knob variants (quick: four)."""
+    2000 / 500). Default variants: all but 'drq-cnn', the stem and knob variants and the '-warmup' ones (quick:
+    four)."""
     names = [n for v in (variants or (QUICK if quick else DEFAULT)) for n in GROUPS.get(v, (v,))]
     if steps is not None and steps < 1:
         raise ValueError(f"estimator steps must be a positive integer, got {steps!r}")

@@ -62,10 +62,24 @@ class CameraRenderer:
         return self._physics.render(self.height, self.width, camera_id=self.camera_id)
 
     def close(self) -> None:
-        # EGL contexts left to the garbage collector can raise at interpreter exit: free them explicitly.
+        # `mujoco.Renderer.close` frees its MjrContext in whichever GL context is current, and GL object names
+        # are per context: freed while another renderer's context is current (every render leaves its own
+        # current), it deletes *that* renderer's framebuffers and textures, and that renderer draws wrong
+        # frames from then on. So make this renderer's context current first. EGL contexts left to the garbage
+        # collector can also raise at interpreter exit: free them explicitly.
         if self._renderer is not None:
+            gl_context = getattr(self._renderer, "_gl_context", None)
+            if gl_context is not None and getattr(gl_context, "_context", True):
+                gl_context.make_current()
             self._renderer.close()
             self._renderer = None
+
+    def __del__(self) -> None:
+        # Runs before the wrapped renderer's own finaliser (which would free in the wrong context).
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001  a finaliser must not raise; at exit EGL may already be gone
+            pass
 
 
 def gl_backend() -> str | None:

@@ -216,6 +216,29 @@ def test_missing_gl_backend_explains_the_fix(monkeypatch):
     assert rendering.RENDER_BACKENDS == ("fast", "dm_control")
 
 
+@pytest.mark.parametrize("how", ["close", "garbage-collected"])
+def test_freeing_one_renderer_leaves_another_renderers_frames_intact(how):
+    """MuJoCo frees a renderer's GL objects in whichever context is current; an env closed or collected while
+    another env's context was current used to delete that env's framebuffer (its frames changed for good)."""
+    import gc
+
+    first = DMCEnv("cartpole", "balance", image_size=32)
+    obs, _ = first.reset(seed=0)
+    frame = first._render_frame()
+    second = DMCEnv("cartpole", "balance", image_size=32)
+    second.reset(seed=1)
+    first._render_frame()  # the first env's context is now the current one
+    if how == "close":
+        second.close()
+    else:
+        cycle = [second]
+        cycle.append(cycle)
+        del second, cycle
+        gc.collect()
+    np.testing.assert_array_equal(first._render_frame(), frame)
+    first.close()
+
+
 def test_modality_dropout_wrapper_flags_and_reproducibility():
     from envs import ABSENT_KEY, ModalityDropout
 

@@ -1,6 +1,11 @@
 import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")
+# One torch (OpenMP) thread per test process and per command a test starts (they inherit it): `make test` runs
+# two pytest-xdist workers on two cores, and two threads each oversubscribe them. Measured on the 2-core host
+# beside two training runs: a tiny DrQ-recipe training command took 54.2 s with two threads, 16.8 s with one.
+# Set OMP_NUM_THREADS yourself to override.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

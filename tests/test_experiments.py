@@ -75,16 +75,19 @@ def wait_for_checkpoints(process: subprocess.Popen, folder: Path, count: int = 1
 
 
 def ppo_run(root, name: str, total_steps: int, every: int = 1000, *extra: str) -> list[str]:
-    """A tiny training command (PPO unless `extra` says otherwise): evals and checkpoints every `every` agent steps, no video."""
+    """A tiny training command (PPO unless `extra` says otherwise): evals and checkpoints every `every` agent steps,
+    no video, and no reliance probe unless `extra` asks for one (it re-runs the policy 1 + 2 × modalities times
+    per evaluation step; its own tests are the trained_run fixture's and tests/test_fusion.py)."""
     policy_type = extra[extra.index("--policy-type") + 1] if "--policy-type" in extra else "perceiver"
     perceiver = (
         TINY_PERCEIVER if policy_type == "perceiver" else []
     )  # other policies refuse Perceiver options
+    reliance = [] if "--reliance" in extra else ["--reliance", "false"]
     return [
         "experiments.train", "--task", "cartpole-balance", *TINY, *perceiver, "--algo", "n_steps=16",
         "batch_size=32", "--total-steps", str(total_steps), "--eval-freq", str(every), "--checkpoint-freq",
         str(every), "--eval-video", "false", "--run-dir", str(root), "--run-name", name, "--progress-bar", "false",
-        *extra,
+        *reliance, *extra,
     ]  # fmt: skip
 
 
@@ -245,7 +248,7 @@ def test_sac_resume_continues_the_saved_replay_buffer(tmp_path):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    cli(*ppo_run(root, "run", 64, 32))
+    cli(*ppo_run(root, "run", 64, 32, "--reliance", "true"))
     return root / "run"
 
 

@@ -168,7 +168,10 @@ class TrainConfig:
     Needs eval_episodes >= 4 (skipped otherwise)."""
     reliance: bool = True
     """At each evaluation, the causal reliance on each modality (experiments.evaluation.RelianceProbe): how much
-    the deterministic action and the value change when it is withheld: perceiver/reliance/<key>/action|value."""
+    the deterministic action and the value change when it is withheld: perceiver/reliance/<key>/action|value.
+    Costs 1 + 2 x (number of modalities) extra policy passes per evaluation step (a small pixel SAC policy with
+    three modalities: a whole 32-step run with one 4-episode evaluation took 71 s with it, 30 s without, on a
+    2-core host); false skips it."""
     checkpoint_freq: int = 10_000
     """Agent steps between checkpoints."""
     checkpoint_every_frames: int | None = None

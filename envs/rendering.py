@@ -68,8 +68,8 @@ class CameraRenderer:
         # frames from then on. So make this renderer's context current first. EGL contexts left to the garbage
         # collector can also raise at interpreter exit: free them explicitly.
         if self._renderer is not None:
-            gl_context = getattr(self._renderer, "_gl_context", None)
-            if gl_context is not None and getattr(gl_context, "_context", True):
+            gl_context = getattr(self._renderer, "_gl_context", None)  # None for backends without one
+            if gl_context is not None:
                 gl_context.make_current()
             self._renderer.close()
             self._renderer = None

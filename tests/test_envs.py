@@ -223,7 +223,7 @@ def test_freeing_one_renderer_leaves_another_renderers_frames_intact(how):
     import gc
 
     first = DMCEnv("cartpole", "balance", image_size=32)
-    obs, _ = first.reset(seed=0)
+    first.reset(seed=0)
     frame = first._render_frame()
     second = DMCEnv("cartpole", "balance", image_size=32)
     second.reset(seed=1)

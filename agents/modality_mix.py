@@ -1,19 +1,21 @@
-"""A weighted modality sampler for SAC: each replay sample is trained with a subset of the modalities.
+"""A weighted modality sampler: each training sample (SAC: replay sample; PPO / A2C: rollout sample,
+`agents.on_policy.ModalityMixMixin`) is trained with a subset of the modalities.
 
 Multimodal networks lean on the modality that cuts the loss fastest and under-train the others (modality
 imbalance). The sampler sets each modality subset's share of every training batch: a sample drawn for
 ``pixels+action_history`` has its other modalities withheld (masked, or removed, per
-`PerceiverConfig.missing_tokens`) in the critic's online pass, the target pass and the actor's pass alike (the same
-flags on obs and next_obs). Evaluation and acting always see every modality.
+`PerceiverConfig.missing_tokens`): for SAC in the critic's online pass, the target pass and the actor's pass alike
+(the same flags on obs and next_obs); for PPO / A2C in every update pass, with the old log-probabilities
+recomputed under the same masks. Evaluation and acting always see every modality.
 
 Spec: ``"all=0.5 pixels+action_history=0.3 proprio+action_history=0.2"`` (weights normalised; ``all`` is every
 modality). Modes:
 - ``fixed``: those weights throughout;
 - ``curriculum``: stages by frames, ``"0: all=1; 50000: all=0.5 pixels+action_history=0.5"``, linearly
   interpolated between stages (the first stage holds before its frame, the last after);
-- ``active``: weights follow each subset's critic TD error: L_s, an exponential average (decay 0.99) of the
-  mean squared TD error of the samples drawn for subset s, and w_s = eps / S + (1 - eps) L_s / sum L (eps 0.2, so
-  each subset keeps at least eps / S). A subset whose critic error stays high (the under-trained one) is drawn
+- ``active``: weights follow each subset's critic error: L_s, an exponential average (decay 0.99) of the
+  mean squared TD error (SAC; value error for PPO / A2C) of the samples drawn for subset s, and
+  w_s = eps / S + (1 - eps) L_s / sum L (eps 0.2, so each subset keeps at least eps / S). A subset whose critic error stays high (the under-trained one) is drawn
   more. The spec's weights are the starting point.
 """
 

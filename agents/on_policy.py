@@ -7,7 +7,9 @@ cross to the device once per step (pinned, non-blocking on CUDA), the policy run
 same device tensors are written into `DeviceRolloutBuffer`. Timeout bootstrapping is batched too.
 
 `train` is SB3's, line for line, plus one term: with ``aux_state_weight > 0`` the policy's state-decoding loss of
-each minibatch's encoder pass (`PerceiverActorCriticPolicy.evaluate_actions`) joins the minibatch loss.
+each minibatch's encoder pass (`PerceiverActorCriticPolicy.evaluate_actions`) joins the minibatch loss. With
+``modality_mix`` (`ModalityMixMixin`) each rollout sample is trained with one modality subset, and the ratio's old
+log-probabilities are recomputed under the same masks before the epochs.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.utils import explained_variance, get_device
 from stable_baselines3.common.vec_env import VecEnv
 
+from agents.modality_mix import ModalityMixer, with_flags
 from agents.pipelined import collect_pipelined, pipelined_base
 from agents.rollout_buffer import DeviceRolloutBuffer
 from agents.sac import check_state_decoding, record_state_decoding
@@ -34,6 +37,8 @@ from perceiver_policy.latent_scaling import (
     set_num_latents,
     training_num_latents,
 )
+from perceiver_policy.modalities import ABSENT_KEY
+from perceiver_policy.model import PerceiverEncoder
 
 
 @contextlib.contextmanager
@@ -187,12 +192,109 @@ class StateDecodingMixin:
         return [*super()._excluded_save_params(), "_decode_metrics"]
 
 
-class PerceiverPPO(LearningRateWarmupMixin, StateDecodingMixin, BatchedRolloutMixin, PPO):
-    """SB3 PPO with batched device rollouts (default buffer: `DeviceRolloutBuffer` on CUDA, SB3's on the CPU) and the optional
-    state-decoding loss (``aux_state_weight``), and learning-rate warmup (``lr_warmup``, `agents.warmup`)."""
+class ModalityMixMixin:
+    """The weighted modality sampler (`agents.modality_mix`) for PPO and A2C.
+
+    Before each update every rollout sample draws a modality subset; its other modalities are flagged absent
+    (``absent_modalities``, OR-ed with env-side dropout flags) in the buffer's observations, so each minibatch's
+    encoder pass withholds them (masked or removed per `PerceiverConfig.missing_tokens`). Then, with the policy
+    that collected the rollout, one no-grad pass over the buffer recomputes the old log-probabilities and values
+    under those masks: PPO's ratio starts at exactly 1 and compares the updated masked policy with the same masked
+    policy before the update, never with the unmasked acting one (a biased ratio). Advantages and returns stay
+    those of the rollout (the buffer's values, and so ``train/explained_variance``, become the masked pass's). That
+    pass (one forward per sample, no backward) also gives each subset's mean squared value error, logged as
+    ``perceiver/modality_mix_critic_loss/<subset>`` and followed by the ``active`` mode.
+    Acting and evaluation see every modality.
+
+    :param modality_mix: a sampler spec, e.g. ``"all=0.5 pixels+action_history=0.3 proprio+action_history=0.2"``.
+    :param modality_mix_mode: 'fixed', 'curriculum' (stages by frames) or 'active' (weights follow the value error).
+    :param frames_per_step: env frames per agent step (the action repeat), for curriculum stages given in frames.
+    """
+
+    def __init__(
+        self,
+        policy,
+        env,
+        modality_mix: str | None = None,
+        modality_mix_mode: str = "fixed",
+        frames_per_step: int = 1,
+        **kwargs,
+    ):
+        self.modality_mix, self.modality_mix_mode, self.frames_per_step = (
+            modality_mix,
+            modality_mix_mode,
+            frames_per_step,
+        )
+        self.mixer: ModalityMixer | None = None
+        super().__init__(policy, env, **kwargs)
+
+    def _setup_model(self) -> None:
+        super()._setup_model()
+        if self.modality_mix:
+            encoder = getattr(self.policy, "encoder", None)
+            if not isinstance(encoder, PerceiverEncoder):
+                raise ValueError(
+                    f"modality_mix withholds modalities inside the Perceiver; {type(self.policy).__name__} has no "
+                    "Perceiver encoder (use PerceiverActorCriticPolicy, policy_type 'perceiver')"
+                )
+            self.mixer = ModalityMixer(
+                self.modality_mix, self.modality_mix_mode, encoder.names, self.frames_per_step
+            )
+
+    @torch.no_grad()
+    def _mix_rollout(self) -> None:
+        """Flag each buffer sample's withheld modalities, then recompute old log-probs and values under them."""
+        if self.mixer is None:
+            return
+        buffer = self.rollout_buffer
+        steps, n_envs, total = buffer.buffer_size, buffer.n_envs, buffer.buffer_size * buffer.n_envs
+        index, flags = self.mixer.draw(total, self.num_timesteps, self.device)
+        observations = buffer.observations
+        on_device = isinstance(buffer, DeviceRolloutBuffer)
+        as_tensor = lambda x: torch.as_tensor(x, device=self.device)  # noqa: E731
+        flat = {key: as_tensor(value).reshape(total, *value.shape[2:]) for key, value in observations.items()}
+        flat = with_flags(flat, flags, ABSENT_KEY)
+        absent = flat[ABSENT_KEY].to(torch.int8)
+        absent = absent.reshape(steps, n_envs, -1)
+        observations[ABSENT_KEY] = absent if on_device else absent.cpu().numpy()
+        actions = as_tensor(buffer.actions).reshape(total, -1).float()
+        if isinstance(self.action_space, spaces.Discrete):
+            actions = actions.long().flatten()
+        self.policy.set_training_mode(False)  # as when the rollout was collected
+        values, log_probs = [], []
+        chunk = getattr(self, "batch_size", None) or total  # A2C has none: one pass
+        for start in range(0, total, chunk):
+            part = {key: value[start : start + chunk] for key, value in flat.items()}
+            value, log_prob, _ = self.policy.evaluate_actions(part, actions[start : start + chunk])
+            values.append(value.flatten())
+            log_probs.append(log_prob.flatten())
+        if hasattr(self.policy, "state_decoding"):
+            self.policy.state_decoding = None  # not a training pass
+        self.policy.set_training_mode(True)
+        values, log_probs = torch.cat(values), torch.cat(log_probs)
+        returns = as_tensor(buffer.returns).reshape(total).float()
+        self.mixer.record(index, (returns - values).square())
+        if on_device:
+            buffer._values.copy_(values.reshape(steps, n_envs))
+            buffer._log_probs.copy_(log_probs.reshape(steps, n_envs))
+        else:
+            buffer.values = values.reshape(steps, n_envs).cpu().numpy()
+            buffer.log_probs = log_probs.reshape(steps, n_envs).cpu().numpy()
+
+    def _log_mixer(self) -> None:
+        if self.mixer is not None:
+            self.mixer.log(self.logger, self.num_timesteps)
+
+
+class PerceiverPPO(LearningRateWarmupMixin, ModalityMixMixin, StateDecodingMixin, BatchedRolloutMixin, PPO):
+    """SB3 PPO with batched device rollouts (default buffer: `DeviceRolloutBuffer` on CUDA, SB3's on the CPU), the optional
+    state-decoding loss (``aux_state_weight``), learning-rate warmup (``lr_warmup``, `agents.warmup`) and the
+    weighted modality sampler (``modality_mix``, `ModalityMixMixin`)."""
 
     def train(self) -> None:
-        """SB3's `PPO.train` (2.9) with `self._auxiliary_loss()` added to each minibatch loss."""
+        """SB3's `PPO.train` (2.9) with `self._auxiliary_loss()` added to each minibatch loss, after
+        `_mix_rollout` (a no-op without ``modality_mix``)."""
+        self._mix_rollout()
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
         clip_range = self.clip_range(self._current_progress_remaining)
@@ -262,15 +364,19 @@ class PerceiverPPO(LearningRateWarmupMixin, StateDecodingMixin, BatchedRolloutMi
         if self.clip_range_vf is not None:
             self.logger.record("train/clip_range_vf", clip_range_vf)
         self._record_auxiliary()
+        self._log_mixer()
         self._restore_acting_num_latents()
 
 
-class PerceiverA2C(LearningRateWarmupMixin, StateDecodingMixin, BatchedRolloutMixin, A2C):
-    """SB3 A2C with batched device rollouts (default buffer: `DeviceRolloutBuffer` on CUDA, SB3's on the CPU) and the optional
-    state-decoding loss (``aux_state_weight``), and learning-rate warmup (``lr_warmup``, `agents.warmup`)."""
+class PerceiverA2C(LearningRateWarmupMixin, ModalityMixMixin, StateDecodingMixin, BatchedRolloutMixin, A2C):
+    """SB3 A2C with batched device rollouts (default buffer: `DeviceRolloutBuffer` on CUDA, SB3's on the CPU), the optional
+    state-decoding loss (``aux_state_weight``), learning-rate warmup (``lr_warmup``, `agents.warmup`) and the
+    weighted modality sampler (``modality_mix``, `ModalityMixMixin`)."""
 
     def train(self) -> None:
-        """SB3's `A2C.train` (2.9) with `self._auxiliary_loss()` added to the loss."""
+        """SB3's `A2C.train` (2.9) with `self._auxiliary_loss()` added to the loss, after `_mix_rollout` (a
+        no-op without ``modality_mix``)."""
+        self._mix_rollout()
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
         for rollout_data in self.rollout_buffer.get(batch_size=None):
@@ -303,4 +409,5 @@ class PerceiverA2C(LearningRateWarmupMixin, StateDecodingMixin, BatchedRolloutMi
         if hasattr(self.policy, "log_std"):
             self.logger.record("train/std", torch.exp(self.policy.log_std).mean().item())
         self._record_auxiliary()
+        self._log_mixer()
         self._restore_acting_num_latents()

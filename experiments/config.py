@@ -132,13 +132,15 @@ class TrainConfig:
     """Training envs mark each modality absent with this probability per step (envs.wrappers.ModalityDropout):
     robustness to missing sensors, PPO-safe because the flags are part of the observation. Eval envs: none."""
     modality_mix: str = ""
-    """SAC with the Perceiver: a weighted modality sampler. Each replay sample is trained with one modality subset,
+    """A weighted modality sampler (the Perceiver policy). Each training sample is trained with one modality subset,
     e.g. 'all=0.5 pixels+action_history=0.3 proprio+action_history=0.2' (weights normalised; 'all' = every
-    modality); the others are withheld (masked per PerceiverConfig.missing_tokens) in the critic, target and actor
-    passes alike. Acting and evaluation see every modality. Empty: off. See agents/modality_mix.py."""
+    modality); the others are withheld (masked per PerceiverConfig.missing_tokens): SAC in the critic, target and
+    actor passes alike; PPO/A2C in each rollout sample's update, with PPO's old log-probabilities recomputed under
+    the same masks. Acting and evaluation see every modality. Empty: off. See agents/modality_mix.py."""
     modality_mix_mode: str = "fixed"
     """How the modality_mix weights move: 'fixed'; 'curriculum' (stages by frames: '0: all=1; 50000: all=0.5
-    pixels+action_history=0.5', interpolated); 'active' (towards the subsets with the larger critic TD error)."""
+    pixels+action_history=0.5', interpolated); 'active' (towards the subsets with the larger critic error: TD
+    error for SAC, value error for PPO / A2C)."""
     sanitize_nonfinite: bool = False
     """NaN / inf in an observation or reward stop the run with a named error (default); with this flag they are
     replaced by 0 and counted (env/nonfinite_count)."""
@@ -323,11 +325,10 @@ class TrainConfig:
                     f"{self.policy_type!r}"
                 )
         if self.modality_mix:
-            if self.algorithm != "sac" or self.policy_type != "perceiver":
+            if self.policy_type != "perceiver":
                 raise ValueError(
-                    f"modality_mix trains SAC with policy_type 'perceiver' (got {self.algorithm!r}, "
-                    f"{self.policy_type!r}); for PPO/A2C use env_modality_dropout, whose flags are part of the "
-                    "observation, so the ratio's old log-probabilities see the same masks"
+                    f"modality_mix withholds modalities inside the Perceiver: it needs policy_type 'perceiver', got "
+                    f"{self.policy_type!r} (for other policies use env_modality_dropout, which feeds zeros)"
                 )
             parse_schedule(self.modality_mix, tuple(self.modalities), self.modality_mix_mode)
         self.validate_centering()

@@ -189,25 +189,127 @@ def test_withheld_modalities_are_masked_alike_in_online_target_and_actor_passes(
     assert seen == [None]  # acting sees every modality
 
 
+def on_policy_mix_model(venv, algorithm, mix="all=0.5 pixels+action_history=0.5", **kwargs):
+    from stable_baselines3.common.logger import configure
+
+    from agents import make_agent
+
+    extra = {"n_steps": 16, "batch_size": 8, "n_epochs": 2} if algorithm == "ppo" else {"n_steps": 16}
+    model = make_agent(algorithm, venv, perceiver={**SMALL, "missing_tokens": "mask"}, device="cpu", seed=0,
+                       modality_mix=mix, **{**extra, **kwargs})  # fmt: skip
+    model.set_logger(configure(None, []))
+    # as after training: mask tokens that differ from zero, actions that depend on the latents
+    with torch.no_grad():
+        torch.nn.init.normal_(model.policy.encoder.mask_tokens, std=3.0)
+        torch.nn.init.normal_(model.policy.action_net.weight)
+    return model
+
+
+def collected(model):
+    """The model after one rollout (no update yet)."""
+    _, callback = model._setup_learn(model.n_steps * model.n_envs, None)
+    model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
+    return model
+
+
+def test_ppo_old_log_probs_are_recomputed_under_each_samples_masks(mix_venv):
+    from perceiver_policy.modalities import ABSENT_KEY
+
+    model = collected(on_policy_mix_model(mix_venv, "ppo"))
+    buffer = model.rollout_buffer
+    acting = buffer.log_probs.copy()
+    model._mix_rollout()
+    flags = torch.as_tensor(buffer.observations[ABSENT_KEY]).reshape(16, -1)
+    proprio_only = [int(n == "proprio") for n in model.policy.encoder.names]
+    assert {tuple(f) for f in flags.int().tolist()} == {(0, 0, 0), tuple(proprio_only)}  # both subsets drawn
+    obs = {k: torch.as_tensor(v).reshape(16, *v.shape[2:]) for k, v in buffer.observations.items()}
+    model.policy.set_training_mode(False)
+    with torch.no_grad():
+        _, log_prob, _ = model.policy.evaluate_actions(obs, torch.as_tensor(buffer.actions).reshape(16, -1))
+    np.testing.assert_allclose(buffer.log_probs.reshape(-1), log_prob.numpy(), rtol=1e-5, atol=1e-6)
+    masked = flags.any(dim=1).numpy()
+    assert not np.allclose(acting.reshape(-1)[masked], buffer.log_probs.reshape(-1)[masked])  # they changed
+    np.testing.assert_allclose(acting.reshape(-1)[~masked], buffer.log_probs.reshape(-1)[~masked], rtol=1e-5)
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_ppo_ratio_starts_at_one_with_the_sampler(mix_venv, monkeypatch, recompute):
+    """At learning rate 0 the policy never moves, so every ratio must be exactly 1 (approx KL 0, nothing clipped):
+    the old log-probs are the masked policy's. With the acting pass's log-probs kept instead (the recomputation
+    patched out), the masked samples' ratios differ from 1: the bias the recomputation removes."""
+    model = collected(on_policy_mix_model(mix_venv, "ppo", learning_rate=0.0))
+    if not recompute:
+        buffer = model.rollout_buffer
+        acting = buffer.log_probs.copy(), buffer.values.copy()
+        model._mix_rollout()  # the masks, then the acting pass's log-probs back
+        buffer.log_probs, buffer.values = acting
+        monkeypatch.setattr(model, "_mix_rollout", lambda: None)
+    model.train()
+    logged = model.logger.name_to_value
+    if recompute:
+        assert logged["train/approx_kl"] == pytest.approx(0.0, abs=1e-7)
+        assert logged["train/clip_fraction"] == 0.0
+    else:
+        assert logged["train/approx_kl"] > 1e-4
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "a2c"])
+def test_on_policy_sampler_masks_every_update_pass_and_not_acting(mix_venv, monkeypatch, algorithm):
+    from perceiver_policy.modalities import ABSENT_KEY
+
+    model = collected(on_policy_mix_model(mix_venv, algorithm))
+    seen = []
+    forward = PerceiverEncoder.forward
+
+    def recording(self, obs, absent=None):
+        seen.append(obs.get(ABSENT_KEY))
+        return forward(self, obs, absent)
+
+    monkeypatch.setattr(PerceiverEncoder, "forward", recording)
+    model.train()
+    assert seen and all(f is not None for f in seen)  # the recompute pass and every minibatch carry the flags
+    assert {(0, 0, 0)} < {tuple(f) for flags in seen for f in torch.as_tensor(flags).int().tolist()}
+    assert "all" in model.mixer.subsets and model.mixer.td_error != [1.0, 1.0]  # value errors recorded
+    seen.clear()
+    model.predict(mix_venv.observation_space.sample(), deterministic=True)
+    assert seen == [None]  # acting sees every modality
+
+
+def test_on_policy_active_sampler_follows_the_value_error(mix_venv):
+    from agents.modality_mix import ACTIVE_FLOOR
+
+    model = collected(on_policy_mix_model(mix_venv, "ppo", modality_mix_mode="active"))
+    model._mix_rollout()
+    errors = np.asarray(model.mixer.td_error)
+    expected = ACTIVE_FLOOR / 2 + (1 - ACTIVE_FLOOR) * errors / errors.sum()
+    np.testing.assert_allclose(model.mixer.weights(0), expected)
+    assert not np.allclose(model.mixer.weights(0), [0.5, 0.5])
+
+
 def test_modality_mix_is_refused_where_it_cannot_be_exact():
     from experiments import config as cfg
 
     parser = cfg.build_parser("t")
-    with pytest.raises(ValueError, match=r"modality_mix trains SAC.*env_modality_dropout"):
-        cfg.resolve(parser.parse_args(["--algorithm", "ppo", "--modality-mix", "all=1"]))
+    with pytest.raises(ValueError, match=r"needs policy_type 'perceiver', got 'sb3'.*env_modality_dropout"):
+        cfg.resolve(
+            parser.parse_args(["--algorithm", "ppo", "--policy-type", "sb3", "--modality-mix", "all=1"])
+        )
     with pytest.raises(ValueError, match=r"subset 'pixels' names \['pixels'\]"):
         cfg.resolve(
             parser.parse_args(["--algorithm", "sac", "--modalities", "proprio", "--modality-mix", "pixels=1"])
         )
 
 
-def test_a_sac_run_with_mask_tokens_and_the_sampler_logs_the_mix(tmp_path):
+@pytest.mark.parametrize("algorithm", ["sac", "ppo"])
+def test_a_run_with_mask_tokens_and_the_sampler_logs_the_mix(tmp_path, algorithm):
     from tests.test_experiments import TINY, cli, tags
 
-    cli("experiments.train", "--task", "cartpole-balance", "--algorithm", "sac", *TINY, "--n-envs", "1",
+    algo = ["learning_starts=16", "batch_size=16", "buffer_size=500"] if algorithm == "sac" else [
+        "n_steps=32", "batch_size=16", "n_epochs=1"]  # fmt: skip
+    cli("experiments.train", "--task", "cartpole-balance", "--algorithm", algorithm, *TINY, "--n-envs", "1",
         "--perceiver", "num_latents=8", "latent_dim=16", "patch_size=8", "missing_tokens=mask",
         "--modality-mix", "all=0.5 pixels+action_history=0.5", "--modality-mix-mode", "active",
-        "--algo", "learning_starts=16", "batch_size=16", "buffer_size=500", "--total-steps", "64",
+        "--algo", *algo, "--total-steps", "64", "--reliance", "false",
         "--eval-freq", "64", "--eval-video", "false", "--run-dir", str(tmp_path), "--run-name", "mix",
         "--progress-bar", "false")  # fmt: skip
     scalars = set(tags(tmp_path / "mix").Tags()["scalars"])

@@ -21,6 +21,8 @@ from experiments.benchmarks.policy import default_space  # noqa: E402
 from perceiver_policy import PerceiverConfig, PerceiverEncoder  # noqa: E402
 from perceiver_policy.model import cpu_has_native_bf16  # noqa: E402
 
+MIX = "all=0.5 pixels+action_history=0.3 proprio+action_history=0.2"
+
 
 def train_worker(spec: dict) -> dict:
     """One measurement in a fresh process (so peak memory is its own)."""
@@ -48,7 +50,11 @@ def train_worker(spec: dict) -> dict:
         buffer = DictRolloutBuffer if spec.get("sb3_buffer") else agents.DeviceRolloutBuffer
         perceiver = {"patch_size": 8} if spec["image_size"] == 64 else {}
         perceiver["dtype"] = spec.get("dtype", "float32")
-        model = agents.make_agent("ppo", venv, perceiver=perceiver, rollout_buffer_class=buffer, **common)
+        perceiver["missing_tokens"] = spec.get("missing_tokens", "remove")
+        mix = {"modality_mix": spec["modality_mix"]} if spec.get("modality_mix") else {}
+        model = agents.make_agent(
+            "ppo", venv, perceiver=perceiver, rollout_buffer_class=buffer, **common, **mix
+        )
     else:
         model = PPO("MultiInputPolicy", venv, **common)
     model.learn(n_steps * spec["n_envs"])  # warm-up: one rollout + update
@@ -124,6 +130,15 @@ def bench_train(quick: bool) -> dict[str, float]:
         # Subprocess envs, stepped whole or in two halves overlapped with the policy (--vec-env pipelined).
         "subproc": {**spec, "policy": "perceiver", "sb3_buffer": True, "vec_env": "subproc"},
         "pipelined": {**spec, "policy": "perceiver", "sb3_buffer": True, "vec_env": "pipelined"},
+        # Mask tokens, then the weighted modality sampler on top (its update adds one no-grad pass per rollout).
+        "mask": {**spec, "policy": "perceiver", "sb3_buffer": True, "missing_tokens": "mask"},
+        "mix": {
+            **spec,
+            "policy": "perceiver",
+            "sb3_buffer": True,
+            "missing_tokens": "mask",
+            "modality_mix": MIX,
+        },
     }
     if cpu_has_native_bf16() and not torch.cuda.is_available():  # emulated bf16 was 5x slower: no row there
         configs["bf16"] = {**spec, "policy": "perceiver", "sb3_buffer": True, "dtype": "bfloat16"}
@@ -138,6 +153,8 @@ def bench_train(quick: bool) -> dict[str, float]:
         "cnn": "SB3 MultiInputPolicy (NatureCNN)",
         "subproc": "Perceiver + SB3 buffer, --vec-env subproc",
         "pipelined": "Perceiver + SB3 buffer, --vec-env pipelined (halves overlapped)",
+        "mask": "Perceiver + SB3 buffer, missing_tokens=mask",
+        "mix": "Perceiver + SB3 buffer, missing_tokens=mask, --modality-mix (study 2's weights)",
         "bf16": "Perceiver + SB3 buffer, dtype=bfloat16 (CPU autocast, native bf16)",
     }
     cnn = means["cnn"]
@@ -165,6 +182,7 @@ def bench_train(quick: bool) -> dict[str, float]:
         "ppo_vs_multiinput": default["learn_sps"] / cnn["learn_sps"],
         "collect_vs_env": default["collect_sps"] / default["env_sps"],
         "pipelined_vs_subproc": means["pipelined"]["collect_sps"] / means["subproc"]["collect_sps"],
+        "mix_update_vs_mask": means["mix"]["update_s"] / means["mask"]["update_s"],
     }
     from gymnasium import spaces
     from stable_baselines3.common.buffers import DictReplayBuffer
@@ -219,6 +237,7 @@ def summary(train: dict[str, float], sac_speedup: float) -> None:
         ["PPO learn steps/s, ours / MultiInputPolicy", train["ppo_vs_multiinput"], ">= 1.0"],
         ["rollout collection / env-only limit", train["collect_vs_env"], ">= 0.8"],
         ["collection, --vec-env pipelined / subproc", train["pipelined_vs_subproc"], "> 1"],
+        ["PPO update with --modality-mix / mask tokens alone", train["mix_update_vs_mask"], "< 1.15"],
         ["SAC updates/s, ours / SB3 SAC (NatureCNN)", sac_speedup, "> 2.9 (docs/results.md)"],
         [f"input cross-attention kernel: inference {inference}, training {training}", "", ""],
     ]

@@ -26,6 +26,8 @@ import re
 import numpy as np
 import torch
 
+from perceiver_policy.model import PerceiverEncoder
+
 MIX_MODES = ("fixed", "curriculum", "active")
 ALL = "all"
 ACTIVE_DECAY = 0.99
@@ -136,6 +138,43 @@ class ModalityMixer:
             if self.losses[s]:
                 logger.record(f"perceiver/modality_mix_critic_loss/{subset}", float(np.mean(self.losses[s])))
             self.losses[s] = []
+
+
+class ModalityMixSettings:
+    """The sampler's settings on an SB3 algorithm (``modality_mix``, ``modality_mix_mode``, ``frames_per_step``,
+    saved with the model) and its `ModalityMixer` (``mixer``, None when off), built by `_setup_mixer`.
+
+    :param modality_mix: a sampler spec, e.g. ``"all=0.5 pixels+action_history=0.3 proprio+action_history=0.2"``.
+    :param modality_mix_mode: 'fixed', 'curriculum' (stages by frames) or 'active' (weights follow the critic error).
+    :param frames_per_step: env frames per agent step (the action repeat), for curriculum stages given in frames.
+    """
+
+    def __init__(
+        self,
+        policy,
+        env,
+        modality_mix: str | None = None,
+        modality_mix_mode: str = "fixed",
+        frames_per_step: int = 1,
+        **kwargs,
+    ):
+        self.modality_mix, self.modality_mix_mode = modality_mix, modality_mix_mode
+        self.frames_per_step = frames_per_step
+        self.mixer: ModalityMixer | None = None
+        super().__init__(policy, env, **kwargs)
+
+    def _setup_mixer(self, encoder, encoder_name: str) -> None:
+        """The mixer over `encoder`'s modalities; a clear error when the encoder cannot withhold modalities."""
+        if not self.modality_mix:
+            return
+        if not isinstance(encoder, PerceiverEncoder):
+            raise ValueError(
+                f"modality_mix withholds modalities inside the Perceiver; encoder {encoder_name!r} cannot (use "
+                "policy_type 'perceiver')"
+            )
+        self.mixer = ModalityMixer(
+            self.modality_mix, self.modality_mix_mode, encoder.names, self.frames_per_step
+        )
 
 
 def with_flags(obs: dict[str, torch.Tensor], flags: torch.Tensor, key: str) -> dict[str, torch.Tensor]:

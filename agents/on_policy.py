@@ -25,7 +25,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.utils import explained_variance, get_device
 from stable_baselines3.common.vec_env import VecEnv
 
-from agents.modality_mix import ModalityMixer, with_flags
+from agents.modality_mix import ModalityMixSettings, with_flags
 from agents.pipelined import collect_pipelined, pipelined_base
 from agents.rollout_buffer import DeviceRolloutBuffer
 from agents.sac import check_state_decoding, record_state_decoding
@@ -38,7 +38,6 @@ from perceiver_policy.latent_scaling import (
     training_num_latents,
 )
 from perceiver_policy.modalities import ABSENT_KEY
-from perceiver_policy.model import PerceiverEncoder
 
 
 @contextlib.contextmanager
@@ -192,7 +191,7 @@ class StateDecodingMixin:
         return [*super()._excluded_save_params(), "_decode_metrics"]
 
 
-class ModalityMixMixin:
+class ModalityMixMixin(ModalityMixSettings):
     """The weighted modality sampler (`agents.modality_mix`) for PPO and A2C.
 
     Before each update every rollout sample draws a modality subset; its other modalities are flagged absent
@@ -206,40 +205,13 @@ class ModalityMixMixin:
     ``perceiver/modality_mix_critic_loss/<subset>`` and followed by the ``active`` mode.
     Acting and evaluation see every modality.
 
-    :param modality_mix: a sampler spec, e.g. ``"all=0.5 pixels+action_history=0.3 proprio+action_history=0.2"``.
-    :param modality_mix_mode: 'fixed', 'curriculum' (stages by frames) or 'active' (weights follow the value error).
-    :param frames_per_step: env frames per agent step (the action repeat), for curriculum stages given in frames.
+    Settings: `agents.modality_mix.ModalityMixSettings`.
     """
-
-    def __init__(
-        self,
-        policy,
-        env,
-        modality_mix: str | None = None,
-        modality_mix_mode: str = "fixed",
-        frames_per_step: int = 1,
-        **kwargs,
-    ):
-        self.modality_mix, self.modality_mix_mode, self.frames_per_step = (
-            modality_mix,
-            modality_mix_mode,
-            frames_per_step,
-        )
-        self.mixer: ModalityMixer | None = None
-        super().__init__(policy, env, **kwargs)
 
     def _setup_model(self) -> None:
         super()._setup_model()
-        if self.modality_mix:
-            encoder = getattr(self.policy, "encoder", None)
-            if not isinstance(encoder, PerceiverEncoder):
-                raise ValueError(
-                    f"modality_mix withholds modalities inside the Perceiver; {type(self.policy).__name__} has no "
-                    "Perceiver encoder (use PerceiverActorCriticPolicy, policy_type 'perceiver')"
-                )
-            self.mixer = ModalityMixer(
-                self.modality_mix, self.modality_mix_mode, encoder.names, self.frames_per_step
-            )
+        encoder = getattr(self.policy, "encoder", None)
+        self._setup_mixer(encoder, type(self.policy if encoder is None else encoder).__name__)
 
     @torch.no_grad()
     def _mix_rollout(self) -> None:

@@ -30,16 +30,15 @@ from stable_baselines3.common.utils import polyak_update
 from agents.augment import random_shift
 from agents.drq import drq_update
 from agents.drq_policy import DrQSACPolicy
-from agents.modality_mix import ModalityMixer, with_flags
+from agents.modality_mix import ModalityMixSettings, with_flags
 from agents.warmup import LearningRateWarmupMixin
 from perceiver_policy.introspection import encoder_parameter_groups, gradient_norms
 from perceiver_policy.latent_scaling import num_latents, training_num_latents
 from perceiver_policy.modalities import ABSENT_KEY, ACTION_MASK_KEY, STATE_KEY, TASK_KEY
-from perceiver_policy.model import PerceiverEncoder
 from perceiver_policy.sac_policy import PerceiverSACPolicy
 
 
-class PerceiverSAC(LearningRateWarmupMixin, SAC):
+class PerceiverSAC(LearningRateWarmupMixin, ModalityMixSettings, SAC):
     """SB3 SAC for `PerceiverSACPolicy` (the SB3 recipe) and `DrQSACPolicy` (DrQ's recipe, any encoder).
 
     :param augment_pad: DrQ shift in pixels (0 disables).
@@ -66,9 +65,6 @@ class PerceiverSAC(LearningRateWarmupMixin, SAC):
         target_augmentations: int = 1,
         critic_augmentations: int = 1,
         actor_update_interval: int = 1,
-        modality_mix: str | None = None,
-        modality_mix_mode: str = "fixed",
-        frames_per_step: int = 1,
         **kwargs,
     ):
         self.augment_pad, self.pixel_key, self.aux_state_weight = augment_pad, pixel_key, aux_state_weight
@@ -81,12 +77,6 @@ class PerceiverSAC(LearningRateWarmupMixin, SAC):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.target_augmentations, self.critic_augmentations = target_augmentations, critic_augmentations
         self.actor_update_interval = actor_update_interval
-        self.modality_mix, self.modality_mix_mode, self.frames_per_step = (
-            modality_mix,
-            modality_mix_mode,
-            frames_per_step,
-        )
-        self.mixer: ModalityMixer | None = None
         super().__init__(policy, env, **kwargs)
 
     def _setup_model(self) -> None:
@@ -116,16 +106,7 @@ class PerceiverSAC(LearningRateWarmupMixin, SAC):
             raise ValueError(
                 f"{drq_only} are settings of DrQ's update rule; this policy trains with SB3's (use recipe 'drq')"
             )
-        if self.modality_mix:
-            encoder = self.policy.encoder
-            if not isinstance(encoder, PerceiverEncoder):
-                raise ValueError(
-                    f"modality_mix withholds modalities inside the Perceiver; encoder {self.policy.encoder_name!r} "
-                    "cannot (use policy_type 'perceiver')"
-                )
-            self.mixer = ModalityMixer(
-                self.modality_mix, self.modality_mix_mode, encoder.names, self.frames_per_step
-            )
+        self._setup_mixer(self.policy.encoder, getattr(self.policy, "encoder_name", "perceiver"))
 
     @property
     def num_tasks(self) -> int:

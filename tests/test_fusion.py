@@ -286,6 +286,15 @@ def test_on_policy_active_sampler_follows_the_value_error(mix_venv):
     assert not np.allclose(model.mixer.weights(0), [0.5, 0.5])
 
 
+def test_an_agent_without_a_perceiver_refuses_the_sampler_by_name(mix_venv):
+    from agents import make_agent
+
+    with pytest.raises(
+        ValueError, match=r"modality_mix withholds modalities inside the Perceiver; encoder 'drq-cnn'"
+    ):
+        make_agent("sac", mix_venv, policy_type="drq-cnn", recipe="drq", device="cpu", modality_mix="all=1")
+
+
 def test_modality_mix_is_refused_where_it_cannot_be_exact():
     from experiments import config as cfg
 

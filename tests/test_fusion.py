@@ -212,12 +212,22 @@ def collected(model):
     return model
 
 
-def test_ppo_old_log_probs_are_recomputed_under_each_samples_masks(mix_venv):
+@pytest.mark.parametrize("buffer_class", ["sb3", "device"])
+def test_ppo_old_log_probs_are_recomputed_under_each_samples_masks(mix_venv, buffer_class):
+    from stable_baselines3.common.buffers import DictRolloutBuffer
+
+    from agents import DeviceRolloutBuffer
     from perceiver_policy.modalities import ABSENT_KEY
 
-    model = collected(on_policy_mix_model(mix_venv, "ppo"))
+    buffer_class = DictRolloutBuffer if buffer_class == "sb3" else DeviceRolloutBuffer
+    model = collected(on_policy_mix_model(mix_venv, "ppo", rollout_buffer_class=buffer_class))
     buffer = model.rollout_buffer
-    acting = buffer.log_probs.copy()
+
+    def old_log_probs() -> np.ndarray:
+        stored = buffer.log_probs if buffer_class is DictRolloutBuffer else buffer._log_probs.cpu().numpy()
+        return stored.reshape(-1).copy()
+
+    acting = old_log_probs()
     model._mix_rollout()
     flags = torch.as_tensor(buffer.observations[ABSENT_KEY]).reshape(16, -1)
     proprio_only = [int(n == "proprio") for n in model.policy.encoder.names]
@@ -226,10 +236,11 @@ def test_ppo_old_log_probs_are_recomputed_under_each_samples_masks(mix_venv):
     model.policy.set_training_mode(False)
     with torch.no_grad():
         _, log_prob, _ = model.policy.evaluate_actions(obs, torch.as_tensor(buffer.actions).reshape(16, -1))
-    np.testing.assert_allclose(buffer.log_probs.reshape(-1), log_prob.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(old_log_probs(), log_prob.numpy(), rtol=1e-5, atol=1e-6)
     masked = flags.any(dim=1).numpy()
-    assert not np.allclose(acting.reshape(-1)[masked], buffer.log_probs.reshape(-1)[masked])  # they changed
-    np.testing.assert_allclose(acting.reshape(-1)[~masked], buffer.log_probs.reshape(-1)[~masked], rtol=1e-5)
+    assert not np.allclose(acting[masked], old_log_probs()[masked])  # they changed
+    np.testing.assert_allclose(acting[~masked], old_log_probs()[~masked], rtol=1e-5)
+    model.train()  # the minibatches read the flags from the buffer, whichever kind it is
 
 
 @pytest.mark.parametrize("recompute", [True, False])

@@ -410,6 +410,17 @@ def test_benchmark_sac_prints_its_tables():  # plumbing only: benchmarks report 
     assert len(rows) == 2 + 2 + 5  # two headers, two agents, five kernels
 
 
+def test_benchmark_mix_update_prints_its_table(capsys):  # plumbing only: the ratio's value is not asserted
+    from experiments.benchmarks.training import bench_mix_update
+
+    spec = {"task": "cartpole-balance", "n_envs": 1, "image_size": 32, "action_repeat": 8, "n_steps": 8,
+            "batch_size": 8, "n_epochs": 1}  # fmt: skip
+    ratio = bench_mix_update(spec, quick=True)
+    out = capsys.readouterr().out
+    assert ratio > 0 and "| without the sampler |" in out and "| with the sampler (recomputed" in out
+    assert "3 alternating rounds" in out
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answer")
 def test_benchmark_drq_prints_the_tokenizer_and_update_tables():  # plumbing only: no timing is asserted
     out = cli("experiments.benchmark", "drq", "--quick", timeout=HANG_GUARD_S).stdout

@@ -160,15 +160,6 @@ def bench_train(quick: bool) -> dict[str, float]:
         # Subprocess envs, stepped whole or in two halves overlapped with the policy (--vec-env pipelined).
         "subproc": {**spec, "policy": "perceiver", "sb3_buffer": True, "vec_env": "subproc"},
         "pipelined": {**spec, "policy": "perceiver", "sb3_buffer": True, "vec_env": "pipelined"},
-        # Mask tokens, then the weighted modality sampler on top (its update adds one no-grad pass per rollout).
-        "mask": {**spec, "policy": "perceiver", "sb3_buffer": True, "missing_tokens": "mask"},
-        "mix": {
-            **spec,
-            "policy": "perceiver",
-            "sb3_buffer": True,
-            "missing_tokens": "mask",
-            "modality_mix": MIX,
-        },
     }
     if cpu_has_native_bf16() and not torch.cuda.is_available():  # emulated bf16 was 5x slower: no row there
         configs["bf16"] = {**spec, "policy": "perceiver", "sb3_buffer": True, "dtype": "bfloat16"}
@@ -265,7 +256,11 @@ def summary(train: dict[str, float], sac_speedup: float) -> None:
         ["PPO learn steps/s, ours / MultiInputPolicy", train["ppo_vs_multiinput"], ">= 1.0"],
         ["rollout collection / env-only limit", train["collect_vs_env"], ">= 0.8"],
         ["collection, --vec-env pipelined / subproc", train["pipelined_vs_subproc"], "> 1"],
-        ["PPO update with --modality-mix / without", train["mix_update_vs_mask"], "≈ 1.1 predicted (one more forward)"],
+        [
+            "PPO update with --modality-mix / without",
+            train["mix_update_vs_mask"],
+            "≈ 1.1 predicted (one more forward)",
+        ],
         ["SAC updates/s, ours / SB3 SAC (NatureCNN)", sac_speedup, "> 2.9 (docs/results.md)"],
         [f"input cross-attention kernel: inference {inference}, training {training}", "", ""],
     ]

@@ -44,9 +44,11 @@ def test_reproduce_results_runs_the_specs_commands(tmp_path):
 
 
 def test_gpu_session_trains_the_named_spec_runs_on_the_gpu(tmp_path):
+    # TRAIN_UNTIL well past the fake run's life: the script waits for it to exit. A deadline that can pass before
+    # the fake has written its record (the script's own start-up takes seconds) would SIGTERM it first.
     fake, records = fake_python(tmp_path)
     env = {**os.environ, "PY": str(fake), "OUT": str(tmp_path / "out"), "RUNS": str(tmp_path / "gpu"),
-           "BENCH_LIMIT": "0", "GPU_TESTS": "0", "PROBE_LIMIT": "0", "TRAIN_UNTIL": "1",
+           "BENCH_LIMIT": "0", "GPU_TESTS": "0", "PROBE_LIMIT": "0", "TRAIN_UNTIL": "120",
            "GPU_RUNS": "drq128-swingup-perceiver-center-s1"}  # fmt: skip
     subprocess.run(["bash", "experiments/scripts/gpu_session.sh"], cwd=ROOT, env=env, check=True,
                    capture_output=True, text=True, timeout=HANG_GUARD_S)  # fmt: skip

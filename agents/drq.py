@@ -174,5 +174,4 @@ def drq_update(algo, gradient_steps: int, batch_size: int) -> None:
     record_state_decoding(algo.logger, decoding)
     for group, norm in getattr(algo, "_last_encoder_grads", {}).items():
         algo.logger.record(f"perceiver/grad_norm/{group}", norm)
-    if algo.mixer is not None:
-        algo.mixer.log(algo.logger, algo.num_timesteps)
+    algo._log_mixer()

@@ -15,8 +15,8 @@ modality). Modes:
   interpolated between stages (the first stage holds before its frame, the last after);
 - ``active``: weights follow each subset's critic error: L_s, an exponential average (decay 0.99) of the
   mean squared TD error (SAC; value error for PPO / A2C) of the samples drawn for subset s, and
-  w_s = eps / S + (1 - eps) L_s / sum L (eps 0.2, so each subset keeps at least eps / S). A subset whose critic error stays high (the under-trained one) is drawn
-  more. The spec's weights are the starting point.
+  w_s = eps / S + (1 - eps) L_s / sum L (eps 0.2, so each subset keeps at least eps / S). A subset whose critic
+  error stays high (the under-trained one) is drawn more. The spec's weights are the starting point.
 """
 
 from __future__ import annotations
@@ -175,6 +175,11 @@ class ModalityMixSettings:
         self.mixer = ModalityMixer(
             self.modality_mix, self.modality_mix_mode, encoder.names, self.frames_per_step
         )
+
+    def _log_mixer(self) -> None:
+        """The mixer's weights and per-subset critic errors into the logger (nothing when off)."""
+        if self.mixer is not None:
+            self.mixer.log(self.logger, self.num_timesteps)
 
 
 def with_flags(obs: dict[str, torch.Tensor], flags: torch.Tensor, key: str) -> dict[str, torch.Tensor]:

@@ -253,10 +253,6 @@ class ModalityMixMixin(ModalityMixSettings):
             buffer.values = values.reshape(steps, n_envs).cpu().numpy()
             buffer.log_probs = log_probs.reshape(steps, n_envs).cpu().numpy()
 
-    def _log_mixer(self) -> None:
-        if self.mixer is not None:
-            self.mixer.log(self.logger, self.num_timesteps)
-
 
 class PerceiverPPO(LearningRateWarmupMixin, ModalityMixMixin, StateDecodingMixin, BatchedRolloutMixin, PPO):
     """SB3 PPO with batched device rollouts (default buffer: `DeviceRolloutBuffer` on CUDA, SB3's on the CPU), the optional

@@ -192,8 +192,7 @@ class PerceiverSAC(LearningRateWarmupMixin, ModalityMixSettings, SAC):
         record_state_decoding(self.logger, decode_metrics)
         for group, norm in encoder_grads.items():
             self.logger.record(f"perceiver/grad_norm/{group}", norm)
-        if self.mixer is not None:
-            self.mixer.log(self.logger, self.num_timesteps)
+        self._log_mixer()
 
     def _perceiver_step(
         self, gradient_step, gradient_steps, batch_size, metrics, decode_metrics, encoder_grads

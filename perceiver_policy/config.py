@@ -197,6 +197,11 @@ class PerceiverConfig:
                     "PerceiverConfig.latent_groups and latent_scaling cannot be combined: a prefix of grouped latents "
                     "would drop whole groups"
                 )
+        if self.task_stems and not self.domain_embedding:
+            raise ValueError(
+                "PerceiverConfig.task_stems=True reads the task index that domain_embedding=False hides from the "
+                "encoder; set task_stems=False too to train without the task's identity"
+            )
         if self.patch_size is not None and (
             not isinstance(self.patch_size, int) or isinstance(self.patch_size, bool) or self.patch_size <= 0
         ):

@@ -21,6 +21,7 @@ from envs.multitask import active_task_weights, parse_task_weights
 from experiments import config as cfg
 from experiments import train
 from experiments.checkpoint import COMPLETE, latest_checkpoint
+from perceiver_policy import PerceiverConfig
 from perceiver_policy.sac_policy import MaskedSquashedGaussian
 
 TASKS = ("cartpole-swingup", "reacher-easy", "finger-spin")  # 1, 2, 2 actuators; finger alone has touch
@@ -257,6 +258,11 @@ def test_domain_embedding_off_ignores_the_task_key():
     assert "task" in _agent().policy.encoder.names
     model = _agent(domain_embedding=False)
     assert "task" not in model.policy.encoder.names and model.policy.actor.task_query is None
+
+
+def test_task_stems_without_the_domain_embedding_are_refused_by_name():
+    with pytest.raises(ValueError, match="task_stems=True.*domain_embedding=False.*task_stems=False"):
+        PerceiverConfig(domain_embedding=False, task_stems=True)
 
 
 def _filled_replay(n_envs: int, tasks_per_step, rewards=None, **kwargs) -> TaskReplayBuffer:

@@ -85,12 +85,13 @@ class EvalCallback(PeriodicCallback):
         seed: int,
         probe_state: bool = False,
         reliance: bool = False,
+        reliance_every: int = 1,
         references: dict[str, float] | None = None,
         task_sampler: str = "uniform",
         tasks: list[str] | None = None,
     ):
         super().__init__(every)
-        self.reliance = reliance
+        self.reliance, self.reliance_every = reliance, reliance_every
         # Multi-task (env_kwargs['tasks']): each task's reference return; 'active' reweights the training envs' tasks.
         self.references, self.task_sampler, self.tasks = references, task_sampler, tasks
         self.probe_state = probe_state and episodes >= MIN_EPISODES
@@ -118,7 +119,10 @@ class EvalCallback(PeriodicCallback):
         )
         with num_latents(self.model, choices[-1] if choices else None):
             result, per_task = evaluate(
-                video=self.video, probe_state=self.probe_state, reliance=self.reliance
+                video=self.video,
+                probe_state=self.probe_state,
+                reliance=self.reliance,
+                reliance_every=self.reliance_every,
             )
         summary = result.summary()
         for key, change in (result.reliance or {}).items():

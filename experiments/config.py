@@ -54,7 +54,7 @@ LEGACY_FIELDS = {"modality_dropout": "env_modality_dropout"}
 # What `--resume RUN` may change; any other flag given with --resume is refused by name.
 RESUME_SAFE_FIELDS = (
     "total_steps", "total_frames", "device", "eval_freq", "eval_every_frames", "eval_episodes", "eval_video",
-    "state_probe", "checkpoint_freq", "checkpoint_every_frames", "keep_checkpoints",
+    "state_probe", "reliance", "reliance_every", "checkpoint_freq", "checkpoint_every_frames", "keep_checkpoints",
     "checkpoint_replay_buffer", "perceiver_log_freq", "progress_bar",
 )  # fmt: skip
 
@@ -173,7 +173,12 @@ class TrainConfig:
     the deterministic action and the value change when it is withheld: perceiver/reliance/<key>/action|value.
     Costs 1 + 2 x (number of modalities) extra policy passes per evaluation step (a small pixel SAC policy with
     three modalities: a whole 32-step run with one 4-episode evaluation took 71 s with it, 30 s without, on a
-    2-core host); false skips it."""
+    2-core host); false skips it. `reliance_every` thins the probed states."""
+    reliance_every: int = 4
+    """The reliance probe of the training evaluations reads every k-th evaluation step (from the first): a
+    four-task generalist's evaluation took 4.7x the time of one without the probe when every step was probed
+    (docs/results.md, "Evaluation cost"); with k = 4 the probe still averages over a quarter of the states.
+    `python -m experiments.evaluate --reliance` probes every step unless given `--reliance-every`."""
     checkpoint_freq: int = 10_000
     """Agent steps between checkpoints."""
     checkpoint_every_frames: int | None = None
@@ -278,6 +283,7 @@ class TrainConfig:
             "eval_freq",
             "checkpoint_freq",
             "keep_checkpoints",
+            "reliance_every",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:

@@ -136,6 +136,14 @@ def main(argv: list[str] | None = None) -> int:
         "(the Perceiver's mask tokens if it has them, else zeros), and the return with it blanked",
     )
     parser.add_argument(
+        "--reliance-every",
+        type=int,
+        default=1,
+        metavar="K",
+        help="with --reliance: probe every K-th evaluation step (default 1: every step; each probed step costs "
+        "1 + 2 x keys extra policy passes)",
+    )
+    parser.add_argument(
         "--streaming",
         action=argparse.BooleanOptionalAction,
         default=False,
@@ -173,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.episodes <= 0:
             raise ValueError(f"--episodes must be a positive integer, got {args.episodes}")
+        if args.reliance_every <= 0:
+            raise ValueError(f"--reliance-every must be a positive integer, got {args.reliance_every}")
         config, checkpoint = locate(args.path)
         seed = args.seed if args.seed is not None else 10_000 + config.seed
         if args.task and args.tasks:
@@ -202,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                     attention_overlay=args.attention_overlay,
                     streaming=args.streaming,
                     reliance=args.reliance,
+                    reliance_every=args.reliance_every,
                 )
                 if result.reliance is not None:
                     reliance_rows += reliance_table(model, task, config, args, seed, result)

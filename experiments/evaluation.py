@@ -128,10 +128,14 @@ class RelianceProbe:
     else the key blanked (zeros: black frames, zero readings), for any policy. Reported per modality:
     ``action``, mean |a_withheld - a| over steps and action dimensions (actions in [-1, 1]); ``value``, mean
     |V_withheld - V| / mean |V|, where V is the critic's min Q at the full-observation action (SAC) or the value
-    head (PPO / A2C); NaN for recurrent policies, whose value depends on the LSTM state."""
+    head (PPO / A2C); NaN for recurrent policies, whose value depends on the LSTM state. `every`: probe every
+    k-th step from the first (each probed step costs 1 + 2 x len(keys) extra policy passes)."""
 
-    def __init__(self, model, keys: list[str]):
-        self.model, self.keys = model, keys
+    def __init__(self, model, keys: list[str], every: int = 1):
+        if not isinstance(every, int) or isinstance(every, bool) or every <= 0:
+            raise ValueError(f"the reliance probe's step interval must be a positive integer, got {every!r}")
+        self.model, self.keys, self.every = model, keys, every
+        self.steps = 0  # steps seen, probed or not
         encoder = perceiver_encoder(model)
         self.masks = encoder is not None and encoder.mask_tokens is not None
         self.encoder = encoder
@@ -162,6 +166,9 @@ class RelianceProbe:
         return {**obs, key: np.zeros_like(obs[key])}, contextlib.nullcontext()
 
     def step(self, obs: dict, action: np.ndarray, state, episode_start) -> None:
+        self.steps += 1
+        if (self.steps - 1) % self.every:
+            return
         value = self.value(obs, action)
         self.values.append(abs(value))
         for key in self.keys:
@@ -198,6 +205,7 @@ def evaluate_policy(
     attention_overlay: bool = False,
     streaming: bool = False,
     reliance: bool = False,
+    reliance_every: int = 1,
 ) -> EvalResult:
     """Run `episodes` deterministic episodes of `task` one by one, timing every `model.predict` call.
 
@@ -209,7 +217,7 @@ def evaluate_policy(
     the same actions as the full forward, bit for bit).
     `missing`: the Perceiver encoder drops these modalities' tokens (only a Perceiver can). `blank`: these
     observation keys reach the policy as zeros (a dead sensor: black frames, zero readings), for any policy.
-    `reliance`: `RelianceProbe` on every step (result.reliance)."""
+    `reliance`: `RelianceProbe` on every `reliance_every`-th step (result.reliance)."""
     if probe_state and episodes < MIN_EPISODES:
         raise ValueError(f"a state probe needs at least {MIN_EPISODES} evaluation episodes, got {episodes}")
     spaces = getattr(model.observation_space, "spaces", {})
@@ -225,7 +233,8 @@ def evaluate_policy(
     tap = FeatureTap(model) if probe_state else None
     features, states = [], []
     wants_flags = ABSENT_KEY in spaces
-    probe = RelianceProbe(model, [k for k in spaces if is_input_key(k)]) if reliance else None
+    keys = [k for k in spaces if is_input_key(k)]
+    probe = RelianceProbe(model, keys, every=reliance_every) if reliance else None
     no_flags = np.zeros(spaces[ABSENT_KEY].n, dtype=np.int8) if wants_flags else None
     try:
         with missing_modalities(model, tuple(missing)), stream_tokens(model.policy, streaming) as stream:

@@ -247,6 +247,7 @@ def run(config: cfg.TrainConfig, run_dir: Path, resume: bool = False) -> dict:
         seed=10_000 + config.seed,
         probe_state=config.state_probe and not config.multitask,  # no privileged state across bodies
         reliance=config.reliance,
+        reliance_every=config.reliance_every,
         references=config.references() if config.multitask else None,
         tasks=config.eval_tasks(),
         task_sampler=config.task_sampler,

@@ -296,11 +296,16 @@ def test_evaluate_reports_the_episodes_of_the_final_training_evaluation(trained_
 
 def test_evaluate_reliance_prints_each_key_withheld_and_blanked(trained_run, tmp_path):
     out = cli(
-        "experiments.evaluate", str(trained_run), "--episodes", "1", "--reliance", "--output", str(tmp_path)
-    )
+        "experiments.evaluate", str(trained_run), "--episodes", "1", "--reliance", "--reliance-every", "2",
+        "--output", str(tmp_path),
+    )  # fmt: skip
     for key in ("pixels", "proprio", "action_history"):
         assert f"| cartpole-balance | {key} |" in out.stdout
     assert "| action change | value change | return, blanked |" in (tmp_path / "reliance.md").read_text()
+    refused = cli(
+        "experiments.evaluate", str(trained_run), "--reliance", "--reliance-every", "0", check=False
+    )
+    assert refused.returncode != 0 and "--reliance-every must be a positive integer, got 0" in refused.stderr
     scalars = set(tags(trained_run).Tags()["scalars"])
     assert {"perceiver/reliance/pixels/action", "perceiver/reliance/proprio/value"} <= scalars
 
@@ -419,6 +424,21 @@ def test_benchmark_mix_update_prints_its_table(capsys):  # plumbing only: the ra
     out = capsys.readouterr().out
     assert ratio > 0 and "| without the sampler |" in out and "| with the sampler (recomputed" in out
     assert "3 alternating rounds" in out
+
+
+def test_benchmark_evaluation_prints_each_reliance_setting(capsys):  # plumbing only: no timing is asserted
+    import envs
+    from agents import make_agent
+    from experiments.benchmarks.multitask import bench_evaluation
+
+    tasks = ("cartpole-swingup", "reacher-easy")
+    venv = envs.make_multitask_vec_env(tasks, modalities=("proprio", "action_history"), action_repeat=8)
+    model = make_agent("sac", venv, perceiver={"num_latents": 4, "latent_dim": 16}, seed=0, device="cpu")
+    seconds = bench_evaluation(model, tasks, rounds=1, action_repeat=8)
+    out = capsys.readouterr().out
+    assert set(seconds) == {"no reliance probe", "reliance on every 4th step", "reliance on every step"}
+    assert "| reliance on every 4th step |" in out and "2 tasks, one episode each" in out
+    venv.close()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answer")

@@ -372,3 +372,33 @@ def test_reliance_works_for_every_policy_type():
         assert reliance["proprio"]["action"] > 0  # an untrained policy still reads its sensors
         assert np.isnan(reliance["proprio"]["value"]) == (policy_type == "lstm")
     venv.close()
+
+
+def test_reliance_every_probes_every_kth_step_and_leaves_the_episodes_alone():
+    import envs
+    from agents import make_agent
+    from experiments import config as cfg
+    from experiments.evaluation import RelianceProbe, evaluate_policy
+
+    env_kwargs = {"modalities": ("proprio", "action_history"), "action_repeat": 8}
+    venv = envs.make_vec_env("cartpole-swingup", n_envs=1, seed=0, **env_kwargs)
+    model = make_agent("sac", venv, perceiver=SMALL, device="cpu", seed=0)
+    obs = {k: v[0] for k, v in venv.reset().items()}
+    probe = RelianceProbe(model, ["proprio", "action_history"], every=3)
+    for _ in range(7):
+        action, _ = model.predict(obs, deterministic=True)
+        probe.step(obs, action, None, np.ones(1, dtype=bool))
+    assert len(probe.values) == 3 and len(probe.action_change["proprio"]) == 3  # steps 1, 4 and 7
+    every, thinned = (
+        evaluate_policy(model, "cartpole-swingup", env_kwargs, episodes=1, reliance=True, reliance_every=k)
+        for k in (1, 4)
+    )
+    assert every.returns == thinned.returns  # probing never changes the actions the episode takes
+    assert (
+        set(thinned.reliance) == {"proprio", "action_history"} and thinned.reliance["proprio"]["action"] > 0
+    )
+    with pytest.raises(ValueError, match="step interval must be a positive integer, got 0"):
+        RelianceProbe(model, ["proprio"], every=0)
+    with pytest.raises(ValueError, match="reliance_every must be a positive integer, got 0"):
+        cfg.TrainConfig(reliance_every=0).validate()
+    venv.close()

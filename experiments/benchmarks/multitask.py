@@ -3,7 +3,9 @@
 SAC from states (proprio + action history, action repeat 4, batch 128, 16 latents): the generalist over
 cartpole-swingup, walker-walk, cheetah-run and reacher-easy (with and without task stems) against a single-task
 Perceiver on walker-walk and the four single-task Perceivers together, by trainable parameters and by the time of
-one SAC update, measured alternately in this process (median).
+one SAC update, measured alternately in this process (median). Then what one evaluation of the generalist costs
+(one deterministic episode per task) without the reliance probe, with it on every 4th step (the training
+evaluations' default, `TrainConfig.reliance_every`) and on every step (`experiments.evaluate --reliance`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import envs
 from agents import make_agent
 from experiments.benchmarks.common import table
+from experiments.evaluation import evaluate_tasks
 
 TASKS = ("cartpole-swingup", "walker-walk", "cheetah-run", "reacher-easy")
 STATES = ("proprio", "action_history")
@@ -60,5 +63,29 @@ def bench_multitask(quick: bool) -> None:
         ["policy", "trainable parameters", "ms / update", "update time vs single-task"],
         rows,
     )
+    bench_evaluation(models["generalist (4 tasks)"], TASKS, rounds=1 if quick else 3)
     for model in (*singles.values(), *models.values()):
         model.get_env().close()
+
+
+def bench_evaluation(model, tasks, rounds: int, action_repeat: int = 4) -> dict[str, float]:
+    """Seconds per evaluation (one episode per task) by reliance-probe setting, rounds alternated (median);
+    returns {setting: seconds}."""
+    settings = {"no reliance probe": None, "reliance on every 4th step": 4, "reliance on every step": 1}
+    env_kwargs = {"tasks": list(tasks), "modalities": STATES, "action_repeat": action_repeat}
+    times = {name: [] for name in settings}
+    for _ in range(rounds):
+        for name, every in settings.items():
+            start = time.perf_counter()
+            evaluate_tasks(
+                model, tasks[0], env_kwargs, 1, reliance=every is not None, reliance_every=every or 1
+            )
+            times[name].append(time.perf_counter() - start)
+    base = float(np.median(times["no reliance probe"]))
+    seconds = {name: float(np.median(t)) for name, t in times.items()}
+    table(
+        f"One evaluation of the generalist ({len(tasks)} tasks, one episode each; median of {rounds})",
+        ["evaluation", "s", "vs no probe"],
+        [[name, value, value / base] for name, value in seconds.items()],
+    )
+    return seconds

@@ -434,9 +434,9 @@ def test_benchmark_evaluation_prints_each_reliance_setting(capsys):  # plumbing 
     tasks = ("cartpole-swingup", "reacher-easy")
     venv = envs.make_multitask_vec_env(tasks, modalities=("proprio", "action_history"), action_repeat=8)
     model = make_agent("sac", venv, perceiver={"num_latents": 4, "latent_dim": 16}, seed=0, device="cpu")
-    seconds = bench_evaluation(model, tasks, rounds=1, action_repeat=8)
+    timed = bench_evaluation(model, tasks, rounds=1, action_repeat=8)
     out = capsys.readouterr().out
-    assert set(seconds) == {"no reliance probe", "reliance on every 4th step", "reliance on every step"}
+    assert set(timed) == {"no reliance probe", "reliance on every 4th step", "reliance on every step"}
     assert "| reliance on every 4th step |" in out and "2 tasks, one episode each" in out
     venv.close()
 

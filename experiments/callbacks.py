@@ -34,6 +34,8 @@ from perceiver_policy.latent_scaling import num_latents, perceiver_encoders
 from perceiver_policy.probes import MIN_EPISODES
 
 HISTORY_COLUMNS = ["step", "frames", "return_mean"]
+# eval/tasks.csv of a multi-task run: one row per task and evaluation (eval/history.csv holds their pooled mean)
+TASK_HISTORY_COLUMNS = ["step", "frames", "task", "return_mean", "normalized_return", "weight"]
 
 
 def tensorboard_writer(logger):
@@ -182,36 +184,55 @@ class EvalCallback(PeriodicCallback):
                 self.logger.record(f"multitask/reward_scale/{task}", float(scales[trained.index(task)]))
         for task in per_task:
             self.logger.record(f"multitask/weight/{task}", float(weights[trained.index(task)]))
+        step = self.num_timesteps
+        self._append_rows(self.task_history_path, TASK_HISTORY_COLUMNS, [
+            [step, step * self.action_repeat, task, f"{ret:.3f}", f"{ret / ref:.4f}",
+             f"{weights[trained.index(task)]:.4f}"]
+            for task, ret, ref in zip(per_task, returns, references, strict=True)
+        ])  # fmt: skip
         self.last_per_task = per_task
 
     @property
     def history_path(self) -> Path:
         return self.run_dir / "eval" / "history.csv"
 
+    @property
+    def task_history_path(self) -> Path:
+        return self.run_dir / "eval" / "tasks.csv"
+
     def _append_history(self, step: int, value: float) -> None:
-        """One row per evaluation, flushed at once: a killed run keeps every evaluation it made."""
-        self.history_path.parent.mkdir(parents=True, exist_ok=True)
-        new = not self.history_path.exists() or self.history_path.stat().st_size == 0
-        with open(self.history_path, "a", newline="") as handle:
+        self._append_rows(
+            self.history_path, HISTORY_COLUMNS, [[step, step * self.action_repeat, f"{value:.3f}"]]
+        )
+
+    @staticmethod
+    def _append_rows(path: Path, columns: list[str], rows: list[list]) -> None:
+        """Rows of one evaluation, flushed at once: a killed run keeps every evaluation it made."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists() or path.stat().st_size == 0
+        with open(path, "a", newline="") as handle:
             writer = csv.writer(handle)
             if new:
-                writer.writerow(HISTORY_COLUMNS)
-            writer.writerow([step, step * self.action_repeat, f"{value:.3f}"])
+                writer.writerow(columns)
+            writer.writerows(rows)
             handle.flush()
             os.fsync(handle.fileno())
 
     def truncate_history(self, last_step: int) -> None:
-        """On --resume: drop rows logged after the checkpoint (as TensorBoard's purge does), atomically."""
-        if not self.history_path.exists():
-            return
-        with open(self.history_path, newline="") as handle:
-            rows = list(csv.reader(handle))
-        kept = [rows[0], *(row for row in rows[1:] if row and int(row[0]) <= last_step)]
-        self.history = [(int(row[0]), float(row[2])) for row in kept[1:]]
-        tmp = self.history_path.with_suffix(".tmp")
-        with open(tmp, "w", newline="") as handle:
-            csv.writer(handle).writerows(kept)
-        os.replace(tmp, self.history_path)
+        """On --resume: drop rows logged after the checkpoint (as TensorBoard's purge does), atomically, from
+        eval/history.csv and a multi-task run's eval/tasks.csv."""
+        for path in (self.history_path, self.task_history_path):
+            if not path.exists():
+                continue
+            with open(path, newline="") as handle:
+                rows = list(csv.reader(handle))
+            kept = [rows[0], *(row for row in rows[1:] if row and int(row[0]) <= last_step)]
+            if path == self.history_path:
+                self.history = [(int(row[0]), float(row[2])) for row in kept[1:]]
+            tmp = path.with_suffix(".tmp")
+            with open(tmp, "w", newline="") as handle:
+                csv.writer(handle).writerows(kept)
+            os.replace(tmp, path)
 
     def _on_training_start(self) -> None:
         super()._on_training_start()

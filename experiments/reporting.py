@@ -2,7 +2,9 @@
 
 A *run* is a run directory (config.yaml + eval/history.csv). Runs are grouped by task and by *method* (what was
 trained: algorithm, policy type, inputs, proprio mode, state decoding); a run's score is its final evaluation
-return. DMC returns lie in [0, 1000], so normalised scores are return / 1000.
+return. A multi-task generalist counts once per task it was evaluated on (its eval/tasks.csv, or its
+TensorBoard `eval/<task>/return_mean`), so it sits beside the single-task runs of each task and pools with them
+across tasks. DMC returns lie in [0, 1000], so normalised scores are return / 1000.
 """
 
 from __future__ import annotations
@@ -59,8 +61,25 @@ def method_name(config: cfg.TrainConfig) -> str:
         if options:
             parts.append(f"{name}(" + ",".join(f"{k}={options[k]}" for k in sorted(options)) + ")")
     parts.append(f"from {Path(config.init_from).name} ({config.finetune})" if config.init_from else "")
-    parts.append(f"repeat {config.action_repeat}, {budget_frames(config) / 1000:g}k frames")
+    evaluated = config.eval_tasks() if config.tasks else []
+    # A generalist: its sampler and replay make it another agent, and its frames are shared by its tasks.
+    if len(evaluated) > 1:
+        parts.append(_multitask_part(config))
+        frames = f"{budget_frames(config) / 1000:g}k frames over {len(evaluated)} tasks"
+        parts.append(f"repeat {config.action_repeat}, {frames}")
+    else:  # one task (a transfer or a body alone in a multi-task layout): its own frames
+        parts.append(f"in the layout of {len(config.tasks)} tasks" if config.tasks else "")
+        parts.append(f"repeat {config.action_repeat}, {budget_frames(config) / 1000:g}k frames")
     return " ".join(part for part in parts if part)
+
+
+def _multitask_part(config: cfg.TrainConfig) -> str:
+    options = [f"tasks={'+'.join(config.tasks)}", f"sampler={config.task_sampler}"]
+    options += [f"weights={config.task_weights}"] if config.task_sampler == "fixed" else []
+    options += [f"replay={config.task_replay}"] if config.task_replay != "auto" else []
+    options += ["reward-normalization"] if config.task_reward_normalization else []
+    options += [f"references={config.task_references}"] if config.task_references else []
+    return "multitask(" + ",".join(options) + ")"
 
 
 def find_runs(paths: list[Path]) -> list[Run]:
@@ -74,16 +93,23 @@ def find_runs(paths: list[Path]) -> list[Run]:
         )
         for run_dir in candidates:
             config = cfg.load(run_dir / "config.yaml")
-            rows = read_history(run_dir, config.action_repeat)
-            if rows and int(rows[-1]["frames"]) < budget_frames(config):  # a cut run is not a final score
+            evaluated = config.eval_tasks() if config.tasks else [config.task]
+            if len(evaluated) > 1:
+                per_task = read_task_history(run_dir, config.action_repeat, evaluated)
+            else:
+                per_task = {evaluated[0]: read_history(run_dir, config.action_repeat)}
+            last = max((int(rows[-1]["frames"]) for rows in per_task.values() if rows), default=None)
+            if last is not None and last < budget_frames(config):  # a cut run is not a final score
                 warnings.warn(
-                    f"{run_dir}: its last evaluation is at {rows[-1]['frames']} of its {budget_frames(config)} "
+                    f"{run_dir}: its last evaluation is at {last} of its {budget_frames(config)} "
                     "frames (cut): left out of the scores",
                     stacklevel=2,
                 )
-            elif rows:
-                found.append(Run(run_dir, config.task, method_name(config),
-                                 [int(r["frames"]) for r in rows], [float(r["return_mean"]) for r in rows]))  # fmt: skip
+                continue
+            for task, rows in per_task.items():
+                if rows:
+                    found.append(Run(run_dir, task, method_name(config),
+                                     [int(r["frames"]) for r in rows], [float(r["return_mean"]) for r in rows]))  # fmt: skip
     if not found:
         raise ValueError(
             f"no run with an evaluation history (eval/history.csv) under {[str(p) for p in paths]}"
@@ -110,16 +136,48 @@ def read_history(run_dir: Path, action_repeat: int) -> list[dict]:
     return [{"step": s, "frames": s * action_repeat, "return_mean": by_step[s]} for s in sorted(by_step)]
 
 
+def read_task_history(run_dir: Path, action_repeat: int, tasks: list[str]) -> dict[str, list[dict]]:
+    """A multi-task run's rows {step, frames, return_mean} per task: from eval/tasks.csv, or from the TensorBoard
+    tags eval/<task>/return_mean of runs written before that file existed."""
+    history = run_dir / "eval" / "tasks.csv"
+    per_task = {task: [] for task in tasks}
+    if history.exists():
+        with open(history, newline="") as handle:
+            for row in csv.DictReader(handle):
+                if row and row["task"] in per_task:
+                    per_task[row["task"]].append(row)
+        return per_task
+    if not (run_dir / "tb").is_dir():
+        return per_task
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for task in tasks:
+        if f"eval/{task}/return_mean" in tags:
+            by_step = {e.step: e.value for e in events.Scalars(f"eval/{task}/return_mean")}
+            per_task[task] = [{"step": s, "frames": s * action_repeat, "return_mean": by_step[s]} for s in sorted(by_step)]  # fmt: skip
+    return per_task
+
+
 def score_matrices(runs: list[Run]) -> tuple[dict[str, np.ndarray], list[str]]:
-    """{method: (seeds, tasks) normalised final scores} over the tasks every method has; rliable's input. Where
-    a method has unequal seed counts across tasks, each task keeps that method's smallest count."""
+    """{method: (seeds, tasks) normalised final scores} over one set of tasks; rliable's input. The set is the
+    one that most methods have every task of (ties: the larger set), among the task sets of methods run on two or
+    more tasks (a generalist, or one agent run per task), else the tasks every method has; methods without all of
+    them are left out. Where a method has unequal seed counts across tasks, each task keeps its smallest count."""
     by = defaultdict(lambda: defaultdict(list))
     for run in runs:
         by[run.method][run.task].append(run.score / MAX_RETURN)
-    tasks = sorted(set.intersection(*(set(t) for t in by.values())))
+    candidates = {frozenset(t) for t in by.values() if len(t) > 1}
+    if candidates:
+        covered = {c: sum(c <= set(t) for t in by.values()) for c in candidates}
+        tasks = sorted(max(candidates, key=lambda c: (covered[c], len(c), sorted(c))))
+    else:
+        tasks = sorted(set.intersection(*(set(t) for t in by.values())))
     matrices = {}
     for method, per_task in by.items():
-        seeds = min(len(per_task[t]) for t in tasks) if tasks else 0
+        seeds = min(len(per_task.get(t, ())) for t in tasks) if tasks else 0
         if seeds:
             matrices[method] = np.array([[per_task[t][i] for t in tasks] for i in range(seeds)])
     return matrices, tasks
@@ -240,6 +298,9 @@ def write_report(runs: list[Run], out: Path, baselines: dict | None = None, reps
             shape = "×".join(map(str, matrices[method].shape))
             lines.append(f"| {method} | {shape} | " + " | ".join(
                 f"{points[method][i]:.3f} [{intervals[method][0, i]:.3f}, {intervals[method][1, i]:.3f}]" for i in range(4)) + " |")  # fmt: skip
+        left_out = sorted({r.method for r in runs} - set(matrices))
+        if left_out:
+            lines += ["", "Left out (not run on every one of these tasks): " + "; ".join(left_out) + "."]
         taus = np.linspace(0.0, 1.0, 51)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)

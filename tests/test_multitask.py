@@ -1,6 +1,7 @@
 """One Perceiver for many bodies: the multi-task env, masked sensor slots and actuators, per-task temperatures, and
 the generalist through train / evaluate / resume / export as a user types them."""
 
+import csv
 import json
 import os
 import subprocess
@@ -21,6 +22,7 @@ from envs.multitask import active_task_weights, parse_task_weights
 from experiments import config as cfg
 from experiments import train
 from experiments.checkpoint import COMPLETE, latest_checkpoint
+from experiments.reporting import find_runs
 from perceiver_policy import PerceiverConfig
 from perceiver_policy.sac_policy import MaskedSquashedGaussian
 
@@ -394,7 +396,20 @@ def test_generalist_trains_evaluates_every_task_resumes_and_exports(tmp_path):
     _, venv, _ = train.build(cfg.load(run / "config.yaml"), run, resume=True)
     np.testing.assert_allclose(venv.get_attr("task_weights", indices=[0])[0], [0.5, 0.3, 0.2])
     venv.close()
+    tasks_csv = (
+        run / "eval" / "tasks.csv"
+    )  # one row per task and evaluation; a resume drops rows after its checkpoint
+    with open(tasks_csv, "a") as handle:
+        handle.write("999,124875,cartpole-swingup,1.0,0.001,0.3\n")
     _cli("experiments.train", "--resume", str(run), "--total-steps", "96")
+    with open(tasks_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted({(int(r["step"]), r["task"]) for r in rows}) == sorted(
+        (s, t) for s in (32, 64, 96) for t in TASKS
+    )
+    assert len(rows) == 9 and all(float(r["return_mean"]) >= 0 for r in rows)
+    runs = find_runs([run])  # the report puts the generalist under each of its tasks
+    assert sorted(r.task for r in runs) == sorted(TASKS) and {r.frames[-1] for r in runs} == {96 * 125}
     out = _cli("experiments.export", str(run))
     assert "onnx" in out
     # Transfer to a body it never trained on: the generalist's layout, a new domain-embedding row, its task only.

@@ -195,3 +195,48 @@ def test_hand_given_scores_get_rliable_intervals_and_name_their_errors(tmp_path)
     out = subprocess.run([sys.executable, "-m", "experiments.report", "--scores", str(path), "--reps", "200"],
                          capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert "| c | b | t | 2 | 350.0 ± 70.7 |" in out
+
+
+def test_a_generalist_counts_once_per_task_beside_the_single_task_runs(tmp_path):
+    tasks = ["cartpole-swingup", "walker-walk"]
+    generalist = dict(algorithm="sac", modalities=["proprio"], action_repeat=4, tasks=tasks, total_steps=500)
+    for seed, (active, finals) in enumerate([("uniform", (700.0, 100.0)), ("uniform", (500.0, 300.0)),
+                                             ("active", (600.0, 200.0))]):  # fmt: skip
+        run = tmp_path / f"mt-{active}-s{seed}"
+        (run / "eval").mkdir(parents=True)
+        cfg.save(cfg.TrainConfig(**generalist, task_sampler=active, seed=seed), run / "config.yaml")
+        (run / "eval" / "history.csv").write_text(f"step,frames,return_mean\n500,2000,{sum(finals) / 2}\n")
+        rows = [f"500,2000,{task},{value},{value / 800:.4f},0.5" for task, value in zip(tasks, finals)]
+        (run / "eval" / "tasks.csv").write_text(
+            "step,frames,task,return_mean,normalized_return,weight\n" + "\n".join(rows) + "\n"
+        )
+    for task, value in zip(tasks, (650.0, 150.0)):  # one single-task agent, run once per task
+        run = tmp_path / f"single-{task}"
+        (run / "eval").mkdir(parents=True)
+        cfg.save(cfg.TrainConfig(task=task, algorithm="sac", modalities=["proprio"], action_repeat=4,
+                                 total_steps=250), run / "config.yaml")  # fmt: skip
+        (run / "eval" / "history.csv").write_text(f"step,frames,return_mean\n250,1000,{value}\n")
+    lone = tmp_path / "lone"  # a body alone in the layout (fixed weights): its own task, not the pooled mean
+    (lone / "eval").mkdir(parents=True)
+    cfg.save(cfg.TrainConfig(**{**generalist, "total_steps": 250}, task="walker-walk", task_sampler="fixed",
+                             task_weights="walker-walk=1"), lone / "config.yaml")  # fmt: skip
+    (lone / "eval" / "history.csv").write_text("step,frames,return_mean\n250,1000,90\n")
+    runs = find_runs([tmp_path])
+    by = {(r.path.name, r.task): r.score for r in runs}
+    assert by[("mt-uniform-s1", "walker-walk")] == 300.0 and by[("mt-active-s2", "cartpole-swingup")] == 600.0
+    assert by[("lone", "walker-walk")] == 90.0 and ("lone", "cartpole-swingup") not in by
+    methods = {r.path.name: r.method for r in runs}
+    assert methods["mt-uniform-s0"] == methods["mt-uniform-s1"] != methods["mt-active-s2"]
+    assert "sampler=active" in methods["mt-active-s2"] and "2k frames over 2 tasks" in methods["mt-active-s2"]
+    assert methods["single-walker-walk"] == methods["single-cartpole-swingup"]
+    assert "in the layout of 2 tasks" in methods["lone"]
+    report = write_report(runs, tmp_path / "out", reps=200).read_text()
+    aggregate = report.split("## Across tasks (cartpole-swingup, walker-walk)")[1]
+    assert f"| {methods['mt-uniform-s0']} | 2×2 |" in aggregate  # seeds × tasks
+    assert f"| {methods['single-walker-walk']} | 1×2 |" in aggregate
+    assert "Left out (not run on every one of these tasks): " + methods["lone"] in aggregate
+    with pytest.warns(UserWarning, match="cut"):  # a generalist cut before its budget is not a final score
+        cfg.save(
+            cfg.TrainConfig(**{**generalist, "total_steps": 1000}), tmp_path / "mt-active-s2" / "config.yaml"
+        )
+        assert "mt-active-s2" not in {r.path.name for r in find_runs([tmp_path])}

@@ -143,7 +143,11 @@ def read_task_history(run_dir: Path, action_repeat: int, tasks: list[str]) -> di
     per_task = {task: [] for task in tasks}
     if history.exists():
         with open(history, newline="") as handle:
-            for row in csv.DictReader(handle):
+            reader = csv.DictReader(handle)
+            missing = {"step", "frames", "task", "return_mean"} - set(reader.fieldnames or ())
+            if missing:
+                raise ValueError(f"{history}: no column {sorted(missing)} (columns: {reader.fieldnames})")
+            for row in reader:
                 if row and row["task"] in per_task:
                     per_task[row["task"]].append(row)
         return per_task

@@ -240,3 +240,6 @@ def test_a_generalist_counts_once_per_task_beside_the_single_task_runs(tmp_path)
             cfg.TrainConfig(**{**generalist, "total_steps": 1000}), tmp_path / "mt-active-s2" / "config.yaml"
         )
         assert "mt-active-s2" not in {r.path.name for r in find_runs([tmp_path])}
+    (tmp_path / "mt-uniform-s0" / "eval" / "tasks.csv").write_text("step,frames,return_mean\n500,2000,1\n")
+    with pytest.raises(ValueError, match=r"tasks.csv: no column \['task'\]"):
+        find_runs([tmp_path / "mt-uniform-s0"])

@@ -113,9 +113,20 @@ def plot(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories")
-    parser.add_argument("--tag", default="eval/return_mean")
-    parser.add_argument("--out", type=Path, default=Path("curves.png"))
-    parser.add_argument("--title", default=None)
+    parser.add_argument(
+        "--tag",
+        default="eval/return_mean",
+        help="the TensorBoard scalar to plot (default: %(default)s; a multi-task run's mean over its tasks, "
+        "eval/<task>/return_mean for one of them)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("curves.png"), help="image to write (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--title",
+        default=None,
+        help="figure title (default: the tag; what the runs share is written beneath it)",
+    )
     parser.add_argument(
         "--merge-devices",
         action="store_true",

@@ -69,18 +69,54 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("teacher", type=Path, help="the teacher's run directory (or a checkpoint in it)")
     parser.add_argument("--student", default="mlp", help=f"one of {list(STUDENTS)}")
     defaults = DaggerConfig()
-    parser.add_argument("--iterations", type=int, default=defaults.iterations)
-    parser.add_argument("--steps-per-iteration", type=int, default=defaults.steps_per_iteration)
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=defaults.iterations,
+        help="DAgger rounds: collect, aggregate, retrain (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--steps-per-iteration",
+        type=int,
+        default=defaults.steps_per_iteration,
+        help="env steps collected per round, summed over envs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=defaults.epochs,
+        help="passes over the aggregated dataset per round (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=defaults.batch_size, help="student minibatch (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=defaults.learning_rate,
+        help="the student's Adam learning rate (default: %(default)s)",
+    )
     parser.add_argument(
         "--latent-weight", type=float, default=0.0, help="> 0: also match the teacher's latents"
     )
-    parser.add_argument("--n-envs", type=int, default=4)
-    parser.add_argument("--eval-episodes", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--n-envs", type=int, default=4, help="envs collecting in parallel (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--eval-episodes",
+        type=int,
+        default=5,
+        help="student evaluation episodes per round (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the student, the envs and the sampling (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="torch device for teacher and student (default: %(default)s)"
+    )
     parser.add_argument("--run-dir", default=None, help="default: the teacher's run directory's parent")
     parser.add_argument("--run-name", default=None, help="default: <teacher>-distill-<student>")
     args = parser.parse_args(argv)

@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--task", default=None, help="evaluate this one task (e.g. one of a multi-task run's)"
     )
-    parser.add_argument("--episodes", type=int, default=10)
+    parser.add_argument(
+        "--episodes", type=int, default=10, help="deterministic episodes per task (default: %(default)s)"
+    )
     parser.add_argument("--video", action="store_true", help="write an mp4 of the first episode per task")
     parser.add_argument(
         "--attention-overlay",
@@ -168,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         help="measure p95 batch-1 latency at every trained number of latents on this machine and evaluate the "
         "largest that fits within B ms",
     )
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--device", default="cpu", help="torch device to run the policy on (default: %(default)s)"
+    )
     parser.add_argument(
         "--seed",
         type=int,

@@ -61,7 +61,9 @@ def p50_ms(fn, items: list) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", type=Path, help="run directory or checkpoint directory")
-    parser.add_argument("--format", choices=FORMATS, default="onnx")
+    parser.add_argument(
+        "--format", choices=FORMATS, default="onnx", help="what to write (default: %(default)s)"
+    )
     parser.add_argument(
         "--output", type=Path, default=None, help="file to write (default: RUN_DIR/export/actor.*)"
     )

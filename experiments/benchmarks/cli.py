@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             "train-worker",
             "replay-worker",
         ],
+        help="which benchmark to run ('all': every table; the -worker ones are subprocesses of the others)",
     )
     parser.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument(

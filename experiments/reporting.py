@@ -61,7 +61,7 @@ def method_name(config: cfg.TrainConfig) -> str:
         if options:
             parts.append(f"{name}(" + ",".join(f"{k}={options[k]}" for k in sorted(options)) + ")")
     parts.append(f"from {Path(config.init_from).name} ({config.finetune})" if config.init_from else "")
-    evaluated = config.eval_tasks() if config.tasks else []
+    evaluated = config.eval_tasks()
     # A generalist: its sampler and replay make it another agent, and its frames are shared by its tasks.
     if len(evaluated) > 1:
         parts.append(_multitask_part(config))
@@ -93,7 +93,7 @@ def find_runs(paths: list[Path]) -> list[Run]:
         )
         for run_dir in candidates:
             config = cfg.load(run_dir / "config.yaml")
-            evaluated = config.eval_tasks() if config.tasks else [config.task]
+            evaluated = config.eval_tasks()
             if len(evaluated) > 1:
                 per_task = read_task_history(run_dir, config.action_repeat, evaluated)
             else:
@@ -124,45 +124,43 @@ def read_history(run_dir: Path, action_repeat: int) -> list[dict]:
     if history.exists():
         with open(history, newline="") as handle:
             return [row for row in csv.DictReader(handle) if row]
-    if not (run_dir / "tb").is_dir():
-        return []
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
-    events.Reload()
-    if "eval/return_mean" not in events.Tags()["scalars"]:
-        return []
-    by_step = {e.step: e.value for e in events.Scalars("eval/return_mean")}  # the last write per step wins
-    return [{"step": s, "frames": s * action_repeat, "return_mean": by_step[s]} for s in sorted(by_step)]
+    return _tensorboard_rows(run_dir, action_repeat, {"": "eval/return_mean"})[""]
 
 
 def read_task_history(run_dir: Path, action_repeat: int, tasks: list[str]) -> dict[str, list[dict]]:
     """A multi-task run's rows {step, frames, return_mean} per task: from eval/tasks.csv, or from the TensorBoard
     tags eval/<task>/return_mean of runs written before that file existed."""
     history = run_dir / "eval" / "tasks.csv"
+    if not history.exists():
+        return _tensorboard_rows(run_dir, action_repeat, {task: f"eval/{task}/return_mean" for task in tasks})
     per_task = {task: [] for task in tasks}
-    if history.exists():
-        with open(history, newline="") as handle:
-            reader = csv.DictReader(handle)
-            missing = {"step", "frames", "task", "return_mean"} - set(reader.fieldnames or ())
-            if missing:
-                raise ValueError(f"{history}: no column {sorted(missing)} (columns: {reader.fieldnames})")
-            for row in reader:
-                if row and row["task"] in per_task:
-                    per_task[row["task"]].append(row)
-        return per_task
+    with open(history, newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"step", "frames", "task", "return_mean"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{history}: no column {sorted(missing)} (columns: {reader.fieldnames})")
+        for row in reader:
+            if row and row["task"] in per_task:
+                per_task[row["task"]].append(row)
+    return per_task
+
+
+def _tensorboard_rows(run_dir: Path, action_repeat: int, tags: dict[str, str]) -> dict[str, list[dict]]:
+    """{key: rows {step, frames, return_mean}} of each TensorBoard scalar tag ([] where the run has none); the
+    last write per step wins (a resumed run's events after its checkpoint)."""
+    rows = {key: [] for key in tags}
     if not (run_dir / "tb").is_dir():
-        return per_task
+        return rows
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
     events.Reload()
-    tags = set(events.Tags()["scalars"])
-    for task in tasks:
-        if f"eval/{task}/return_mean" in tags:
-            by_step = {e.step: e.value for e in events.Scalars(f"eval/{task}/return_mean")}
-            per_task[task] = [{"step": s, "frames": s * action_repeat, "return_mean": by_step[s]} for s in sorted(by_step)]  # fmt: skip
-    return per_task
+    present = set(events.Tags()["scalars"])
+    for key, tag in tags.items():
+        if tag in present:
+            by_step = {e.step: e.value for e in events.Scalars(tag)}
+            rows[key] = [{"step": s, "frames": s * action_repeat, "return_mean": by_step[s]} for s in sorted(by_step)]  # fmt: skip
+    return rows
 
 
 def score_matrices(runs: list[Run]) -> tuple[dict[str, np.ndarray], list[str]]:

@@ -221,18 +221,23 @@ class EvalCallback(PeriodicCallback):
     def truncate_history(self, last_step: int) -> None:
         """On --resume: drop rows logged after the checkpoint (as TensorBoard's purge does), atomically, from
         eval/history.csv and a multi-task run's eval/tasks.csv."""
-        for path in (self.history_path, self.task_history_path):
-            if not path.exists():
-                continue
-            with open(path, newline="") as handle:
-                rows = list(csv.reader(handle))
-            kept = [rows[0], *(row for row in rows[1:] if row and int(row[0]) <= last_step)]
-            if path == self.history_path:
-                self.history = [(int(row[0]), float(row[2])) for row in kept[1:]]
-            tmp = path.with_suffix(".tmp")
-            with open(tmp, "w", newline="") as handle:
-                csv.writer(handle).writerows(kept)
-            os.replace(tmp, path)
+        kept = self._truncate_rows(self.history_path, last_step)
+        self.history = [(int(row[0]), float(row[2])) for row in kept[1:]]
+        self._truncate_rows(self.task_history_path, last_step)
+
+    @staticmethod
+    def _truncate_rows(path: Path, last_step: int) -> list[list[str]]:
+        """Keeps the header and the rows of steps up to `last_step`; returns them ([] without the file)."""
+        if not path.exists():
+            return []
+        with open(path, newline="") as handle:
+            rows = list(csv.reader(handle))
+        kept = [rows[0], *(row for row in rows[1:] if row and int(row[0]) <= last_step)]
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as handle:
+            csv.writer(handle).writerows(kept)
+        os.replace(tmp, path)
+        return kept
 
     def _on_training_start(self) -> None:
         super()._on_training_start()

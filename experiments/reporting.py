@@ -62,14 +62,12 @@ def method_name(config: cfg.TrainConfig) -> str:
             parts.append(f"{name}(" + ",".join(f"{k}={options[k]}" for k in sorted(options)) + ")")
     parts.append(f"from {Path(config.init_from).name} ({config.finetune})" if config.init_from else "")
     evaluated = config.eval_tasks()
+    frames = f"repeat {config.action_repeat}, {budget_frames(config) / 1000:g}k frames"
     # A generalist: its sampler and replay make it another agent, and its frames are shared by its tasks.
     if len(evaluated) > 1:
-        parts.append(_multitask_part(config))
-        frames = f"{budget_frames(config) / 1000:g}k frames over {len(evaluated)} tasks"
-        parts.append(f"repeat {config.action_repeat}, {frames}")
+        parts += [_multitask_part(config), f"{frames} over {len(evaluated)} tasks"]
     else:  # one task (a transfer or a body alone in a multi-task layout): its own frames
-        parts.append(f"in the layout of {len(config.tasks)} tasks" if config.tasks else "")
-        parts.append(f"repeat {config.action_repeat}, {budget_frames(config) / 1000:g}k frames")
+        parts += [f"in the layout of {len(config.tasks)} tasks" if config.tasks else "", frames]
     return " ".join(part for part in parts if part)
 
 
@@ -106,9 +104,10 @@ def find_runs(paths: list[Path]) -> list[Run]:
                     stacklevel=2,
                 )
                 continue
+            method = method_name(config)
             for task, rows in per_task.items():
                 if rows:
-                    found.append(Run(run_dir, task, method_name(config),
+                    found.append(Run(run_dir, task, method,
                                      [int(r["frames"]) for r in rows], [float(r["return_mean"]) for r in rows]))  # fmt: skip
     if not found:
         raise ValueError(

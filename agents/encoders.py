@@ -23,7 +23,7 @@ from gymnasium import spaces
 from torch import nn
 
 from perceiver_policy.config import PerceiverConfig
-from perceiver_policy.modalities import ABSENT_KEY, STATE_KEY
+from perceiver_policy.modalities import ABSENT_KEY, STATE_KEY, scaled_channels_last
 from perceiver_policy.model import LearnedQueries, PerceiverDecoder, PerceiverEncoder
 
 ENCODERS = ("perceiver", "cnn", "drq-cnn")
@@ -146,7 +146,7 @@ class ConvEncoder(nn.Module):
         if self.pixel_key is not None:
             layers: list[nn.Module] = []
             for conv in convs:
-                layers += [conv, nn.ReLU()]
+                layers += [conv, nn.ReLU(inplace=True)]  # in place: the conv's fresh output, not an input
             self.convs = nn.Sequential(*layers)
             orthogonal_init(self.convs)  # before channels-last: orthogonal_ writes through a contiguous view
             self.convs.to(memory_format=torch.channels_last)
@@ -176,8 +176,7 @@ class ConvEncoder(nn.Module):
         parts = []
         if self.convs is not None:
             pixels = obs[self.pixel_key]  # (B, F*3, H, W) uint8
-            x = (pixels.float() / 255.0).contiguous(memory_format=torch.channels_last)
-            parts.append(self.convs(x).flatten(1))  # (B, C*H'*W')
+            parts.append(self.convs(scaled_channels_last(pixels)).flatten(1))  # (B, C*H'*W')
         if self.vectors is not None:
             flat = torch.cat([obs[k].float().flatten(1) for k in self.vector_keys], dim=1)  # (B, vector_dim)
             parts.append(self.vectors(flat))

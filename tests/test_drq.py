@@ -275,6 +275,25 @@ def make_agent_free_encoder(name, space):
     return build_encoder(name, space, PerceiverConfig())
 
 
+def test_conv_stems_scale_pixels_as_drq_does_without_touching_the_input():
+    from perceiver_policy.modalities import scaled_channels_last
+
+    pixels = torch.randint(0, 256, (4, 9, 84, 84), dtype=torch.uint8)
+    x = scaled_channels_last(pixels)
+    assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(x, pixels.float() / 255.0)  # DrQ's `obs / 255.`, bit for bit
+    assert torch.equal(scaled_channels_last(pixels, shift=0.5), pixels.float() / 255.0 - 0.5)
+    floats = pixels.float().contiguous(memory_format=torch.channels_last)
+    before = floats.clone()
+    assert torch.equal(scaled_channels_last(floats), before / 255.0)
+    assert torch.equal(floats, before)  # a float input is read, never scaled in place
+    space = spaces.Dict({"pixels": spaces.Box(0, 255, (9, 84, 84), np.uint8)})
+    encoder = make_agent_free_encoder("drq-cnn", space)
+    reference = torch.nn.Sequential(*[torch.nn.ReLU() if isinstance(m, torch.nn.ReLU) else m for m in encoder.convs])
+    expected = reference((pixels.float() / 255.0).contiguous(memory_format=torch.channels_last)).flatten(1)
+    assert torch.equal(encoder({"pixels": pixels}), expected)  # in-place ReLUs change nothing
+
+
 def test_an_image_too_small_for_the_convolutions_is_a_named_error():
     space = spaces.Dict({"pixels": spaces.Box(0, 255, (9, 32, 32), np.uint8)})
     with pytest.raises(ValueError, match="encoder 'cnn' cannot read 32x32 images"):

@@ -344,7 +344,10 @@ class ConvImageAdapter(ModalityAdapter):
         self.stem.to(memory_format=torch.channels_last)
 
     def tokens_content(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stem(scaled_channels_last(x, shift=0.5)).flatten(2).transpose(1, 2)  # (B, H'*W', conv_channels)
+        features = self.stem(scaled_channels_last(x, shift=0.5))  # (B, conv_channels, H', W'), channels-last
+        return features.flatten(2).transpose(
+            1, 2
+        )  # (B, H'*W', conv_channels): a view of channels-last memory
 
 
 class VectorAdapter(ModalityAdapter):

@@ -289,7 +289,9 @@ def test_conv_stems_scale_pixels_as_drq_does_without_touching_the_input():
     assert torch.equal(floats, before)  # a float input is read, never scaled in place
     space = spaces.Dict({"pixels": spaces.Box(0, 255, (9, 84, 84), np.uint8)})
     encoder = make_agent_free_encoder("drq-cnn", space)
-    reference = torch.nn.Sequential(*[torch.nn.ReLU() if isinstance(m, torch.nn.ReLU) else m for m in encoder.convs])
+    reference = torch.nn.Sequential(
+        *[torch.nn.ReLU() if isinstance(m, torch.nn.ReLU) else m for m in encoder.convs]
+    )
     expected = reference((pixels.float() / 255.0).contiguous(memory_format=torch.channels_last)).flatten(1)
     assert torch.equal(encoder({"pixels": pixels}), expected)  # in-place ReLUs change nothing
 

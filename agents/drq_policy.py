@@ -124,7 +124,8 @@ class DrQSACPolicy(SACActorPolicy):
     conv encoders), ``center_features`` (`CENTERINGS`: 'none' / False; 'running' / True: the readouts subtract a
     running mean of their input, `agents.encoders.FeatureReadout`; 'reference': the Perceiver's latents minus its
     latents of a reference observation, `agents.encoders.PerceiverTrunk`), ``center_momentum`` (the weight of each
-    training batch in that running mean; default `agents.encoders.CENTER_MOMENTUM`), ``feature_dim``,
+    training batch in that running mean; default `agents.encoders.CENTER_MOMENTUM`), ``conv_dtype`` ('float32' or
+    'bfloat16': bf16 autocast of the cnn / drq-cnn convolutions, `agents.encoders.CONV_DTYPES`), ``feature_dim``,
     ``hidden_dim``, ``hidden_depth``, ``log_std_bounds``, ``n_critics``. The target critic's running means and
     reference follow the online critic's at each target update."""
 
@@ -143,6 +144,7 @@ class DrQSACPolicy(SACActorPolicy):
         readout: str | None = None,
         center_features: bool | str = False,
         center_momentum: float = CENTER_MOMENTUM,
+        conv_dtype: str = "float32",
         use_sde: bool = False,
         optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adam,
         optimizer_kwargs: dict | None = None,
@@ -181,8 +183,13 @@ class DrQSACPolicy(SACActorPolicy):
                 f"{self.perceiver_config.latent_scaling} needs readout 'query' (valid choices: {list(READOUTS)})"
             )
         self.encoder = build_encoder(
-            encoder, self.observation_space, self.perceiver_config, reference=self.centering == "reference"
+            encoder,
+            self.observation_space,
+            self.perceiver_config,
+            reference=self.centering == "reference",
+            conv_dtype=conv_dtype,
         )
+        self.conv_dtype = conv_dtype
         sizes = {"action_dim": action_dim, "feature_dim": feature_dim, "hidden_dim": hidden_dim,
                  "hidden_depth": hidden_depth}  # fmt: skip
         make = lambda: self.encoder.make_readout(  # noqa: E731
@@ -216,6 +223,7 @@ class DrQSACPolicy(SACActorPolicy):
             readout=self.readout,
             center_features=self.center_features,
             center_momentum=self.center_momentum,
+            conv_dtype=self.conv_dtype,
         )
         return data
 

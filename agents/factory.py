@@ -177,10 +177,11 @@ def make_agent(
     torch_device = resolve_device(device)
     perceiver = dict(perceiver or {})
     perceiver.setdefault("dtype", default_dtype(torch_device, perceiver))
-    if torch_device.type == "cpu" and perceiver["dtype"] == "bfloat16" and not cpu_has_native_bf16():
+    bf16 = perceiver["dtype"] == "bfloat16" or (policy_kwargs or {}).get("conv_dtype") == "bfloat16"
+    if torch_device.type == "cpu" and bf16 and not cpu_has_native_bf16():
         warnings.warn(
-            "dtype='bfloat16' on a CPU without native bf16 (no AVX512-BF16 / AMX): autocast emulates it and was "
-            "measured 5x slower than float32 on such a host; use dtype='float32'",
+            "bfloat16 on a CPU without native bf16 (no AVX512-BF16 / AMX): autocast emulates it and was "
+            "measured 5x slower than float32 on such a host; use float32",
             stacklevel=2,
         )
     if recipe == "drq":

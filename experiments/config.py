@@ -201,7 +201,7 @@ class TrainConfig:
     """Keyword overrides for the SB3 algorithm (learning_rate, n_steps, batch_size, buffer_size, ...)."""
     policy: dict = field(default_factory=dict)
     """Extra policy_kwargs (e.g. log_std_mode; for the DrQ recipe feature_dim, hidden_dim, readout=query|flat,
-    center_features=none|running|reference, center_momentum)."""
+    center_features=none|running|reference, center_momentum, conv_dtype=float32|bfloat16 for cnn / drq-cnn)."""
     curriculum: list = field(default_factory=list)
     """Optional [{'step': N, 'modalities': [...]}, ...]: from agent step N the model reads only those."""
     init_from: str | None = None
@@ -338,6 +338,7 @@ class TrainConfig:
                 )
             parse_schedule(self.modality_mix, tuple(self.modalities), self.modality_mix_mode)
         self.validate_centering()
+        self.validate_conv_dtype()
         for stage in self.curriculum:
             if not isinstance(stage, dict) or set(stage) != {"step", "modalities"}:
                 raise ValueError(f"curriculum stages are {{'step': N, 'modalities': [...]}}, got {stage!r}")
@@ -376,6 +377,22 @@ class TrainConfig:
             raise ValueError(
                 "center_features 'reference' centres one body's latents on one reference observation; a multi-task "
                 f"run ({' '.join(self.tasks)}) takes 'none'"
+            )
+
+    def validate_conv_dtype(self) -> None:
+        """`--policy conv_dtype=bfloat16`: the precision of the DrQ recipe's conv encoders (cnn, drq-cnn)."""
+        if "conv_dtype" not in self.policy:
+            return
+        from agents.encoders import CONV_DTYPES
+
+        value = self.policy["conv_dtype"]
+        if value not in CONV_DTYPES:
+            raise ValueError(f"conv_dtype {value!r} is not one of {list(CONV_DTYPES)}")
+        if (self.algorithm, self.recipe) != ("sac", "drq") or self.policy_type not in ("cnn", "drq-cnn"):
+            raise ValueError(
+                f"conv_dtype sets the precision of the DrQ recipe's conv encoders (--algorithm sac --recipe drq "
+                f"--policy-type cnn | drq-cnn), got algorithm {self.algorithm!r}, recipe {self.recipe!r}, policy_type "
+                f"{self.policy_type!r}; the Perceiver's precision is --perceiver dtype=bfloat16"
             )
 
     def validate_tasks(self) -> None:

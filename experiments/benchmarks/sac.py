@@ -98,12 +98,15 @@ def bench_sac(quick: bool) -> float:
 
 
 LEAN = {"num_latents": 32, "latent_dim": 64, "self_attn_layers": 1, "patch_size": 12}
-DRQ_AGENTS = {  # name -> (policy_type, Perceiver options)
-    "Perceiver, patch tokens": ("perceiver", LEAN),
-    "Perceiver, patch tokens, bf16 autocast": ("perceiver", {**LEAN, "dtype": "bfloat16"}),
-    "Perceiver, conv tokens": ("perceiver", {**LEAN, "pixel_tokenizer": "conv"}),
-    "NatureCNN (cnn)": ("cnn", {}),
-    "DrQ's encoder (drq-cnn)": ("drq-cnn", {}),
+BF16_CONVS = {"conv_dtype": "bfloat16"}
+DRQ_AGENTS = {  # name -> (policy_type, Perceiver options, policy options)
+    "Perceiver, patch tokens": ("perceiver", LEAN, {}),
+    "Perceiver, patch tokens, bf16 autocast": ("perceiver", {**LEAN, "dtype": "bfloat16"}, {}),
+    "Perceiver, conv tokens": ("perceiver", {**LEAN, "pixel_tokenizer": "conv"}, {}),
+    "NatureCNN (cnn)": ("cnn", {}, {}),
+    "NatureCNN (cnn), bf16 convolutions": ("cnn", {}, BF16_CONVS),
+    "DrQ's encoder (drq-cnn)": ("drq-cnn", {}, {}),
+    "DrQ's encoder (drq-cnn), bf16 convolutions": ("drq-cnn", {}, BF16_CONVS),
 }
 
 
@@ -145,11 +148,12 @@ def drq_update_table(batches: tuple[int, ...], updates: int, skip: tuple[str, ..
                              modalities=("pixels",))  # fmt: skip
     for batch in batches:
         models = {}
-        for name, (policy_type, perceiver) in DRQ_AGENTS.items():
+        for name, (policy_type, perceiver, policy) in DRQ_AGENTS.items():
             if (name, batch) in skip:
                 continue
             model = make_agent("sac", venv, perceiver=perceiver, policy_type=policy_type, recipe="drq",
-                               device="cpu", seed=0, batch_size=batch, buffer_size=2000, learning_starts=300)  # fmt: skip
+                               policy_kwargs=policy or None, device="cpu", seed=0, batch_size=batch,
+                               buffer_size=2000, learning_starts=300)  # fmt: skip
             model.learn(300)  # random actions until learning_starts: fills the buffer, no update yet
             model.train(gradient_steps=2, batch_size=batch)  # warm-up; two updates: one with the actor
             models[name] = model
@@ -175,4 +179,5 @@ def bench_drq(quick: bool) -> None:
     if quick:
         drq_update_table((32,), updates=2)
     else:
-        drq_update_table((128, 512), updates=5, skip=(("DrQ's encoder (drq-cnn)", 512),))
+        slow = ("DrQ's encoder (drq-cnn)", "DrQ's encoder (drq-cnn), bf16 convolutions")
+        drq_update_table((128, 512), updates=5, skip=tuple((name, 512) for name in slow))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,21 @@ from perceiver_policy.finetuning import lora_parameter_names, merge_lora
 FORMATS = ("onnx", "torchscript")
 
 
+def _bf16_modules(policy: nn.Module) -> list[nn.Module]:
+    """Modules that compute under bf16 autocast: a Perceiver with `PerceiverConfig.dtype='bfloat16'` (its encoder
+    and decoders hold the config) or a conv encoder with `conv_dtype='bfloat16'` (a `dtype` string)."""
+    return [
+        module
+        for module in policy.modules()
+        if getattr(module, "dtype", None) == "bfloat16"
+        or getattr(getattr(module, "config", None), "dtype", None) == "bfloat16"
+    ]
+
+
 class DeterministicActor(nn.Module):
-    """policy -> module(*observation tensors) = action (B, A) float32, as `predict(deterministic=True)`."""
+    """policy -> module(*observation tensors) = action (B, A) float32, as `predict(deterministic=True)`. A policy
+    that trained under bf16 autocast is exported in float32 (a copy; the policy is kept): its actions then differ
+    from `predict`'s by bf16's rounding."""
 
     def __init__(self, policy):
         super().__init__()
@@ -36,6 +50,13 @@ class DeterministicActor(nn.Module):
             policy
         ):  # fold LoRA adapters into plain Linear layers (a copy: the model is kept)
             policy = merge_lora(copy.deepcopy(policy))
+        if _bf16_modules(policy):  # ONNX Runtime's CPU Conv has no bf16 kernel: export float32 (a copy)
+            policy = copy.deepcopy(policy)
+            for module in _bf16_modules(policy):
+                if getattr(module, "dtype", None) == "bfloat16":
+                    module.dtype = "float32"  # a conv encoder's `conv_dtype` (agents.encoders.ConvEncoder)
+                else:
+                    module.config = dataclasses.replace(module.config, dtype="float32")
         self.policy = policy.eval()
         self.input_names = list(policy.observation_space.spaces)
         self.squashed = bool(policy.squash_output)

@@ -6,7 +6,7 @@ import torch
 
 import agents
 import envs
-from perceiver_policy.export import DeterministicActor, export_onnx, export_torchscript
+from perceiver_policy.export import DeterministicActor, _bf16_modules, export_onnx, export_torchscript
 
 TINY = {"num_latents": 8, "latent_dim": 32, "fourier_bands": 4}
 
@@ -61,3 +61,37 @@ def test_recurrent_policies_are_refused():
     model = agents.make_agent("ppo", venv, policy_type="lstm", device="cpu", n_steps=16)
     with pytest.raises(ValueError, match="recurrent"):
         DeterministicActor(model.policy)
+
+
+@pytest.mark.parametrize(
+    "policy_type,options",
+    [
+        ("cnn", {"policy_kwargs": {"conv_dtype": "bfloat16", "hidden_dim": 32}}),
+        ("perceiver", {"perceiver": {**TINY, "dtype": "bfloat16"}, "policy_kwargs": {"hidden_dim": 32}}),
+    ],
+)
+def test_a_bf16_policy_exports_in_float32(tmp_path, policy_type, options):
+    """ONNX Runtime's CPU Conv has no bf16 kernel: a policy trained under bf16 autocast is exported in float32,
+    and acts as the same weights computed in float32 do; the trained policy keeps its precision."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    venv = envs.make_vec_env("cartpole-balance", n_envs=1, image_size=48, action_repeat=4, seed=0)
+    model = agents.make_agent(
+        "sac", venv, device="cpu", policy_type=policy_type, recipe="drq", learning_starts=16, batch_size=16,
+        buffer_size=200, **options,
+    )  # fmt: skip
+    model.learn(24)
+    actor = DeterministicActor(model.policy)
+    session = onnxruntime.InferenceSession(str(export_onnx(actor, tmp_path / "actor.onnx")))
+    scripted = torch.jit.load(str(export_torchscript(actor, tmp_path / "actor.pt")))
+    assert _bf16_modules(model.policy) and not _bf16_modules(actor.policy)  # the trained policy keeps bf16
+    obs = venv.reset()
+    tensors = [torch.as_tensor(obs[k]) for k in actor.input_names]
+    with torch.no_grad():
+        float32 = actor(*tensors).numpy()
+    np.testing.assert_allclose(
+        session.run(None, {k: obs[k] for k in actor.input_names})[0], float32, atol=1e-5
+    )
+    np.testing.assert_allclose(scripted(*tensors).detach().numpy(), float32, atol=1e-5)
+    expected, _ = model.predict(obs, deterministic=True)  # bf16: the same action up to bf16's rounding
+    np.testing.assert_allclose(float32, expected, atol=0.05)
+    venv.close()

@@ -146,7 +146,7 @@ class ConvEncoder(nn.Module):
     ):
         super().__init__()
         if dtype not in CONV_DTYPES:
-            raise ValueError(f"conv_dtype {dtype!r} of encoder {name!r} is not one of {list(CONV_DTYPES)}")
+            raise ValueError(f"conv_dtype {dtype!r} is not one of {list(CONV_DTYPES)} (encoder {name!r})")
         self.name = name
         self.dtype = dtype  # 'bfloat16': the convolutions run under bf16 autocast; their output is cast back
         self.pixel_key, self.vector_keys = _input_keys(observation_space, name)
@@ -186,13 +186,9 @@ class ConvEncoder(nn.Module):
         if self.convs is not None:
             pixels = obs[self.pixel_key]  # (B, F*3, H, W) uint8
             x = scaled_channels_last(pixels)
-            if self.dtype == "bfloat16":
-                with torch.autocast(x.device.type, dtype=torch.bfloat16):
-                    features = self.convs(x)
-                features = features.float()
-            else:
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bfloat16"):
                 features = self.convs(x)
-            parts.append(features.flatten(1))  # (B, C*H'*W')
+            parts.append(features.float().flatten(1))  # (B, C*H'*W'), float32 either way
         if self.vectors is not None:
             flat = torch.cat([obs[k].float().flatten(1) for k in self.vector_keys], dim=1)  # (B, vector_dim)
             parts.append(self.vectors(flat))
@@ -272,8 +268,6 @@ def build_encoder(
         raise ValueError(
             f"center_features 'reference' is for the Perceiver's latents; encoder {name!r} takes 'running' or 'none'"
         )
-    if conv_dtype not in CONV_DTYPES:
-        raise ValueError(f"conv_dtype {conv_dtype!r} is not one of {list(CONV_DTYPES)}")
     if conv_dtype != "float32" and name == "perceiver":
         raise ValueError(
             f"conv_dtype {conv_dtype!r} sets the precision of the cnn and drq-cnn encoders; the Perceiver's is "

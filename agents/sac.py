@@ -48,7 +48,8 @@ class PerceiverSAC(LearningRateWarmupMixin, ModalityMixSettings, SAC):
     :param actor_update_interval: updates between actor and temperature steps (DrQSACPolicy).
     :param modality_mix: a weighted modality sampler spec (`agents.modality_mix`): each replay sample trained with
         a modality subset, withheld modalities masked alike in the critic, target and actor passes.
-    :param modality_mix_mode: 'fixed', 'curriculum' (stages by frames) or 'active' (weights follow TD error).
+    :param modality_mix_mode: 'fixed', 'curriculum' (stages by frames), 'active' (weights follow TD error) or
+        'reliance' (weights follow the return lost without each modality).
     :param frames_per_step: the env's action repeat (curriculum stages are in frames).
     :param lr_warmup: updates of linear learning-rate warmup for actor, critic and temperature (`agents.warmup`;
         0, the default: none).

@@ -20,7 +20,7 @@ from stable_baselines3.common.logger import TensorBoardOutputFormat
 
 from envs.multitask import active_task_weights
 from experiments.checkpoint import save_checkpoint
-from experiments.evaluation import evaluate_tasks, perceiver_encoder
+from experiments.evaluation import evaluate_tasks, missing_modalities, perceiver_encoder
 from experiments.tb import add_video, attention_figure, attention_overlay
 from perceiver_policy.introspection import (
     attention_entropy,
@@ -127,6 +127,10 @@ class EvalCallback(PeriodicCallback):
                 reliance_every=self.reliance_every,
             )
         summary = result.summary()
+        mixer = getattr(self.model, "mixer", None)
+        if mixer is not None and mixer.mode == "reliance":
+            with num_latents(self.model, choices[-1] if choices else None):
+                self._follow_reliance(mixer, summary["return_mean"], evaluate)
         for key, change in (result.reliance or {}).items():
             self.logger.record(f"perceiver/reliance/{key}/action", change["action"])
             if np.isfinite(change["value"]):
@@ -161,6 +165,17 @@ class EvalCallback(PeriodicCallback):
         self.logger.dump(step)
         self.seconds += time.perf_counter() - start
         return summary
+
+    def _follow_reliance(self, mixer, full_return: float, evaluate) -> None:
+        """The ``reliance`` modality sampler: the evaluation's episodes (the same starts) with each modality
+        withheld, perceiver/reliance/<key>/return, and the share of return each loss costs handed to the sampler."""
+        drops = {}
+        for key in mixer.names:
+            with missing_modalities(self.model, (key,)):
+                withheld = evaluate()[0].summary()["return_mean"]
+            self.logger.record(f"perceiver/reliance/{key}/return", withheld)
+            drops[key] = (full_return - withheld) / max(abs(full_return), 1e-8)
+        mixer.follow_reliance(drops)
 
     def _record_tasks(self, per_task: dict[str, dict]) -> None:
         """Multi-task: eval/<task>/return_mean, the mean normalised score, and the task sampler's weights (the
@@ -369,17 +384,20 @@ class CheckpointCallback(PeriodicCallback):
         self.task_weights: list[float] | None = None
 
     def sampler_state(self) -> dict:
-        """{'task_weights': [...]} of a multi-task run (the active sampler's weights survive --resume), as the
-        envs report them; the weights last read when they cannot answer (a checkpoint written because a worker
+        """{'modality_mix': ...} of a run with the weighted modality sampler (its active / reliance weights
+        survive --resume) and {'task_weights': [...]} of a multi-task run (the active task sampler's weights), as
+        the envs report them; the weights last read when they cannot answer (a checkpoint written because a worker
         died, a pipelined half still stepping): the checkpoint itself must never fail on them."""
+        mixer = getattr(self.model, "mixer", None)
+        state = {"modality_mix": mixer.state()} if mixer is not None else {}
         if not self.multitask:
-            return {}
+            return state
         try:
             weights = self.training_env.get_attr("task_weights", indices=[0])[0]
             self.task_weights = [float(w) for w in weights]
         except (EOFError, OSError, ValueError, RuntimeError):
             pass
-        return {"task_weights": self.task_weights} if self.task_weights is not None else {}
+        return {**state, "task_weights": self.task_weights} if self.task_weights is not None else state
 
     def save_now(self) -> Path:
         """Checkpoint the current step. At the end of a run this rewrites a periodic checkpoint of the same step on

@@ -140,7 +140,9 @@ class TrainConfig:
     modality_mix_mode: str = "fixed"
     """How the modality_mix weights move: 'fixed'; 'curriculum' (stages by frames: '0: all=1; 50000: all=0.5
     pixels+action_history=0.5', interpolated); 'active' (towards the subsets with the larger critic error: TD
-    error for SAC, value error for PPO / A2C)."""
+    error for SAC, value error for PPO / A2C); 'reliance' (at each evaluation the episodes are replayed with each
+    modality withheld; subsets that withhold the modalities whose loss costs the most return are drawn more:
+    perceiver/reliance/<key>/return; each evaluation then costs 1 + n_modalities times the episodes)."""
     sanitize_nonfinite: bool = False
     """NaN / inf in an observation or reward stop the run with a named error (default); with this flag they are
     replaced by 0 and counted (env/nonfinite_count)."""
@@ -336,7 +338,15 @@ class TrainConfig:
                     f"modality_mix withholds modalities inside the Perceiver: it needs policy_type 'perceiver', got "
                     f"{self.policy_type!r} (for other policies use env_modality_dropout, which feeds zeros)"
                 )
-            parse_schedule(self.modality_mix, tuple(self.modalities), self.modality_mix_mode)
+            stages = parse_schedule(self.modality_mix, tuple(self.modalities), self.modality_mix_mode)
+            if self.modality_mix_mode == "reliance" and set(stages[0][1]) <= {
+                "all",
+                "+".join(self.modalities),
+            }:
+                raise ValueError(
+                    f"modality_mix_mode 'reliance' moves weight between subsets that withhold modalities; "
+                    f"{self.modality_mix!r} has none (e.g. 'all=0.5 pixels+action_history=0.5')"
+                )
         self.validate_centering()
         self.validate_conv_dtype()
         for stage in self.curriculum:

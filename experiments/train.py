@@ -212,6 +212,8 @@ def build(config: cfg.TrainConfig, run_dir: Path, resume: bool):
     model = load_model(
         algorithm_class(config.algorithm, config.policy_type), checkpoint, env=venv, device=str(device)
     )
+    if "modality_mix" in meta and getattr(model, "mixer", None) is not None:
+        model.mixer.load_state(meta["modality_mix"])  # the sampler's weights where the run left them
     load_replay_buffer(model, checkpoint)
     set_rng_state(load_rng_state(checkpoint / "rng.pt"))
     model._last_obs = None  # reset the (re-seeded) envs at learn()

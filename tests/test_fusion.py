@@ -1,5 +1,7 @@
 """Fusion mechanisms of the encoder: mask tokens for withheld modalities, grouped latents."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -133,6 +135,53 @@ def test_active_mode_draws_more_of_the_subset_with_the_larger_td_error():
         mixer.record(torch.tensor([0, 0, 1, 1]), torch.tensor([0.1, 0.1, 5.0, 5.0]))
     weights = mixer.weights(0)
     assert weights[1] > 0.8 and weights[0] >= ACTIVE_FLOOR / 2 - 1e-9
+
+
+def test_reliance_mode_trains_more_often_without_the_modality_the_policy_leans_on():
+    from agents.modality_mix import RELIANCE_GAIN, ModalityMixer
+
+    spec = "all=0.4 pixels+proprio=0.2 pixels+action_history=0.2 pixels=0.2"
+    mixer = ModalityMixer(spec, "reliance", NAMES)
+    np.testing.assert_allclose(mixer.weights(0), [0.4, 0.2, 0.2, 0.2])  # the spec until an evaluation
+    # a policy that loses 58 % of its return without the cart sensor and nothing without the camera or history
+    mixer.follow_reliance({"pixels": -0.02, "proprio": 0.58, "action_history": -0.1})
+    shares = {"pixels": 0.0, "proprio": 1.0, "action_history": 0.0}
+    gaps = [
+        shares["action_history"] - 1 / 3,
+        shares["proprio"] - 1 / 3,
+        shares["proprio"] + shares["action_history"] - 2 / 3,
+    ]
+    moved = 0.2 * np.exp(RELIANCE_GAIN * np.array(gaps))
+    np.testing.assert_allclose(mixer.weights(0), [0.4, *(0.6 * moved / moved.sum())])
+    assert mixer.weights(0)[2] > 0.3  # pixels+action_history (the cart sensor withheld) drawn most
+    index, flags = mixer.draw(20_000, 0, "cpu")
+    assert (
+        abs(float(flags[:, 1].float().mean()) - sum(mixer.weights(0)[2:])) < 0.02
+    )  # proprio withheld that often
+    for balanced in (
+        {"pixels": 0.3, "proprio": 0.3, "action_history": 0.3},
+        {"pixels": 0.0, "proprio": -1.0},
+    ):
+        mixer.follow_reliance(balanced)  # equal reliance, or nothing lost: the spec again
+        np.testing.assert_allclose(mixer.weights(0), [0.4, 0.2, 0.2, 0.2])
+    with pytest.raises(
+        ValueError, match=r"reliance drops name \['lidar'\].*\['pixels', 'proprio', 'action_history'\]"
+    ):
+        mixer.follow_reliance({"lidar": 0.5})
+
+
+def test_the_sampler_state_round_trips_and_names_a_mismatch():
+    from agents.modality_mix import ModalityMixer
+
+    mixer = ModalityMixer("all=0.5 pixels+action_history=0.5", "reliance", NAMES)
+    mixer.follow_reliance({"proprio": 0.9})
+    other = ModalityMixer("all=0.5 pixels+action_history=0.5", "reliance", NAMES)
+    other.load_state(mixer.state())
+    np.testing.assert_allclose(other.weights(0), mixer.weights(0))
+    with pytest.raises(ValueError, match=r"does not match this sampler's subsets \['all', 'pixels'\]"):
+        ModalityMixer("all=0.5 pixels=0.5", "reliance", NAMES).load_state(
+            {"weights": [1.0], "td_error": [1.0]}
+        )
 
 
 @pytest.fixture(scope="module")
@@ -335,6 +384,43 @@ def test_a_run_with_mask_tokens_and_the_sampler_logs_the_mix(tmp_path, algorithm
     scalars = set(tags(tmp_path / "mix").Tags()["scalars"])
     assert {"perceiver/modality_mix/all", "perceiver/modality_mix/pixels+action_history",
             "perceiver/modality_mix_critic_loss/all", "eval/return_mean"} <= scalars  # fmt: skip
+
+
+def test_the_reliance_sampler_replays_the_evaluation_without_each_modality_and_resumes_its_weights(tmp_path):
+    from experiments.checkpoint import latest_checkpoint, locate, read_meta
+    from experiments.train import build
+    from tests.test_experiments import TINY, cli, tags
+
+    cli("experiments.train", "--task", "cartpole-balance", "--algorithm", "sac", *TINY, "--n-envs", "1",
+        "--perceiver", "num_latents=8", "latent_dim=16", "patch_size=8", "missing_tokens=mask",
+        "--modality-mix", "all=0.5 pixels+action_history=0.5", "--modality-mix-mode", "reliance",
+        "--algo", "learning_starts=16", "batch_size=16", "buffer_size=500", "--total-steps", "64",
+        "--reliance", "false", "--eval-freq", "32", "--eval-video", "false", "--run-dir", str(tmp_path),
+        "--run-name", "mix", "--progress-bar", "false")  # fmt: skip
+    scalars = set(tags(tmp_path / "mix").Tags()["scalars"])
+    assert {f"perceiver/reliance/{key}/return" for key in NAMES} <= scalars
+    assert [e.step for e in tags(tmp_path / "mix").Scalars("perceiver/reliance/proprio/return")] == [32, 64]
+    checkpoint = latest_checkpoint(tmp_path / "mix")
+    meta = read_meta(checkpoint)
+    assert len(meta["modality_mix"]["weights"]) == 2
+    meta["modality_mix"]["weights"] = [0.3, 0.7]  # where an evaluation could have moved them
+    (checkpoint / "meta.json").write_text(json.dumps(meta))
+    config, _ = locate(tmp_path / "mix")
+    model, venv, step = build(config, tmp_path / "mix", resume=True)
+    venv.close()
+    assert step == 64 and model.mixer.mode == "reliance"
+    np.testing.assert_allclose(model.mixer.weights(0), [0.3, 0.7])
+
+
+def test_the_reliance_sampler_needs_a_subset_that_withholds_something():
+    from experiments import config as cfg
+
+    parser = cfg.build_parser("t")
+    with pytest.raises(
+        ValueError, match=r"'reliance' moves weight between subsets that withhold.*'all=1' has none"
+    ):
+        cfg.resolve(parser.parse_args(["--algorithm", "sac", "--modality-mix", "all=1",
+                                       "--modality-mix-mode", "reliance"]))  # fmt: skip
 
 
 # --------------------------------------------------------------------------- causal reliance

@@ -162,6 +162,8 @@ class EvalCallback(PeriodicCallback):
         self.last_frames = result.frames
         if result.frames is not None and writer is not None:
             add_video(writer, "eval/video", result.frames, step)
+        # the whole evaluation: episodes, reliance probe, the reliance sampler's replays, scaled-latent evaluations
+        self.logger.record("perf/eval_seconds", time.perf_counter() - start)
         self.logger.dump(step)
         self.seconds += time.perf_counter() - start
         return summary

@@ -18,11 +18,12 @@ modality). Modes:
   w_s = eps / S + (1 - eps) L_s / sum L (eps 0.2, so each subset keeps at least eps / S). A subset whose critic
   error stays high (the under-trained one) is drawn more. The spec's weights are the starting point.
 - ``reliance``: weights follow which modality the policy leans on, measured causally at each evaluation
-  (`experiments.callbacks.EvalCallback`): the evaluation episodes are replayed with each modality withheld (the
-  same starts), and d_i = clip((R - R_-i) / |R|, 0, 1) is the share of return lost without modality i. With
-  p_i = d_i / sum d (the reliance shares) and W_s the modalities subset s withholds, each withholding subset's
-  gap g_s = sum_{i in W_s} p_i - |W_s| / n (how much more of the policy's reliance it withholds than balanced
-  reliance would) sets w_s = w0_s exp(RELIANCE_GAIN g_s), renormalised so the withholding subsets keep their
+  (`experiments.callbacks.EvalCallback`): the evaluation episodes are replayed with each modality that some
+  subset withholds masked (the same starts; a modality no subset withholds has an untrained mask token and no
+  share to move, so it is neither measured nor counted), and d_i = clip((R - R_-i) / |R|, 0, 1) is the share of
+  return lost without modality i. With p_i = d_i / sum d over those n modalities (the reliance shares) and W_s
+  the modalities subset s withholds, each withholding subset's gap g_s = sum_{i in W_s} p_i - |W_s| / n (how
+  much more of the policy's reliance it withholds than balanced reliance would) sets w_s = w0_s exp(RELIANCE_GAIN g_s), renormalised so the withholding subsets keep their
   spec share together; subsets that withhold nothing (``all``) keep their spec weight. Balanced reliance (or no
   loss from any modality) keeps the spec's weights; a policy leaning on one modality is trained more often
   without it. Return drops, not action changes: on study 2 a seed whose actions changed equally for every
@@ -142,6 +143,12 @@ class ModalityMixer:
             errors = np.asarray(self.td_error)
             self._weights = ACTIVE_FLOOR / len(errors) + (1 - ACTIVE_FLOOR) * errors / errors.sum()
 
+    @property
+    def withholdable_names(self) -> tuple[str, ...]:
+        """The modalities some subset withholds: the only ones whose mask tokens are trained and whose share of
+        the batch the sampler can move (``reliance`` mode measures and uses these alone)."""
+        return tuple(name for name, column in zip(self.names, self.withheld.any(dim=0).tolist()) if column)
+
     def follow_reliance(self, drops: dict[str, float]) -> None:
         """``reliance`` mode: new weights from each modality's share of return lost when it is withheld
         ({name: (R - R_-i) / |R|}, the rule in the module docstring). No loss from any modality keeps the spec's."""
@@ -150,15 +157,16 @@ class ModalityMixer:
             raise ValueError(
                 f"reliance drops name {unknown}, not modalities of this sampler: {list(self.names)}"
             )
-        lost = np.array([min(max(float(drops.get(name, 0.0)), 0.0), 1.0) for name in self.names])
+        names = self.withholdable_names
+        lost = np.array([min(max(float(drops.get(name, 0.0)), 0.0), 1.0) for name in names])
         start = np.array([self.schedule[0][1].get(s, 0.0) for s in self.subsets])
-        withheld = self.withheld.numpy()
+        withheld = self.withheld.numpy()[:, [self.names.index(name) for name in names]]
         withholding = withheld.any(axis=1)
         if lost.sum() <= 0 or not withholding.any():
             self._weights = start
             return
         shares = lost / lost.sum()
-        gap = withheld @ shares - withheld.sum(axis=1) / len(self.names)
+        gap = withheld @ shares - withheld.sum(axis=1) / len(names)
         moved = start * np.exp(RELIANCE_GAIN * gap)
         weights = start.copy()
         weights[withholding] = moved[withholding] * start[withholding].sum() / moved[withholding].sum()

@@ -169,10 +169,10 @@ class EvalCallback(PeriodicCallback):
         return summary
 
     def _follow_reliance(self, mixer, full_return: float, evaluate) -> None:
-        """The ``reliance`` modality sampler: the evaluation's episodes (the same starts) with each modality
-        withheld, perceiver/reliance/<key>/return, and the share of return each loss costs handed to the sampler."""
+        """The ``reliance`` modality sampler: the evaluation's episodes (the same starts) with each modality that
+        the sampler withholds masked, perceiver/reliance/<key>/return, and the share of return each loss costs handed to the sampler."""
         drops = {}
-        for key in mixer.names:
+        for key in mixer.withholdable_names:  # the others' mask tokens were never trained
             with missing_modalities(self.model, (key,)):
                 withheld = evaluate()[0].summary()["return_mean"]
             self.logger.record(f"perceiver/reliance/{key}/return", withheld)

@@ -23,8 +23,8 @@ modality). Modes:
   share to move, so it is neither measured nor counted), and d_i = clip((R - R_-i) / |R|, 0, 1) is the share of
   return lost without modality i. With p_i = d_i / sum d over those n modalities (the reliance shares) and W_s
   the modalities subset s withholds, each withholding subset's gap g_s = sum_{i in W_s} p_i - |W_s| / n (how
-  much more of the policy's reliance it withholds than balanced reliance would) sets w_s = w0_s exp(RELIANCE_GAIN g_s), renormalised so the withholding subsets keep their
-  spec share together; subsets that withhold nothing (``all``) keep their spec weight. Balanced reliance (or no
+  much more of the policy's reliance it withholds than balanced reliance would) sets
+  w_s = w0_s exp(RELIANCE_GAIN g_s), renormalised so the withholding subsets keep their spec share together; subsets that withhold nothing (``all``) keep their spec weight. Balanced reliance (or no
   loss from any modality) keeps the spec's weights; a policy leaning on one modality is trained more often
   without it. Return drops, not action changes: on study 2 a seed whose actions changed equally for every
   modality (0.32 / 0.29 / 0.33) lost 58 % of its return without the cart sensor and none without the camera.
@@ -104,7 +104,8 @@ class ModalityMixer:
         self.withheld = torch.tensor([[name not in m for name in self.names] for m in members])
         start = self.schedule[0][1]
         self.td_error = [1.0] * len(self.subsets)  # active: equal until measured
-        self._weights = np.array([start.get(s, 0.0) for s in self.subsets])
+        self.start_weights = np.array([start.get(s, 0.0) for s in self.subsets])  # the spec's (first stage)
+        self._weights = self.start_weights.copy()
         self.losses: list[list[float]] = [[] for _ in self.subsets]
 
     def weights(self, num_timesteps: int) -> np.ndarray:
@@ -159,7 +160,7 @@ class ModalityMixer:
             )
         names = self.withholdable_names
         lost = np.array([min(max(float(drops.get(name, 0.0)), 0.0), 1.0) for name in names])
-        start = np.array([self.schedule[0][1].get(s, 0.0) for s in self.subsets])
+        start = self.start_weights
         withheld = self.withheld.numpy()[:, [self.names.index(name) for name in names]]
         withholding = withheld.any(axis=1)
         if lost.sum() <= 0 or not withholding.any():

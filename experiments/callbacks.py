@@ -170,7 +170,8 @@ class EvalCallback(PeriodicCallback):
 
     def _follow_reliance(self, mixer, full_return: float, evaluate) -> None:
         """The ``reliance`` modality sampler: the evaluation's episodes (the same starts) with each modality that
-        the sampler withholds masked, perceiver/reliance/<key>/return, and the share of return each loss costs handed to the sampler."""
+        the sampler withholds masked (perceiver/reliance/<key>/return); the share of return each loss costs goes to
+        the sampler."""
         drops = {}
         for key in mixer.withholdable_names:  # the others' mask tokens were never trained
             with missing_modalities(self.model, (key,)):

@@ -141,8 +141,9 @@ class TrainConfig:
     """How the modality_mix weights move: 'fixed'; 'curriculum' (stages by frames: '0: all=1; 50000: all=0.5
     pixels+action_history=0.5', interpolated); 'active' (towards the subsets with the larger critic error: TD
     error for SAC, value error for PPO / A2C); 'reliance' (at each evaluation the episodes are replayed with each
-    modality withheld; subsets that withhold the modalities whose loss costs the most return are drawn more:
-    perceiver/reliance/<key>/return; each evaluation then costs 1 + n_modalities times the episodes)."""
+    modality that some subset withholds masked; subsets that withhold the modalities whose loss costs the most
+    return are drawn more: perceiver/reliance/<key>/return; each evaluation then costs 1 + that many times the
+    episodes)."""
     sanitize_nonfinite: bool = False
     """NaN / inf in an observation or reward stop the run with a named error (default); with this flag they are
     replaced by 0 and counted (env/nonfinite_count)."""
@@ -339,10 +340,12 @@ class TrainConfig:
                     f"{self.policy_type!r} (for other policies use env_modality_dropout, which feeds zeros)"
                 )
             stages = parse_schedule(self.modality_mix, tuple(self.modalities), self.modality_mix_mode)
-            if self.modality_mix_mode == "reliance" and set(stages[0][1]) <= {
-                "all",
-                "+".join(self.modalities),
-            }:
+            withholding = [
+                subset
+                for subset in stages[0][1]
+                if subset != "all" and set(subset.split("+")) != set(self.modalities)
+            ]
+            if self.modality_mix_mode == "reliance" and not withholding:
                 raise ValueError(
                     f"modality_mix_mode 'reliance' moves weight between subsets that withhold modalities; "
                     f"{self.modality_mix!r} has none (e.g. 'all=0.5 pixels+action_history=0.5')"

@@ -1,6 +1,7 @@
 """Fusion mechanisms of the encoder: mask tokens for withheld modalities, grouped latents."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -419,11 +420,16 @@ def test_the_reliance_sampler_needs_a_subset_that_withholds_something():
     from experiments import config as cfg
 
     parser = cfg.build_parser("t")
-    with pytest.raises(
-        ValueError, match=r"'reliance' moves weight between subsets that withhold.*'all=1' has none"
-    ):
-        cfg.resolve(parser.parse_args(["--algorithm", "sac", "--modality-mix", "all=1",
-                                       "--modality-mix-mode", "reliance"]))  # fmt: skip
+    every = "+".join(reversed(NAMES))  # every modality, in another order: withholds nothing either
+    for spec in ("all=1", f"all=0.5 {every}=0.5"):
+        with pytest.raises(
+            ValueError,
+            match=rf"'reliance' moves weight between subsets that withhold.*'{re.escape(spec)}' has none",
+        ):
+            cfg.resolve(parser.parse_args(["--algorithm", "sac", "--modalities", *NAMES, "--modality-mix", spec,
+                                           "--modality-mix-mode", "reliance"]))  # fmt: skip
+    cfg.resolve(parser.parse_args(["--algorithm", "sac", "--modalities", *NAMES, "--modality-mix",
+                                   "all=0.5 pixels+proprio=0.5", "--modality-mix-mode", "reliance"]))  # fmt: skip
 
 
 # --------------------------------------------------------------------------- causal reliance

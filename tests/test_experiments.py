@@ -448,6 +448,13 @@ def test_benchmark_drq_prints_the_tokenizer_and_update_tables():  # plumbing onl
     assert out.count("| DrQ's encoder (drq-cnn) |") == 1 and "batch 32" in out
 
 
+def test_benchmark_fuse_prints_study_2s_agents():  # plumbing only: no timing is asserted
+    out = cli("experiments.benchmark", "fuse", "--quick", timeout=HANG_GUARD_S).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 1 + 4 and "batch 32" in out and "`--proprio robot`" in out
+    assert "| Perceiver, grouped latents + sampler with camera-only samples, conv tokens |" in out
+
+
 def test_benchmark_features_prints_the_variation_table():  # plumbing: the table's rows and columns
     out = cli("experiments.benchmark", "features", timeout=HANG_GUARD_S).stdout
     assert "| NatureCNN (cnn) |" in out and "| Perceiver, patch tokens, query readout, centred |" in out

@@ -1,4 +1,4 @@
-"""Benchmarks (not tests): `python -m experiments.benchmark env|policy|train|sac|drq|features|estimator|latents|multitask|precision|streaming|gpu|all [--quick]`.
+"""Benchmarks (not tests): `python -m experiments.benchmark env|policy|train|sac|drq|fuse|features|estimator|latents|multitask|precision|streaming|gpu|all [--quick]`.
 
 Every table compares alternatives measured side by side in the same run and reports ratios; quote them with
 the machine (printed first). Timings use `time.perf_counter` after warm-up; latency is per call, p50/p95.
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
             "train",
             "sac",
             "drq",
+            "fuse",
             "features",
             "estimator",
             "latents",
@@ -115,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         from experiments.benchmarks.sac import bench_drq
 
         bench_drq(args.quick)
+    if args.what in ("fuse", "all"):
+        from experiments.benchmarks.sac import bench_fuse
+
+        bench_fuse(args.quick)
     if args.what in ("features", "all"):
         from experiments.benchmarks.features import bench_features
 

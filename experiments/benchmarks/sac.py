@@ -141,35 +141,76 @@ def tokenizer_table() -> None:
     )
 
 
+def alternated_update_ms(venv, agents: dict[str, dict], batch: int, updates: int) -> dict[str, float]:
+    """Median ms per SAC update of each agent (`make_agent("sac", venv, **kwargs)`), alternated in this process
+    so that drifts in machine speed hit every agent; each timed call is one critic-only and one full update
+    (actor, temperature, target), halved."""
+    models = {}
+    for name, kwargs in agents.items():
+        model = make_agent("sac", venv, device="cpu", seed=0, batch_size=batch, buffer_size=2000,
+                           learning_starts=300, **kwargs)  # fmt: skip
+        model.learn(300)  # random actions until learning_starts: fills the buffer, no update yet
+        model.train(gradient_steps=2, batch_size=batch)  # warm-up; two updates: one with the actor
+        models[name] = model
+    times = {name: [] for name in models}
+    for _ in range(updates):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model.train(gradient_steps=2, batch_size=batch)
+            times[name].append((time.perf_counter() - start) / 2)
+    return {name: 1000 * float(np.median(t)) for name, t in times.items()}
+
+
+def update_ms_table(title: str, ms: dict[str, float]) -> None:
+    fastest = min(ms.values())
+    table(title, ["agent", "ms / update", "x the fastest"], [[name, t, t / fastest] for name, t in ms.items()])
+
+
 def drq_update_table(batches: tuple[int, ...], updates: int, skip: tuple[str, ...] = ()) -> None:
     """ms per DrQ-recipe update (K = M = 2, critic + actor + temperature + target) of every agent, identical but
     for the encoder, alternated in this process; cartpole-swingup pixels only (84 px x 3)."""
     venv = envs.make_vec_env("cartpole-swingup", n_envs=1, seed=0, image_size=84, action_repeat=8,
                              modalities=("pixels",))  # fmt: skip
     for batch in batches:
-        models = {}
-        for name, (policy_type, perceiver, policy) in DRQ_AGENTS.items():
-            if (name, batch) in skip:
-                continue
-            model = make_agent("sac", venv, perceiver=perceiver, policy_type=policy_type, recipe="drq",
-                               policy_kwargs=policy or None, device="cpu", seed=0, batch_size=batch,
-                               buffer_size=2000, learning_starts=300)  # fmt: skip
-            model.learn(300)  # random actions until learning_starts: fills the buffer, no update yet
-            model.train(gradient_steps=2, batch_size=batch)  # warm-up; two updates: one with the actor
-            models[name] = model
-        times = {name: [] for name in models}
-        for _ in range(updates):  # alternated, so that drifts in machine speed hit every agent
-            for name, model in models.items():
-                start = time.perf_counter()
-                model.train(gradient_steps=2, batch_size=batch)  # one critic-only, one full update
-                times[name].append((time.perf_counter() - start) / 2)
-        fastest = min(float(np.median(t)) for t in times.values())
-        table(
+        agents = {
+            name: dict(perceiver=perceiver, policy_type=policy_type, recipe="drq", policy_kwargs=policy or None)
+            for name, (policy_type, perceiver, policy) in DRQ_AGENTS.items()
+            if (name, batch) not in skip
+        }
+        update_ms_table(
             f"DrQ-recipe SAC update (K = M = 2, actor / target every 2), batch {batch}, cartpole-swingup "
             f"pixels 84 px x 3, median of {updates} pairs, {torch.get_num_threads()} torch threads",
-            ["agent", "ms / update", "x the fastest"],
-            [[name, 1000 * float(np.median(t)), float(np.median(t)) / fastest] for name, t in times.items()],
+            alternated_update_ms(venv, agents, batch, updates),
         )
+    venv.close()
+
+
+CAMERA_SAMPLES = "all=0.4 pixels+proprio=0.2 pixels+action_history=0.2 pixels=0.2"
+GROUPS = {**LEAN, "latent_groups": {"pixels": 16, "proprio": 8, "action_history": 8}, "missing_tokens": "mask"}
+FUSE_AGENTS = {  # study 2's agents (experiments/sweeps/study2-fuse.yaml): name -> make_agent keyword arguments
+    "Perceiver (plain)": dict(perceiver=LEAN),
+    "Perceiver, grouped latents + sampler with camera-only samples, patch tokens": dict(
+        perceiver=GROUPS, modality_mix=CAMERA_SAMPLES
+    ),
+    "Perceiver, grouped latents + sampler with camera-only samples, conv tokens": dict(
+        perceiver={**GROUPS, "pixel_tokenizer": "conv"}, modality_mix=CAMERA_SAMPLES
+    ),
+    "SB3 SAC, MultiInputPolicy (NatureCNN + MLP)": dict(policy_type="sb3"),
+}
+
+
+def bench_fuse(quick: bool) -> None:
+    """`python -m experiments.benchmark fuse [--quick]`: ms per SAC update (SB3's recipe, batch 128) of study 2's
+    agents, cartpole-swingup with `--proprio robot` (84 px x 3 + the cart sensor + 8 past actions), alternated
+    in this process."""
+    batch, updates = (32, 2) if quick else (128, 10)
+    venv = envs.make_vec_env("cartpole-swingup", n_envs=1, seed=0, image_size=84, action_repeat=8,
+                             proprio="robot")  # fmt: skip
+    update_ms_table(
+        f"Study 2's SAC update (SB3 recipe), batch {batch}, cartpole-swingup `--proprio robot`, 84 px x 3 + "
+        f"cart sensor + history, median of {updates} pairs, {torch.get_num_threads()} torch threads",
+        alternated_update_ms(venv, FUSE_AGENTS, batch, updates),
+    )
     venv.close()
 
 

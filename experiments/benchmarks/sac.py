@@ -163,7 +163,9 @@ def alternated_update_ms(venv, agents: dict[str, dict], batch: int, updates: int
 
 def update_ms_table(title: str, ms: dict[str, float]) -> None:
     fastest = min(ms.values())
-    table(title, ["agent", "ms / update", "x the fastest"], [[name, t, t / fastest] for name, t in ms.items()])
+    table(
+        title, ["agent", "ms / update", "x the fastest"], [[name, t, t / fastest] for name, t in ms.items()]
+    )
 
 
 def drq_update_table(batches: tuple[int, ...], updates: int, skip: tuple[str, ...] = ()) -> None:
@@ -173,7 +175,9 @@ def drq_update_table(batches: tuple[int, ...], updates: int, skip: tuple[str, ..
                              modalities=("pixels",))  # fmt: skip
     for batch in batches:
         agents = {
-            name: dict(perceiver=perceiver, policy_type=policy_type, recipe="drq", policy_kwargs=policy or None)
+            name: dict(
+                perceiver=perceiver, policy_type=policy_type, recipe="drq", policy_kwargs=policy or None
+            )
             for name, (policy_type, perceiver, policy) in DRQ_AGENTS.items()
             if (name, batch) not in skip
         }
@@ -186,7 +190,11 @@ def drq_update_table(batches: tuple[int, ...], updates: int, skip: tuple[str, ..
 
 
 CAMERA_SAMPLES = "all=0.4 pixels+proprio=0.2 pixels+action_history=0.2 pixels=0.2"
-GROUPS = {**LEAN, "latent_groups": {"pixels": 16, "proprio": 8, "action_history": 8}, "missing_tokens": "mask"}
+GROUPS = {
+    **LEAN,
+    "latent_groups": {"pixels": 16, "proprio": 8, "action_history": 8},
+    "missing_tokens": "mask",
+}
 FUSE_AGENTS = {  # study 2's agents (experiments/sweeps/study2-fuse.yaml): name -> make_agent keyword arguments
     "Perceiver (plain)": dict(perceiver=LEAN),
     "Perceiver, grouped latents + sampler with camera-only samples, patch tokens": dict(

@@ -173,31 +173,29 @@ def adopt_multitask_layout(config: cfg.TrainConfig) -> None:
     config.validate()
 
 
+def agent_kwargs(config: cfg.TrainConfig) -> dict:
+    """`make_agent`'s keyword arguments for this config, besides the env, device and seed."""
+    kwargs = dict(perceiver=config.perceiver, policy_type=config.policy_type, recipe=config.recipe)
+    kwargs["policy_kwargs"] = dict(config.policy)
+    if config.policy_type == "perceiver" and config.finetune != "all":
+        kwargs["policy_kwargs"]["finetune"] = config.finetune_spec()
+    if config.aux_state_weight > 0:
+        kwargs["aux_state_weight"] = config.aux_state_weight
+    if config.multitask and config.task_reward_normalization:
+        kwargs["replay_buffer_kwargs"] = {"normalize_task_rewards": True}
+    if config.modality_mix:
+        kwargs.update(modality_mix=config.modality_mix, modality_mix_mode=config.modality_mix_mode,
+                      frames_per_step=config.action_repeat)  # fmt: skip
+    return {**kwargs, **config.algo}
+
+
 def build(config: cfg.TrainConfig, run_dir: Path, resume: bool):
     """(model, venv, start_step) for a fresh or resumed run."""
     device = resolve_device(config.device)
     if not resume:
         venv = make_env(config, config.seed)
-        extra = {"aux_state_weight": config.aux_state_weight} if config.aux_state_weight > 0 else {}
-        if config.multitask and config.task_reward_normalization:
-            extra["replay_buffer_kwargs"] = {"normalize_task_rewards": True}
-        if config.modality_mix:
-            extra.update(modality_mix=config.modality_mix, modality_mix_mode=config.modality_mix_mode,
-                         frames_per_step=config.action_repeat)  # fmt: skip
-        policy_kwargs = dict(config.policy)
-        if config.policy_type == "perceiver" and config.finetune != "all":
-            policy_kwargs["finetune"] = config.finetune_spec()
         model = make_agent(
-            config.algorithm,
-            venv,
-            perceiver=config.perceiver,
-            policy_kwargs=policy_kwargs,
-            device=str(device),
-            seed=config.seed,
-            policy_type=config.policy_type,
-            recipe=config.recipe,
-            **extra,
-            **config.algo,
+            config.algorithm, venv, device=str(device), seed=config.seed, **agent_kwargs(config)
         )
         record_precision(config, model, run_dir)
         if config.init_from:

@@ -455,6 +455,19 @@ def test_benchmark_fuse_prints_study_2s_agents():  # plumbing only: no timing is
     assert "| Perceiver, grouped latents + sampler with camera-only samples, conv tokens |" in out
 
 
+def test_benchmark_fuse_builds_its_agents_from_study_2s_spec():
+    from experiments.benchmarks.sac import FUSE_AGENTS, FUSE_SPEC, spec_configs
+
+    configs = spec_configs(FUSE_SPEC, FUSE_AGENTS)
+    conv = configs["Perceiver, grouped latents + sampler with camera-only samples, conv tokens"]
+    assert conv.perceiver["pixel_tokenizer"] == "conv" and conv.algo["lr_warmup"] == 100
+    assert conv.modality_mix == "all=0.4 pixels+proprio=0.2 pixels+action_history=0.2 pixels=0.2"
+    assert configs["SB3 SAC, MultiInputPolicy (NatureCNN + MLP)"].policy_type == "sb3"
+    assert {c.proprio for c in configs.values()} == {"robot"} and {c.seed for c in configs.values()} == {0}
+    with pytest.raises(ValueError, match=r"no variants \['perceiver-nope'\].*'perceiver-groups-mix-camera'"):
+        spec_configs(FUSE_SPEC, {"row": "perceiver-nope"})
+
+
 def test_benchmark_features_prints_the_variation_table():  # plumbing: the table's rows and columns
     out = cli("experiments.benchmark", "features", timeout=HANG_GUARD_S).stdout
     assert "| NatureCNN (cnn) |" in out and "| Perceiver, patch tokens, query readout, centred |" in out

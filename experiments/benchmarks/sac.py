@@ -9,6 +9,7 @@ alternatives they replaced, all measured side by side in this process.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +17,8 @@ import torch
 import envs
 from agents import make_agent
 from agents.augment import shifted_windows
+from experiments import config as cfg
+from experiments import sweeping
 from experiments.benchmarks.common import synchronize, table, timed
 
 BATCH = 128
@@ -189,35 +192,51 @@ def drq_update_table(batches: tuple[int, ...], updates: int, skip: tuple[str, ..
     venv.close()
 
 
-CAMERA_SAMPLES = "all=0.4 pixels+proprio=0.2 pixels+action_history=0.2 pixels=0.2"
-GROUPS = {
-    **LEAN,
-    "latent_groups": {"pixels": 16, "proprio": 8, "action_history": 8},
-    "missing_tokens": "mask",
+FUSE_SPEC = Path(__file__).resolve().parents[1] / "sweeps" / "study2-fuse.yaml"
+FUSE_AGENTS = {  # row -> the variant of study 2's sweep spec it times
+    "Perceiver (plain)": "perceiver",
+    "Perceiver, grouped latents + sampler with camera-only samples, patch tokens": "perceiver-groups-mix-camera",
+    "Perceiver, grouped latents + sampler with camera-only samples, conv tokens": "perceiver-groups-mix-camera-conv",
+    "SB3 SAC, MultiInputPolicy (NatureCNN + MLP)": "cnn",
 }
-FUSE_AGENTS = {  # study 2's agents (experiments/sweeps/study2-fuse.yaml): name -> make_agent keyword arguments
-    "Perceiver (plain)": dict(perceiver=LEAN),
-    "Perceiver, grouped latents + sampler with camera-only samples, patch tokens": dict(
-        perceiver=GROUPS, modality_mix=CAMERA_SAMPLES
-    ),
-    "Perceiver, grouped latents + sampler with camera-only samples, conv tokens": dict(
-        perceiver={**GROUPS, "pixel_tokenizer": "conv"}, modality_mix=CAMERA_SAMPLES
-    ),
-    "SB3 SAC, MultiInputPolicy (NatureCNN + MLP)": dict(policy_type="sb3"),
-}
+BENCH_SETS = ("batch_size", "buffer_size", "learning_starts")  # set by `alternated_update_ms`
+
+
+def spec_configs(spec: Path, labels: dict[str, str]) -> dict[str, cfg.TrainConfig]:
+    """row -> the TrainConfig `experiments.train` resolves for that variant of the sweep spec (its first seed)."""
+    by_label = {}
+    for _, settings in sweeping.trials(sweeping.load_spec(spec)):
+        by_label.setdefault(settings.get(sweeping.LABEL), settings)
+    missing = sorted(set(labels.values()) - set(by_label))
+    if missing:
+        raise ValueError(f"{spec} has no variants {missing}; its variants: {sorted(map(str, by_label))}")
+    parser = cfg.build_parser("")
+    return {
+        row: cfg.resolve(parser.parse_args(sweeping.train_args(by_label[label])))
+        for row, label in labels.items()
+    }
 
 
 def bench_fuse(quick: bool) -> None:
     """`python -m experiments.benchmark fuse [--quick]`: ms per SAC update (SB3's recipe, batch 128) of study 2's
-    agents, cartpole-swingup with `--proprio robot` (84 px x 3 + the cart sensor + 8 past actions), alternated
-    in this process."""
+    agents, each built from its variant of `experiments/sweeps/study2-fuse.yaml` as `experiments.train` builds
+    it, on that study's env (cartpole-swingup with `--proprio robot`: 84 px x 3 + the cart sensor + 8 past
+    actions), alternated in this process."""
+    from experiments.train import agent_kwargs, make_env
+
     batch, updates = (32, 2) if quick else (128, 10)
-    venv = envs.make_vec_env("cartpole-swingup", n_envs=1, seed=0, image_size=84, action_repeat=8,
-                             proprio="robot")  # fmt: skip
+    configs = spec_configs(FUSE_SPEC, FUSE_AGENTS)
+    agents = {}
+    for row, config in configs.items():
+        kwargs = agent_kwargs(config)
+        for name in BENCH_SETS:
+            kwargs.pop(name, None)
+        agents[row] = kwargs
+    venv = make_env(next(iter(configs.values())), seed=0)
     update_ms_table(
         f"Study 2's SAC update (SB3 recipe), batch {batch}, cartpole-swingup `--proprio robot`, 84 px x 3 + "
         f"cart sensor + history, median of {updates} pairs, {torch.get_num_threads()} torch threads",
-        alternated_update_ms(venv, FUSE_AGENTS, batch, updates),
+        alternated_update_ms(venv, agents, batch, updates),
     )
     venv.close()
 

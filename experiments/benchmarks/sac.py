@@ -226,12 +226,10 @@ def bench_fuse(quick: bool) -> None:
 
     batch, updates = (32, 2) if quick else (128, 10)
     configs = spec_configs(FUSE_SPEC, FUSE_AGENTS)
-    agents = {}
-    for row, config in configs.items():
-        kwargs = agent_kwargs(config)
-        for name in BENCH_SETS:
-            kwargs.pop(name, None)
-        agents[row] = kwargs
+    agents = {
+        row: {k: v for k, v in agent_kwargs(config).items() if k not in BENCH_SETS}
+        for row, config in configs.items()
+    }
     venv = make_env(next(iter(configs.values())), seed=0)
     update_ms_table(
         f"Study 2's SAC update (SB3 recipe), batch {batch}, cartpole-swingup `--proprio robot`, 84 px x 3 + "

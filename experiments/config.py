@@ -33,7 +33,7 @@ from agents.factory import (
     algorithm_class,
     check_recipe,
 )
-from agents.modality_mix import MIX_MODES, parse_schedule
+from agents.modality_mix import MIX_MODES, ModalityMixer
 from envs.dmc import MODALITIES, TASKS
 from envs.multitask import TASK_SAMPLERS, check_tasks, initial_task_weights, parse_task_values
 from envs.proprio_modes import PROPRIO_MODES, valid_modes
@@ -339,13 +339,8 @@ class TrainConfig:
                     f"modality_mix withholds modalities inside the Perceiver: it needs policy_type 'perceiver', got "
                     f"{self.policy_type!r} (for other policies use env_modality_dropout, which feeds zeros)"
                 )
-            stages = parse_schedule(self.modality_mix, tuple(self.modalities), self.modality_mix_mode)
-            withholding = [
-                subset
-                for subset in stages[0][1]
-                if subset != "all" and set(subset.split("+")) != set(self.modalities)
-            ]
-            if self.modality_mix_mode == "reliance" and not withholding:
+            mixer = ModalityMixer(self.modality_mix, self.modality_mix_mode, tuple(self.modalities))
+            if self.modality_mix_mode == "reliance" and not mixer.withholdable_names:
                 raise ValueError(
                     f"modality_mix_mode 'reliance' moves weight between subsets that withhold modalities; "
                     f"{self.modality_mix!r} has none (e.g. 'all=0.5 pixels+action_history=0.5')"

@@ -473,6 +473,26 @@ def test_benchmark_features_prints_the_variation_table():  # plumbing: the table
     assert "| NatureCNN (cnn) |" in out and "| Perceiver, patch tokens, query readout, centred |" in out
 
 
+def test_benchmark_features_reads_trained_runs_of_both_recipes(tmp_path, capsys):
+    """`features --runs`: Q's spread over states and actions for a DrQ-recipe run and an SB3-recipe run (whose
+    critic, action-conditioned queries over the latents, has no readout features: NaN)."""
+    from experiments.benchmarks.features import trained_table
+
+    for recipe, policy in (("drq", ["--policy", "hidden_dim=32"]), ("sb3", [])):
+        cli(*ppo_run(tmp_path, recipe, 32, 32, "--algorithm", "sac", "--recipe", recipe, "--task",
+                     "cartpole-swingup", "--modalities", "pixels", "--n-envs", "1", "--perceiver-log-freq", "0",
+                     "--algo", "batch_size=8", "learning_starts=24", "buffer_size=200", *policy))  # fmt: skip
+    trained_table([tmp_path / "drq", tmp_path / "sb3"])
+    rows = {
+        line.split("|")[1].strip(): [float(cell) for cell in line.split("|")[2:-1]]
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| drq |") or line.startswith("| sb3 |")
+    }
+    assert set(rows) == {"drq", "sb3"}
+    assert all(v == v for v in rows["drq"]) and rows["drq"][3] > 0  # Q differs across actions
+    assert rows["sb3"][1] != rows["sb3"][1] and all(v == v for v in rows["sb3"][2:]) and rows["sb3"][3] > 0
+
+
 def test_benchmark_gpu_without_cuda_says_it_skipped():
     result = cli("experiments.benchmark", "gpu", "--quick")
     assert "no CUDA device here: skipped" in result.stdout

@@ -32,11 +32,14 @@ def random_observations(count: int = 256, seed: int = 0) -> tuple[object, dict[s
 
 
 def critic_spread(policy, obs: dict[str, torch.Tensor]) -> tuple[float, float]:
-    """(variation of the critic's readout features, of the encoder output) on `obs`, in eval mode."""
+    """(variation of the critic's readout features, of the encoder output) on `obs`, in eval mode. A critic
+    without a readout (SB3's recipe: action-conditioned queries read the latents) has no features of its own
+    apart from the action: NaN for them."""
     policy.set_training_mode(False)
     with torch.no_grad():
         h = policy.encoder(obs)
-        return variation(policy.critic.readout(h)), variation(h)
+        readout = getattr(policy.critic, "readout", None)
+        return (variation(readout(h)) if readout is not None else float("nan")), variation(h)
 
 
 def init_table() -> None:
@@ -80,7 +83,8 @@ def init_table() -> None:
 
 
 def trained_table(runs: list[Path]) -> None:
-    """For trained runs: feature variation, Q's spread over states and over actions, on 256 replay samples."""
+    """For trained runs: feature variation, Q's spread over states and over actions, on 256 replay samples.
+    Any SAC run whose policy has an `encoder` and a critic with `q_values(latents, actions)`: both recipes."""
     from agents import algorithm_class
     from envs import make_vec_env
     from experiments.checkpoint import load_model, load_replay_buffer, locate
@@ -102,9 +106,9 @@ def trained_table(runs: list[Path]) -> None:
             grid = torch.linspace(-1, 1, 11)
             q = torch.stack([torch.cat(model.policy.critic.q_values(h, torch.full((256, 1), float(a))), 1).min(1).values
                              for a in grid], 1)  # (256, 11)  # fmt: skip
-            mean, _ = model.policy.actor.mean_std(h)
+            action = model.policy.actor(data.observations, deterministic=True)  # (256, A), in [-1, 1]
         rows.append([run.name, encoder, features, float(q[:, 5].std()), float((q.max(1).values - q.min(1).values).mean()),
-                     float(torch.tanh(mean).std())])  # fmt: skip
+                     float(action.std())])  # fmt: skip
         venv.close()
     table("Trained runs, on 256 samples of their own replay",
           ["run", "encoder output variation", "critic features variation", "Q(s, 0) std over states",

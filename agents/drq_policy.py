@@ -27,13 +27,18 @@ from agents.encoders import (
 )
 from perceiver_policy.config import CENTERINGS, centering_mode  # noqa: F401 (re-exported)
 from perceiver_policy.policies import as_config
-from perceiver_policy.sac_policy import SACActorPolicy
+from perceiver_policy.sac_policy import PerceiverSACCritic, SACActorPolicy
 from perceiver_policy.state_decoding import make_state_decoder
 
 HIDDEN_DIM = 1024  # drq config.yaml: actor / critic hidden_dim
 HIDDEN_DEPTH = 2  # drq config.yaml: hidden_depth
 FEATURE_DIM = 50  # drq config.yaml: encoder feature_dim
 LOG_STD_BOUNDS = (-10.0, 2.0)  # drq config.yaml: actor log_std_bounds
+CRITIC_HEADS = ("mlp", "queries")
+"""The critic's head: ``mlp``, DrQ's (drq.py `Critic`: readout -> twin `hidden_depth` x `hidden_dim` MLPs on
+[feature, action]); ``queries``, SB3's recipe's for the Perceiver (`perceiver_policy.PerceiverSACCritic`: one
+action-conditioned output query per critic cross-attends the latents, then a linear read-out) - everything else of
+DrQ's recipe kept, the target critic included (a full copy, encoder and all)."""
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, depth: int) -> nn.Sequential:
@@ -116,12 +121,36 @@ class DrQCritic(nn.Module):
         return self.q_values(self.encoder(obs), actions)
 
 
+class QueryCritic(nn.Module):
+    """Twin Q values from action-conditioned queries over the Perceiver's latents (`critic_head='queries'`): the
+    critic of SB3's recipe (`PerceiverSACCritic`) on DrQ's recipe. Registers the encoder, as `DrQCritic` does (its
+    optimizer owns it; the target critic is a deep copy). It has no readout of its own: its features are the
+    latents (`readout` is the identity, so `agents.drq.drq_step` reads every critic the same way)."""
+
+    def __init__(self, encoder: nn.Module, config, action_dim: int, n_critics: int):
+        super().__init__()
+        self.encoder = encoder
+        self.readout = nn.Identity()
+        self.heads = PerceiverSACCritic(encoder, config, action_dim, n_critics)
+
+    def q_values(self, h: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Latents h (B, M, D) and actions (B, A) -> n_critics tensors (B, 1)."""
+        return self.heads.q_values(h, actions)
+
+    def q_heads(self, features: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.heads.q_values(features, actions)
+
+    def forward(self, obs: dict[str, torch.Tensor], actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.q_values(self.encoder(obs), actions)
+
+
 class DrQSACPolicy(SACActorPolicy):
     """`encoder`, `actor`, `critic` (which owns the encoder), `critic_target` (a full copy, encoder included).
 
     ``policy_kwargs``: ``encoder`` ('perceiver', 'cnn', 'drq-cnn'), ``perceiver`` (PerceiverConfig fields, for the
     Perceiver encoder), ``readout`` (`agents.encoders.READOUTS`; None: 'query' for the Perceiver, 'flat' for the
-    conv encoders), ``center_features`` (`CENTERINGS`: 'none' / False; 'running' / True: the readouts subtract a
+    conv encoders), ``critic_head`` (`CRITIC_HEADS`: 'mlp', DrQ's; 'queries', action-conditioned output
+    queries over the Perceiver's latents, as SB3's recipe; Perceiver only), ``center_features`` (`CENTERINGS`: 'none' / False; 'running' / True: the readouts subtract a
     running mean of their input, `agents.encoders.FeatureReadout`; 'reference': the Perceiver's latents minus its
     latents of a reference observation, `agents.encoders.PerceiverTrunk`), ``center_momentum`` (the weight of each
     training batch in that running mean; default `agents.encoders.CENTER_MOMENTUM`), ``conv_dtype`` ('float32' or
@@ -145,6 +174,7 @@ class DrQSACPolicy(SACActorPolicy):
         center_features: bool | str = False,
         center_momentum: float = CENTER_MOMENTUM,
         conv_dtype: str = "float32",
+        critic_head: str = "mlp",
         use_sde: bool = False,
         optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adam,
         optimizer_kwargs: dict | None = None,
@@ -156,6 +186,17 @@ class DrQSACPolicy(SACActorPolicy):
             readout = "query" if encoder == "perceiver" else "flat"
         if readout not in READOUTS:
             raise ValueError(f"unknown readout {readout!r}; valid choices: {list(READOUTS)}")
+        if critic_head not in CRITIC_HEADS:
+            raise ValueError(f"unknown critic_head {critic_head!r}; valid choices: {list(CRITIC_HEADS)}")
+        if critic_head == "queries" and encoder != "perceiver":
+            raise ValueError(
+                f"critic_head 'queries' reads the Perceiver's latents; encoder {encoder!r} takes critic_head 'mlp'"
+            )
+        if critic_head == "queries" and centering_mode(center_features) == "running":
+            raise ValueError(
+                "critic_head 'queries' has no readout for center_features 'running' to centre; use 'reference' "
+                "or 'none' (valid choices with critic_head 'mlp': " + str(list(CENTERINGS)) + ")"
+            )
         low, high = (float(b) for b in log_std_bounds)
         if not low < high:
             raise ValueError(f"log_std_bounds must be (low, high) with low < high, got {log_std_bounds!r}")
@@ -196,7 +237,12 @@ class DrQSACPolicy(SACActorPolicy):
             feature_dim, readout, self.centering == "running", self.center_momentum
         )
         self.actor = DrQActor(self.encoder, make(), sizes, self.log_std_bounds)
-        self.critic = DrQCritic(self.encoder, make(), sizes, n_critics)
+        self.critic_head = critic_head
+        self.critic = (
+            QueryCritic(self.encoder, self.perceiver_config, action_dim, n_critics)
+            if critic_head == "queries"
+            else DrQCritic(self.encoder, make(), sizes, n_critics)
+        )
         self.critic_target = copy.deepcopy(self.critic)
         self.critic_target.requires_grad_(False)
         self.critic_target.eval()
@@ -224,6 +270,7 @@ class DrQSACPolicy(SACActorPolicy):
             center_features=self.center_features,
             center_momentum=self.center_momentum,
             conv_dtype=self.conv_dtype,
+            critic_head=self.critic_head,
         )
         return data
 

@@ -204,7 +204,8 @@ class TrainConfig:
     """Keyword overrides for the SB3 algorithm (learning_rate, n_steps, batch_size, buffer_size, ...)."""
     policy: dict = field(default_factory=dict)
     """Extra policy_kwargs (e.g. log_std_mode; for the DrQ recipe feature_dim, hidden_dim, readout=query|flat,
-    center_features=none|running|reference, center_momentum, conv_dtype=float32|bfloat16 for cnn / drq-cnn)."""
+    center_features=none|running|reference, center_momentum, conv_dtype=float32|bfloat16 for cnn / drq-cnn,
+    critic_head=mlp|queries for the Perceiver: DrQ's MLP, or SB3's recipe's action queries over the latents)."""
     curriculum: list = field(default_factory=list)
     """Optional [{'step': N, 'modalities': [...]}, ...]: from agent step N the model reads only those."""
     init_from: str | None = None
@@ -347,6 +348,7 @@ class TrainConfig:
                 )
         self.validate_centering()
         self.validate_conv_dtype()
+        self.validate_critic_head()
         for stage in self.curriculum:
             if not isinstance(stage, dict) or set(stage) != {"step", "modalities"}:
                 raise ValueError(f"curriculum stages are {{'step': N, 'modalities': [...]}}, got {stage!r}")
@@ -402,6 +404,24 @@ class TrainConfig:
                 f"--policy-type cnn | drq-cnn), got algorithm {self.algorithm!r}, recipe {self.recipe!r}, policy_type "
                 f"{self.policy_type!r}; the Perceiver's precision is --perceiver dtype=bfloat16"
             )
+
+    def validate_critic_head(self) -> None:
+        """`--policy critic_head=queries`: the DrQ recipe's Perceiver critic read by action queries (`CRITIC_HEADS`)."""
+        if "critic_head" not in self.policy:
+            return
+        from agents.drq_policy import CRITIC_HEADS
+
+        value = self.policy["critic_head"]
+        if value not in CRITIC_HEADS:
+            raise ValueError(f"critic_head {value!r} is not one of {list(CRITIC_HEADS)}")
+        if (self.algorithm, self.recipe) != ("sac", "drq"):
+            raise ValueError(
+                f"critic_head is a setting of the DrQ recipe (--algorithm sac --recipe drq), got algorithm "
+                f"{self.algorithm!r}, recipe {self.recipe!r} (SB3's recipe's Perceiver critic is 'queries' already)"
+            )
+        if value != "mlp" and self.policy_type != "perceiver":
+            raise ValueError(f"critic_head {value!r} reads the Perceiver's latents; policy_type "
+                             f"{self.policy_type!r} takes 'mlp'")  # fmt: skip
 
     def validate_tasks(self) -> None:
         """Multi-task runs: known, distinct tasks, SAC with the Perceiver (SB3 recipe), no privileged state."""

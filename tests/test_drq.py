@@ -132,11 +132,15 @@ def drq_transcription(policy, log_alpha, data, noise, K, M, gamma, target_entrop
     return critic_loss.item(), actor_loss.item(), alpha_loss.item()
 
 
-@pytest.mark.parametrize("policy_type", ["drq-cnn", "cnn", "perceiver"])
+@pytest.mark.parametrize("policy_type", ["drq-cnn", "cnn", "perceiver", "perceiver-queries"])
 @pytest.mark.parametrize("copies", [(2, 2), (1, 3)])
 def test_drq_losses_equal_a_transcription_of_drqs_equations(venv, monkeypatch, policy_type, copies):
+    """perceiver-queries: the Perceiver with SB3's recipe's critic head (critic_head='queries') on DrQ's update."""
     K, M = copies
-    model = agent(venv, policy_type, target_augmentations=K, critic_augmentations=M)
+    heads = {**SMALL_HEADS, "critic_head": "queries"} if policy_type == "perceiver-queries" else None
+    model = agent(
+        venv, policy_type.split("-queries")[0], heads, target_augmentations=K, critic_augmentations=M
+    )
     data = batch(model)
     reference_policy = copy.deepcopy(model.policy)
     reference_alpha = model.log_ent_coef.detach().clone()
@@ -470,6 +474,59 @@ def test_the_perceiver_reads_out_by_query_or_flat_and_conv_encoders_flat_only(ve
         with pytest.raises(ValueError, match=message):
             make_agent("sac", venv, perceiver=LEAN, policy_kwargs={**SMALL_HEADS, "readout": readout},
                        policy_type=policy_type, recipe="drq", device="cpu", buffer_size=200)  # fmt: skip
+
+
+def test_query_critic_head_reads_the_latents_with_action_queries_and_is_saved(venv, tmp_path):
+    """critic_head='queries': SB3's recipe's Perceiver critic (action-conditioned output queries over the latents)
+    under DrQ's recipe; the actor keeps DrQ's head; the target critic is a full copy, encoder included."""
+    from stable_baselines3 import SAC
+
+    from agents.drq_policy import QueryCritic
+    from experiments.config import TrainConfig
+    from perceiver_policy.sac_policy import PerceiverSACCritic
+
+    model = agent(venv, "perceiver", {**SMALL_HEADS, "critic_head": "queries"})
+    policy = model.policy
+    assert isinstance(policy.critic, QueryCritic) and isinstance(policy.critic.heads, PerceiverSACCritic)
+    assert (
+        isinstance(policy.critic_target, QueryCritic) and policy.critic_target.encoder is not policy.encoder
+    )
+    assert isinstance(policy.actor, DrQActor)
+    critic_params = {id(p) for g in policy.critic.optimizer.param_groups for p in g["params"]}
+    assert {id(p) for p in policy.encoder.parameters()} <= critic_params
+    assert {id(p) for p in policy.critic.heads.parameters()} <= critic_params
+    h = policy.encoder(batch(model).observations)
+    q_low, q_high = (torch.cat(policy.critic.q_values(h, torch.full((6, 1), a)), 1) for a in (-1.0, 1.0))
+    assert q_low.shape == (6, 2) and not torch.allclose(q_low, q_high)  # Q reads the action
+    model.save(tmp_path / "model")
+    loaded = SAC.load(tmp_path / "model", device="cpu").policy
+    assert loaded.critic_head == "queries" and isinstance(loaded.critic, QueryCritic)
+    torch.testing.assert_close(torch.cat(loaded.critic.q_values(h, torch.zeros(6, 1)), 1),
+                               torch.cat(policy.critic.q_values(h, torch.zeros(6, 1)), 1))  # fmt: skip
+    for policy_type, kwargs, message in (
+        ("perceiver", {"critic_head": "attention"}, r"unknown critic_head 'attention'; valid choices: \['mlp', 'queries'\]"),
+        ("cnn", {"critic_head": "queries"}, r"encoder 'cnn' takes critic_head 'mlp'"),
+        ("perceiver", {"critic_head": "queries", "center_features": "running"}, r"no readout for center_features 'running'"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            agent(venv, policy_type, {**SMALL_HEADS, **kwargs})
+    for config, message in (
+        (
+            dict(recipe="sb3", policy={"critic_head": "queries"}),
+            r"critic_head is a setting of the DrQ recipe",
+        ),
+        (
+            dict(recipe="drq", policy_type="drq-cnn", policy={"critic_head": "queries"}),
+            r"'drq-cnn' takes 'mlp'",
+        ),
+        (
+            dict(recipe="drq", policy={"critic_head": "q"}),
+            r"critic_head 'q' is not one of \['mlp', 'queries'\]",
+        ),
+    ):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(algorithm="sac", **config).validate()
+    TrainConfig(algorithm="sac", recipe="drq", policy={"critic_head": "queries"}).validate()
 
 
 def test_centered_readouts_subtract_a_running_mean_that_the_target_follows(venv, tmp_path):

@@ -447,6 +447,7 @@ def test_benchmark_drq_prints_the_tokenizer_and_update_tables():  # plumbing onl
     out = cli("experiments.benchmark", "drq", "--quick", timeout=HANG_GUARD_S).stdout
     assert "| conv (3 x 3/2, 32 ch, stacked) | 121 |" in out and "| patch (12 px, per frame) | 147 |" in out
     assert out.count("| DrQ's encoder (drq-cnn) |") == 1 and "batch 32" in out
+    assert "| Perceiver, conv tokens, critic_head=queries |" in out
 
 
 def test_benchmark_fuse_prints_study_2s_agents():  # plumbing only: no timing is asserted

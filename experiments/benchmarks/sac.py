@@ -106,6 +106,11 @@ DRQ_AGENTS = {  # name -> (policy_type, Perceiver options, policy options)
     "Perceiver, patch tokens": ("perceiver", LEAN, {}),
     "Perceiver, patch tokens, bf16 autocast": ("perceiver", {**LEAN, "dtype": "bfloat16"}, {}),
     "Perceiver, conv tokens": ("perceiver", {**LEAN, "pixel_tokenizer": "conv"}, {}),
+    "Perceiver, conv tokens, critic_head=queries": (
+        "perceiver",
+        {**LEAN, "pixel_tokenizer": "conv"},
+        {"critic_head": "queries"},
+    ),
     "NatureCNN (cnn)": ("cnn", {}, {}),
     "NatureCNN (cnn), bf16 convolutions": ("cnn", {}, BF16_CONVS),
     "DrQ's encoder (drq-cnn)": ("drq-cnn", {}, {}),

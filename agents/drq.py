@@ -2,7 +2,8 @@
 
 One update on a replay batch of B transitions, `update` counting updates over the run:
 1. target: K independently shifted copies of next_obs; the online actor picks a' (reading the online encoder),
-   the target critic (its own encoder copy) scores it; y = r + gamma (1 - done) (min_i Q'_i - alpha log pi),
+   the target critic (its own encoder copy; with `target_encoder='online'` the online encoder's output the actor
+   read, no gradient, as DrQ-v2) scores it; y = r + gamma (1 - done) (min_i Q'_i - alpha log pi),
    averaged over the K copies (`update_critic`, target_Q = (target_Q + target_Q_aug) / 2 for K = 2);
 2. critic: M independently shifted copies of obs, loss sum_m sum_i mean_b (Q_i - y)^2 (DrQ sums its two
    critics over its two copies); the critic's optimizer owns the encoder, so this loss alone trains it;
@@ -60,9 +61,12 @@ def critic_target(algo, data, alpha: torch.Tensor) -> torch.Tensor:
     discounts = data.discounts if data.discounts is not None else algo.gamma
     with torch.no_grad():
         next_obs = algo.augmented_copies(data.next_observations, copies)  # (K*B, ...)
-        next_actions, next_log_prob = policy.actor.sample(policy.encoder(next_obs))
+        h_next = policy.encoder(next_obs)  # what the actor reads
+        next_actions, next_log_prob = policy.actor.sample(h_next)
         target = policy.critic_target
-        next_v = min_q(target.q_values(target.encoder(next_obs), next_actions)) - alpha * next_log_prob
+        if algo.target_encoder != "online":  # DrQ: the target critic's own encoder copy
+            h_next = target.encoder(next_obs)
+        next_v = min_q(target.q_values(h_next, next_actions)) - alpha * next_log_prob
         y = (
             data.rewards.repeat(copies, 1)
             + (1 - data.dones.repeat(copies, 1))

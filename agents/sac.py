@@ -37,6 +37,9 @@ from perceiver_policy.latent_scaling import num_latents, training_num_latents
 from perceiver_policy.modalities import ABSENT_KEY, ACTION_MASK_KEY, STATE_KEY, TASK_KEY
 from perceiver_policy.sac_policy import PerceiverSACPolicy
 
+TARGET_ENCODERS = ("copy", "online")
+"""What reads next_obs for DrQ's critic target: the target critic's encoder copy (DrQ) or the online one (DrQ-v2)."""
+
 
 class PerceiverSAC(LearningRateWarmupMixin, ModalityMixSettings, SAC):
     """SB3 SAC for `PerceiverSACPolicy` (the SB3 recipe) and `DrQSACPolicy` (DrQ's recipe, any encoder).
@@ -53,6 +56,10 @@ class PerceiverSAC(LearningRateWarmupMixin, ModalityMixSettings, SAC):
     :param frames_per_step: the env's action repeat (curriculum stages are in frames).
     :param lr_warmup: updates of linear learning-rate warmup for actor, critic and temperature (`agents.warmup`;
         0, the default: none).
+    :param target_encoder: which encoder reads next_obs for the critic target (DrQSACPolicy): 'copy' (DrQ's: the
+        target critic's own Polyak-averaged encoder, the default) or 'online' (DrQ-v2's, denisyarats/drqv2
+        drqv2.py `DrQV2Agent.update`: the online encoder without gradient; the target critic keeps its own
+        readout and heads). SB3's recipe always reads the online encoder (its encoder has no copy).
     SB3's ``target_update_interval`` counts updates over the whole run here (SB3 counts them per `train` call).
     """
 
@@ -66,6 +73,7 @@ class PerceiverSAC(LearningRateWarmupMixin, ModalityMixSettings, SAC):
         target_augmentations: int = 1,
         critic_augmentations: int = 1,
         actor_update_interval: int = 1,
+        target_encoder: str | None = None,
         **kwargs,
     ):
         self.augment_pad, self.pixel_key, self.aux_state_weight = augment_pad, pixel_key, aux_state_weight
@@ -78,6 +86,9 @@ class PerceiverSAC(LearningRateWarmupMixin, ModalityMixSettings, SAC):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.target_augmentations, self.critic_augmentations = target_augmentations, critic_augmentations
         self.actor_update_interval = actor_update_interval
+        if target_encoder not in (None, *TARGET_ENCODERS):
+            raise ValueError(f"target_encoder must be one of {TARGET_ENCODERS}, got {target_encoder!r}")
+        self.target_encoder = target_encoder
         super().__init__(policy, env, **kwargs)
 
     def _setup_model(self) -> None:
@@ -103,6 +114,8 @@ class PerceiverSAC(LearningRateWarmupMixin, ModalityMixSettings, SAC):
             for name in ("target_augmentations", "critic_augmentations", "actor_update_interval")
             if getattr(self, name) != 1
         }
+        if self.target_encoder == "copy":
+            drq_only["target_encoder"] = "copy"
         if drq_only and not isinstance(self.policy, DrQSACPolicy):
             raise ValueError(
                 f"{drq_only} are settings of DrQ's update rule; this policy trains with SB3's (use recipe 'drq')"

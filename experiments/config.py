@@ -201,7 +201,10 @@ class TrainConfig:
     perceiver: dict = field(default_factory=dict)
     """PerceiverConfig fields."""
     algo: dict = field(default_factory=dict)
-    """Keyword overrides for the SB3 algorithm (learning_rate, n_steps, batch_size, buffer_size, ...)."""
+    """Keyword overrides for the SB3 algorithm (learning_rate, n_steps, batch_size, buffer_size, ...; for the DrQ
+    recipe also target_augmentations, critic_augmentations, actor_update_interval, lr_warmup and
+    target_encoder=copy|online: what reads next_obs for the critic target, DrQ's encoder copy or DrQ-v2's online
+    encoder)."""
     policy: dict = field(default_factory=dict)
     """Extra policy_kwargs (e.g. log_std_mode; for the DrQ recipe feature_dim, hidden_dim, readout=query|flat,
     center_features=none|running|reference, center_momentum, conv_dtype=float32|bfloat16 for cnn / drq-cnn,
@@ -349,6 +352,7 @@ class TrainConfig:
         self.validate_centering()
         self.validate_conv_dtype()
         self.validate_critic_head()
+        self.validate_target_encoder()
         for stage in self.curriculum:
             if not isinstance(stage, dict) or set(stage) != {"step", "modalities"}:
                 raise ValueError(f"curriculum stages are {{'step': N, 'modalities': [...]}}, got {stage!r}")
@@ -422,6 +426,21 @@ class TrainConfig:
         if value != "mlp" and self.policy_type != "perceiver":
             raise ValueError(f"critic_head {value!r} reads the Perceiver's latents; policy_type "
                              f"{self.policy_type!r} takes 'mlp'")  # fmt: skip
+
+    def validate_target_encoder(self) -> None:
+        """`--algo target_encoder=copy|online`: DrQ's target critic reads its encoder copy or the online encoder."""
+        if "target_encoder" not in self.algo:
+            return
+        from agents.sac import TARGET_ENCODERS
+
+        value = self.algo["target_encoder"]
+        if value not in TARGET_ENCODERS:
+            raise ValueError(f"target_encoder {value!r} is not one of {list(TARGET_ENCODERS)}")
+        if (self.algorithm, self.recipe) != ("sac", "drq"):
+            raise ValueError(
+                f"target_encoder is a setting of the DrQ recipe (--algorithm sac --recipe drq), got algorithm "
+                f"{self.algorithm!r}, recipe {self.recipe!r} (SB3's recipe's target always reads the online encoder)"
+            )
 
     def validate_tasks(self) -> None:
         """Multi-task runs: known, distinct tasks, SAC with the Perceiver (SB3 recipe), no privileged state."""

@@ -90,11 +90,12 @@ class Recorder:
         return {k: torch.cat([self.copy_of(obs, i)[k] for i in range(count)]) for k in obs}
 
 
-def drq_transcription(policy, log_alpha, data, noise, K, M, gamma, target_entropy):
+def drq_transcription(policy, log_alpha, data, noise, K, M, gamma, target_entropy, online_target=False):
     """DrQ's equations (denisyarats/drq, drq.py `update_critic` / `update_actor_and_alpha`), one copy at a time,
     on a deep copy of the policy; returns (critic loss, actor loss, alpha loss). `noise`: the recorded draws
     (K*B for the target's next actions, then B for the actor). The actor reads the first copy's encoder output
-    from before the critic's step (agents/drq.py says why)."""
+    from before the critic's step (agents/drq.py says why). `online_target`: the target critic reads the online
+    encoder's next_obs features (denisyarats/drqv2, drqv2.py `update`: `next_obs = self.encoder(next_obs)`)."""
     alpha = log_alpha.exp().detach()
     batch = data.actions.shape[0]
     squash = lambda mean, std: torch.distributions.TransformedDistribution(  # noqa: E731
@@ -109,7 +110,8 @@ def drq_transcription(policy, log_alpha, data, noise, K, M, gamma, target_entrop
             action = torch.tanh(pre_tanh)
             log_prob = squash(mean, std).log_prob(action).sum(-1, keepdim=True)
             target = policy.critic_target
-            q1, q2 = target.q_values(target.encoder(next_obs), action)
+            encoder = policy.encoder if online_target else target.encoder
+            q1, q2 = target.q_values(encoder(next_obs), action)
             target_v = torch.min(q1, q2) - alpha * log_prob
             targets.append(data.rewards + (1 - data.dones) * gamma * target_v)
         target_q = sum(targets) / K
@@ -132,15 +134,21 @@ def drq_transcription(policy, log_alpha, data, noise, K, M, gamma, target_entrop
     return critic_loss.item(), actor_loss.item(), alpha_loss.item()
 
 
-@pytest.mark.parametrize("policy_type", ["drq-cnn", "cnn", "perceiver", "perceiver-queries"])
+@pytest.mark.parametrize(
+    "policy_type", ["drq-cnn", "cnn", "perceiver", "perceiver-queries", "drq-cnn-online", "perceiver-online"]
+)
 @pytest.mark.parametrize("copies", [(2, 2), (1, 3)])
 def test_drq_losses_equal_a_transcription_of_drqs_equations(venv, monkeypatch, policy_type, copies):
-    """perceiver-queries: the Perceiver with SB3's recipe's critic head (critic_head='queries') on DrQ's update."""
+    """perceiver-queries: the Perceiver with SB3's recipe's critic head (critic_head='queries') on DrQ's update;
+    -online: the target critic reads the online encoder (target_encoder='online', DrQ-v2's target)."""
     K, M = copies
+    online = policy_type.endswith("-online")
+    policy_type = policy_type.removesuffix("-online")
     heads = {**SMALL_HEADS, "critic_head": "queries"} if policy_type == "perceiver-queries" else None
     model = agent(
-        venv, policy_type.split("-queries")[0], heads, target_augmentations=K, critic_augmentations=M
-    )
+        venv, policy_type.split("-queries")[0], heads, target_augmentations=K, critic_augmentations=M,
+        target_encoder="online" if online else "copy",
+    )  # fmt: skip
     data = batch(model)
     reference_policy = copy.deepcopy(model.policy)
     reference_alpha = model.log_ent_coef.detach().clone()
@@ -148,7 +156,15 @@ def test_drq_losses_equal_a_transcription_of_drqs_equations(venv, monkeypatch, p
     metrics = drq_step(model, data, update=0)
     assert [n.shape[0] for n in recorder.noise] == [K * 6, 6]
     expected = drq_transcription(
-        reference_policy, reference_alpha, data, recorder.noise, K, M, model.gamma, model.target_entropy
+        reference_policy,
+        reference_alpha,
+        data,
+        recorder.noise,
+        K,
+        M,
+        model.gamma,
+        model.target_entropy,
+        online,
     )
     got = (metrics["critic_loss"], metrics["actor_loss"], metrics["ent_coef_loss"])
     assert got == pytest.approx(expected, rel=1e-4, abs=1e-5)
@@ -241,6 +257,36 @@ def test_k_and_m_set_how_many_copies_each_network_reads(venv, K, M):
     drq_step(model, batch(model, size=4), update=1)  # update 1: the critic only (interval 2)
     # online: K*B without grad (the actor's next actions), M*B with grad (the critic loss); target: K*B
     assert seen == {"online": [(4 * K, False), (4 * M, True)], "target": [4 * K]}
+
+
+def test_an_online_target_reads_the_actors_pass_and_never_the_encoder_copy(venv, tmp_path):
+    """target_encoder='online' (DrQ-v2): one pass of the online encoder over next_obs serves the actor's next
+    actions and the target critic; the copy's encoder is never run, and the target's other layers still are."""
+    from stable_baselines3 import SAC
+
+    from experiments.config import TrainConfig
+
+    model = agent(venv, "perceiver", {**SMALL_HEADS, "critic_head": "queries"}, target_encoder="online")
+    seen = {"online": [], "target": [], "target_heads": 0}
+    model.policy.encoder.register_forward_hook(
+        lambda mod, inp, out: seen["online"].append((out.shape[0], torch.is_grad_enabled()))
+    )
+    model.policy.critic_target.encoder.register_forward_hook(
+        lambda mod, inp, out: seen["target"].append(out.shape[0])
+    )
+    heads = model.policy.critic_target.q_values
+    model.policy.critic_target.q_values = lambda *a: (seen.__setitem__("target_heads", 1), heads(*a))[1]
+    drq_step(model, batch(model, size=4), update=1)
+    assert seen == {"online": [(8, False), (8, True)], "target": [], "target_heads": 1}
+    model.save(tmp_path / "model")
+    assert SAC.load(tmp_path / "model", device="cpu").target_encoder == "online"  # kept on --resume
+    TrainConfig(algorithm="sac", recipe="drq", algo={"target_encoder": "online"}).validate()
+    for config, message in (
+        (dict(recipe="drq", algo={"target_encoder": "ema"}), r"target_encoder 'ema' is not one of \['copy', 'online'\]"),
+        (dict(recipe="sb3", algo={"target_encoder": "online"}), r"target_encoder is a setting of the DrQ recipe"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(algorithm="sac", **config).validate()
 
 
 def test_the_encoder_receives_no_actor_gradient(venv):
@@ -399,6 +445,10 @@ def test_recipe_errors_name_the_valid_choices(venv):
         agent(venv, target_augmentations=0)
     with pytest.raises(ValueError, match=r"\{'critic_augmentations': 2\} are settings of DrQ's update rule"):
         make_agent("sac", venv, perceiver=LEAN, device="cpu", buffer_size=100, critic_augmentations=2)
+    with pytest.raises(ValueError, match=r"target_encoder must be one of \('copy', 'online'\), got 'onlin'"):
+        agent(venv, target_encoder="onlin")
+    with pytest.raises(ValueError, match=r"\{'target_encoder': 'copy'\} are settings of DrQ's update rule"):
+        make_agent("sac", venv, perceiver=LEAN, device="cpu", buffer_size=100, target_encoder="copy")
 
 
 def test_conv_tokenizer_reads_the_stacked_frames_into_grid_tokens():

@@ -578,21 +578,23 @@ def test_a_dead_env_worker_ends_the_run_with_a_message_and_a_checkpoint(tmp_path
 
 
 @pytest.mark.parametrize(
-    "policy_type, policy_arg",
+    "policy_type, policy_arg, algo_arg",
     [
-        ("drq-cnn", "center_features=none"),
-        ("perceiver", "center_features=none"),
-        ("perceiver", "center_features=reference"),
-        ("perceiver", "critic_head=queries"),
+        ("drq-cnn", "center_features=none", "target_encoder=copy"),
+        ("perceiver", "center_features=none", "target_encoder=online"),
+        ("perceiver", "center_features=reference", "target_encoder=copy"),
+        ("perceiver", "critic_head=queries", "target_encoder=copy"),
     ],  # 'cnn' shares drq-cnn's ConvEncoder
 )
-def test_drq_recipe_agents_train_evaluate_probe_blank_export_and_resume(tmp_path, policy_type, policy_arg):
+def test_drq_recipe_agents_train_evaluate_probe_blank_export_and_resume(
+    tmp_path, policy_type, policy_arg, algo_arg
+):
     """The shared pixel SAC recipe, every encoder through the same commands as the Perceiver."""
     pytest.importorskip("onnxruntime")
     run = tmp_path / policy_type
     drq = ["--algorithm", "sac", "--recipe", "drq", "--policy-type", policy_type, "--task", "cartpole-swingup",
            "--image-size", "48", "--n-envs", "1", "--eval-episodes", "4", "--perceiver-log-freq", "0",
-           "--algo", "batch_size=8", "learning_starts=24", "buffer_size=200",
+           "--algo", "batch_size=8", "learning_starts=24", "buffer_size=200", algo_arg,
            "--policy", "hidden_dim=32", policy_arg]  # fmt: skip
     cli(*ppo_run(tmp_path, policy_type, 32, 32, *drq))
     assert "perceiver/state_probe_r2/velocity" in tags(run).Tags()["scalars"]

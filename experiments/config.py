@@ -393,54 +393,51 @@ class TrainConfig:
                 f"run ({' '.join(self.tasks)}) takes 'none'"
             )
 
+    def drq_option(self, options: dict, name: str, choices, elsewhere: str):
+        """The value of a DrQ-recipe setting `name` in `options` (self.policy or self.algo), checked against
+        `choices` and refused outside `--algorithm sac --recipe drq` with `elsewhere` (what other recipes do);
+        None when unset."""
+        if name not in options:
+            return None
+        value = options[name]
+        if value not in choices:
+            raise ValueError(f"{name} {value!r} is not one of {list(choices)}")
+        if (self.algorithm, self.recipe) != ("sac", "drq"):
+            raise ValueError(
+                f"{name} is a setting of the DrQ recipe (--algorithm sac --recipe drq), got algorithm "
+                f"{self.algorithm!r}, recipe {self.recipe!r} ({elsewhere})"
+            )
+        return value
+
     def validate_conv_dtype(self) -> None:
         """`--policy conv_dtype=bfloat16`: the precision of the DrQ recipe's conv encoders (cnn, drq-cnn)."""
-        if "conv_dtype" not in self.policy:
-            return
         from agents.encoders import CONV_DTYPES
 
-        value = self.policy["conv_dtype"]
-        if value not in CONV_DTYPES:
-            raise ValueError(f"conv_dtype {value!r} is not one of {list(CONV_DTYPES)}")
-        if (self.algorithm, self.recipe) != ("sac", "drq") or self.policy_type not in ("cnn", "drq-cnn"):
+        elsewhere = "the Perceiver's precision is --perceiver dtype=bfloat16"
+        if self.drq_option(self.policy, "conv_dtype", CONV_DTYPES, elsewhere) is None:
+            return
+        if self.policy_type not in ("cnn", "drq-cnn"):
             raise ValueError(
-                f"conv_dtype sets the precision of the DrQ recipe's conv encoders (--algorithm sac --recipe drq "
-                f"--policy-type cnn | drq-cnn), got algorithm {self.algorithm!r}, recipe {self.recipe!r}, policy_type "
-                f"{self.policy_type!r}; the Perceiver's precision is --perceiver dtype=bfloat16"
+                f"conv_dtype sets the precision of the DrQ recipe's conv encoders (--policy-type cnn | drq-cnn), "
+                f"got policy_type {self.policy_type!r}; {elsewhere}"
             )
 
     def validate_critic_head(self) -> None:
         """`--policy critic_head=queries`: the DrQ recipe's Perceiver critic read by action queries (`CRITIC_HEADS`)."""
-        if "critic_head" not in self.policy:
-            return
         from agents.drq_policy import CRITIC_HEADS
 
-        value = self.policy["critic_head"]
-        if value not in CRITIC_HEADS:
-            raise ValueError(f"critic_head {value!r} is not one of {list(CRITIC_HEADS)}")
-        if (self.algorithm, self.recipe) != ("sac", "drq"):
-            raise ValueError(
-                f"critic_head is a setting of the DrQ recipe (--algorithm sac --recipe drq), got algorithm "
-                f"{self.algorithm!r}, recipe {self.recipe!r} (SB3's recipe's Perceiver critic is 'queries' already)"
-            )
-        if value != "mlp" and self.policy_type != "perceiver":
+        elsewhere = "SB3's recipe's Perceiver critic is 'queries' already"
+        value = self.drq_option(self.policy, "critic_head", CRITIC_HEADS, elsewhere)
+        if value not in (None, "mlp") and self.policy_type != "perceiver":
             raise ValueError(f"critic_head {value!r} reads the Perceiver's latents; policy_type "
                              f"{self.policy_type!r} takes 'mlp'")  # fmt: skip
 
     def validate_target_encoder(self) -> None:
         """`--algo target_encoder=copy|online`: DrQ's target critic reads its encoder copy or the online encoder."""
-        if "target_encoder" not in self.algo:
-            return
         from agents.sac import TARGET_ENCODERS
 
-        value = self.algo["target_encoder"]
-        if value not in TARGET_ENCODERS:
-            raise ValueError(f"target_encoder {value!r} is not one of {list(TARGET_ENCODERS)}")
-        if (self.algorithm, self.recipe) != ("sac", "drq"):
-            raise ValueError(
-                f"target_encoder is a setting of the DrQ recipe (--algorithm sac --recipe drq), got algorithm "
-                f"{self.algorithm!r}, recipe {self.recipe!r} (SB3's recipe's target always reads the online encoder)"
-            )
+        elsewhere = "SB3's recipe's target always reads the online encoder"
+        self.drq_option(self.algo, "target_encoder", TARGET_ENCODERS, elsewhere)
 
     def validate_tasks(self) -> None:
         """Multi-task runs: known, distinct tasks, SAC with the Perceiver (SB3 recipe), no privileged state."""

@@ -214,8 +214,12 @@ def test_conv_dtype_is_kept_and_checked(venv, tmp_path):
         agent(venv, "drq-cnn", policy_kwargs={**SMALL_HEADS, "conv_dtype": "float16"})
     with pytest.raises(ValueError, match="the Perceiver's is --perceiver dtype=bfloat16"):
         agent(venv, "perceiver", policy_kwargs={**SMALL_HEADS, "conv_dtype": "bfloat16"})
-    with pytest.raises(ValueError, match=r"conv_dtype sets the precision of the DrQ recipe's conv encoders"):
+    with pytest.raises(ValueError, match=r"conv_dtype is a setting of the DrQ recipe .*recipe 'sb3'"):
         TrainConfig(algorithm="sac", recipe="sb3", policy={"conv_dtype": "bfloat16"}).validate()
+    with pytest.raises(ValueError, match=r"conv_dtype sets the precision .* got policy_type 'perceiver'"):
+        TrainConfig(
+            algorithm="sac", recipe="drq", policy_type="perceiver", policy={"conv_dtype": "bfloat16"}
+        ).validate()
     with pytest.raises(ValueError, match=r"conv_dtype 'half' is not one of"):
         TrainConfig(
             algorithm="sac", recipe="drq", policy_type="cnn", policy={"conv_dtype": "half"}

@@ -448,6 +448,8 @@ def test_benchmark_drq_prints_the_tokenizer_and_update_tables():  # plumbing onl
     assert "| conv (3 x 3/2, 32 ch, stacked) | 121 |" in out and "| patch (12 px, per frame) | 147 |" in out
     assert out.count("| DrQ's encoder (drq-cnn) |") == 1 and "batch 32" in out
     assert "| Perceiver, conv tokens, critic_head=queries |" in out
+    assert "| Perceiver, conv tokens, target_encoder=online |" in out
+    assert "| DrQ's encoder (drq-cnn), target_encoder=online |" in out
 
 
 def test_benchmark_fuse_prints_study_2s_agents():  # plumbing only: no timing is asserted

@@ -102,19 +102,28 @@ def bench_sac(quick: bool) -> float:
 
 LEAN = {"num_latents": 32, "latent_dim": 64, "self_attn_layers": 1, "patch_size": 12}
 BF16_CONVS = {"conv_dtype": "bfloat16"}
-DRQ_AGENTS = {  # name -> (policy_type, Perceiver options, policy options)
-    "Perceiver, patch tokens": ("perceiver", LEAN, {}),
-    "Perceiver, patch tokens, bf16 autocast": ("perceiver", {**LEAN, "dtype": "bfloat16"}, {}),
-    "Perceiver, conv tokens": ("perceiver", {**LEAN, "pixel_tokenizer": "conv"}, {}),
+ONLINE_TARGET = {"target_encoder": "online"}
+DRQ_AGENTS = {  # name -> (policy_type, Perceiver options, policy options, agent options)
+    "Perceiver, patch tokens": ("perceiver", LEAN, {}, {}),
+    "Perceiver, patch tokens, bf16 autocast": ("perceiver", {**LEAN, "dtype": "bfloat16"}, {}, {}),
+    "Perceiver, conv tokens": ("perceiver", {**LEAN, "pixel_tokenizer": "conv"}, {}, {}),
+    "Perceiver, conv tokens, target_encoder=online": (
+        "perceiver",
+        {**LEAN, "pixel_tokenizer": "conv"},
+        {},
+        ONLINE_TARGET,
+    ),
     "Perceiver, conv tokens, critic_head=queries": (
         "perceiver",
         {**LEAN, "pixel_tokenizer": "conv"},
         {"critic_head": "queries"},
+        {},
     ),
-    "NatureCNN (cnn)": ("cnn", {}, {}),
-    "NatureCNN (cnn), bf16 convolutions": ("cnn", {}, BF16_CONVS),
-    "DrQ's encoder (drq-cnn)": ("drq-cnn", {}, {}),
-    "DrQ's encoder (drq-cnn), bf16 convolutions": ("drq-cnn", {}, BF16_CONVS),
+    "NatureCNN (cnn)": ("cnn", {}, {}, {}),
+    "NatureCNN (cnn), bf16 convolutions": ("cnn", {}, BF16_CONVS, {}),
+    "DrQ's encoder (drq-cnn)": ("drq-cnn", {}, {}, {}),
+    "DrQ's encoder (drq-cnn), target_encoder=online": ("drq-cnn", {}, {}, ONLINE_TARGET),
+    "DrQ's encoder (drq-cnn), bf16 convolutions": ("drq-cnn", {}, BF16_CONVS, {}),
 }
 
 
@@ -184,9 +193,13 @@ def drq_update_table(batches: tuple[int, ...], updates: int, skip: tuple[str, ..
     for batch in batches:
         agents = {
             name: dict(
-                perceiver=perceiver, policy_type=policy_type, recipe="drq", policy_kwargs=policy or None
+                perceiver=perceiver,
+                policy_type=policy_type,
+                recipe="drq",
+                policy_kwargs=policy or None,
+                **options,
             )
-            for name, (policy_type, perceiver, policy) in DRQ_AGENTS.items()
+            for name, (policy_type, perceiver, policy, options) in DRQ_AGENTS.items()
             if (name, batch) not in skip
         }
         update_ms_table(
@@ -250,5 +263,5 @@ def bench_drq(quick: bool) -> None:
     if quick:
         drq_update_table((32,), updates=2)
     else:
-        slow = ("DrQ's encoder (drq-cnn)", "DrQ's encoder (drq-cnn), bf16 convolutions")
+        slow = [name for name in DRQ_AGENTS if name.startswith("DrQ's encoder")]
         drq_update_table((128, 512), updates=5, skip=tuple((name, 512) for name in slow))

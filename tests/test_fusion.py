@@ -401,7 +401,8 @@ def test_the_reliance_sampler_replays_the_evaluation_without_each_modality_and_r
         "--reliance", "false", "--eval-freq", "32", "--eval-video", "false", "--run-dir", str(tmp_path),
         "--run-name", "mix", "--progress-bar", "false")  # fmt: skip
     scalars = set(tags(tmp_path / "mix").Tags()["scalars"])
-    assert {"perceiver/reliance/proprio/return", "perf/eval_seconds"} <= scalars  # proprio: the one withheld
+    logged = {"perceiver/reliance/proprio/return", "perf/eval_seconds"}  # tags only; no timing is read
+    assert logged <= scalars  # proprio: the one withheld
     assert not {"perceiver/reliance/pixels/return", "perceiver/reliance/action_history/return"} & scalars
     assert [e.step for e in tags(tmp_path / "mix").Scalars("perceiver/reliance/proprio/return")] == [32, 64]
     checkpoint = latest_checkpoint(tmp_path / "mix")

@@ -41,6 +41,23 @@ def test_reproduce_results_runs_the_specs_commands(tmp_path):
         not (tmp_path / "runs" / "errors.log").exists()
         or "FAILED" not in (tmp_path / "runs" / "errors.log").read_text()
     )
+    bad = subprocess.run(["bash", "experiments/scripts/reproduce_results.sh", "fuse,fuse-drqq"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=HANG_GUARD_S)  # fmt: skip
+    assert bad.returncode == 2 and "unknown study 'fuse-drqq'; valid: states, pixels," in bad.stderr
+    assert "fuse-drq, remember" in bad.stderr and not calls(records)[len(argvs) :]  # nothing started
+
+
+def test_reproduce_results_runs_study_2_under_drqs_recipe(tmp_path):
+    fake, records = fake_python(tmp_path)
+    env = {**os.environ, "PY": str(fake), "RUNS": str(tmp_path / "runs"), "JOBS": "2", "SEEDS": "0"}
+    subprocess.run(["bash", "experiments/scripts/reproduce_results.sh", "fuse-drq"], cwd=ROOT, env=env, check=True,
+                   capture_output=True, text=True, timeout=HANG_GUARD_S)  # fmt: skip
+    argvs = {a[a.index("--run-name") + 1]: a for a in calls(records)}
+    assert set(argvs) == {"study2-drq-perceiver-conv-online-target-s0", "study2-drq-cnn-s0",
+                          "study2-drq-perceiver-conv-online-target-full-s0"}  # fmt: skip
+    full = argvs["study2-drq-perceiver-conv-online-target-full-s0"]
+    assert full[full.index("--proprio") + 1] == "full" and "target_encoder=online" in full
+    assert argvs["study2-drq-cnn-s0"][argvs["study2-drq-cnn-s0"].index("--proprio") + 1] == "robot"
 
 
 def test_gpu_session_trains_the_named_spec_runs_on_the_gpu(tmp_path):

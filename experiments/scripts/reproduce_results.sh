@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the learning runs of docs/results.md on a CPU machine, JOBS runs at a time (one torch thread each).
-# Usage: bash experiments/scripts/reproduce_results.sh [states,pixels,missing,see,fuse,fuse-cup,remember,drq,latents,multitask,multitask-transfer,transfer|all]
+# Usage: bash experiments/scripts/reproduce_results.sh [states,pixels,missing,see,fuse,fuse-cup,fuse-drq,remember,drq,latents,multitask,multitask-transfer,transfer|all]
 #   (RUNS=runs/results JOBS=2 by default; SEEDS="0 1 2" replaces the seeds of the studies' sweep specs)
 # On a CUDA machine, experiments/scripts/gpu_session.sh runs the GPU tables, `pytest -m gpu` and study 1/2 runs to a
 # deadline (the H200 runs in docs/results.md came from it).
@@ -10,6 +10,10 @@ PY=${PY:-.venv/bin/python}
 RUNS=${RUNS:-runs/results}
 JOBS=${JOBS:-2}
 what=",${1:-all},"
+valid="states pixels missing see fuse fuse-cup fuse-drq remember drq latents multitask multitask-transfer transfer all"
+for item in ${1//,/ }; do
+  [[ " $valid " == *" $item "* ]] || { echo "unknown study '$item'; valid: ${valid// /, }" >&2; exit 2; }
+done
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 MUJOCO_GL=${MUJOCO_GL:-egl}
 common="--run-dir $RUNS --progress-bar false --eval-video false"
 jobs=()
@@ -70,6 +74,8 @@ if [[ $what == *,see,* || $what == *,all,* ]]; then spec_jobs study1-see; fi
 if [[ $what == *,fuse,* || $what == *,all,* ]]; then spec_jobs study2-fuse; fi
 # Study 2 on ball_in_cup-catch (the ball only in the image): ours + state decoding and the SB3 agent.
 if [[ $what == *,fuse-cup,* || $what == *,all,* ]]; then spec_jobs study2-fuse-cup; fi
+# Study 2 under DrQ's recipe: the conv-token Perceiver with an online target, NatureCNN + MLP, full proprio.
+if [[ $what == *,fuse-drq,* || $what == *,all,* ]]; then spec_jobs study2-fuse-drq; fi
 # Study 3: no velocities, no camera (--proprio positions): Perceiver, LSTM and MLP over the same histories.
 if [[ $what == *,remember,* || $what == *,all,* ]]; then spec_jobs study3-remember; fi
 # Pixels under DrQ's recipe: NatureCNN and the Perceiver, its readout features as they are and centred.

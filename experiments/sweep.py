@@ -10,6 +10,7 @@ last checkpoint, and running the same spec again only does what is left. Summari
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -45,9 +46,15 @@ def main(argv: list[str] | None = None) -> int:
             spec.grid["seed"] = args.seeds
         if args.print_commands:
             root = args.run_dir or str(Path(spec.run_dir) / spec.name)
-            for name, settings in trials(spec):
-                args_ = [*train_args(settings), "--run-dir", root, "--run-name", name]
-                print(shlex.join(["experiments.train", *args_]))
+            try:
+                for name, settings in trials(spec):
+                    args_ = [*train_args(settings), "--run-dir", root, "--run-name", name]
+                    print(shlex.join(["experiments.train", *args_]), flush=True)
+            except (
+                BrokenPipeError
+            ):  # the reader stopped early (`| head`): no traceback, as for other commands
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return 1
             return 0
         if args.run_dir is not None:
             spec.run_dir, spec.name = str(Path(args.run_dir).parent), Path(args.run_dir).name

@@ -55,3 +55,15 @@ def test_print_commands_prints_the_study_scripts_jobs():
     argv = shlex.split(out[0])
     assert argv[0] == "experiments.train" and "latent_scaling=[4, 8, 16, 32]" in argv
     assert argv[-4:] == ["--run-dir", "R", "--run-name", "latents-swingup-scaled-s7"]
+
+
+def test_print_commands_into_a_reader_that_stops_early_is_no_traceback():
+    spec = Path(__file__).parents[1] / "experiments" / "sweeps" / "pixels-drq.yaml"
+    reader = "import sys; print(sys.stdin.readline(), end='')"  # `| head -1`
+    # 300 seeds: ≈ 1 MB of commands, more than a pipe holds, so the writer meets the closed end
+    seeds = " ".join(map(str, range(300)))
+    shell = (f"{shlex.quote(sys.executable)} -m experiments.sweep {spec} --print-commands --seeds {seeds} | "
+             f"{shlex.quote(sys.executable)} -c {shlex.quote(reader)}")  # fmt: skip
+    out = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("experiments.train ") and out.stdout.count("\n") == 1
+    assert "Traceback" not in out.stderr and "BrokenPipeError" not in out.stderr, out.stderr

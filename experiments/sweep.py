@@ -50,9 +50,8 @@ def main(argv: list[str] | None = None) -> int:
                 for name, settings in trials(spec):
                     args_ = [*train_args(settings), "--run-dir", root, "--run-name", name]
                     print(shlex.join(["experiments.train", *args_]), flush=True)
-            except (
-                BrokenPipeError
-            ):  # the reader stopped early (`| head`): no traceback, as for other commands
+            except BrokenPipeError:
+                # the reader stopped early (`| head`): no traceback; stdout to /dev/null so exit's flush is quiet
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
                 return 1
             return 0

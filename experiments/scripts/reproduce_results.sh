@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the learning runs of docs/results.md on a CPU machine, JOBS runs at a time (one torch thread each).
-# Usage: bash experiments/scripts/reproduce_results.sh [states,pixels,missing,see,fuse,fuse-cup,fuse-drq,remember,drq,latents,multitask,multitask-transfer,transfer|all]
+# Usage: bash experiments/scripts/reproduce_results.sh [STUDY[,STUDY...]|all]   (studies: `valid` below; an unknown
+#   name exits 2 and lists them)
 #   (RUNS=runs/results JOBS=2 by default; SEEDS="0 1 2" replaces the seeds of the studies' sweep specs)
 # On a CUDA machine, experiments/scripts/gpu_session.sh runs the GPU tables, `pytest -m gpu` and study 1/2 runs to a
 # deadline (the H200 runs in docs/results.md came from it).
@@ -10,7 +11,21 @@ PY=${PY:-.venv/bin/python}
 RUNS=${RUNS:-runs/results}
 JOBS=${JOBS:-2}
 what=",${1:-all},"
-valid="states pixels missing see fuse fuse-cup fuse-drq remember drq latents multitask multitask-transfer transfer all"
+# The studies whose settings live in sweep specs only (experiments/sweeps/): study -> its specs, run in this order.
+# experiments.sweep --print-commands prints each spec's experiments.train commands (no Ray); SEEDS replaces seeds.
+#   see: study 1, pixels only (ours, ours + state decoding, SB3 SAC + NatureCNN)
+#   fuse: study 2, the camera for the world (the pole), joint sensors for the body (the cart): --proprio robot
+#   fuse-cup: study 2 on ball_in_cup-catch (the ball only in the image)
+#   fuse-drq: study 2 under DrQ's recipe (the conv-token Perceiver with an online target, NatureCNN + MLP, full proprio)
+#   remember: study 3, no velocities, no camera (--proprio positions): Perceiver, LSTM and MLP over the same histories
+#   drq: pixels under DrQ's recipe, every encoder on one recipe
+#   latents: latency control, one policy with nested latents against fixed-k policies
+#   multitask: one SAC generalist over four domains against single-task Perceivers and MLPs
+spec_studies="see:study1-see fuse:study2-fuse fuse-cup:study2-fuse-cup fuse-drq:study2-fuse-drq \
+  remember:study3-remember drq:pixels-drq latents:latent-scaling,latent-scaling-walker multitask:multitask-states"
+valid="states pixels missing"
+for entry in $spec_studies; do valid+=" ${entry%%:*}"; done
+valid+=" multitask-transfer transfer all"
 for item in ${1//,/ }; do
   [[ " $valid " == *" $item "* ]] || { echo "unknown study '$item'; valid: ${valid// /, }" >&2; exit 2; }
 done
@@ -61,29 +76,18 @@ if [[ $what == *,missing,* || $what == *,all,* ]]; then
     --eval-freq 1250 --env-modality-dropout 0.2 --seed 0 --run-name swingup-pixels-proprio-mdrop-s0 $common")
 fi
 
-# --- The studies (docs/results.md): each study's settings live in its sweep spec only (experiments/sweeps/) -------
-# experiments.sweep --print-commands prints the spec's experiments.train commands (no Ray); SEEDS replaces its seeds.
+# --- The studies (docs/results.md): each study's settings live in its sweep spec only ----------------------------
 spec_jobs() {
   local line
   while IFS= read -r line; do jobs+=("-m $line --progress-bar false"); done < <(
     $PY -m experiments.sweep "experiments/sweeps/$1.yaml" --print-commands --run-dir "$RUNS" ${SEEDS:+--seeds $SEEDS})
 }
-# Study 1, pixels only: ours, ours + state decoding, SB3 SAC + NatureCNN.
-if [[ $what == *,see,* || $what == *,all,* ]]; then spec_jobs study1-see; fi
-# Study 2: the camera for the world (the pole), joint sensors for the body (the cart): --proprio robot.
-if [[ $what == *,fuse,* || $what == *,all,* ]]; then spec_jobs study2-fuse; fi
-# Study 2 on ball_in_cup-catch (the ball only in the image): ours + state decoding and the SB3 agent.
-if [[ $what == *,fuse-cup,* || $what == *,all,* ]]; then spec_jobs study2-fuse-cup; fi
-# Study 2 under DrQ's recipe: the conv-token Perceiver with an online target, NatureCNN + MLP, full proprio.
-if [[ $what == *,fuse-drq,* || $what == *,all,* ]]; then spec_jobs study2-fuse-drq; fi
-# Study 3: no velocities, no camera (--proprio positions): Perceiver, LSTM and MLP over the same histories.
-if [[ $what == *,remember,* || $what == *,all,* ]]; then spec_jobs study3-remember; fi
-# Pixels under DrQ's recipe: NatureCNN and the Perceiver, its readout features as they are and centred.
-if [[ $what == *,drq,* || $what == *,all,* ]]; then spec_jobs pixels-drq; fi
-# Latency control: one policy with nested latents against fixed-k policies (cartpole-swingup from states).
-if [[ $what == *,latents,* || $what == *,all,* ]]; then spec_jobs latent-scaling; spec_jobs latent-scaling-walker; fi
-# One policy for many bodies: the SAC generalist over four domains against single-task Perceivers and MLPs.
-if [[ $what == *,multitask,* || $what == *,all,* ]]; then spec_jobs multitask-states; fi
+for entry in $spec_studies; do
+  if [[ $what == *,${entry%%:*},* || $what == *,all,* ]]; then
+    specs=${entry#*:}
+    for spec in ${specs//,/ }; do spec_jobs "$spec"; done
+  fi
+done
 # The generalist fine-tuned to ball_in_cup-catch against scratch: reads runs/results/mt-generalist-s0 (the spec's
 # init_from), so it runs after the multitask stage has finished.
 if [[ $what == *,multitask-transfer,* ]]; then

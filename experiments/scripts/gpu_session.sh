@@ -8,9 +8,9 @@
 #   3. each run evaluated with the state probe (10 episodes); the run folders and logs (no replay) packed into
 #      $OUT/gpu-runs.tgz beside session.log, bench-gpu.md and pytest-gpu.log.
 # Usage: OUT=/some/dir bash experiments/scripts/gpu_session.sh
-#   GPU_RUNS: run names from the specs in GPU_SPECS (default: pixels-drq study1-see study2-fuse study2-fuse-cup);
-#   by default DrQ-recipe runs the CPU cannot afford: DrQ's encoder (seed 0), NatureCNN seeds 1 and 2 (the recipe
-#   at three seeds) and conv tokens with a warmup (seed 1);
+#   GPU_RUNS: run names from the specs in GPU_SPECS (default: pixels-drq study1-see study2-fuse study2-fuse-cup
+#   study2-fuse-drq); by default DrQ-recipe runs the CPU cannot afford: DrQ's encoder (seeds 0 and 1, ≈ 8 h a run
+#   on one CPU core) and NatureCNN seeds 1 and 2 (the recipe verified at three seeds);
 #   BENCH_LIMIT=0 / PROBE_LIMIT=0 / GPU_TESTS=0 skip the tables / the probes / `pytest -m gpu`;
 #   REPLAY=true keeps the replay in the checkpoints (for RESUME=1 on the same machine); MODELS=1 packs the model
 #   checkpoints too, as 15 MiB parts gpu-runs.tgz.part-aa, -ab, ... (`cat gpu-runs.tgz.part-* | tar xz`).
@@ -38,12 +38,12 @@ log() { echo "[$((SECONDS - start)) s] $*" | tee -a "$OUT/session.log"; }
 # the checkpoints unless REPLAY=true.
 on_gpu="--device ${DEVICE:-cuda} --checkpoint-replay-buffer $REPLAY --progress-bar false --eval-video false"
 declare -A commands=()
-for spec in ${GPU_SPECS:-pixels-drq study1-see study2-fuse study2-fuse-cup}; do
+for spec in ${GPU_SPECS:-pixels-drq study1-see study2-fuse study2-fuse-cup study2-fuse-drq}; do
   while IFS= read -r line; do
     commands[${line##*--run-name }]="$line"
   done < <($PY -m experiments.sweep "experiments/sweeps/$spec.yaml" --print-commands --run-dir "$RUNS")
 done
-names=${GPU_RUNS:-drq128-swingup-drq-cnn-s0 drq128-swingup-cnn-s1 drq128-swingup-cnn-s2 drq128-swingup-perceiver-conv-warmup-s1}
+names=${GPU_RUNS:-drq128-swingup-drq-cnn-s0 drq128-swingup-drq-cnn-s1 drq128-swingup-cnn-s1 drq128-swingup-cnn-s2}
 for name in $names; do
   [[ -v "commands[$name]" ]] || { echo "unknown run '$name' in GPU_RUNS; valid: ${!commands[*]}" >&2; exit 2; }
 done

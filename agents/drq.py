@@ -20,6 +20,7 @@ critic's step; here the actor reads the features from just before that step (one
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 
 import numpy as np
@@ -34,6 +35,18 @@ from perceiver_policy.model import PerceiverEncoder
 
 FEATURE_LOG_INTERVAL = 100
 """Updates between measurements of `train/critic_feature_variation`."""
+
+FEATURE_COLLAPSE_BELOW = 1e-3
+"""`train/critic_feature_variation` under which a run is warned that its critic's features have collapsed.
+Measured on cartpole-swingup pixels (docs/results.md, "Why the Perceiver does not learn under DrQ's recipe"): the
+collapsed runs 4.4e-4 (at 500 updates) and 1e-6, and none recovered; at initialisation the Perceiver's 0.003-0.012;
+a run with a 1,000-update warmup 0.004 at 500 updates, which recovered; runs that learned 0.1-0.8."""
+
+
+class FeatureCollapseWarning(UserWarning):
+    """The critic's features vary less than `FEATURE_COLLAPSE_BELOW` across a batch: it scores every state alike,
+    so the actor learns one action for all of them. `warnings.simplefilter('error', FeatureCollapseWarning)` ends
+    such a run at once (with a checkpoint at that step, as any error mid-run)."""
 
 
 def feature_variation(x: torch.Tensor) -> float:
@@ -151,6 +164,26 @@ def copy_running_means(online: torch.nn.Module, target: torch.nn.Module) -> None
                 buffers[name].copy_(value)
 
 
+def warn_on_feature_collapse(algo, variations: list[float] | None) -> None:
+    """A `FeatureCollapseWarning`, once a run, when a measured `critic_feature_variation` falls below
+    `FEATURE_COLLAPSE_BELOW`."""
+    if (
+        not variations
+        or min(variations) >= FEATURE_COLLAPSE_BELOW
+        or getattr(algo, "_warned_feature_collapse", False)
+    ):
+        return
+    algo._warned_feature_collapse = True
+    warnings.warn(
+        f"the critic's features have collapsed by update {algo._n_updates}: train/critic_feature_variation "
+        f"{min(variations):.2g} (below {FEATURE_COLLAPSE_BELOW}). The critic scores every state alike, so the actor "
+        "learns one action for all of them; no collapsed run measured in docs/results.md recovered. Leads from "
+        "one-seed screens of the conv Perceiver: --policy critic_head=queries, or a longer --algo lr_warmup.",
+        FeatureCollapseWarning,
+        stacklevel=2,
+    )
+
+
 def drq_update(algo, gradient_steps: int, batch_size: int) -> None:
     """`gradient_steps` DrQ updates (`PerceiverSAC.train` with a `DrQSACPolicy`), logged as SB3's SAC logs."""
     algo.policy.set_training_mode(True)
@@ -175,6 +208,7 @@ def drq_update(algo, gradient_steps: int, batch_size: int) -> None:
     algo.logger.record("train/n_updates", algo._n_updates, exclude="tensorboard")
     for name, values in metrics.items():
         algo.logger.record(f"train/{name}", float(np.mean(values)))
+    warn_on_feature_collapse(algo, metrics.get("critic_feature_variation"))
     record_state_decoding(algo.logger, decoding)
     for group, norm in getattr(algo, "_last_encoder_grads", {}).items():
         algo.logger.record(f"perceiver/grad_norm/{group}", norm)

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -623,6 +624,29 @@ def test_drq_steps_measure_whether_the_critic_features_vary(venv):
     metrics = drq_step(model, batch(model), update=0)
     assert 0.0 < metrics["critic_feature_variation"] < 2.0
     assert "critic_feature_variation" not in drq_step(model, batch(model), update=1)  # every 100 updates
+
+
+def test_a_collapse_of_the_critic_features_is_warned_once_a_run(venv, monkeypatch):
+    import agents.drq as drq
+
+    model = agent(venv, "perceiver")
+    model.replay_buffer = type("Fixed", (), {"sample": lambda self, n, env=None: batch(model, n)})()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", drq.FeatureCollapseWarning)
+        model.train(gradient_steps=1, batch_size=4)  # update 0 measures a varied batch: no warning
+    measured = iter([0.0, 1e-6])
+    monkeypatch.setattr(drq, "feature_variation", lambda features: next(measured))
+    model._n_updates = 100
+    with pytest.warns(
+        drq.FeatureCollapseWarning, match=r"collapsed by update 101: .*variation 0 \(below 0.001\)"
+    ):
+        model.train(gradient_steps=1, batch_size=4)
+    model._n_updates = 200
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", drq.FeatureCollapseWarning)
+        model.train(gradient_steps=1, batch_size=4)  # once a run
+    with pytest.raises(StopIteration):
+        next(measured)  # both measurements were read
 
 
 def test_center_momentum_sets_how_fast_the_running_mean_follows_and_is_saved(venv, tmp_path):

@@ -8,7 +8,8 @@ adds one column per state sensor: R² of a linear probe from the policy's featur
 extractor output, LSTM state) to the true state, fit on the first half of the episodes, scored on the rest.
 `--num-latents 4 8 32` evaluates a policy trained with latent_scaling at each of those numbers of latents (one
 row each); `--latency-budget-ms B` measures p95 batch-1 latency at every trained k here and evaluates the largest
-k that fits.
+k that fits. `--all-checkpoints` evaluates every checkpoint a run kept, oldest first, one row each with its step
+(is the final evaluation representative of the last stretch of training, or a peak or a dip?).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from agents import algorithm_class
 from experiments import config as cfg
-from experiments.checkpoint import CheckpointError, load_model, locate
+from experiments.checkpoint import CheckpointError, list_checkpoints, load_model, locate, read_meta
 from experiments.evaluation import evaluate_policy, write_mp4
 from experiments.export import observations
 from experiments.runtime import keep_freed_memory
@@ -36,21 +37,25 @@ COLUMNS = [
     "latency_p50_ms",
     "latency_p95_ms",
     "num_latents",
+    "step",
 ]
 
 
-def markdown_table(rows: list[dict], probe_columns: list[str] = ()) -> str:
+def markdown_table(rows: list[dict], probe_columns: list[str] = (), steps: bool = False) -> str:
+    """`steps`: a first column with each row's checkpoint step (--all-checkpoints)."""
     probe_head = "".join(f" R² {name} |" for name in probe_columns)
     latents = any(r.get("num_latents") for r in rows)
     lines = [
-        "| task | missing |" + (" latents |" if latents else "")
+        ("| step " if steps else "") + "| task | missing |" + (" latents |" if latents else "")
         + " episodes | return | length | latency p50 / p95 (ms) |" + probe_head,
-        "| --- | --- |" + (" --- |" if latents else "") + " --- | --- | --- | --- |" + " --- |" * len(probe_columns),
+        ("| --- " if steps else "") + "| --- | --- |" + (" --- |" if latents else "")
+        + " --- | --- | --- | --- |" + " --- |" * len(probe_columns),
     ]  # fmt: skip
     for r in rows:
         probes = "".join(f" {r.get('r2_' + name, float('nan')):.3f} |" for name in probe_columns)
         lines.append(
-            f"| {r['task']} | {r['missing'] or '-'} |" + (f" {r.get('num_latents') or '-'} |" if latents else "")
+            (f"| {r['step']} " if steps else "")
+            + f"| {r['task']} | {r['missing'] or '-'} |" + (f" {r.get('num_latents') or '-'} |" if latents else "")
             + f" {r['episodes']} | {r['return_mean']:.1f} ± {r['return_std']:.1f} "
             f"| {r['length_mean']:.0f} | {r['latency_p50_ms']:.2f} / {r['latency_p95_ms']:.2f} |" + probes
         )  # fmt: skip
@@ -63,18 +68,43 @@ def condition(args: argparse.Namespace) -> str:
     suffix += f"-blank-{'-'.join(args.blank_modality)}" if args.blank_modality else ""
     if args.num_latents:
         suffix += f"-k{'-'.join(str(k) for k in args.num_latents)}"
-    return suffix + (f"-budget{args.latency_budget_ms:g}ms" if args.latency_budget_ms is not None else "")
+    suffix += f"-budget{args.latency_budget_ms:g}ms" if args.latency_budget_ms is not None else ""
+    return suffix + ("-checkpoints" if args.all_checkpoints else "")
 
 
-def reliance_table(model, task: str, config, args: argparse.Namespace, seed: int, result) -> list[str]:
-    """Markdown rows: per observation key, the action / value change withheld and the return with it blanked."""
+def checkpoints_to_evaluate(path: Path, latest: Path, every: bool) -> list[Path]:
+    """[latest], or with `every` (--all-checkpoints) each complete checkpoint of the run directory, oldest first."""
+    if not every:
+        return [latest]
+    if not (path / "config.yaml").exists():
+        raise ValueError(
+            f"--all-checkpoints evaluates the checkpoints of a run directory; {str(path)!r} is one checkpoint "
+            f"(give its run directory, {str(path.parent.parent)!r})"
+        )
+    return list_checkpoints(path / "checkpoints")
+
+
+def checkpoint_step(checkpoint: Path) -> int | None:
+    """The agent step a checkpoint directory was written at; None for a bare model .zip or a checkpoint without
+    its completion record."""
+    try:
+        return int(read_meta(checkpoint)["step"]) if checkpoint.is_dir() else None
+    except (CheckpointError, KeyError, ValueError):
+        return None
+
+
+def reliance_table(
+    model, task: str, config, args: argparse.Namespace, seed: int, result, step: int | None = None
+) -> list[str]:
+    """Markdown rows: per observation key, the action / value change withheld and the return with it blanked
+    (`step`: a first column with the checkpoint's step)."""
     rows = []
     for key, change in result.reliance.items():
         blanked = evaluate_policy(
             model, task, config.env_kwargs(), args.episodes, seed=seed, blank=(key,)
         ).summary()
         rows.append(
-            f"| {task} | {key} | {change['action']:.3f} | {change['value']:.3f} | "
+            (f"| {step} " if step is not None else "") + f"| {task} | {key} | {change['action']:.3f} | {change['value']:.3f} | "
             f"{blanked['return_mean']:.1f} ± {blanked['return_std']:.1f} |\n"
         )
     return rows
@@ -171,6 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         "largest that fits within B ms",
     )
     parser.add_argument(
+        "--all-checkpoints",
+        action="store_true",
+        help="evaluate every checkpoint the run directory kept (the newest keep_checkpoints, default 3), oldest "
+        "first, one row each with its step: is the final evaluation a peak, a dip or the level of the last "
+        "stretch of training?",
+    )
+    parser.add_argument(
         "--device", default="cpu", help="torch device to run the policy on (default: %(default)s)"
     )
     parser.add_argument(
@@ -187,58 +224,65 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--episodes must be a positive integer, got {args.episodes}")
         if args.reliance_every <= 0:
             raise ValueError(f"--reliance-every must be a positive integer, got {args.reliance_every}")
-        config, checkpoint = locate(args.path)
+        config, latest = locate(args.path)
+        checkpoints = checkpoints_to_evaluate(args.path, latest, args.all_checkpoints)
         seed = args.seed if args.seed is not None else 10_000 + config.seed
         if args.task and args.tasks:
             raise ValueError("give --task T (one task) or --tasks T1 T2 ..., not both")
         tasks = [args.task] if args.task else args.tasks or config.eval_tasks()
         for task in tasks:
             cfg.TrainConfig(**{**config.to_dict(), "task": task}).validate()
-        model = load_model(
-            algorithm_class(config.algorithm, config.policy_type), checkpoint, device=args.device
-        )
-        sizes = latent_sizes(model, config, args)
-        out = args.output or (checkpoint.parent.parent / "eval")
+        out = args.output or (latest.parent.parent / "eval")
         out.mkdir(parents=True, exist_ok=True)
         rows, reliance_rows = [], []
-        for task, k in ((task, k) for task in tasks for k in sizes):
-            with num_latents(model, k):
-                result = evaluate_policy(
-                    model,
-                    task,
-                    config.env_kwargs(),
-                    args.episodes,
-                    seed=seed,
-                    video=args.video,
-                    missing=tuple(args.missing_modality),
-                    blank=tuple(args.blank_modality),
-                    probe_state=args.probe_state,
-                    attention_overlay=args.attention_overlay,
-                    streaming=args.streaming,
-                    reliance=args.reliance,
-                    reliance_every=args.reliance_every,
-                )
-                if result.reliance is not None:
-                    reliance_rows += reliance_table(model, task, config, args, seed, result)
-            if result.stream is not None:
-                print(
-                    f"{task}: streaming cache hit rate {result.stream['stream_cache_hit_rate']:.3f}, "
-                    f"window overlap {result.stream['stream_window_overlap']:.3f}"
-                )
-            probe = {f"r2_{name}": value for name, value in (result.probe or {}).items()}
-            absent = args.missing_modality + [f"{name} (blank)" for name in args.blank_modality]
-            rows.append(
-                {
-                    "task": task,
-                    "missing": ",".join(absent),
-                    **result.summary(),
-                    "num_latents": k or "",
-                    **probe,
-                }
+        for checkpoint in checkpoints:
+            step = checkpoint_step(checkpoint)
+            model = load_model(
+                algorithm_class(config.algorithm, config.policy_type), checkpoint, device=args.device
             )
-            if result.frames is not None:
-                attention = ("-attention" if args.attention_overlay else "") + (f"-k{k}" if k else "")
-                write_mp4(out / f"{task}{condition(args)}{attention}.mp4", result.frames)
+            sizes = latent_sizes(model, config, args)
+            for task, k in ((task, k) for task in tasks for k in sizes):
+                with num_latents(model, k):
+                    result = evaluate_policy(
+                        model,
+                        task,
+                        config.env_kwargs(),
+                        args.episodes,
+                        seed=seed,
+                        video=args.video,
+                        missing=tuple(args.missing_modality),
+                        blank=tuple(args.blank_modality),
+                        probe_state=args.probe_state,
+                        attention_overlay=args.attention_overlay,
+                        streaming=args.streaming,
+                        reliance=args.reliance,
+                        reliance_every=args.reliance_every,
+                    )
+                    if result.reliance is not None:
+                        reliance_rows += reliance_table(
+                            model, task, config, args, seed, result, step if args.all_checkpoints else None
+                        )
+                if result.stream is not None:
+                    print(
+                        f"{task}: streaming cache hit rate {result.stream['stream_cache_hit_rate']:.3f}, "
+                        f"window overlap {result.stream['stream_window_overlap']:.3f}"
+                    )
+                probe = {f"r2_{name}": value for name, value in (result.probe or {}).items()}
+                absent = args.missing_modality + [f"{name} (blank)" for name in args.blank_modality]
+                rows.append(
+                    {
+                        "task": task,
+                        "missing": ",".join(absent),
+                        **result.summary(),
+                        "num_latents": k or "",
+                        "step": step if step is not None else "",
+                        **probe,
+                    }
+                )
+                if result.frames is not None:
+                    attention = ("-attention" if args.attention_overlay else "") + (f"-k{k}" if k else "")
+                    at = f"-step{step}" if args.all_checkpoints else ""
+                    write_mp4(out / f"{task}{condition(args)}{attention}{at}.mp4", result.frames)
     except (ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -248,25 +292,29 @@ def main(argv: list[str] | None = None) -> int:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS + [f"r2_{name}" for name in probe_columns])
         writer.writeheader()
         writer.writerows(rows)
+    header = f"Checkpoint{'s' if len(checkpoints) > 1 else ''}: " + ", ".join(f"`{c}`" for c in checkpoints)
+    header += f", env seeds from {seed}\n\n"
+    steps = "| step " if args.all_checkpoints else ""
     if reliance_rows:
-        text = "| task | withheld | action change | value change | return, blanked |\n| --- | --- | --- | --- | --- |\n"
-        text += "".join(reliance_rows)
-        (out / f"reliance{condition(args)}.md").write_text(
-            f"Checkpoint: `{checkpoint}`, env seeds from {seed}\n\n{text}"
-        )
+        text = f"{steps}| task | withheld | action change | value change | return, blanked |\n"
+        text += ("| --- " if steps else "") + "| --- | --- | --- | --- | --- |\n" + "".join(reliance_rows)
+        (out / f"reliance{condition(args)}.md").write_text(header + text)
         print(text, end="")
-    table = markdown_table(rows, probe_columns)
-    (out / f"{name}.md").write_text(f"Checkpoint: `{checkpoint}`, env seeds from {seed}\n\n" + table)
+    table = markdown_table(rows, probe_columns, steps=args.all_checkpoints)
+    (out / f"{name}.md").write_text(header + table)
     print(table, end="")
     if config.multitask:
         references = config.references()
-        trained = [r for r in rows if r["task"] in references and not r["missing"]]
-        if trained:
-            mean = sum(r["return_mean"] for r in trained) / len(trained)
-            normalised = sum(r["return_mean"] / references[r["task"]] for r in trained) / len(trained)
-            print(
-                f"mean over {len(trained)} training tasks: return {mean:.1f}, normalised by the references {normalised:.3f}"
-            )
+        for step in dict.fromkeys(r["step"] for r in rows):  # one summary per evaluated checkpoint
+            trained = [r for r in rows if r["task"] in references and not r["missing"] and r["step"] == step]
+            if trained:
+                mean = sum(r["return_mean"] for r in trained) / len(trained)
+                normalised = sum(r["return_mean"] / references[r["task"]] for r in trained) / len(trained)
+                at = f" at step {step}" if args.all_checkpoints else ""
+                print(
+                    f"mean over {len(trained)} training tasks{at}: return {mean:.1f}, normalised by the "
+                    f"references {normalised:.3f}"
+                )
     print(f"written: {out / f'{name}.csv'}, {out / f'{name}.md'}")
     return 0
 

@@ -1,5 +1,6 @@
 """The real commands in subprocesses, with tiny budgets, exactly as a user types them."""
 
+import csv
 import json
 import math
 import os
@@ -293,6 +294,27 @@ def test_evaluate_reports_the_episodes_of_the_final_training_evaluation(trained_
     final = (trained_run / "eval" / "history.csv").read_text().splitlines()[-1].split(",")
     out = cli("experiments.evaluate", str(trained_run), "--episodes", "1", "--output", str(tmp_path)).stdout
     assert f"| {float(final[2]):.1f} ± 0.0 |" in out  # step, frames, return_mean
+
+
+def test_evaluate_all_checkpoints_gives_one_row_per_kept_checkpoint(trained_run, tmp_path):
+    """--all-checkpoints: every kept checkpoint, oldest first, on the same episodes; the newest one's row is what
+    the plain command reports, and its own files leave the plain evaluation's alone."""
+    kept = [int(read_meta(c)["step"]) for c in list_checkpoints(trained_run / "checkpoints")]
+    assert len(kept) >= 2
+    out = cli(
+        "experiments.evaluate", str(trained_run), "--all-checkpoints", "--episodes", "1", "--output", str(tmp_path)
+    ).stdout  # fmt: skip
+    assert "| step | task | missing | episodes | return |" in out
+    with open(tmp_path / "eval-checkpoints.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(row["step"]) for row in rows] == kept
+    cli("experiments.evaluate", str(trained_run), "--episodes", "1", "--output", str(tmp_path))
+    with open(tmp_path / "eval.csv") as handle:
+        (latest,) = csv.DictReader(handle)
+    assert int(latest["step"]) == kept[-1] and latest["return_mean"] == rows[-1]["return_mean"]
+    one = list_checkpoints(trained_run / "checkpoints")[0]
+    refused = cli("experiments.evaluate", str(one), "--all-checkpoints", check=False)
+    assert refused.returncode == 2 and f"give its run directory, '{trained_run}'" in refused.stderr
 
 
 def test_evaluate_reliance_prints_each_key_withheld_and_blanked(trained_run, tmp_path):

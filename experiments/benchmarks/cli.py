@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         type=Path,
         default=None,
-        help="features: trained pixel SAC runs (with a replay snapshot)",
+        help="features: trained pixel SAC runs (with a replay snapshot): their features and Q on their own replay, and "
+        "how far encoder, features and actions moved between their kept checkpoints",
     )
     args = parser.parse_args(argv)
     if args.what in ("train-worker", "replay-worker"):

@@ -1,5 +1,7 @@
 """Do the critic's features see the state? How much a pixel SAC critic's readout features vary across real
-observations, at initialisation for every encoder and, for trained runs, on their own replay.
+observations, at initialisation for every encoder and, for trained runs, on their own replay; and how far a trained
+run's encoder, critic features and actions moved between its kept checkpoints (a policy that swings between
+evaluations: docs/results.md, "Is a run's final evaluation its level?").
 
 Variation = total std over the batch / root-mean-square, over all feature dimensions: 0 when every observation
 gives the same feature vector, ~1 when the features are centred. A critic whose features barely vary cannot tell
@@ -82,24 +84,28 @@ def init_table() -> None:
           ["encoder", "encoder output", "critic features"], rows)  # fmt: skip
 
 
-def trained_table(runs: list[Path]) -> None:
-    """For trained runs: feature variation, Q's spread over states and over actions, on 256 replay samples.
-    Any SAC run whose policy has an `encoder` and a critic with `q_values(latents, actions)`: both recipes."""
+def replay_sample(run: Path, count: int = 256):
+    """(config, model of the run's latest checkpoint with its replay, `count` replay samples, vec env)."""
     from agents import algorithm_class
     from envs import make_vec_env
     from experiments.checkpoint import load_model, load_replay_buffer, locate
 
+    config, checkpoint = locate(run)
+    venv = make_vec_env(config.task, n_envs=1, seed=0, **config.env_kwargs())
+    model = load_model(algorithm_class(config.algorithm, config.policy_type), checkpoint, env=venv, device="cpu")
+    if load_replay_buffer(model, checkpoint) is None:
+        venv.close()
+        raise ValueError(f"{run} has no replay snapshot (train with --checkpoint-replay-buffer true)")
+    torch.manual_seed(0)
+    return config, model, model.replay_buffer.sample(count), venv
+
+
+def trained_table(runs: list[Path]) -> None:
+    """For trained runs: feature variation, Q's spread over states and over actions, on 256 replay samples.
+    Any SAC run whose policy has an `encoder` and a critic with `q_values(latents, actions)`: both recipes."""
     rows = []
     for run in runs:
-        config, checkpoint = locate(run)
-        venv = make_vec_env(config.task, n_envs=1, seed=0, **config.env_kwargs())
-        model = load_model(
-            algorithm_class(config.algorithm, config.policy_type), checkpoint, env=venv, device="cpu"
-        )
-        if load_replay_buffer(model, checkpoint) is None:
-            raise ValueError(f"{run} has no replay snapshot (train with --checkpoint-replay-buffer true)")
-        torch.manual_seed(0)
-        data = model.replay_buffer.sample(256)
+        _, model, data, venv = replay_sample(run)
         features, encoder = critic_spread(model.policy, data.observations)
         with torch.no_grad():
             h = model.policy.encoder(data.observations)
@@ -115,7 +121,43 @@ def trained_table(runs: list[Path]) -> None:
            "Q range over actions", "deterministic action std over states"], rows)  # fmt: skip
 
 
+def relative_change(before: torch.Tensor, after: torch.Tensor) -> float:
+    """||after - before|| / ||before|| over the whole batch: 0 when nothing moved, 1 when the change is as large
+    as what was there."""
+    return float((after - before).norm() / before.norm().clamp_min(1e-12))
+
+
+def drift_table(runs: list[Path]) -> None:
+    """How far each run moved between its kept checkpoints (`--keep-checkpoints`), on 256 samples of its final
+    replay: the encoder's output and the critic's features (relative change) and the deterministic action (mean
+    absolute change; actions lie in [-1, 1]). The actor reads the critic's encoder, so a representation that moves
+    under it moves its actions too. A run with one kept checkpoint gives no row."""
+    from agents import algorithm_class
+    from experiments.checkpoint import list_checkpoints, load_model, read_meta
+
+    rows = []
+    for run in runs:
+        config, _, data, venv = replay_sample(run)
+        venv.close()
+        passes = []
+        for checkpoint in list_checkpoints(run / "checkpoints"):
+            policy = load_model(algorithm_class(config.algorithm, config.policy_type), checkpoint, device="cpu").policy
+            policy.set_training_mode(False)
+            with torch.no_grad():
+                h = policy.encoder(data.observations)
+                readout = getattr(policy.critic, "readout", None)
+                features = readout(h) if readout is not None else h  # SB3's recipe's critic reads the latents
+                action = policy.actor(data.observations, deterministic=True)
+            passes.append((int(read_meta(checkpoint)["step"]), h.flatten(1), features.flatten(1), action))
+        for (step0, h0, f0, a0), (step1, h1, f1, a1) in zip(passes, passes[1:]):
+            rows.append([run.name, f"{step0} → {step1}", relative_change(h0, h1), relative_change(f0, f1),
+                         float((a1 - a0).abs().mean())])  # fmt: skip
+    table("Trained runs, between kept checkpoints, on 256 samples of their final replay",
+          ["run", "agent steps", "encoder output change", "critic features change", "action change"], rows)  # fmt: skip
+
+
 def bench_features(runs: list[Path] | None = None) -> None:
     init_table()
     if runs:
         trained_table(runs)
+        drift_table(runs)

@@ -93,6 +93,18 @@ class DrQActor(nn.Module):
         return self.sample(h)[0]
 
 
+def check_encoder_lr_scale(value) -> float:
+    """`encoder_lr_scale`: a positive number, the encoder's learning rate over the critic's. DrQ (denisyarats/drq)
+    trains the encoder with the critic at one rate (1); transformers are usually trained at lower rates than the
+    heads on top of them."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(
+            f"encoder_lr_scale must be a positive number (the encoder's learning rate over the critic's; "
+            f"1: one rate, as DrQ), got {value!r}"
+        )
+    return float(value)
+
+
 class DrQCritic(nn.Module):
     """Twin Q networks on [readout(encoder(obs)), action]. The encoder is registered here: the critic's optimizer
     owns it, and the target critic (a deep copy) has its own, as DrQ's target network does."""
@@ -155,8 +167,9 @@ class DrQSACPolicy(SACActorPolicy):
     latents of a reference observation, `agents.encoders.PerceiverTrunk`), ``center_momentum`` (the weight of each
     training batch in that running mean; default `agents.encoders.CENTER_MOMENTUM`), ``conv_dtype`` ('float32' or
     'bfloat16': bf16 autocast of the cnn / drq-cnn convolutions, `agents.encoders.CONV_DTYPES`), ``feature_dim``,
-    ``hidden_dim``, ``hidden_depth``, ``log_std_bounds``, ``n_critics``. The target critic's running means and
-    reference follow the online critic's at each target update."""
+    ``hidden_dim``, ``hidden_depth``, ``log_std_bounds``, ``n_critics``, ``encoder_lr_scale`` (the encoder
+    learns at this multiple of the critic's learning rate, `check_encoder_lr_scale`; 1: DrQ's, one rate). The
+    target critic's running means and reference follow the online critic's at each target update."""
 
     def __init__(
         self,
@@ -175,6 +188,7 @@ class DrQSACPolicy(SACActorPolicy):
         center_momentum: float = CENTER_MOMENTUM,
         conv_dtype: str = "float32",
         critic_head: str = "mlp",
+        encoder_lr_scale: float = 1.0,
         use_sde: bool = False,
         optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adam,
         optimizer_kwargs: dict | None = None,
@@ -197,6 +211,7 @@ class DrQSACPolicy(SACActorPolicy):
                 "critic_head 'queries' has no readout for center_features 'running' to centre; use 'reference' "
                 "or 'none' (valid choices with critic_head 'mlp': " + str(list(CENTERINGS)) + ")"
             )
+        encoder_lr_scale = check_encoder_lr_scale(encoder_lr_scale)
         low, high = (float(b) for b in log_std_bounds)
         if not low < high:
             raise ValueError(f"log_std_bounds must be (low, high) with low < high, got {log_std_bounds!r}")
@@ -252,8 +267,9 @@ class DrQSACPolicy(SACActorPolicy):
             if encoder == "perceiver"
             else None
         )
+        self.encoder_lr_scale = encoder_lr_scale
         self.make_optimizers(
-            lr_schedule, optimizer_class, list(self.critic.parameters())
+            lr_schedule, optimizer_class, list(self.critic.parameters()), encoder_lr_scale
         )  # the encoder's included
 
     def _get_constructor_parameters(self) -> dict:
@@ -271,6 +287,7 @@ class DrQSACPolicy(SACActorPolicy):
             center_momentum=self.center_momentum,
             conv_dtype=self.conv_dtype,
             critic_head=self.critic_head,
+            encoder_lr_scale=self.encoder_lr_scale,
         )
         return data
 

@@ -13,6 +13,8 @@ no warmup, and none is the default (`lr_warmup=0`).
 
 from __future__ import annotations
 
+from perceiver_policy.sac_policy import LR_SCALE
+
 
 def warmup_factor(updates_done: int, warmup: int) -> float:
     """The learning rate's multiplier at the update after `updates_done`: (updates_done + 1) / warmup, at most 1."""
@@ -41,11 +43,12 @@ class LearningRateWarmupMixin:
         super().__init__(policy, env, **kwargs)
 
     def _update_learning_rate(self, optimizers) -> None:
+        """SB3 sets every parameter group to the schedule's rate; then the warmup factor, and each group's own
+        multiple (`LR_SCALE`: the DrQ recipe's `encoder_lr_scale`)."""
         super()._update_learning_rate(optimizers)
         factor = warmup_factor(self._n_updates, self.lr_warmup)
-        if factor == 1.0:
-            return
         for optimizer in optimizers if isinstance(optimizers, list) else [optimizers]:
             for group in optimizer.param_groups:
-                group["lr"] *= factor
-        self.logger.record("train/learning_rate", self.lr_schedule(self._current_progress_remaining) * factor)
+                group["lr"] *= factor * group.get(LR_SCALE, 1.0)
+        if factor != 1.0:
+            self.logger.record("train/learning_rate", self.lr_schedule(self._current_progress_remaining) * factor)

@@ -208,7 +208,8 @@ class TrainConfig:
     policy: dict = field(default_factory=dict)
     """Extra policy_kwargs (e.g. log_std_mode; for the DrQ recipe feature_dim, hidden_dim, readout=query|flat,
     center_features=none|running|reference, center_momentum, conv_dtype=float32|bfloat16 for cnn / drq-cnn,
-    critic_head=mlp|queries for the Perceiver: DrQ's MLP, or SB3's recipe's action queries over the latents)."""
+    critic_head=mlp|queries for the Perceiver: DrQ's MLP, or SB3's recipe's action queries over the latents,
+    encoder_lr_scale: the encoder's learning rate over the critic's, 1 by default)."""
     curriculum: list = field(default_factory=list)
     """Optional [{'step': N, 'modalities': [...]}, ...]: from agent step N the model reads only those."""
     init_from: str | None = None
@@ -353,6 +354,7 @@ class TrainConfig:
         self.validate_conv_dtype()
         self.validate_critic_head()
         self.validate_target_encoder()
+        self.validate_encoder_lr_scale()
         for stage in self.curriculum:
             if not isinstance(stage, dict) or set(stage) != {"step", "modalities"}:
                 raise ValueError(f"curriculum stages are {{'step': N, 'modalities': [...]}}, got {stage!r}")
@@ -438,6 +440,20 @@ class TrainConfig:
 
         elsewhere = "SB3's recipe's target always reads the online encoder"
         self.drq_option(self.algo, "target_encoder", TARGET_ENCODERS, elsewhere)
+
+    def validate_encoder_lr_scale(self) -> None:
+        """`--policy encoder_lr_scale=S`: the DrQ recipe's encoder learns at S x the critic's learning rate."""
+        from agents.drq_policy import check_encoder_lr_scale
+
+        if "encoder_lr_scale" not in self.policy:
+            return
+        check_encoder_lr_scale(self.policy["encoder_lr_scale"])
+        if (self.algorithm, self.recipe) != ("sac", "drq"):
+            raise ValueError(
+                f"encoder_lr_scale is a setting of the DrQ recipe (--algorithm sac --recipe drq), got algorithm "
+                f"{self.algorithm!r}, recipe {self.recipe!r} (the other recipes train the encoder at the policy's "
+                f"learning rate)"
+            )
 
     def validate_tasks(self) -> None:
         """Multi-task runs: known, distinct tasks, SAC with the Perceiver (SB3 recipe), no privileged state."""

@@ -22,6 +22,10 @@ from perceiver_policy.observations import SensorObservations, sensor_space
 from perceiver_policy.policies import LOG_STD_RANGE, as_config, fused_adam
 from perceiver_policy.state_decoding import make_state_decoder
 
+# The key of an optimizer parameter group whose learning rate is this multiple of the schedule's (the DrQ recipe's
+# `encoder_lr_scale`); groups without it follow the schedule.
+LR_SCALE = "lr_scale"
+
 
 class PerceiverSACActor(nn.Module):
     """Action query -> squashed Gaussian. `encoder` is shared and deliberately not registered here."""
@@ -208,14 +212,26 @@ class SACActorPolicy(SensorObservations, BasePolicy):
             normalize_images=False,
         )
 
-    def make_optimizers(self, lr_schedule, optimizer_class, critic_params: list) -> None:
+    def make_optimizers(
+        self, lr_schedule, optimizer_class, critic_params: list, encoder_lr_scale: float = 1.0
+    ) -> None:
         """`actor.optimizer` over the actor's own parameters; `critic.optimizer` over `critic_params` (those the
-        critic's loss trains, the shared encoder's included) and the state decoder's, if any."""
+        critic's loss trains, the shared encoder's included) and the state decoder's, if any. `encoder_lr_scale`
+        != 1: the encoder's parameters are a group of their own whose learning rate is that multiple of the
+        schedule's (`LR_SCALE`, applied by `agents.warmup.LearningRateWarmupMixin` whenever SB3 sets the rate)."""
         lr = lr_schedule(1)
         self.actor.optimizer = optimizer_class(self.actor.parameters(), lr=lr, **self.optimizer_kwargs)
         if self.state_decoder is not None:
             critic_params = [*critic_params, *self.state_decoder.parameters()]
-        self.critic.optimizer = optimizer_class(critic_params, lr=lr, **self.optimizer_kwargs)
+        groups = critic_params
+        if encoder_lr_scale != 1.0:
+            encoder = {id(p) for p in self.encoder.parameters()}
+            groups = [
+                {"params": [p for p in critic_params if id(p) in encoder], "lr": lr * encoder_lr_scale,
+                 LR_SCALE: encoder_lr_scale},
+                {"params": [p for p in critic_params if id(p) not in encoder]},
+            ]  # fmt: skip
+        self.critic.optimizer = optimizer_class(groups, lr=lr, **self.optimizer_kwargs)
 
     def forward(self, obs, deterministic: bool = False) -> torch.Tensor:
         return self._predict(obs, deterministic)

@@ -294,6 +294,44 @@ def test_an_online_target_reads_the_actors_pass_and_never_the_encoder_copy(venv,
             TrainConfig(algorithm="sac", **config).validate()
 
 
+@pytest.mark.parametrize("policy_type", ["perceiver", "cnn"])
+def test_encoder_lr_scale_sets_how_far_the_encoder_steps_and_is_saved(venv, tmp_path, policy_type):
+    """Adam's first step moves each weight by at most its learning rate, most weights by about it: with
+    encoder_lr_scale 0.1 the encoder's weights move a tenth as far as the critic heads', under the warmup too,
+    and a reloaded model keeps the ratio."""
+    from stable_baselines3 import SAC
+
+    from experiments.config import TrainConfig
+
+    lr, scale = 1e-3, 0.1
+    model = agent(venv, policy_type, policy_kwargs={**SMALL_HEADS, "encoder_lr_scale": scale}, learning_rate=lr,
+                  lr_warmup=4)  # fmt: skip
+    model.replay_buffer = type("Fixed", (), {"sample": lambda self, n, env=None: batch(model, n)})()
+    encoder = [p.detach().clone() for p in model.policy.encoder.parameters()]
+    heads = [p.detach().clone() for p in model.policy.critic.q_networks.parameters()]
+    model.train(gradient_steps=1, batch_size=4)  # update 0: the warmup's factor is 1/4
+    rates = [group["lr"] for group in model.policy.critic.optimizer.param_groups]
+    assert rates == pytest.approx([lr * scale / 4, lr / 4])
+    step = lambda before, now: max(float((a - b.detach()).abs().max()) for a, b in zip(before, now))  # noqa: E731
+    encoder_step = step(encoder, model.policy.encoder.parameters())
+    head_step = step(heads, model.policy.critic.q_networks.parameters())
+    # float32 weights near 1 hold a 2.5e-5 step to about 1 % (their spacing there is 1.2e-7)
+    assert 0.5 * lr * scale / 4 < encoder_step <= 1.02 * lr * scale / 4
+    assert 0.5 * lr / 4 < head_step <= 1.02 * lr / 4
+    assert [group["lr"] for group in model.policy.actor.optimizer.param_groups] == pytest.approx([lr / 4])
+    model.save(tmp_path / "model")
+    loaded = SAC.load(tmp_path / "model", device="cpu")
+    assert loaded.policy.encoder_lr_scale == scale
+    assert [group.get("lr_scale") for group in loaded.policy.critic.optimizer.param_groups] == [scale, None]
+    with pytest.raises(ValueError, match=r"encoder_lr_scale must be a positive number .* got 0"):
+        agent(venv, policy_type, policy_kwargs={**SMALL_HEADS, "encoder_lr_scale": 0})
+    with pytest.raises(ValueError, match=r"encoder_lr_scale is a setting of the DrQ recipe .*recipe 'sb3'"):
+        TrainConfig(algorithm="sac", recipe="sb3", policy={"encoder_lr_scale": 0.3}).validate()
+    with pytest.raises(ValueError, match=r"encoder_lr_scale must be a positive number .* got 'low'"):
+        TrainConfig(algorithm="sac", recipe="drq", policy={"encoder_lr_scale": "low"}).validate()
+    TrainConfig(algorithm="sac", recipe="drq", policy_type=policy_type, policy={"encoder_lr_scale": 0.3}).validate()
+
+
 def test_the_encoder_receives_no_actor_gradient(venv):
     model = agent(venv)
     for group in model.policy.critic.optimizer.param_groups:

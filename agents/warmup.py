@@ -51,4 +51,6 @@ class LearningRateWarmupMixin:
             for group in optimizer.param_groups:
                 group["lr"] *= factor * group.get(LR_SCALE, 1.0)
         if factor != 1.0:
-            self.logger.record("train/learning_rate", self.lr_schedule(self._current_progress_remaining) * factor)
+            self.logger.record(
+                "train/learning_rate", self.lr_schedule(self._current_progress_remaining) * factor
+            )

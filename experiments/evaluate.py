@@ -104,7 +104,8 @@ def reliance_table(
             model, task, config.env_kwargs(), args.episodes, seed=seed, blank=(key,)
         ).summary()
         rows.append(
-            (f"| {step} " if step is not None else "") + f"| {task} | {key} | {change['action']:.3f} | {change['value']:.3f} | "
+            (f"| {step} " if step is not None else "")
+            + f"| {task} | {key} | {change['action']:.3f} | {change['value']:.3f} | "
             f"{blanked['return_mean']:.1f} ± {blanked['return_std']:.1f} |\n"
         )
     return rows

@@ -329,7 +329,9 @@ def test_encoder_lr_scale_sets_how_far_the_encoder_steps_and_is_saved(venv, tmp_
         TrainConfig(algorithm="sac", recipe="sb3", policy={"encoder_lr_scale": 0.3}).validate()
     with pytest.raises(ValueError, match=r"encoder_lr_scale must be a positive number .* got 'low'"):
         TrainConfig(algorithm="sac", recipe="drq", policy={"encoder_lr_scale": "low"}).validate()
-    TrainConfig(algorithm="sac", recipe="drq", policy_type=policy_type, policy={"encoder_lr_scale": 0.3}).validate()
+    TrainConfig(
+        algorithm="sac", recipe="drq", policy_type=policy_type, policy={"encoder_lr_scale": 0.3}
+    ).validate()
 
 
 def test_the_encoder_receives_no_actor_gradient(venv):

@@ -503,16 +503,17 @@ def test_benchmark_features_reads_trained_runs_of_both_recipes(tmp_path, capsys)
     """`features --runs`: Q's spread over states and actions for a DrQ-recipe run and an SB3-recipe run (whose
     critic, action-conditioned queries over the latents, has no readout features: NaN), and how far each moved
     between its two kept checkpoints (learning starts between them)."""
-    from experiments.benchmarks.features import drift_table, trained_table
+    from experiments.benchmarks.features import trained_tables
 
     for recipe, policy in (("drq", ["--policy", "hidden_dim=32"]), ("sb3", [])):
         cli(*ppo_run(tmp_path, recipe, 32, 16, "--algorithm", "sac", "--recipe", recipe, "--task",
                      "cartpole-swingup", "--modalities", "pixels", "--n-envs", "1", "--perceiver-log-freq", "0",
                      "--algo", "batch_size=8", "learning_starts=24", "buffer_size=200", *policy))  # fmt: skip
-    trained_table([tmp_path / "drq", tmp_path / "sb3"])
+    trained_tables([tmp_path / "drq", tmp_path / "sb3"])
+    spread, moved = capsys.readouterr().out.split("between kept checkpoints")
     rows = {
         line.split("|")[1].strip(): [float(cell) for cell in line.split("|")[2:-1]]
-        for line in capsys.readouterr().out.splitlines()
+        for line in spread.splitlines()
         if line.startswith("| drq |") or line.startswith("| sb3 |")
     }
     assert set(rows) == {"drq", "sb3"}
@@ -520,15 +521,19 @@ def test_benchmark_features_reads_trained_runs_of_both_recipes(tmp_path, capsys)
     assert (
         math.isnan(rows["sb3"][1]) and not any(math.isnan(v) for v in rows["sb3"][2:]) and rows["sb3"][3] > 0
     )
-    drift_table([tmp_path / "drq", tmp_path / "sb3"])
     drift = {
-        line.split("|")[1].strip(): (line.split("|")[2].strip(), [float(cell) for cell in line.split("|")[3:-1]])
-        for line in capsys.readouterr().out.splitlines()
+        line.split("|")[1].strip(): (
+            line.split("|")[2].strip(),
+            [float(cell) for cell in line.split("|")[3:-1]],
+        )
+        for line in moved.splitlines()
         if line.startswith("| drq |") or line.startswith("| sb3 |")
     }
     assert set(drift) == {"drq", "sb3"}
     for steps, changes in drift.values():
-        assert steps == "16 → 32" and all(0 < change < math.inf for change in changes)  # it trained in between
+        assert steps == "16 → 32" and all(
+            0 < change < math.inf for change in changes
+        )  # it trained in between
 
 
 def test_benchmark_gpu_without_cuda_says_it_skipped():

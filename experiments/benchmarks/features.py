@@ -85,40 +85,37 @@ def init_table() -> None:
 
 
 def replay_sample(run: Path, count: int = 256):
-    """(config, model of the run's latest checkpoint with its replay, `count` replay samples, vec env)."""
+    """(config, model of the run's latest checkpoint, `count` samples of the replay saved with it)."""
     from agents import algorithm_class
     from envs import make_vec_env
     from experiments.checkpoint import load_model, load_replay_buffer, locate
 
     config, checkpoint = locate(run)
     venv = make_vec_env(config.task, n_envs=1, seed=0, **config.env_kwargs())
-    model = load_model(algorithm_class(config.algorithm, config.policy_type), checkpoint, env=venv, device="cpu")
-    if load_replay_buffer(model, checkpoint) is None:
+    try:
+        model = load_model(
+            algorithm_class(config.algorithm, config.policy_type), checkpoint, env=venv, device="cpu"
+        )
+        if load_replay_buffer(model, checkpoint) is None:
+            raise ValueError(f"{run} has no replay snapshot (train with --checkpoint-replay-buffer true)")
+        torch.manual_seed(0)
+        return config, model, model.replay_buffer.sample(count)
+    finally:
         venv.close()
-        raise ValueError(f"{run} has no replay snapshot (train with --checkpoint-replay-buffer true)")
-    torch.manual_seed(0)
-    return config, model, model.replay_buffer.sample(count), venv
 
 
-def trained_table(runs: list[Path]) -> None:
-    """For trained runs: feature variation, Q's spread over states and over actions, on 256 replay samples.
-    Any SAC run whose policy has an `encoder` and a critic with `q_values(latents, actions)`: both recipes."""
-    rows = []
-    for run in runs:
-        _, model, data, venv = replay_sample(run)
-        features, encoder = critic_spread(model.policy, data.observations)
-        with torch.no_grad():
-            h = model.policy.encoder(data.observations)
-            grid = torch.linspace(-1, 1, 11)
-            q = torch.stack([torch.cat(model.policy.critic.q_values(h, torch.full((256, 1), float(a))), 1).min(1).values
-                             for a in grid], 1)  # (256, 11)  # fmt: skip
-            action = model.policy.actor(data.observations, deterministic=True)  # (256, A), in [-1, 1]
-        rows.append([run.name, encoder, features, float(q[:, 5].std()), float((q.max(1).values - q.min(1).values).mean()),
-                     float(action.std())])  # fmt: skip
-        venv.close()
-    table("Trained runs, on 256 samples of their own replay",
-          ["run", "encoder output variation", "critic features variation", "Q(s, 0) std over states",
-           "Q range over actions", "deterministic action std over states"], rows)  # fmt: skip
+def spread_row(name: str, model, data) -> list:
+    """Feature variation, Q's spread over states and over actions, and the action's spread over states."""
+    features, encoder = critic_spread(model.policy, data.observations)
+    count = data.actions.shape[0]
+    with torch.no_grad():
+        h = model.policy.encoder(data.observations)
+        grid = torch.linspace(-1, 1, 11)
+        q = torch.stack([torch.cat(model.policy.critic.q_values(h, torch.full((count, 1), float(a))), 1).min(1).values
+                         for a in grid], 1)  # (count, 11)  # fmt: skip
+        action = model.policy.actor(data.observations, deterministic=True)  # (count, A), in [-1, 1]
+    return [name, encoder, features, float(q[:, 5].std()), float((q.max(1).values - q.min(1).values).mean()),
+            float(action.std())]  # fmt: skip
 
 
 def relative_change(before: torch.Tensor, after: torch.Tensor) -> float:
@@ -127,37 +124,48 @@ def relative_change(before: torch.Tensor, after: torch.Tensor) -> float:
     return float((after - before).norm() / before.norm().clamp_min(1e-12))
 
 
-def drift_table(runs: list[Path]) -> None:
-    """How far each run moved between its kept checkpoints (`--keep-checkpoints`), on 256 samples of its final
-    replay: the encoder's output and the critic's features (relative change) and the deterministic action (mean
-    absolute change; actions lie in [-1, 1]). The actor reads the critic's encoder, so a representation that moves
-    under it moves its actions too. A run with one kept checkpoint gives no row."""
+def drift_rows(run: Path, config, data) -> list[list]:
+    """How far the run moved between its kept checkpoints (`--keep-checkpoints`) on `data`: the encoder's output
+    and the critic's features (relative change) and the deterministic action (mean absolute change; actions lie
+    in [-1, 1]). The actor reads the critic's encoder, so a representation that moves under it moves its actions
+    too. One kept checkpoint: no row."""
     from agents import algorithm_class
     from experiments.checkpoint import list_checkpoints, load_model, read_meta
 
-    rows = []
+    passes = []
+    for checkpoint in list_checkpoints(run / "checkpoints"):
+        policy = load_model(
+            algorithm_class(config.algorithm, config.policy_type), checkpoint, device="cpu"
+        ).policy
+        policy.set_training_mode(False)
+        with torch.no_grad():
+            h = policy.encoder(data.observations)
+            readout = getattr(policy.critic, "readout", None)
+            features = readout(h) if readout is not None else h  # SB3's recipe's critic reads the latents
+            action = policy.actor(data.observations, deterministic=True)
+        passes.append((int(read_meta(checkpoint)["step"]), h.flatten(1), features.flatten(1), action))
+    return [[run.name, f"{step0} → {step1}", relative_change(h0, h1), relative_change(f0, f1),
+             float((a1 - a0).abs().mean())]
+            for (step0, h0, f0, a0), (step1, h1, f1, a1) in zip(passes, passes[1:])]  # fmt: skip
+
+
+def trained_tables(runs: list[Path]) -> None:
+    """For trained runs, on 256 samples of each one's replay (read once): feature variation and Q's spread over
+    states and over actions at its latest checkpoint, and how far it moved between its kept checkpoints. Any SAC
+    run whose policy has an `encoder` and a critic with `q_values(latents, actions)`: both recipes."""
+    spread, moved = [], []
     for run in runs:
-        config, _, data, venv = replay_sample(run)
-        venv.close()
-        passes = []
-        for checkpoint in list_checkpoints(run / "checkpoints"):
-            policy = load_model(algorithm_class(config.algorithm, config.policy_type), checkpoint, device="cpu").policy
-            policy.set_training_mode(False)
-            with torch.no_grad():
-                h = policy.encoder(data.observations)
-                readout = getattr(policy.critic, "readout", None)
-                features = readout(h) if readout is not None else h  # SB3's recipe's critic reads the latents
-                action = policy.actor(data.observations, deterministic=True)
-            passes.append((int(read_meta(checkpoint)["step"]), h.flatten(1), features.flatten(1), action))
-        for (step0, h0, f0, a0), (step1, h1, f1, a1) in zip(passes, passes[1:]):
-            rows.append([run.name, f"{step0} → {step1}", relative_change(h0, h1), relative_change(f0, f1),
-                         float((a1 - a0).abs().mean())])  # fmt: skip
+        config, model, data = replay_sample(run)
+        spread.append(spread_row(run.name, model, data))
+        moved += drift_rows(run, config, data)
+    table("Trained runs, on 256 samples of their own replay",
+          ["run", "encoder output variation", "critic features variation", "Q(s, 0) std over states",
+           "Q range over actions", "deterministic action std over states"], spread)  # fmt: skip
     table("Trained runs, between kept checkpoints, on 256 samples of their final replay",
-          ["run", "agent steps", "encoder output change", "critic features change", "action change"], rows)  # fmt: skip
+          ["run", "agent steps", "encoder output change", "critic features change", "action change"], moved)  # fmt: skip
 
 
 def bench_features(runs: list[Path] | None = None) -> None:
     init_table()
     if runs:
-        trained_table(runs)
-        drift_table(runs)
+        trained_tables(runs)

@@ -54,7 +54,11 @@ def test_reproduce_results_runs_study_2_under_drqs_recipe(tmp_path):
                    capture_output=True, text=True, timeout=HANG_GUARD_S)  # fmt: skip
     argvs = {a[a.index("--run-name") + 1]: a for a in calls(records)}
     assert set(argvs) == {"study2-drq-perceiver-conv-online-target-s0", "study2-drq-cnn-s0",
-                          "study2-drq-perceiver-conv-online-target-full-s0"}  # fmt: skip
+                          "study2-drq-perceiver-conv-online-target-full-s0",
+                          "study2-drq-perceiver-conv-online-target-mix-camera-s0"}  # fmt: skip
+    mix = argvs["study2-drq-perceiver-conv-online-target-mix-camera-s0"]  # the mix reaches train as one argument
+    assert mix[mix.index("--modality-mix") + 1] == "all=0.4 pixels+proprio=0.2 pixels+action_history=0.2 pixels=0.2"
+    assert "missing_tokens=mask" in mix and "target_encoder=online" in mix
     full = argvs["study2-drq-perceiver-conv-online-target-full-s0"]
     assert full[full.index("--proprio") + 1] == "full" and "target_encoder=online" in full
     assert argvs["study2-drq-cnn-s0"][argvs["study2-drq-cnn-s0"].index("--proprio") + 1] == "robot"

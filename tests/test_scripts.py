@@ -56,8 +56,10 @@ def test_reproduce_results_runs_study_2_under_drqs_recipe(tmp_path):
     assert set(argvs) == {"study2-drq-perceiver-conv-online-target-s0", "study2-drq-cnn-s0",
                           "study2-drq-perceiver-conv-online-target-full-s0",
                           "study2-drq-perceiver-conv-online-target-mix-camera-s0"}  # fmt: skip
-    mix = argvs["study2-drq-perceiver-conv-online-target-mix-camera-s0"]  # the mix reaches train as one argument
-    assert mix[mix.index("--modality-mix") + 1] == "all=0.4 pixels+proprio=0.2 pixels+action_history=0.2 pixels=0.2"
+    # the mix reaches train as one argument
+    mix = argvs["study2-drq-perceiver-conv-online-target-mix-camera-s0"]
+    spec = "all=0.4 pixels+proprio=0.2 pixels+action_history=0.2 pixels=0.2"
+    assert mix[mix.index("--modality-mix") + 1] == spec
     assert "missing_tokens=mask" in mix and "target_encoder=online" in mix
     full = argvs["study2-drq-perceiver-conv-online-target-full-s0"]
     assert full[full.index("--proprio") + 1] == "full" and "target_encoder=online" in full

@@ -498,3 +498,30 @@ def test_reliance_every_probes_every_kth_step_and_leaves_the_episodes_alone():
     with pytest.raises(ValueError, match="reliance_every must be a positive integer, got 0"):
         cfg.TrainConfig(reliance_every=0).validate()
     venv.close()
+
+
+def test_grouped_latents_train_under_drqs_recipe_with_an_online_target(mix_venv):
+    """study2-fuse-drq's grouped variant: conv tokens, grouped latents, mask tokens, the online target."""
+    from stable_baselines3.common.logger import configure
+
+    from agents import make_agent
+
+    groups = {"pixels": 4, "proprio": 2, "action_history": 2}
+    model = make_agent(
+        "sac", mix_venv, perceiver={**SMALL, "missing_tokens": "mask", "latent_groups": groups,
+                                    "pixel_tokenizer": "conv", "self_attn_layers": 0},
+        recipe="drq", device="cpu", seed=0, learning_starts=8, batch_size=8, target_encoder="online",
+        policy_kwargs={"hidden_dim": 32},
+    )  # fmt: skip
+    model.set_logger(configure(None, []))
+    model.learn(8)  # seed steps fill the replay
+    encoder = model.policy.encoder
+    before = [p.detach().clone() for p in encoder.parameters()]
+    model.train(gradient_steps=2, batch_size=8)
+    assert any(not torch.equal(b, p) for b, p in zip(before, encoder.parameters()))  # the critic trains it
+    obs = {k: torch.as_tensor(v[None]) for k, v in mix_venv.observation_space.sample().items()}
+    changed = {**obs, "proprio": obs["proprio"] + 1.0}
+    with torch.no_grad():
+        latents, moved = encoder(obs), encoder(changed)
+    assert torch.allclose(latents[:, :4], moved[:, :4])  # after training, the camera's group still reads no proprio
+    assert not torch.allclose(latents[:, 4:6], moved[:, 4:6])

@@ -55,7 +55,8 @@ def test_reproduce_results_runs_study_2_under_drqs_recipe(tmp_path):
     argvs = {a[a.index("--run-name") + 1]: a for a in calls(records)}
     assert set(argvs) == {"study2-drq-perceiver-conv-online-target-s0", "study2-drq-cnn-s0",
                           "study2-drq-perceiver-conv-online-target-full-s0",
-                          "study2-drq-perceiver-conv-online-target-mix-camera-s0"}  # fmt: skip
+                          "study2-drq-perceiver-conv-online-target-mix-camera-s0",
+                          "study2-drq-perceiver-conv-online-target-groups-s0"}  # fmt: skip
     # the mix reaches train as one argument
     mix = argvs["study2-drq-perceiver-conv-online-target-mix-camera-s0"]
     spec = "all=0.4 pixels+proprio=0.2 pixels+action_history=0.2 pixels=0.2"
@@ -64,6 +65,8 @@ def test_reproduce_results_runs_study_2_under_drqs_recipe(tmp_path):
     full = argvs["study2-drq-perceiver-conv-online-target-full-s0"]
     assert full[full.index("--proprio") + 1] == "full" and "target_encoder=online" in full
     assert argvs["study2-drq-cnn-s0"][argvs["study2-drq-cnn-s0"].index("--proprio") + 1] == "robot"
+    groups = argvs["study2-drq-perceiver-conv-online-target-groups-s0"]
+    assert "latent_groups={'pixels': 16, 'proprio': 8, 'action_history': 8}" in groups and "--modality-mix" not in groups
 
 
 def test_gpu_session_trains_the_named_spec_runs_on_the_gpu(tmp_path):

@@ -523,5 +523,6 @@ def test_grouped_latents_train_under_drqs_recipe_with_an_online_target(mix_venv)
     changed = {**obs, "proprio": obs["proprio"] + 1.0}
     with torch.no_grad():
         latents, moved = encoder(obs), encoder(changed)
-    assert torch.allclose(latents[:, :4], moved[:, :4])  # after training, the camera's group still reads no proprio
+    # after training, the camera's group still reads no proprio
+    assert torch.allclose(latents[:, :4], moved[:, :4])
     assert not torch.allclose(latents[:, 4:6], moved[:, 4:6])

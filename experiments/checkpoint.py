@@ -188,14 +188,19 @@ def load_model(algo_cls, checkpoint: Path, env=None, device: str = "auto"):
         raise CheckpointError(f"corrupt checkpoint {path}: {type(err).__name__}: {err}") from err
 
 
+def is_run_directory(path: Path) -> bool:
+    """A run directory holds the run's config.yaml; a checkpoint inside it (RUN/checkpoints/NAME) holds model.zip."""
+    return (path / "config.yaml").exists()
+
+
 def locate(path: Path) -> tuple:
     """(TrainConfig, checkpoint) for a run directory or a checkpoint directory inside one."""
     from experiments.config import load as load_config  # config imports agents: keep this module light
 
     if not path.exists():
         raise ValueError(f"run directory or checkpoint {str(path)!r} not found")
-    if (path / "config.yaml").exists():
+    if is_run_directory(path):
         return load_config(path / "config.yaml"), latest_checkpoint(path)
-    if (path / "model.zip").exists() and (path.parent.parent / "config.yaml").exists():
+    if (path / "model.zip").exists() and is_run_directory(path.parent.parent):
         return load_config(path.parent.parent / "config.yaml"), path
     raise ValueError(f"{str(path)!r} is neither a run directory (config.yaml) nor a checkpoint (model.zip)")

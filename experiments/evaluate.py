@@ -21,7 +21,14 @@ from pathlib import Path
 
 from agents import algorithm_class
 from experiments import config as cfg
-from experiments.checkpoint import CheckpointError, list_checkpoints, load_model, locate, read_meta
+from experiments.checkpoint import (
+    CheckpointError,
+    is_run_directory,
+    list_checkpoints,
+    load_model,
+    locate,
+    read_meta,
+)
 from experiments.evaluation import evaluate_policy, write_mp4
 from experiments.export import observations
 from experiments.runtime import keep_freed_memory
@@ -76,7 +83,7 @@ def checkpoints_to_evaluate(path: Path, latest: Path, every: bool) -> list[Path]
     """[latest], or with `every` (--all-checkpoints) each complete checkpoint of the run directory, oldest first."""
     if not every:
         return [latest]
-    if not (path / "config.yaml").exists():
+    if not is_run_directory(path):
         raise ValueError(
             f"--all-checkpoints evaluates the checkpoints of a run directory; {str(path)!r} is one checkpoint "
             f"(give its run directory, {str(path.parent.parent)!r})"

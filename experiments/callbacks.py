@@ -19,7 +19,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import TensorBoardOutputFormat
 
 from envs.multitask import active_task_weights
-from experiments.checkpoint import save_checkpoint
+from experiments.checkpoint import best_checkpoint, read_meta, save_best, save_checkpoint
 from experiments.evaluation import evaluate_tasks, missing_modalities, perceiver_encoder
 from experiments.tb import add_video, attention_figure, attention_overlay
 from perceiver_policy.introspection import (
@@ -73,7 +73,11 @@ class PeriodicCallback(BaseCallback):
 
 
 class EvalCallback(PeriodicCallback):
-    """Deterministic episodes every `every` steps: eval/return_mean|std, perf/latency_*, eval video."""
+    """Deterministic episodes every `every` steps: eval/return_mean|std, perf/latency_*, eval video.
+
+    `keep_best`: after each evaluation that beats every earlier one of the run (a resumed run's included: the
+    best checkpoint on disk sets the bar), the model goes to RUN/checkpoints/best_<step> (`save_best`);
+    eval/best_return logs the bar."""
 
     def __init__(
         self,
@@ -91,8 +95,12 @@ class EvalCallback(PeriodicCallback):
         references: dict[str, float] | None = None,
         task_sampler: str = "uniform",
         tasks: list[str] | None = None,
+        keep_best: bool = False,
     ):
         super().__init__(every)
+        self.keep_best = keep_best
+        best = best_checkpoint(run_dir) if keep_best else None
+        self.best_return = float(read_meta(best)["return_mean"]) if best is not None else float("-inf")
         self.reliance, self.reliance_every = reliance, reliance_every
         # Multi-task (env_kwargs['tasks']): each task's reference return; 'active' reweights the training envs' tasks.
         self.references, self.task_sampler, self.tasks = references, task_sampler, tasks
@@ -158,6 +166,13 @@ class EvalCallback(PeriodicCallback):
         for key, value in (result.stream or {}).items():
             self.logger.record(f"perf/{key}", value)
         self.logger.record("charts/frames", step * self.action_repeat)
+        if self.keep_best and summary["return_mean"] > self.best_return:
+            self.best_return = float(summary["return_mean"])
+            save_best(self.model, self.run_dir / "checkpoints", step,
+                      {"return_mean": self.best_return, "frames": step * self.action_repeat,
+                       "episodes": self.episodes, "seed": self.seed, "time": time.time()})  # fmt: skip
+        if self.keep_best:
+            self.logger.record("eval/best_return", self.best_return)
         writer = tensorboard_writer(self.logger)
         self.last_frames = result.frames
         if result.frames is not None and writer is not None:

@@ -25,6 +25,9 @@ from stable_baselines3.common.save_util import load_from_pkl
 from experiments.replay_snapshot import list_snapshots, load_replay_snapshot, save_replay_snapshot
 
 PREFIX = "step_"
+BEST_PREFIX = (
+    "best_"  # checkpoints/best_<N>/: the policy whose evaluation scored highest so far (`save_best`)
+)
 COMPLETE = "meta.json"  # written last: a checkpoint directory without it is not a checkpoint
 
 
@@ -149,9 +152,56 @@ def save_checkpoint(
     return final
 
 
-def _step_and_generation(path: Path) -> tuple[int, int]:
-    """step_<N> -> (N, 0); step_<N>.<k> -> (N, k)."""
-    step, _, generation = path.name[len(PREFIX) :].partition(".")
+def save_best(model, directory: Path, step: int, extra: dict) -> Path:
+    """The model of `step` as the run's best checkpoint, ``directory/best_<step>/`` (model.zip, the reward
+    normaliser, meta.json with the step and `extra`; no replay, no RNG: it is for evaluation and export, not for
+    --resume). Written to a temporary directory and renamed into place; the previous best is removed only after."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"{BEST_PREFIX}{step:012d}"
+    previous = best_checkpoint(directory.parent)
+    if previous is not None and _step_and_generation(previous, BEST_PREFIX)[0] == step:
+        final = final.with_name(f"{final.name}.{_step_and_generation(previous, BEST_PREFIX)[1] + 1}")
+    tmp = directory / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        model.save(tmp / "model.zip")
+        normalizer = model.get_vec_normalize_env()
+        if normalizer is not None:
+            normalizer.save(str(tmp / "vecnormalize.pkl"))
+        (tmp / COMPLETE).write_text(json.dumps({"step": step, **extra}))
+        for file in tmp.iterdir():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(tmp)
+        os.replace(tmp, final)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"best checkpoint of step {step} not written ({err})") from err
+    _fsync_dir(directory)
+    for old in directory.glob(f"{BEST_PREFIX}*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def best_checkpoint(run_dir: Path) -> Path | None:
+    """The run's best checkpoint (`save_best`): the highest recorded return (then the latest), None if it kept
+    none."""
+    found = [p for p in (Path(run_dir) / "checkpoints").glob(f"{BEST_PREFIX}*") if (p / COMPLETE).exists()]
+
+    def rank(path: Path) -> tuple[float, int, int]:
+        return (
+            float(read_meta(path).get("return_mean", float("-inf"))),
+            *_step_and_generation(path, BEST_PREFIX),
+        )
+
+    return max(found, key=rank) if found else None
+
+
+def _step_and_generation(path: Path, prefix: str = PREFIX) -> tuple[int, int]:
+    """step_<N> -> (N, 0); step_<N>.<k> -> (N, k) (`prefix` BEST_PREFIX: the same for best_<N>)."""
+    step, _, generation = path.name[len(prefix) :].partition(".")
     return int(step), int(generation or 0)
 
 

@@ -55,7 +55,7 @@ LEGACY_FIELDS = {"modality_dropout": "env_modality_dropout"}
 RESUME_SAFE_FIELDS = (
     "total_steps", "total_frames", "device", "eval_freq", "eval_every_frames", "eval_episodes", "eval_video",
     "state_probe", "reliance", "reliance_every", "checkpoint_freq", "checkpoint_every_frames", "keep_checkpoints",
-    "checkpoint_replay_buffer", "perceiver_log_freq", "progress_bar",
+    "keep_best", "checkpoint_replay_buffer", "perceiver_log_freq", "progress_bar",
 )  # fmt: skip
 
 
@@ -188,6 +188,11 @@ class TrainConfig:
     """If set, checkpoint_freq = ceil(checkpoint_every_frames / action_repeat)."""
     keep_checkpoints: int = 3
     """Most recent checkpoints kept on disk (older ones are deleted)."""
+    keep_best: bool = True
+    """Also keep the policy of the best evaluation so far in RUN/checkpoints/best_<step> (model and its return;
+    not for --resume): a policy that swings late in training is not lost. It is chosen on the training
+    evaluations' episodes, so its return there is optimistic: `python -m experiments.evaluate RUN --best --seed
+    20000` scores it on fresh ones."""
     checkpoint_replay_buffer: bool = True
     """SAC: store the replay buffer in checkpoints so --resume continues with it (large for pixels)."""
     perceiver_log_freq: int = 5_000

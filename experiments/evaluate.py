@@ -9,7 +9,8 @@ extractor output, LSTM state) to the true state, fit on the first half of the ep
 `--num-latents 4 8 32` evaluates a policy trained with latent_scaling at each of those numbers of latents (one
 row each); `--latency-budget-ms B` measures p95 batch-1 latency at every trained k here and evaluates the largest
 k that fits. `--all-checkpoints` evaluates every checkpoint a run kept, oldest first, one row each with its step
-(is the final evaluation representative of the last stretch of training, or a peak or a dip?).
+(is the final evaluation representative of the last stretch of training, or a peak or a dip?); `--best` the
+policy of the run's best training evaluation (RUN/checkpoints/best_<step>, kept by `--keep-best`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from agents import algorithm_class
 from experiments import config as cfg
 from experiments.checkpoint import (
     CheckpointError,
+    best_checkpoint,
     is_run_directory,
     list_checkpoints,
     load_model,
@@ -76,19 +78,29 @@ def condition(args: argparse.Namespace) -> str:
     if args.num_latents:
         suffix += f"-k{'-'.join(str(k) for k in args.num_latents)}"
     suffix += f"-budget{args.latency_budget_ms:g}ms" if args.latency_budget_ms is not None else ""
-    return suffix + ("-checkpoints" if args.all_checkpoints else "")
+    return suffix + ("-checkpoints" if args.all_checkpoints else "") + ("-best" if args.best else "")
 
 
-def checkpoints_to_evaluate(path: Path, latest: Path, every: bool) -> list[Path]:
-    """[latest], or with `every` (--all-checkpoints) each complete checkpoint of the run directory, oldest first."""
-    if not every:
+def checkpoints_to_evaluate(path: Path, latest: Path, every: bool, best: bool = False) -> list[Path]:
+    """[latest]; with `every` (--all-checkpoints) each complete checkpoint of the run directory, oldest first;
+    with `best` (--best) the run's best checkpoint."""
+    if not (every or best):
         return [latest]
+    flag = "--all-checkpoints" if every else "--best"
     if not is_run_directory(path):
         raise ValueError(
-            f"--all-checkpoints evaluates the checkpoints of a run directory; {str(path)!r} is one checkpoint "
+            f"{flag} reads the checkpoints of a run directory; {str(path)!r} is one checkpoint "
             f"(give its run directory, {str(path.parent.parent)!r})"
         )
-    return list_checkpoints(path / "checkpoints")
+    if every:
+        return list_checkpoints(path / "checkpoints")
+    found = best_checkpoint(path)
+    if found is None:
+        raise ValueError(
+            f"{str(path)!r} kept no best checkpoint (trained with --keep-best false, or before the option "
+            f"existed); evaluate its latest checkpoint ({str(latest)!r}) without --best"
+        )
+    return [found]
 
 
 def checkpoint_step(checkpoint: Path) -> int | None:
@@ -208,12 +220,20 @@ def main(argv: list[str] | None = None) -> int:
         help="measure p95 batch-1 latency at every trained number of latents on this machine and evaluate the "
         "largest that fits within B ms",
     )
-    parser.add_argument(
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
         "--all-checkpoints",
         action="store_true",
         help="evaluate every checkpoint the run directory kept (the newest keep_checkpoints, default 3), oldest "
         "first, one row each with its step: is the final evaluation a peak, a dip or the level of the last "
         "stretch of training?",
+    )
+    which.add_argument(
+        "--best",
+        action="store_true",
+        help="evaluate the policy of the run's best training evaluation (RUN/checkpoints/best_<step>, kept with "
+        "--keep-best, the default) instead of the latest; chosen on the training evaluations' episodes, so give "
+        "--seed for fresh ones (e.g. --seed 20000)",
     )
     parser.add_argument(
         "--device", default="cpu", help="torch device to run the policy on (default: %(default)s)"
@@ -233,7 +253,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.reliance_every <= 0:
             raise ValueError(f"--reliance-every must be a positive integer, got {args.reliance_every}")
         config, latest = locate(args.path)
-        checkpoints = checkpoints_to_evaluate(args.path, latest, args.all_checkpoints)
+        checkpoints = checkpoints_to_evaluate(args.path, latest, args.all_checkpoints, args.best)
+        if args.best:
+            meta = read_meta(checkpoints[0])
+            print(
+                f"best checkpoint: {checkpoints[0]} (step {meta['step']}, {meta.get('frames', '?')} frames; "
+                f"its training evaluation {meta['return_mean']:.1f} over {meta.get('episodes', '?')} episodes)"
+            )
         seed = args.seed if args.seed is not None else 10_000 + config.seed
         if args.task and args.tasks:
             raise ValueError("give --task T (one task) or --tasks T1 T2 ..., not both")

@@ -251,6 +251,7 @@ def run(config: cfg.TrainConfig, run_dir: Path, resume: bool = False) -> dict:
         references=config.references() if config.multitask else None,
         tasks=config.eval_tasks(),
         task_sampler=config.task_sampler,
+        keep_best=config.keep_best,
     )
     if resume:  # evaluations logged after the checkpoint are dropped, as in TensorBoard
         evaluator.truncate_history(start_step)

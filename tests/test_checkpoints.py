@@ -9,7 +9,14 @@ import pytest
 import agents
 import envs
 from experiments import config as cfg
-from experiments.checkpoint import CheckpointError, list_checkpoints, read_meta, save_checkpoint
+from experiments.checkpoint import (
+    CheckpointError,
+    best_checkpoint,
+    list_checkpoints,
+    read_meta,
+    save_best,
+    save_checkpoint,
+)
 
 TINY = {"num_latents": 8, "latent_dim": 32, "fourier_bands": 4}
 
@@ -58,6 +65,33 @@ def test_a_full_disk_leaves_the_previous_checkpoint_intact(tmp_path, model, monk
         save_checkpoint(model, directory, 64, keep=3, with_replay_buffer=False, extra={})
     assert list_checkpoints(directory) == [first]
     assert not list(directory.glob(".tmp-*"))  # the partial write is cleaned up
+
+
+def test_a_new_best_replaces_the_old_only_once_written_and_sets_a_resumed_run_s_bar(
+    tmp_path, model, monkeypatch
+):
+    from experiments.callbacks import EvalCallback
+
+    directory = tmp_path / "checkpoints"
+    first = save_best(model, directory, 32, {"return_mean": 10.0})
+    real_replace = os.replace
+
+    def crash(src, dst):  # the process dies at the rename of the new best
+        if Path(dst).parent == directory:
+            raise KeyboardInterrupt("killed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_best(model, directory, 64, {"return_mean": 20.0})
+    assert best_checkpoint(tmp_path) == first  # the old best is intact
+    monkeypatch.setattr(os, "replace", real_replace)
+    again = save_best(model, directory, 32, {"return_mean": 15.0})  # the same step (a resumed run), better
+    assert again.name == first.name + ".1" and not first.exists() and best_checkpoint(tmp_path) == again
+    assert list_checkpoints(directory) == []  # best_ checkpoints are not --resume candidates
+    evaluator = EvalCallback(1, "cartpole-balance", {}, 1, tmp_path, 1, False, 0, keep_best=True)
+    assert evaluator.best_return == 15.0  # a resumed run must beat the best on disk
+    assert EvalCallback(1, "cartpole-balance", {}, 1, tmp_path, 1, False, 0).best_return == float("-inf")
 
 
 def test_config_is_written_atomically(tmp_path, monkeypatch):

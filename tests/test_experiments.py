@@ -16,7 +16,7 @@ import torch
 from conftest import HANG_GUARD_S
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from experiments.checkpoint import list_checkpoints, read_meta
+from experiments.checkpoint import best_checkpoint, list_checkpoints, read_meta
 
 pytestmark = pytest.mark.slow
 
@@ -315,6 +315,40 @@ def test_evaluate_all_checkpoints_gives_one_row_per_kept_checkpoint(trained_run,
     one = list_checkpoints(trained_run / "checkpoints")[0]
     refused = cli("experiments.evaluate", str(one), "--all-checkpoints", check=False)
     assert refused.returncode == 2 and f"give its run directory, '{trained_run}'" in refused.stderr
+
+
+def test_the_best_evaluation_s_policy_is_kept_and_evaluate_best_reads_it(trained_run, tmp_path):
+    """--keep-best (default): RUN/checkpoints/best_<step> holds the policy of the highest training evaluation, apart
+    from the rotating step_ checkpoints; `evaluate --best` scores it and says which it is."""
+    with open(trained_run / "eval" / "history.csv") as handle:
+        history = [(int(r["step"]), float(r["return_mean"])) for r in csv.DictReader(handle)]
+    assert len(history) >= 2
+    best_step, best_return = max(history, key=lambda row: row[1])  # the first of equal returns: max keeps it
+    best = best_checkpoint(trained_run)
+    meta = read_meta(best)
+    assert meta["step"] == best_step and meta["return_mean"] == pytest.approx(best_return, abs=1e-3)
+    assert len(list((trained_run / "checkpoints").glob("best_*"))) == 1  # earlier bests removed
+    assert best not in list_checkpoints(trained_run / "checkpoints")  # not a --resume candidate
+    out = cli(
+        "experiments.evaluate", str(trained_run), "--best", "--episodes", "1", "--output", str(tmp_path)
+    )
+    assert f"best checkpoint: {best} (step {best_step}," in out.stdout
+    with open(tmp_path / "eval-best.csv") as handle:
+        (row,) = csv.DictReader(handle)
+    assert int(row["step"]) == best_step
+    both = cli("experiments.evaluate", str(trained_run), "--best", "--all-checkpoints", check=False)
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+
+
+def test_keep_best_false_keeps_none_and_evaluate_best_says_so(tmp_path):
+    cli(*ppo_run(tmp_path, "nobest", 32, 16, "--keep-best", "false"))
+    run = tmp_path / "nobest"
+    assert best_checkpoint(run) is None and not list((run / "checkpoints").glob("best_*"))
+    refused = cli("experiments.evaluate", str(run), "--best", "--episodes", "1", check=False)
+    assert (
+        refused.returncode == 2
+        and "kept no best checkpoint (trained with --keep-best false" in refused.stderr
+    )
 
 
 def test_evaluate_reliance_prints_each_key_withheld_and_blanked(trained_run, tmp_path):

@@ -34,6 +34,7 @@ from experiments.callbacks import (
 )
 from experiments.checkpoint import (
     CheckpointError,
+    best_checkpoint,
     latest_checkpoint,
     list_checkpoints,
     load_model,
@@ -383,6 +384,13 @@ def finish(
         f"tensorboard   : tensorboard --logdir {run_dir.parent}   (or: make tensorboard)",
         f"checkpoints   : {run_dir / 'checkpoints'}",
     ]
+    best = best_checkpoint(run_dir) if config.keep_best else None
+    if best is not None:
+        meta = read_meta(best)
+        lines.append(
+            f"best policy   : {best} (evaluation {meta['return_mean']:.1f} at step {meta['step']}; on fresh "
+            f"episodes: python -m experiments.evaluate {run_dir} --best --seed 20000)"
+        )
     if video_path:
         lines.append(f"eval video    : {video_path}")
     print("\n".join(lines), flush=True)

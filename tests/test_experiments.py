@@ -250,7 +250,8 @@ def test_sac_resume_continues_the_saved_replay_buffer(tmp_path):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    cli(*ppo_run(root, "run", 64, 32, "--reliance", "true"))
+    trained = cli(*ppo_run(root, "run", 64, 32, "--reliance", "true"))
+    (root / "train-stdout.txt").write_text(trained.stdout)  # what the command printed at its end
     return root / "run"
 
 
@@ -329,6 +330,8 @@ def test_the_best_evaluation_s_policy_is_kept_and_evaluate_best_reads_it(trained
     assert meta["step"] == best_step and meta["return_mean"] == pytest.approx(best_return, abs=1e-3)
     assert len(list((trained_run / "checkpoints").glob("best_*"))) == 1  # earlier bests removed
     assert best not in list_checkpoints(trained_run / "checkpoints")  # not a --resume candidate
+    printed = (trained_run.parent / "train-stdout.txt").read_text()
+    assert f"best policy   : {best} (evaluation {meta['return_mean']:.1f} at step {best_step};" in printed
     out = cli(
         "experiments.evaluate", str(trained_run), "--best", "--episodes", "1", "--output", str(tmp_path)
     )
@@ -341,7 +344,8 @@ def test_the_best_evaluation_s_policy_is_kept_and_evaluate_best_reads_it(trained
 
 
 def test_keep_best_false_keeps_none_and_evaluate_best_says_so(tmp_path):
-    cli(*ppo_run(tmp_path, "nobest", 32, 16, "--keep-best", "false"))
+    trained = cli(*ppo_run(tmp_path, "nobest", 32, 16, "--keep-best", "false"))
+    assert "best policy" not in trained.stdout
     run = tmp_path / "nobest"
     assert best_checkpoint(run) is None and not list((run / "checkpoints").glob("best_*"))
     refused = cli("experiments.evaluate", str(run), "--best", "--episodes", "1", check=False)

@@ -28,23 +28,29 @@ def model():
     venv.close()
 
 
-def test_a_second_checkpoint_of_the_same_step_replaces_the_first_only_once_written(
-    tmp_path, model, monkeypatch
-):
-    directory = tmp_path / "checkpoints"
-    first = save_checkpoint(model, directory, 64, keep=1, with_replay_buffer=False, extra={})
+def killed_at_rename_into(directory: Path, monkeypatch) -> None:
+    """From now on the process "dies" (KeyboardInterrupt) at any rename into `directory`; undo with
+    `monkeypatch.undo()`."""
     real_replace = os.replace
 
-    def crash(src, dst):  # the process dies at the rename of the new checkpoint
+    def crash(src, dst):
         if Path(dst).parent == directory:
             raise KeyboardInterrupt("killed")
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", crash)
+
+
+def test_a_second_checkpoint_of_the_same_step_replaces_the_first_only_once_written(
+    tmp_path, model, monkeypatch
+):
+    directory = tmp_path / "checkpoints"
+    first = save_checkpoint(model, directory, 64, keep=1, with_replay_buffer=False, extra={})
+    killed_at_rename_into(directory, monkeypatch)  # the process dies at the rename of the new checkpoint
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(model, directory, 64, keep=1, with_replay_buffer=False, extra={"again": True})
     assert list_checkpoints(directory) == [first]  # still one complete checkpoint
-    monkeypatch.setattr(os, "replace", real_replace)
+    monkeypatch.undo()
     second = save_checkpoint(model, directory, 64, keep=1, with_replay_buffer=False, extra={"again": True})
     assert list_checkpoints(directory) == [second] and read_meta(second)["again"] is True
     third = save_checkpoint(model, directory, 96, keep=1, with_replay_buffer=False, extra={})
@@ -74,18 +80,11 @@ def test_a_new_best_replaces_the_old_only_once_written_and_sets_a_resumed_run_s_
 
     directory = tmp_path / "checkpoints"
     first = save_best(model, directory, 32, {"return_mean": 10.0})
-    real_replace = os.replace
-
-    def crash(src, dst):  # the process dies at the rename of the new best
-        if Path(dst).parent == directory:
-            raise KeyboardInterrupt("killed")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", crash)
+    killed_at_rename_into(directory, monkeypatch)  # the process dies at the rename of the new best
     with pytest.raises(KeyboardInterrupt):
         save_best(model, directory, 64, {"return_mean": 20.0})
     assert best_checkpoint(tmp_path) == first  # the old best is intact
-    monkeypatch.setattr(os, "replace", real_replace)
+    monkeypatch.undo()
     again = save_best(model, directory, 32, {"return_mean": 15.0})  # the same step (a resumed run), better
     assert again.name == first.name + ".1" and not first.exists() and best_checkpoint(tmp_path) == again
     assert list_checkpoints(directory) == []  # best_ checkpoints are not --resume candidates

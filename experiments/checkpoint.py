@@ -107,6 +107,35 @@ def load_replay_buffer(model, checkpoint: Path) -> str | None:
     return str(legacy if legacy.exists() else snapshots[-1])
 
 
+def _write_temporary(
+    model, directory: Path, name: str, meta: dict, rng: bool, replay_step: int | None
+) -> Path:
+    """``directory/.tmp-<name>-<pid>/`` holding model.zip, the RNG states (`rng`), the reward normaliser and
+    meta.json (last), each file synced; with `replay_step`, the replay snapshot of that step beside it first.
+    Removed again if a write fails (the OSError is re-raised). The caller renames it into place."""
+    tmp = directory / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        model.save(tmp / "model.zip")
+        if rng:
+            torch.save(rng_state(), tmp / "rng.pt")
+        normalizer = model.get_vec_normalize_env()
+        if normalizer is not None:
+            normalizer.save(str(tmp / "vecnormalize.pkl"))
+        if replay_step is not None:  # before the checkpoint that needs it
+            save_replay_snapshot(model.replay_buffer, directory, replay_step)
+        (tmp / COMPLETE).write_text(json.dumps(meta))
+        for file in tmp.iterdir():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(tmp)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
 def save_checkpoint(
     model, directory: Path, step: int, keep: int, with_replay_buffer: bool, extra: dict
 ) -> Path:
@@ -116,24 +145,12 @@ def save_checkpoint(
     if same_step:  # never delete before the replacement is in place: a new generation of this step
         name += f".{_step_and_generation(same_step[-1])[1] + 1}"
     final = directory / name
-    tmp = directory / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    replay = with_replay_buffer and getattr(model, "replay_buffer", None) is not None
     try:
-        tmp.mkdir()
-        model.save(tmp / "model.zip")
-        torch.save(rng_state(), tmp / "rng.pt")
-        normalizer = model.get_vec_normalize_env()
-        if normalizer is not None:
-            normalizer.save(str(tmp / "vecnormalize.pkl"))
-        if with_replay_buffer and getattr(model, "replay_buffer", None) is not None:
-            save_replay_snapshot(model.replay_buffer, directory, step)  # before the checkpoint that needs it
-        (tmp / COMPLETE).write_text(json.dumps({"step": step, **extra}))
-        for file in tmp.iterdir():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-        _fsync_dir(tmp)
+        tmp = _write_temporary(
+            model, directory, name, {"step": step, **extra}, True, step if replay else None
+        )
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
         previous = list_checkpoints(directory)
         kept = (
             f"the previous checkpoint {previous[-1]} is intact"
@@ -161,22 +178,14 @@ def save_best(model, directory: Path, step: int, extra: dict) -> Path:
     previous = best_checkpoint(directory.parent)
     if previous is not None and _step_and_generation(previous, BEST_PREFIX)[0] == step:
         final = final.with_name(f"{final.name}.{_step_and_generation(previous, BEST_PREFIX)[1] + 1}")
-    tmp = directory / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir()
-        model.save(tmp / "model.zip")
-        normalizer = model.get_vec_normalize_env()
-        if normalizer is not None:
-            normalizer.save(str(tmp / "vecnormalize.pkl"))
-        (tmp / COMPLETE).write_text(json.dumps({"step": step, **extra}))
-        for file in tmp.iterdir():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-        _fsync_dir(tmp)
-        os.replace(tmp, final)
+        tmp = _write_temporary(model, directory, final.name, {"step": step, **extra}, False, None)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"best checkpoint of step {step} not written ({err})") from err
     _fsync_dir(directory)
     for old in directory.glob(f"{BEST_PREFIX}*"):

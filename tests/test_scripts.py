@@ -85,3 +85,19 @@ def test_gpu_session_trains_the_named_spec_runs_on_the_gpu(tmp_path):
     bad = subprocess.run(["bash", "experiments/scripts/gpu_session.sh"], cwd=ROOT, capture_output=True, text=True,
                          env={**env, "GPU_RUNS": "nope"}, timeout=HANG_GUARD_S)  # fmt: skip
     assert bad.returncode == 2 and "unknown run 'nope' in GPU_RUNS" in bad.stderr
+
+
+def test_gpu_session_default_runs_exist_and_eval_args_reach_evaluate(tmp_path):
+    fake, records = fake_python(tmp_path)
+    env = {**os.environ, "PY": str(fake), "OUT": str(tmp_path / "out"), "RUNS": str(tmp_path / "gpu"),
+           "BENCH_LIMIT": "0", "GPU_TESTS": "0", "PROBE_LIMIT": "60", "TRAIN_UNTIL": "120",
+           "EVAL_ARGS": "--episodes 3 --reliance"}  # fmt: skip
+    env.pop("GPU_RUNS", None)
+    subprocess.run(["bash", "experiments/scripts/gpu_session.sh"], cwd=ROOT, env=env, check=True,
+                   capture_output=True, text=True, timeout=HANG_GUARD_S)  # fmt: skip
+    argvs = calls(records)
+    trained = sorted(a[a.index("--run-name") + 1] for a in argvs if "experiments.train" in a)
+    assert trained == ["drq128-swingup-drq-cnn-s2", "study2-drq-cnn-s1", "study2-drq-cnn-s2"]
+    evaluated = [a for a in argvs if "experiments.evaluate" in a]
+    assert len(evaluated) == 3
+    assert all(a[-3:] == ["--episodes", "3", "--reliance"] for a in evaluated)

@@ -5,18 +5,20 @@
 #      (experiments/sweeps/, as experiments/scripts/reproduce_results.sh reads them on the CPU), with
 #      `pytest -m gpu` beside them; TRAIN_UNTIL seconds after the start every run gets SIGTERM, which writes a
 #      checkpoint at its step (RESUME=1 continues them to their budgets);
-#   3. each run evaluated with the state probe (10 episodes); the run folders and logs (no replay) packed into
-#      $OUT/gpu-runs.tgz beside session.log, bench-gpu.md and pytest-gpu.log.
+#   3. each run evaluated (EVAL_ARGS, default: 10 episodes with the state probe); the run folders and logs (no
+#      replay) packed into $OUT/gpu-runs.tgz beside session.log, bench-gpu.md and pytest-gpu.log.
 # Usage: OUT=/some/dir bash experiments/scripts/gpu_session.sh
 #   GPU_RUNS: run names from the specs in GPU_SPECS (default: pixels-drq study1-see study2-fuse study2-fuse-cup
-#   study2-fuse-drq); by default DrQ-recipe runs the CPU cannot afford: DrQ's encoder (seeds 0 and 1, ≈ 8 h a run
-#   on one CPU core) and NatureCNN seeds 1 and 2 (the recipe verified at three seeds);
-#   BENCH_LIMIT=0 / PROBE_LIMIT=0 / GPU_TESTS=0 skip the tables / the probes / `pytest -m gpu`;
+#   study2-fuse-drq); by default the DrQ-recipe CNN runs that are still missing: the CNN + MLP agent of study 2
+#   (seeds 1 and 2) and DrQ's encoder seed 2 (≈ 8 h a run on one CPU core);
+#   BENCH_LIMIT=0 / PROBE_LIMIT=0 / GPU_TESTS=0 skip the tables / the evaluations / `pytest -m gpu`; EVAL_ARGS
+#   replaces the evaluation flags (e.g. "--episodes 10 --reliance" for the black-frame test);
 #   REPLAY=true keeps the replay in the checkpoints (for RESUME=1 on the same machine); MODELS=1 packs the model
 #   checkpoints too, as 15 MiB parts gpu-runs.tgz.part-aa, -ab, ... (`cat gpu-runs.tgz.part-* | tar xz`).
 #   PY, RUNS, TRAIN_UNTIL, DEVICE are overridable.
 # Measured on an H200 (2026-11-26): the quick tables take ≈ 250 s; six pixel SAC runs side by side make 12-19 agent
-# steps/s each (one alone 25.7; three NatureCNN runs 28 each, 100k frames in 475 s).
+# steps/s each (one alone 25.7; three NatureCNN runs 28 each, 100k frames in 475 s). 2026-12-04: three DrQ-recipe
+# CNN runs (drq-cnn, cnn) side by side reached 100k frames in 375 s, one alone in ≈ 190 s (66 agent steps/s).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 start=$SECONDS
@@ -25,7 +27,8 @@ OUT=${OUT:?set OUT to the folder that collects the results}
 RUNS=${RUNS:-runs/gpu}
 TRAIN_UNTIL=${TRAIN_UNTIL:-430}
 BENCH_LIMIT=${BENCH_LIMIT:-190}
-PROBE_LIMIT=${PROBE_LIMIT:-75}
+PROBE_LIMIT=${PROBE_LIMIT:-180}
+EVAL_ARGS=${EVAL_ARGS:---episodes 10 --probe-state}
 GPU_TESTS=${GPU_TESTS:-1}
 REPLAY=${REPLAY:-false}
 RESUME=${RESUME:-0}
@@ -43,7 +46,7 @@ for spec in ${GPU_SPECS:-pixels-drq study1-see study2-fuse study2-fuse-cup study
     commands[${line##*--run-name }]="$line"
   done < <($PY -m experiments.sweep "experiments/sweeps/$spec.yaml" --print-commands --run-dir "$RUNS")
 done
-names=${GPU_RUNS:-drq128-swingup-drq-cnn-s0 drq128-swingup-drq-cnn-s1 drq128-swingup-cnn-s1 drq128-swingup-cnn-s2}
+names=${GPU_RUNS:-study2-drq-cnn-s1 study2-drq-cnn-s2 drq128-swingup-drq-cnn-s2}
 for name in $names; do
   [[ -v "commands[$name]" ]] || { echo "unknown run '$name' in GPU_RUNS; valid: ${!commands[*]}" >&2; exit 2; }
 done
@@ -85,10 +88,10 @@ log "runs ended at agent step: $(for name in $names; do echo -n "$name:$(last_st
 
 if ((PROBE_LIMIT > 0)); then
   for name in $names; do
-    timeout "$PROBE_LIMIT" $PY -m experiments.evaluate "$RUNS/$name" --episodes 10 --probe-state > "$RUNS/$name.probe.log" 2>&1 &
+    timeout "$PROBE_LIMIT" $PY -m experiments.evaluate "$RUNS/$name" $EVAL_ARGS > "$RUNS/$name.probe.log" 2>&1 &
   done
   wait
-  log "probes done"
+  log "evaluations done ($EVAL_ARGS)"
 fi
 if ((MODELS)); then
   tar czf - --exclude='replay*' --exclude='*.mp4' "$RUNS" | split -b 15M - "$OUT/gpu-runs.tgz.part-"

@@ -131,6 +131,12 @@ DRQ_AGENTS = {  # name -> (policy_type, Perceiver options, policy options, agent
         {"critic_head": "queries"},
         ONLINE_TARGET,
     ),
+    "Perceiver, conv tokens 5x5/4 + 3x3/2 + 3x3/1, target_encoder=online + critic_head=queries": (
+        "perceiver",
+        {**LEAN, "pixel_tokenizer": "conv", "conv_kernels": [5, 3, 3], "conv_strides": [4, 2, 1]},
+        {"critic_head": "queries"},
+        ONLINE_TARGET,
+    ),
     "NatureCNN (cnn)": ("cnn", {}, {}, {}),
     "NatureCNN (cnn), target_encoder=online": ("cnn", {}, {}, ONLINE_TARGET),
     "NatureCNN (cnn), bf16 convolutions": ("cnn", {}, BF16_CONVS, {}),
@@ -153,6 +159,10 @@ def tokenizer_table() -> None:
     for name, options in (
         ("patch (12 px, per frame)", {}),
         ("conv (3 x 3/2, 32 ch, stacked)", {"pixel_tokenizer": "conv"}),
+        (
+            "conv (5 x 5/4, 3 x 3/2, 3 x 3/1, 32 ch, stacked)",
+            {"pixel_tokenizer": "conv", "conv_kernels": [5, 3, 3], "conv_strides": [4, 2, 1]},
+        ),
     ):
         encoder = PerceiverEncoder(space, PerceiverConfig(**{**LEAN, **options}))
         adapter = encoder.adapters["pixels"]

@@ -70,13 +70,17 @@ def test_reproduce_results_runs_study_2_under_drqs_recipe(tmp_path):
     assert "--modality-mix" not in groups
 
 
+def gpu_session_env(tmp_path: Path, fake: Path, **overrides: str) -> dict[str, str]:
+    """gpu_session.sh's environment with the fake interpreter, no tables and no GPU tests."""
+    return {**os.environ, "PY": str(fake), "OUT": str(tmp_path / "out"), "RUNS": str(tmp_path / "gpu"),
+            "BENCH_LIMIT": "0", "GPU_TESTS": "0", "TRAIN_UNTIL": "120", **overrides}  # fmt: skip
+
+
 def test_gpu_session_trains_the_named_spec_runs_on_the_gpu(tmp_path):
     # TRAIN_UNTIL well past the fake run's life: the script waits for it to exit. A deadline that can pass before
     # the fake has written its record (the script's own start-up takes seconds) would SIGTERM it first.
     fake, records = fake_python(tmp_path)
-    env = {**os.environ, "PY": str(fake), "OUT": str(tmp_path / "out"), "RUNS": str(tmp_path / "gpu"),
-           "BENCH_LIMIT": "0", "GPU_TESTS": "0", "PROBE_LIMIT": "0", "TRAIN_UNTIL": "120",
-           "GPU_RUNS": "drq128-swingup-perceiver-center-s1"}  # fmt: skip
+    env = gpu_session_env(tmp_path, fake, PROBE_LIMIT="0", GPU_RUNS="drq128-swingup-perceiver-center-s1")
     subprocess.run(["bash", "experiments/scripts/gpu_session.sh"], cwd=ROOT, env=env, check=True,
                    capture_output=True, text=True, timeout=HANG_GUARD_S)  # fmt: skip
     (argv,) = [a for a in calls(records) if "experiments.train" in a]
@@ -89,9 +93,7 @@ def test_gpu_session_trains_the_named_spec_runs_on_the_gpu(tmp_path):
 
 def test_gpu_session_default_runs_exist_and_eval_args_reach_evaluate(tmp_path):
     fake, records = fake_python(tmp_path)
-    env = {**os.environ, "PY": str(fake), "OUT": str(tmp_path / "out"), "RUNS": str(tmp_path / "gpu"),
-           "BENCH_LIMIT": "0", "GPU_TESTS": "0", "PROBE_LIMIT": "60", "TRAIN_UNTIL": "120",
-           "EVAL_ARGS": "--episodes 3 --reliance"}  # fmt: skip
+    env = gpu_session_env(tmp_path, fake, PROBE_LIMIT="60", EVAL_ARGS="--episodes 3 --reliance")
     env.pop("GPU_RUNS", None)
     subprocess.run(["bash", "experiments/scripts/gpu_session.sh"], cwd=ROOT, env=env, check=True,
                    capture_output=True, text=True, timeout=HANG_GUARD_S)  # fmt: skip

@@ -511,7 +511,9 @@ def test_benchmark_drq_prints_the_tokenizer_and_update_tables():  # plumbing onl
     assert "| Perceiver, conv tokens, target_encoder=online |" in out
     assert "| DrQ's encoder (drq-cnn), target_encoder=online |" in out
     assert "| conv (5 x 5/4, 3 x 3/2, 3 x 3/1, 32 ch, stacked) | 121 |" in out
-    assert "| Perceiver, conv tokens 5x5/4 + 3x3/2 + 3x3/1, target_encoder=online + critic_head=queries |" in out
+    assert (
+        "| Perceiver, conv tokens 5x5/4 + 3x3/2 + 3x3/1, target_encoder=online + critic_head=queries |" in out
+    )
 
 
 def test_benchmark_fuse_prints_study_2s_agents():  # plumbing only: no timing is asserted

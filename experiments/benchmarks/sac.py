@@ -103,6 +103,11 @@ def bench_sac(quick: bool) -> float:
 LEAN = {"num_latents": 32, "latent_dim": 64, "self_attn_layers": 1, "patch_size": 12}
 BF16_CONVS = {"conv_dtype": "bfloat16"}
 ONLINE_TARGET = {"target_encoder": "online"}
+STRIDE4_STEM = {
+    "pixel_tokenizer": "conv",
+    "conv_kernels": [5, 3, 3],
+    "conv_strides": [4, 2, 1],
+}  # 5x5/4, 3x3/2, 3x3/1: 121 tokens
 DRQ_AGENTS = {  # name -> (policy_type, Perceiver options, policy options, agent options)
     "Perceiver, patch tokens": ("perceiver", LEAN, {}, {}),
     "Perceiver, patch tokens, bf16 autocast": ("perceiver", {**LEAN, "dtype": "bfloat16"}, {}, {}),
@@ -133,7 +138,7 @@ DRQ_AGENTS = {  # name -> (policy_type, Perceiver options, policy options, agent
     ),
     "Perceiver, conv tokens 5x5/4 + 3x3/2 + 3x3/1, target_encoder=online + critic_head=queries": (
         "perceiver",
-        {**LEAN, "pixel_tokenizer": "conv", "conv_kernels": [5, 3, 3], "conv_strides": [4, 2, 1]},
+        {**LEAN, **STRIDE4_STEM},
         {"critic_head": "queries"},
         ONLINE_TARGET,
     ),
@@ -161,7 +166,7 @@ def tokenizer_table() -> None:
         ("conv (3 x 3/2, 32 ch, stacked)", {"pixel_tokenizer": "conv"}),
         (
             "conv (5 x 5/4, 3 x 3/2, 3 x 3/1, 32 ch, stacked)",
-            {"pixel_tokenizer": "conv", "conv_kernels": [5, 3, 3], "conv_strides": [4, 2, 1]},
+            STRIDE4_STEM,
         ),
     ):
         encoder = PerceiverEncoder(space, PerceiverConfig(**{**LEAN, **options}))

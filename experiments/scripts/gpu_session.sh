@@ -8,9 +8,10 @@
 #   3. each run evaluated (EVAL_ARGS, default: 10 episodes with the state probe); the run folders and logs (no
 #      replay) packed into $OUT/gpu-runs.tgz beside session.log, bench-gpu.md and pytest-gpu.log.
 # Usage: OUT=/some/dir bash experiments/scripts/gpu_session.sh
-#   GPU_RUNS: run names from the specs in GPU_SPECS (default: pixels-drq study1-see study2-fuse study2-fuse-cup
-#   study2-fuse-drq); by default the DrQ-recipe CNN runs that are still missing: the CNN + MLP agent of study 2
-#   (seeds 1 and 2) and DrQ's encoder seed 2 (≈ 8 h a run on one CPU core);
+#   GPU_RUNS: run names from the specs in GPU_SPECS (default: pixels-drq pixels-drq-cup pixels-drq512 study1-see
+#   study2-fuse study2-fuse-cup study2-fuse-drq); by default the DrQ-recipe runs that are still missing: the CNN + MLP
+#   agent of study 2 (seed 2) and ball_in_cup-catch from pixels, NatureCNN and the best Perceiver (seed 0; 25k agent
+#   steps each: TRAIN_UNTIL=540 REPLAY=true PROBE_LIMIT=0, then RESUME=1 on the still-warm machine);
 #   BENCH_LIMIT=0 / PROBE_LIMIT=0 / GPU_TESTS=0 skip the tables / the evaluations / `pytest -m gpu`; EVAL_ARGS
 #   replaces the evaluation flags (e.g. "--episodes 10 --reliance" for the black-frame test);
 #   REPLAY=true keeps the replay in the checkpoints (for RESUME=1 on the same machine); MODELS=1 packs the model
@@ -41,12 +42,12 @@ log() { echo "[$((SECONDS - start)) s] $*" | tee -a "$OUT/session.log"; }
 # the checkpoints unless REPLAY=true.
 on_gpu="--device ${DEVICE:-cuda} --checkpoint-replay-buffer $REPLAY --progress-bar false --eval-video false"
 declare -A commands=()
-for spec in ${GPU_SPECS:-pixels-drq study1-see study2-fuse study2-fuse-cup study2-fuse-drq}; do
+for spec in ${GPU_SPECS:-pixels-drq pixels-drq-cup pixels-drq512 study1-see study2-fuse study2-fuse-cup study2-fuse-drq}; do
   while IFS= read -r line; do
     commands[${line##*--run-name }]="$line"
   done < <($PY -m experiments.sweep "experiments/sweeps/$spec.yaml" --print-commands --run-dir "$RUNS")
 done
-names=${GPU_RUNS:-study2-drq-cnn-s1 study2-drq-cnn-s2 drq128-swingup-drq-cnn-s2}
+names=${GPU_RUNS:-study2-drq-cnn-s2 drq128-cup-cnn-s0 drq128-cup-perceiver-conv-online-queries-enc-lr0.3-s0}
 for name in $names; do
   [[ -v "commands[$name]" ]] || { echo "unknown run '$name' in GPU_RUNS; valid: ${!commands[*]}" >&2; exit 2; }
 done

@@ -100,7 +100,7 @@ def test_gpu_session_default_runs_exist_and_eval_args_reach_evaluate(tmp_path):
     argvs = calls(records)
     trained = sorted(a[a.index("--run-name") + 1] for a in argvs if "experiments.train" in a)
     cup_perceiver = "drq128-cup-perceiver-conv-online-queries-enc-lr0.3-s0"
-    assert trained == ["drq128-cup-cnn-s0", cup_perceiver, "study2-drq-cnn-s2"]
+    assert trained == ["drq128-cup-cnn-s0", cup_perceiver, "drq512-swingup-cnn-s0"]
     cup = next(a for a in argvs if cup_perceiver in a)
     assert cup[cup.index("--preset") + 1] == "ball_in_cup-catch-pixels" and "encoder_lr_scale=0.3" in cup
     evaluated = [a for a in argvs if "experiments.evaluate" in a]

@@ -9,8 +9,8 @@
 #      replay) packed into $OUT/gpu-runs.tgz beside session.log, bench-gpu.md and pytest-gpu.log.
 # Usage: OUT=/some/dir bash experiments/scripts/gpu_session.sh
 #   GPU_RUNS: run names from the specs in GPU_SPECS (default: pixels-drq pixels-drq-cup pixels-drq512 study1-see
-#   study2-fuse study2-fuse-cup study2-fuse-drq); by default the DrQ-recipe runs that are still missing: the CNN + MLP
-#   agent of study 2 (seed 2) and ball_in_cup-catch from pixels, NatureCNN and the best Perceiver (seed 0; 25k agent
+#   study2-fuse study2-fuse-cup study2-fuse-drq); by default the DrQ-recipe runs that are still missing: NatureCNN at
+#   DrQ's paper batch (512, seed 0) and ball_in_cup-catch from pixels, NatureCNN and the best Perceiver (seed 0; 25k agent
 #   steps each: TRAIN_UNTIL=540 REPLAY=true PROBE_LIMIT=0, then RESUME=1 on the still-warm machine);
 #   BENCH_LIMIT=0 / PROBE_LIMIT=0 / GPU_TESTS=0 skip the tables / the evaluations / `pytest -m gpu`; EVAL_ARGS
 #   replaces the evaluation flags (e.g. "--episodes 10 --reliance" for the black-frame test);
@@ -47,7 +47,7 @@ for spec in ${GPU_SPECS:-pixels-drq pixels-drq-cup pixels-drq512 study1-see stud
     commands[${line##*--run-name }]="$line"
   done < <($PY -m experiments.sweep "experiments/sweeps/$spec.yaml" --print-commands --run-dir "$RUNS")
 done
-names=${GPU_RUNS:-study2-drq-cnn-s2 drq128-cup-cnn-s0 drq128-cup-perceiver-conv-online-queries-enc-lr0.3-s0}
+names=${GPU_RUNS:-drq512-swingup-cnn-s0 drq128-cup-cnn-s0 drq128-cup-perceiver-conv-online-queries-enc-lr0.3-s0}
 for name in $names; do
   [[ -v "commands[$name]" ]] || { echo "unknown run '$name' in GPU_RUNS; valid: ${!commands[*]}" >&2; exit 2; }
 done

@@ -56,7 +56,8 @@ def test_reproduce_results_runs_study_2_under_drqs_recipe(tmp_path):
     assert set(argvs) == {"study2-drq-perceiver-conv-online-target-s0", "study2-drq-cnn-s0",
                           "study2-drq-perceiver-conv-online-target-full-s0",
                           "study2-drq-perceiver-conv-online-target-mix-camera-s0",
-                          "study2-drq-perceiver-conv-online-target-groups-s0"}  # fmt: skip
+                          "study2-drq-perceiver-conv-online-target-groups-s0",
+                          "study2-drq-perceiver-conv-online-queries-enc-lr0.3-s0"}  # fmt: skip
     # the mix reaches train as one argument
     mix = argvs["study2-drq-perceiver-conv-online-target-mix-camera-s0"]
     spec = "all=0.4 pixels+proprio=0.2 pixels+action_history=0.2 pixels=0.2"
@@ -68,6 +69,11 @@ def test_reproduce_results_runs_study_2_under_drqs_recipe(tmp_path):
     groups = argvs["study2-drq-perceiver-conv-online-target-groups-s0"]
     assert "latent_groups={'pixels': 16, 'proprio': 8, 'action_history': 8}" in groups
     assert "--modality-mix" not in groups
+    # the best pixels-only settings on top of the plain Perceiver's (a YAML merge key in the spec)
+    best = argvs["study2-drq-perceiver-conv-online-queries-enc-lr0.3-s0"]
+    assert "critic_head=queries" in best and "encoder_lr_scale=0.3" in best
+    assert "pixel_tokenizer=conv" in best and "lr_warmup=100" in best and "target_encoder=online" in best
+    assert best[best.index("--proprio") + 1] == "robot"
 
 
 def gpu_session_env(tmp_path: Path, fake: Path, **overrides: str) -> dict[str, str]:

@@ -16,7 +16,7 @@ what=",${1:-all},"
 #   see: study 1, pixels only (ours, ours + state decoding, SB3 SAC + NatureCNN)
 #   fuse: study 2, the camera for the world (the pole), joint sensors for the body (the cart): --proprio robot
 #   fuse-cup: study 2 on ball_in_cup-catch (the ball only in the image)
-#   fuse-drq: study 2 under DrQ's recipe (the conv-token Perceiver with an online target, NatureCNN + MLP, full proprio)
+#   fuse-drq: study 2 under DrQ's recipe (the conv-token Perceiver with an online target and its variants, NatureCNN + MLP)
 #   remember: study 3, no velocities, no camera (--proprio positions): Perceiver, LSTM and MLP over the same histories
 #   drq: pixels under DrQ's recipe, every encoder on one recipe
 #   drq-cup: pixels under DrQ's recipe on ball_in_cup-catch (NatureCNN, DrQ's encoder, the best Perceiver)

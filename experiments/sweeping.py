@@ -34,7 +34,9 @@ class SweepSpec:
     """TrainConfig fields shared by every trial (e.g. preset, total_steps, algo.batch_size)."""
     variants: list = field(default_factory=list)
     """Optional agents to compare, each a dict of settings (e.g. {policy_type: sb3}), crossed with the grid:
-    combinations a plain grid would make invalid (an SB3 agent with the Perceiver's decoding loss) never arise."""
+    combinations a plain grid would make invalid (an SB3 agent with the Perceiver's decoding loss) never arise.
+    A variant may start from another spec's variant, `{from: pixels-drq#perceiver-conv, ...}` (`SPEC#LABEL`, SPEC a
+    spec of the same folder without `.yaml`), its own keys overriding: one agent's settings live in one spec."""
     run_dir: str = "runs/sweeps"
     max_concurrent: int | None = None
     torch_threads: int = 1
@@ -49,6 +51,8 @@ class SweepSpec:
 
 LABEL = "label"
 """A variant's name in run names (`SweepSpec.run_name`), not a training setting."""
+FROM = "from"
+"""A variant key: `SPEC#LABEL`, the variant it starts from (`SweepSpec.variants`), not a training setting."""
 
 
 def _check_field(key: str) -> None:
@@ -65,6 +69,34 @@ def _check_field(key: str) -> None:
                          "(dict fields as perceiver.<key>, algo.<key>, policy.<key>)")  # fmt: skip
 
 
+def _resolve_variant(variant: dict, folder: Path, seen: tuple[str, ...]) -> dict:
+    """`variant` with its `from: SPEC#LABEL` replaced by that variant's settings (resolved in turn), its own keys
+    overriding them; key order: the source's keys, then this variant's new ones."""
+    if not isinstance(variant, dict):
+        raise ValueError(f"a variant must be a mapping of settings, got {variant!r}")
+    if FROM not in variant:
+        return variant
+    ref = variant[FROM]
+    spec_name, _, label = str(ref).partition("#")
+    if not spec_name or not label:
+        raise ValueError(f"variant 'from: {ref}' must name SPEC#LABEL, e.g. 'pixels-drq#perceiver-conv'")
+    if ref in seen:
+        raise ValueError(f"variants start from each other in a cycle: {' -> '.join([*seen, ref])}")
+    source = folder / f"{spec_name}.yaml"
+    if not source.exists():
+        specs = sorted(p.stem for p in folder.glob("*.yaml"))
+        raise ValueError(f"variant 'from: {ref}': no spec {spec_name!r} in {folder}; valid: {specs}")
+    variants = (cfg.load_yaml(source.read_text()) or {}).get("variants") or []
+    matches = [v for v in variants if isinstance(v, dict) and v.get(LABEL) == label]
+    if not matches:
+        labels = [v.get(LABEL) for v in variants if isinstance(v, dict)]
+        raise ValueError(
+            f"variant 'from: {ref}': {spec_name} has no variant labelled {label!r}; valid: {labels}"
+        )
+    base = _resolve_variant(matches[0], folder, (*seen, ref))
+    return {**base, **{k: v for k, v in variant.items() if k != FROM}}
+
+
 def load_spec(path: Path) -> SweepSpec:
     values = cfg.load_yaml(Path(path).read_text()) or {}
     known = set(SweepSpec.__dataclass_fields__)
@@ -73,6 +105,7 @@ def load_spec(path: Path) -> SweepSpec:
         raise ValueError(f"unknown sweep spec keys {unknown} in {path}; valid keys: {sorted(known)}")
     values.setdefault("name", Path(path).stem)
     spec = SweepSpec(**values)
+    spec.variants = [_resolve_variant(v, Path(path).parent, ()) for v in spec.variants]
     for key in [*spec.grid, *spec.base, *spec.search, *(k for v in spec.variants for k in v)]:
         _check_field(key)
     for key, options in spec.grid.items():

@@ -45,6 +45,53 @@ def test_run_names_come_from_the_template_and_labels(tmp_path):
         trials(load_spec(path))
 
 
+def test_a_variant_starts_from_another_specs_variant(tmp_path):
+    (tmp_path / "a.yaml").write_text(
+        "variants:\n  - {label: best, policy_type: perceiver, algo.lr_warmup: 100, perceiver.pixel_tokenizer: conv}\n"
+        "  - {label: chained, from: a#best, algo.lr_warmup: 50}\n"
+    )
+    (tmp_path / "b.yaml").write_text(
+        "name: b\nrun_name: 'b-{label}-s{seed}'\nvariants:\n  - {from: a#best}\n"
+        "  - {from: a#chained, label: slow, perceiver.num_latents: 16}\ngrid:\n  seed: [0]\n"
+    )
+    (name0, first), (name1, second) = trials(load_spec(tmp_path / "b.yaml"))
+    assert name0 == "b-best-s0" and first == {"label": "best", "policy_type": "perceiver", "algo.lr_warmup": 100,
+                                              "perceiver.pixel_tokenizer": "conv", "seed": 0}  # fmt: skip
+    # resolved in turn, own keys overriding; the source's keys keep their order
+    assert name1 == "b-slow-s0" and list(second) == [
+        "label",
+        "policy_type",
+        "algo.lr_warmup",
+        "perceiver.pixel_tokenizer",
+        "perceiver.num_latents",
+        "seed",
+    ]
+    assert (
+        second["algo.lr_warmup"] == 50 and second["perceiver.num_latents"] == 16 and second["label"] == "slow"
+    )
+    for ref, message in [
+        ("nope#best", r"no spec 'nope' in .*; valid: \['a', 'b', 'c'\]"),
+        ("a#worst", r"a has no variant labelled 'worst'; valid: \['best', 'chained'\]"),
+        ("a", r"must name SPEC#LABEL"),
+        ("c#loop", r"cycle: c#loop -> c#loop"),
+    ]:
+        (tmp_path / "c.yaml").write_text(
+            f"variants:\n  - {{label: loop, from: '{ref}'}}\ngrid:\n  seed: [0]\n"
+        )
+        with pytest.raises(ValueError, match=message):
+            load_spec(tmp_path / "c.yaml")
+
+
+def test_the_best_perceivers_settings_live_in_one_spec():
+    """The specs that run the best pixels-only Perceiver read its settings from pixels-drq.yaml."""
+    folder = Path(__file__).parents[1] / "experiments" / "sweeps"
+    label = "perceiver-conv-online-queries-enc-lr0.3"
+    best = next(v for v in load_spec(folder / "pixels-drq.yaml").variants if v["label"] == label)
+    for name in ["pixels-drq-cup", "pixels-drq512", "study2-fuse-drq", "study2-fuse-drq-cup"]:
+        assert f"from: pixels-drq#{label}" in (folder / f"{name}.yaml").read_text()
+        assert next(v for v in load_spec(folder / f"{name}.yaml").variants if v["label"] == label) == best
+
+
 def test_print_commands_prints_the_study_scripts_jobs():
     spec = Path(__file__).parents[1] / "experiments" / "sweeps" / "latent-scaling.yaml"
     out = subprocess.run(

@@ -9,7 +9,7 @@
 #      replay) packed into $OUT/gpu-runs.tgz beside session.log, bench-gpu.md and pytest-gpu.log.
 # Usage: OUT=/some/dir bash experiments/scripts/gpu_session.sh
 #   GPU_RUNS: run names from the specs in GPU_SPECS (default: pixels-drq pixels-drq-cup pixels-drq512 study1-see
-#   study2-fuse study2-fuse-cup study2-fuse-drq); by default the DrQ-recipe runs that are still missing: NatureCNN at
+#   study2-fuse study2-fuse-cup study2-fuse-drq study2-fuse-drq-cup); by default the DrQ-recipe runs that are still missing: NatureCNN at
 #   DrQ's paper batch (512, seed 0) and ball_in_cup-catch from pixels, NatureCNN and the best Perceiver (seed 0; 25k agent
 #   steps each: TRAIN_UNTIL=540 REPLAY=true PROBE_LIMIT=0, then RESUME=1 on the still-warm machine);
 #   BENCH_LIMIT=0 / PROBE_LIMIT=0 / GPU_TESTS=0 skip the tables / the evaluations / `pytest -m gpu`; EVAL_ARGS
@@ -42,7 +42,7 @@ log() { echo "[$((SECONDS - start)) s] $*" | tee -a "$OUT/session.log"; }
 # the checkpoints unless REPLAY=true.
 on_gpu="--device ${DEVICE:-cuda} --checkpoint-replay-buffer $REPLAY --progress-bar false --eval-video false"
 declare -A commands=()
-for spec in ${GPU_SPECS:-pixels-drq pixels-drq-cup pixels-drq512 study1-see study2-fuse study2-fuse-cup study2-fuse-drq}; do
+for spec in ${GPU_SPECS:-pixels-drq pixels-drq-cup pixels-drq512 study1-see study2-fuse study2-fuse-cup study2-fuse-drq study2-fuse-drq-cup}; do
   while IFS= read -r line; do
     commands[${line##*--run-name }]="$line"
   done < <($PY -m experiments.sweep "experiments/sweeps/$spec.yaml" --print-commands --run-dir "$RUNS")

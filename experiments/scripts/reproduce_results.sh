@@ -20,12 +20,13 @@ what=",${1:-all},"
 #   remember: study 3, no velocities, no camera (--proprio positions): Perceiver, LSTM and MLP over the same histories
 #   drq: pixels under DrQ's recipe, every encoder on one recipe
 #   drq-cup: pixels under DrQ's recipe on ball_in_cup-catch (NatureCNN, DrQ's encoder, the best Perceiver)
+#   fuse-drq-cup: study 2 under DrQ's recipe on ball_in_cup-catch (the best Perceiver, NatureCNN + MLP)
 #   drq512: cartpole-swingup pixels under DrQ's recipe at its paper's batch (512): the CNNs and the best Perceiver
 #   latents: latency control, one policy with nested latents against fixed-k policies
 #   multitask: one SAC generalist over four domains against single-task Perceivers and MLPs
 spec_studies="see:study1-see fuse:study2-fuse fuse-cup:study2-fuse-cup fuse-drq:study2-fuse-drq \
-  remember:study3-remember drq:pixels-drq drq-cup:pixels-drq-cup drq512:pixels-drq512 \
-  latents:latent-scaling,latent-scaling-walker multitask:multitask-states"
+  remember:study3-remember drq:pixels-drq drq-cup:pixels-drq-cup fuse-drq-cup:study2-fuse-drq-cup \
+  drq512:pixels-drq512 latents:latent-scaling,latent-scaling-walker multitask:multitask-states"
 valid="states pixels missing"
 for entry in $spec_studies; do valid+=" ${entry%%:*}"; done
 valid+=" multitask-transfer transfer all"

@@ -49,8 +49,11 @@ def test_pipelined_collection_equals_sb3_collection_across_a_time_limit():
     sb3, ours = buffers["subproc"], buffers["pipelined"]
     for key in sb3.observations:  # the half-batch forwards differ in the last bits (~1e-9 in the actions)
         for a, b in ((ours.observations[key], sb3.observations[key]), (last_obs["pipelined"][key], last_obs["subproc"][key])):  # fmt: skip
-            if key == "pixels":  # a rounding flip of one grey level on a handful of pixels
-                assert np.abs(a.astype(int) - b).max() <= 1 and (a != b).mean() < 1e-4
+            if key == "pixels":
+                # the ~1e-5 state difference moves a rendered edge by a few grey levels on a handful of pixels
+                # (on an AMD EPYC host one level; on an Intel Xeon with AMX 21 of 3.6M pixels, 6 by 2-4 levels,
+                # all in the episode's last 5 steps); a wrong split or order changes whole frames
+                assert np.abs(a.astype(int) - b).max() <= 8 and (a != b).mean() < 1e-4
             else:
                 np.testing.assert_allclose(a, b, atol=1e-4)
     np.testing.assert_array_equal(ours.episode_starts, sb3.episode_starts)

@@ -69,7 +69,7 @@ def test_reproduce_results_runs_study_2_under_drqs_recipe(tmp_path):
     groups = argvs["study2-drq-perceiver-conv-online-target-groups-s0"]
     assert "latent_groups={'pixels': 16, 'proprio': 8, 'action_history': 8}" in groups
     assert "--modality-mix" not in groups
-    # the best pixels-only settings on top of the plain Perceiver's (a YAML merge key in the spec)
+    # the best pixels-only settings, read from pixels-drq.yaml (`from:` in the spec), with study 2's base
     best = argvs["study2-drq-perceiver-conv-online-queries-enc-lr0.3-s0"]
     assert "critic_head=queries" in best and "encoder_lr_scale=0.3" in best
     assert "pixel_tokenizer=conv" in best and "lr_warmup=100" in best and "target_encoder=online" in best

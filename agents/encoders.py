@@ -185,8 +185,9 @@ class ConvEncoder(nn.Module):
         parts = []
         if self.convs is not None:
             pixels = obs[self.pixel_key]  # (B, F*3, H, W) uint8
-            x = scaled_channels_last(pixels)
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bfloat16"):
+            bf16 = self.dtype == "bfloat16"
+            x = scaled_channels_last(pixels, dtype=torch.bfloat16 if bf16 else torch.float32)
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
                 features = self.convs(x)
             parts.append(features.float().flatten(1))  # (B, C*H'*W'), float32 either way
         if self.vectors is not None:

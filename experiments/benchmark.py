@@ -1,4 +1,4 @@
-"""Benchmarks (not tests): `python -m experiments.benchmark env|policy|train|sac|drq|fuse|features|estimator|latents|precision|streaming|gpu|all [--quick]`.
+"""Benchmarks (not tests): `python -m experiments.benchmark env|policy|train|sac|drq|fuse|fuse-drq|features|estimator|latents|multitask|precision|streaming|gpu|all [--quick]`.
 
 The tables live in `experiments.benchmarks`; this module is the command.
 """

@@ -10,6 +10,29 @@ from torch import nn
 ABSENT_LOGIT = -30000.0
 
 
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """`F.scaled_dot_product_attention`, in float32 when bf16 inputs are on the CPU (bf16 autocast): PyTorch's
+    CPU flash kernel in bf16 took 8.5x (latents reading latents) and 5.2x (latents reading 131 tokens) the time of
+    its float32 kernel for forward + backward at batch 256 (torch 2.13, Intel Xeon with AMX, 2026-12-05;
+    docs/results.md, "Performance"). The softmax is then also computed at float32 precision; the output is cast back,
+    so the layers around it stay in bf16. Training and acting take the same path: their numerics agree."""
+    if q.dtype != torch.bfloat16 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+    mask = None if attn_mask is None else attn_mask.float()
+    with torch.autocast("cpu", enabled=False):  # autocast would cast the float32 inputs back to bf16
+        out = F.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout_p, scale=scale
+        )
+    return out.to(q.dtype)
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drops a whole residual branch per sample in training, rescaling the kept ones."""
 
@@ -70,9 +93,7 @@ class SelfAttentionLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = (split_heads(t, self.heads) for t in self.qkv(self.attn_norm(x)).chunk(3, dim=-1))
-        attended = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_dropout if self.training else 0.0
-        )
+        attended = attend(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0)
         x = x + self.drop_path(self.dropout(self.out(merge_heads(attended))))
         return x + self.drop_path(self.mlp(self.mlp_norm(x)))
 
@@ -113,8 +134,6 @@ class QueryCrossAttention(CrossAttentionLayers):
     def forward(self, queries: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         q = split_heads(self.q(self.query_norm(queries)), self.heads)
         k, v = (split_heads(t, self.heads) for t in self.kv(self.context_norm(latents)).chunk(2, dim=-1))
-        attended = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_dropout if self.training else 0.0
-        )
+        attended = attend(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0)
         x = queries + self.out(merge_heads(attended))
         return x + self.mlp(self.mlp_norm(x))

@@ -18,10 +18,16 @@ which the fused kernels refuse, so the math kernel always ran.)
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from perceiver_policy.attention import ABSENT_LOGIT, CrossAttentionLayers, DropPath, merge_heads, split_heads
+from perceiver_policy.attention import (
+    ABSENT_LOGIT,
+    CrossAttentionLayers,
+    DropPath,
+    attend,
+    merge_heads,
+    split_heads,
+)
 
 
 class GatedCrossAttention(CrossAttentionLayers):
@@ -141,7 +147,7 @@ class GatedCrossAttention(CrossAttentionLayers):
             logits = (q.float() @ k.float().transpose(-1, -2)) * scale
             weights = torch.softmax(logits if mask is None else logits + mask.float(), dim=-1)
         dropout = self.attn_dropout if self.training else 0.0
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+        attended = attend(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
         x = latents[:count].unsqueeze(0) + self.drop_path(
             self.dropout(self.out(merge_heads(attended)))
         )  # (B, k, D)

@@ -51,17 +51,33 @@ def task_count(observation_space: spaces.Dict) -> int:
     return int(np.max(space.high)) + 1 if space is not None else 0
 
 
-def scaled_channels_last(pixels: torch.Tensor, shift: float = 0.0) -> torch.Tensor:
-    """(B, C, H, W) images -> float32 pixels / 255 - shift, channels-last, for a conv stem. uint8 images are laid
-    out channels-last before the conversion (a quarter of the bytes to move) and scaled in place: one float tensor
+def scaled_channels_last(
+    pixels: torch.Tensor, shift: float = 0.0, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """(B, C, H, W) images -> pixels / 255 - shift, channels-last, for a conv stem. uint8 images are laid out
+    channels-last before the conversion (a quarter of the bytes to move) and scaled in place: one float tensor
     written instead of three, the values of `(x.float() / 255 - shift).contiguous(channels_last)` bit for bit (a
-    DrQ-recipe update converts six batches of 256 stacks; the three passes took 11 % of a drq-cnn update)."""
+    DrQ-recipe update converts six batches of 256 stacks; the three passes took 11 % of a drq-cnn update).
+
+    `dtype=torch.bfloat16` (for convolutions under bf16 autocast): uint8 -> bf16 is exact (integers to 256), and
+    (x - 255 * shift) / 255 is rounded once from float arithmetic, so the stem gets bf16 channels-last input
+    within one bf16 rounding of the float32 values, without a float32 batch or autocast's own cast."""
     x = pixels.contiguous(memory_format=torch.channels_last)
+    if dtype == torch.bfloat16 and x.dtype == torch.uint8:
+        x = x.to(torch.bfloat16)
+        return (x.sub_(255.0 * shift) if shift else x).div_(255.0)
     if x.dtype == torch.uint8:
         x = x.float().div_(255.0)  # a fresh tensor: safe to scale in place
     else:
         x = x.float() / 255.0  # never write into the caller's float tensor
-    return x.sub_(shift) if shift else x
+    x = x.sub_(shift) if shift else x
+    return x if dtype == torch.float32 else x.to(dtype)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    """The dtype autocast computes convolutions in on `device` (float32 when autocast is off there)."""
+    kind = device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else torch.float32
 
 
 def is_input_key(name: str, config: PerceiverConfig | None = None) -> bool:
@@ -344,7 +360,8 @@ class ConvImageAdapter(ModalityAdapter):
         self.stem.to(memory_format=torch.channels_last)
 
     def tokens_content(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.stem(scaled_channels_last(x, shift=0.5))  # (B, conv_channels, H', W'), channels-last
+        pixels = scaled_channels_last(x, shift=0.5, dtype=autocast_dtype(x.device))
+        features = self.stem(pixels)  # (B, conv_channels, H', W'), channels-last
         return features.flatten(2).transpose(
             1, 2
         )  # (B, H'*W', conv_channels): a view of channels-last memory

@@ -436,6 +436,17 @@ def test_conv_stems_scale_pixels_as_drq_does_without_touching_the_input():
     before = floats.clone()
     assert torch.equal(scaled_channels_last(floats), before / 255.0)
     assert torch.equal(floats, before)  # a float input is read, never scaled in place
+    for shift in (
+        0.0,
+        0.5,
+    ):  # bf16 for convolutions under autocast: within one bf16 rounding of the float32 values
+        exact = pixels.float() / 255.0 - shift
+        low = scaled_channels_last(pixels, shift=shift, dtype=torch.bfloat16)
+        assert low.dtype == torch.bfloat16 and low.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(low.float(), exact, rtol=2**-8, atol=0) and not torch.equal(low.float(), exact)
+        assert torch.equal(
+            scaled_channels_last(floats, shift=shift, dtype=torch.bfloat16), exact.to(torch.bfloat16)
+        )
     space = spaces.Dict({"pixels": spaces.Box(0, 255, (9, 84, 84), np.uint8)})
     encoder = make_agent_free_encoder("drq-cnn", space)
     reference = torch.nn.Sequential(

@@ -536,6 +536,25 @@ def test_benchmark_fuse_builds_its_agents_from_study_2s_spec():
         spec_configs(FUSE_SPEC, {"row": "perceiver-nope"})
 
 
+def test_benchmark_fuse_drq_builds_its_agents_from_the_drq_spec_with_added_flags():
+    from experiments.benchmarks.sac import FUSE_DRQ_AGENTS, FUSE_DRQ_SPEC, spec_configs
+
+    configs = spec_configs(FUSE_DRQ_SPEC, FUSE_DRQ_AGENTS)
+    assert {c.recipe for c in configs.values()} == {"drq"} and {c.proprio for c in configs.values()} == {
+        "robot"
+    }
+    best, bf16 = (
+        configs["Perceiver, best (+ SB3's critic head, encoder at 0.3x lr)"],
+        configs["Perceiver, best, bf16 autocast"],
+    )
+    assert best.policy == bf16.policy == {"critic_head": "queries", "encoder_lr_scale": 0.3}
+    assert bf16.perceiver == {**best.perceiver, "dtype": "bfloat16"} and "dtype" not in best.perceiver
+    cnn, cnn_bf16 = configs["NatureCNN + MLP (cnn)"], configs["NatureCNN + MLP (cnn), bf16 convolutions"]
+    assert cnn_bf16.policy == {**cnn.policy, "conv_dtype": "bfloat16"} and cnn_bf16.policy_type == "cnn"
+    with pytest.raises(ValueError, match=r"no variants \['cnn-nope'\]"):
+        spec_configs(FUSE_DRQ_SPEC, {"row": ("cnn-nope", ("--policy", "conv_dtype=bfloat16"))})
+
+
 def test_benchmark_features_prints_the_variation_table():  # plumbing: the table's rows and columns
     out = cli("experiments.benchmark", "features", timeout=HANG_GUARD_S).stdout
     assert "| NatureCNN (cnn) |" in out and "| Perceiver, patch tokens, query readout, centred |" in out

@@ -436,17 +436,17 @@ def test_cross_attention_is_eligible_for_the_fused_kernel(dict_space, monkeypatc
     its fused flash kernel on the CPU (the old extra bias channels forced the math kernel)."""
     from torch.nn.attention import SDPBackend
 
-    from perceiver_policy import cross_attention
+    from perceiver_policy import attention
 
     calls = []
-    real = cross_attention.F.scaled_dot_product_attention
+    real = attention.F.scaled_dot_product_attention
 
     def spy(q, k, v, attn_mask=None, dropout_p=0.0, scale=None):
         calls.append(SDPBackend(torch._fused_sdp_choice(q, k, v, attn_mask, dropout_p, False)))
         assert q.shape[-1] == k.shape[-1] == v.shape[-1]
         return real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
 
-    monkeypatch.setattr(cross_attention.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
     encoder = PerceiverEncoder(dict_space, small())
     encoder.eval()
     obs = sample_obs(dict_space, 4)
@@ -454,6 +454,45 @@ def test_cross_attention_is_eligible_for_the_fused_kernel(dict_space, monkeypatc
         encoder(obs)
         encoder(obs, absent={"pixels": torch.tensor([True, False, False, True])})
     assert calls and set(calls) == {SDPBackend.FLASH_ATTENTION}  # cross- and self-attention alike
+
+
+def test_attention_under_cpu_bf16_autocast_runs_in_float32(dict_space, monkeypatch):
+    """Under CPU bf16 autocast every attention call reaches SDPA in float32 (its bf16 CPU kernel was 5-16x slower
+    forward + backward) and hands bf16 back to the layers around it; the encoder's output stays within bf16's
+    rounding of the float32 encoder's, and gradients reach the first layers."""
+    from perceiver_policy import attention
+
+    dtypes = []
+    real = attention.F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, scale=None):
+        dtypes.append(
+            {t.dtype for t in (q, k, v) if t is not None}
+            | ({attn_mask.dtype} if attn_mask is not None else set())
+        )
+        return real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    q, k, v = (torch.randn(3, 2, n, 8, dtype=torch.bfloat16) for n in (4, 5, 5))
+    mask = torch.zeros(1, 1, 4, 5, dtype=torch.bfloat16)
+    mask[..., -1] = attention.ABSENT_LOGIT
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention.attend(q, k, v, attn_mask=mask, scale=0.3)
+    expected = real(q.float(), k.float(), v.float(), attn_mask=mask.float(), scale=0.3)
+    assert out.dtype == torch.bfloat16 and dtypes == [{torch.float32}]
+    assert torch.equal(out, expected.to(torch.bfloat16))
+
+    dtypes.clear()
+    config = small()
+    encoder = PerceiverEncoder(dict_space, config)
+    obs = sample_obs(dict_space, 4)
+    reference = encoder(obs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        latents = encoder(obs)
+    assert dtypes and all(d == {torch.float32} for d in dtypes)  # cross- and self-attention alike
+    assert torch.allclose(latents.float(), reference, atol=0.1, rtol=0.05)
+    latents.float().square().mean().backward()
+    assert all(p.grad is not None for p in encoder.parameters() if p.requires_grad and p.dim() > 1)
 
 
 def assert_random_only_in_training(encoder, obs) -> None:

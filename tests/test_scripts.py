@@ -57,7 +57,8 @@ def test_reproduce_results_runs_study_2_under_drqs_recipe(tmp_path):
                           "study2-drq-perceiver-conv-online-target-full-s0",
                           "study2-drq-perceiver-conv-online-target-mix-camera-s0",
                           "study2-drq-perceiver-conv-online-target-groups-s0",
-                          "study2-drq-perceiver-conv-online-queries-enc-lr0.3-s0"}  # fmt: skip
+                          "study2-drq-perceiver-conv-online-queries-enc-lr0.3-s0",
+                          "study2-drq-perceiver-conv-online-queries-enc-lr0.3-bf16-s0"}  # fmt: skip
     # the mix reaches train as one argument
     mix = argvs["study2-drq-perceiver-conv-online-target-mix-camera-s0"]
     spec = "all=0.4 pixels+proprio=0.2 pixels+action_history=0.2 pixels=0.2"
@@ -73,6 +74,12 @@ def test_reproduce_results_runs_study_2_under_drqs_recipe(tmp_path):
     best = argvs["study2-drq-perceiver-conv-online-queries-enc-lr0.3-s0"]
     assert "critic_head=queries" in best and "encoder_lr_scale=0.3" in best
     assert "pixel_tokenizer=conv" in best and "lr_warmup=100" in best and "target_encoder=online" in best
+    # its bf16 twin differs by the Perceiver's dtype alone
+    bf16 = argvs["study2-drq-perceiver-conv-online-queries-enc-lr0.3-bf16-s0"]
+    assert [a for a in bf16 if a not in best] == [
+        "dtype=bfloat16",
+        "study2-drq-perceiver-conv-online-queries-enc-lr0.3-bf16-s0",
+    ]
     assert best[best.index("--proprio") + 1] == "robot"
 
 

@@ -1,4 +1,4 @@
-"""Benchmarks (not tests): `python -m experiments.benchmark env|policy|train|sac|drq|fuse|features|estimator|latents|multitask|precision|streaming|gpu|all [--quick]`.
+"""Benchmarks (not tests): `python -m experiments.benchmark env|policy|train|sac|drq|fuse|fuse-drq|features|estimator|latents|multitask|precision|streaming|gpu|all [--quick]`.
 
 Every table compares alternatives measured side by side in the same run and reports ratios; quote them with
 the machine (printed first). Timings use `time.perf_counter` after warm-up; latency is per call, p50/p95.
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             "sac",
             "drq",
             "fuse",
+            "fuse-drq",
             "features",
             "estimator",
             "latents",
@@ -121,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         from experiments.benchmarks.sac import bench_fuse
 
         bench_fuse(args.quick)
+    if args.what in ("fuse-drq", "all"):
+        from experiments.benchmarks.sac import bench_fuse_drq
+
+        bench_fuse_drq(args.quick)
     if args.what in ("features", "all"):
         from experiments.benchmarks.features import bench_features
 

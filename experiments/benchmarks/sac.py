@@ -238,29 +238,61 @@ def drq_update_table(batches: tuple[int, ...], updates: int, skip: tuple[str, ..
     venv.close()
 
 
-FUSE_SPEC = Path(__file__).resolve().parents[1] / "sweeps" / "study2-fuse.yaml"
+SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
+FUSE_SPEC = SWEEPS / "study2-fuse.yaml"
 FUSE_AGENTS = {  # row -> the variant of study 2's sweep spec it times
     "Perceiver (plain)": "perceiver",
     "Perceiver, grouped latents + sampler with camera-only samples, patch tokens": "perceiver-groups-mix-camera",
     "Perceiver, grouped latents + sampler with camera-only samples, conv tokens": "perceiver-groups-mix-camera-conv",
     "SB3 SAC, MultiInputPolicy (NatureCNN + MLP)": "cnn",
 }
+FUSE_DRQ_SPEC = SWEEPS / "study2-fuse-drq.yaml"
+FUSE_DRQ_AGENTS = {  # row -> the variant of study 2's DrQ-recipe spec it times (+ flags added to its command)
+    "Perceiver, conv tokens, online target (plain)": "perceiver-conv-online-target",
+    "Perceiver, best (+ SB3's critic head, encoder at 0.3x lr)": "perceiver-conv-online-queries-enc-lr0.3",
+    "Perceiver, best, bf16 autocast": "perceiver-conv-online-queries-enc-lr0.3-bf16",
+    "Perceiver, grouped latents": "perceiver-conv-online-target-groups",
+    "NatureCNN + MLP (cnn)": "cnn",
+    "NatureCNN + MLP (cnn), bf16 convolutions": ("cnn", ("--policy", "conv_dtype=bfloat16")),
+}
 BENCH_SETS = ("batch_size", "buffer_size", "learning_starts")  # set by `alternated_update_ms`
 
 
-def spec_configs(spec: Path, labels: dict[str, str]) -> dict[str, cfg.TrainConfig]:
-    """row -> the TrainConfig `experiments.train` resolves for that variant of the sweep spec (its first seed)."""
+def spec_configs(
+    spec: Path, labels: dict[str, str | tuple[str, tuple[str, ...]]]
+) -> dict[str, cfg.TrainConfig]:
+    """row -> the TrainConfig `experiments.train` resolves for that variant of the sweep spec (its first seed); a
+    row given as (label, flags) adds those flags to the variant's command."""
+    rows = {row: (entry, ()) if isinstance(entry, str) else entry for row, entry in labels.items()}
     by_label = {}
     for _, settings in sweeping.trials(sweeping.load_spec(spec)):
         by_label.setdefault(settings.get(sweeping.LABEL), settings)
-    missing = sorted(set(labels.values()) - set(by_label))
+    missing = sorted({label for label, _ in rows.values()} - set(by_label))
     if missing:
         raise ValueError(f"{spec} has no variants {missing}; its variants: {sorted(map(str, by_label))}")
     parser = cfg.build_parser("")
     return {
-        row: cfg.resolve(parser.parse_args(sweeping.train_args(by_label[label])))
-        for row, label in labels.items()
+        row: cfg.resolve(parser.parse_args([*sweeping.train_args(by_label[label]), *flags]))
+        for row, (label, flags) in rows.items()
     }
+
+
+def spec_update_table(spec: Path, rows: dict, title: str, batch: int, updates: int) -> None:
+    """ms per SAC update of each row's agent, built from its sweep-spec variant as `experiments.train` builds it,
+    on that spec's env, alternated in this process."""
+    from experiments.train import agent_kwargs, make_env
+
+    configs = spec_configs(spec, rows)
+    agents = {
+        row: {k: v for k, v in agent_kwargs(config).items() if k not in BENCH_SETS}
+        for row, config in configs.items()
+    }
+    venv = make_env(next(iter(configs.values())), seed=0)
+    update_ms_table(
+        f"{title}, batch {batch}, median of {updates} pairs, {torch.get_num_threads()} torch threads",
+        alternated_update_ms(venv, agents, batch, updates),
+    )
+    venv.close()
 
 
 def bench_fuse(quick: bool) -> None:
@@ -268,21 +300,21 @@ def bench_fuse(quick: bool) -> None:
     agents, each built from its variant of `experiments/sweeps/study2-fuse.yaml` as `experiments.train` builds
     it, on that study's env (cartpole-swingup with `--proprio robot`: 84 px x 3 + the cart sensor + 8 past
     actions), alternated in this process."""
-    from experiments.train import agent_kwargs, make_env
-
     batch, updates = (32, 2) if quick else (128, 10)
-    configs = spec_configs(FUSE_SPEC, FUSE_AGENTS)
-    agents = {
-        row: {k: v for k, v in agent_kwargs(config).items() if k not in BENCH_SETS}
-        for row, config in configs.items()
-    }
-    venv = make_env(next(iter(configs.values())), seed=0)
-    update_ms_table(
-        f"Study 2's SAC update (SB3 recipe), batch {batch}, cartpole-swingup `--proprio robot`, 84 px x 3 + "
-        f"cart sensor + history, median of {updates} pairs, {torch.get_num_threads()} torch threads",
-        alternated_update_ms(venv, agents, batch, updates),
+    title = "Study 2's SAC update (SB3 recipe), cartpole-swingup `--proprio robot`, 84 px x 3 + cart sensor + history"
+    spec_update_table(FUSE_SPEC, FUSE_AGENTS, title, batch, updates)
+
+
+def bench_fuse_drq(quick: bool) -> None:
+    """`python -m experiments.benchmark fuse-drq [--quick]`: the same for study 2 under DrQ's recipe
+    (`experiments/sweeps/study2-fuse-drq.yaml`: K = M = 2, actor and target every 2 updates; batch 128, the
+    preset's), float32 beside bf16 for the best Perceiver and for NatureCNN + MLP."""
+    batch, updates = (32, 2) if quick else (128, 10)
+    title = (
+        "Study 2's SAC update (DrQ recipe, K = M = 2), cartpole-swingup `--proprio robot`, 84 px x 3 + cart "
+        "sensor + history"
     )
-    venv.close()
+    spec_update_table(FUSE_DRQ_SPEC, FUSE_DRQ_AGENTS, title, batch, updates)
 
 
 def bench_drq(quick: bool) -> None:

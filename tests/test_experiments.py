@@ -555,6 +555,21 @@ def test_benchmark_fuse_drq_builds_its_agents_from_the_drq_spec_with_added_flags
         spec_configs(FUSE_DRQ_SPEC, {"row": ("cnn-nope", ("--policy", "conv_dtype=bfloat16"))})
 
 
+def test_benchmark_bf16_attention_times_each_kernel_against_float32(
+    capsys,
+):  # plumbing: no timing is asserted
+    from experiments.benchmarks.attention import bench_bf16_attention
+
+    bench_bf16_attention(quick=True)
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][2:]
+    assert [row[1] for row in rows] == [
+        "SDPA, float32",
+        "SDPA, bf16",
+        "attend, bf16 in and out (float32 kernel)",
+    ] * 2
+    assert all(float(row[2]) > 0 for row in rows) and {row[3] for row in rows[::3]} == {"1 |"}
+
+
 def test_benchmark_features_prints_the_variation_table():  # plumbing: the table's rows and columns
     out = cli("experiments.benchmark", "features", timeout=HANG_GUARD_S).stdout
     assert "| NatureCNN (cnn) |" in out and "| Perceiver, patch tokens, query readout, centred |" in out

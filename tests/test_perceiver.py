@@ -457,7 +457,7 @@ def test_cross_attention_is_eligible_for_the_fused_kernel(dict_space, monkeypatc
 
 
 def test_attention_under_cpu_bf16_autocast_runs_in_float32(dict_space, monkeypatch):
-    """Under CPU bf16 autocast every attention call reaches SDPA in float32 (its bf16 CPU kernel was 5-16x slower
+    """Under CPU bf16 autocast every attention call reaches SDPA in float32 (its bf16 CPU kernel was up to 8.9x slower
     forward + backward) and hands bf16 back to the layers around it; the encoder's output stays within bf16's
     rounding of the float32 encoder's, and gradients reach the first layers."""
     from perceiver_policy import attention

@@ -76,3 +76,46 @@ def bench_attention_kernel(space, quick: bool) -> None:
         ["gating as", "batch", "kernel", "p50 ms", "p95 ms"],
         rows,
     )
+
+
+def bench_bf16_attention(quick: bool) -> None:
+    """`python -m experiments.benchmark precision`: forward + backward of one attention call at training shapes
+    (batch 256; the lean study Perceiver: 32 latents x 64), SDPA in float32, SDPA in bf16, and the Perceiver's
+    `attend` on bf16 inputs (which runs SDPA in float32 on the CPU), alternated in this process."""
+    from perceiver_policy.attention import attend
+
+    repeats = 5 if quick else 20
+    shapes = {  # name -> (heads, queries, keys, head dim, masked)
+        "latent self-attention (4 heads x 16)": (4, 32, 32, 16, False),
+        "input cross-attention (1 head x 64, 131 tokens, float mask)": (1, 32, 131, 64, True),
+    }
+    rows = []
+    for name, (heads, queries, keys, dim, masked) in shapes.items():
+        q32, k32, v32 = (torch.randn(256, heads, n, dim) for n in (queries, keys, keys))
+        mask32 = torch.randn(1, heads, queries, keys) if masked else None
+        variants = {
+            "SDPA, float32": (F.scaled_dot_product_attention, torch.float32),
+            "SDPA, bf16": (F.scaled_dot_product_attention, torch.bfloat16),
+            "attend, bf16 in and out (float32 kernel)": (attend, torch.bfloat16),
+        }
+        inputs = {}
+        for label, (_, dtype) in variants.items():
+            tensors = [t.to(dtype).requires_grad_() for t in (q32, k32, v32)]
+            inputs[label] = (*tensors, None if mask32 is None else mask32.to(dtype))
+        calls = {
+            label: (lambda fn=fn, args=inputs[label]: fn(*args[:3], attn_mask=args[3]).sum().backward())
+            for label, (fn, _) in variants.items()
+        }
+        times = {label: timed(call, 0, warmup=2) for label, call in calls.items()}  # warm-up only
+        for _ in range(repeats):  # alternated: a drift in machine speed hits every variant
+            for label, call in calls.items():
+                times[label] += timed(call, 1, warmup=0)
+        fp32 = percentiles(times["SDPA, float32"])[0]
+        for label in variants:
+            p50, _ = percentiles(times[label])
+            rows.append([name, label, p50, p50 / fp32])
+    table(
+        f"Attention forward + backward on the CPU, float32 and bf16, batch 256, median of {repeats} alternated calls",
+        ["call", "kernel", "p50 ms", "x SDPA float32"],
+        rows,
+    )

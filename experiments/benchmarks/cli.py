@@ -101,9 +101,11 @@ def main(argv: list[str] | None = None) -> int:
 
         bench_gpu(args.quick)
     if args.what in ("precision", "all"):
+        from experiments.benchmarks.attention import bench_bf16_attention
         from experiments.benchmarks.precision import bench_bf16_ratio
 
         bench_bf16_ratio(args.quick)
+        bench_bf16_attention(args.quick)
     if args.what in ("streaming", "all"):
         from experiments.benchmarks.streaming import bench_streaming
 

@@ -425,35 +425,55 @@ def make_agent_free_encoder(name, space):
 
 
 def test_conv_stems_scale_pixels_as_drq_does_without_touching_the_input():
-    from perceiver_policy.modalities import scaled_channels_last
+    from perceiver_policy.modalities import channels_last_pixels
 
     pixels = torch.randint(0, 256, (4, 9, 84, 84), dtype=torch.uint8)
-    x = scaled_channels_last(pixels)
-    assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(x, pixels.float() / 255.0)  # DrQ's `obs / 255.`, bit for bit
-    assert torch.equal(scaled_channels_last(pixels, shift=0.5), pixels.float() / 255.0 - 0.5)
+    for dtype in (torch.float32, torch.bfloat16):  # uint8 -> float32 / bf16 is exact (integers to 256)
+        x = channels_last_pixels(pixels, dtype)
+        assert x.dtype == dtype and x.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(x.float(), pixels.float())
     floats = pixels.float().contiguous(memory_format=torch.channels_last)
     before = floats.clone()
-    assert torch.equal(scaled_channels_last(floats), before / 255.0)
-    assert torch.equal(floats, before)  # a float input is read, never scaled in place
-    for shift in (
-        0.0,
-        0.5,
-    ):  # bf16 for convolutions under autocast: within one bf16 rounding of the float32 values
-        exact = pixels.float() / 255.0 - shift
-        low = scaled_channels_last(pixels, shift=shift, dtype=torch.bfloat16)
-        assert low.dtype == torch.bfloat16 and low.is_contiguous(memory_format=torch.channels_last)
-        assert torch.allclose(low.float(), exact, rtol=2**-8, atol=0) and not torch.equal(low.float(), exact)
-        assert torch.equal(
-            scaled_channels_last(floats, shift=shift, dtype=torch.bfloat16), exact.to(torch.bfloat16)
-        )
+    assert channels_last_pixels(floats) is floats and torch.equal(floats, before)  # read, never written
     space = spaces.Dict({"pixels": spaces.Box(0, 255, (9, 84, 84), np.uint8)})
     encoder = make_agent_free_encoder("drq-cnn", space)
     reference = torch.nn.Sequential(
         *[torch.nn.ReLU() if isinstance(m, torch.nn.ReLU) else m for m in encoder.convs]
     )
     expected = reference((pixels.float() / 255.0).contiguous(memory_format=torch.channels_last)).flatten(1)
-    assert torch.equal(encoder({"pixels": pixels}), expected)  # in-place ReLUs change nothing
+    got = encoder({"pixels": pixels})  # DrQ's `obs / 255.`, folded into the first layer: float rounding apart
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6) and got.abs().max() > 0.1
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, padding, size",
+    [(3, 2, 1, 84), (3, 2, 1, 85), (8, 4, 3, 84), (5, 4, 2, 84), (3, 1, 1, 13), (4, 2, 1, 64), (8, 4, 0, 84)],
+)
+@pytest.mark.parametrize("shift", [0.5, 0.0])
+def test_scaled_conv2d_is_the_conv_of_the_scaled_zero_padded_image_with_its_gradients(
+    kernel, stride, padding, size, shift
+):
+    """The scaling folded into the weights, the cells whose windows reach the padding corrected: the same output
+    and weight / bias gradients as scaling first, at every border (leading and trailing padded cells)."""
+    from perceiver_policy.modalities import channels_last_pixels, scaled_conv2d
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(9, 8, kernel, stride, padding)
+    pixels = torch.randint(0, 256, (2, 9, size, size), dtype=torch.uint8)
+    expected = conv(pixels.float() / 255.0 - shift)
+    got = scaled_conv2d(conv, channels_last_pixels(pixels), shift)
+    assert got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+    weights = torch.randn_like(expected)
+    want = torch.autograd.grad((expected * weights).sum(), [conv.weight, conv.bias])
+    have = torch.autograd.grad((got * weights).sum(), [conv.weight, conv.bias])
+    for a, b in zip(want, have):
+        assert (a - b).norm() < 1e-5 * a.norm()  # the folded sums cancel: relative, not elementwise
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 input: raw values exact, within bf16 rounding
+        low = scaled_conv2d(conv, channels_last_pixels(pixels, torch.bfloat16), shift)
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - expected).abs().max() < 4 * 2**-8 * expected.abs().max()
+    with pytest.raises(ValueError, match="ungrouped, int-padded Conv2d, got groups 3"):
+        scaled_conv2d(torch.nn.Conv2d(9, 9, 3, groups=3), channels_last_pixels(pixels))
 
 
 def test_an_image_too_small_for_the_convolutions_is_a_named_error():

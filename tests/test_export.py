@@ -19,6 +19,7 @@ TINY = {"num_latents": 8, "latent_dim": 32, "fourier_bands": 4}
         ("sac", "sb3", None),
         ("ppo", "perceiver", "reference"),  # the reference observation is exported with the weights
         ("sac", "perceiver", "reference"),
+        ("sac", "perceiver-conv", "none"),  # conv tokens: the first layer's border correction, exported
     ],
 )
 def test_exported_actor_equals_predict(tmp_path, algorithm, policy_type, center):
@@ -29,7 +30,10 @@ def test_exported_actor_equals_predict(tmp_path, algorithm, policy_type, center)
         if algorithm == "ppo"
         else {"learning_starts": 16, "batch_size": 16, "buffer_size": 200}
     )
-    perceiver = TINY if policy_type == "perceiver" else None
+    perceiver = None
+    if policy_type.startswith("perceiver"):
+        perceiver = {**TINY, "pixel_tokenizer": "conv"} if policy_type == "perceiver-conv" else TINY
+        policy_type = "perceiver"
     kwargs = {"center_features": center} if center else None
     model = agents.make_agent(
         algorithm,

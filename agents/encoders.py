@@ -23,7 +23,7 @@ from gymnasium import spaces
 from torch import nn
 
 from perceiver_policy.config import PerceiverConfig
-from perceiver_policy.modalities import ABSENT_KEY, STATE_KEY, channels_last_pixels, scaled_conv2d
+from perceiver_policy.modalities import ABSENT_KEY, STATE_KEY, channels_last_pixels, scaled_stem
 from perceiver_policy.model import LearnedQueries, PerceiverDecoder, PerceiverEncoder
 
 ENCODERS = ("perceiver", "cnn", "drq-cnn")
@@ -188,9 +188,7 @@ class ConvEncoder(nn.Module):
             bf16 = self.dtype == "bfloat16"
             x = channels_last_pixels(pixels, dtype=torch.bfloat16 if bf16 else torch.float32)  # raw 0..255
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-                features = scaled_conv2d(self.convs[0], x)  # DrQ's `obs / 255.`, folded into the first layer
-                for layer in self.convs[1:]:
-                    features = layer(features)
+                features = scaled_stem(self.convs, x)  # DrQ's `obs / 255.`, folded into the first layer
             parts.append(features.float().flatten(1))  # (B, C*H'*W'), float32 either way
         if self.vectors is not None:
             flat = torch.cat([obs[k].float().flatten(1) for k in self.vector_keys], dim=1)  # (B, vector_dim)

@@ -113,6 +113,15 @@ def scaled_conv2d(conv: nn.Conv2d, pixels: torch.Tensor, shift: float = 0.0) -> 
     return _add_at_border(out, correction, regions)
 
 
+def scaled_stem(stem: nn.Sequential, pixels: torch.Tensor, shift: float = 0.0) -> torch.Tensor:
+    """A conv stem (its first layer a Conv2d) over `pixels / 255 - shift`, from the raw `channels_last_pixels`: the
+    first layer scales (`scaled_conv2d`), the rest run as they are."""
+    features = scaled_conv2d(stem[0], pixels, shift)
+    for layer in stem[1:]:
+        features = layer(features)
+    return features
+
+
 def _add_at_border(out: torch.Tensor, correction: torch.Tensor, regions) -> torch.Tensor:
     for r, c in regions:  # disjoint (rows, cols) regions of the (H', W') map
         out[:, :, r, c] += correction[:, r, c]
@@ -426,9 +435,7 @@ class ConvImageAdapter(ModalityAdapter):
 
     def tokens_content(self, x: torch.Tensor) -> torch.Tensor:
         pixels = channels_last_pixels(x, dtype=autocast_dtype(x.device))  # raw 0..255: the first layer scales
-        features = scaled_conv2d(self.stem[0], pixels, shift=0.5)
-        for layer in self.stem[1:]:
-            features = layer(features)  # (B, conv_channels, H', W'), channels-last
+        features = scaled_stem(self.stem, pixels, shift=0.5)  # (B, conv_channels, H', W'), channels-last
         return features.flatten(2).transpose(
             1, 2
         )  # (B, H'*W', conv_channels): a view of channels-last memory

@@ -94,9 +94,7 @@ def scaled_conv2d(conv: nn.Conv2d, pixels: torch.Tensor, shift: float = 0.0) -> 
     left, right = _padded_cells(
         width, weight.shape[3], conv.stride[1], conv.padding[1], conv.dilation[1], cols
     )
-    ones = torch.ones(1, *pixels.shape[1:], dtype=pixels.dtype, device=pixels.device)
-    inside = F.conv2d(ones, weight, None, conv.stride, conv.padding, conv.dilation)[0]  # (C_out, H', W')
-    correction = (shift * (total[:, None, None] - inside)).to(out.dtype)  # 0 away from the border
+    correction = _border_correction(conv, pixels, total, shift, out.dtype)
     every, middle = slice(None), slice(top, rows - bottom)
     regions = [
         (r, c)
@@ -111,6 +109,25 @@ def scaled_conv2d(conv: nn.Conv2d, pixels: torch.Tensor, shift: float = 0.0) -> 
     if torch.is_grad_enabled() and (out.requires_grad or correction.requires_grad):
         return _AddAtBorder.apply(out, correction, regions)
     return _add_at_border(out, correction, regions)
+
+
+def _border_correction(
+    conv: nn.Conv2d, pixels: torch.Tensor, total: torch.Tensor, shift: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """shift * (the weights each output cell's window puts on the padding): (C_out, H', W'), 0 away from the border.
+    Without gradients (acting, evaluation) it is kept until the weights change: at batch 1 its batch-1
+    convolution of ones would cost as much as the layer itself."""
+    key = (conv.weight._version, conv.weight.data_ptr(), tuple(pixels.shape[1:]), pixels.dtype, dtype, shift)
+    cached = conv.__dict__.get("_border_correction")
+    grad = torch.is_grad_enabled()
+    if not grad and cached is not None and cached[0] == key:
+        return cached[1]
+    ones = torch.ones(1, *pixels.shape[1:], dtype=pixels.dtype, device=pixels.device)
+    inside = F.conv2d(ones, conv.weight, None, conv.stride, conv.padding, conv.dilation)[0]  # (C_out, H', W')
+    correction = (shift * (total[:, None, None] - inside)).to(dtype)
+    if not grad:
+        conv.__dict__["_border_correction"] = (key, correction)
+    return correction
 
 
 def scaled_stem(stem: nn.Sequential, pixels: torch.Tensor, shift: float = 0.0) -> torch.Tensor:

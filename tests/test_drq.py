@@ -472,6 +472,13 @@ def test_scaled_conv2d_is_the_conv_of_the_scaled_zero_padded_image_with_its_grad
         low = scaled_conv2d(conv, channels_last_pixels(pixels, torch.bfloat16), shift)
     assert low.dtype == torch.bfloat16
     assert (low.float() - expected).abs().max() < 4 * 2**-8 * expected.abs().max()
+    with (
+        torch.no_grad()
+    ):  # acting: the border correction is kept while the weights stay, renewed when they change
+        assert torch.allclose(scaled_conv2d(conv, channels_last_pixels(pixels), shift), expected, atol=1e-5)
+        conv.weight.mul_(-2.0)
+        again = scaled_conv2d(conv, channels_last_pixels(pixels), shift)
+        assert torch.allclose(again, conv(pixels.float() / 255.0 - shift), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="ungrouped, int-padded Conv2d, got groups 3"):
         scaled_conv2d(torch.nn.Conv2d(9, 9, 3, groups=3), channels_last_pixels(pixels))
 

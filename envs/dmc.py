@@ -151,6 +151,12 @@ class DMCEnv(gym.Env):
         self.state_layout = proprio_modes.full_layout(sizes)
         self._proprio_index, self.proprio_layout = proprio_modes.select(domain, task, proprio, sizes)
         self._proprio_all = len(self._proprio_index) == sum(sizes.values())
+        # State probes also score each sensor the proprio mode keeps in part, split into what the agent senses
+        # and what it must estimate (`proprio_modes.sensed_parts`).
+        senses_proprio = "proprio" in modalities or "proprio_history" in modalities
+        self.state_parts = (
+            proprio_modes.sensed_parts(self.state_layout, self._proprio_index) if senses_proprio else {}
+        )
         self.observation_space = self._build_observation_space()
 
         self._renderer = None

@@ -117,6 +117,23 @@ def select(domain: str, task: str, mode: str, sizes: dict[str, int]):
     return np.asarray(indices), layout
 
 
+def sensed_parts(layout: dict[str, tuple[int, int]], sensed: np.ndarray) -> dict[str, np.ndarray]:
+    """The sensors of `layout` (the full flattened vector) that a mode keeps only in part, split in two:
+    {'<sensor>_sensed': indices kept, '<sensor>_unsensed': indices removed}, in the full vector. For state probes:
+    under `--proprio robot` on ball_in_cup, position_sensed is the cup's (x, z), position_unsensed the ball's,
+    which only the camera shows. Sensors kept whole or removed whole are not split (their own entry says it)."""
+    kept = set(np.asarray(sensed).tolist())
+    parts = {}
+    for name, (start, stop) in layout.items():
+        inside = np.array([i for i in range(start, stop) if i in kept], dtype=np.int64)
+        if 0 < len(inside) < stop - start:
+            parts[f"{name}_sensed"] = inside
+            parts[f"{name}_unsensed"] = np.array(
+                [i for i in range(start, stop) if i not in kept], dtype=np.int64
+            )
+    return parts
+
+
 def describe(domain: str, task: str, sizes: dict[str, int]) -> dict[str, list[str]]:
     """{mode: [kept sensor names]}, the README table's row for a task."""
     return {mode: list(select(domain, task, mode, sizes)[1]) for mode in valid_modes(domain)}

@@ -5,7 +5,8 @@ Deterministic actions, one env per episode, policy latency timed per step. Write
 per task. `--missing-modality pixels` (or any modality, repeatable) evaluates with it absent (a Perceiver drops its
 tokens); `--blank-modality pixels` feeds it as zeros instead (a dead sensor; any policy). `--probe-state`
 adds one column per state sensor: R² of a linear probe from the policy's features (Perceiver latents, SB3
-extractor output, LSTM state) to the true state, fit on the first half of the episodes, scored on the rest.
+extractor output, LSTM state) to the true state, fit on the first half of the episodes, scored on the rest (and
+a column for each sensed / unsensed part of a sensor the proprio mode keeps in part, e.g. the ball's position).
 `--num-latents 4 8 32` evaluates a policy trained with latent_scaling at each of those numbers of latents (one
 row each); `--latency-budget-ms B` measures p95 batch-1 latency at every trained k here and evaluates the largest
 k that fits. `--all-checkpoints` evaluates every checkpoint a run kept, oldest first, one row each with its step
@@ -179,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--probe-state",
         action="store_true",
-        help="R² per state sensor of a linear probe from the policy's features (needs >= 4 episodes)",
+        help="R² per state sensor of a linear probe from the policy's features, and of the sensed / unsensed "
+        "parts of a sensor the proprio mode keeps in part (needs >= 4 episodes)",
     )
     parser.add_argument(
         "--reliance",

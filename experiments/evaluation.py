@@ -286,7 +286,12 @@ def evaluate_policy(
         if probe is not None:
             result.reliance = probe.summary()
         if tap is not None:
-            result.probe = state_probe(features, states, env.unwrapped.state_layout)
+            result.probe = state_probe(
+                features,
+                states,
+                env.unwrapped.state_layout,
+                parts=getattr(env.unwrapped, "state_parts", None),
+            )
     finally:
         env.close()
         if tap is not None:

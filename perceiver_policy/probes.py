@@ -31,14 +31,18 @@ def ridge_fit(x: np.ndarray, y: np.ndarray, alpha: float, dual: bool | None = No
     return lambda new: ((new - x_mean) / x_std) @ weights + y_mean
 
 
+def r2(prediction: np.ndarray, target: np.ndarray) -> float:
+    """R² = 1 - SSE / SST over all the columns given (a constant target scores 0 when predicted exactly)."""
+    error = ((prediction - target) ** 2).sum()
+    spread = ((target - target.mean(0)) ** 2).sum()
+    return float(1.0 - error / spread) if spread > 1e-12 else 0.0
+
+
 def r2_per_sensor(prediction: np.ndarray, target: np.ndarray, layout: dict[str, tuple[int, int]]) -> dict:
-    """R² = 1 - SSE / SST over each sensor's dimensions (a constant sensor scores 0 when predicted exactly)."""
-    scores = {}
-    for name, (start, stop) in layout.items():
-        error = ((prediction[:, start:stop] - target[:, start:stop]) ** 2).sum()
-        spread = ((target[:, start:stop] - target[:, start:stop].mean(0)) ** 2).sum()
-        scores[name] = float(1.0 - error / spread) if spread > 1e-12 else 0.0
-    return scores
+    """`r2` over each sensor's dimensions."""
+    return {
+        name: r2(prediction[:, start:stop], target[:, start:stop]) for name, (start, stop) in layout.items()
+    }
 
 
 def state_probe(
@@ -46,8 +50,11 @@ def state_probe(
     states: list[np.ndarray],
     layout: dict[str, tuple[int, int]],
     alphas: tuple[float, ...] = ALPHAS,
+    parts: dict[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
-    """R² per sensor (and their mean under 'mean') of a ridge probe from features to state.
+    """R² per sensor (and their mean under 'mean') of a ridge probe from features to state; then, by the same
+    probe, R² of each of `parts` (name -> state column indices, e.g. `envs.DMCEnv.state_parts`: a sensor's sensed
+    and unsensed dimensions), which the mean leaves out.
 
     features / states: one (T_i, F) / (T_i, S) array per episode. The first half of the episodes fits the probe
     (its last episode chooses the penalty, then the whole half refits), the second half scores it."""
@@ -67,6 +74,9 @@ def state_probe(
 
     alpha = max(alphas, key=score)
     predict = ridge_fit(np.concatenate(fit_x), np.concatenate(fit_y), alpha)
-    scores = r2_per_sensor(predict(test_x), test_y, layout)
+    prediction = predict(test_x)
+    scores = r2_per_sensor(prediction, test_y, layout)
     scores["mean"] = float(np.mean(list(scores.values())))
+    for name, columns in (parts or {}).items():
+        scores[name] = r2(prediction[:, columns], test_y[:, columns])
     return scores

@@ -151,6 +151,43 @@ def test_probe_recovers_a_linear_map_and_scores_zero_on_noise():
         state_probe(features[:3], states[:3], layout)
 
 
+def test_probe_scores_parts_by_the_same_fit_outside_the_mean():
+    rng = np.random.default_rng(1)
+    features = [rng.standard_normal((100, 30)) for _ in range(8)]
+    # columns 0-1 are linear in the features, columns 2-3 are noise the features do not carry
+    states = [np.concatenate([f[:, :2], rng.standard_normal((100, 2))], axis=1) for f in features]
+    layout = {"position": (0, 4)}
+    parts = {"position_sensed": np.array([0, 1]), "position_unsensed": np.array([2, 3])}
+    plain = state_probe(features, states, layout)
+    scores = state_probe(features, states, layout, parts=parts)
+    assert scores["position"] == plain["position"] and scores["mean"] == plain["mean"]
+    assert scores["position_sensed"] > 0.99 and scores["position_unsensed"] < 0.1  # no better than the mean
+    assert 0.4 < scores["position"] < 0.6  # the whole sensor averages the two halves' spread
+
+
+def test_state_parts_split_what_the_mode_keeps_from_what_it_removes():
+    robot = gym.make("dmc/ball_in_cup-catch-v0", modalities=("proprio",), proprio="robot").unwrapped
+    # position = [cup x, cup z, ball x, ball z] (0-3), velocity likewise (4-7): the robot mode keeps the cup
+    assert {name: idx.tolist() for name, idx in robot.state_parts.items()} == {
+        "position_sensed": [0, 1],
+        "position_unsensed": [2, 3],
+        "velocity_sensed": [4, 5],
+        "velocity_unsensed": [6, 7],
+    }
+    cartpole = gym.make("dmc/cartpole-swingup-v0", modalities=("proprio_history",), proprio="robot").unwrapped
+    assert cartpole.state_parts["position_unsensed"].tolist() == [1, 2]  # cos, sin of the pole's angle
+    # whole sensors kept or removed are not split; without proprioception nothing is sensed
+    assert gym.make("dmc/ball_in_cup-catch-v0", modalities=("proprio",)).unwrapped.state_parts == {}
+    assert (
+        gym.make(
+            "dmc/cartpole-swingup-v0", modalities=("proprio",), proprio="positions"
+        ).unwrapped.state_parts
+        == {}
+    )
+    pixels_only = gym.make("dmc/ball_in_cup-catch-v0", modalities=("pixels",), proprio="robot", image_size=32)
+    assert pixels_only.unwrapped.state_parts == {}
+
+
 @pytest.mark.parametrize("features", [20, 35])  # fewer and more features than the 30 samples
 def test_ridge_dual_and_primal_forms_agree(features):
     rng = np.random.default_rng(1)

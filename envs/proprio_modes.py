@@ -122,15 +122,12 @@ def sensed_parts(layout: dict[str, tuple[int, int]], sensed: np.ndarray) -> dict
     {'<sensor>_sensed': indices kept, '<sensor>_unsensed': indices removed}, in the full vector. For state probes:
     under `--proprio robot` on ball_in_cup, position_sensed is the cup's (x, z), position_unsensed the ball's,
     which only the camera shows. Sensors kept whole or removed whole are not split (their own entry says it)."""
-    kept = set(np.asarray(sensed).tolist())
     parts = {}
     for name, (start, stop) in layout.items():
-        inside = np.array([i for i in range(start, stop) if i in kept], dtype=np.int64)
+        inside = np.intersect1d(np.arange(start, stop), sensed)
         if 0 < len(inside) < stop - start:
             parts[f"{name}_sensed"] = inside
-            parts[f"{name}_unsensed"] = np.array(
-                [i for i in range(start, stop) if i not in kept], dtype=np.int64
-            )
+            parts[f"{name}_unsensed"] = np.setdiff1d(np.arange(start, stop), sensed)
     return parts
 
 

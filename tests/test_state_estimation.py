@@ -186,6 +186,7 @@ def test_state_parts_split_what_the_mode_keeps_from_what_it_removes():
     )
     pixels_only = gym.make("dmc/ball_in_cup-catch-v0", modalities=("pixels",), proprio="robot", image_size=32)
     assert pixels_only.unwrapped.state_parts == {}
+    pixels_only.close()
 
 
 @pytest.mark.parametrize("features", [20, 35])  # fewer and more features than the 30 samples

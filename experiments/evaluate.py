@@ -32,7 +32,7 @@ from experiments.checkpoint import (
     locate,
     read_meta,
 )
-from experiments.evaluation import evaluate_policy, write_mp4
+from experiments.evaluation import PROBE_FEATURES, evaluate_policy, write_mp4
 from experiments.export import observations
 from experiments.runtime import keep_freed_memory
 from perceiver_policy.latent_scaling import choose_num_latents, num_latents, set_num_latents
@@ -184,6 +184,14 @@ def main(argv: list[str] | None = None) -> int:
         "parts of a sensor the proprio mode keeps in part (needs >= 4 episodes)",
     )
     parser.add_argument(
+        "--probe-features",
+        choices=PROBE_FEATURES,
+        default="encoder",
+        help="with --probe-state: what the probe reads - 'encoder' (default): what the policy's heads read "
+        "(Perceiver latents, a CNN's features, an LSTM's state); 'actor': the input of the actor's action layer, "
+        "to see whether a state the encoder carries reaches the action",
+    )
+    parser.add_argument(
         "--reliance",
         action="store_true",
         help="per observation key: how much the deterministic action and the value change when it is withheld "
@@ -254,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--episodes must be a positive integer, got {args.episodes}")
         if args.reliance_every <= 0:
             raise ValueError(f"--reliance-every must be a positive integer, got {args.reliance_every}")
+        if args.probe_features != "encoder" and not args.probe_state:
+            raise ValueError(
+                f"--probe-features {args.probe_features} chooses what --probe-state reads; add --probe-state"
+            )
         config, latest = locate(args.path)
         checkpoints = checkpoints_to_evaluate(args.path, latest, args.all_checkpoints, args.best)
         if args.best:
@@ -289,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                         missing=tuple(args.missing_modality),
                         blank=tuple(args.blank_modality),
                         probe_state=args.probe_state,
+                        probe_features=args.probe_features,
                         attention_overlay=args.attention_overlay,
                         streaming=args.streaming,
                         reliance=args.reliance,

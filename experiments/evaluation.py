@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from torch import nn
 
 from envs.dmc import STATE_KEY
 from envs.vec import make_env_fn
@@ -70,16 +71,47 @@ def feature_module(model):
     return policy.pi_features_extractor
 
 
-class FeatureTap:
-    """Keeps the features behind the latest `predict` call, (F,) numpy, for state probes."""
+PROBE_FEATURES = ("encoder", "actor")
+"""What a state probe reads: ``encoder``, what the policy's heads read (`feature_module`); ``actor``, the input
+of the actor's action layer (`action_layer`), the last representation the action is a linear function of. A
+state the encoder carries and the actor's layer does not is lost in the actor's readout."""
 
-    def __init__(self, model):
+
+def action_layer(model):
+    """The actor's last layer (its input: what the action's mean is linear in): DrQ's actor MLP's last Linear,
+    the Perceiver SAC actor's head, SB3 SAC's `mu`, or `action_net` of a PPO / A2C policy (LSTM included)."""
+    policy = model.policy
+    actor = getattr(policy, "actor", None)
+    if actor is not None:
+        for name in ("trunk", "mu", "head"):  # DrQActor, SB3's SAC Actor, PerceiverSACActor
+            layer = getattr(actor, name, None)
+            if layer is not None:
+                return layer[-1] if isinstance(layer, nn.Sequential) else layer
+    if hasattr(policy, "action_net"):
+        return policy.action_net
+    raise ValueError(f"probe features 'actor': no action layer found in {type(policy).__name__}; valid "
+                     "choice for this policy: 'encoder'")  # fmt: skip
+
+
+class FeatureTap:
+    """Keeps the features behind the latest `predict` call, (F,) numpy, for state probes: the output of
+    `feature_module` (`where='encoder'`) or the input of `action_layer` (`where='actor'`)."""
+
+    def __init__(self, model, where: str = "encoder"):
+        if where not in PROBE_FEATURES:
+            raise ValueError(f"unknown probe features {where!r}; valid choices: {list(PROBE_FEATURES)}")
         self.latest: np.ndarray | None = None
-        module = feature_module(model)
-        self._handle = module.register_forward_hook(self._store) if module is not None else None
+        self._handle = None
+        if where == "actor":
+            self._handle = action_layer(model).register_forward_hook(self._store_input)
+        elif (module := feature_module(model)) is not None:
+            self._handle = module.register_forward_hook(self._store)
 
     def _store(self, module, inputs, output) -> None:
         self.latest = output.detach().float().reshape(output.shape[0], -1)[0].cpu().numpy()
+
+    def _store_input(self, module, inputs, output) -> None:
+        self._store(module, (), inputs[0])
 
     def after_predict(self, recurrent_state) -> np.ndarray:
         if self._handle is None:  # LSTM: hidden and cell state of the actor after reading this observation
@@ -202,6 +234,7 @@ def evaluate_policy(
     missing: tuple[str, ...] = (),
     blank: tuple[str, ...] = (),
     probe_state: bool = False,
+    probe_features: str = "encoder",
     attention_overlay: bool = False,
     streaming: bool = False,
     reliance: bool = False,
@@ -210,7 +243,8 @@ def evaluate_policy(
     """Run `episodes` deterministic episodes of `task` one by one, timing every `model.predict` call.
 
     `probe_state`: also fit a linear probe from the policy's features to the privileged state (the env gives it
-    for this; the policy never sees it unless it was trained with it) and report R² per sensor.
+    for this; the policy never sees it unless it was trained with it) and report R² per sensor; `probe_features`
+    (`PROBE_FEATURES`): which of the policy's features the probe reads.
     `attention_overlay` (with `video`): the video shows the policy's own stacked frames with the latents'
     cross-attention on each patch blended over them, instead of the camera render.
     `streaming`: a Perceiver embeds only the newest frame / step of each window (perceiver_policy.streaming;
@@ -227,10 +261,17 @@ def evaluate_policy(
     if attention_overlay and (encoder is None or "pixels" not in encoder.names):
         raise ValueError("--attention-overlay needs a Perceiver policy that reads pixels")
     overlay = video and attention_overlay
-    env = make_env_fn(task, **env_kwargs)(render_mode="rgb_array" if video and not overlay else None)
+    tap = (
+        FeatureTap(model, probe_features) if probe_state else None
+    )  # a bad choice fails before the env starts
+    try:
+        env = make_env_fn(task, **env_kwargs)(render_mode="rgb_array" if video and not overlay else None)
+    except BaseException:
+        if tap is not None:
+            tap.close()
+        raise
     result = EvalResult()
     frames = []
-    tap = FeatureTap(model) if probe_state else None
     features, states = [], []
     wants_flags = ABSENT_KEY in spaces
     keys = [k for k in spaces if is_input_key(k)]
@@ -265,12 +306,12 @@ def evaluate_policy(
                         encoder.capture_attention = False
                         heat = attention_on_frames(encoder.last_capture, encoder.specs)
                         frames.append(attention_overlay_image(obs["pixels"], heat.cpu().numpy()))
+                    if tap is not None:  # before the reliance probe's withheld passes overwrite the tap
+                        episode_features.append(tap.after_predict(recurrent_state))
+                        episode_states.append(obs[STATE_KEY] if STATE_KEY in obs else state)
                     if probe is not None:
                         probe.step(obs, action, before, episode_start)
                     episode_start = np.zeros(1, dtype=bool)
-                    if tap is not None:
-                        episode_features.append(tap.after_predict(recurrent_state))
-                        episode_states.append(obs[STATE_KEY] if STATE_KEY in obs else state)
                     obs, reward, terminated, truncated, _ = env.step(action)
                     if video and not overlay and episode == 0:
                         frames.append(env.render())

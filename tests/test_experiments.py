@@ -661,6 +661,11 @@ def test_evaluate_probe_state_prints_r2_per_sensor(tmp_path, policy_type):
     assert "R² position" in out and "R² velocity" in out
     header = (tmp_path / policy_type / "eval" / "eval.csv").read_text().splitlines()[0]
     assert header.endswith("r2_position,r2_velocity,r2_mean")
+    out = cli("experiments.evaluate", str(tmp_path / policy_type), "--episodes", "4", "--probe-state",
+              "--probe-features", "actor").stdout  # fmt: skip
+    assert "R² position" in out and "R² velocity" in out
+    failed = cli("experiments.evaluate", str(tmp_path / policy_type), "--probe-features", "actor", check=False)
+    assert failed.returncode != 0 and "--probe-features actor chooses what --probe-state reads" in failed.stderr
 
 
 def _children(pid: int) -> list[int]:

@@ -526,3 +526,20 @@ def test_grouped_latents_train_under_drqs_recipe_with_an_online_target(mix_venv)
     # after training, the camera's group still reads no proprio
     assert torch.allclose(latents[:, :4], moved[:, :4])
     assert not torch.allclose(latents[:, 4:6], moved[:, 4:6])
+
+
+def test_the_state_probe_reads_the_full_observation_features_when_the_reliance_probe_runs_too():
+    import envs
+    from agents import make_agent
+    from experiments.evaluation import evaluate_policy
+
+    env_kwargs = {"modalities": ("proprio", "action_history"), "action_repeat": 8}
+    venv = envs.make_vec_env("cartpole-swingup", n_envs=1, seed=0, **env_kwargs)
+    model = make_agent("sac", venv, perceiver=SMALL, device="cpu", seed=0)
+    alone, beside = (
+        evaluate_policy(model, "cartpole-swingup", env_kwargs, episodes=4, probe_state=True, reliance=reliance)
+        for reliance in (False, True)
+    )
+    assert beside.reliance["proprio"]["action"] > 0  # the withheld passes ran through the tapped encoder
+    assert alone.probe == pytest.approx(beside.probe, abs=1e-9)
+    venv.close()

@@ -339,3 +339,49 @@ def test_a_policy_trained_with_the_state_predicts_evaluates_and_exports_from_its
                              "proprio": "positions", "action_repeat": 8}, episodes=1)  # fmt: skip
     assert len(result.returns) == 1
     venv.close()
+
+
+ACTOR_PROBE_CASES = [  # (algorithm, policy_type, recipe, extra)
+    ("sac", "perceiver", "drq", {"policy_kwargs": {"hidden_dim": 32, "feature_dim": 8}}),
+    ("sac", "perceiver", "sb3", {}),
+    ("sac", "sb3", "sb3", {}),
+    ("sac", "drq-cnn", "drq", {"policy_kwargs": {"hidden_dim": 32, "feature_dim": 8}}),
+    ("ppo", "perceiver", "sb3", {}),
+]
+
+
+@pytest.mark.parametrize("algorithm,policy_type,recipe,extra", ACTOR_PROBE_CASES, ids=lambda c: str(c))
+def test_actor_probe_features_are_what_the_deterministic_action_is_a_function_of(
+    algorithm, policy_type, recipe, extra
+):
+    from experiments.evaluation import FeatureTap, action_layer, evaluate_policy
+
+    env_kwargs = {"modalities": ("proprio", "action_history"), "action_repeat": 8}
+    venv = envs.make_vec_env("cartpole-swingup", n_envs=1, seed=0, **env_kwargs)
+    model = agents.make_agent(algorithm, venv, perceiver=TINY, policy_type=policy_type, recipe=recipe,
+                              device="cpu", seed=0, **extra)  # fmt: skip
+    obs = {k: v[0] for k, v in venv.reset().items()}
+    tap = FeatureTap(model, "actor")
+    action, _ = model.predict(obs, deterministic=True)
+    layer = action_layer(model)
+    with torch.no_grad():  # the layer's output from the tapped input: the action's mean, then SAC's squashing
+        mean = layer(torch.as_tensor(tap.after_predict(None))[None])[0, : action.shape[-1]].numpy()
+    np.testing.assert_allclose(np.tanh(mean) if algorithm == "sac" else np.clip(mean, -1, 1), action, atol=1e-5)
+    tap.close()
+    result = evaluate_policy(model, "cartpole-swingup", env_kwargs, episodes=4, probe_state=True,
+                             probe_features="actor")  # fmt: skip
+    assert {"position", "velocity", "mean"} <= set(result.probe)
+    venv.close()
+
+
+def test_probe_features_refuse_an_unknown_choice():
+    from experiments.evaluation import FeatureTap, evaluate_policy
+
+    venv = envs.make_vec_env("cartpole-swingup", n_envs=1, seed=0, modalities=("proprio",), action_repeat=8)
+    model = agents.make_agent("sac", venv, perceiver=TINY, device="cpu", seed=0)
+    with pytest.raises(ValueError, match=r"unknown probe features 'critic'; valid choices: \['encoder', 'actor'\]"):
+        FeatureTap(model, "critic")
+    with pytest.raises(ValueError, match="unknown probe features 'latents'"):
+        evaluate_policy(model, "cartpole-swingup", {"modalities": ("proprio",)}, episodes=4, probe_state=True,
+                        probe_features="latents")  # fmt: skip
+    venv.close()

@@ -261,9 +261,8 @@ def evaluate_policy(
     if attention_overlay and (encoder is None or "pixels" not in encoder.names):
         raise ValueError("--attention-overlay needs a Perceiver policy that reads pixels")
     overlay = video and attention_overlay
-    tap = (
-        FeatureTap(model, probe_features) if probe_state else None
-    )  # a bad choice fails before the env starts
+    # the tap before the env: a bad `probe_features` fails before the env starts
+    tap = FeatureTap(model, probe_features) if probe_state else None
     try:
         env = make_env_fn(task, **env_kwargs)(render_mode="rgb_array" if video and not overlay else None)
     except BaseException:

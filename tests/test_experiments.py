@@ -664,8 +664,12 @@ def test_evaluate_probe_state_prints_r2_per_sensor(tmp_path, policy_type):
     out = cli("experiments.evaluate", str(tmp_path / policy_type), "--episodes", "4", "--probe-state",
               "--probe-features", "actor").stdout  # fmt: skip
     assert "R² position" in out and "R² velocity" in out
-    failed = cli("experiments.evaluate", str(tmp_path / policy_type), "--probe-features", "actor", check=False)
-    assert failed.returncode != 0 and "--probe-features actor chooses what --probe-state reads" in failed.stderr
+    failed = cli(
+        "experiments.evaluate", str(tmp_path / policy_type), "--probe-features", "actor", check=False
+    )
+    assert (
+        failed.returncode != 0 and "--probe-features actor chooses what --probe-state reads" in failed.stderr
+    )
 
 
 def _children(pid: int) -> list[int]:

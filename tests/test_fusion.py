@@ -537,7 +537,9 @@ def test_the_state_probe_reads_the_full_observation_features_when_the_reliance_p
     venv = envs.make_vec_env("cartpole-swingup", n_envs=1, seed=0, **env_kwargs)
     model = make_agent("sac", venv, perceiver=SMALL, device="cpu", seed=0)
     alone, beside = (
-        evaluate_policy(model, "cartpole-swingup", env_kwargs, episodes=4, probe_state=True, reliance=reliance)
+        evaluate_policy(
+            model, "cartpole-swingup", env_kwargs, episodes=4, probe_state=True, reliance=reliance
+        )
         for reliance in (False, True)
     )
     assert beside.reliance["proprio"]["action"] > 0  # the withheld passes ran through the tapped encoder

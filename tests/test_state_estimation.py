@@ -366,7 +366,9 @@ def test_actor_probe_features_are_what_the_deterministic_action_is_a_function_of
     layer = action_layer(model)
     with torch.no_grad():  # the layer's output from the tapped input: the action's mean, then SAC's squashing
         mean = layer(torch.as_tensor(tap.after_predict(None))[None])[0, : action.shape[-1]].numpy()
-    np.testing.assert_allclose(np.tanh(mean) if algorithm == "sac" else np.clip(mean, -1, 1), action, atol=1e-5)
+    np.testing.assert_allclose(
+        np.tanh(mean) if algorithm == "sac" else np.clip(mean, -1, 1), action, atol=1e-5
+    )
     tap.close()
     result = evaluate_policy(model, "cartpole-swingup", env_kwargs, episodes=4, probe_state=True,
                              probe_features="actor")  # fmt: skip
@@ -379,7 +381,9 @@ def test_probe_features_refuse_an_unknown_choice():
 
     venv = envs.make_vec_env("cartpole-swingup", n_envs=1, seed=0, modalities=("proprio",), action_repeat=8)
     model = agents.make_agent("sac", venv, perceiver=TINY, device="cpu", seed=0)
-    with pytest.raises(ValueError, match=r"unknown probe features 'critic'; valid choices: \['encoder', 'actor'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown probe features 'critic'; valid choices: \['encoder', 'actor'\]"
+    ):
         FeatureTap(model, "critic")
     with pytest.raises(ValueError, match="unknown probe features 'latents'"):
         evaluate_policy(model, "cartpole-swingup", {"modalities": ("proprio",)}, episodes=4, probe_state=True,

@@ -20,7 +20,7 @@ from stable_baselines3.common.logger import TensorBoardOutputFormat
 
 from envs.multitask import active_task_weights
 from experiments.checkpoint import best_checkpoint, read_meta, save_best, save_checkpoint
-from experiments.evaluation import evaluate_tasks, missing_modalities, perceiver_encoder
+from experiments.evaluation import evaluate_tasks, has_action_layer, missing_modalities, perceiver_encoder
 from experiments.tb import add_video, attention_figure, attention_overlay
 from perceiver_policy.introspection import (
     attention_entropy,
@@ -131,6 +131,8 @@ class EvalCallback(PeriodicCallback):
             result, per_task = evaluate(
                 video=self.video,
                 probe_state=self.probe_state,
+                # the actor's action layer beside the encoder: does a state the latents carry reach the action?
+                probe_features=("encoder", "actor") if has_action_layer(self.model) else ("encoder",),
                 reliance=self.reliance,
                 reliance_every=self.reliance_every,
             )

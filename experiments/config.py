@@ -170,7 +170,9 @@ class TrainConfig:
     state_probe: bool = True
     """At each evaluation, fit a linear probe from the policy's features (Perceiver latents, SB3 extractor output,
     LSTM state) to the privileged state on half the episodes, score R² on the rest: perceiver/state_probe_r2/<sensor>,
-    and <sensor>_sensed / <sensor>_unsensed for a sensor the proprio mode keeps in part.
+    and <sensor>_sensed / <sensor>_unsensed for a sensor the proprio mode keeps in part; the same from the input of
+    the actor's action layer: perceiver/state_probe_r2/actor/<sensor> (does a state the latents carry reach the
+    action?).
     Needs eval_episodes >= 4 (skipped otherwise)."""
     reliance: bool = True
     """At each evaluation, the causal reliance on each modality (experiments.evaluation.RelianceProbe): how much

@@ -185,10 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--probe-features",
+        nargs="+",
         choices=PROBE_FEATURES,
-        default="encoder",
-        help="with --probe-state: what the probe reads - 'encoder' (default): what the policy's heads read "
-        "(Perceiver latents, a CNN's features, an LSTM's state); 'actor': the input of the actor's action layer, "
+        default=["encoder"],
+        metavar="FEATURES",
+        help="with --probe-state: what the probe reads, one or more of "
+        f"{', '.join(PROBE_FEATURES)} - 'encoder' (default): what the policy's heads read (Perceiver latents, a "
+        "CNN's features, an LSTM's state); 'actor': the input of the actor's action layer (columns 'actor/<sensor>'), "
         "to see whether a state the encoder carries reaches the action",
     )
     parser.add_argument(
@@ -262,9 +265,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--episodes must be a positive integer, got {args.episodes}")
         if args.reliance_every <= 0:
             raise ValueError(f"--reliance-every must be a positive integer, got {args.reliance_every}")
-        if args.probe_features != "encoder" and not args.probe_state:
+        if args.probe_features != ["encoder"] and not args.probe_state:
             raise ValueError(
-                f"--probe-features {args.probe_features} chooses what --probe-state reads; add --probe-state"
+                f"--probe-features {' '.join(args.probe_features)} chooses what --probe-state reads; add "
+                "--probe-state"
             )
         config, latest = locate(args.path)
         checkpoints = checkpoints_to_evaluate(args.path, latest, args.all_checkpoints, args.best)
@@ -301,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                         missing=tuple(args.missing_modality),
                         blank=tuple(args.blank_modality),
                         probe_state=args.probe_state,
-                        probe_features=args.probe_features,
+                        probe_features=tuple(args.probe_features),
                         attention_overlay=args.attention_overlay,
                         streaming=args.streaming,
                         reliance=args.reliance,

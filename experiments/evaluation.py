@@ -74,7 +74,26 @@ def feature_module(model):
 PROBE_FEATURES = ("encoder", "actor")
 """What a state probe reads: ``encoder``, what the policy's heads read (`feature_module`); ``actor``, the input
 of the actor's action layer (`action_layer`), the last representation the action is a linear function of. A
-state the encoder carries and the actor's layer does not is lost in the actor's readout."""
+state the encoder carries and the actor's layer does not is lost in the actor's readout. The encoder probe's R²
+are keyed by sensor, the others' by '<features>/<sensor>' (`probe_features`)."""
+
+
+def check_probe_features(wanted: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """`wanted` (one of `PROBE_FEATURES` or several) as a tuple, checked."""
+    names = (wanted,) if isinstance(wanted, str) else tuple(wanted)
+    unknown = [name for name in names if name not in PROBE_FEATURES]
+    if unknown or not names:
+        raise ValueError(f"unknown probe features {', '.join(map(repr, unknown)) or '(none)'}; valid choices: "
+                         f"{list(PROBE_FEATURES)}")  # fmt: skip
+    return tuple(dict.fromkeys(names))
+
+
+def has_action_layer(model) -> bool:
+    try:
+        action_layer(model)
+    except ValueError:
+        return False
+    return True
 
 
 def action_layer(model):
@@ -98,8 +117,7 @@ class FeatureTap:
     `feature_module` (`where='encoder'`) or the input of `action_layer` (`where='actor'`)."""
 
     def __init__(self, model, where: str = "encoder"):
-        if where not in PROBE_FEATURES:
-            raise ValueError(f"unknown probe features {where!r}; valid choices: {list(PROBE_FEATURES)}")
+        (where,) = check_probe_features(where)
         self.latest: np.ndarray | None = None
         self._handle = None
         if where == "actor":
@@ -234,7 +252,7 @@ def evaluate_policy(
     missing: tuple[str, ...] = (),
     blank: tuple[str, ...] = (),
     probe_state: bool = False,
-    probe_features: str = "encoder",
+    probe_features: str | tuple[str, ...] = "encoder",
     attention_overlay: bool = False,
     streaming: bool = False,
     reliance: bool = False,
@@ -244,7 +262,7 @@ def evaluate_policy(
 
     `probe_state`: also fit a linear probe from the policy's features to the privileged state (the env gives it
     for this; the policy never sees it unless it was trained with it) and report R² per sensor; `probe_features`
-    (`PROBE_FEATURES`): which of the policy's features the probe reads.
+    (`PROBE_FEATURES`, one or several): which of the policy's features are probed, each by its own fit.
     `attention_overlay` (with `video`): the video shows the policy's own stacked frames with the latents'
     cross-attention on each patch blended over them, instead of the camera render.
     `streaming`: a Perceiver embeds only the newest frame / step of each window (perceiver_policy.streaming;
@@ -261,17 +279,21 @@ def evaluate_policy(
     if attention_overlay and (encoder is None or "pixels" not in encoder.names):
         raise ValueError("--attention-overlay needs a Perceiver policy that reads pixels")
     overlay = video and attention_overlay
-    # the tap before the env: a bad `probe_features` fails before the env starts
-    tap = FeatureTap(model, probe_features) if probe_state else None
+    # the taps before the env: a bad `probe_features` fails before the env starts
+    taps = (
+        {where: FeatureTap(model, where) for where in check_probe_features(probe_features)}
+        if probe_state
+        else {}
+    )
     try:
         env = make_env_fn(task, **env_kwargs)(render_mode="rgb_array" if video and not overlay else None)
     except BaseException:
-        if tap is not None:
+        for tap in taps.values():
             tap.close()
         raise
     result = EvalResult()
     frames = []
-    features, states = [], []
+    features, states = {where: [] for where in taps}, []
     wants_flags = ABSENT_KEY in spaces
     keys = [k for k in spaces if is_input_key(k)]
     probe = RelianceProbe(model, keys, every=reliance_every) if reliance else None
@@ -285,7 +307,7 @@ def evaluate_policy(
                     None,
                     np.ones(1, dtype=bool),
                 )  # an LSTM's state, reset per episode
-                episode_features, episode_states = [], []
+                episode_features, episode_states = {where: [] for where in taps}, []
                 while not done:
                     if wants_flags:  # trained with ModalityDropout: evaluate with every modality present
                         obs[ABSENT_KEY] = no_flags
@@ -305,8 +327,9 @@ def evaluate_policy(
                         encoder.capture_attention = False
                         heat = attention_on_frames(encoder.last_capture, encoder.specs)
                         frames.append(attention_overlay_image(obs["pixels"], heat.cpu().numpy()))
-                    if tap is not None:  # before the reliance probe's withheld passes overwrite the tap
-                        episode_features.append(tap.after_predict(recurrent_state))
+                    if taps:  # before the reliance probe's withheld passes overwrite the taps
+                        for where, tap in taps.items():
+                            episode_features[where].append(tap.after_predict(recurrent_state))
                         episode_states.append(obs[STATE_KEY] if STATE_KEY in obs else state)
                     if probe is not None:
                         probe.step(obs, action, before, episode_start)
@@ -319,22 +342,27 @@ def evaluate_policy(
                     done = terminated or truncated
                 result.returns.append(total)
                 result.lengths.append(length)
-                features.append(np.stack(episode_features) if episode_features else None)
+                for where in taps:
+                    features[where].append(np.stack(episode_features[where]) if episode_states else None)
                 states.append(np.stack(episode_states) if episode_states else None)
         if stream is not None:
             result.stream = stream.stats()
         if probe is not None:
             result.reliance = probe.summary()
-        if tap is not None:
-            result.probe = state_probe(
-                features,
-                states,
-                env.unwrapped.state_layout,
-                parts=getattr(env.unwrapped, "state_parts", None),
-            )
+        if taps:
+            result.probe = {}
+            for where in taps:
+                r2 = state_probe(
+                    features[where],
+                    states,
+                    env.unwrapped.state_layout,
+                    parts=getattr(env.unwrapped, "state_parts", None),
+                )
+                prefix = "" if where == "encoder" else f"{where}/"
+                result.probe.update({prefix + name: value for name, value in r2.items()})
     finally:
         env.close()
-        if tap is not None:
+        for tap in taps.values():
             tap.close()
     if frames:
         result.frames = np.stack(frames)

@@ -637,6 +637,9 @@ def test_partial_observation_with_state_decoding_writes_decode_and_probe_tags(tm
     for sensor in ("position", "velocity"):  # the full state's sensors, decoded and probed
         assert f"perceiver/state_decode_mse/{sensor}" in scalars
         assert f"perceiver/state_probe_r2/{sensor}" in scalars
+        assert (
+            f"perceiver/state_probe_r2/actor/{sensor}" in scalars
+        )  # the actor's action layer, probed beside
     config = (tmp_path / "robot" / "config.yaml").read_text()
     assert "proprio: robot" in config and "aux_state_weight: 1.0" in config
 
@@ -662,8 +665,8 @@ def test_evaluate_probe_state_prints_r2_per_sensor(tmp_path, policy_type):
     header = (tmp_path / policy_type / "eval" / "eval.csv").read_text().splitlines()[0]
     assert header.endswith("r2_position,r2_velocity,r2_mean")
     out = cli("experiments.evaluate", str(tmp_path / policy_type), "--episodes", "4", "--probe-state",
-              "--probe-features", "actor").stdout  # fmt: skip
-    assert "R² position" in out and "R² velocity" in out
+              "--probe-features", "encoder", "actor").stdout  # fmt: skip
+    assert "R² position" in out and "R² actor/velocity" in out
     failed = cli(
         "experiments.evaluate", str(tmp_path / policy_type), "--probe-features", "actor", check=False
     )

@@ -370,9 +370,17 @@ def test_actor_probe_features_are_what_the_deterministic_action_is_a_function_of
         np.tanh(mean) if algorithm == "sac" else np.clip(mean, -1, 1), action, atol=1e-5
     )
     tap.close()
-    result = evaluate_policy(model, "cartpole-swingup", env_kwargs, episodes=4, probe_state=True,
-                             probe_features="actor")  # fmt: skip
-    assert {"position", "velocity", "mean"} <= set(result.probe)
+    actor, both = (
+        evaluate_policy(
+            model, "cartpole-swingup", env_kwargs, episodes=4, probe_state=True, probe_features=wanted
+        )
+        for wanted in ("actor", ("encoder", "actor"))
+    )
+    assert set(actor.probe) == {"actor/position", "actor/velocity", "actor/mean"}
+    assert {k: v for k, v in both.probe.items() if k.startswith("actor/")} == pytest.approx(actor.probe)
+    encoder = evaluate_policy(model, "cartpole-swingup", env_kwargs, episodes=4, probe_state=True)
+    assert {k: v for k, v in both.probe.items() if "/" not in k} == pytest.approx(encoder.probe)
+    assert encoder.probe != pytest.approx({k[6:]: v for k, v in actor.probe.items()})  # two fits, two answers
     venv.close()
 
 

@@ -615,6 +615,7 @@ def test_query_critic_head_reads_the_latents_with_action_queries_and_is_saved(ve
     from stable_baselines3 import SAC
 
     from agents.drq_policy import QueryCritic
+    from agents.encoders import FeatureReadout
     from experiments.config import TrainConfig
     from perceiver_policy.sac_policy import PerceiverSACCritic
 
@@ -636,6 +637,13 @@ def test_query_critic_head_reads_the_latents_with_action_queries_and_is_saved(ve
     assert loaded.critic_head == "queries" and isinstance(loaded.critic, QueryCritic)
     torch.testing.assert_close(torch.cat(loaded.critic.q_values(h, torch.zeros(6, 1)), 1),
                                torch.cat(policy.critic.q_values(h, torch.zeros(6, 1)), 1))  # fmt: skip
+    # the actor alone reads the latents flattened (readout 'flat'); the critic keeps its action queries
+    flat = agent(venv, "perceiver", {**SMALL_HEADS, "critic_head": "queries", "readout": "flat"})
+    flat.save(tmp_path / "flat")
+    for policy in (flat.policy, SAC.load(tmp_path / "flat", device="cpu").policy):
+        assert isinstance(policy.critic, QueryCritic) and isinstance(policy.actor.readout, FeatureReadout)
+        assert policy.actor.readout.linear.in_features == LEAN["num_latents"] * LEAN["latent_dim"]
+    assert flat.policy.actor.mean_std(flat.policy.encoder(batch(flat).observations))[0].shape == (6, 1)
     for policy_type, kwargs, message in (
         ("perceiver", {"critic_head": "attention"}, r"unknown critic_head 'attention'; valid choices: \['mlp', 'queries'\]"),
         ("cnn", {"critic_head": "queries"}, r"encoder 'cnn' takes critic_head 'mlp'"),

@@ -105,7 +105,9 @@ def action_layer(model):
         for name in ("trunk", "mu", "head"):  # DrQActor, SB3's SAC Actor, PerceiverSACActor
             layer = getattr(actor, name, None)
             if layer is not None:
-                return layer[-1] if isinstance(layer, nn.Sequential) else layer
+                if isinstance(layer, nn.Sequential):  # DrQ's MLP; SB3's clipped gSDE mean: its last Linear
+                    return [m for m in layer if isinstance(m, nn.Linear)][-1]
+                return layer  # a Linear, or the multi-task actor's per-slot heads
     if hasattr(policy, "action_net"):
         return policy.action_net
     raise ValueError(f"probe features 'actor': no action layer found in {type(policy).__name__}; valid "

@@ -424,3 +424,16 @@ def test_generalist_trains_evaluates_every_task_resumes_and_exports(tmp_path):
     assert saved.tasks == [*TASKS, "point_mass-easy"] and saved.task_weights == "point_mass-easy=1"
     out = _cli(*finetune, "--task", "walker-walk", "--run-name", "bad", code=2)
     assert "do not fit the sensor slots" in out and not (tmp_path / "bad").exists()
+
+
+def test_the_actor_probe_of_a_generalist_reads_its_per_slot_heads():
+    from experiments.evaluation import FeatureTap, action_layer
+    from perceiver_policy.sac_policy import SlotHeads
+
+    model = _agent()
+    assert isinstance(action_layer(model), SlotHeads)
+    obs = {k: v[0] for k, v in model.env.reset().items()}
+    tap = FeatureTap(model, "actor")
+    model.predict(obs, deterministic=True)
+    assert tap.after_predict(None).shape == (2 * TINY["latent_dim"],)  # (actuator slots x D), flattened
+    tap.close()

@@ -345,6 +345,7 @@ ACTOR_PROBE_CASES = [  # (algorithm, policy_type, recipe, extra)
     ("sac", "perceiver", "drq", {"policy_kwargs": {"hidden_dim": 32, "feature_dim": 8}}),
     ("sac", "perceiver", "sb3", {}),
     ("sac", "sb3", "sb3", {}),
+    ("sac", "sb3", "sb3", {"use_sde": True}),  # its mean layer ends in a Hardtanh clip
     ("sac", "drq-cnn", "drq", {"policy_kwargs": {"hidden_dim": 32, "feature_dim": 8}}),
     ("ppo", "perceiver", "sb3", {}),
 ]
@@ -364,6 +365,7 @@ def test_actor_probe_features_are_what_the_deterministic_action_is_a_function_of
     tap = FeatureTap(model, "actor")
     action, _ = model.predict(obs, deterministic=True)
     layer = action_layer(model)
+    assert isinstance(layer, torch.nn.Linear) and tap.after_predict(None).shape == (layer.in_features,)
     with torch.no_grad():  # the layer's output from the tapped input: the action's mean, then SAC's squashing
         mean = layer(torch.as_tensor(tap.after_predict(None))[None])[0, : action.shape[-1]].numpy()
     np.testing.assert_allclose(

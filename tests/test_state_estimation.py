@@ -12,6 +12,7 @@ import agents
 import envs
 from envs.proprio_modes import DOMAIN_MODES, PROPRIO_MODES, valid_modes
 from perceiver_policy import PerceiverConfig, PerceiverEncoder
+from perceiver_policy.probes import r2 as r2_score
 from perceiver_policy.probes import ridge_fit, state_probe
 from perceiver_policy.state_decoding import StateDecoder
 
@@ -398,4 +399,46 @@ def test_probe_features_refuse_an_unknown_choice():
     with pytest.raises(ValueError, match="unknown probe features 'latents'"):
         evaluate_policy(model, "cartpole-swingup", {"modalities": ("proprio",)}, episodes=4, probe_state=True,
                         probe_features="latents")  # fmt: skip
+    venv.close()
+
+
+def test_a_fresh_readout_fit_on_latents_reads_a_state_they_hold_and_not_noise():
+    from experiments.benchmarks.readout import fit_readout
+
+    config = PerceiverConfig(**TINY)
+    rng = np.random.default_rng(0)
+    identity = 3 * rng.normal(size=(8, 32))  # what tells latents apart: the learned latent array they start from
+    latents = [(identity + rng.normal(size=(100, 8, 32))).astype(np.float32) for _ in range(8)]
+    held = [(lat - identity)[:, 3, :2] @ np.array([[1.0], [-0.5]]) for lat in latents]  # latent 3 holds it
+    noise = [rng.normal(size=(100, 1)) for _ in latents]  # nothing holds it
+    states = [np.concatenate(pair, 1).astype(np.float32) for pair in zip(held, noise)]
+    prediction = fit_readout("query", config, latents, states, epochs=60)
+    test = np.concatenate(states[4:])
+    assert prediction.shape == test.shape
+    assert r2_score(prediction[:, 0], test[:, 0]) > 0.8 and r2_score(prediction[:, 1], test[:, 1]) < 0.2
+    with pytest.raises(ValueError, match=r"unknown readout 'mean'; valid choices: \['query', 'flat'\]"):
+        fit_readout("mean", config, latents, states)
+
+
+def test_the_readout_benchmark_reports_probes_and_fresh_readouts_per_state_part():  # plumbing: rows and columns
+    from experiments.benchmarks.readout import readout_rows
+
+    env_kwargs = {
+        "modalities": ("pixels", "proprio"),
+        "image_size": 48,
+        "action_repeat": 8,
+        "proprio": "robot",
+    }
+    venv = envs.make_vec_env("cartpole-swingup", n_envs=1, seed=0, **env_kwargs)
+    model = agents.make_agent("sac", venv, perceiver={**TINY, "pixel_tokenizer": "conv"}, recipe="drq",
+                              policy_kwargs={"hidden_dim": 32, "feature_dim": 8}, device="cpu", seed=0)  # fmt: skip
+    rows = readout_rows(model, "cartpole-swingup", env_kwargs, episodes=4, epochs=10)
+    assert [what for what, _ in rows] == [
+        "linear probe: latents", "linear probe: mean latent", "linear probe: the actor's last layer",
+        "fresh query readout, fit to the state", "fresh flat readout, fit to the state",
+    ]  # fmt: skip
+    for _, scores in rows:
+        assert set(scores) == {"position", "velocity", "mean", "position_sensed", "position_unsensed",
+                               "velocity_sensed", "velocity_unsensed"}  # fmt: skip
+        assert all(np.isfinite(v) for v in scores.values())
     venv.close()

@@ -1,4 +1,4 @@
-"""Benchmarks (not tests): `python -m experiments.benchmark env|policy|train|sac|drq|fuse|fuse-drq|features|estimator|latents|multitask|precision|streaming|gpu|all [--quick]`.
+"""Benchmarks (not tests): `python -m experiments.benchmark env|policy|train|sac|drq|fuse|fuse-drq|features|readout|estimator|latents|multitask|precision|streaming|gpu|all [--quick]`.
 
 Every table compares alternatives measured side by side in the same run and reports ratios; quote them with
 the machine (printed first). Timings use `time.perf_counter` after warm-up; latency is per call, p50/p95.
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             "fuse",
             "fuse-drq",
             "features",
+            "readout",
             "estimator",
             "latents",
             "multitask",
@@ -78,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=None,
         help="features: trained pixel SAC runs (with a replay snapshot): their features and Q on their own replay, and "
-        "how far encoder, features and actions moved between their kept checkpoints",
+        "how far encoder, features and actions moved between their kept checkpoints; readout: trained Perceiver runs: "
+        "whether each readout kind, fit from scratch on their frozen latents, carries the state their actor's last "
+        "layer does not",
     )
     args = parser.parse_args(argv)
     if args.what in ("train-worker", "replay-worker"):
@@ -132,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         from experiments.benchmarks.features import bench_features
 
         bench_features(args.runs)
+    if args.what == "readout" or (args.what == "all" and args.runs):
+        from experiments.benchmarks.readout import bench_readout
+
+        bench_readout(args.runs)
     if args.what in ("estimator", "all"):
         from experiments.benchmarks.estimator import bench_estimator
 

@@ -407,7 +407,8 @@ def test_a_fresh_readout_fit_on_latents_reads_a_state_they_hold_and_not_noise():
 
     config = PerceiverConfig(**TINY)
     rng = np.random.default_rng(0)
-    identity = 3 * rng.normal(size=(8, 32))  # what tells latents apart: the learned latent array they start from
+    # what tells latents apart: the learned latent array they start from
+    identity = 3 * rng.normal(size=(8, 32))
     latents = [(identity + rng.normal(size=(100, 8, 32))).astype(np.float32) for _ in range(8)]
     held = [(lat - identity)[:, 3, :2] @ np.array([[1.0], [-0.5]]) for lat in latents]  # latent 3 holds it
     noise = [rng.normal(size=(100, 1)) for _ in latents]  # nothing holds it

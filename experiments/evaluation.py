@@ -33,6 +33,9 @@ class EvalResult:
     """Streaming inference's token cache hit rate and window overlap (Perceiver policies, streaming=True)."""
     reliance: dict[str, dict[str, float]] | None = None
     """Per modality (reliance=True): how much the deterministic action and the value change when it is withheld."""
+    probe_data: dict | None = None
+    """With keep_probe_data: what the state probes were fit on - {'features': {features: [(T_i, F) per episode]},
+    'states': [(T_i, S)], 'layout': the env's state layout, 'parts': its sensed / unsensed parts or None}."""
 
     def summary(self) -> dict[str, float]:
         latency = np.asarray(self.latencies_ms) if self.latencies_ms else np.zeros(1)
@@ -259,6 +262,7 @@ def evaluate_policy(
     streaming: bool = False,
     reliance: bool = False,
     reliance_every: int = 1,
+    keep_probe_data: bool = False,
 ) -> EvalResult:
     """Run `episodes` deterministic episodes of `task` one by one, timing every `model.predict` call.
 
@@ -271,7 +275,8 @@ def evaluate_policy(
     the same actions as the full forward, bit for bit).
     `missing`: the Perceiver encoder drops these modalities' tokens (only a Perceiver can). `blank`: these
     observation keys reach the policy as zeros (a dead sensor: black frames, zero readings), for any policy.
-    `reliance`: `RelianceProbe` on every `reliance_every`-th step (result.reliance)."""
+    `reliance`: `RelianceProbe` on every `reliance_every`-th step (result.reliance).
+    `keep_probe_data` (with `probe_state`): result.probe_data keeps the probes' features and states."""
     if probe_state and episodes < MIN_EPISODES:
         raise ValueError(f"a state probe needs at least {MIN_EPISODES} evaluation episodes, got {episodes}")
     spaces = getattr(model.observation_space, "spaces", {})
@@ -352,16 +357,14 @@ def evaluate_policy(
         if probe is not None:
             result.reliance = probe.summary()
         if taps:
+            layout, parts = env.unwrapped.state_layout, getattr(env.unwrapped, "state_parts", None)
             result.probe = {}
             for where in taps:
-                r2 = state_probe(
-                    features[where],
-                    states,
-                    env.unwrapped.state_layout,
-                    parts=getattr(env.unwrapped, "state_parts", None),
-                )
+                r2 = state_probe(features[where], states, layout, parts=parts)
                 prefix = "" if where == "encoder" else f"{where}/"
                 result.probe.update({prefix + name: value for name, value in r2.items()})
+            if keep_probe_data:
+                result.probe_data = {"features": features, "states": states, "layout": layout, "parts": parts}
     finally:
         env.close()
         for tap in taps.values():

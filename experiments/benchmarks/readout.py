@@ -28,38 +28,6 @@ from perceiver_policy.probes import MIN_EPISODES, r2, state_probe
 READOUT_KINDS = ("query", "flat")
 
 
-def collect(model, task: str, env_kwargs: dict, episodes: int, seed: int):
-    """(latents (T_i, M, D), actor features (T_i, F), states (T_i, S)) per deterministic episode, the env's state
-    layout and its sensed / unsensed parts."""
-    from envs.dmc import STATE_KEY
-    from envs.vec import make_env_fn
-    from experiments.evaluation import FeatureTap
-
-    config = model.policy.perceiver_config
-    env = make_env_fn(task, **{**env_kwargs, "privileged_state": True})()
-    taps = {where: FeatureTap(model, where) for where in ("encoder", "actor")}
-    latents, actor, states = [], [], []
-    try:
-        for episode in range(episodes):
-            obs, _ = env.reset(seed=seed + episode)
-            done, rows = False, ([], [], [])
-            while not done:
-                state = obs.pop(STATE_KEY)
-                action, _ = model.predict(obs, deterministic=True)
-                for part, value in zip(rows, (taps["encoder"].latest, taps["actor"].latest, state)):
-                    part.append(value)
-                obs, _, terminated, truncated, _ = env.step(action)
-                done = terminated or truncated
-            latents.append(np.stack(rows[0]).reshape(-1, config.num_latents, config.latent_dim))
-            actor.append(np.stack(rows[1]))
-            states.append(np.stack(rows[2]))
-        return latents, actor, states, env.unwrapped.state_layout, getattr(env.unwrapped, "state_parts", None)
-    finally:
-        env.close()
-        for tap in taps.values():
-            tap.close()
-
-
 def fit_readout(
     kind: str, config, latents: list, states: list, epochs: int = 150, seed: int = 0
 ) -> np.ndarray:
@@ -103,25 +71,32 @@ def fit_readout(
 def readout_rows(
     model, task: str, env_kwargs: dict, episodes: int = 10, seed: int = 10_000, epochs: int = 150
 ):
-    """[(what, R² per state part)] for one Perceiver policy: linear probes of its latents, their mean and its
-    actor's last layer, and each readout kind fit from scratch on the latents."""
+    """[(what, R² per state part)] for one Perceiver policy on its own deterministic evaluation episodes: the
+    linear probes of its latents, their mean and its actor's last layer, and each readout kind fit from scratch
+    on the latents."""
+    from experiments.evaluation import evaluate_policy
+
     if episodes < MIN_EPISODES:
         raise ValueError(f"the readout benchmark needs at least {MIN_EPISODES} episodes, got {episodes}")
-    latents, actor, states, layout, parts = collect(model, task, env_kwargs, episodes, seed)
+    result = evaluate_policy(model, task, env_kwargs, episodes, seed=seed, probe_state=True,
+                             probe_features=("encoder", "actor"), keep_probe_data=True)  # fmt: skip
+    data, config = result.probe_data, model.policy.perceiver_config
+    latents = [f.reshape(len(f), config.num_latents, config.latent_dim) for f in data["features"]["encoder"]]
+    states, layout, parts = data["states"], data["layout"], data["parts"]
+    actor = {
+        name[len("actor/") :]: value for name, value in result.probe.items() if name.startswith("actor/")
+    }
     rows = [
-        (
-            "linear probe: latents",
-            state_probe([lat.reshape(len(lat), -1) for lat in latents], states, layout, parts=parts),
-        ),
+        ("linear probe: latents", {name: value for name, value in result.probe.items() if "/" not in name}),
         (
             "linear probe: mean latent",
             state_probe([lat.mean(1) for lat in latents], states, layout, parts=parts),
         ),
-        ("linear probe: the actor's last layer", state_probe(actor, states, layout, parts=parts)),
+        ("linear probe: the actor's last layer", actor),
     ]
     test = np.concatenate(states[len(states) // 2 :])
     for kind in READOUT_KINDS:
-        prediction = fit_readout(kind, model.policy.perceiver_config, latents, states, epochs)
+        prediction = fit_readout(kind, config, latents, states, epochs)
         scores = {
             name: r2(prediction[:, start:end], test[:, start:end]) for name, (start, end) in layout.items()
         }

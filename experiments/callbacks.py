@@ -143,8 +143,9 @@ class EvalCallback(PeriodicCallback):
                 self._follow_reliance(mixer, summary["return_mean"], evaluate)
         for key, change in (result.reliance or {}).items():
             self.logger.record(f"perceiver/reliance/{key}/action", change["action"])
-            if np.isfinite(change["value"]):
-                self.logger.record(f"perceiver/reliance/{key}/value", change["value"])
+            for measure in ("value", "greedy"):
+                if np.isfinite(change[measure]):
+                    self.logger.record(f"perceiver/reliance/{key}/{measure}", change[measure])
         for k in choices:
             if k == choices[-1]:
                 scaled = summary

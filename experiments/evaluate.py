@@ -116,7 +116,8 @@ def checkpoint_step(checkpoint: Path) -> int | None:
 def reliance_table(
     model, task: str, config, args: argparse.Namespace, seed: int, result, step: int | None = None
 ) -> list[str]:
-    """Markdown rows: per observation key, the action / value change withheld and the return with it blanked
+    """Markdown rows: per observation key, the action / value / greedy action change withheld and the return with
+    it blanked
     (`step`: a first column with the checkpoint's step)."""
     rows = []
     for key, change in result.reliance.items():
@@ -125,7 +126,7 @@ def reliance_table(
         ).summary()
         rows.append(
             (f"| {step} " if step is not None else "")
-            + f"| {task} | {key} | {change['action']:.3f} | {change['value']:.3f} | "
+            + f"| {task} | {key} | {change['action']:.3f} | {change['value']:.3f} | {change['greedy']:.3f} | "
             f"{blanked['return_mean']:.1f} ± {blanked['return_std']:.1f} |\n"
         )
     return rows
@@ -197,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reliance",
         action="store_true",
-        help="per observation key: how much the deterministic action and the value change when it is withheld "
-        "(the Perceiver's mask tokens if it has them, else zeros), and the return with it blanked",
+        help="per observation key: how much the deterministic action, the value and (SAC) the critic's greedy "
+        "action change when it is withheld (the Perceiver's mask tokens if it has them, else zeros), and the "
+        "return with it blanked",
     )
     parser.add_argument(
         "--reliance-every",
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         metavar="K",
         help="with --reliance: probe every K-th evaluation step (default 1: every step; each probed step costs "
-        "1 + 2 x keys extra policy passes)",
+        "2 + 3 x keys extra policy passes)",
     )
     parser.add_argument(
         "--streaming",
@@ -349,8 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     header += f", env seeds from {seed}\n\n"
     steps = "| step " if args.all_checkpoints else ""
     if reliance_rows:
-        text = f"{steps}| task | withheld | action change | value change | return, blanked |\n"
-        text += ("| --- " if steps else "") + "| --- | --- | --- | --- | --- |\n" + "".join(reliance_rows)
+        text = f"{steps}| task | withheld | action change | value change | greedy action change | return, blanked |\n"
+        text += ("| --- " if steps else "") + "| --- | --- | --- | --- | --- | --- |\n" + "".join(reliance_rows)
         (out / f"reliance{condition(args)}.md").write_text(header + text)
         print(text, end="")
     table = markdown_table(rows, probe_columns, steps=args.all_checkpoints)

@@ -176,6 +176,53 @@ def missing_modalities(model, names: tuple[str, ...]):
         encoder.disabled_modalities = previous
 
 
+GREEDY_GRID = 11
+"""Candidate actions of the reliance probe's greedy action: this many evenly spaced values per action dimension
+(-1, -0.8, ..., 1) while the grid has at most GREEDY_CANDIDATES points (up to 3 dimensions), else
+GREEDY_CANDIDATES uniform draws from a fixed seed."""
+GREEDY_CANDIDATES = 1331
+
+
+def greedy_actions(action_dim: int) -> np.ndarray:
+    """(N, action_dim) float32 candidate actions in [-1, 1] for the critic's greedy action (`GREEDY_GRID`)."""
+    if GREEDY_GRID**action_dim <= GREEDY_CANDIDATES:
+        axes = [np.linspace(-1.0, 1.0, GREEDY_GRID)] * action_dim
+        return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, action_dim).astype(np.float32)
+    return np.random.default_rng(0).uniform(-1.0, 1.0, (GREEDY_CANDIDATES, action_dim)).astype(np.float32)
+
+
+def has_q_critic(model) -> bool:
+    """Whether the policy has a Q(obs, action) critic (SAC's), as opposed to a value head (PPO / A2C)."""
+    return getattr(model.policy, "critic", None) is not None and hasattr(model.policy, "scale_action")
+
+
+def min_q_over_actions(critic, obs: dict, actions):
+    """min over the twin critics of Q(obs, a) for one observation (batch 1) and N actions (N, A) -> (N,). The
+    observation is encoded once and its features repeated over the actions, for every critic of the toolkit
+    (DrQ's MLP and query critics, the SB3-recipe Perceiver's query critic, SB3's `ContinuousCritic`); any other
+    critic is called on the observation repeated N times."""
+    import torch
+
+    from perceiver_policy.sac_policy import PerceiverSACCritic
+
+    n = actions.shape[0]
+
+    def repeat(x):
+        return x.expand(n, *x.shape[1:])
+
+    if isinstance(critic, PerceiverSACCritic):
+        latents = critic._encoder[0](obs)
+        qs = critic.q_values(repeat(latents), actions, {k: repeat(v) for k, v in obs.items()})
+    elif hasattr(critic, "q_values") and hasattr(critic, "encoder"):  # DrQCritic, QueryCritic
+        qs = critic.q_values(repeat(critic.encoder(obs)), actions)
+    elif hasattr(critic, "q_networks") and hasattr(critic, "extract_features"):  # SB3's ContinuousCritic
+        features = repeat(critic.extract_features(obs, critic.features_extractor))
+        qs = [q(torch.cat([features, actions], dim=1)) for q in critic.q_networks]
+    else:
+        qs = critic({k: repeat(v) for k, v in obs.items()}, actions)
+    return torch.cat(list(qs), dim=1).min(dim=1).values
+
+
 class RelianceProbe:
     """Causal reliance on each modality, on the evaluation's own states: at every step, the policy's deterministic
     action and value with one modality withheld beside those with every modality (the episode follows the
@@ -183,8 +230,12 @@ class RelianceProbe:
     else the key blanked (zeros: black frames, zero readings), for any policy. Reported per modality:
     ``action``, mean |a_withheld - a| over steps and action dimensions (actions in [-1, 1]); ``value``, mean
     |V_withheld - V| / mean |V|, where V is the critic's min Q at the full-observation action (SAC) or the value
-    head (PPO / A2C); NaN for recurrent policies, whose value depends on the LSTM state. `every`: probe every
-    k-th step from the first (each probed step costs 1 + 2 x len(keys) extra policy passes)."""
+    head (PPO / A2C); NaN for recurrent policies, whose value depends on the LSTM state; ``greedy`` (SAC), mean
+    |g_withheld - g| of the critic's greedy action g = argmax_a min-Q(obs, a) over `greedy_actions` (fixed
+    candidate actions; the critic's features are computed once per pass), NaN for policies without a Q critic:
+    the action the critic prefers can ignore a modality that its value reads, and an actor trained on that critic
+    then ignores it too. `every`: probe every k-th step from the first (each probed step costs 2 + 3 x len(keys)
+    extra policy passes)."""
 
     def __init__(self, model, keys: list[str], every: int = 1):
         if not isinstance(every, int) or isinstance(every, bool) or every <= 0:
@@ -196,7 +247,9 @@ class RelianceProbe:
         self.encoder = encoder
         self.action_change = {k: [] for k in keys}
         self.value_change = {k: [] for k in keys}
+        self.greedy_change = {k: [] for k in keys}
         self.values: list[float] = []
+        self.candidates = greedy_actions(model.action_space.shape[0]) if has_q_critic(model) else None
 
     def value(self, obs: dict, action: np.ndarray) -> float:
         import torch
@@ -215,6 +268,19 @@ class RelianceProbe:
                 return float(torch.cat(critic(tensors, scaled.to(policy.device)), dim=1).min())
             return float(policy.predict_values(tensors).squeeze())
 
+    def greedy(self, obs: dict) -> np.ndarray | None:
+        """The critic's greedy action over the candidates (scaled to [-1, 1]); None without a Q critic."""
+        import torch
+
+        if self.candidates is None:
+            return None
+        policy = self.model.policy
+        spaces = self.model.observation_space.spaces
+        with torch.no_grad():
+            tensors, _ = policy.obs_to_tensor({k: v for k, v in obs.items() if k in spaces})
+            candidates = torch.as_tensor(self.candidates, device=policy.device)
+            return self.candidates[int(min_q_over_actions(policy.critic, tensors, candidates).argmax())]
+
     def withheld(self, obs: dict, key: str):
         if self.masks:
             return obs, missing_modalities(self.model, (key,))
@@ -225,6 +291,7 @@ class RelianceProbe:
         if (self.steps - 1) % self.every:
             return
         value = self.value(obs, action)
+        greedy = self.greedy(obs)
         self.values.append(abs(value))
         for key in self.keys:
             withheld, context = self.withheld(obs, key)
@@ -233,8 +300,11 @@ class RelianceProbe:
                     withheld, state=state, episode_start=episode_start, deterministic=True
                 )
                 other_value = self.value(withheld, action)
+                other_greedy = self.greedy(withheld)
             self.action_change[key].append(float(np.abs(np.asarray(other) - np.asarray(action)).mean()))
             self.value_change[key].append(abs(other_value - value))
+            if greedy is not None:
+                self.greedy_change[key].append(float(np.abs(other_greedy - greedy).mean()))
 
     def summary(self) -> dict[str, dict[str, float]]:
         scale = max(float(np.mean(self.values)), 1e-8) if self.values else float("nan")
@@ -242,6 +312,7 @@ class RelianceProbe:
             key: {
                 "action": float(np.mean(self.action_change[key])),
                 "value": float(np.mean(self.value_change[key])) / scale,
+                "greedy": float(np.mean(self.greedy_change[key])) if self.greedy_change[key] else float("nan"),
             }
             for key in self.keys
         }

@@ -160,6 +160,10 @@ def test_train_creates_run_directory_events_and_checkpoint(tmp_path, algorithm):
     accumulator = tags(run_dir)
     missing = REQUIRED_TAGS - set(accumulator.Tags()["scalars"])
     assert not missing, missing
+    reliance = {f"perceiver/reliance/pixels/{measure}" for measure in ("action", "value", "greedy")}
+    # SAC's critic has a greedy action; PPO's / A2C's value head has none
+    assert reliance & set(accumulator.Tags()["scalars"]) == (reliance if algorithm == "sac" else reliance - {
+        "perceiver/reliance/pixels/greedy"})  # fmt: skip
     assert {"eval/video", "perceiver/attention", "perceiver/attention_on_frame"} <= set(
         accumulator.Tags()["images"]
     )
@@ -362,7 +366,9 @@ def test_evaluate_reliance_prints_each_key_withheld_and_blanked(trained_run, tmp
     )  # fmt: skip
     for key in ("pixels", "proprio", "action_history"):
         assert f"| cartpole-balance | {key} |" in out.stdout
-    assert "| action change | value change | return, blanked |" in (tmp_path / "reliance.md").read_text()
+    assert "| action change | value change | greedy action change | return, blanked |" in (
+        tmp_path / "reliance.md"
+    ).read_text()
     refused = cli(
         "experiments.evaluate", str(trained_run), "--reliance", "--reliance-every", "0", check=False
     )

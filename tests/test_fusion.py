@@ -451,6 +451,10 @@ def test_reliance_is_zero_for_a_modality_the_policy_cannot_read(mix_venv, algori
     assert set(result.reliance) == {"pixels", "proprio", "action_history"}
     assert result.reliance["pixels"]["action"] < 1e-5 and result.reliance["pixels"]["value"] < 1e-5
     assert result.reliance["proprio"]["action"] > 1e-4 and result.reliance["proprio"]["value"] > 1e-4
+    if algorithm == "sac":  # the critic cannot see the pixels either: its preferred action never moves with them
+        assert result.reliance["pixels"]["greedy"] == 0.0
+    else:  # PPO has no Q critic, so no greedy action
+        assert np.isnan(result.reliance["pixels"]["greedy"])
 
 
 def test_reliance_works_for_every_policy_type():
@@ -467,6 +471,52 @@ def test_reliance_works_for_every_policy_type():
         assert set(reliance) == {"proprio", "action_history"}
         assert reliance["proprio"]["action"] > 0  # an untrained policy still reads its sensors
         assert np.isnan(reliance["proprio"]["value"]) == (policy_type == "lstm")
+        assert np.isnan(reliance["proprio"]["greedy"]) == (algorithm == "ppo")
+    venv.close()
+
+
+def test_greedy_candidates_are_a_grid_up_to_three_dimensions_then_fixed_draws():
+    from experiments.evaluation import GREEDY_CANDIDATES, GREEDY_GRID, greedy_actions
+
+    grid = greedy_actions(2)
+    assert grid.shape == (GREEDY_GRID**2, 2) and grid.dtype == np.float32
+    assert len(np.unique(grid, axis=0)) == len(grid)  # every pair once
+    for column in grid.T:
+        np.testing.assert_allclose(np.unique(column), np.linspace(-1, 1, GREEDY_GRID), atol=1e-6)
+    drawn = greedy_actions(6)
+    assert drawn.shape == (GREEDY_CANDIDATES, 6) and np.abs(drawn).max() <= 1.0
+    np.testing.assert_array_equal(drawn, greedy_actions(6))  # the same candidates at every probe
+
+
+@pytest.mark.parametrize(
+    "policy_type,kwargs",
+    [
+        ("sb3", {}),
+        ("perceiver", {"perceiver": SMALL}),
+        ("drq-cnn", {"recipe": "drq"}),
+        ("perceiver", {"perceiver": SMALL, "recipe": "drq"}),
+        ("perceiver", {"perceiver": SMALL, "recipe": "drq", "policy_kwargs": {"critic_head": "queries"}}),
+    ],
+    ids=["sb3", "perceiver-sb3-recipe", "drq-cnn", "perceiver-drq", "perceiver-drq-queries"],
+)
+def test_min_q_over_actions_equals_the_critic_on_the_repeated_observation(policy_type, kwargs):
+    """The greedy action's shortcut (the observation encoded once, its features repeated over the candidates) gives
+    the critic's own Q of each (observation, action) pair, for every critic of the toolkit."""
+    import envs
+    from agents import make_agent
+    from experiments.evaluation import greedy_actions, min_q_over_actions
+
+    venv = envs.make_vec_env("cartpole-swingup", n_envs=1, seed=0, modalities=("proprio", "action_history"))
+    model = make_agent("sac", venv, policy_type=policy_type, device="cpu", seed=0, **kwargs)
+    tensors, _ = model.policy.obs_to_tensor(venv.reset())
+    candidates = torch.as_tensor(greedy_actions(1))
+    with torch.no_grad():
+        shortcut = min_q_over_actions(model.policy.critic, tensors, candidates)
+        repeated = {k: v.expand(len(candidates), *v.shape[1:]) for k, v in tensors.items()}
+        direct = torch.cat(model.policy.critic(repeated, candidates), dim=1).min(dim=1).values
+    assert shortcut.shape == (len(candidates),)
+    torch.testing.assert_close(shortcut, direct, rtol=1e-5, atol=1e-5)
+    assert direct.std() > 0  # Q varies over the candidates: the comparison is not of constants
     venv.close()
 
 

@@ -125,8 +125,9 @@ class DrQCritic(nn.Module):
         return self.q_heads(self.readout(h), actions)
 
     def q_heads(self, features: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Readout features (B, feature_dim) and actions (B, A) -> n_critics tensors (B, 1)."""
-        x = torch.cat([features, actions], dim=-1)
+        """Readout features (B, feature_dim) and actions (B, A) -> n_critics tensors (B, 1); features of one
+        observation (batch 1) are read with each of the B actions."""
+        x = torch.cat([features.expand(actions.shape[0], -1), actions], dim=-1)
         return tuple(q(x) for q in self.q_networks)
 
     def forward(self, obs: dict[str, torch.Tensor], actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -150,6 +151,7 @@ class QueryCritic(nn.Module):
         return self.heads.q_values(h, actions)
 
     def q_heads(self, features: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Latents (B or 1, M, D) and actions (B, A) -> n_critics tensors (B, 1)."""
         return self.heads.q_values(features, actions)
 
     def forward(self, obs: dict[str, torch.Tensor], actions: torch.Tensor) -> tuple[torch.Tensor, ...]:

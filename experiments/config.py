@@ -177,10 +177,10 @@ class TrainConfig:
     reliance: bool = True
     """At each evaluation, the causal reliance on each modality (experiments.evaluation.RelianceProbe): how much
     the deterministic action, the value and (SAC) the critic's greedy action change when it is withheld:
-    perceiver/reliance/<key>/action|value|greedy. Costs 2 + 3 x (number of modalities) extra policy passes per
-    evaluation step for SAC, 1 + 2 x for PPO / A2C (a small pixel SAC policy with three modalities, perceiver-rl
-    0.8.3, without the greedy action: a whole 32-step run with one 4-episode evaluation took 71 s with it, 30 s
-    without, on a 2-core host); false skips it. `reliance_every` thins the probed states."""
+    perceiver/reliance/<key>/action|value|greedy. Costs 1 + 2 x (number of modalities) extra policy passes per
+    evaluation step, the value and the greedy action sharing one critic pass (a small pixel SAC policy with three
+    modalities: a whole 32-step run with one 4-episode evaluation took 71 s with it, 30 s without, on a 2-core
+    host, perceiver-rl 0.8.3); false skips it. `reliance_every` thins the probed states."""
     reliance_every: int = 4
     """The reliance probe of the training evaluations reads every k-th evaluation step (from the first): a
     four-task generalist's evaluation took 4.7x the time of one without the probe when every step was probed

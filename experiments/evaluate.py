@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         metavar="K",
         help="with --reliance: probe every K-th evaluation step (default 1: every step; each probed step costs "
-        "2 + 3 x keys extra policy passes)",
+        "1 + 2 x keys extra policy passes)",
     )
     parser.add_argument(
         "--streaming",

@@ -178,9 +178,9 @@ def missing_modalities(model, names: tuple[str, ...]):
 
 GREEDY_GRID = 11
 """Candidate actions of the reliance probe's greedy action: this many evenly spaced values per action dimension
-(-1, -0.8, ..., 1) while the grid has at most GREEDY_CANDIDATES points (up to 3 dimensions), else
+(-1, -0.8, ..., 1) while the grid has at most GREEDY_CANDIDATES points (up to 2 dimensions), else
 GREEDY_CANDIDATES uniform draws from a fixed seed."""
-GREEDY_CANDIDATES = 1331
+GREEDY_CANDIDATES = 256
 
 
 def greedy_actions(action_dim: int) -> np.ndarray:
@@ -198,9 +198,9 @@ def has_q_critic(model) -> bool:
 
 def min_q_over_actions(critic, obs: dict, actions):
     """min over the twin critics of Q(obs, a) for one observation (batch 1) and N actions (N, A) -> (N,). The
-    observation is encoded once and its features repeated over the actions, for every critic of the toolkit
-    (DrQ's MLP and query critics, the SB3-recipe Perceiver's query critic, SB3's `ContinuousCritic`); any other
-    critic is called on the observation repeated N times."""
+    observation is encoded once and its features read with every action, for every critic of the toolkit (DrQ's
+    MLP and query critics, the SB3-recipe Perceiver's query critic, SB3's `ContinuousCritic`); any other critic is
+    called on the observation repeated N times."""
     import torch
 
     from perceiver_policy.sac_policy import PerceiverSACCritic
@@ -211,10 +211,9 @@ def min_q_over_actions(critic, obs: dict, actions):
         return x.expand(n, *x.shape[1:])
 
     if isinstance(critic, PerceiverSACCritic):
-        latents = critic._encoder[0](obs)
-        qs = critic.q_values(repeat(latents), actions, {k: repeat(v) for k, v in obs.items()})
-    elif hasattr(critic, "q_values") and hasattr(critic, "encoder"):  # DrQCritic, QueryCritic
-        qs = critic.q_values(repeat(critic.encoder(obs)), actions)
+        qs = critic.q_values(critic._encoder[0](obs), actions, obs)
+    elif hasattr(critic, "q_heads") and hasattr(critic, "encoder"):  # DrQCritic, QueryCritic
+        qs = critic.q_heads(critic.readout(critic.encoder(obs)), actions)
     elif hasattr(critic, "q_networks") and hasattr(critic, "extract_features"):  # SB3's ContinuousCritic
         features = repeat(critic.extract_features(obs, critic.features_extractor))
         qs = [q(torch.cat([features, actions], dim=1)) for q in critic.q_networks]
@@ -234,8 +233,8 @@ class RelianceProbe:
     |g_withheld - g| of the critic's greedy action g = argmax_a min-Q(obs, a) over `greedy_actions` (fixed
     candidate actions; the critic's features are computed once per pass), NaN for policies without a Q critic:
     the action the critic prefers can ignore a modality that its value reads, and an actor trained on that critic
-    then ignores it too. `every`: probe every k-th step from the first (each probed step costs 2 + 3 x len(keys)
-    extra policy passes)."""
+    then ignores it too. `every`: probe every k-th step from the first (each probed step costs 1 + 2 x len(keys)
+    extra policy passes; the value and the greedy action share one critic pass)."""
 
     def __init__(self, model, keys: list[str], every: int = 1):
         if not isinstance(every, int) or isinstance(every, bool) or every <= 0:
@@ -251,35 +250,23 @@ class RelianceProbe:
         self.values: list[float] = []
         self.candidates = greedy_actions(model.action_space.shape[0]) if has_q_critic(model) else None
 
-    def value(self, obs: dict, action: np.ndarray) -> float:
+    def critic_readings(self, obs: dict, action: np.ndarray) -> tuple[float, np.ndarray | None]:
+        """The value at `action` and the critic's greedy action over the candidates (scaled to [-1, 1]; None
+        without a Q critic), from one encoder pass."""
         import torch
 
         policy = self.model.policy
         if is_recurrent(self.model):
-            return float("nan")
+            return float("nan"), None
         spaces = self.model.observation_space.spaces
         with torch.no_grad():
             tensors, _ = policy.obs_to_tensor({k: v for k, v in obs.items() if k in spaces})
-            critic = getattr(policy, "critic", None)
-            if critic is not None and hasattr(policy, "scale_action"):
-                scaled = torch.as_tensor(
-                    policy.scale_action(np.asarray(action, dtype=np.float32)).reshape(1, -1)
-                )
-                return float(torch.cat(critic(tensors, scaled.to(policy.device)), dim=1).min())
-            return float(policy.predict_values(tensors).squeeze())
-
-    def greedy(self, obs: dict) -> np.ndarray | None:
-        """The critic's greedy action over the candidates (scaled to [-1, 1]); None without a Q critic."""
-        import torch
-
-        if self.candidates is None:
-            return None
-        policy = self.model.policy
-        spaces = self.model.observation_space.spaces
-        with torch.no_grad():
-            tensors, _ = policy.obs_to_tensor({k: v for k, v in obs.items() if k in spaces})
-            candidates = torch.as_tensor(self.candidates, device=policy.device)
-            return self.candidates[int(min_q_over_actions(policy.critic, tensors, candidates).argmax())]
+            if self.candidates is None:
+                return float(policy.predict_values(tensors).squeeze()), None
+            scaled = policy.scale_action(np.asarray(action, dtype=np.float32)).reshape(1, -1)
+            actions = torch.as_tensor(np.concatenate([self.candidates, scaled]), device=policy.device)
+            q = min_q_over_actions(policy.critic, tensors, actions)  # the candidates', then the action's
+            return float(q[-1]), self.candidates[int(q[:-1].argmax())]
 
     def withheld(self, obs: dict, key: str):
         if self.masks:
@@ -290,8 +277,7 @@ class RelianceProbe:
         self.steps += 1
         if (self.steps - 1) % self.every:
             return
-        value = self.value(obs, action)
-        greedy = self.greedy(obs)
+        value, greedy = self.critic_readings(obs, action)
         self.values.append(abs(value))
         for key in self.keys:
             withheld, context = self.withheld(obs, key)
@@ -299,8 +285,7 @@ class RelianceProbe:
                 other, _ = self.model.predict(
                     withheld, state=state, episode_start=episode_start, deterministic=True
                 )
-                other_value = self.value(withheld, action)
-                other_greedy = self.greedy(withheld)
+                other_value, other_greedy = self.critic_readings(withheld, action)
             self.action_change[key].append(float(np.abs(np.asarray(other) - np.asarray(action)).mean()))
             self.value_change[key].append(abs(other_value - value))
             if greedy is not None:

@@ -156,10 +156,16 @@ class PerceiverSACCritic(nn.Module):
 
     def q_values(self, latents: torch.Tensor, actions: torch.Tensor, obs=None) -> tuple[torch.Tensor, ...]:
         """Q of each critic, (B, 1) each; a multi-task observation's `action_mask` zeroes the padded entries
-        first (exploration samples them at random), so padding never reaches Q."""
+        first (exploration samples them at random), so padding never reaches Q. Latents of one observation
+        (batch 1) are read with each of the B actions: each query reads the latents on its own, so all B × n_critics
+        queries go through the decoder as one observation's."""
         if obs is not None and ACTION_MASK_KEY in obs:
             actions = actions * obs[ACTION_MASK_KEY].to(actions.dtype)
-        out = self.decoder(self.queries(actions), latents)  # (B, n_critics, D)
+        queries = self.queries(actions)  # (B, n_critics, D)
+        if latents.shape[0] == 1 < queries.shape[0]:
+            out = self.decoder(queries.reshape(1, -1, queries.shape[-1]), latents).view_as(queries)
+        else:
+            out = self.decoder(queries, latents)  # (B, n_critics, D)
         q = (out * self.head_weight).sum(-1) + self.head_bias  # (B, n_critics)
         return tuple(q[:, i : i + 1] for i in range(self.n_critics))
 

@@ -475,7 +475,7 @@ def test_reliance_works_for_every_policy_type():
     venv.close()
 
 
-def test_greedy_candidates_are_a_grid_up_to_three_dimensions_then_fixed_draws():
+def test_greedy_candidates_are_a_grid_up_to_two_dimensions_then_fixed_draws():
     from experiments.evaluation import GREEDY_CANDIDATES, GREEDY_GRID, greedy_actions
 
     grid = greedy_actions(2)

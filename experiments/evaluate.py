@@ -352,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     steps = "| step " if args.all_checkpoints else ""
     if reliance_rows:
         text = f"{steps}| task | withheld | action change | value change | greedy action change | return, blanked |\n"
-        text += ("| --- " if steps else "") + "| --- | --- | --- | --- | --- | --- |\n" + "".join(reliance_rows)
+        text += (
+            ("| --- " if steps else "") + "| --- | --- | --- | --- | --- | --- |\n" + "".join(reliance_rows)
+        )
         (out / f"reliance{condition(args)}.md").write_text(header + text)
         print(text, end="")
     table = markdown_table(rows, probe_columns, steps=args.all_checkpoints)

@@ -293,11 +293,12 @@ class RelianceProbe:
 
     def summary(self) -> dict[str, dict[str, float]]:
         scale = max(float(np.mean(self.values)), 1e-8) if self.values else float("nan")
+        nan = float("nan")
         return {
             key: {
                 "action": float(np.mean(self.action_change[key])),
                 "value": float(np.mean(self.value_change[key])) / scale,
-                "greedy": float(np.mean(self.greedy_change[key])) if self.greedy_change[key] else float("nan"),
+                "greedy": float(np.mean(self.greedy_change[key])) if self.greedy_change[key] else nan,
             }
             for key in self.keys
         }

@@ -366,9 +366,10 @@ def test_evaluate_reliance_prints_each_key_withheld_and_blanked(trained_run, tmp
     )  # fmt: skip
     for key in ("pixels", "proprio", "action_history"):
         assert f"| cartpole-balance | {key} |" in out.stdout
-    assert "| action change | value change | greedy action change | return, blanked |" in (
-        tmp_path / "reliance.md"
-    ).read_text()
+    assert (
+        "| action change | value change | greedy action change | return, blanked |"
+        in (tmp_path / "reliance.md").read_text()
+    )
     refused = cli(
         "experiments.evaluate", str(trained_run), "--reliance", "--reliance-every", "0", check=False
     )

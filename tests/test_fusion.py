@@ -451,7 +451,8 @@ def test_reliance_is_zero_for_a_modality_the_policy_cannot_read(mix_venv, algori
     assert set(result.reliance) == {"pixels", "proprio", "action_history"}
     assert result.reliance["pixels"]["action"] < 1e-5 and result.reliance["pixels"]["value"] < 1e-5
     assert result.reliance["proprio"]["action"] > 1e-4 and result.reliance["proprio"]["value"] > 1e-4
-    if algorithm == "sac":  # the critic cannot see the pixels either: its preferred action never moves with them
+    # the critic cannot see the pixels either: its preferred action never moves with them
+    if algorithm == "sac":
         assert result.reliance["pixels"]["greedy"] == 0.0
     else:  # PPO has no Q critic, so no greedy action
         assert np.isnan(result.reliance["pixels"]["greedy"])

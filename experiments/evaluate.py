@@ -117,8 +117,7 @@ def reliance_table(
     model, task: str, config, args: argparse.Namespace, seed: int, result, step: int | None = None
 ) -> list[str]:
     """Markdown rows: per observation key, the action / value / greedy action change withheld and the return with
-    it blanked
-    (`step`: a first column with the checkpoint's step)."""
+    it blanked (`step`: a first column with the checkpoint's step)."""
     rows = []
     for key, change in result.reliance.items():
         blanked = evaluate_policy(

@@ -14,7 +14,7 @@ from envs.vec import make_env_fn
 from envs.wrappers import ABSENT_KEY
 from experiments.tb import attention_overlay as attention_overlay_image
 from perceiver_policy.introspection import attention_on_frames
-from perceiver_policy.modalities import is_input_key
+from perceiver_policy.modalities import ACTION_MASK_KEY, is_input_key
 from perceiver_policy.probes import MIN_EPISODES, state_probe
 from perceiver_policy.streaming import encoder_of
 from perceiver_policy.streaming import streaming as stream_tokens
@@ -266,7 +266,9 @@ class RelianceProbe:
             scaled = policy.scale_action(np.asarray(action, dtype=np.float32)).reshape(1, -1)
             actions = torch.as_tensor(np.concatenate([self.candidates, scaled]), device=policy.device)
             q = min_q_over_actions(policy.critic, tensors, actions)  # the candidates', then the action's
-            return float(q[-1]), self.candidates[int(q[:-1].argmax())]
+            greedy = self.candidates[int(q[:-1].argmax())]
+            # a multi-task body's padded action entries never reach Q: they are no part of its preference
+            return float(q[-1]), greedy * obs[ACTION_MASK_KEY] if ACTION_MASK_KEY in obs else greedy
 
     def withheld(self, obs: dict, key: str):
         if self.masks:

@@ -132,6 +132,17 @@ def test_absent_sensor_slots_and_padded_actions_reach_nothing():
     assert torch.all(sampled[:, 1] == 0)
 
 
+def test_the_critics_greedy_action_leaves_a_bodys_padded_actions_at_zero():
+    from experiments.evaluation import RelianceProbe
+
+    model = _agent()
+    obs = {k: v[0] for k, v in model.get_env().reset().items()}
+    obs["action_mask"] = np.array([1.0, 0.0], dtype=np.float32)  # a one-actuator body in two action slots
+    action, _ = model.predict(obs, deterministic=True)
+    value, greedy = RelianceProbe(model, ["proprio"]).critic_readings(obs, action)
+    assert np.isfinite(value) and greedy.shape == (2,) and greedy[1] == 0.0 and -1.0 <= greedy[0] <= 1.0
+
+
 def test_predict_refuses_a_task_index_it_was_not_trained_with():
     model = _agent()
     obs = model.get_env().reset()

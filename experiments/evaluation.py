@@ -32,7 +32,8 @@ class EvalResult:
     stream: dict[str, float] | None = None
     """Streaming inference's token cache hit rate and window overlap (Perceiver policies, streaming=True)."""
     reliance: dict[str, dict[str, float]] | None = None
-    """Per modality (reliance=True): how much the deterministic action and the value change when it is withheld."""
+    """Per modality (reliance=True): how much the deterministic action, the value and (SAC) the critic's greedy
+    action change when it is withheld (`RelianceProbe.summary`)."""
     probe_data: dict | None = None
     """With keep_probe_data: what the state probes were fit on - {'features': {features: [(T_i, F) per episode]},
     'states': [(T_i, S)], 'layout': the env's state layout, 'parts': its sensed / unsensed parts or None}."""

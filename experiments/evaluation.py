@@ -194,7 +194,7 @@ def greedy_actions(action_dim: int) -> np.ndarray:
 
 def has_q_critic(model) -> bool:
     """Whether the policy has a Q(obs, action) critic (SAC's), as opposed to a value head (PPO / A2C)."""
-    return getattr(model.policy, "critic", None) is not None and hasattr(model.policy, "scale_action")
+    return getattr(model.policy, "critic", None) is not None
 
 
 def min_q_over_actions(critic, obs: dict, actions):

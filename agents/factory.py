@@ -208,6 +208,7 @@ def make_agent(
             raise ValueError(f"aux_state_weight needs policy_type 'perceiver', got {policy_type!r}")
         policy = "MultiInputLstmPolicy" if policy_type == "lstm" else "MultiInputPolicy"
         check_algorithm_kwargs(algo_cls, kwargs, algorithm, policy_type)
+        check_policy_kwargs(algo_cls.policy_aliases[policy], baseline_kwargs, policy_type)
         return algo_cls(policy, env, **kwargs, **common)
     if algorithm == "sac":
         obs_space = env.observation_space
@@ -219,32 +220,50 @@ def make_agent(
                 kwargs.setdefault("replay_buffer_class", TaskReplayBuffer)
     policy_class = DrQSACPolicy if recipe == "drq" else _CLASSES[algorithm][1]
     check_algorithm_kwargs(algo_cls, kwargs, algorithm, policy_type)
+    check_policy_kwargs(policy_class, policy_kwargs, policy_type)
     return algo_cls(policy_class, env, **kwargs, **common)
 
 
-def algorithm_settings(algo_cls: type) -> set[str]:
-    """The keyword arguments `algo_cls(policy, env, ...)` accepts: its own and those its `**kwargs` pass on
-    along the MRO (the mixins of agents/ forward theirs to SB3's classes)."""
+def init_settings(klass: type, exclude: set[str]) -> set[str]:
+    """The keyword arguments `klass(...)` accepts: its own and those its `**kwargs` pass on along the MRO (the
+    mixins of agents/ and the policies of perceiver_policy/ forward theirs to SB3's classes), less `exclude`."""
     names: set[str] = set()
-    for klass in algo_cls.__mro__:
-        init = klass.__dict__.get("__init__")
+    for base in klass.__mro__:
+        init = base.__dict__.get("__init__")
         if init is None:
             continue
         parameters = inspect.signature(init).parameters.values()
         names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
         if not any(p.kind is p.VAR_KEYWORD for p in parameters):
             break
-    return names - {
-        "self",
-        "_init_setup_model",
-        "policy",
-        "env",
-        "policy_kwargs",
-        "device",
-        "seed",
-        "tensorboard_log",
-        "verbose",
-    }
+    return names - exclude
+
+
+def algorithm_settings(algo_cls: type) -> set[str]:
+    """The keyword arguments `algo_cls(policy, env, ...)` accepts, less those `make_agent` sets itself."""
+    return init_settings(
+        algo_cls,
+        {"self", "_init_setup_model", "policy", "env", "policy_kwargs", "device", "seed", "tensorboard_log", "verbose"},
+    )
+
+
+def policy_settings(policy_cls: type) -> set[str]:
+    """The `policy_kwargs` a policy class accepts (`--policy key=value`, a preset's `policy:`), less the spaces and
+    the schedule SB3 passes; the Perceiver's SAC policies also take the arguments SB3 passes on a reload."""
+    valid = init_settings(policy_cls, {"self", "observation_space", "action_space", "lr_schedule", "kwargs"})
+    return valid | set(getattr(policy_cls, "IGNORED_KWARGS", ()))
+
+
+def check_policy_kwargs(policy_cls: type, policy_kwargs: dict, policy_type: str) -> None:
+    """Every policy setting is one the policy class takes; the error names the unknown ones and the valid choices
+    instead of a TypeError from inside SB3's constructor."""
+    valid = policy_settings(policy_cls)
+    unknown = sorted(set(policy_kwargs) - valid)
+    if unknown:
+        raise ValueError(
+            f"unknown policy settings {unknown} for policy_type {policy_type!r} ({policy_cls.__name__}); "
+            f"valid choices: {sorted(valid)}"
+        )
 
 
 def check_algorithm_kwargs(algo_cls: type, kwargs: dict, algorithm: str, policy_type: str) -> None:

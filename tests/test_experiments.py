@@ -413,6 +413,10 @@ def test_plot_writes_png(trained_run, tmp_path):
             ["experiments.train", "--task", "cartpole-balance", "--algo", "lr_warmpu=5"],
             "unknown ppo settings ['lr_warmpu'] for policy_type 'perceiver' (PerceiverPPO); valid choices: [",
         ),
+        (
+            ["experiments.train", "--task", "cartpole-balance", "--policy", "readout=flat"],
+            "unknown policy settings ['readout'] for policy_type 'perceiver' (PerceiverActorCriticPolicy); valid",
+        ),
         (["experiments.train", "--resume", "/nonexistent/run"], "run directory '/nonexistent/run' not found"),
         (["experiments.evaluate", "/nonexistent/run"], "'/nonexistent/run' not found"),
         (["experiments.plot", "/nonexistent/run"], "run directory '/nonexistent/run' not found"),

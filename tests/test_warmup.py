@@ -75,3 +75,35 @@ def test_a_setting_the_algorithm_lacks_is_refused_with_the_valid_choices(venv):
         make_agent("sac", venv, policy_type="sb3", device="cpu", buffer_size=100, lr_warmup=10)
     with pytest.raises(ValueError, match=r"unknown ppo settings \['n_step'\].*'n_steps'"):
         make_agent("ppo", venv, perceiver=TINY, device="cpu", n_step=16)
+
+
+@pytest.mark.parametrize(
+    "algorithm,policy_type,policy_class",
+    [
+        ("ppo", "perceiver", "PerceiverActorCriticPolicy"),
+        ("ppo", "sb3", "MultiInputActorCriticPolicy"),
+        ("ppo", "lstm", "RecurrentMultiInputActorCriticPolicy"),
+        ("sac", "sb3", "MultiInputPolicy"),
+        ("sac", "perceiver", "PerceiverSACPolicy"),
+    ],
+)
+def test_a_policy_setting_the_policy_lacks_is_refused_with_the_valid_choices(
+    venv, algorithm, policy_type, policy_class
+):
+    extra = {"buffer_size": 100} if algorithm == "sac" else {}
+    with pytest.raises(
+        ValueError,
+        match=rf"unknown policy settings \['readout'\] for policy_type '{policy_type}' \({policy_class}\); "
+        r"valid choices: \[.*'optimizer_kwargs'",
+    ):
+        make_agent(
+            algorithm, venv, perceiver=TINY, policy_type=policy_type, device="cpu",
+            policy_kwargs={"readout": "flat"}, **extra,
+        )  # fmt: skip
+
+
+def test_the_policy_settings_each_policy_documents_are_accepted(venv):
+    model = make_agent("ppo", venv, perceiver=TINY, device="cpu", policy_kwargs={"log_std_mode": "state"})
+    assert model.policy.log_std_mode == "state"
+    model = make_agent("ppo", venv, policy_type="lstm", device="cpu", policy_kwargs={"lstm_hidden_size": 8})
+    assert model.policy.lstm_actor.hidden_size == 8

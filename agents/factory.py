@@ -241,10 +241,8 @@ def init_settings(klass: type, exclude: set[str]) -> set[str]:
 
 def algorithm_settings(algo_cls: type) -> set[str]:
     """The keyword arguments `algo_cls(policy, env, ...)` accepts, less those `make_agent` sets itself."""
-    return init_settings(
-        algo_cls,
-        {"self", "_init_setup_model", "policy", "env", "policy_kwargs", "device", "seed", "tensorboard_log", "verbose"},
-    )
+    set_by_make_agent = "self _init_setup_model policy env policy_kwargs device seed tensorboard_log verbose"
+    return init_settings(algo_cls, set(set_by_make_agent.split()))
 
 
 def policy_settings(policy_cls: type) -> set[str]:

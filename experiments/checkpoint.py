@@ -241,6 +241,9 @@ def load_model(algo_cls, checkpoint: Path, env=None, device: str = "auto"):
     path = checkpoint / "model.zip" if checkpoint.is_dir() else checkpoint
     if not path.exists():
         raise CheckpointError(f"no model.zip in checkpoint {checkpoint}")
+    from agents.factory import resolve_device  # a bad device is the caller's error, not the checkpoint's
+
+    device = resolve_device(device)
     try:
         return algo_cls.load(path, env=env, device=device)
     except Exception as err:  # zipfile, pickle and torch errors all mean the same thing here

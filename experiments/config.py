@@ -288,6 +288,10 @@ class TrainConfig:
             raise ValueError(
                 f"unknown modalities {bad or self.modalities}; valid choices: {list(MODALITIES)}"
             )
+        for name in FRAME_FIELDS:  # named as given, before the step counts they set
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in (
             "image_size",
             "frame_stack",

@@ -417,6 +417,7 @@ def test_plot_writes_png(trained_run, tmp_path):
             ["experiments.train", "--task", "cartpole-balance", "--policy", "readout=flat"],
             "unknown policy settings ['readout'] for policy_type 'perceiver' (PerceiverActorCriticPolicy); valid",
         ),
+        (["experiments.train", "--total-frames", "-5"], "total_frames must be a positive integer, got -5"),
         (["experiments.train", "--resume", "/nonexistent/run"], "run directory '/nonexistent/run' not found"),
         (["experiments.evaluate", "/nonexistent/run"], "'/nonexistent/run' not found"),
         (["experiments.plot", "/nonexistent/run"], "run directory '/nonexistent/run' not found"),
@@ -461,6 +462,12 @@ def test_corrupt_checkpoint_is_a_one_line_error(trained_run, tmp_path):
         result = cli(*command, check=False, timeout=HANG_GUARD_S)
         assert result.returncode != 0
         assert "error: corrupt checkpoint" in result.stderr and "model.zip" in result.stderr
+
+
+def test_a_bad_device_is_named_not_blamed_on_the_checkpoint(trained_run):
+    result = cli("experiments.evaluate", str(trained_run), "--device", "tpu", check=False, timeout=HANG_GUARD_S)
+    assert result.returncode != 0
+    assert "unknown device 'tpu'; valid choices" in result.stderr and "corrupt" not in result.stderr
 
 
 def test_sb3_baseline_through_the_cli(tmp_path):

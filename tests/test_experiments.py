@@ -465,7 +465,9 @@ def test_corrupt_checkpoint_is_a_one_line_error(trained_run, tmp_path):
 
 
 def test_a_bad_device_is_named_not_blamed_on_the_checkpoint(trained_run):
-    result = cli("experiments.evaluate", str(trained_run), "--device", "tpu", check=False, timeout=HANG_GUARD_S)
+    result = cli(
+        "experiments.evaluate", str(trained_run), "--device", "tpu", check=False, timeout=HANG_GUARD_S
+    )
     assert result.returncode != 0
     assert "unknown device 'tpu'; valid choices" in result.stderr and "corrupt" not in result.stderr
 

@@ -179,7 +179,7 @@ class PerceiverConfig:
         ):
             raise ValueError(
                 f"PerceiverConfig.latent_groups must map modality names (or {SHARED_GROUP!r}) to positive latent "
-                f"counts, got {groups!r}"
+                f"counts, e.g. {{pixels: 16, proprio: 8, action_history: 8}} (a space after each colon), got {groups!r}"
             )
         if groups:
             if sum(groups.values()) != self.num_latents:

@@ -81,6 +81,7 @@ def test_grouped_latents_read_only_their_modality(dict_space):
         ({"missing_tokens": "mask", "latent_groups": {"pixels": 3}}, r"has 3 latents; num_latents is 8"),
         ({"latent_groups": {"pixels": 8}}, r"needs missing_tokens 'mask'"),
         ({"missing_tokens": "mask", "latent_groups": {"pixels": 0, "shared": 8}}, r"positive latent counts"),
+        ({"missing_tokens": "mask", "latent_groups": {"pixels:8": None}}, r"a space after each colon\), got"),
     ],
 )
 def test_bad_fusion_settings_are_named_errors(fields, message):

@@ -252,28 +252,25 @@ def policy_settings(policy_cls: type) -> set[str]:
     return valid | set(getattr(policy_cls, "IGNORED_KWARGS", ()))
 
 
-def check_policy_kwargs(policy_cls: type, policy_kwargs: dict, policy_type: str) -> None:
-    """Every policy setting is one the policy class takes; the error names the unknown ones and the valid choices
-    instead of a TypeError from inside SB3's constructor."""
-    valid = policy_settings(policy_cls)
-    unknown = sorted(set(policy_kwargs) - valid)
+def check_settings(what: str, klass: type, valid: set[str], given: dict, policy_type: str) -> None:
+    """Every setting given is one `klass` takes; the error names the unknown ones and the valid choices instead of
+    a TypeError from inside SB3's constructors."""
+    unknown = sorted(set(given) - valid)
     if unknown:
         raise ValueError(
-            f"unknown policy settings {unknown} for policy_type {policy_type!r} ({policy_cls.__name__}); "
+            f"unknown {what} settings {unknown} for policy_type {policy_type!r} ({klass.__name__}); "
             f"valid choices: {sorted(valid)}"
         )
+
+
+def check_policy_kwargs(policy_cls: type, policy_kwargs: dict, policy_type: str) -> None:
+    """Every policy setting (`--policy key=value`, a preset's `policy:`) is one the policy class takes."""
+    check_settings("policy", policy_cls, policy_settings(policy_cls), policy_kwargs, policy_type)
 
 
 def check_algorithm_kwargs(algo_cls: type, kwargs: dict, algorithm: str, policy_type: str) -> None:
-    """Every algorithm setting (`--algo key=value`, a preset's `algo:`) is one the class takes; the error names the
-    unknown ones and the valid choices instead of a TypeError from deep inside SB3."""
-    valid = algorithm_settings(algo_cls)
-    unknown = sorted(set(kwargs) - valid)
-    if unknown:
-        raise ValueError(
-            f"unknown {algorithm} settings {unknown} for policy_type {policy_type!r} ({algo_cls.__name__}); "
-            f"valid choices: {sorted(valid)}"
-        )
+    """Every algorithm setting (`--algo key=value`, a preset's `algo:`) is one the algorithm class takes."""
+    check_settings(algorithm, algo_cls, algorithm_settings(algo_cls), kwargs, policy_type)
 
 
 def check_recipe(algorithm: str, policy_type: str, recipe: str) -> None:

@@ -122,7 +122,7 @@ class TrainConfig:
     """Weight of the state-decoding loss: output queries decode the privileged full state from the latents
     (SAC: on the critic's batch; PPO/A2C: in each minibatch). 0 = off; > 0 gives the training envs the state."""
     render_backend: str = "fast"
-    """Camera renderer: 'fast' (MuJoCo's Renderer, reused) or 'physics' (dm_control's physics.render)."""
+    """Camera renderer: 'fast' (MuJoCo's Renderer, reused) or 'dm_control' (dm_control's physics.render, with shadows and skybox)."""
     n_envs: int = 4
     """Environments stepped in parallel (one vector env)."""
     vec_env: str = "dummy"
@@ -208,7 +208,8 @@ class TrainConfig:
     progress_bar: bool = True
     """Show a progress bar (tqdm / rich) while training."""
     perceiver: dict = field(default_factory=dict)
-    """PerceiverConfig fields."""
+    """PerceiverConfig fields (perceiver_policy/config.py documents each), e.g. num_latents=64 latent_dim=128
+    pixel_tokenizer=conv missing_tokens=mask dtype=bfloat16; an unknown name is refused with the valid ones."""
     algo: dict = field(default_factory=dict)
     """Keyword overrides for the SB3 algorithm (learning_rate, n_steps, batch_size, buffer_size, ...; for the DrQ
     recipe also target_augmentations, critic_augmentations, actor_update_interval, lr_warmup and

@@ -333,6 +333,11 @@ class TrainConfig:
             raise ValueError(
                 f"finetune {self.finetune!r} needs policy_type 'perceiver', got {self.policy_type!r}"
             )
+        if self.finetune != "all" and self.recipe != "sb3":
+            raise ValueError(
+                f"finetune {self.finetune!r} trains the policies of recipe 'sb3', got recipe {self.recipe!r} "
+                "(DrQ's policy has no output-query / LoRA fine-tuning)"
+            )
         if self.finetune != "all" and not self.init_from:
             raise ValueError(
                 f"finetune {self.finetune!r} freezes the encoder: give the trained run with --init-from"

@@ -138,6 +138,14 @@ def test_key_values_read_exponent_floats_as_numbers():
     assert cfg.load_yaml("[1e-3, 2, 1.5, abc, 1e]") == [1e-3, 2, 1.5, "abc", "1e"]
 
 
+def test_fine_tuning_is_refused_under_drqs_recipe_before_a_run_starts(tmp_path):
+    source = ("--init-from", str(tmp_path))  # checked after the recipe: no run needed to see the refusal
+    with pytest.raises(
+        ValueError, match=r"finetune 'lora' trains the policies of recipe 'sb3', got recipe 'drq'"
+    ):
+        resolve("--preset", "cartpole-swingup-pixels", "--finetune", "lora", *source)
+
+
 def test_centring_is_checked_before_a_run_starts():
     pixels = ("--preset", "cartpole-swingup-pixels", "--modalities", "pixels")
     assert resolve(*pixels, "--policy", "center_features=reference").policy == {

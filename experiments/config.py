@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import dataclasses
 import functools
 import inspect
@@ -592,6 +593,12 @@ _Loader.add_implicit_resolver(
 
 def load_yaml(text: str):
     """Parse a YAML document or scalar (config files, ``KEY=VALUE`` values) with YAML 1.2's float syntax."""
+    return copy.deepcopy(_parse_yaml(text))  # a copy: callers change what they get
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_yaml(text: str):
+    """A sweep resolves thousands of trials from a few presets and values: each text is parsed once."""
     return yaml.load(text, Loader=_Loader)
 
 

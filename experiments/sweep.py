@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from experiments.runtime import keep_freed_memory
-from experiments.sweeping import load_spec, run_sweep, train_args, trials
+from experiments.sweeping import check_trials, load_spec, run_sweep, train_args, trials
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_commands:
             root = args.run_dir or str(Path(spec.run_dir) / spec.name)
             try:
-                for name, settings in trials(spec):
+                for name, settings in check_trials(spec) or trials(spec):
                     args_ = [*train_args(settings), "--run-dir", root, "--run-name", name]
                     print(shlex.join(["experiments.train", *args_]), flush=True)
             except BrokenPipeError:
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.run_dir is not None:
             spec.run_dir, spec.name = str(Path(args.run_dir).parent), Path(args.run_dir).name
+        check_trials(spec)  # every trial's settings, before Ray starts any
         results = run_sweep(spec, address=args.address, max_concurrent=args.max_concurrent)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -19,12 +19,14 @@ def test_every_trial_of_every_spec_is_a_valid_training_run(path):
     spec = load_spec(path)
     if spec.search:
         pytest.skip("a search space: trials are sampled while it runs")
-    from experiments.sweeping import train_args
+    from experiments.sweeping import check_trials, train_args
 
+    assert check_trials(spec) == trials(
+        spec
+    )  # validates: e.g. Perceiver options given to an SB3 agent are refused
     for name, settings in trials(spec):
         args = cfg.build_parser("t").parse_args([*train_args(settings), "--run-name", name])
-        config = cfg.resolve(args)  # validates: e.g. Perceiver options given to an SB3 agent are refused
-        assert config.run_name == name
+        assert cfg.resolve(args).run_name == name
 
 
 def test_run_names_come_from_the_template_and_labels(tmp_path):
@@ -114,3 +116,18 @@ def test_print_commands_into_a_reader_that_stops_early_is_no_traceback():
     out = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("experiments.train ") and out.stdout.count("\n") == 1
     assert "Traceback" not in out.stderr and "BrokenPipeError" not in out.stderr, out.stderr
+
+
+def test_a_sweep_names_the_trial_with_a_bad_value_before_it_runs_any(tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(
+        "run_name: 'bad-{label}'\nbase: {task: cartpole-swingup, modalities: [proprio]}\n"
+        "variants: [{label: good}, {label: typo, policy_type: percieve}, {label: late, algo.n_steps: -3}]\n"
+    )
+    for extra in (["--print-commands"], []):  # the study scripts' path, and Ray's (refused before Ray starts)
+        out = subprocess.run([sys.executable, "-m", "experiments.sweep", str(spec), *extra],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert out.returncode == 2 and out.stdout == "", out.stderr
+        assert (
+            "error: trial bad-typo: unknown policy_type 'percieve'; valid choices: ['perceiver'" in out.stderr
+        )

@@ -123,7 +123,8 @@ class TrainConfig:
     """Weight of the state-decoding loss: output queries decode the privileged full state from the latents
     (SAC: on the critic's batch; PPO/A2C: in each minibatch). 0 = off; > 0 gives the training envs the state."""
     render_backend: str = "fast"
-    """Camera renderer: 'fast' (MuJoCo's Renderer, reused) or 'dm_control' (dm_control's physics.render, with shadows and skybox)."""
+    """Camera renderer: 'fast' (MuJoCo's Renderer, reused) or 'dm_control' (dm_control's physics.render, with
+    shadows and skybox)."""
     n_envs: int = 4
     """Environments stepped in parallel (one vector env)."""
     vec_env: str = "dummy"

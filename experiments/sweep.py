@@ -46,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
             spec.grid["seed"] = args.seeds
         if args.print_commands:
             root = args.run_dir or str(Path(spec.run_dir) / spec.name)
+            planned = trials(spec)
+            check_trials(planned)
             try:
-                for name, settings in check_trials(spec) or trials(spec):
+                for name, settings in planned:
                     args_ = [*train_args(settings), "--run-dir", root, "--run-name", name]
                     print(shlex.join(["experiments.train", *args_]), flush=True)
             except BrokenPipeError:
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.run_dir is not None:
             spec.run_dir, spec.name = str(Path(args.run_dir).parent), Path(args.run_dir).name
-        check_trials(spec)  # every trial's settings, before Ray starts any
+        if not spec.search:  # a search space's trials are sampled while it runs (its fields: load_spec)
+            check_trials(trials(spec))  # every trial's settings, before Ray starts any
         results = run_sweep(spec, address=args.address, max_concurrent=args.max_concurrent)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

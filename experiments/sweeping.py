@@ -150,23 +150,18 @@ def trials(spec: SweepSpec) -> list[tuple[str, dict]]:
     return out
 
 
-def check_trials(spec: SweepSpec) -> list[tuple[str, dict]]:
-    """`trials(spec)`, each resolved as `experiments.train` resolves its flags (preset, defaults, validation), so a
-    bad value is named with its trial before any trial runs; a spec that samples a search space has no trials yet
-    (its fields are checked by `load_spec`)."""
+def check_trials(planned: list[tuple[str, dict]]) -> None:
+    """Each (run name, settings) of `trials(spec)` resolved as `experiments.train` resolves its flags (preset,
+    defaults, validation), so a bad value is named with its trial before any trial runs."""
     import argparse
 
-    if spec.search:
-        return []
-    out = trials(spec)
     parser = cfg.build_parser("experiments.sweep")
     parser.exit_on_error = False
-    for name, settings in out:
+    for name, settings in planned:
         try:
             cfg.resolve(parser.parse_args(train_args(settings)))
         except (ValueError, argparse.ArgumentError) as err:
             raise ValueError(f"trial {name}: {err}") from None
-    return out
 
 
 def train_args(settings: dict) -> list[str]:

@@ -12,6 +12,8 @@ row each); `--latency-budget-ms B` measures p95 batch-1 latency at every trained
 k that fits. `--all-checkpoints` evaluates every checkpoint a run kept, oldest first, one row each with its step
 (is the final evaluation representative of the last stretch of training, or a peak or a dip?); `--best` the
 policy of the run's best training evaluation (RUN/checkpoints/best_<step>, kept by `--keep-best`).
+`--modality-path` (Perceiver policies) writes `<out>/modality-path.md`: for each modality, where it reaches the
+latents and where it is lost in the cross-attention (`perceiver_policy.introspection.modality_path`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,24 @@ from experiments.checkpoint import (
 from experiments.evaluation import PROBE_FEATURES, evaluate_policy, write_mp4
 from experiments.export import observations
 from experiments.runtime import keep_freed_memory
+from perceiver_policy.introspection import PATH_STAGES
 from perceiver_policy.latent_scaling import choose_num_latents, num_latents, set_num_latents
+
+PATH_HEADINGS = (
+    "attention share",
+    "focus within",
+    "token signal",
+    "withheld: tokens",
+    "after cross-attention",
+    "latents",
+)
+PATH_LEGEND = (
+    "Where each modality reaches the latents (`perceiver_policy.introspection.modality_path`): its share of the "
+    "cross-attention; focus within its tokens (0: the latents average them uniformly, 1: each reads one); token "
+    "signal (spread of its normalised tokens across observations over their spread across places); and the change "
+    "when it is withheld, over the spread across observations, of its tokens, of the latents after the "
+    "cross-attention and of the encoder's output.\n\n"
+)
 
 COLUMNS = [
     "task",
@@ -210,6 +229,15 @@ def main(argv: list[str] | None = None) -> int:
         "1 + 2 x keys extra policy passes)",
     )
     parser.add_argument(
+        "--modality-path",
+        action="store_true",
+        help="Perceiver policies: for each modality, on the evaluation's observations, where it reaches the "
+        "latents and where it is lost - its share of the cross-attention, how focused the latents' attention "
+        "within it is (0: a uniform average), how much its normalised tokens vary with the observation, and the "
+        "change when it is withheld of its tokens, of the latents after the cross-attention and of the "
+        "encoder's output, each over its spread across observations",
+    )
+    parser.add_argument(
         "--streaming",
         action=argparse.BooleanOptionalAction,
         default=False,
@@ -287,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg.TrainConfig(**{**config.to_dict(), "task": task}).validate()
         out = args.output or (latest.parent.parent / "eval")
         out.mkdir(parents=True, exist_ok=True)
-        rows, reliance_rows = [], []
+        rows, reliance_rows, path_rows = [], [], []
         for checkpoint in checkpoints:
             step = checkpoint_step(checkpoint)
             model = load_model(
@@ -311,11 +339,21 @@ def main(argv: list[str] | None = None) -> int:
                         streaming=args.streaming,
                         reliance=args.reliance,
                         reliance_every=args.reliance_every,
+                        modality_path=args.modality_path,
                     )
                     if result.reliance is not None:
                         reliance_rows += reliance_table(
                             model, task, config, args, seed, result, step if args.all_checkpoints else None
                         )
+                if result.modality_path is not None:
+                    at = f"| {step} " if args.all_checkpoints else ""
+                    path_rows += [
+                        at
+                        + f"| {task} | {key} | "
+                        + " | ".join(f"{stages[s]:.3f}" for s in PATH_STAGES)
+                        + " |\n"
+                        for key, stages in result.modality_path.items()
+                    ]
                 if result.stream is not None:
                     print(
                         f"{task}: streaming cache hit rate {result.stream['stream_cache_hit_rate']:.3f}, "
@@ -355,6 +393,17 @@ def main(argv: list[str] | None = None) -> int:
             ("| --- " if steps else "") + "| --- | --- | --- | --- | --- | --- |\n" + "".join(reliance_rows)
         )
         (out / f"reliance{condition(args)}.md").write_text(header + text)
+        print(text, end="")
+    if path_rows:
+        text = f"{steps}| task | modality | " + " | ".join(PATH_HEADINGS) + " |\n"
+        text += (
+            ("| --- " if steps else "")
+            + "| --- | --- |"
+            + " --- |" * len(PATH_STAGES)
+            + "\n"
+            + "".join(path_rows)
+        )
+        (out / f"modality-path{condition(args)}.md").write_text(header + PATH_LEGEND + text)
         print(text, end="")
     table = markdown_table(rows, probe_columns, steps=args.all_checkpoints)
     (out / f"{name}.md").write_text(header + table)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ from envs.vec import make_env_fn
 from envs.wrappers import ABSENT_KEY
 from experiments.tb import attention_overlay as attention_overlay_image
 from perceiver_policy.introspection import attention_on_frames
+from perceiver_policy.introspection import modality_path as modality_path_of
 from perceiver_policy.modalities import ACTION_MASK_KEY, is_input_key
 from perceiver_policy.probes import MIN_EPISODES, state_probe
 from perceiver_policy.streaming import encoder_of
@@ -34,6 +36,9 @@ class EvalResult:
     reliance: dict[str, dict[str, float]] | None = None
     """Per modality (reliance=True): how much the deterministic action, the value and (SAC) the critic's greedy
     action change when it is withheld (`RelianceProbe.summary`)."""
+    modality_path: dict[str, dict[str, float]] | None = None
+    """Per modality of a Perceiver (modality_path=True): `perceiver_policy.introspection.modality_path` on the
+    evaluation's own observations."""
     probe_data: dict | None = None
     """With keep_probe_data: what the state probes were fit on - {'features': {features: [(T_i, F) per episode]},
     'states': [(T_i, S)], 'layout': the env's state layout, 'parts': its sensed / unsensed parts or None}."""
@@ -145,6 +150,37 @@ class FeatureTap:
     def close(self) -> None:
         if self._handle is not None:
             self._handle.remove()
+
+
+PATH_OBSERVATIONS = 512
+"""At most this many of an evaluation's observations, evenly spaced over its steps, enter the modality path."""
+
+
+class EncoderInputTap:
+    """Keeps what a Perceiver encoder read in the latest `predict` (a batch of 1), for `modality_path`: the
+    observations after the policy's preprocessing, exactly as the encoder reads them."""
+
+    def __init__(self, encoder):
+        self.latest: dict | None = None
+        self.kept: list[dict] = []
+        self._handle = encoder.register_forward_pre_hook(self._store)
+
+    def _store(self, module, args) -> None:
+        self.latest = {k: v.detach()[:1].clone() for k, v in args[0].items()}
+
+    def keep(self) -> None:
+        if self.latest is not None:
+            self.kept.append(self.latest)
+
+    def batch(self) -> dict:
+        import torch
+
+        step = max(1, math.ceil(len(self.kept) / PATH_OBSERVATIONS))
+        rows = self.kept[::step]
+        return {key: torch.cat([row[key] for row in rows]) for key in rows[0]}
+
+    def close(self) -> None:
+        self._handle.remove()
 
 
 def check_blank_modalities(spaces: dict, names: tuple[str, ...]) -> None:
@@ -323,6 +359,7 @@ def evaluate_policy(
     reliance: bool = False,
     reliance_every: int = 1,
     keep_probe_data: bool = False,
+    modality_path: bool = False,
 ) -> EvalResult:
     """Run `episodes` deterministic episodes of `task` one by one, timing every `model.predict` call.
 
@@ -336,7 +373,10 @@ def evaluate_policy(
     `missing`: the Perceiver encoder drops these modalities' tokens (only a Perceiver can). `blank`: these
     observation keys reach the policy as zeros (a dead sensor: black frames, zero readings), for any policy.
     `reliance`: `RelianceProbe` on every `reliance_every`-th step (result.reliance).
-    `keep_probe_data` (with `probe_state`): result.probe_data keeps the probes' features and states."""
+    `keep_probe_data` (with `probe_state`): result.probe_data keeps the probes' features and states.
+    `modality_path` (Perceiver policies): where each modality reaches the latents and where it is lost
+    (`perceiver_policy.introspection.modality_path`) on up to PATH_OBSERVATIONS of the evaluation's observations
+    (result.modality_path)."""
     if probe_state and episodes < MIN_EPISODES:
         raise ValueError(f"a state probe needs at least {MIN_EPISODES} evaluation episodes, got {episodes}")
     spaces = getattr(model.observation_space, "spaces", {})
@@ -346,6 +386,13 @@ def evaluate_policy(
     if attention_overlay and (encoder is None or "pixels" not in encoder.names):
         raise ValueError("--attention-overlay needs a Perceiver policy that reads pixels")
     overlay = video and attention_overlay
+    if modality_path and encoder is None:
+        raise ValueError(
+            "--modality-path traces a Perceiver's cross-attention; this policy has none (policy "
+            f"{type(model.policy).__name__}): use --reliance, which probes any policy"
+        )
+    if modality_path and streaming:
+        raise ValueError("--modality-path reads whole observations; it cannot be combined with --streaming")
     # the taps before the env: a bad `probe_features` fails before the env starts
     taps = (
         {where: FeatureTap(model, where) for where in check_probe_features(probe_features)}
@@ -364,6 +411,7 @@ def evaluate_policy(
     wants_flags = ABSENT_KEY in spaces
     keys = [k for k in spaces if is_input_key(k)]
     probe = RelianceProbe(model, keys, every=reliance_every) if reliance else None
+    inputs = EncoderInputTap(encoder) if modality_path else None
     no_flags = np.zeros(spaces[ABSENT_KEY].n, dtype=np.int8) if wants_flags else None
     try:
         with missing_modalities(model, tuple(missing)), stream_tokens(model.policy, streaming) as stream:
@@ -398,6 +446,8 @@ def evaluate_policy(
                         for where, tap in taps.items():
                             episode_features[where].append(tap.after_predict(recurrent_state))
                         episode_states.append(obs[STATE_KEY] if STATE_KEY in obs else state)
+                    if inputs is not None:  # before the reliance probe's withheld passes
+                        inputs.keep()
                     if probe is not None:
                         probe.step(obs, action, before, episode_start)
                     episode_start = np.zeros(1, dtype=bool)
@@ -416,6 +466,13 @@ def evaluate_policy(
             result.stream = stream.stats()
         if probe is not None:
             result.reliance = probe.summary()
+        if inputs is not None:
+            inputs.close()
+            batch = inputs.batch()
+            with missing_modalities(model, tuple(missing)):
+                result.modality_path = {
+                    key: modality_path_of(encoder, batch, key) for key in encoder.names if key not in missing
+                }
         if taps:
             layout, parts = env.unwrapped.state_layout, getattr(env.unwrapped, "state_parts", None)
             result.probe = {}
@@ -429,6 +486,8 @@ def evaluate_policy(
         env.close()
         for tap in taps.values():
             tap.close()
+        if inputs is not None:
+            inputs.close()
     if frames:
         result.frames = np.stack(frames)
     return result

@@ -69,3 +69,28 @@ def test_a_recurrent_state_is_carried_within_an_episode_and_reset_at_its_start()
     for start in (0, 125):
         assert model.calls[start] == (None, True)  # a new episode: no state, episode_start set
         assert [c for c in model.calls[start + 1 : start + 125]] == [((i,), False) for i in range(124)]
+
+
+def test_modality_path_reads_the_evaluation_observations_the_encoder_read(model, monkeypatch):
+    import torch
+
+    from perceiver_policy.introspection import PATH_STAGES, modality_path
+
+    seen = recorded_observations(model, monkeypatch)[:]  # a copy: the spy goes on recording below
+    result = evaluate_policy(model, "cartpole-balance", ENV, episodes=1, seed=3, modality_path=True)
+    assert set(result.modality_path) == {"pixels", "proprio"}
+    assert all(set(stages) == set(PATH_STAGES) for stages in result.modality_path.values())
+    batch, _ = model.policy.obs_to_tensor({key: np.stack([obs[key] for obs in seen]) for key in seen[0]})
+    with torch.no_grad():
+        expected = modality_path(model.policy.encoder, batch, "pixels")
+    assert result.modality_path["pixels"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_modality_path_refuses_a_policy_without_a_perceiver_and_streaming(model):
+    from types import SimpleNamespace
+
+    other = SimpleNamespace(policy=SimpleNamespace(), observation_space=model.observation_space)
+    with pytest.raises(ValueError, match="--modality-path traces a Perceiver's cross-attention.*use --reliance"):
+        evaluate_policy(other, "cartpole-balance", ENV, episodes=1, modality_path=True)
+    with pytest.raises(ValueError, match="cannot be combined with --streaming"):
+        evaluate_policy(model, "cartpole-balance", ENV, episodes=1, modality_path=True, streaming=True)

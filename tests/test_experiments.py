@@ -378,6 +378,18 @@ def test_evaluate_reliance_prints_each_key_withheld_and_blanked(trained_run, tmp
     assert {"perceiver/reliance/pixels/action", "perceiver/reliance/proprio/value"} <= scalars
 
 
+def test_evaluate_modality_path_prints_each_modality_stage_by_stage(trained_run, tmp_path):
+    out = cli(
+        "experiments.evaluate", str(trained_run), "--episodes", "1", "--modality-path", "--output", str(tmp_path)
+    )  # fmt: skip
+    heading = "| task | modality | attention share | focus within | token signal | withheld: tokens |"
+    assert heading in out.stdout
+    for key in ("pixels", "proprio", "action_history"):
+        assert f"| cartpole-balance | {key} | " in out.stdout
+    written = (tmp_path / "modality-path.md").read_text()
+    assert "focus within its tokens (0: the latents average them uniformly" in written and heading in written
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_export_cli_writes_an_actor_that_matches_predict(trained_run, tmp_path, fmt):
     pytest.importorskip("onnxruntime")

@@ -17,7 +17,7 @@ from perceiver_policy import (
     count_parameters,
     register_adapter,
 )
-from perceiver_policy.introspection import attention_entropy, modality_balance
+from perceiver_policy.introspection import PATH_STAGES, attention_entropy, modality_balance, modality_path
 from tests.conftest import sample_obs
 
 KEYS = ("pixels", "proprio", "action_history")
@@ -636,3 +636,49 @@ def test_reference_centring_refuses_multitask_observations_and_an_incomplete_fir
         ValueError, match=r"the reference observation must have every modality \['pixels', 'proprio'\]"
     ):
         encoder({"proprio": torch.zeros(2, 5)})
+
+
+def test_modality_path_finds_where_a_modality_is_lost(dict_space):
+    encoder = PerceiverEncoder(dict_space, small()).eval()
+    obs = sample_obs(dict_space, 6)
+    with torch.no_grad():  # the latents never attend to the pixels: their tokens change, the latents do not
+        encoder.cross_attention.modality_bias[:, encoder.names.index("pixels")] = -1e4
+    pixels = modality_path(encoder, obs, "pixels")
+    assert set(pixels) == set(PATH_STAGES)
+    assert pixels["attention"] < 1e-6 and pixels["tokens"] > 0.5
+    assert pixels["cross_attention"] < 1e-4 and pixels["latents"] < 1e-4
+    proprio = modality_path(encoder, obs, "proprio")
+    assert proprio["attention"] > 0.1 and proprio["cross_attention"] > 0.05 and proprio["latents"] > 0.05
+    assert encoder.capture_attention is False and not encoder.training  # left as it was
+
+
+def test_modality_path_focus_is_zero_for_uniform_attention_and_grows_with_sharper_queries(dict_space):
+    encoder = PerceiverEncoder(dict_space, small()).eval()
+    obs = sample_obs(dict_space, 4)
+    with torch.no_grad():  # zero queries: every latent averages each modality's tokens uniformly
+        encoder.cross_attention.q.weight.zero_()
+        encoder.cross_attention.q.bias.zero_()
+    assert abs(modality_path(encoder, obs, "pixels")["focus"]) < 1e-5
+    with torch.no_grad():
+        encoder.cross_attention.q.weight.normal_(0, 3.0)
+    assert modality_path(encoder, obs, "pixels")["focus"] > 0.05
+    proprio = encoder.specs[encoder.names.index("proprio")]
+    assert np.isnan(modality_path(encoder, obs, "proprio")["token_signal"]) == (proprio.num_tokens == 1)
+
+
+def test_modality_path_withholds_with_mask_tokens_when_the_encoder_has_them(dict_space):
+    obs = sample_obs(dict_space, 4)
+    obs["pixels"] = torch.zeros_like(obs["pixels"])  # zeros withheld as zeros change nothing ...
+    assert modality_path(PerceiverEncoder(dict_space, small()).eval(), obs, "pixels")["tokens"] < 1e-6
+    masked = PerceiverEncoder(dict_space, small(missing_tokens="mask")).eval()
+    with torch.no_grad():
+        masked.mask_tokens.normal_()
+    assert modality_path(masked, obs, "pixels")["tokens"] > 0.1  # ... the mask tokens do
+
+
+def test_modality_path_names_a_bad_key_and_a_batch_of_one(dict_space):
+    encoder = PerceiverEncoder(dict_space, small()).eval()
+    with pytest.raises(ValueError, match=r"unknown modality 'lidar'.*valid choices: \['action_history', 'pixels'"):
+        modality_path(encoder, sample_obs(dict_space, 2), "lidar")
+    with pytest.raises(ValueError, match="at least 2, got 1"):
+        modality_path(encoder, sample_obs(dict_space, 1), "pixels")

@@ -90,7 +90,9 @@ def test_modality_path_refuses_a_policy_without_a_perceiver_and_streaming(model)
     from types import SimpleNamespace
 
     other = SimpleNamespace(policy=SimpleNamespace(), observation_space=model.observation_space)
-    with pytest.raises(ValueError, match="--modality-path traces a Perceiver's cross-attention.*use --reliance"):
+    with pytest.raises(
+        ValueError, match="--modality-path traces a Perceiver's cross-attention.*use --reliance"
+    ):
         evaluate_policy(other, "cartpole-balance", ENV, episodes=1, modality_path=True)
     with pytest.raises(ValueError, match="cannot be combined with --streaming"):
         evaluate_policy(model, "cartpole-balance", ENV, episodes=1, modality_path=True, streaming=True)

@@ -678,7 +678,9 @@ def test_modality_path_withholds_with_mask_tokens_when_the_encoder_has_them(dict
 
 def test_modality_path_names_a_bad_key_and_a_batch_of_one(dict_space):
     encoder = PerceiverEncoder(dict_space, small()).eval()
-    with pytest.raises(ValueError, match=r"unknown modality 'lidar'.*valid choices: \['action_history', 'pixels'"):
+    with pytest.raises(
+        ValueError, match=r"unknown modality 'lidar'.*valid choices: \['action_history', 'pixels'"
+    ):
         modality_path(encoder, sample_obs(dict_space, 2), "lidar")
     with pytest.raises(ValueError, match="at least 2, got 1"):
         modality_path(encoder, sample_obs(dict_space, 1), "pixels")

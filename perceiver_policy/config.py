@@ -118,6 +118,14 @@ class PerceiverConfig:
     read every modality; latent self-attention fuses the groups. Counts sum to num_latents, in this order along
     the latent array; needs missing_tokens 'mask' (a group whose modality is withheld reads its mask tokens). Empty:
     every latent reads every token."""
+    image_locality: float = 0.0
+    """Latents with a place on the image (0: off). The latents that read an image (its group's with latent_groups,
+    else all) are laid on a rows x cols grid over its token map (rows the largest divisor of their count up to its
+    square root), and each latent's cross-attention logit for an image token falls by d^2 / 2, d the distance from
+    the token's cell to the latent's place in units of `image_locality` grid spacings (normalised so that the
+    image keeps its share of attention). Each latent then starts as the pooled features of its neighbourhood, a
+    coarse feature map that keeps where things are (uniform attention over all cells, a global mean, keeps
+    nothing of where a small object is), and can still sharpen by content. 1.0: about one spacing."""
     domain_embedding: bool = True
     """Multi-task observations (a `task` key, envs.multitask): a learned embedding of the task enters the encoder as
     one more input token (the latents read the body's identity beside its sensors, whose slots are shared across
@@ -197,6 +205,16 @@ class PerceiverConfig:
                     "PerceiverConfig.latent_groups and latent_scaling cannot be combined: a prefix of grouped latents "
                     "would drop whole groups"
                 )
+        locality = self.image_locality
+        if isinstance(locality, bool) or not isinstance(locality, (int, float)) or not locality >= 0:
+            raise ValueError(
+                f"PerceiverConfig.image_locality must be a number >= 0 (grid spacings; 0: off), got {locality!r}"
+            )
+        if locality and self.latent_scaling:
+            raise ValueError(
+                "PerceiverConfig.image_locality and latent_scaling cannot be combined: a prefix of latents placed on "
+                "the image would read only part of it"
+            )
         if self.task_stems and not self.domain_embedding:
             raise ValueError(
                 "PerceiverConfig.task_stems=True reads the task index that domain_embedding=False hides from the "

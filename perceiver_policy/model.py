@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import platform
 from collections.abc import Mapping
 from pathlib import Path
@@ -225,18 +226,59 @@ class PerceiverEncoder(nn.Module):
         ]
         return torch.tensor(index, dtype=torch.long)
 
-    def _group_bias(self, present: tuple[int, ...], device) -> torch.Tensor | None:
-        """(M, N) additive logits: 0 where a latent may read a token (its group's modality, or a shared latent),
-        ABSENT_LOGIT elsewhere; None without latent groups."""
-        if self.latent_group is None:
+    def _latent_token_bias(self, present: tuple[int, ...], device) -> torch.Tensor | None:
+        """(M, N) additive logits of each latent for each token, or None: with latent_groups, ABSENT_LOGIT where a
+        latent may not read a token (another group's modality; shared latents read all); with image_locality,
+        each placed latent's place prior on the image tokens (`_locality_bias`)."""
+        if self.latent_group is None and not self.config.image_locality:
             return None
         key = (present, device)
         if key not in self._group_bias_cache:
-            modality_index = self._modality_index(present, device)
-            group = self.latent_group.to(device)
-            allowed = (group[:, None] == -1) | (group[:, None] == modality_index[None, :])
-            self._group_bias_cache[key] = torch.where(allowed, 0.0, ABSENT_LOGIT).to(device)
+            modality_index = self._modality_index(present, device).cpu()
+            bias = torch.zeros(len(self.latents), len(modality_index))
+            if self.latent_group is not None:
+                group = self.latent_group.cpu()
+                allowed = (group[:, None] == -1) | (group[:, None] == modality_index[None, :])
+                bias = torch.where(allowed, 0.0, ABSENT_LOGIT)
+            if self.config.image_locality:
+                bias = bias + self._locality_bias(present, modality_index)
+            self._group_bias_cache[key] = bias.to(device)
         return self._group_bias_cache[key]
+
+    def _locality_bias(self, present: tuple[int, ...], modality_index: torch.Tensor) -> torch.Tensor:
+        """(M, N): for each image modality, its latents (its group's, or all without groups) on a rows x cols grid
+        over the token map; logit -d^2 / 2 for a token d spacings x image_locality from the latent's place,
+        shifted per latent so that its attention mass on the image is what it was without the prior (the
+        log-sum-exp over the image's tokens is log N)."""
+        bias = torch.zeros(len(self.latents), len(modality_index))
+        for m in present:
+            spec = self.specs[m]
+            if spec.kind not in ("image", "conv_image"):
+                continue
+            placed = (
+                torch.arange(len(self.latents))
+                if self.latent_group is None
+                else torch.nonzero(self.latent_group.cpu() == m).flatten()
+            )
+            if len(placed) == 0:
+                continue
+            height, width = spec.fourier_resolutions[-2:]
+            rows = max(d for d in range(1, int(len(placed) ** 0.5) + 1) if len(placed) % d == 0)
+            cols = len(placed) // rows
+            # each latent's place, in token cells: the centres of a rows x cols partition of the map
+            place_y = ((torch.arange(rows) + 0.5) * height / rows - 0.5).repeat_interleave(cols)
+            place_x = ((torch.arange(cols) + 0.5) * width / cols - 0.5).repeat(rows)
+            # each token's cell (row-major; patch tokens repeat the map once per frame)
+            cell = torch.arange(spec.num_tokens) % (height * width)
+            token_y, token_x = (cell // width).float(), (cell % width).float()
+            scale = self.config.image_locality
+            dy = (token_y[None, :] - place_y[:, None]) / (scale * height / rows)
+            dx = (token_x[None, :] - place_x[:, None]) / (scale * width / cols)
+            logits = -0.5 * (dy**2 + dx**2)  # (placed, N_m)
+            logits = logits - logits.logsumexp(dim=1, keepdim=True) + math.log(spec.num_tokens)
+            columns = torch.nonzero(modality_index == m).flatten()
+            bias[placed[:, None], columns[None, :]] = logits
+        return bias
 
     def set_num_latents(self, k: int) -> None:
         """Run with the first `k` latents (one of `config.latent_choices()`: those the policy was trained with)."""
@@ -424,7 +466,7 @@ class PerceiverEncoder(nn.Module):
                 token_absent,
                 capture=self.capture_attention,
                 num_latents=self.num_active_latents,
-                latent_token_bias=self._group_bias(present, device),
+                latent_token_bias=self._latent_token_bias(present, device),
             )
             for layer in self._layer_sequence():
                 latents = layer(latents)

@@ -38,15 +38,17 @@ def test_the_command_passes_its_steps_and_refuses_a_bad_count(monkeypatch):
     from experiments.benchmarks import cli
 
     seen = {}
-    monkeypatch.setattr(estimator, "bench_estimator", lambda quick, variants, steps: seen.update(steps=steps))
+    monkeypatch.setattr(
+        estimator, "bench_estimator", lambda quick, variants, steps, task: seen.update(steps=steps, task=task)
+    )
     cli.main(["estimator", "--variants", "cnn", "--steps", "1600"])
-    assert seen == {"steps": 1600}
+    assert seen == {"steps": 1600, "task": "cartpole-swingup"}
     with pytest.raises(ValueError, match=r"estimator steps must be a positive integer, got 0"):
         bench_estimator(variants=["cnn"], steps=0)
 
 
 def test_the_table_has_one_row_per_variant(monkeypatch, capsys):
-    monkeypatch.setattr(estimator, "collect", lambda count, seed: square(count, seed))
+    monkeypatch.setattr(estimator, "collect", lambda count, seed, task: square(count, seed))
     monkeypatch.setattr(estimator, "square", lambda count, seed: square(16, seed))
     monkeypatch.setitem(
         VARIANTS, "tiny-perceiver", Variant("perceiver", {"num_latents": 4, "latent_dim": 16})

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from perceiver_policy import PerceiverConfig, PerceiverEncoder
+from perceiver_policy.attention import ABSENT_LOGIT
 from tests.conftest import sample_obs
 
 SMALL = {"num_latents": 8, "latent_dim": 16, "fourier_bands": 2, "patch_size": 8}
@@ -82,6 +83,15 @@ def test_grouped_latents_read_only_their_modality(dict_space):
         ({"latent_groups": {"pixels": 8}}, r"needs missing_tokens 'mask'"),
         ({"missing_tokens": "mask", "latent_groups": {"pixels": 0, "shared": 8}}, r"positive latent counts"),
         ({"missing_tokens": "mask", "latent_groups": {"pixels:8": None}}, r"a space after each colon\), got"),
+        (
+            {"image_locality": -1.0},
+            r"image_locality must be a number >= 0 \(grid spacings; 0: off\), got -1.0",
+        ),
+        ({"image_locality": True}, r"image_locality must be a number >= 0 .*got True"),
+        (
+            {"image_locality": 1.0, "latent_scaling": [4, 8]},
+            r"image_locality and latent_scaling cannot be combined",
+        ),
     ],
 )
 def test_bad_fusion_settings_are_named_errors(fields, message):
@@ -95,6 +105,65 @@ def test_a_group_for_a_modality_the_observation_lacks_is_a_named_error(dict_spac
         match=r"latent_groups names \['lidar'\].*valid choices: \['action_history', 'pixels', 'proprio', 'shared'\]",
     ):
         masked_encoder(dict_space, latent_groups={"lidar": 4, "shared": 4})
+
+
+def zero_queries(encoder):
+    with torch.no_grad():  # every latent's logits are its biases alone
+        encoder.cross_attention.q.weight.zero_()
+        encoder.cross_attention.q.bias.zero_()
+    return encoder
+
+
+def test_latents_placed_on_the_image_pool_their_place_and_keep_the_images_share(dict_space):
+    from perceiver_policy.introspection import modality_balance, modality_path
+
+    obs = sample_obs(dict_space, 4)
+    config = {**SMALL, "num_latents": 16, "pixel_tokenizer": "conv", "conv_strides": [2, 2]}  # 8 x 8 tokens
+    plain = zero_queries(PerceiverEncoder(dict_space, PerceiverConfig(**config)).eval())
+    placed = zero_queries(PerceiverEncoder(dict_space, PerceiverConfig(**config, image_locality=1.0)).eval())
+    shares = []
+    for encoder in (plain, placed):
+        encoder.capture_attention = True
+        with torch.no_grad():
+            encoder(obs)
+        shares.append(modality_balance(encoder.last_capture))
+    assert shares[1] == pytest.approx(shares[0], abs=1e-5)  # the prior moves attention within the image only
+    assert (
+        modality_path(plain, obs, "pixels")["focus"]
+        < 1e-5
+        < 0.1
+        < modality_path(placed, obs, "pixels")["focus"]
+    )
+    weights = placed.last_capture["weights"][0, 0]  # (latents, tokens)
+    pixels = placed.last_capture["modality_index"] == placed.names.index("pixels")
+    peaks = weights[:, pixels].argmax(-1)  # each latent's most attended cell of the 8 x 8 map
+    rows, cols = (peaks // 8).tolist(), (peaks % 8).tolist()
+    # 16 latents on a 4 x 4 grid of places, row-major: latent 0 top left, 3 top right, 12 bottom left, 15 bottom right
+    assert (rows[0], cols[0]) in {(0, 0), (0, 1), (1, 0), (1, 1)} and (rows[15], cols[15]) in {
+        (6, 6),
+        (6, 7),
+        (7, 6),
+        (7, 7),
+    }
+    assert rows[3] <= 1 and cols[3] >= 6 and rows[12] >= 6 and cols[12] <= 1
+
+
+def test_only_the_image_groups_latents_get_a_place_and_patch_tokens_repeat_it_per_frame(dict_space):
+    groups = {"pixels": 4, "proprio": 2, "shared": 2}
+    encoder = masked_encoder(dict_space, latent_groups=groups, image_locality=1.0)
+    present = tuple(range(len(encoder.names)))
+    bias = encoder._latent_token_bias(present, torch.device("cpu"))
+    index = encoder._modality_index(present, torch.device("cpu"))
+    pixels = index == encoder.names.index("pixels")
+    image = bias[:4][:, pixels]  # the pixel group's latents on the pixel tokens: a place prior each
+    assert (image.std(-1) > 0.1).all()
+    per_frame = image.reshape(
+        4, 3, -1
+    )  # patch tokens ordered (frame, row, col): the same prior in every frame
+    assert torch.equal(per_frame[:, 0], per_frame[:, 1]) and torch.equal(per_frame[:, 0], per_frame[:, 2])
+    assert (bias[4:6][:, pixels] == ABSENT_LOGIT).all()  # ... the others read none (proprio group) ...
+    assert (bias[6:][:, pixels] == 0).all()  # ... or all of the image alike (shared latents)
+    assert (bias[4:6][:, index == encoder.names.index("proprio")] == 0).all()
 
 
 # --------------------------------------------------------------------------- the weighted modality sampler

@@ -74,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         "quarter, half and all of them",
     )
     parser.add_argument(
+        "--task",
+        default="cartpole-swingup",
+        help="estimator: the DMC task whose images and states are regressed (default: %(default)s; "
+        "ball_in_cup-catch scores the ball's position, which only the camera shows, apart)",
+    )
+    parser.add_argument(
         "--runs",
         nargs="+",
         type=Path,
@@ -142,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.what in ("estimator", "all"):
         from experiments.benchmarks.estimator import bench_estimator
 
-        bench_estimator(args.quick, args.variants, args.steps)
+        bench_estimator(args.quick, args.variants, args.steps, task=args.task)
     if args.what in ("latents", "all"):
         from experiments.benchmarks.latents import bench_latents
 

@@ -137,6 +137,11 @@ VARIANTS: dict[str, Variant] = {
     "perceiver-patch-reference-warmup": Variant("perceiver", LEAN, center="reference", warmup=100),
     "perceiver-conv-reference-warmup": Variant("perceiver", CONV, center="reference", warmup=100),
     "cnn-warmup": Variant("cnn", warmup=100),
+    # latents with a place on the image (PerceiverConfig.image_locality): a coarse feature map in the latent array
+    "perceiver-conv-local": Variant("perceiver", {**CONV, "image_locality": 1.0}),
+    "perceiver-conv-local0.5": Variant("perceiver", {**CONV, "image_locality": 0.5}),
+    "perceiver-conv-local-warmup": Variant("perceiver", {**CONV, "image_locality": 1.0}, warmup=100),
+    "perceiver-patch-local": Variant("perceiver", {**LEAN, "image_locality": 1.0}),
     "perceiver-nature-reference": Variant("perceiver", NATURE_STEM, center="reference"),
     "perceiver-nature-reference-flat": Variant("perceiver", NATURE_STEM, readout="flat", center="reference"),
 }
@@ -177,12 +182,26 @@ WARMUP = (
     "perceiver-conv-reference-warmup",
 )
 """A 100-step linear learning-rate warmup (`agents.warmup`), with and without the reference (`--variants warmup`)."""
-GROUPS = {"stems": STEMS, "knobs": KNOBS, "warmup": WARMUP}
+LOCALITY = (
+    "cnn",
+    "perceiver-conv",
+    "perceiver-conv-local",
+    "perceiver-conv-local0.5",
+    "perceiver-conv-warmup",
+    "perceiver-conv-local-warmup",
+    "perceiver-patch",
+    "perceiver-patch-local",
+)
+"""Latents with a place on the image against latents that read all of it, from the start (`--variants locality`)."""
+GROUPS = {"stems": STEMS, "knobs": KNOBS, "warmup": WARMUP, "locality": LOCALITY}
 DEFAULT = tuple(
     name
     for name in VARIANTS
-    if name != "drq-cnn" and name not in STEMS[2:] + KNOBS[2:] and not name.endswith("-warmup")
-)  # DrQ's encoder: ~5x NatureCNN's time per step; the other groups: `--variants stems|knobs|warmup`
+    if name != "drq-cnn"
+    and name not in STEMS[2:] + KNOBS[2:]
+    and "-local" not in name
+    and not name.endswith("-warmup")
+)  # DrQ's encoder: ~5x NatureCNN's time per step; the other groups: `--variants stems|knobs|warmup|locality`
 QUICK = ("cnn", "perceiver-patch", "perceiver-patch-centred", "perceiver-patch-reference")
 
 
@@ -192,17 +211,30 @@ class StateData:
 
     pixels: torch.Tensor
     states: torch.Tensor
-    layout: dict[str, tuple[int, int]]
+    layout: dict
+    """{sensor: (start, stop)} of the state vector, or {part: indices} for a part of a sensor."""
 
 
-def collect(count: int, seed: int, task: str = "cartpole-swingup", action_repeat: int = 8) -> StateData:
+def collect(
+    count: int, seed: int, task: str = "cartpole-swingup", action_repeat: int | None = None
+) -> StateData:
     """`count` observations of `task` (84 px x 3 frames, privileged state) under random actions, each held for
-    1-8 agent steps. The privileged state is the task's full observation vector (positions and velocities)."""
+    1-8 agent steps, at DrQ's action repeat for the domain unless given. The privileged state is the task's full
+    observation vector (positions and velocities); where `--proprio robot` keeps a sensor only in part, its two
+    parts are scored too (ball_in_cup: 'position_unsensed' is the ball's, which only the camera shows)."""
     import envs
+    from agents import DRQ_ACTION_REPEAT
+    from envs import proprio_modes
 
-    venv = envs.make_vec_env(task, n_envs=1, seed=seed, modalities=("pixels",), action_repeat=action_repeat,
+    domain = task.split("-")[0]
+    repeat = action_repeat or DRQ_ACTION_REPEAT.get(domain, 8)
+    venv = envs.make_vec_env(task, n_envs=1, seed=seed, modalities=("pixels",), action_repeat=repeat,
                              privileged_state=True)  # fmt: skip
-    layout = dict(venv.observation_space[envs.STATE_KEY].layout)
+    layout: dict = dict(venv.observation_space[envs.STATE_KEY].layout)
+    if "robot" in proprio_modes.valid_modes(domain):
+        sizes = {name: stop - start for name, (start, stop) in layout.items()}
+        sensed, _ = proprio_modes.select(domain, task.split("-", 1)[1], "robot", sizes)
+        layout.update(proprio_modes.sensed_parts(layout, sensed))
     rng = np.random.default_rng(seed)
     shape = venv.action_space.shape
     obs, pixels, states, action, hold = venv.reset(), [], [], None, 0
@@ -297,9 +329,13 @@ def fit(
     return {"r2": scores, "ms_per_step": 1000 * elapsed / steps, "params": params}
 
 
-def group_means(r2: torch.Tensor, layout: dict[str, tuple[int, int]]) -> dict[str, float]:
-    """Mean R^2 over each sensor of the state layout (cartpole: position, velocity)."""
-    return {name: float(r2[a:b].mean()) for name, (a, b) in layout.items()}
+def group_means(r2: torch.Tensor, layout: dict) -> dict[str, float]:
+    """Mean R^2 over each sensor of the state layout (cartpole: position, velocity), a (start, stop) range or the
+    indices of a part."""
+    return {
+        name: float(r2[slice(*where) if isinstance(where, tuple) else torch.as_tensor(where)].mean())
+        for name, where in layout.items()
+    }
 
 
 def bench_estimator(
@@ -307,11 +343,12 @@ def bench_estimator(
     variants: list[str] | None = None,
     steps: int | None = None,
     observations: tuple[int, int] | None = None,
+    task: str = "cartpole-swingup",
 ) -> None:
     """The table for `variants` (names of `VARIANTS`, or a group of `GROUPS`: 'stems', 'knobs', 'warmup'); `steps` and
     `observations` (train, held-out) override the sizes (full: 800 steps on 6000 / 1000 observations; quick: 400 on
     2000 / 500). Default variants: all but 'drq-cnn', the stem and knob variants and the '-warmup' ones (quick:
-    four)."""
+    four). `task`: the DMC task whose images and states are regressed."""
     names = [n for v in (variants or (QUICK if quick else DEFAULT)) for n in GROUPS.get(v, (v,))]
     if steps is not None and steps < 1:
         raise ValueError(f"estimator steps must be a positive integer, got {steps!r}")
@@ -322,8 +359,8 @@ def bench_estimator(
     steps = steps or (400 if quick else 800)
     evaluate_at = tuple(sorted({max(1, steps // 4), max(1, steps // 2), steps}))
     n_train, n_test = observations or ((2000, 500) if quick else (6000, 1000))
-    train = collect(n_train, seed=0)
-    test = collect(n_test, seed=1)
+    train = collect(n_train, seed=0, task=task)
+    test = collect(n_test, seed=1, task=task)
     rows = []
     for name in names:
         result = fit(VARIANTS[name], train, test, steps, evaluate_at)
@@ -332,7 +369,7 @@ def bench_estimator(
         rows.append([name, result["params"], *cells, result["ms_per_step"]])
     sensors = " / ".join(train.layout)
     table(
-        f"State regression from pixels (cartpole-swingup, {len(train.pixels)} train / {len(test.pixels)} held-out "
+        f"State regression from pixels ({task}, {len(train.pixels)} train / {len(test.pixels)} held-out "
         f"observations, DrQ shifts, Adam 1e-3 unless the name says otherwise, batch 128): held-out R^2 ({sensors})",
         ["encoder", "parameters", *[f"R^2 at {s} steps" for s in evaluate_at], "ms / step"],
         rows,

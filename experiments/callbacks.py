@@ -135,6 +135,8 @@ class EvalCallback(PeriodicCallback):
                 probe_features=("encoder", "actor") if has_action_layer(self.model) else ("encoder",),
                 reliance=self.reliance,
                 reliance_every=self.reliance_every,
+                # beside the reliance: where each modality reaches a Perceiver's latents and where it is lost
+                modality_path=self.reliance and perceiver_encoder(self.model) is not None,
             )
         summary = result.summary()
         mixer = getattr(self.model, "mixer", None)
@@ -146,6 +148,10 @@ class EvalCallback(PeriodicCallback):
             for measure in ("value", "greedy"):
                 if np.isfinite(change[measure]):
                     self.logger.record(f"perceiver/reliance/{key}/{measure}", change[measure])
+        for key, stages in (result.modality_path or {}).items():
+            for stage, value in stages.items():
+                if np.isfinite(value):
+                    self.logger.record(f"perceiver/path/{key}/{stage}", value)
         for k in choices:
             if k == choices[-1]:
                 scaled = summary

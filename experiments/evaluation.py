@@ -503,7 +503,7 @@ def evaluate_tasks(
         return evaluate_policy(model, task, env_kwargs, episodes, **kwargs), {}
     tasks = tasks or env_kwargs["tasks"]
     pooled, per_task = EvalResult(), {}
-    reliances = []
+    reliances, paths = [], []
     for index, name in enumerate(tasks):
         options = dict(kwargs, video=kwargs.get("video", False) and index == 0)
         result = evaluate_policy(model, name, env_kwargs, episodes, **options)
@@ -515,12 +515,20 @@ def evaluate_tasks(
             pooled.frames = result.frames
         if result.reliance is not None:
             reliances.append(result.reliance)
-    if reliances:
-        pooled.reliance = {
-            key: {part: float(np.mean([r[key][part] for r in reliances])) for part in reliances[0][key]}
-            for key in reliances[0]
-        }
+        if result.modality_path is not None:
+            paths.append(result.modality_path)
+    pooled.reliance, pooled.modality_path = mean_per_key(reliances), mean_per_key(paths)
     return pooled, per_task
+
+
+def mean_per_key(results: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]] | None:
+    """{key: {measure: mean over the results}} of per-task {key: {measure: value}}, or None for none."""
+    if not results:
+        return None
+    return {
+        key: {part: float(np.mean([r[key][part] for r in results])) for part in results[0][key]}
+        for key in results[0]
+    }
 
 
 def write_mp4(path, frames: np.ndarray, fps: int = 30):

@@ -164,6 +164,10 @@ def test_train_creates_run_directory_events_and_checkpoint(tmp_path, algorithm):
     # SAC's critic has a greedy action; PPO's / A2C's value head has none
     assert reliance & set(accumulator.Tags()["scalars"]) == (reliance if algorithm == "sac" else reliance - {
         "perceiver/reliance/pixels/greedy"})  # fmt: skip
+    path = {f"perceiver/path/pixels/{stage}" for stage in ("attention", "focus", "token_signal", "latents")}
+    assert path <= set(
+        accumulator.Tags()["scalars"]
+    )  # where the camera reaches the latents, at each evaluation
     assert {"eval/video", "perceiver/attention", "perceiver/attention_on_frame"} <= set(
         accumulator.Tags()["images"]
     )

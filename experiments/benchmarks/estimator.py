@@ -141,6 +141,7 @@ VARIANTS: dict[str, Variant] = {
     "perceiver-conv-local": Variant("perceiver", {**CONV, "image_locality": 1.0}),
     "perceiver-conv-local0.5": Variant("perceiver", {**CONV, "image_locality": 0.5}),
     "perceiver-conv-local-warmup": Variant("perceiver", {**CONV, "image_locality": 1.0}, warmup=100),
+    "perceiver-conv-local-reference": Variant("perceiver", {**CONV, "image_locality": 1.0}, center="reference"),
     "perceiver-patch-local": Variant("perceiver", {**LEAN, "image_locality": 1.0}),
     "perceiver-nature-reference": Variant("perceiver", NATURE_STEM, center="reference"),
     "perceiver-nature-reference-flat": Variant("perceiver", NATURE_STEM, readout="flat", center="reference"),
@@ -189,6 +190,8 @@ LOCALITY = (
     "perceiver-conv-local0.5",
     "perceiver-conv-warmup",
     "perceiver-conv-local-warmup",
+    "perceiver-conv-reference",
+    "perceiver-conv-local-reference",
     "perceiver-patch",
     "perceiver-patch-local",
 )

@@ -152,31 +152,36 @@ class FeatureTap:
             self._handle.remove()
 
 
-PATH_OBSERVATIONS = 512
+PATH_OBSERVATIONS = 256
 """At most this many of an evaluation's observations, evenly spaced over its steps, enter the modality path."""
 
 
 class EncoderInputTap:
     """Keeps what a Perceiver encoder read in the latest `predict` (a batch of 1), for `modality_path`: the
-    observations after the policy's preprocessing, exactly as the encoder reads them."""
+    observations after the policy's preprocessing, exactly as the encoder reads them. `keep` stores every
+    `stride`-th of them, doubling the stride (and dropping every other one kept) whenever 2 x PATH_OBSERVATIONS
+    are stored: evenly spaced over an evaluation of any length, in bounded memory."""
 
     def __init__(self, encoder):
         self.latest: dict | None = None
         self.kept: list[dict] = []
+        self.stride, self.seen = 1, 0
         self._handle = encoder.register_forward_pre_hook(self._store)
 
     def _store(self, module, args) -> None:
         self.latest = {k: v.detach()[:1].clone() for k, v in args[0].items()}
 
     def keep(self) -> None:
-        if self.latest is not None:
+        if self.latest is not None and self.seen % self.stride == 0:
             self.kept.append(self.latest)
+            if len(self.kept) >= 2 * PATH_OBSERVATIONS:
+                self.kept, self.stride = self.kept[::2], 2 * self.stride
+        self.seen += 1
 
     def batch(self) -> dict:
         import torch
 
-        step = max(1, math.ceil(len(self.kept) / PATH_OBSERVATIONS))
-        rows = self.kept[::step]
+        rows = self.kept[:: max(1, math.ceil(len(self.kept) / PATH_OBSERVATIONS))]
         return {key: torch.cat([row[key] for row in rows]) for key in rows[0]}
 
     def close(self) -> None:

@@ -96,3 +96,21 @@ def test_modality_path_refuses_a_policy_without_a_perceiver_and_streaming(model)
         evaluate_policy(other, "cartpole-balance", ENV, episodes=1, modality_path=True)
     with pytest.raises(ValueError, match="cannot be combined with --streaming"):
         evaluate_policy(model, "cartpole-balance", ENV, episodes=1, modality_path=True, streaming=True)
+
+
+def test_the_modality_path_keeps_evenly_spaced_observations_in_bounded_memory(monkeypatch):
+    import torch
+
+    from experiments import evaluation
+
+    monkeypatch.setattr(evaluation, "PATH_OBSERVATIONS", 4)
+    encoder = torch.nn.Identity()
+    tap = evaluation.EncoderInputTap(encoder)
+    for step in range(21):
+        encoder({"x": torch.full((1, 1), float(step))})
+        tap.keep()
+        assert len(tap.kept) < 8  # never 2 x PATH_OBSERVATIONS stored
+    assert tap.batch()["x"].flatten().tolist() == [0.0, 8.0, 16.0]  # every 4th kept, then thinned to <= 4
+    tap.close()
+    encoder({"x": torch.zeros(1, 1)})
+    assert tap.latest["x"].item() == 20.0  # the hook is gone

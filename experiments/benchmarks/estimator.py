@@ -141,7 +141,9 @@ VARIANTS: dict[str, Variant] = {
     "perceiver-conv-local": Variant("perceiver", {**CONV, "image_locality": 1.0}),
     "perceiver-conv-local0.5": Variant("perceiver", {**CONV, "image_locality": 0.5}),
     "perceiver-conv-local-warmup": Variant("perceiver", {**CONV, "image_locality": 1.0}, warmup=100),
-    "perceiver-conv-local-reference": Variant("perceiver", {**CONV, "image_locality": 1.0}, center="reference"),
+    "perceiver-conv-local-reference": Variant(
+        "perceiver", {**CONV, "image_locality": 1.0}, center="reference"
+    ),
     "perceiver-patch-local": Variant("perceiver", {**LEAN, "image_locality": 1.0}),
     "perceiver-nature-reference": Variant("perceiver", NATURE_STEM, center="reference"),
     "perceiver-nature-reference-flat": Variant("perceiver", NATURE_STEM, readout="flat", center="reference"),

@@ -40,14 +40,15 @@ from experiments.runtime import keep_freed_memory
 from perceiver_policy.introspection import PATH_STAGES
 from perceiver_policy.latent_scaling import choose_num_latents, num_latents, set_num_latents
 
-PATH_HEADINGS = (
-    "attention share",
-    "focus within",
-    "token signal",
-    "withheld: tokens",
-    "after cross-attention",
-    "latents",
-)
+PATH_HEADINGS = {
+    "attention": "attention share",
+    "focus": "focus within",
+    "token_signal": "token signal",
+    "tokens": "withheld: tokens",
+    "cross_attention": "after cross-attention",
+    "latents": "latents",
+}
+"""The modality-path table's heading of each of `PATH_STAGES`, in its order."""
 PATH_LEGEND = (
     "Where each modality reaches the latents (`perceiver_policy.introspection.modality_path`): its share of the "
     "cross-attention; focus within its tokens (0: the latents average them uniformly, 1: each reads one); token "
@@ -395,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / f"reliance{condition(args)}.md").write_text(header + text)
         print(text, end="")
     if path_rows:
-        text = f"{steps}| task | modality | " + " | ".join(PATH_HEADINGS) + " |\n"
+        text = f"{steps}| task | modality | " + " | ".join(PATH_HEADINGS[s] for s in PATH_STAGES) + " |\n"
         text += (
             ("| --- " if steps else "")
             + "| --- | --- |"

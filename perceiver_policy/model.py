@@ -176,7 +176,7 @@ class PerceiverEncoder(nn.Module):
             nn.Parameter(torch.zeros(len(self.specs), dim)) if config.missing_tokens == "mask" else None
         )
         self.register_buffer("latent_group", self._latent_groups(config), persistent=False)
-        self._group_bias_cache: dict = {}
+        self._latent_token_bias_cache: dict = {}
         self.capture_attention = False
         self.last_capture: dict | None = None
         # A perceiver_policy.streaming.StreamingTokens while streaming (inference only): reuses the embeddings of
@@ -233,7 +233,7 @@ class PerceiverEncoder(nn.Module):
         if self.latent_group is None and not self.config.image_locality:
             return None
         key = (present, device)
-        if key not in self._group_bias_cache:
+        if key not in self._latent_token_bias_cache:
             modality_index = self._modality_index(present, device).cpu()
             bias = torch.zeros(len(self.latents), len(modality_index))
             if self.latent_group is not None:
@@ -242,8 +242,8 @@ class PerceiverEncoder(nn.Module):
                 bias = torch.where(allowed, 0.0, ABSENT_LOGIT)
             if self.config.image_locality:
                 bias = bias + self._locality_bias(present, modality_index)
-            self._group_bias_cache[key] = bias.to(device)
-        return self._group_bias_cache[key]
+            self._latent_token_bias_cache[key] = bias.to(device)
+        return self._latent_token_bias_cache[key]
 
     def _locality_bias(self, present: tuple[int, ...], modality_index: torch.Tensor) -> torch.Tensor:
         """(M, N): for each image modality, its latents (its group's, or all without groups) on a rows x cols grid

@@ -230,15 +230,16 @@ def collect(
     import envs
     from agents import DRQ_ACTION_REPEAT
     from envs import proprio_modes
+    from envs.dmc import parse_task
 
-    domain = task.split("-")[0]
+    domain, name = parse_task(task)
     repeat = action_repeat or DRQ_ACTION_REPEAT.get(domain, 8)
     venv = envs.make_vec_env(task, n_envs=1, seed=seed, modalities=("pixels",), action_repeat=repeat,
                              privileged_state=True)  # fmt: skip
     layout: dict = dict(venv.observation_space[envs.STATE_KEY].layout)
     if "robot" in proprio_modes.valid_modes(domain):
         sizes = {name: stop - start for name, (start, stop) in layout.items()}
-        sensed, _ = proprio_modes.select(domain, task.split("-", 1)[1], "robot", sizes)
+        sensed, _ = proprio_modes.select(domain, name, "robot", sizes)
         layout.update(proprio_modes.sensed_parts(layout, sensed))
     rng = np.random.default_rng(seed)
     shape = venv.action_space.shape

@@ -34,7 +34,7 @@ train: install-train
 
 # Two pytest-xdist workers: the suite is mostly one-core subprocess runs, so 2 cores halve its wall time.
 test: install
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --durations=20
 
 test-fast: install
 	$(PY) -m pytest -q -n 2 -m "not slow"

@@ -47,6 +47,21 @@ def test_the_command_passes_its_steps_and_refuses_a_bad_count(monkeypatch):
         bench_estimator(variants=["cnn"], steps=0)
 
 
+def test_the_command_refuses_a_bad_task_or_variant_before_collecting(monkeypatch, capsys):
+    from experiments.benchmarks import cli
+
+    def collect(*args, **kwargs):
+        raise AssertionError("data collected before the arguments were checked")
+
+    monkeypatch.setattr(estimator, "collect", collect)
+    monkeypatch.setattr(estimator, "square", collect)
+    assert cli.main(["estimator", "--variants", "cnn", "--task", "cartpole-swingupp"]) == 2
+    err = capsys.readouterr().err
+    assert "error: unknown task 'cartpole-swingupp'" in err and "'cartpole-swingup'" in err
+    assert cli.main(["all", "--quick", "--variants", "mlp"]) == 2
+    assert "error: unknown estimator variants ['mlp']; valid choices:" in capsys.readouterr().err
+
+
 def test_the_table_has_one_row_per_variant(monkeypatch, capsys):
     monkeypatch.setattr(estimator, "collect", lambda count, seed, task: square(count, seed))
     monkeypatch.setattr(estimator, "square", lambda count, seed: square(16, seed))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -94,6 +95,19 @@ def main(argv: list[str] | None = None) -> int:
         worker = train_worker if args.what == "train-worker" else replay_worker
         print(json.dumps(worker(json.loads(args.spec))))
         return 0
+    try:
+        if args.what in ("estimator", "all"):
+            from experiments.benchmarks.estimator import variant_names
+
+            variant_names(args.quick, args.variants, args.steps, args.task)
+        return run(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """The tables `args.what` names, after the machine line."""
     torch.manual_seed(0)
     print(f"machine: {machine()}; date: {time.strftime('%Y-%m-%d')}; quick={args.quick}")
     if args.what in ("env", "all"):

@@ -344,6 +344,26 @@ def group_means(r2: torch.Tensor, layout: dict) -> dict[str, float]:
     }
 
 
+def variant_names(
+    quick: bool = False,
+    variants: list[str] | None = None,
+    steps: int | None = None,
+    task: str = "cartpole-swingup",
+) -> list[str]:
+    """The variants `bench_estimator` fits, in order (groups expanded), after checking every argument: a bad
+    variant, step count or task is refused before any data is collected."""
+    from envs.dmc import parse_task
+
+    names = [n for v in (variants or (QUICK if quick else DEFAULT)) for n in GROUPS.get(v, (v,))]
+    if steps is not None and steps < 1:
+        raise ValueError(f"estimator steps must be a positive integer, got {steps!r}")
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown estimator variants {unknown}; valid choices: {[*VARIANTS, *GROUPS]}")
+    parse_task(task)
+    return names
+
+
 def bench_estimator(
     quick: bool = False,
     variants: list[str] | None = None,
@@ -355,12 +375,7 @@ def bench_estimator(
     `observations` (train, held-out) override the sizes (full: 800 steps on 6000 / 1000 observations; quick: 400 on
     2000 / 500). Default variants: all but 'drq-cnn', the stem and knob variants and the '-warmup' ones (quick:
     four). `task`: the DMC task whose images and states are regressed."""
-    names = [n for v in (variants or (QUICK if quick else DEFAULT)) for n in GROUPS.get(v, (v,))]
-    if steps is not None and steps < 1:
-        raise ValueError(f"estimator steps must be a positive integer, got {steps!r}")
-    unknown = sorted(set(names) - set(VARIANTS))
-    if unknown:
-        raise ValueError(f"unknown estimator variants {unknown}; valid choices: {[*VARIANTS, *GROUPS]}")
+    names = variant_names(quick, variants, steps, task)
     square_table(names, seeds=(1,) if quick else (1, 2, 3), steps=min(steps or 100, 100))
     steps = steps or (400 if quick else 800)
     evaluate_at = tuple(sorted({max(1, steps // 4), max(1, steps // 2), steps}))

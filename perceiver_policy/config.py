@@ -11,6 +11,7 @@ LEGACY_FIELDS = {"modality_dropout": "encoder_modality_dropout"}
 PROPRIO_TOKENS = ("sensor", "chunk")
 PIXEL_TOKENIZERS = ("patch", "conv")
 MISSING_TOKENS = ("remove", "mask")
+IMAGE_CENTERINGS = ("none", "running")
 SHARED_GROUP = "shared"
 CENTERINGS = ("none", "running", "reference")
 """A policy's `center_features`: 'none'; 'running' (the DrQ recipe's readouts subtract a running mean of their
@@ -99,6 +100,11 @@ class PerceiverConfig:
     conv_kernels: list[int] | None = None
     """Kernel side of each conv-stem layer, padded by (k - 1) // 2 (pixel_tokenizer 'conv'); None: 3 for every
     layer. NatureCNN's stem is `conv_kernels=[8, 4, 3] conv_strides=[4, 2, 1]` (84 px: 10 x 10 tokens)."""
+    image_centering: str = "none"
+    """'running': every image tokenizer reads the frames minus a running mean frame of the training observations
+    (the fixed background cancels, what moves remains; `perceiver_policy.modalities.CentredImage`), 'none': the
+    frames as they are. On a fixed camera the background differs from place to place far more than anything
+    differs between observations, and attention compares tokens by content."""
     proprio_tokens: str = "sensor"
     """'sensor': one token per sensor of the env's layout; 'chunk': one token per `proprio_chunk` values."""
     proprio_chunk: int = 4
@@ -205,6 +211,11 @@ class PerceiverConfig:
                     "PerceiverConfig.latent_groups and latent_scaling cannot be combined: a prefix of grouped latents "
                     "would drop whole groups"
                 )
+        if self.image_centering not in IMAGE_CENTERINGS:
+            raise ValueError(
+                f"PerceiverConfig.image_centering {self.image_centering!r} unknown; valid choices: "
+                f"{list(IMAGE_CENTERINGS)}"
+            )
         locality = self.image_locality
         if isinstance(locality, bool) or not isinstance(locality, (int, float)) or not locality >= 0:
             raise ValueError(

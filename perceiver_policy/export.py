@@ -57,11 +57,19 @@ class DeterministicActor(nn.Module):
                     module.dtype = "float32"  # a conv encoder's `conv_dtype` (agents.encoders.ConvEncoder)
                 else:
                     module.config = dataclasses.replace(module.config, dtype="float32")
-        self.policy = policy.eval()
+        self.policy = policy
         self.input_names = list(policy.observation_space.spaces)
         self.squashed = bool(policy.squash_output)
         self.register_buffer("low", torch.as_tensor(policy.action_space.low, dtype=torch.float32))
         self.register_buffer("high", torch.as_tensor(policy.action_space.high, dtype=torch.float32))
+        self.eval()
+
+    def train(self, mode: bool = True) -> DeterministicActor:
+        """Always evaluation mode: a trace records what runs, so dropout, DropPath or a running statistic (the mean
+        frame of `PerceiverConfig.image_centering`) left in training mode would be exported. (`torch.onnx.export`
+        puts its model back into the mode it found, recursively: a root left in training mode would switch the
+        policy back into it.)"""
+        return super().train(False)
 
     def forward(self, *observations: torch.Tensor) -> torch.Tensor:
         obs = dict(zip(self.input_names, observations))

@@ -389,7 +389,58 @@ class ModalityAdapter(nn.Module):
         return tokens
 
 
-class ImageAdapter(ModalityAdapter):
+CENTERING_MOMENTUM = 0.01
+"""The weight of each training batch in the running mean frame of `image_centering='running'` (after the first
+1 / momentum batches, which are averaged evenly): its time constant is about 100 encoder passes."""
+
+
+class CentredImage(ModalityAdapter):
+    """An image adapter that can subtract a running mean frame (`PerceiverConfig.image_centering='running'`).
+
+    A fixed camera sees the same background at every place in every frame, so what differs from place to place
+    (the background) outweighs what differs from one observation to the next (a ball, a pole): measured on
+    ball_in_cup-catch, the pixel tokens of a trained Perceiver varied across observations by 1-6 % of their spread
+    across places (`evaluate --modality-path`'s token signal), and attention, which compares tokens by content,
+    saw mostly the background. A CNN's dense layer can subtract a per-place constant; the tokens' per-place
+    Fourier features cannot. Centring subtracts the mean frame of the training observations (one (C, H, W) mean,
+    the same for every frame of the stack, so each frame's tokens still depend on that frame alone), as AlexNet
+    subtracted the mean image of its training set: the background cancels and what moves remains. The mean is
+    updated by every training-mode pass (`CENTERING_MOMENTUM`), frozen when acting and evaluating, and saved with
+    the weights (`mean_frame`, `mean_count`)."""
+
+    def __init__(self, spec: ModalitySpec, config: PerceiverConfig):
+        super().__init__(spec, config)
+        self.centered = config.image_centering == "running"
+        if self.centered:
+            channels, height, width = self.spec.channels_per_frame, *self.spec.shape[-2:]
+            self.register_buffer("mean_frame", torch.zeros(channels, height, width))
+            self.register_buffer("mean_count", torch.zeros((), dtype=torch.long))
+
+    def centred(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, F*C, H, W) raw pixels -> float32 pixels - the mean frame + 127.5: an input whose scaled form
+        x / 255 - 0.5 is (pixels - mean) / 255, so the folded scaling of the tokenizers applies unchanged. In
+        training mode the batch then moves the mean for the next pass (the very first pass sets it first), so a
+        pass subtracts the mean its policy acted with."""
+        pixels = pixels.float()
+        first = self.training and int(self.mean_count) == 0
+        if first:
+            self._update_mean(pixels)
+        frames = pixels.shape[1] // self.spec.channels_per_frame
+        # no reshape of the batch axis: an exported graph keeps a dynamic batch
+        centred = pixels - (self.mean_frame - 127.5).repeat(frames, 1, 1)
+        if self.training and not first:
+            self._update_mean(pixels)
+        return centred
+
+    @torch.no_grad()
+    def _update_mean(self, pixels: torch.Tensor) -> None:
+        frames = pixels.unflatten(1, (-1, self.spec.channels_per_frame))  # (B, F, C, H, W)
+        self.mean_count += 1
+        rate = max(1.0 / float(self.mean_count), CENTERING_MOMENTUM)
+        self.mean_frame.lerp_(frames.mean(dim=(0, 1)), rate)
+
+
+class ImageAdapter(CentredImage):
     """Pixels are scaled here and nowhere else: tokens see x / 255 - 0.5, folded into the patch projection.
 
     A linear map of non-overlapping p x p patches is a stride-p convolution, so the forward pass casts the
@@ -401,6 +452,8 @@ class ImageAdapter(ModalityAdapter):
         """The explicit patches (B, F*Hp*Wp, C*p*p), raw 0..255; `forward` computes the same thing faster."""
         p, c = self.spec.stride, self.spec.channels_per_frame
         batch, _, height, width = x.shape
+        if self.centered:
+            x = self.centred(x)
         x = x.reshape(batch, -1, c, height // p, p, width // p, p).permute(0, 1, 3, 5, 2, 4, 6)
         return x.reshape(batch, -1, c * p * p).float()
 
@@ -417,13 +470,15 @@ class ImageAdapter(ModalityAdapter):
         `_folded()` weights, when the caller caches them."""
         p, c = self.spec.stride, self.spec.channels_per_frame
         batch, channels, height, width = x.shape
+        if self.centered:
+            x = self.centred(x)
         frames = x.reshape(batch * (channels // c), c, height, width).float()
         weight, bias = folded or self._folded()
         out = F.conv2d(frames, weight.view(-1, c, p, p), bias, stride=p)  # (B*F, D, Hp, Wp)
         return out.flatten(2).transpose(1, 2).reshape(batch, -1, out.shape[1])
 
 
-class ConvImageAdapter(ModalityAdapter):
+class ConvImageAdapter(CentredImage):
     """A conv stem over the stacked frames (B, F*3, H, W) uint8 -> tokens (B, H'*W', D), one per feature-map cell.
 
     The first layer reads every frame of the stack (as DrQ's encoder does), so frame differences (motion) are in
@@ -451,6 +506,8 @@ class ConvImageAdapter(ModalityAdapter):
         self.stem.to(memory_format=torch.channels_last)
 
     def tokens_content(self, x: torch.Tensor) -> torch.Tensor:
+        if self.centered:
+            x = self.centred(x)
         pixels = channels_last_pixels(x, dtype=autocast_dtype(x.device))  # raw 0..255: the first layer scales
         features = scaled_stem(self.stem, pixels, shift=0.5)  # (B, conv_channels, H', W'), channels-last
         return features.flatten(2).transpose(

@@ -740,17 +740,26 @@ def test_a_dead_env_worker_ends_the_run_with_a_message_and_a_checkpoint(tmp_path
     assert int(read_meta(Path(saved))["step"]) == int(step) >= first  # written at the failure, readable
 
 
+CONV_CENTRED = ["--perceiver", "num_latents=8", "latent_dim=32", "fourier_bands=4", "pixel_tokenizer=conv",
+                "image_centering=running"]  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    "policy_type, policy_arg, algo_arg",
+    "policy_type, policy_arg, algo_arg, extra",
     [
-        ("drq-cnn", "center_features=none", "target_encoder=copy"),
-        ("perceiver", "center_features=none", "target_encoder=online"),
-        ("perceiver", "center_features=reference", "target_encoder=copy"),
-        ("perceiver", "critic_head=queries", "target_encoder=copy"),
+        ("drq-cnn", "center_features=none", "target_encoder=copy", []),
+        (
+            "perceiver",
+            "center_features=none",
+            "target_encoder=online",
+            CONV_CENTRED,
+        ),  # + the running mean frame
+        ("perceiver", "center_features=reference", "target_encoder=copy", []),
+        ("perceiver", "critic_head=queries", "target_encoder=copy", []),
     ],  # 'cnn' shares drq-cnn's ConvEncoder
 )
 def test_drq_recipe_agents_train_evaluate_probe_blank_export_and_resume(
-    tmp_path, policy_type, policy_arg, algo_arg
+    tmp_path, policy_type, policy_arg, algo_arg, extra
 ):
     """The shared pixel SAC recipe, every encoder through the same commands as the Perceiver."""
     pytest.importorskip("onnxruntime")
@@ -758,8 +767,10 @@ def test_drq_recipe_agents_train_evaluate_probe_blank_export_and_resume(
     drq = ["--algorithm", "sac", "--recipe", "drq", "--policy-type", policy_type, "--task", "cartpole-swingup",
            "--image-size", "48", "--n-envs", "1", "--eval-episodes", "4", "--perceiver-log-freq", "0",
            "--algo", "batch_size=8", "learning_starts=24", "buffer_size=200", algo_arg,
-           "--policy", "hidden_dim=32", policy_arg]  # fmt: skip
+           "--policy", "hidden_dim=32", policy_arg, *extra]  # fmt: skip
     cli(*ppo_run(tmp_path, policy_type, 32, 32, *drq))
+    if extra:
+        assert "image_centering: running" in (run / "config.yaml").read_text()
     assert "perceiver/state_probe_r2/velocity" in tags(run).Tags()["scalars"]
     assert "train/critic_loss" in tags(run).Tags()["scalars"]
     resumed = cli("experiments.train", "--resume", str(run), "--total-steps", "48")

@@ -20,6 +20,7 @@ TINY = {"num_latents": 8, "latent_dim": 32, "fourier_bands": 4}
         ("ppo", "perceiver", "reference"),  # the reference observation is exported with the weights
         ("sac", "perceiver", "reference"),
         ("sac", "perceiver-conv", "none"),  # conv tokens: the first layer's border correction, exported
+        ("sac", "perceiver-conv-centred", "none"),  # the running mean frame, exported with the weights
     ],
 )
 def test_exported_actor_equals_predict(tmp_path, algorithm, policy_type, center):
@@ -32,7 +33,11 @@ def test_exported_actor_equals_predict(tmp_path, algorithm, policy_type, center)
     )
     perceiver = None
     if policy_type.startswith("perceiver"):
-        perceiver = {**TINY, "pixel_tokenizer": "conv"} if policy_type == "perceiver-conv" else TINY
+        perceiver = {
+            "perceiver": TINY,
+            "perceiver-conv": {**TINY, "pixel_tokenizer": "conv"},
+            "perceiver-conv-centred": {**TINY, "pixel_tokenizer": "conv", "image_centering": "running"},
+        }[policy_type]
         policy_type = "perceiver"
     kwargs = {"center_features": center} if center else None
     model = agents.make_agent(
@@ -45,6 +50,8 @@ def test_exported_actor_equals_predict(tmp_path, algorithm, policy_type, center)
         **extra,
     )
     model.learn(48)
+    if "image_centering" in (perceiver or {}):
+        assert int(model.policy.encoder.adapters["pixels"].mean_count) > 0  # the updates moved the mean frame
     actor = DeterministicActor(model.policy)
     session = onnxruntime.InferenceSession(str(export_onnx(actor, tmp_path / "actor.onnx")))
     scripted = torch.jit.load(str(export_torchscript(actor, tmp_path / "actor.pt")))
@@ -57,6 +64,11 @@ def test_exported_actor_equals_predict(tmp_path, algorithm, policy_type, center)
         np.testing.assert_allclose(onnx_action, expected, atol=1e-5)
         np.testing.assert_allclose(script_action, expected, atol=1e-5)
         obs, *_ = venv.step(expected)
+    one = {key: value[:1] for key, value in obs.items()}  # traced at batch 2: the batch axis stays dynamic
+    expected, _ = model.predict(one, deterministic=True)
+    np.testing.assert_allclose(
+        session.run(None, {k: one[k] for k in actor.input_names})[0], expected, atol=1e-5
+    )
     venv.close()
 
 

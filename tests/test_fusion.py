@@ -166,6 +166,76 @@ def test_only_the_image_groups_latents_get_a_place_and_patch_tokens_repeat_it_pe
     assert (bias[4:6][:, index == encoder.names.index("proprio")] == 0).all()
 
 
+def _scene(background: torch.Tensor, ball: torch.Tensor, batch: int) -> torch.Tensor:
+    """(batch, 9, 32, 32) uint8 stacks: a fixed background plus the same ball in every frame."""
+    return (background + ball).to(torch.uint8).repeat(batch, 3, 1, 1)
+
+
+@pytest.mark.parametrize("tokenizer", ["patch", "conv"])
+def test_a_running_mean_frame_cancels_the_fixed_background(dict_space, tokenizer):
+    """Two cameras with different fixed backgrounds see the same moving ball: once each encoder's mean frame is
+    its background, their pixel tokens are the same; without centring they differ."""
+    generator = torch.Generator().manual_seed(0)
+    backgrounds = [torch.randint(40, 140, (1, 3, 32, 32), generator=generator).float() for _ in range(2)]
+    ball = torch.zeros(1, 3, 32, 32)
+    ball[..., 10:16, 20:26] = 100.0
+    config = {**SMALL, "pixel_tokenizer": tokenizer}
+    centred = PerceiverEncoder(dict_space, PerceiverConfig(**config, image_centering="running"))
+    plain = PerceiverEncoder(dict_space, PerceiverConfig(**config))
+    plain.load_state_dict(centred.state_dict(), strict=False)  # the same weights, no mean frame
+    tokens, plain_tokens = [], []
+    for background in backgrounds:
+        adapter = centred.adapters["pixels"]
+        adapter.mean_count.zero_()
+        adapter.train()
+        adapter(
+            _scene(background, 0.0, 8)
+        )  # training passes over the empty scene: the mean is its background
+        assert torch.allclose(adapter.mean_frame, background[0], atol=1e-4)
+        adapter.eval()
+        with torch.no_grad():
+            tokens.append(adapter(_scene(background, ball, 1)))
+            plain_tokens.append(plain.adapters["pixels"](_scene(background, ball, 1)))
+    torch.testing.assert_close(tokens[0], tokens[1], atol=1e-4, rtol=0)
+    assert (plain_tokens[0] - plain_tokens[1]).abs().max() > 0.1
+
+
+def test_the_mean_frame_follows_training_passes_only_and_is_saved_with_the_weights(dict_space):
+    from perceiver_policy.modalities import CENTERING_MOMENTUM
+
+    config = PerceiverConfig(**SMALL, pixel_tokenizer="conv", image_centering="running")
+    encoder = PerceiverEncoder(dict_space, config)
+    adapter = encoder.adapters["pixels"]
+    first, second = sample_obs(dict_space, 4, seed=1), sample_obs(dict_space, 4, seed=2)
+    frames = [obs["pixels"].float().unflatten(1, (3, 3)).mean(dim=(0, 1)) for obs in (first, second)]
+    encoder.train()
+    encoder(first)  # the first pass sets the mean to its batch's ...
+    torch.testing.assert_close(adapter.mean_frame, frames[0])
+    assert int(adapter.mean_count) == 1  # one batch of the running mean, as every training pass
+    expected_mean = (frames[0] + frames[1]) / 2  # the first 1 / momentum batches weigh alike
+    centred = adapter.centred(second["pixels"])  # a pass subtracts the mean as it was, then moves it
+    torch.testing.assert_close(centred, second["pixels"].float() - frames[0].repeat(3, 1, 1) + 127.5)
+    torch.testing.assert_close(adapter.mean_frame, expected_mean)
+    assert int(adapter.mean_count) == 2 and CENTERING_MOMENTUM < 1 / 2
+    encoder.eval()
+    before = adapter.mean_frame.clone()
+    with torch.no_grad():
+        expected = encoder(second)
+    assert torch.equal(adapter.mean_frame, before)  # acting and evaluating never move it
+    restored = PerceiverEncoder(dict_space, config).eval()
+    restored.load_state_dict(encoder.state_dict())
+    assert {"adapters.pixels.mean_frame", "adapters.pixels.mean_count"} <= set(encoder.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(restored(second), expected)
+
+
+def test_image_centering_names_its_choices():
+    with pytest.raises(
+        ValueError, match=r"image_centering 'mean' unknown; valid choices: \['none', 'running'\]"
+    ):
+        PerceiverConfig(**SMALL, image_centering="mean")
+
+
 # --------------------------------------------------------------------------- the weighted modality sampler
 NAMES = ("pixels", "proprio", "action_history")
 

@@ -14,22 +14,34 @@ MODALITIES = ("pixels", "proprio", "action_history", "proprio_history")
 ENV = {"image_size": 32, "action_repeat": 8, "action_history_len": 4, "proprio_history_len": 3}
 
 
-def make_model(algorithm: str):
+def make_model(algorithm: str, **perceiver):
     venv = envs.make_vec_env("cartpole-balance", n_envs=1, modalities=MODALITIES, seed=0, **ENV)
     extra = {"n_steps": 16} if algorithm == "ppo" else {"learning_starts": 16, "buffer_size": 100}
-    return agents.make_agent(algorithm, venv, device="cpu", perceiver=TINY, **extra)
+    return agents.make_agent(algorithm, venv, device="cpu", perceiver={**TINY, **perceiver}, **extra)
 
 
 def stack(observations):
     return {key: np.stack([obs[key] for obs in observations]) for key in observations[0]}
 
 
-@pytest.mark.parametrize("algorithm,kinds", [("sac", ("image",)), ("ppo", ("image", "sequence"))])
-def test_streaming_equals_full_forward_over_episodes_with_staggered_resets(algorithm, kinds):
+@pytest.mark.parametrize(
+    "algorithm,kinds,perceiver",
+    [
+        ("sac", ("image",), {}),
+        ("ppo", ("image", "sequence"), {}),
+        ("sac", ("image",), {"image_centering": "running"}),  # one mean frame for every frame of the stack
+    ],
+)
+def test_streaming_equals_full_forward_over_episodes_with_staggered_resets(algorithm, kinds, perceiver):
     """Two envs stepped as one batch, the second started 5 steps later, so their resets fall on different
     steps; a stretch with the camera disabled (a missing modality) in the middle. Frame stacks stream bit for
     bit (a closed-loop episode would amplify any difference into another trajectory)."""
-    model = make_model(algorithm)
+    model = make_model(algorithm, **perceiver)
+    if perceiver:
+        adapter = model.policy.encoder.adapters["pixels"]
+        adapter.mean_frame.copy_(
+            torch.rand(adapter.mean_frame.shape, generator=torch.Generator().manual_seed(0)) * 255
+        )
     env_a, env_b = (make_env_fn("cartpole-balance", modalities=MODALITIES, **ENV)() for _ in range(2))
     obs_a, _ = env_a.reset(seed=1)
     rng = np.random.default_rng(0)

@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=None,
         help="estimator: which encoders (default: all but drq-cnn and the stem and knob variants; --quick: four; "
-        "'stems': the conv-stem comparison; 'knobs': one Perceiver setting at a time); names in "
+        "'stems': the conv-stem comparison; 'knobs': one Perceiver setting at a time; 'warmup', 'locality', "
+        "'background': the learning-rate warmup, placed latents, the running mean frame); names in "
         "experiments/benchmarks/estimator.py",
     )
     parser.add_argument(

@@ -145,6 +145,15 @@ VARIANTS: dict[str, Variant] = {
         "perceiver", {**CONV, "image_locality": 1.0}, center="reference"
     ),
     "perceiver-patch-local": Variant("perceiver", {**LEAN, "image_locality": 1.0}),
+    # the frames minus a running mean frame (PerceiverConfig.image_centering): the fixed background cancels
+    "perceiver-conv-meanframe": Variant("perceiver", {**CONV, "image_centering": "running"}),
+    "perceiver-conv-meanframe-warmup": Variant(
+        "perceiver", {**CONV, "image_centering": "running"}, warmup=100
+    ),
+    "perceiver-conv-local-meanframe-warmup": Variant(
+        "perceiver", {**CONV, "image_locality": 1.0, "image_centering": "running"}, warmup=100
+    ),
+    "perceiver-patch-meanframe": Variant("perceiver", {**LEAN, "image_centering": "running"}),
     "perceiver-nature-reference": Variant("perceiver", NATURE_STEM, center="reference"),
     "perceiver-nature-reference-flat": Variant("perceiver", NATURE_STEM, readout="flat", center="reference"),
 }
@@ -198,15 +207,28 @@ LOCALITY = (
     "perceiver-patch-local",
 )
 """Latents with a place on the image against latents that read all of it, from the start (`--variants locality`)."""
-GROUPS = {"stems": STEMS, "knobs": KNOBS, "warmup": WARMUP, "locality": LOCALITY}
+BACKGROUND = (
+    "cnn",
+    "perceiver-conv",
+    "perceiver-conv-meanframe",
+    "perceiver-conv-warmup",
+    "perceiver-conv-meanframe-warmup",
+    "perceiver-conv-local-warmup",
+    "perceiver-conv-local-meanframe-warmup",
+    "perceiver-patch",
+    "perceiver-patch-meanframe",
+)
+"""Frames minus a running mean frame against the frames as they are (`--variants background`)."""
+GROUPS = {"stems": STEMS, "knobs": KNOBS, "warmup": WARMUP, "locality": LOCALITY, "background": BACKGROUND}
 DEFAULT = tuple(
     name
     for name in VARIANTS
     if name != "drq-cnn"
     and name not in STEMS[2:] + KNOBS[2:]
     and "-local" not in name
+    and "-meanframe" not in name
     and not name.endswith("-warmup")
-)  # DrQ's encoder: ~5x NatureCNN's time per step; the other groups: `--variants stems|knobs|warmup|locality`
+)  # DrQ's encoder: ~5x NatureCNN's time per step; the others: `--variants stems|knobs|warmup|locality|background`
 QUICK = ("cnn", "perceiver-patch", "perceiver-patch-centred", "perceiver-patch-reference")
 
 

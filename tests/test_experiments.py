@@ -591,6 +591,18 @@ def test_benchmark_fuse_drq_builds_its_agents_from_the_drq_spec_with_added_flags
         spec_configs(FUSE_DRQ_SPEC, {"row": ("cnn-nope", ("--policy", "conv_dtype=bfloat16"))})
 
 
+def test_benchmark_fuse_drq_times_the_cup_agents_with_and_without_the_mean_frame():
+    from experiments.benchmarks.sac import FUSE_DRQ_CUP_AGENTS, FUSE_DRQ_CUP_SPEC, spec_configs
+
+    configs = spec_configs(FUSE_DRQ_CUP_SPEC, FUSE_DRQ_CUP_AGENTS)
+    assert {c.task for c in configs.values()} == {"ball_in_cup-catch"}
+    best = configs["Perceiver, best (+ SB3's critic head, encoder at 0.3x lr)"]
+    centred = configs["Perceiver, best + running mean frame"]
+    placed = configs["Perceiver, best + placed latents + running mean frame"]
+    assert centred.perceiver == {**best.perceiver, "image_centering": "running"}
+    assert placed.perceiver == {**centred.perceiver, "image_locality": 1.0} and placed.policy == best.policy
+
+
 def test_benchmark_bf16_attention_times_each_kernel_against_float32(
     capsys,
 ):  # plumbing: no timing is asserted

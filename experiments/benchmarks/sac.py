@@ -255,6 +255,13 @@ FUSE_DRQ_AGENTS = {  # row -> the variant of study 2's DrQ-recipe spec it times 
     "NatureCNN + MLP (cnn)": "cnn",
     "NatureCNN + MLP (cnn), bf16 convolutions": ("cnn", ("--policy", "conv_dtype=bfloat16")),
 }
+FUSE_DRQ_CUP_SPEC = SWEEPS / "study2-fuse-drq-cup.yaml"
+FUSE_DRQ_CUP_AGENTS = {  # row -> the variant of the ball_in_cup-catch spec it times
+    "Perceiver, best (+ SB3's critic head, encoder at 0.3x lr)": "perceiver-conv-online-queries-enc-lr0.3",
+    "Perceiver, best + running mean frame": "perceiver-conv-online-queries-enc-lr0.3-meanframe",
+    "Perceiver, best + placed latents + running mean frame": "perceiver-conv-online-queries-enc-lr0.3-local-meanframe",
+    "NatureCNN + MLP (cnn)": "cnn",
+}
 BENCH_SETS = ("batch_size", "buffer_size", "learning_starts")  # set by `alternated_update_ms`
 
 
@@ -308,13 +315,16 @@ def bench_fuse(quick: bool) -> None:
 def bench_fuse_drq(quick: bool) -> None:
     """`python -m experiments.benchmark fuse-drq [--quick]`: the same for study 2 under DrQ's recipe
     (`experiments/sweeps/study2-fuse-drq.yaml`: K = M = 2, actor and target every 2 updates; batch 128, the
-    preset's), float32 beside bf16 for the best Perceiver and for NatureCNN + MLP."""
+    preset's), float32 beside bf16 for the best Perceiver and for NatureCNN + MLP; then ball_in_cup-catch's agents
+    (`study2-fuse-drq-cup.yaml`), with and without the running mean frame."""
     batch, updates = (32, 2) if quick else (128, 10)
     title = (
         "Study 2's SAC update (DrQ recipe, K = M = 2), cartpole-swingup `--proprio robot`, 84 px x 3 + cart "
         "sensor + history"
     )
     spec_update_table(FUSE_DRQ_SPEC, FUSE_DRQ_AGENTS, title, batch, updates)
+    title = "The same on ball_in_cup-catch `--proprio robot`, 84 px x 3 + cup sensor + history"
+    spec_update_table(FUSE_DRQ_CUP_SPEC, FUSE_DRQ_CUP_AGENTS, title, batch, updates)
 
 
 def bench_drq(quick: bool) -> None:

@@ -420,7 +420,9 @@ class CentredImage(ModalityAdapter):
         """(B, F*C, H, W) raw pixels -> float32 pixels - the mean frame + 127.5: an input whose scaled form
         x / 255 - 0.5 is (pixels - mean) / 255, so the folded scaling of the tokenizers applies unchanged. In
         training mode the batch then moves the mean for the next pass (the very first pass sets it first), so a
-        pass subtracts the mean its policy acted with."""
+        pass subtracts the mean its policy acted with. Without centring: `pixels` as they are."""
+        if not self.centered:
+            return pixels
         pixels = pixels.float()
         first = self.training and int(self.mean_count) == 0
         if first:
@@ -452,8 +454,7 @@ class ImageAdapter(CentredImage):
         """The explicit patches (B, F*Hp*Wp, C*p*p), raw 0..255; `forward` computes the same thing faster."""
         p, c = self.spec.stride, self.spec.channels_per_frame
         batch, _, height, width = x.shape
-        if self.centered:
-            x = self.centred(x)
+        x = self.centred(x)
         x = x.reshape(batch, -1, c, height // p, p, width // p, p).permute(0, 1, 3, 5, 2, 4, 6)
         return x.reshape(batch, -1, c * p * p).float()
 
@@ -470,8 +471,7 @@ class ImageAdapter(CentredImage):
         `_folded()` weights, when the caller caches them."""
         p, c = self.spec.stride, self.spec.channels_per_frame
         batch, channels, height, width = x.shape
-        if self.centered:
-            x = self.centred(x)
+        x = self.centred(x)
         frames = x.reshape(batch * (channels // c), c, height, width).float()
         weight, bias = folded or self._folded()
         out = F.conv2d(frames, weight.view(-1, c, p, p), bias, stride=p)  # (B*F, D, Hp, Wp)
@@ -506,8 +506,7 @@ class ConvImageAdapter(CentredImage):
         self.stem.to(memory_format=torch.channels_last)
 
     def tokens_content(self, x: torch.Tensor) -> torch.Tensor:
-        if self.centered:
-            x = self.centred(x)
+        x = self.centred(x)
         pixels = channels_last_pixels(x, dtype=autocast_dtype(x.device))  # raw 0..255: the first layer scales
         features = scaled_stem(self.stem, pixels, shift=0.5)  # (B, conv_channels, H', W'), channels-last
         return features.flatten(2).transpose(

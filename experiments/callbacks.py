@@ -144,10 +144,11 @@ class EvalCallback(PeriodicCallback):
             with num_latents(self.model, choices[-1] if choices else None):
                 self._follow_reliance(mixer, summary["return_mean"], evaluate)
         for key, change in (result.reliance or {}).items():
-            self.logger.record(f"perceiver/reliance/{key}/action", change["action"])
-            for measure in ("value", "greedy"):
-                if np.isfinite(change[measure]):
-                    self.logger.record(f"perceiver/reliance/{key}/{measure}", change[measure])
+            for measure, value in change.items():  # action, value, greedy; blanked, then resampled
+                if np.isfinite(value):
+                    self.logger.record(f"perceiver/reliance/{key}/{measure}", value)
+        if result.actor_regret is not None and np.isfinite(result.actor_regret):
+            self.logger.record("perceiver/reliance/actor_regret", result.actor_regret)
         for key, stages in (result.modality_path or {}).items():
             for stage, value in stages.items():
                 if np.isfinite(value):

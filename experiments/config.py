@@ -179,8 +179,9 @@ class TrainConfig:
     reliance: bool = True
     """At each evaluation, the causal reliance on each modality (experiments.evaluation.RelianceProbe): how much
     the deterministic action, the value and (SAC) the critic's greedy action change when it is withheld:
-    perceiver/reliance/<key>/action|value|greedy. Costs 1 + 2 x (number of modalities) extra policy passes per
-    evaluation step, the value and the greedy action sharing one critic pass (a small pixel SAC policy with three
+    perceiver/reliance/<key>/action|value|greedy, and the same with the key resampled from an earlier evaluation
+    episode's state (<measure>_resampled; 2 episodes or more), and (SAC) perceiver/reliance/actor_regret. Costs
+    1 + 2 x (number of modalities) extra policy passes per probed step, twice the 2 x from the second episode, the value and the greedy action sharing one critic pass (a small pixel SAC policy with three
     modalities: a whole 32-step run with one 4-episode evaluation took 71 s with it, 30 s without, on a 2-core
     host, perceiver-rl 0.8.3); false skips it. `reliance_every` thins the probed states."""
     reliance_every: int = 4

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import sys
 from pathlib import Path
 
@@ -146,9 +147,16 @@ def reliance_table(
         rows.append(
             (f"| {step} " if step is not None else "")
             + f"| {task} | {key} | {change['action']:.3f} | {change['value']:.3f} | {change['greedy']:.3f} | "
-            f"{blanked['return_mean']:.1f} ± {blanked['return_std']:.1f} |\n"
+            f"{change['action_resampled']:.3f} | {change['value_resampled']:.3f} | "
+            f"{change['greedy_resampled']:.3f} | {blanked['return_mean']:.1f} ± {blanked['return_std']:.1f} |\n"
         )
     return rows
+
+
+RELIANCE_HEADINGS = (
+    "| task | withheld | action change | value change | greedy action change | resampled: action change | "
+    "value change | greedy action change | return, blanked |"
+)
 
 
 def latent_sizes(model, config, args: argparse.Namespace) -> list[int | None]:
@@ -218,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         "--reliance",
         action="store_true",
         help="per observation key: how much the deterministic action, the value and (SAC) the critic's greedy "
-        "action change when it is withheld (the Perceiver's mask tokens if it has them, else zeros), and the "
-        "return with it blanked",
+        "action change when it is withheld (the Perceiver's mask tokens if it has them, else zeros) and when it is "
+        "resampled (the same key of a state from another evaluation episode; needs 2 episodes or more), and the "
+        "return with it blanked; SAC: the actor's regret against its critic's greedy action",
     )
     parser.add_argument(
         "--reliance-every",
@@ -227,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         metavar="K",
         help="with --reliance: probe every K-th evaluation step (default 1: every step; each probed step costs "
-        "1 + 2 x keys extra policy passes)",
+        "1 + 2 x keys extra policy passes, 1 + 4 x keys from the second episode on)",
     )
     parser.add_argument(
         "--modality-path",
@@ -316,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg.TrainConfig(**{**config.to_dict(), "task": task}).validate()
         out = args.output or (latest.parent.parent / "eval")
         out.mkdir(parents=True, exist_ok=True)
-        rows, reliance_rows, path_rows = [], [], []
+        rows, reliance_rows, path_rows, regret_lines = [], [], [], []
         for checkpoint in checkpoints:
             step = checkpoint_step(checkpoint)
             model = load_model(
@@ -346,6 +355,12 @@ def main(argv: list[str] | None = None) -> int:
                         reliance_rows += reliance_table(
                             model, task, config, args, seed, result, step if args.all_checkpoints else None
                         )
+                        if result.actor_regret is not None and math.isfinite(result.actor_regret):
+                            at = f" (step {step})" if args.all_checkpoints else ""
+                            regret_lines.append(
+                                f"\nActor regret{at}, {task}: {result.actor_regret:.4f} (min-Q of the critic's "
+                                "greedy action minus min-Q of the actor's, over mean |Q|)\n"
+                            )
                 if result.modality_path is not None:
                     at = f"| {step} " if args.all_checkpoints else ""
                     path_rows += [
@@ -389,10 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     header += f", env seeds from {seed}\n\n"
     steps = "| step " if args.all_checkpoints else ""
     if reliance_rows:
-        text = f"{steps}| task | withheld | action change | value change | greedy action change | return, blanked |\n"
-        text += (
-            ("| --- " if steps else "") + "| --- | --- | --- | --- | --- | --- |\n" + "".join(reliance_rows)
-        )
+        text = f"{steps}{RELIANCE_HEADINGS}\n"
+        text += ("| --- " if steps else "") + "| --- " * (RELIANCE_HEADINGS.count("|") - 1) + "|\n"
+        text += "".join(reliance_rows) + "".join(regret_lines)
         (out / f"reliance{condition(args)}.md").write_text(header + text)
         print(text, end="")
     if path_rows:

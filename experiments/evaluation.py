@@ -35,7 +35,10 @@ class EvalResult:
     """Streaming inference's token cache hit rate and window overlap (Perceiver policies, streaming=True)."""
     reliance: dict[str, dict[str, float]] | None = None
     """Per modality (reliance=True): how much the deterministic action, the value and (SAC) the critic's greedy
-    action change when it is withheld (`RelianceProbe.summary`)."""
+    action change when it is withheld, blanked and resampled (`RelianceProbe.summary`)."""
+    actor_regret: float | None = None
+    """(reliance=True) `RelianceProbe.actor_regret`: how far the actor's action falls below its critic's greedy
+    one, over mean |Q|."""
     modality_path: dict[str, dict[str, float]] | None = None
     """Per modality of a Perceiver (modality_path=True): `perceiver_policy.introspection.modality_path` on the
     evaluation's own observations."""
@@ -264,6 +267,11 @@ def min_q_over_actions(critic, obs: dict, actions):
     return torch.cat(list(qs), dim=1).min(dim=1).values
 
 
+RESAMPLE_POOL = 256
+"""How many probed observations of the evaluation the reliance probe keeps (reservoir sampling, fixed seed) as
+donors for its resampled modalities."""
+
+
 class RelianceProbe:
     """Causal reliance on each modality, on the evaluation's own states: at every step, the policy's deterministic
     action and value with one modality withheld beside those with every modality (the episode follows the
@@ -275,77 +283,153 @@ class RelianceProbe:
     |g_withheld - g| of the critic's greedy action g = argmax_a min-Q(obs, a) over `greedy_actions` (fixed
     candidate actions; the critic's features are computed once per pass), NaN for policies without a Q critic:
     the action the critic prefers can ignore a modality that its value reads, and an actor trained on that critic
-    then ignores it too. `every`: probe every k-th step from the first (each probed step costs 1 + 2 x len(keys)
-    extra policy passes; the value and the greedy action share one critic pass)."""
+    then ignores it too.
 
-    def __init__(self, model, keys: list[str], every: int = 1):
+    Blanking puts the policy on inputs it never trained on (black frames), and a network's answer there need not
+    say what it reads from real inputs. ``action_resampled``, ``value_resampled`` and ``greedy_resampled`` measure
+    the same changes with the modality *resampled* instead (`resample`): replaced by the same key of a probed
+    observation from an earlier episode of this evaluation (a donor drawn from `RESAMPLE_POOL` kept by reservoir
+    sampling, fixed seed; the interchange intervention of causal analysis), which keeps every input on the
+    observations the policy meets. They need two episodes or more (NaN with one): the first only fills the pool.
+
+    `actor_regret()` (SAC): mean over probed states of max over the candidates of min-Q minus min-Q at the actor's
+    action, over mean |Q|: near 0 when the actor acts as its critic prefers, whatever the critic reads.
+    `every`: probe every k-th step from the first (each probed step costs 1 + 2 x len(keys) extra policy passes,
+    twice that with resampling from the second episode on; the value and the greedy action share one critic
+    pass)."""
+
+    def __init__(self, model, keys: list[str], every: int = 1, resample: bool = True):
         if not isinstance(every, int) or isinstance(every, bool) or every <= 0:
             raise ValueError(f"the reliance probe's step interval must be a positive integer, got {every!r}")
-        self.model, self.keys, self.every = model, keys, every
+        self.model, self.keys, self.every, self.resample = model, keys, every, resample
         self.steps = 0  # steps seen, probed or not
+        self.episode = -1  # counted from the episode_start flags
         encoder = perceiver_encoder(model)
         self.masks = encoder is not None and encoder.mask_tokens is not None
         self.encoder = encoder
-        self.action_change = {k: [] for k in keys}
-        self.value_change = {k: [] for k in keys}
-        self.greedy_change = {k: [] for k in keys}
+        self.changes = {
+            measure: {k: [] for k in keys}
+            for measure in (
+                "action",
+                "value",
+                "greedy",
+                "action_resampled",
+                "value_resampled",
+                "greedy_resampled",
+            )
+        }
         self.values: list[float] = []
+        self.regrets: list[float] = []
+        self.pool: list[tuple[int, dict]] = []  # (episode, the probed keys of one observation)
+        self.offered = 0  # observations offered to the pool
+        self.rng = np.random.default_rng(0)
         self.candidates = greedy_actions(model.action_space.shape[0]) if has_q_critic(model) else None
 
-    def critic_readings(self, obs: dict, action: np.ndarray) -> tuple[float, np.ndarray | None]:
-        """The value at `action` and the critic's greedy action over the candidates (scaled to [-1, 1]; None
-        without a Q critic), from one encoder pass."""
+    def critic_readings(self, obs: dict, action: np.ndarray) -> tuple[float, np.ndarray | None, float]:
+        """The value at `action`, the critic's greedy action over the candidates (scaled to [-1, 1]; None without
+        a Q critic) and how much more the greedy candidate is worth than `action` (NaN without a Q critic), from
+        one encoder pass."""
         import torch
 
         policy = self.model.policy
+        nan = float("nan")
         if is_recurrent(self.model):
-            return float("nan"), None
+            return nan, None, nan
         spaces = self.model.observation_space.spaces
         with torch.no_grad():
             tensors, _ = policy.obs_to_tensor({k: v for k, v in obs.items() if k in spaces})
             if self.candidates is None:
-                return float(policy.predict_values(tensors).squeeze()), None
+                return float(policy.predict_values(tensors).squeeze()), None, nan
             scaled = policy.scale_action(np.asarray(action, dtype=np.float32)).reshape(1, -1)
             actions = torch.as_tensor(np.concatenate([self.candidates, scaled]), device=policy.device)
             q = min_q_over_actions(policy.critic, tensors, actions)  # the candidates', then the action's
-            greedy = self.candidates[int(q[:-1].argmax())]
+            best = int(q[:-1].argmax())
+            greedy = self.candidates[best]
+            regret = float(q[best] - q[-1])
             # a multi-task body's padded action entries never reach Q: they are no part of its preference
-            return float(q[-1]), greedy * obs[ACTION_MASK_KEY] if ACTION_MASK_KEY in obs else greedy
+            greedy = greedy * obs[ACTION_MASK_KEY] if ACTION_MASK_KEY in obs else greedy
+            return float(q[-1]), greedy, regret
 
     def withheld(self, obs: dict, key: str):
         if self.masks:
             return obs, missing_modalities(self.model, (key,))
         return {**obs, key: np.zeros_like(obs[key])}, contextlib.nullcontext()
 
+    def donor(self) -> dict | None:
+        """The keys of a probed observation from an earlier episode (None while there is none)."""
+        earlier = [kept for episode, kept in self.pool if episode < self.episode]
+        return earlier[int(self.rng.integers(len(earlier)))] if earlier else None
+
+    def offer(self, obs: dict) -> None:
+        """Reservoir sampling: every probed observation is in the pool with probability RESAMPLE_POOL / offered."""
+        kept = (self.episode, {k: np.array(obs[k], copy=True) for k in self.keys})
+        self.offered += 1
+        if len(self.pool) < RESAMPLE_POOL:
+            self.pool.append(kept)
+        else:
+            slot = int(self.rng.integers(self.offered))
+            if slot < RESAMPLE_POOL:
+                self.pool[slot] = kept
+
+    def record(
+        self, suffix: str, key: str, action, other, value: float, other_value: float, greedy, other_greedy
+    ):
+        self.changes[f"action{suffix}"][key].append(
+            float(np.abs(np.asarray(other) - np.asarray(action)).mean())
+        )
+        self.changes[f"value{suffix}"][key].append(abs(other_value - value))
+        if greedy is not None:
+            self.changes[f"greedy{suffix}"][key].append(float(np.abs(other_greedy - greedy).mean()))
+
     def step(self, obs: dict, action: np.ndarray, state, episode_start) -> None:
+        if episode_start is not None and bool(np.asarray(episode_start).any()):
+            self.episode += 1
         self.steps += 1
         if (self.steps - 1) % self.every:
             return
-        value, greedy = self.critic_readings(obs, action)
+        value, greedy, regret = self.critic_readings(obs, action)
         self.values.append(abs(value))
+        self.regrets.append(regret)
+        donor = self.donor() if self.resample else None
         for key in self.keys:
             withheld, context = self.withheld(obs, key)
             with context:
                 other, _ = self.model.predict(
                     withheld, state=state, episode_start=episode_start, deterministic=True
                 )
-                other_value, other_greedy = self.critic_readings(withheld, action)
-            self.action_change[key].append(float(np.abs(np.asarray(other) - np.asarray(action)).mean()))
-            self.value_change[key].append(abs(other_value - value))
-            if greedy is not None:
-                self.greedy_change[key].append(float(np.abs(other_greedy - greedy).mean()))
+                other_value, other_greedy, _ = self.critic_readings(withheld, action)
+            self.record("", key, action, other, value, other_value, greedy, other_greedy)
+            if donor is not None:
+                resampled = {**obs, key: donor[key]}
+                other, _ = self.model.predict(
+                    resampled, state=state, episode_start=episode_start, deterministic=True
+                )
+                other_value, other_greedy, _ = self.critic_readings(resampled, action)
+                self.record("_resampled", key, action, other, value, other_value, greedy, other_greedy)
+        if self.resample:
+            self.offer(obs)
 
     def summary(self) -> dict[str, dict[str, float]]:
         scale = max(float(np.mean(self.values)), 1e-8) if self.values else float("nan")
-        nan = float("nan")
+
+        def mean(changes: list[float], divide: float = 1.0) -> float:
+            return float(np.mean(changes)) / divide if changes else float("nan")
+
         return {
             key: {
-                "action": float(np.mean(self.action_change[key])),
-                "value": float(np.mean(self.value_change[key])) / scale,
-                "greedy": float(np.mean(self.greedy_change[key])) if self.greedy_change[key] else nan,
+                measure: mean(self.changes[measure][key], scale if measure.startswith("value") else 1.0)
+                for measure in self.changes
             }
             for key in self.keys
         }
+
+    def actor_regret(self) -> float:
+        """Mean over probed states of (min-Q of the critic's greedy candidate - min-Q at the actor's action) /
+        mean |Q|; NaN without a Q critic (PPO / A2C, recurrent policies)."""
+        regrets = [r for r in self.regrets if np.isfinite(r)]
+        if not regrets or not self.values:
+            return float("nan")
+        return float(np.mean(regrets)) / max(float(np.mean(self.values)), 1e-8)
 
 
 def evaluate_policy(
@@ -471,6 +555,7 @@ def evaluate_policy(
             result.stream = stream.stats()
         if probe is not None:
             result.reliance = probe.summary()
+            result.actor_regret = probe.actor_regret()
         if inputs is not None:
             inputs.close()
             batch = inputs.batch()
@@ -508,7 +593,7 @@ def evaluate_tasks(
         return evaluate_policy(model, task, env_kwargs, episodes, **kwargs), {}
     tasks = tasks or env_kwargs["tasks"]
     pooled, per_task = EvalResult(), {}
-    reliances, paths = [], []
+    reliances, paths, regrets = [], [], []
     for index, name in enumerate(tasks):
         options = dict(kwargs, video=kwargs.get("video", False) and index == 0)
         result = evaluate_policy(model, name, env_kwargs, episodes, **options)
@@ -520,9 +605,11 @@ def evaluate_tasks(
             pooled.frames = result.frames
         if result.reliance is not None:
             reliances.append(result.reliance)
+            regrets.append(result.actor_regret)
         if result.modality_path is not None:
             paths.append(result.modality_path)
     pooled.reliance, pooled.modality_path = mean_per_key(reliances), mean_per_key(paths)
+    pooled.actor_regret = float(np.mean(regrets)) if regrets else None
     return pooled, per_task
 
 

@@ -164,6 +164,8 @@ def test_train_creates_run_directory_events_and_checkpoint(tmp_path, algorithm):
     # SAC's critic has a greedy action; PPO's / A2C's value head has none
     assert reliance & set(accumulator.Tags()["scalars"]) == (reliance if algorithm == "sac" else reliance - {
         "perceiver/reliance/pixels/greedy"})  # fmt: skip
+    # how far the actor's action falls below its critic's preferred one (SAC only)
+    assert ("perceiver/reliance/actor_regret" in accumulator.Tags()["scalars"]) == (algorithm == "sac")
     path = {f"perceiver/path/pixels/{stage}" for stage in ("attention", "focus", "token_signal", "latents")}
     assert path <= set(
         accumulator.Tags()["scalars"]
@@ -363,17 +365,21 @@ def test_keep_best_false_keeps_none_and_evaluate_best_says_so(tmp_path):
     )
 
 
-def test_evaluate_reliance_prints_each_key_withheld_and_blanked(trained_run, tmp_path):
+def test_evaluate_reliance_prints_each_key_withheld_resampled_and_blanked(trained_run, tmp_path):
     out = cli(
-        "experiments.evaluate", str(trained_run), "--episodes", "1", "--reliance", "--reliance-every", "2",
+        "experiments.evaluate", str(trained_run), "--episodes", "2", "--reliance", "--reliance-every", "4",
         "--output", str(tmp_path),
     )  # fmt: skip
     for key in ("pixels", "proprio", "action_history"):
-        assert f"| cartpole-balance | {key} |" in out.stdout
-    assert (
-        "| action change | value change | greedy action change | return, blanked |"
-        in (tmp_path / "reliance.md").read_text()
-    )
+        row = next(
+            line for line in out.stdout.splitlines() if line.startswith(f"| cartpole-balance | {key} |")
+        )
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == 9 and cells[4] == cells[7] == "nan"  # PPO has no Q critic: no greedy action
+        assert float(cells[2]) >= 0 and float(cells[5]) >= 0  # action change blanked, resampled
+    text = (tmp_path / "reliance.md").read_text()
+    assert "| greedy action change | resampled: action change | value change |" in text
+    assert "| --- " * 9 + "|" in text and "Actor regret" not in text  # no critic to regret against
     refused = cli(
         "experiments.evaluate", str(trained_run), "--reliance", "--reliance-every", "0", check=False
     )

@@ -587,15 +587,25 @@ def test_reliance_is_zero_for_a_modality_the_policy_cannot_read(mix_venv, algori
     ):  # no attention reaches the pixel tokens (nor their mask tokens): the policy is blind
         encoder.cross_attention.modality_bias[:, encoder.names.index("pixels")] = -30000.0
     env_kwargs = {"modalities": ("pixels", "proprio", "action_history"), "image_size": 32, "action_repeat": 8}
-    result = evaluate_policy(model, "cartpole-swingup", env_kwargs, episodes=1, reliance=True)
+    result = evaluate_policy(
+        model, "cartpole-swingup", env_kwargs, episodes=2, reliance=True, reliance_every=4
+    )
     assert set(result.reliance) == {"pixels", "proprio", "action_history"}
-    assert result.reliance["pixels"]["action"] < 1e-5 and result.reliance["pixels"]["value"] < 1e-5
-    assert result.reliance["proprio"]["action"] > 1e-4 and result.reliance["proprio"]["value"] > 1e-4
-    # the critic cannot see the pixels either: its preferred action never moves with them
-    if algorithm == "sac":
-        assert result.reliance["pixels"]["greedy"] == 0.0
-    else:  # PPO has no Q critic, so no greedy action
-        assert np.isnan(result.reliance["pixels"]["greedy"])
+    for how in ("", "_resampled"):  # withheld (masked or blanked), and resampled from the other episode
+        assert (
+            result.reliance["pixels"][f"action{how}"] < 1e-5
+            and result.reliance["pixels"][f"value{how}"] < 1e-5
+        )
+        assert (
+            result.reliance["proprio"][f"action{how}"] > 1e-4
+            and result.reliance["proprio"][f"value{how}"] > 1e-4
+        )
+        # the critic cannot see the pixels either: its preferred action never moves with them
+        if algorithm == "sac":
+            assert result.reliance["pixels"][f"greedy{how}"] == 0.0
+        else:  # PPO has no Q critic, so no greedy action
+            assert np.isnan(result.reliance["pixels"][f"greedy{how}"])
+    assert np.isfinite(result.actor_regret) == (algorithm == "sac")
 
 
 def test_reliance_works_for_every_policy_type():
@@ -613,6 +623,70 @@ def test_reliance_works_for_every_policy_type():
         assert reliance["proprio"]["action"] > 0  # an untrained policy still reads its sensors
         assert np.isnan(reliance["proprio"]["value"]) == (policy_type == "lstm")
         assert np.isnan(reliance["proprio"]["greedy"]) == (algorithm == "ppo")
+    venv.close()
+
+
+def test_resampled_modalities_come_from_earlier_episodes_and_need_two():
+    """Resampling replaces a key by the same key of a probed state of an earlier episode (the pool is kept by
+    reservoir sampling): none in the first episode, so one episode reports NaN; blanked measures are unaffected."""
+    import envs
+    from agents import make_agent
+    from experiments import evaluation
+    from experiments.evaluation import RelianceProbe, evaluate_policy
+
+    env_kwargs = {"modalities": ("proprio", "action_history"), "action_repeat": 8}
+    venv = envs.make_vec_env("cartpole-swingup", n_envs=1, seed=0, **env_kwargs)
+    model = make_agent("sac", venv, perceiver=SMALL, device="cpu", seed=0)
+    probe = RelianceProbe(model, ["proprio", "action_history"])
+    donors = []
+    original = probe.donor
+    probe.donor = lambda: donors.append((probe.episode, original())) or donors[-1][1]
+    obs = venv.reset()
+    for _ in range(3):
+        for t in range(4):
+            single = {k: v[0] for k, v in obs.items()}
+            action, _ = model.predict(single, deterministic=True)
+            probe.step(single, action, None, np.array([t == 0]))
+            obs, *_ = venv.step(action[None])
+    assert [d is None for _, d in donors] == [True] * 4 + [False] * 8  # the first episode only fills the pool
+    assert (
+        len(probe.changes["action_resampled"]["proprio"])
+        == 8
+        == len(probe.changes["greedy_resampled"]["proprio"])
+    )
+    kept = {id(o): e for e, o in probe.pool}
+    assert all(kept[id(d)] < episode for episode, d in donors if d is not None)  # always an earlier episode
+    assert probe.summary()["proprio"]["action_resampled"] > 0
+
+    one = evaluate_policy(model, "cartpole-swingup", env_kwargs, episodes=1, reliance=True, reliance_every=8)
+    assert np.isnan(one.reliance["proprio"]["action_resampled"]) and one.reliance["proprio"]["action"] > 0
+
+    probe = RelianceProbe(model, ["proprio"])  # the pool stays bounded: reservoir sampling
+    for t in range(evaluation.RESAMPLE_POOL + 50):
+        probe.episode = t // 100
+        probe.offer({"proprio": np.full(5, t, dtype=np.float32)})
+    assert len(probe.pool) == evaluation.RESAMPLE_POOL and probe.offered == evaluation.RESAMPLE_POOL + 50
+    assert max(int(o["proprio"][0]) for _, o in probe.pool) >= evaluation.RESAMPLE_POOL  # later ones got in
+    venv.close()
+
+
+def test_the_actor_regret_is_zero_at_the_critics_greedy_action():
+    """`critic_readings` returns how much the greedy candidate is worth above the action read: 0 for the greedy
+    action itself, above 0 for a worse one (a fresh SAC critic, cartpole's [-1, 1] action)."""
+    import envs
+    from agents import make_agent
+    from experiments.evaluation import RelianceProbe
+
+    venv = envs.make_vec_env("cartpole-swingup", n_envs=1, seed=0, modalities=("proprio", "action_history"))
+    model = make_agent("sac", venv, perceiver=SMALL, device="cpu", seed=0)
+    probe = RelianceProbe(model, ["proprio"])
+    obs = {k: v[0] for k, v in venv.reset().items()}
+    _, greedy, _ = probe.critic_readings(obs, np.zeros(1, dtype=np.float32))
+    _, again, regret = probe.critic_readings(obs, greedy)
+    np.testing.assert_array_equal(again, greedy)
+    assert abs(regret) < 1e-5
+    worst = [probe.critic_readings(obs, np.array([a], dtype=np.float32))[2] for a in np.linspace(-1, 1, 11)]
+    assert min(worst) == pytest.approx(0.0, abs=1e-5) and max(worst) > 1e-4
     venv.close()
 
 
@@ -675,7 +749,7 @@ def test_reliance_every_probes_every_kth_step_and_leaves_the_episodes_alone():
     for _ in range(7):
         action, _ = model.predict(obs, deterministic=True)
         probe.step(obs, action, None, np.ones(1, dtype=bool))
-    assert len(probe.values) == 3 and len(probe.action_change["proprio"]) == 3  # steps 1, 4 and 7
+    assert len(probe.values) == 3 and len(probe.changes["action"]["proprio"]) == 3  # steps 1, 4 and 7
     every, thinned = (
         evaluate_policy(model, "cartpole-swingup", env_kwargs, episodes=1, reliance=True, reliance_every=k)
         for k in (1, 4)

@@ -443,3 +443,71 @@ def test_the_readout_benchmark_reports_probes_and_fresh_readouts_per_state_part(
                                "velocity_sensed", "velocity_unsensed"}  # fmt: skip
         assert all(np.isfinite(v) for v in scores.values())
     venv.close()
+
+
+def test_a_fresh_critic_head_ranks_actions_by_features_that_hold_the_best_action_and_not_by_shuffled_ones():
+    from experiments.benchmarks.critic import fit_head, predict, score
+
+    rng = np.random.default_rng(0)
+    features = torch.as_tensor(rng.normal(size=(400, 4)), dtype=torch.float32)
+    candidates = torch.linspace(-1, 1, 11)[:, None]
+    best = torch.tanh(features[:, :1])  # the best action is a function of the first feature
+    teacher_q = 100 - 50 * (candidates[:, 0][None] - best) ** 2 + 5 * features[:, 1:2]  # (N, C)
+    targets = (teacher_q - teacher_q.mean()) / teacher_q.std()
+    fit, scored = np.arange(200), np.arange(200, 400)
+    results = {}
+    for name, x in (("own", features), ("shuffled", features[torch.as_tensor(rng.permutation(400))])):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(5, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+        q_fn = lambda h, a, net=net: net(torch.cat([h, a], dim=-1))  # noqa: E731
+        fit_head(net, q_fn, x, targets, candidates, fit, steps=400)
+        results[name] = score(predict(q_fn, x, candidates, scored), targets[scored], teacher_q[scored])
+    assert results["own"]["action_r2"] > 0.9 and results["shuffled"]["action_r2"] < 0.5
+    assert results["own"]["regret"] < 0.5 * results["shuffled"]["regret"]
+    perfect = score(targets[scored], targets[scored], teacher_q[scored])
+    assert perfect["r2"] == pytest.approx(1.0) and perfect["regret"] == 0.0
+
+
+def test_the_critic_benchmark_fits_each_head_kind_with_the_camera_and_with_another_states():  # plumbing
+    from experiments.benchmarks.critic import HEAD_KINDS, critic_rows
+
+    env_kwargs = {
+        "modalities": ("pixels", "proprio"),
+        "image_size": 48,
+        "action_repeat": 8,
+        "proprio": "robot",
+    }
+    venv = envs.make_vec_env("cartpole-swingup", n_envs=1, seed=0, **env_kwargs)
+    heads = {"hidden_dim": 32, "feature_dim": 8}
+    teacher = agents.make_agent(
+        "sac", venv, policy_type="cnn", recipe="drq", policy_kwargs=heads, device="cpu", seed=0
+    )
+    student = agents.make_agent("sac", venv, perceiver={**TINY, "pixel_tokenizer": "conv"}, recipe="drq",
+                                policy_kwargs=heads, device="cpu", seed=0)  # fmt: skip
+    rows = critic_rows(teacher, [("cnn", teacher), ("perceiver", student)], "cartpole-swingup", env_kwargs,
+                       episodes=2, steps=3)  # fmt: skip
+    assert [row[:3] for row in rows] == [
+        ["none (each candidate's mean Q)", "-", "-"],
+        ["cnn", "its own", "flat"], ["cnn", "another state's", "flat"],
+        *[["perceiver", camera, kind] for camera in ("its own", "another state's") for kind in HEAD_KINDS],
+    ]  # fmt: skip
+    assert all(np.isfinite(value) for row in rows for value in row[3:])
+    sb3 = agents.make_agent("sac", venv, perceiver=TINY, device="cpu", seed=0)
+    with pytest.raises(ValueError, match="sb3: the critic benchmark reads DrQ-recipe runs"):
+        critic_rows(teacher, [("sb3", sb3)], "cartpole-swingup", env_kwargs, episodes=2, steps=1)
+    with pytest.raises(ValueError, match="needs 2 or more, got 1"):
+        critic_rows(teacher, [("cnn", teacher)], "cartpole-swingup", env_kwargs, episodes=1, steps=1)
+    venv.close()
+    other = envs.make_vec_env("cartpole-swingup", n_envs=1, seed=0, modalities=("pixels",), image_size=48,
+                              action_repeat=8)  # fmt: skip
+    blind = agents.make_agent(
+        "sac", other, policy_type="cnn", recipe="drq", policy_kwargs=heads, device="cpu", seed=0
+    )
+    with pytest.raises(
+        ValueError, match=r"blind reads \['pixels'\]; the teacher reads \['pixels', 'proprio'\]"
+    ):
+        critic_rows(teacher, [("blind", blind)], "cartpole-swingup", env_kwargs, episodes=2, steps=1)
+    ppo = agents.make_agent("ppo", other, perceiver=TINY, device="cpu", seed=0)
+    with pytest.raises(ValueError, match="the teacher needs a Q critic"):
+        critic_rows(ppo, [("blind", blind)], "cartpole-swingup", env_kwargs, episodes=2, steps=1)
+    other.close()

@@ -1,4 +1,4 @@
-"""Benchmarks (not tests): `python -m experiments.benchmark env|policy|train|sac|drq|fuse|fuse-drq|features|readout|estimator|latents|multitask|precision|streaming|gpu|all [--quick]`.
+"""Benchmarks (not tests): `python -m experiments.benchmark env|policy|train|sac|drq|fuse|fuse-drq|features|readout|critic|estimator|latents|multitask|precision|streaming|gpu|all [--quick]`.
 
 Every table compares alternatives measured side by side in the same run and reports ratios; quote them with
 the machine (printed first). Timings use `time.perf_counter` after warm-up; latency is per call, p50/p95.
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             "fuse-drq",
             "features",
             "readout",
+            "critic",
             "estimator",
             "latents",
             "multitask",
@@ -89,7 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         help="features: trained pixel SAC runs (with a replay snapshot): their features and Q on their own replay, and "
         "how far encoder, features and actions moved between their kept checkpoints; readout: trained Perceiver runs: "
         "whether each readout kind, fit from scratch on their frozen latents, carries the state their actor's last "
-        "layer does not",
+        "layer does not; critic: DrQ-recipe runs whose encoders are read, frozen, by fresh critic heads fit to the "
+        "teacher's Q",
+    )
+    parser.add_argument(
+        "--teacher",
+        type=Path,
+        default=None,
+        help="critic: a DrQ-recipe SAC run that solves the task; its critic's Q over candidate actions on its own "
+        "evaluation states is what fresh critic heads on each run's frozen encoder are fit to",
     )
     args = parser.parse_args(argv)
     if args.what in ("train-worker", "replay-worker"):
@@ -160,6 +169,10 @@ def run(args: argparse.Namespace) -> int:
         from experiments.benchmarks.readout import bench_readout
 
         bench_readout(args.runs)
+    if args.what == "critic" or (args.what == "all" and args.teacher):
+        from experiments.benchmarks.critic import bench_critic
+
+        bench_critic(args.teacher, args.runs, args.quick)
     if args.what in ("estimator", "all"):
         from experiments.benchmarks.estimator import bench_estimator
 

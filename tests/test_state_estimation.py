@@ -421,15 +421,14 @@ def test_a_fresh_readout_fit_on_latents_reads_a_state_they_hold_and_not_noise():
         fit_readout("mean", config, latents, states)
 
 
+PIXELS_ROBOT = {"modalities": ("pixels", "proprio"), "image_size": 48, "action_repeat": 8, "proprio": "robot"}
+"""Cartpole with the pole only in 48 px frames: the benchmarks' plumbing tests."""
+
+
 def test_the_readout_benchmark_reports_probes_and_fresh_readouts_per_state_part():  # plumbing: rows and columns
     from experiments.benchmarks.readout import readout_rows
 
-    env_kwargs = {
-        "modalities": ("pixels", "proprio"),
-        "image_size": 48,
-        "action_repeat": 8,
-        "proprio": "robot",
-    }
+    env_kwargs = PIXELS_ROBOT
     venv = envs.make_vec_env("cartpole-swingup", n_envs=1, seed=0, **env_kwargs)
     model = agents.make_agent("sac", venv, perceiver={**TINY, "pixel_tokenizer": "conv"}, recipe="drq",
                               policy_kwargs={"hidden_dim": 32, "feature_dim": 8}, device="cpu", seed=0)  # fmt: skip
@@ -471,12 +470,7 @@ def test_a_fresh_critic_head_ranks_actions_by_features_that_hold_the_best_action
 def test_the_critic_benchmark_fits_each_head_kind_with_the_camera_and_with_another_states():  # plumbing
     from experiments.benchmarks.critic import HEAD_KINDS, critic_rows
 
-    env_kwargs = {
-        "modalities": ("pixels", "proprio"),
-        "image_size": 48,
-        "action_repeat": 8,
-        "proprio": "robot",
-    }
+    env_kwargs = PIXELS_ROBOT
     venv = envs.make_vec_env("cartpole-swingup", n_envs=1, seed=0, **env_kwargs)
     heads = {"hidden_dim": 32, "feature_dim": 8}
     teacher = agents.make_agent(

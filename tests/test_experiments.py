@@ -629,6 +629,31 @@ def test_benchmark_features_prints_the_variation_table():  # plumbing: the table
     assert "| NatureCNN (cnn) |" in out and "| Perceiver, patch tokens, query readout, centred |" in out
 
 
+def test_benchmark_critic_names_what_it_needs(tmp_path, capsys):
+    """`critic` without a teacher or runs, or with runs of another task: one `error:` line, exit 2."""
+    from experiments.benchmarks.cli import main
+
+    assert main(["critic", "--runs", str(tmp_path)]) == 2
+    assert "error: the critic benchmark needs --teacher RUN" in capsys.readouterr().err
+    for task in ("cartpole-swingup", "cartpole-balance"):
+        cli(*ppo_run(tmp_path, task, 16, 16, "--algorithm", "sac", "--recipe", "drq", "--task", task,
+                     "--modalities", "proprio", "--n-envs", "1", "--perceiver-log-freq", "0",
+                     "--algo", "learning_starts=8", "batch_size=8", "--policy", "hidden_dim=32"))  # fmt: skip
+    assert (
+        main(
+            [
+                "critic",
+                "--teacher",
+                str(tmp_path / "cartpole-swingup"),
+                "--runs",
+                str(tmp_path / "cartpole-balance"),
+            ]
+        )
+        == 2
+    )
+    assert "trained on 'cartpole-balance'; the teacher on 'cartpole-swingup'" in capsys.readouterr().err
+
+
 def test_benchmark_features_reads_trained_runs_of_both_recipes(tmp_path, capsys):
     """`features --runs`: Q's spread over states and actions for a DrQ-recipe run and an SB3-recipe run (whose
     critic, action-conditioned queries over the latents, has no readout features: NaN), and how far each moved

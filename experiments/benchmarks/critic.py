@@ -21,6 +21,7 @@ observation keys as the teacher; a Perceiver is fit with each of `HEAD_KINDS`, a
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -150,9 +151,10 @@ def pixel_key(model) -> str | None:
 
 
 def critic_rows(teacher, students: list[tuple[str, object]], task: str, env_kwargs: dict, episodes: int = 10,
-                seed: int = 10_000, steps: int = 2000, kinds: tuple[str, ...] = HEAD_KINDS) -> list[list]:  # fmt: skip
+                seed: int = 10_000, steps: int = 2000, kinds: tuple[str, ...] = HEAD_KINDS, progress=None) -> list[list]:  # fmt: skip
     """[[features, camera, head, R², action-part R², teacher regret]]: the floor, then each of `students`
-    (name, model) with each head kind it takes, with its camera and with another state's."""
+    (name, model) with each head kind it takes, with its camera and with another state's. `progress`: called
+    with each row as it is done (a fit takes minutes)."""
     from agents.drq_policy import DrQSACPolicy
 
     if episodes < 2:
@@ -190,7 +192,18 @@ def critic_rows(teacher, students: list[tuple[str, object]], task: str, env_kwar
                     predict(q_fn, features, candidates, scored), targets[scored], teacher_q[scored]
                 )
                 rows.append([name, label, kind, result["r2"], result["action_r2"], result["regret"]])
+                if progress is not None:
+                    progress(rows[-1])
     return rows
+
+
+def checkpoint_name(checkpoint: Path) -> str:
+    """'<run> <checkpoint>' for a checkpoint in a run's checkpoints/ folder."""
+    return (
+        f"{checkpoint.parent.parent.name} {checkpoint.name}"
+        if checkpoint.parent.name == "checkpoints"
+        else str(checkpoint)
+    )
 
 
 def bench_critic(teacher_run: Path | None, runs: list[Path] | None, quick: bool = False) -> None:
@@ -204,18 +217,18 @@ def bench_critic(teacher_run: Path | None, runs: list[Path] | None, quick: bool 
     config, latest = locate(Path(teacher_run))
     load = lambda c, path: load_model(algorithm_class(c.algorithm, c.policy_type), path, device="cpu")  # noqa: E731
     teacher = load(config, latest)
-    students = [(Path(teacher_run).name + " (teacher)", teacher)]
+    students = [(f"{checkpoint_name(latest)}, the teacher", teacher)]
     for run in runs:
         student_config, student_latest = locate(Path(run))
         if student_config.task != config.task:
             raise ValueError(f"{run} trained on {student_config.task!r}; the teacher on {config.task!r}")
-        students.append((Path(run).name, load(student_config, student_latest)))
+        students.append((checkpoint_name(student_latest), load(student_config, student_latest)))
     episodes, steps = (4, 300) if quick else (10, 2000)
-    rows = critic_rows(
-        teacher, students, config.task, config.env_kwargs(), episodes, 10_000 + config.seed, steps
-    )
+    rows = critic_rows(teacher, students, config.task, config.env_kwargs(), episodes, 10_000 + config.seed, steps,
+                       progress=lambda row: print("fit:", *row[:3], f"regret {100 * row[5]:.2f} %", file=sys.stderr,
+                                                  flush=True))  # fmt: skip
     table(
-        f"critic heads fit to {Path(teacher_run).name}'s Q ({config.task}, {latest.name}; {episodes // 2} episodes fit, "
+        f"critic heads fit to {checkpoint_name(latest)}'s Q ({config.task}; {episodes // 2} episodes fit, "
         f"{episodes - episodes // 2} scored, {steps} steps)",
         [
             "features (frozen)",

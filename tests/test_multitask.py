@@ -139,8 +139,9 @@ def test_the_critics_greedy_action_leaves_a_bodys_padded_actions_at_zero():
     obs = {k: v[0] for k, v in model.get_env().reset().items()}
     obs["action_mask"] = np.array([1.0, 0.0], dtype=np.float32)  # a one-actuator body in two action slots
     action, _ = model.predict(obs, deterministic=True)
-    value, greedy = RelianceProbe(model, ["proprio"]).critic_readings(obs, action)
+    value, greedy, regret = RelianceProbe(model, ["proprio"]).critic_readings(obs, action)
     assert np.isfinite(value) and greedy.shape == (2,) and greedy[1] == 0.0 and -1.0 <= greedy[0] <= 1.0
+    assert np.isfinite(regret)
 
 
 def test_predict_refuses_a_task_index_it_was_not_trained_with():

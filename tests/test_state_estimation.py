@@ -458,7 +458,7 @@ def test_a_fresh_critic_head_ranks_actions_by_features_that_hold_the_best_action
     for name, x in (("own", features), ("shuffled", features[torch.as_tensor(rng.permutation(400))])):
         torch.manual_seed(0)
         net = torch.nn.Sequential(torch.nn.Linear(5, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
-        q_fn = lambda h, a, net=net: net(torch.cat([h, a], dim=-1))  # noqa: E731
+        q_fn = lambda h, a, net=net: net(torch.cat([h.expand(len(a), -1), a], dim=-1))  # noqa: E731
         fit_head(net, q_fn, x, targets, candidates, fit, steps=400)
         results[name] = score(predict(q_fn, x, candidates, scored), targets[scored], teacher_q[scored])
     assert results["own"]["action_r2"] > 0.9 and results["shuffled"]["action_r2"] < 0.5

@@ -104,7 +104,10 @@ def fresh_head(model, kind: str, action_dim: int):
     readout = policy.encoder.make_readout(policy.feature_dim, kind, False, None)
     net = mlp(policy.feature_dim + action_dim, policy.hidden_dim, 1, policy.hidden_depth)
     orthogonal_init(net)
-    return torch.nn.ModuleList([readout, net]), lambda h, a: net(torch.cat([readout(h), a], dim=-1))
+    # the features of one state (batch 1) are read out once and paired with each of the actions
+    return torch.nn.ModuleList([readout, net]), lambda h, a: net(
+        torch.cat([readout(h).expand(a.shape[0], -1), a], dim=-1)
+    )
 
 
 def fit_head(module, q_fn, features, targets, candidates, fit_index, steps: int, seed: int = 0) -> None:
@@ -136,13 +139,10 @@ def score(predicted: torch.Tensor, targets: torch.Tensor, teacher_q: torch.Tenso
 
 
 def predict(q_fn, features, candidates, index) -> torch.Tensor:
+    """(len(index), C) Q of each indexed state and candidate: one state's features (batch 1) with all candidates,
+    so its readout (or the query decoder's pass over its latents) runs once per state."""
     with torch.no_grad():
-        return torch.stack(
-            [
-                q_fn(features[i : i + 1].expand(len(candidates), *features.shape[1:]), candidates)[:, 0]
-                for i in index
-            ]
-        )
+        return torch.stack([q_fn(features[i : i + 1], candidates)[:, 0] for i in index])
 
 
 def pixel_key(model) -> str | None:

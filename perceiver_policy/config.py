@@ -9,7 +9,7 @@ DTYPES = ("float32", "bfloat16")
 DEFAULT_PATCH_SIZE = 12
 LEGACY_FIELDS = {"modality_dropout": "encoder_modality_dropout"}
 PROPRIO_TOKENS = ("sensor", "chunk")
-PIXEL_TOKENIZERS = ("patch", "conv")
+PIXEL_TOKENIZERS = ("patch", "conv", "keypoints")
 MISSING_TOKENS = ("remove", "mask")
 IMAGE_CENTERINGS = ("none", "running")
 SHARED_GROUP = "shared"
@@ -92,11 +92,21 @@ class PerceiverConfig:
     """'patch': one token per (frame, patch_size x patch_size patch), a linear map of each frame's patch; 'conv': a
     small conv stem (3x3 convs, `conv_channels` wide, strides `conv_strides`, padding 1, ReLU) over the *stacked*
     frames, whose feature-map cells become tokens with 2-D Fourier features (84 px, strides 2, 2, 2: 11 x 11 =
-    121 tokens); the first layer sees every frame, so motion is visible before the attention."""
+    121 tokens); the first layer sees every frame, so motion is visible before the attention; 'keypoints': the same
+    stem, then a 1 x 1 conv to `keypoints` maps, each read out by a spatial softmax (Finn et al. 2016, "Deep Spatial
+    Autoencoders for Visuomotor Learning"; robomimic's `SpatialSoftmax`) as the expected (x, y) of its mass: one
+    token per keypoint whose content *is* a place in the image, so a latent that attends to it reads where a
+    thing is as a value, not through position features mixed by attention."""
     conv_channels: int = 32
-    """Channels of each conv-stem layer (pixel_tokenizer 'conv')."""
+    """Channels of each conv-stem layer (pixel_tokenizer 'conv' and 'keypoints')."""
     conv_strides: list[int] = field(default_factory=lambda: [2, 2, 2])
-    """Stride of each conv-stem layer (pixel_tokenizer 'conv'); the number of layers is its length."""
+    """Stride of each conv-stem layer (pixel_tokenizer 'conv' and 'keypoints'); the number of layers is its length."""
+    keypoints: int = 32
+    """Keypoints (= tokens) of pixel_tokenizer 'keypoints'."""
+    keypoints_per_frame: bool = False
+    """pixel_tokenizer 'keypoints': the stem reads each frame of the stack alone (its first layer 3 channels wide)
+    and each frame has its own `keypoints` tokens, with a (frame, keypoint) Fourier index: motion is the change of
+    a keypoint from one frame to the next, as Finn et al. fed their policy. False: one set over the stacked frames."""
     conv_kernels: list[int] | None = None
     """Kernel side of each conv-stem layer, padded by (k - 1) // 2 (pixel_tokenizer 'conv'); None: 3 for every
     layer. NatureCNN's stem is `conv_kernels=[8, 4, 3] conv_strides=[4, 2, 1]` (84 px: 10 x 10 tokens)."""
@@ -226,6 +236,11 @@ class PerceiverConfig:
                 "PerceiverConfig.image_locality and latent_scaling cannot be combined: a prefix of latents placed on "
                 "the image would read only part of it"
             )
+        if locality and self.pixel_tokenizer == "keypoints":
+            raise ValueError(
+                "PerceiverConfig.image_locality needs a token map to place latents on; pixel_tokenizer 'keypoints' "
+                "has none (each keypoint token carries its place as content): use pixel_tokenizer 'conv' or 'patch'"
+            )
         if self.task_stems and not self.domain_embedding:
             raise ValueError(
                 "PerceiverConfig.task_stems=True reads the task index that domain_embedding=False hides from the "
@@ -256,14 +271,10 @@ class PerceiverConfig:
             raise ValueError(
                 f"PerceiverConfig.pixel_tokenizer {self.pixel_tokenizer!r} unknown; valid choices: {list(PIXEL_TOKENIZERS)}"
             )
-        if (
-            not isinstance(self.conv_channels, int)
-            or isinstance(self.conv_channels, bool)
-            or self.conv_channels <= 0
-        ):
-            raise ValueError(
-                f"PerceiverConfig.conv_channels must be a positive integer, got {self.conv_channels!r}"
-            )
+        for name in ("conv_channels", "keypoints"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"PerceiverConfig.{name} must be a positive integer, got {value!r}")
         strides = self.conv_strides
         if (
             not isinstance(strides, (list, tuple))

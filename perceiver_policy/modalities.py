@@ -13,6 +13,8 @@ attention stack. Built-in kinds:
 - ``conv_image``: uint8 `(F*3, H, W)` frame stacks -> a conv stem over all frames at once -> one token per cell
   of its feature map, with 2-D Fourier features (`PerceiverConfig.pixel_tokenizer='conv'` picks it for images).
   Its first layer scales the pixels (`scaled_conv2d`).
+- ``keypoint_image``: the conv stem of ``conv_image``, then one token per keypoint (a spatial softmax's expected
+  (x, y) of a learned feature map), with a Fourier index encoding (`PerceiverConfig.pixel_tokenizer='keypoints'`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ ACTION_MASK_KEY = "action_mask"  # = envs.multitask.ACTION_MASK_KEY: which padde
 # = envs.multitask.PRESENT_SUFFIX: '<key>_present' flags that key's tokens (its sensor slots)
 PRESENT_SUFFIX = "_present"
 NOT_MODALITIES = (ABSENT_KEY, STATE_KEY, ACTION_MASK_KEY)
-KINDS = ("image", "vector", "sequence", "conv_image", "task")
+STEM_KINDS = ("conv_image", "keypoint_image")  # image kinds read by a conv stem over the stacked frames
+KINDS = ("image", "vector", "sequence", "conv_image", "keypoint_image", "task")
 _DEFAULT_KIND = {
     "pixels": "image",
     "proprio": "vector",
@@ -196,19 +199,23 @@ class ModalitySpec:
     conv_kernels: tuple[int, ...] = ()
     """conv_image only: the kernel side of each layer, padded by (k - 1) // 2; empty: 3 for every layer."""
     conv_channels: int = 32
-    """conv_image only: channels of each stem layer (= raw features per token)."""
+    """conv_image and keypoint_image: channels of each stem layer (conv_image: = raw features per token)."""
+    keypoints: int = 32
+    """keypoint_image only: keypoints (= tokens), each a spatial softmax over one map of the stem's output."""
+    keypoints_per_frame: bool = False
+    """keypoint_image only: the stem reads each frame alone, `keypoints` tokens per frame (else the stacked frames)."""
     num_classes: int = 0
     """task only: how many tasks the index takes (the embedding's rows)."""
 
     @property
     def conv_layers(self) -> tuple[tuple[int, int], ...]:
-        """conv_image: (kernel, stride) of each stem layer."""
+        """conv_image and keypoint_image: (kernel, stride) of each stem layer."""
         kernels = self.conv_kernels or (3,) * len(self.conv_strides)
         return tuple(zip(kernels, self.conv_strides))
 
     @property
     def conv_grid(self) -> tuple[int, int]:
-        """conv_image: the stem's feature-map size (H', W'); a layer of kernel k, stride s and padding
+        """conv_image and keypoint_image: the stem's feature-map size (H', W'); a layer of kernel k, stride s and padding
         p = (k - 1) // 2 maps n to (n + 2p - k) // s + 1."""
         height, width = self.shape[1], self.shape[2]
         for k, s in self.conv_layers:
@@ -220,6 +227,9 @@ class ModalitySpec:
     def fourier_resolutions(self) -> tuple[int, ...]:
         if self.kind == "conv_image":
             return self.conv_grid
+        if self.kind == "keypoint_image":
+            frames = self.shape[0] // self.channels_per_frame
+            return (frames, self.keypoints) if self.keypoints_per_frame else (self.keypoints,)
         if self.kind == "image":
             frames, height, width = self.shape[0] // self.channels_per_frame, self.shape[1], self.shape[2]
             return (frames, height // self.stride, width // self.stride)
@@ -231,7 +241,7 @@ class ModalitySpec:
 
     @property
     def num_tokens(self) -> int:
-        if self.kind in ("image", "conv_image"):
+        if self.kind in ("image", "conv_image", "keypoint_image"):
             return int(np.prod(self.fourier_resolutions))
         if self.kind == "vector":
             return len(self.layout) if self.layout else -(-self.shape[0] // self.stride)
@@ -244,6 +254,8 @@ class ModalitySpec:
         """Raw content features per token, before projection."""
         if self.kind == "conv_image":
             return self.conv_channels
+        if self.kind == "keypoint_image":
+            return 2  # (x, y)
         if self.kind == "image":
             return self.channels_per_frame * self.stride**2
         if self.kind == "vector":
@@ -281,12 +293,17 @@ def build_specs(observation_space: spaces.Space, config: PerceiverConfig) -> lis
             continue
         overrides = dict(config.modality_overrides.get(name, {}))
         kind = overrides.pop("kind", None) or infer_kind(name, space)
-        if kind == "image" and config.pixel_tokenizer == "conv":
-            kind = "conv_image"
+        if kind == "image" and config.pixel_tokenizer in ("conv", "keypoints"):
+            kind = "conv_image" if config.pixel_tokenizer == "conv" else "keypoint_image"
             overrides = {
                 "conv_strides": tuple(config.conv_strides),
                 "conv_kernels": tuple(config.conv_kernels or ()),
                 "conv_channels": config.conv_channels,
+                **(
+                    {"keypoints": config.keypoints, "keypoints_per_frame": config.keypoints_per_frame}
+                    if kind == "keypoint_image"
+                    else {}
+                ),
                 **overrides,
             }
         if kind not in ADAPTERS:
@@ -319,7 +336,7 @@ def build_specs(observation_space: spaces.Space, config: PerceiverConfig) -> lis
 
 
 def _validate_spec(spec: ModalitySpec) -> None:
-    if spec.kind == "conv_image" and (len(spec.shape) != 3 or spec.shape[0] % spec.channels_per_frame):
+    if spec.kind in STEM_KINDS and (len(spec.shape) != 3 or spec.shape[0] % spec.channels_per_frame):
         raise ValueError(f"image modality {spec.name!r} needs (frames*3, H, W), got shape {spec.shape}")
     if spec.kind == "image":
         if len(spec.shape) != 3 or spec.shape[0] % spec.channels_per_frame:
@@ -489,7 +506,7 @@ class ConvImageAdapter(CentredImage):
     def __init__(self, spec: ModalitySpec, config: PerceiverConfig):
         super().__init__(spec, config)
         layers: list[nn.Module] = []
-        channels = spec.shape[0]
+        channels = spec.channels_per_frame if spec.keypoints_per_frame else spec.shape[0]
         for kernel, stride in spec.conv_layers:
             conv = nn.Conv2d(channels, spec.conv_channels, kernel, stride=stride, padding=(kernel - 1) // 2)
             layers += [conv, nn.ReLU(inplace=True)]  # in place: the conv's fresh output, not an input
@@ -512,6 +529,38 @@ class ConvImageAdapter(CentredImage):
         return features.flatten(2).transpose(
             1, 2
         )  # (B, H'*W', conv_channels): a view of channels-last memory
+
+
+class KeypointImageAdapter(ConvImageAdapter):
+    """The conv stem of `ConvImageAdapter` over the stacked frames, a 1 x 1 conv to K maps, and a spatial softmax
+    per map (Finn et al. 2016; robomimic's `SpatialSoftmax`): (B, F*3, H, W) uint8 -> (B, K, 2) keypoints, the
+    expected (x, y) in [-1, 1] of each map's softmax over the feature-map cells, at a learned temperature.
+
+    A conv-token Perceiver must find a small object by attention and read its place from the position features
+    mixed into the attended values; a keypoint token's content is the place itself, so a latent that reads it
+    reads where the thing is, at sub-cell precision, whatever the other tokens hold. Over the stacked frames a
+    keypoint may follow one frame's object; with `keypoints_per_frame` the stem reads each frame alone, each frame
+    has its own keypoints (B, F*K, 2), and motion is the change of a keypoint between frames."""
+
+    def __init__(self, spec: ModalitySpec, config: PerceiverConfig):
+        super().__init__(spec, config)
+        self.keypoint_maps = nn.Conv2d(spec.conv_channels, spec.keypoints, 1)
+        self.log_temperature = nn.Parameter(torch.zeros(()))  # temperature 1 at the start, as robomimic's
+        height, width = spec.conv_grid
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
+        self.register_buffer("cell_xy", torch.stack([xs.flatten(), ys.flatten()], dim=1), persistent=False)
+
+    def tokens_content(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.centred(x)
+        batch = x.shape[0]
+        if self.spec.keypoints_per_frame:  # each frame alone through the stem: (B * F, C, H, W)
+            x = x.reshape(-1, self.spec.channels_per_frame, *x.shape[-2:])
+        pixels = channels_last_pixels(x, dtype=autocast_dtype(x.device))
+        features = scaled_stem(self.stem, pixels, shift=0.5)  # (B [* F], C, H', W')
+        # (B [* F], K, H' * W'): the softmax in float32
+        logits = self.keypoint_maps(features).flatten(2).float()
+        attention = torch.softmax(logits / self.log_temperature.exp(), dim=-1)
+        return (attention @ self.cell_xy).reshape(batch, -1, 2)  # (B, [F *] K, 2): each keypoint's (x, y)
 
 
 class VectorAdapter(ModalityAdapter):
@@ -554,6 +603,7 @@ ADAPTERS: dict[str, type[ModalityAdapter]] = {
     "vector": VectorAdapter,
     "sequence": SequenceAdapter,
     "conv_image": ConvImageAdapter,
+    "keypoint_image": KeypointImageAdapter,
     "task": TaskAdapter,
 }
 

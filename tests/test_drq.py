@@ -1,6 +1,7 @@
 """DrQ's update rule (agents/drq.py) against a transcription of DrQ's equations, and its encoders."""
 
 import copy
+import dataclasses
 import math
 import warnings
 
@@ -565,6 +566,56 @@ def test_conv_tokenizer_reads_the_stacked_frames_into_grid_tokens():
         ValueError, match=r"conv_kernels must be None or one positive integer per conv_strides entry \(3\)"
     ):
         PerceiverConfig(conv_kernels=[8, 4])
+
+
+def test_keypoint_tokens_carry_where_a_bright_square_is():
+    """One token per keypoint whose content is the expected (x, y) of its map's spatial softmax: with a stem that
+    passes the newest frame's red channel and a cold softmax, the keypoint is the square's centre in [-1, 1]."""
+    space = spaces.Dict({"pixels": spaces.Box(0, 255, (9, 32, 32), np.uint8)})
+    config = PerceiverConfig(num_latents=4, latent_dim=16, pixel_tokenizer="keypoints", keypoints=3,
+                             conv_strides=[1], conv_channels=2)  # fmt: skip
+    encoder = PerceiverEncoder(space, config)
+    assert encoder.num_tokens == {"pixels": 3}
+    adapter = encoder.adapters["pixels"]
+    assert adapter.spec.kind == "keypoint_image" and adapter.stem[0].in_channels == 9  # all frames at once
+    with torch.no_grad():
+        adapter.stem[0].weight.zero_()
+        adapter.stem[0].weight[0, 6, 1, 1] = 1.0  # feature 0: relu(red / 255 - 0.5) of the newest frame
+        adapter.stem[0].bias.zero_()
+        adapter.keypoint_maps.weight.zero_()
+        adapter.keypoint_maps.weight[:, 0] = 1.0
+        adapter.keypoint_maps.bias.zero_()
+        adapter.log_temperature.fill_(math.log(0.005))  # logits 0 or 100: all the mass on the square
+    cell = torch.linspace(-1, 1, 32)
+    for row, col in [(4, 20), (25, 3), (14, 14)]:
+        x = torch.zeros(2, 9, 32, 32, dtype=torch.uint8)
+        x[:, 6, row : row + 2, col : col + 2] = 255  # a 2 x 2 square in the newest frame
+        x[:, 0, 0:2, 0:2] = 255  # an older frame's square: feature 0 does not see it
+        keypoints = adapter.tokens_content(x)
+        expected = torch.tensor([(cell[col] + cell[col + 1]) / 2, (cell[row] + cell[row + 1]) / 2])
+        torch.testing.assert_close(keypoints, expected.expand(2, 3, 2), atol=1e-4, rtol=0)
+    assert adapter(x).shape == (2, 3, 16)
+    per_frame = PerceiverEncoder(space, dataclasses.replace(config, keypoints_per_frame=True))
+    frames = per_frame.adapters["pixels"]  # each frame alone through the stem: 3 keypoints per frame
+    assert per_frame.num_tokens == {"pixels": 9} and frames.stem[0].in_channels == 3
+    assert frames.position_features.shape[0] == 9  # a (frame, keypoint) index
+    with torch.no_grad():
+        frames.stem[0].weight.zero_()
+        frames.stem[0].weight[0, 0, 1, 1] = 1.0  # feature 0: each frame's red channel
+        frames.stem[0].bias.zero_()
+        frames.keypoint_maps.load_state_dict(adapter.keypoint_maps.state_dict())
+        frames.log_temperature.copy_(adapter.log_temperature)
+    corner = torch.tensor([(cell[0] + cell[1]) / 2] * 2)
+    by_frame = torch.stack([corner, torch.zeros(2), expected]).repeat_interleave(3, dim=0)  # frame 1 is blank
+    torch.testing.assert_close(frames.tokens_content(x), by_frame.expand(2, 9, 2), atol=1e-4, rtol=0)
+    keypoints.sum().backward()  # the temperature learns with the maps
+    assert adapter.log_temperature.grad is not None and adapter.keypoint_maps.weight.grad is not None
+    with pytest.raises(ValueError, match="pixel_tokenizer 'keypoints' has none"):
+        PerceiverConfig(pixel_tokenizer="keypoints", image_locality=1.0)
+    with pytest.raises(ValueError, match="keypoints must be a positive integer, got 0"):
+        PerceiverConfig(pixel_tokenizer="keypoints", keypoints=0)
+    with pytest.raises(ValueError, match=r"valid choices: \['patch', 'conv', 'keypoints'\]"):
+        PerceiverConfig(pixel_tokenizer="keypoint")
 
 
 def test_state_decoding_joins_the_critic_loss_of_the_drq_perceiver():

@@ -785,6 +785,7 @@ def test_a_dead_env_worker_ends_the_run_with_a_message_and_a_checkpoint(tmp_path
 
 CONV_CENTRED = ["--perceiver", "num_latents=8", "latent_dim=32", "fourier_bands=4", "pixel_tokenizer=conv",
                 "image_centering=running"]  # fmt: skip
+KEYPOINTS_CENTRED = [*CONV_CENTRED[:4], "pixel_tokenizer=keypoints", "keypoints=8", "image_centering=running"]
 
 
 @pytest.mark.parametrize(
@@ -799,6 +800,7 @@ CONV_CENTRED = ["--perceiver", "num_latents=8", "latent_dim=32", "fourier_bands=
         ),  # + the running mean frame
         ("perceiver", "center_features=reference", "target_encoder=copy", []),
         ("perceiver", "critic_head=queries", "target_encoder=copy", []),
+        ("perceiver", "critic_head=queries", "target_encoder=online", KEYPOINTS_CENTRED),
     ],  # 'cnn' shares drq-cnn's ConvEncoder
 )
 def test_drq_recipe_agents_train_evaluate_probe_blank_export_and_resume(

@@ -21,6 +21,7 @@ TINY = {"num_latents": 8, "latent_dim": 32, "fourier_bands": 4}
         ("sac", "perceiver", "reference"),
         ("sac", "perceiver-conv", "none"),  # conv tokens: the first layer's border correction, exported
         ("sac", "perceiver-conv-centred", "none"),  # the running mean frame, exported with the weights
+        ("sac", "perceiver-keypoints", "none"),  # the spatial softmax
     ],
 )
 def test_exported_actor_equals_predict(tmp_path, algorithm, policy_type, center):
@@ -37,6 +38,7 @@ def test_exported_actor_equals_predict(tmp_path, algorithm, policy_type, center)
             "perceiver": TINY,
             "perceiver-conv": {**TINY, "pixel_tokenizer": "conv"},
             "perceiver-conv-centred": {**TINY, "pixel_tokenizer": "conv", "image_centering": "running"},
+            "perceiver-keypoints": {**TINY, "pixel_tokenizer": "keypoints", "keypoints": 8},
         }[policy_type]
         policy_type = "perceiver"
     kwargs = {"center_features": center} if center else None

@@ -52,6 +52,8 @@ class Variant:
 
 CONV = {**LEAN, "pixel_tokenizer": "conv"}
 """The lean Perceiver on conv tokens (3x3 stride-2 layers, 32 channels)."""
+KEYPOINTS = {**LEAN, "pixel_tokenizer": "keypoints"}
+"""The lean Perceiver on keypoint tokens (the conv stem, 32 spatial-softmax keypoints)."""
 NATURE_STEM = {
     **CONV,
     "conv_kernels": [8, 4, 3],
@@ -154,6 +156,18 @@ VARIANTS: dict[str, Variant] = {
         "perceiver", {**CONV, "image_locality": 1.0, "image_centering": "running"}, warmup=100
     ),
     "perceiver-patch-meanframe": Variant("perceiver", {**LEAN, "image_centering": "running"}),
+    # keypoint tokens (PerceiverConfig.pixel_tokenizer='keypoints'): each token's content is a place in the image
+    "perceiver-keypoints": Variant("perceiver", KEYPOINTS),
+    "perceiver-keypoints-warmup": Variant("perceiver", KEYPOINTS, warmup=100),
+    "perceiver-keypoints-meanframe-warmup": Variant(
+        "perceiver", {**KEYPOINTS, "image_centering": "running"}, warmup=100
+    ),
+    "perceiver-keypoints-per-frame-warmup": Variant(
+        "perceiver", {**KEYPOINTS, "keypoints_per_frame": True}, warmup=100
+    ),
+    "perceiver-keypoints-per-frame-meanframe-warmup": Variant(
+        "perceiver", {**KEYPOINTS, "keypoints_per_frame": True, "image_centering": "running"}, warmup=100
+    ),
     "perceiver-nature-reference": Variant("perceiver", NATURE_STEM, center="reference"),
     "perceiver-nature-reference-flat": Variant("perceiver", NATURE_STEM, readout="flat", center="reference"),
 }
@@ -219,7 +233,25 @@ BACKGROUND = (
     "perceiver-patch-meanframe",
 )
 """Frames minus a running mean frame against the frames as they are (`--variants background`)."""
-GROUPS = {"stems": STEMS, "knobs": KNOBS, "warmup": WARMUP, "locality": LOCALITY, "background": BACKGROUND}
+KEYPOINT_GROUP = (
+    "cnn",
+    "perceiver-conv-warmup",
+    "perceiver-conv-local-meanframe-warmup",
+    "perceiver-keypoints",
+    "perceiver-keypoints-warmup",
+    "perceiver-keypoints-meanframe-warmup",
+    "perceiver-keypoints-per-frame-warmup",
+    "perceiver-keypoints-per-frame-meanframe-warmup",
+)
+"""Keypoint tokens against conv tokens and NatureCNN (`--variants keypoints`)."""
+GROUPS = {
+    "stems": STEMS,
+    "knobs": KNOBS,
+    "warmup": WARMUP,
+    "locality": LOCALITY,
+    "background": BACKGROUND,
+    "keypoints": KEYPOINT_GROUP,
+}
 DEFAULT = tuple(
     name
     for name in VARIANTS
@@ -227,8 +259,9 @@ DEFAULT = tuple(
     and name not in STEMS[2:] + KNOBS[2:]
     and "-local" not in name
     and "-meanframe" not in name
+    and "-keypoint" not in name
     and not name.endswith("-warmup")
-)  # DrQ's encoder: ~5x NatureCNN's time per step; the others: `--variants stems|knobs|warmup|locality|background`
+)  # DrQ's encoder: ~5x NatureCNN's time per step; the others: `--variants stems|knobs|warmup|locality|background|keypoints`
 QUICK = ("cnn", "perceiver-patch", "perceiver-patch-centred", "perceiver-patch-reference")
 
 

@@ -171,7 +171,7 @@ def _scene(background: torch.Tensor, ball: torch.Tensor, batch: int) -> torch.Te
     return (background + ball).to(torch.uint8).repeat(batch, 3, 1, 1)
 
 
-@pytest.mark.parametrize("tokenizer", ["patch", "conv"])
+@pytest.mark.parametrize("tokenizer", ["patch", "conv", "keypoints"])
 def test_a_running_mean_frame_cancels_the_fixed_background(dict_space, tokenizer):
     """Two cameras with different fixed backgrounds see the same moving ball: once each encoder's mean frame is
     its background, their pixel tokens are the same; without centring they differ."""
@@ -197,7 +197,8 @@ def test_a_running_mean_frame_cancels_the_fixed_background(dict_space, tokenizer
             tokens.append(adapter(_scene(background, ball, 1)))
             plain_tokens.append(plain.adapters["pixels"](_scene(background, ball, 1)))
     torch.testing.assert_close(tokens[0], tokens[1], atol=1e-4, rtol=0)
-    assert (plain_tokens[0] - plain_tokens[1]).abs().max() > 0.1
+    # keypoints start near the map's centre (an untrained softmax is near uniform): they move less
+    assert (plain_tokens[0] - plain_tokens[1]).abs().max() > (0.01 if tokenizer == "keypoints" else 0.1)
 
 
 def test_the_mean_frame_follows_training_passes_only_and_is_saved_with_the_weights(dict_space):

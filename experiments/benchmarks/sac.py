@@ -168,6 +168,11 @@ def tokenizer_table() -> None:
             "conv (5 x 5/4, 3 x 3/2, 3 x 3/1, 32 ch, stacked)",
             STRIDE4_STEM,
         ),
+        ("keypoints (the conv stem, 32 keypoints, stacked)", {"pixel_tokenizer": "keypoints"}),
+        (
+            "keypoints (the conv stem, 32 keypoints per frame)",
+            {"pixel_tokenizer": "keypoints", "keypoints_per_frame": True},
+        ),
     ):
         encoder = PerceiverEncoder(space, PerceiverConfig(**{**LEAN, **options}))
         adapter = encoder.adapters["pixels"]
@@ -260,6 +265,7 @@ FUSE_DRQ_CUP_AGENTS = {  # row -> the variant of the ball_in_cup-catch spec it t
     "Perceiver, best (+ SB3's critic head, encoder at 0.3x lr)": "perceiver-conv-online-queries-enc-lr0.3",
     "Perceiver, best + running mean frame": "perceiver-conv-online-queries-enc-lr0.3-meanframe",
     "Perceiver, best + placed latents + running mean frame": "perceiver-conv-online-queries-enc-lr0.3-local-meanframe",
+    "Perceiver, best on keypoint tokens + running mean frame": "perceiver-keypoints-online-queries-enc-lr0.3-meanframe",
     "NatureCNN + MLP (cnn)": "cnn",
 }
 BENCH_SETS = ("batch_size", "buffer_size", "learning_starts")  # set by `alternated_update_ms`

@@ -111,3 +111,18 @@ def test_a_variants_warmup_ramps_its_learning_rate_linearly(monkeypatch):
     assert {"cnn", "perceiver-patch", "perceiver-patch-reference"} <= set(
         estimator.DEFAULT
     )  # the group's baselines
+
+
+def test_the_encoder_learns_at_its_scale_of_the_rate(monkeypatch):
+    groups = []
+    adam = torch.optim.Adam
+
+    def recording(params, **kwargs):
+        groups.extend((len(g["params"]), g["lr"]) for g in params)
+        return adam(params, **kwargs)
+
+    monkeypatch.setattr(estimator.torch.optim, "Adam", recording)
+    data = square(8, 0)
+    fit(Variant("cnn", encoder_lr_scale=0.3), data, data, steps=1, evaluate_at=(1,), batch_size=4)
+    (encoder, encoder_lr), (rest, rest_lr) = groups
+    assert encoder_lr == pytest.approx(0.3e-3) and rest_lr == pytest.approx(1e-3) and encoder > 0 and rest > 0

@@ -48,6 +48,9 @@ class Variant:
     center_momentum: float | None = None  # None: agents.encoders.CENTER_MOMENTUM
     lr: float = 1e-3  # DrQ's
     warmup: int = 0  # steps of linear learning-rate warmup (0: none, as DrQ)
+    encoder_lr_scale: float = (
+        1.0  # the encoder's learning rate / the rest's (the RL runs' `encoder_lr_scale`)
+    )
 
 
 CONV = {**LEAN, "pixel_tokenizer": "conv"}
@@ -156,6 +159,14 @@ VARIANTS: dict[str, Variant] = {
         "perceiver", {**CONV, "image_locality": 1.0, "image_centering": "running"}, warmup=100
     ),
     "perceiver-patch-meanframe": Variant("perceiver", {**LEAN, "image_centering": "running"}),
+    # the encoder at 0.3x the learning rate, as the best cartpole Perceiver trains (`--policy encoder_lr_scale=0.3`)
+    "perceiver-conv-local-meanframe-warmup-enc-lr0.3": Variant(
+        "perceiver",
+        {**CONV, "image_locality": 1.0, "image_centering": "running"},
+        warmup=100,
+        encoder_lr_scale=0.3,
+    ),
+    "cnn-enc-lr0.3": Variant("cnn", encoder_lr_scale=0.3),
     # keypoint tokens (PerceiverConfig.pixel_tokenizer='keypoints'): each token's content is a place in the image
     "perceiver-keypoints": Variant("perceiver", KEYPOINTS),
     "perceiver-keypoints-warmup": Variant("perceiver", KEYPOINTS, warmup=100),
@@ -231,8 +242,11 @@ BACKGROUND = (
     "perceiver-conv-local-meanframe-warmup",
     "perceiver-patch",
     "perceiver-patch-meanframe",
+    "perceiver-conv-local-meanframe-warmup-enc-lr0.3",
+    "cnn-enc-lr0.3",
 )
-"""Frames minus a running mean frame against the frames as they are (`--variants background`)."""
+"""Frames minus a running mean frame against the frames as they are (`--variants background`), and the best with
+its encoder at 0.3x the learning rate, as the RL runs train it."""
 KEYPOINT_GROUP = (
     "cnn",
     "perceiver-conv-warmup",
@@ -261,6 +275,7 @@ DEFAULT = tuple(
     and "-meanframe" not in name
     and "-keypoint" not in name
     and not name.endswith("-warmup")
+    and "-enc-lr" not in name
 )  # DrQ's encoder: ~5x NatureCNN's time per step; the others: `--variants stems|knobs|warmup|locality|background|keypoints`
 QUICK = ("cnn", "perceiver-patch", "perceiver-patch-centred", "perceiver-patch-reference")
 
@@ -366,7 +381,12 @@ def fit(
     space = spaces.Dict({"pixels": spaces.Box(0, 255, tuple(train.pixels.shape[1:]), np.uint8)})
     model = StateRegressor(variant, space, train.states.shape[1])
     mean, std = train.states.mean(0), train.states.std(0).clamp_min(1e-6)
-    optimizer = torch.optim.Adam(model.parameters(), lr=variant.lr if lr is None else lr)
+    rate = variant.lr if lr is None else lr
+    encoder = list(model.encoder.parameters())
+    rest = [p for p in model.parameters() if all(p is not q for q in encoder)]
+    optimizer = torch.optim.Adam(
+        [{"params": encoder, "lr": rate * variant.encoder_lr_scale}, {"params": rest, "lr": rate}]
+    )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: warmup_factor(done, variant.warmup))
     generator = torch.Generator().manual_seed(seed)
     scores, elapsed = {}, 0.0

@@ -23,7 +23,13 @@ from gymnasium import spaces
 from torch import nn
 
 from perceiver_policy.config import PerceiverConfig
-from perceiver_policy.modalities import ABSENT_KEY, STATE_KEY, channels_last_pixels, scaled_stem
+from perceiver_policy.modalities import (
+    ABSENT_KEY,
+    STATE_KEY,
+    channels_last_pixels,
+    is_image_space,
+    scaled_stem,
+)
 from perceiver_policy.model import LearnedQueries, PerceiverDecoder, PerceiverEncoder
 
 ENCODERS = ("perceiver", "cnn", "drq-cnn")
@@ -127,7 +133,7 @@ def _input_keys(observation_space: spaces.Dict, name: str) -> tuple[str | None, 
     for key, space in observation_space.spaces.items():
         if key == STATE_KEY:
             continue
-        if space.dtype == np.uint8 and len(space.shape) == 3:
+        if is_image_space(space):
             if pixel_key is not None:
                 raise ValueError(f"encoder {name!r} reads one image key, got {pixel_key!r} and {key!r}")
             pixel_key = key

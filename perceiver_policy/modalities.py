@@ -265,10 +265,15 @@ class ModalitySpec:
         return self.shape[1]
 
 
+def is_image_space(space: spaces.Space) -> bool:
+    """Whether a space holds images: a uint8 Box of rank 3, (channels, H, W) (frame stacks: frames x 3 channels)."""
+    return isinstance(space, spaces.Box) and space.dtype == np.uint8 and len(space.shape) == 3
+
+
 def infer_kind(name: str, space: spaces.Space) -> str:
     if name in _DEFAULT_KIND:
         return _DEFAULT_KIND[name]
-    if isinstance(space, spaces.Box) and space.dtype == np.uint8 and len(space.shape) == 3:
+    if is_image_space(space):
         return "image"
     if isinstance(space, spaces.Box) and len(space.shape) == 1:
         return "vector"

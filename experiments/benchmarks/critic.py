@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from experiments.benchmarks.common import table
+from perceiver_policy.modalities import is_image_space
 
 HEAD_KINDS = ("queries", "query", "flat")
 """Fresh critic heads: 'queries', action-conditioned queries over the latents (`critic_head='queries'`); 'query'
@@ -146,8 +147,7 @@ def predict(q_fn, features, candidates, index) -> torch.Tensor:
 
 
 def pixel_key(model) -> str | None:
-    spaces = model.observation_space.spaces
-    return next((k for k, s in spaces.items() if s.dtype == np.uint8 and len(s.shape) == 3), None)
+    return next((k for k, s in model.observation_space.spaces.items() if is_image_space(s)), None)
 
 
 def critic_rows(teacher, students: list[tuple[str, object]], task: str, env_kwargs: dict, episodes: int = 10,

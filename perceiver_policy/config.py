@@ -165,6 +165,10 @@ class PerceiverConfig:
         self.validate()
 
     def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "bool" and not isinstance(value, bool):
+                raise ValueError(f"PerceiverConfig.{f.name} must be true or false, got {value!r}")
         positive = (
             "num_latents",
             "latent_dim",

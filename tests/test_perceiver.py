@@ -323,6 +323,8 @@ def test_custom_modality_is_one_registry_entry(dict_space):
         ({"proprio_tokens": "joint"}, "proprio_tokens 'joint' unknown"),
         ({"patch_size": 0}, "patch_size must be a positive integer"),
         ({"init_std": 0.0}, "init_std must be > 0"),
+        ({"keypoints_per_frame": 2}, "keypoints_per_frame must be true or false, got 2"),
+        ({"use_position_features": "yes"}, "use_position_features must be true or false, got 'yes'"),
     ],
 )
 def test_config_errors_name_the_field(kwargs, match):

@@ -14,7 +14,7 @@ from envs.dmc import STATE_KEY
 from envs.vec import make_env_fn
 from envs.wrappers import ABSENT_KEY
 from experiments.tb import attention_overlay as attention_overlay_image
-from perceiver_policy.introspection import attention_on_frames
+from perceiver_policy.introspection import ON_IMAGE_KINDS, attention_on_frames
 from perceiver_policy.introspection import modality_path as modality_path_of
 from perceiver_policy.modalities import ACTION_MASK_KEY, is_input_key
 from perceiver_policy.probes import MIN_EPISODES, state_probe
@@ -474,6 +474,12 @@ def evaluate_policy(
     encoder = perceiver_encoder(model)
     if attention_overlay and (encoder is None or "pixels" not in encoder.names):
         raise ValueError("--attention-overlay needs a Perceiver policy that reads pixels")
+    if attention_overlay and encoder.adapters["pixels"].spec.kind not in ON_IMAGE_KINDS:
+        raise ValueError(
+            f"--attention-overlay draws attention on image tokens; this policy's pixel tokens are "
+            f"{encoder.adapters['pixels'].spec.kind!r} (no place on the image), valid kinds: {list(ON_IMAGE_KINDS)}"
+            " (pixel_tokenizer 'patch' or 'conv'); --video shows its episodes without the overlay"
+        )
     overlay = video and attention_overlay
     if modality_path and encoder is None:
         raise ValueError(

@@ -108,7 +108,7 @@ class PerceiverConfig:
     and each frame has its own `keypoints` tokens, with a (frame, keypoint) Fourier index: motion is the change of
     a keypoint from one frame to the next, as Finn et al. fed their policy. False: one set over the stacked frames."""
     conv_kernels: list[int] | None = None
-    """Kernel side of each conv-stem layer, padded by (k - 1) // 2 (pixel_tokenizer 'conv'); None: 3 for every
+    """Kernel side of each conv-stem layer, padded by (k - 1) // 2 (pixel_tokenizer 'conv', 'keypoints'); None: 3 for every
     layer. NatureCNN's stem is `conv_kernels=[8, 4, 3] conv_strides=[4, 2, 1]` (84 px: 10 x 10 tokens)."""
     image_centering: str = "none"
     """'running': every image tokenizer reads the frames minus a running mean frame of the training observations

@@ -79,15 +79,22 @@ def token_moments(capture: dict) -> dict[str, tuple[float, float]]:
     }
 
 
+ON_IMAGE_KINDS = ("image", "conv_image")
+"""Image kinds whose tokens are places on the image (patches, feature-map cells)."""
+
+
 def attention_on_frames(capture: dict, specs, sample: int = 0, key: str = "pixels") -> torch.Tensor | None:
     """(F, Hp, Wp) share of one sample's cross-attention mass on each (frame, patch) token of the image modality
     `key` (summed over latents, averaged over heads, as a fraction of all the sample's attention mass), or None
-    when that modality is absent. Tokens are ordered (frame, patch row, patch col) by the image adapter; conv
-    tokens (`pixel_tokenizer='conv'`, one per cell of a feature map over the stacked frames) give (Hp, Wp)."""
+    when that modality is absent or its tokens have no place on the image (keypoint tokens carry their place as
+    content). Tokens are ordered (frame, patch row, patch col) by the image adapter; conv tokens
+    (`pixel_tokenizer='conv'`, one per cell of a feature map over the stacked frames) give (Hp, Wp)."""
     names = capture["names"]
     if key not in names:
         return None
     spec = next(s for s in specs if s.name == key)
+    if spec.kind not in ON_IMAGE_KINDS:
+        return None
     m = capture["present"][names.index(key)]
     per_token = capture["weights"][sample].float().mean(dim=0).sum(dim=0)  # (N,)
     mass = per_token[capture["modality_index"] == m] / per_token.sum()

@@ -38,7 +38,7 @@ ACTION_MASK_KEY = "action_mask"  # = envs.multitask.ACTION_MASK_KEY: which padde
 # = envs.multitask.PRESENT_SUFFIX: '<key>_present' flags that key's tokens (its sensor slots)
 PRESENT_SUFFIX = "_present"
 NOT_MODALITIES = (ABSENT_KEY, STATE_KEY, ACTION_MASK_KEY)
-STEM_KINDS = ("conv_image", "keypoint_image")  # image kinds read by a conv stem over the stacked frames
+STEM_KINDS = ("conv_image", "keypoint_image")  # image kinds read by a conv stem
 KINDS = ("image", "vector", "sequence", "conv_image", "keypoint_image", "task")
 _DEFAULT_KIND = {
     "pixels": "image",
@@ -212,6 +212,11 @@ class ModalitySpec:
         """conv_image and keypoint_image: (kernel, stride) of each stem layer."""
         kernels = self.conv_kernels or (3,) * len(self.conv_strides)
         return tuple(zip(kernels, self.conv_strides))
+
+    @property
+    def stem_in_channels(self) -> int:
+        """conv_image and keypoint_image: the channels the stem's first layer reads (the stack, or one frame)."""
+        return self.channels_per_frame if self.keypoints_per_frame else self.shape[0]
 
     @property
     def conv_grid(self) -> tuple[int, int]:
@@ -511,7 +516,7 @@ class ConvImageAdapter(CentredImage):
     def __init__(self, spec: ModalitySpec, config: PerceiverConfig):
         super().__init__(spec, config)
         layers: list[nn.Module] = []
-        channels = spec.channels_per_frame if spec.keypoints_per_frame else spec.shape[0]
+        channels = spec.stem_in_channels
         for kernel, stride in spec.conv_layers:
             conv = nn.Conv2d(channels, spec.conv_channels, kernel, stride=stride, padding=(kernel - 1) // 2)
             layers += [conv, nn.ReLU(inplace=True)]  # in place: the conv's fresh output, not an input
@@ -537,9 +542,10 @@ class ConvImageAdapter(CentredImage):
 
 
 class KeypointImageAdapter(ConvImageAdapter):
-    """The conv stem of `ConvImageAdapter` over the stacked frames, a 1 x 1 conv to K maps, and a spatial softmax
-    per map (Finn et al. 2016; robomimic's `SpatialSoftmax`): (B, F*3, H, W) uint8 -> (B, K, 2) keypoints, the
-    expected (x, y) in [-1, 1] of each map's softmax over the feature-map cells, at a learned temperature.
+    """The conv stem of `ConvImageAdapter` (over the stacked frames, or each frame), a 1 x 1 conv to K maps, and a
+    spatial softmax per map (Finn et al. 2016; robomimic's `SpatialSoftmax`): (B, F*3, H, W) uint8 -> (B, K, 2)
+    keypoints, the expected (x, y) in [-1, 1] of each map's softmax over the feature-map cells, at a learned
+    temperature.
 
     A conv-token Perceiver must find a small object by attention and read its place from the position features
     mixed into the attended values; a keypoint token's content is the place itself, so a latent that reads it

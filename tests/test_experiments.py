@@ -816,6 +816,12 @@ def test_drq_recipe_agents_train_evaluate_probe_blank_export_and_resume(
     cli(*ppo_run(tmp_path, policy_type, 32, 32, *drq))
     if extra:
         assert "image_centering: running" in (run / "config.yaml").read_text()
+    if (
+        "pixel_tokenizer=keypoints" in extra
+    ):  # keypoint tokens have no place on the image to draw attention on
+        refused = cli("experiments.evaluate", str(run), "--episodes", "1", "--video", "--attention-overlay",
+                      check=False)  # fmt: skip
+        assert refused.returncode == 2 and "this policy's pixel tokens are 'keypoint_image'" in refused.stderr
     assert "perceiver/state_probe_r2/velocity" in tags(run).Tags()["scalars"]
     assert "train/critic_loss" in tags(run).Tags()["scalars"]
     resumed = cli("experiments.train", "--resume", str(run), "--total-steps", "48")

@@ -48,9 +48,8 @@ class Variant:
     center_momentum: float | None = None  # None: agents.encoders.CENTER_MOMENTUM
     lr: float = 1e-3  # DrQ's
     warmup: int = 0  # steps of linear learning-rate warmup (0: none, as DrQ)
-    encoder_lr_scale: float = (
-        1.0  # the encoder's learning rate / the rest's (the RL runs' `encoder_lr_scale`)
-    )
+    # the encoder's learning rate / the rest's (the RL runs' `encoder_lr_scale`)
+    encoder_lr_scale: float = 1.0
 
 
 CONV = {**LEAN, "pixel_tokenizer": "conv"}
@@ -382,11 +381,15 @@ def fit(
     model = StateRegressor(variant, space, train.states.shape[1])
     mean, std = train.states.mean(0), train.states.std(0).clamp_min(1e-6)
     rate = variant.lr if lr is None else lr
-    encoder = list(model.encoder.parameters())
-    rest = [p for p in model.parameters() if all(p is not q for q in encoder)]
-    optimizer = torch.optim.Adam(
-        [{"params": encoder, "lr": rate * variant.encoder_lr_scale}, {"params": rest, "lr": rate}]
-    )
+    encoder = {id(p) for p in model.encoder.parameters()}
+    groups = [
+        {
+            "params": [p for p in model.parameters() if id(p) in encoder],
+            "lr": rate * variant.encoder_lr_scale,
+        },
+        {"params": [p for p in model.parameters() if id(p) not in encoder], "lr": rate},
+    ]
+    optimizer = torch.optim.Adam(groups)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: warmup_factor(done, variant.warmup))
     generator = torch.Generator().manual_seed(seed)
     scores, elapsed = {}, 0.0

@@ -14,9 +14,9 @@ from envs.dmc import STATE_KEY
 from envs.vec import make_env_fn
 from envs.wrappers import ABSENT_KEY
 from experiments.tb import attention_overlay as attention_overlay_image
-from perceiver_policy.introspection import ON_IMAGE_KINDS, attention_on_frames
+from perceiver_policy.introspection import attention_on_frames
 from perceiver_policy.introspection import modality_path as modality_path_of
-from perceiver_policy.modalities import ACTION_MASK_KEY, is_input_key
+from perceiver_policy.modalities import ACTION_MASK_KEY, ON_IMAGE_KINDS, is_input_key
 from perceiver_policy.probes import MIN_EPISODES, state_probe
 from perceiver_policy.streaming import encoder_of
 from perceiver_policy.streaming import streaming as stream_tokens

@@ -10,7 +10,7 @@ from gymnasium import spaces
 from torch import nn
 
 from perceiver_policy.config import PerceiverConfig
-from perceiver_policy.modalities import build_specs, position_feature_dim
+from perceiver_policy.modalities import ON_IMAGE_KINDS, build_specs, position_feature_dim
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
@@ -77,10 +77,6 @@ def token_moments(capture: dict) -> dict[str, tuple[float, float]]:
         name: (float(tokens[:, index == m].mean()), float(tokens[:, index == m].std()))
         for name, m in zip(capture["names"], capture["present"])
     }
-
-
-ON_IMAGE_KINDS = ("image", "conv_image")
-"""Image kinds whose tokens are places on the image (patches, feature-map cells)."""
 
 
 def attention_on_frames(capture: dict, specs, sample: int = 0, key: str = "pixels") -> torch.Tensor | None:

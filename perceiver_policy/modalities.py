@@ -39,6 +39,7 @@ ACTION_MASK_KEY = "action_mask"  # = envs.multitask.ACTION_MASK_KEY: which padde
 PRESENT_SUFFIX = "_present"
 NOT_MODALITIES = (ABSENT_KEY, STATE_KEY, ACTION_MASK_KEY)
 STEM_KINDS = ("conv_image", "keypoint_image")  # image kinds read by a conv stem
+ON_IMAGE_KINDS = ("image", "conv_image")  # image kinds whose tokens are places on the image (patches, cells)
 KINDS = ("image", "vector", "sequence", "conv_image", "keypoint_image", "task")
 _DEFAULT_KIND = {
     "pixels": "image",
@@ -246,7 +247,7 @@ class ModalitySpec:
 
     @property
     def num_tokens(self) -> int:
-        if self.kind in ("image", "conv_image", "keypoint_image"):
+        if self.kind in ("image", *STEM_KINDS):
             return int(np.prod(self.fourier_resolutions))
         if self.kind == "vector":
             return len(self.layout) if self.layout else -(-self.shape[0] // self.stride)

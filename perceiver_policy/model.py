@@ -24,6 +24,7 @@ from perceiver_policy.cross_attention import GatedCrossAttention
 from perceiver_policy.modalities import (
     ABSENT_KEY,
     ADAPTERS,
+    ON_IMAGE_KINDS,
     PRESENT_SUFFIX,
     TASK_KEY,
     build_specs,
@@ -253,7 +254,7 @@ class PerceiverEncoder(nn.Module):
         bias = torch.zeros(len(self.latents), len(modality_index))
         for m in present:
             spec = self.specs[m]
-            if spec.kind not in ("image", "conv_image"):
+            if spec.kind not in ON_IMAGE_KINDS:
                 continue
             placed = (
                 torch.arange(len(self.latents))

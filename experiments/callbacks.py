@@ -21,11 +21,10 @@ from stable_baselines3.common.logger import TensorBoardOutputFormat
 from envs.multitask import active_task_weights
 from experiments.checkpoint import best_checkpoint, read_meta, save_best, save_checkpoint
 from experiments.evaluation import evaluate_tasks, has_action_layer, missing_modalities, perceiver_encoder
-from experiments.tb import add_video, attention_figure, attention_overlay
+from experiments.tb import add_video, attention_figure, attention_on_image
 from perceiver_policy.introspection import (
     attention_entropy,
     attention_map,
-    attention_on_frames,
     count_flops,
     modality_balance,
     token_moments,
@@ -373,10 +372,9 @@ class PerceiverMetricsCallback(PeriodicCallback):
     def _log_attention_on_frame(self, capture: dict, encoder, obs: dict) -> None:
         """perceiver/attention_on_frame: where the latents read in each stacked frame of env 0's image."""
         writer = tensorboard_writer(self.logger)
-        heat = attention_on_frames(capture, encoder.specs)
-        if writer is None or heat is None:
+        image = None if writer is None else attention_on_image(encoder, capture, obs["pixels"][0])
+        if image is None:
             return
-        image = attention_overlay(obs["pixels"][0].cpu().numpy(), heat.cpu().numpy())
         writer.add_image("perceiver/attention_on_frame", image, self.num_timesteps, dataformats="HWC")
 
     def _log_latency(self, obs: dict) -> None:

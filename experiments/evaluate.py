@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--attention-overlay",
         action="store_true",
-        help="with --video: show the policy's stacked frames with its cross-attention per patch overlaid",
+        help="with --video: show the policy's stacked frames with its cross-attention overlaid (per patch or conv cell;"
+        " keypoint tokens: a disc where each keypoint sits, growing with its attention)",
     )
     parser.add_argument(
         "--missing-modality", action="append", default=[], help="evaluate with this modality absent"

@@ -13,8 +13,7 @@ from torch import nn
 from envs.dmc import STATE_KEY
 from envs.vec import make_env_fn
 from envs.wrappers import ABSENT_KEY
-from experiments.tb import attention_overlay as attention_overlay_image
-from perceiver_policy.introspection import attention_on_frames
+from experiments.tb import attention_on_image
 from perceiver_policy.introspection import modality_path as modality_path_of
 from perceiver_policy.modalities import ACTION_MASK_KEY, ON_IMAGE_KINDS, is_input_key
 from perceiver_policy.probes import MIN_EPISODES, state_probe
@@ -84,6 +83,8 @@ def feature_module(model):
 
 
 PROBE_FEATURES = ("encoder", "actor")
+OVERLAY_KINDS = (*ON_IMAGE_KINDS, "keypoint_image")
+"""Pixel token kinds `--attention-overlay` draws: heat on patches and conv cells, discs where keypoints sit."""
 """What a state probe reads: ``encoder``, what the policy's heads read (`feature_module`); ``actor``, the input
 of the actor's action layer (`action_layer`), the last representation the action is a linear function of. A
 state the encoder carries and the actor's layer does not is lost in the actor's readout. The encoder probe's R²
@@ -456,7 +457,8 @@ def evaluate_policy(
     for this; the policy never sees it unless it was trained with it) and report R² per sensor; `probe_features`
     (`PROBE_FEATURES`, one or several): which of the policy's features are probed, each by its own fit.
     `attention_overlay` (with `video`): the video shows the policy's own stacked frames with the latents'
-    cross-attention on each patch blended over them, instead of the camera render.
+    cross-attention on each patch or conv cell blended over them (keypoint tokens: a disc where each keypoint
+    sits, growing with its attention), instead of the camera render.
     `streaming`: a Perceiver embeds only the newest frame / step of each window (perceiver_policy.streaming;
     the same actions as the full forward, bit for bit).
     `missing`: the Perceiver encoder drops these modalities' tokens (only a Perceiver can). `blank`: these
@@ -474,11 +476,11 @@ def evaluate_policy(
     encoder = perceiver_encoder(model)
     if attention_overlay and (encoder is None or "pixels" not in encoder.names):
         raise ValueError("--attention-overlay needs a Perceiver policy that reads pixels")
-    if attention_overlay and encoder.adapters["pixels"].spec.kind not in ON_IMAGE_KINDS:
+    if attention_overlay and encoder.adapters["pixels"].spec.kind not in OVERLAY_KINDS:
         raise ValueError(
             f"--attention-overlay draws attention on image tokens; this policy's pixel tokens are "
-            f"{encoder.adapters['pixels'].spec.kind!r} (no place on the image), valid kinds: {list(ON_IMAGE_KINDS)}"
-            " (pixel_tokenizer 'patch' or 'conv'); --video shows its episodes without the overlay"
+            f"{encoder.adapters['pixels'].spec.kind!r} (no place on the image), valid kinds: {list(OVERLAY_KINDS)}"
+            " (pixel_tokenizer 'patch', 'conv' or 'keypoints'); --video shows its episodes without the overlay"
         )
     overlay = video and attention_overlay
     if modality_path and encoder is None:
@@ -535,8 +537,7 @@ def evaluate_policy(
                     result.latencies_ms.append(1000 * (time.perf_counter() - start))
                     if overlay and episode == 0:
                         encoder.capture_attention = False
-                        heat = attention_on_frames(encoder.last_capture, encoder.specs)
-                        frames.append(attention_overlay_image(obs["pixels"], heat.cpu().numpy()))
+                        frames.append(attention_on_image(encoder, encoder.last_capture, obs["pixels"]))
                     if taps:  # before the reliance probe's withheld passes overwrite the taps
                         for where, tap in taps.items():
                             episode_features[where].append(tap.after_predict(recurrent_state))

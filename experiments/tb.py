@@ -84,3 +84,54 @@ def attention_overlay(
     blended = (1 - alpha) * frames.astype(np.float32) + alpha * colours
     strip = np.concatenate(list(blended.clip(0, 255).astype(np.uint8)), axis=1)  # (H, F*W, 3)
     return strip.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def keypoint_overlay(
+    pixels: np.ndarray, places: np.ndarray, mass: np.ndarray, scale: int = 2, max_radius: float = 6.0
+) -> np.ndarray:
+    """The stacked frames side by side (oldest first) with each keypoint drawn where it sits, as a disc whose
+    area and colour grow with the cross-attention mass it receives.
+
+    pixels (F*3, H, W) uint8; places (G, K, 2) (x, y) in pixels; mass (G, K); G = F (each frame's own keypoints)
+    or 1 (keypoints of the whole stack, drawn on every frame) -> (H*scale, F*W*scale, 3) uint8. The colour scale
+    is shared across frames (max of the stack), as in `attention_overlay`; a keypoint with no mass is a dot."""
+    import matplotlib.pyplot as plt
+
+    frames = np.asarray(pixels).reshape(-1, 3, *pixels.shape[-2:]).transpose(0, 2, 3, 1)  # (F, H, W, 3)
+    frames = frames.repeat(scale, axis=1).repeat(scale, axis=2).astype(np.float32)
+    places, mass = np.asarray(places, dtype=np.float32), np.asarray(mass, dtype=np.float32)
+    if places.shape[0] == 1:
+        places = np.broadcast_to(places, (frames.shape[0], *places.shape[1:]))
+        mass = np.broadcast_to(mass, (frames.shape[0], *mass.shape[1:]))
+    share = mass / max(float(mass.max()), 1e-12)
+    colours = plt.get_cmap("inferno")(0.25 + 0.75 * share)[..., :3] * 255.0  # (F, K, 3)
+    ys, xs = np.mgrid[: frames.shape[1], : frames.shape[2]] + 0.5
+    for frame, frame_places, frame_share, frame_colours in zip(frames, places, share, colours):
+        for k in np.argsort(frame_share, kind="stable"):  # the heaviest drawn last, on top
+            (x, y), radius = (
+                frame_places[k] * scale,
+                1.0 + (max_radius * scale - 1.0) * np.sqrt(frame_share[k]),
+            )
+            frame[(xs - x) ** 2 + (ys - y) ** 2 <= radius**2] = frame_colours[k]
+    return np.concatenate(list(frames.clip(0, 255).astype(np.uint8)), axis=1)  # (H*scale, F*W*scale, 3)
+
+
+def attention_on_image(encoder, capture: dict, pixels) -> np.ndarray | None:
+    """One sample's frames with the latents' cross-attention drawn on them: heat over the patches or conv cells
+    (`attention_overlay`), or the keypoints where they sit (`keypoint_overlay`); None where the encoder's pixel
+    tokens have no place on the image (or the capture has no pixels). pixels: (F*3, H, W) uint8, numpy or torch,
+    the sample the capture came from."""
+    import torch
+
+    from perceiver_policy.introspection import attention_on_frames, keypoints_on_frames
+
+    frames = torch.as_tensor(np.asarray(pixels.cpu() if isinstance(pixels, torch.Tensor) else pixels))
+    heat = attention_on_frames(capture, encoder.specs)
+    if heat is not None:
+        return attention_overlay(frames.numpy(), heat.cpu().numpy())
+    device = next(encoder.parameters()).device
+    keypoints = keypoints_on_frames(encoder, capture, frames[None].to(device))
+    if keypoints is None:
+        return None
+    places, mass = keypoints
+    return keypoint_overlay(frames.numpy(), places.cpu().numpy(), mass.cpu().numpy())

@@ -97,6 +97,39 @@ def attention_on_frames(capture: dict, specs, sample: int = 0, key: str = "pixel
     return mass.reshape(spec.fourier_resolutions)  # (F, Hp, Wp)
 
 
+def keypoints_on_frames(
+    encoder, capture: dict, pixels: torch.Tensor, sample: int = 0, key: str = "pixels"
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Keypoint tokens (`pixel_tokenizer='keypoints'`) of one sample, as places on its frames: ((G, K, 2) each
+    keypoint's (x, y) in the frame's pixel coordinates, (G, K) its share of the sample's cross-attention mass,
+    summed over latents and averaged over heads), G = F with `keypoints_per_frame` (frame f's keypoints), else 1
+    (keypoints of the whole stack). None when `key` is absent or not keypoint tokens. `pixels`: the observation
+    the capture came from, (B, F*3, H, W) as the encoder reads it. The places are the adapter's own spatial
+    softmax over these frames (frozen statistics: no running mean moves); cell centres map to the pixels as in
+    `attention_on_frames`' maps (cell i of n covers pixels [i H / n, (i + 1) H / n))."""
+    names = capture["names"]
+    if key not in names:
+        return None
+    adapter = encoder.adapters[key]
+    spec = adapter.spec
+    if spec.kind != "keypoint_image":
+        return None
+    training = adapter.training
+    adapter.eval()
+    try:
+        with torch.no_grad():
+            xy = adapter.tokens_content(pixels[sample : sample + 1])[0].float()  # ([F *] K, 2) in [-1, 1]
+    finally:
+        adapter.train(training)
+    m = capture["present"][names.index(key)]
+    per_token = capture["weights"][sample].float().mean(dim=0).sum(dim=0)  # (N,)
+    mass = per_token[capture["modality_index"] == m] / per_token.sum()
+    (rows, cols), (height, width) = spec.conv_grid, spec.shape[1:]
+    cells = (xy + 1) / 2 * xy.new_tensor([cols - 1, rows - 1]) + 0.5  # in cells, centres at i + 0.5
+    places = cells * xy.new_tensor([width / cols, height / rows])
+    return places.reshape(-1, spec.keypoints, 2), mass.reshape(-1, spec.keypoints)
+
+
 def encoder_parameter_groups(encoder) -> dict[str, list[torch.nn.Parameter]]:
     """The encoder's parameters by stage: one group per modality adapter (content + position projections), the
     latent array and modality embeddings, cross-attention, self-attention."""

@@ -1,4 +1,6 @@
+import dataclasses
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -431,6 +433,68 @@ def test_attention_on_frames_of_conv_tokens_is_one_map_over_the_stack():
     image = attention_overlay(obs["pixels"][0].numpy(), heat.numpy())
     assert image.shape == (168, 3 * 168, 3) and image.dtype == np.uint8
     assert modality_balance(encoder.last_capture)["pixels"] == pytest.approx(1.0)
+
+
+def test_keypoints_on_frames_are_where_the_keypoints_sit_with_their_attention():
+    """Keypoint tokens are drawn where their spatial softmax puts them, in the frame's pixels: a cold softmax on
+    a bright 2 x 2 square at pixels [20, 22) x [4, 6) puts every keypoint at its centre (21, 5); their masses are
+    the pixel modality's share of the attention; drawing them leaves the running mean frame where it was."""
+    from experiments.tb import attention_on_image, keypoint_overlay
+    from perceiver_policy.introspection import keypoints_on_frames
+
+    space = spaces.Dict(
+        {"pixels": spaces.Box(0, 255, (9, 32, 32), np.uint8), "proprio": spaces.Box(-1, 1, (4,))}
+    )
+    config = PerceiverConfig(num_latents=4, latent_dim=16, pixel_tokenizer="keypoints", keypoints=3,
+                             conv_strides=[1], conv_channels=2, image_centering="running")  # fmt: skip
+    encoder = PerceiverEncoder(space, config)
+    adapter = encoder.adapters["pixels"]
+    with torch.no_grad():
+        adapter.stem[0].weight.zero_()
+        adapter.stem[0].weight[0, 6, 1, 1] = 1.0  # feature 0: the newest frame's red channel
+        adapter.stem[0].bias.zero_()
+        adapter.keypoint_maps.weight.zero_()
+        adapter.keypoint_maps.weight[:, 0] = 1.0
+        adapter.keypoint_maps.bias.zero_()
+        adapter.log_temperature.fill_(math.log(0.005))
+    obs = sample_obs(space, 2)
+    obs["pixels"] = torch.zeros(2, 9, 32, 32, dtype=torch.uint8)
+    obs["pixels"][:, 6, 4:6, 20:22] = 255
+    encoder.capture_attention = True
+    with torch.no_grad():
+        encoder(obs)  # training mode: the mean frame moves with this pass (a black one: nothing subtracted)
+    adapter.mean_frame.zero_()
+    count = int(adapter.mean_count)
+    places, mass = keypoints_on_frames(encoder, encoder.last_capture, obs["pixels"], sample=1)
+    assert int(adapter.mean_count) == count and adapter.training  # no statistics moved, the mode restored
+    torch.testing.assert_close(places, torch.tensor([[21.0, 5.0]]).expand(1, 3, 2), atol=1e-3, rtol=0)
+    sample1 = {**encoder.last_capture, "weights": encoder.last_capture["weights"][1:]}
+    assert float(mass.sum()) == pytest.approx(modality_balance(sample1)["pixels"], rel=1e-5)
+    image = keypoint_overlay(obs["pixels"][1].numpy(), places.numpy(), mass.numpy())
+    plain = obs["pixels"][1].numpy().reshape(3, 3, 32, 32).transpose(0, 2, 3, 1).repeat(2, 1).repeat(2, 2)
+    changed = (image.reshape(64, 3, 64, 3).transpose(1, 0, 2, 3) != plain).any(-1)  # (F, 64, 64)
+    assert changed[:, 10, 42].all()  # every frame: a disc at (21, 5) x 2
+    assert not changed[:, 40:, :].any() and not changed[:, :, :20].any()  # nowhere far from it
+    assert attention_on_image(encoder, encoder.last_capture, obs["pixels"][0]).shape == (64, 3 * 64, 3)
+    per_frame = PerceiverEncoder(space, dataclasses.replace(config, keypoints_per_frame=True))
+    per_frame.capture_attention = True
+    with torch.no_grad():
+        per_frame(obs)
+    places, mass = keypoints_on_frames(per_frame, per_frame.last_capture, obs["pixels"])
+    assert places.shape == (3, 3, 2) and mass.shape == (3, 3)  # each frame's own keypoints
+    assert ((places >= 0) & (places <= 32)).all()
+    assert keypoint_overlay(obs["pixels"][0].numpy(), places.numpy(), mass.numpy()).shape == (64, 3 * 64, 3)
+    patches = PerceiverEncoder(space, small())
+    patches.capture_attention = True
+    with torch.no_grad():
+        patches(obs)
+    assert (
+        keypoints_on_frames(patches, patches.last_capture, obs["pixels"]) is None
+    )  # patch tokens: a heat map
+    encoder.disabled_modalities = {"pixels"}
+    with torch.no_grad():
+        encoder(obs)
+    assert attention_on_image(encoder, encoder.last_capture, obs["pixels"][0]) is None
 
 
 def test_cross_attention_is_eligible_for_the_fused_kernel(dict_space, monkeypatch):

@@ -68,7 +68,8 @@ class TrainConfig:
     """A training run. Every field is a CLI flag (`--field-name`)."""
 
     preset: str | None = None
-    """YAML preset in experiments/presets/ (its name without .yaml); CLI flags override it."""
+    """YAML preset: a name from experiments/presets/ (without .yaml), or a path to a YAML file of these fields
+    (e.g. a copy of a run's config.yaml, its run_name dropped); CLI flags override it."""
     task: str = "cartpole-balance"
     """DMC task, '<domain>-<task>'."""
     tasks: list[str] = field(default_factory=list)
@@ -570,11 +571,40 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+PRESET_FILE_SUFFIXES = (".yaml", ".yml")
+
+
+def is_preset_file(name: str) -> bool:
+    """A preset given as a file of TrainConfig fields (a path ending in .yaml / .yml) rather than by name."""
+    return name.endswith(PRESET_FILE_SUFFIXES)
+
+
 def load_preset(name: str) -> dict:
-    path = PRESET_DIR / f"{name}.yaml"
-    if not path.exists():
-        raise ValueError(f"unknown preset {name!r}; valid choices: {list_presets()}")
-    return load_yaml(path.read_text()) or {}
+    """A preset by name (experiments/presets/<name>.yaml) or a YAML file of TrainConfig fields, e.g. a copy of a
+    run's config.yaml. A file's `run_name` is dropped: a run's name says which run it is, not how to train one,
+    so a copied config starts a new run (`--run-name` to name it) instead of meeting the old one's folder."""
+    if is_preset_file(name):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ValueError(
+                f"preset file {name!r} not found; give a YAML file of TrainConfig fields (a run's config.yaml "
+                f"will do) or a preset name: {list_presets()}"
+            )
+    else:
+        path = PRESET_DIR / f"{name}.yaml"
+        if not path.exists():
+            raise ValueError(
+                f"unknown preset {name!r}; valid choices: {list_presets()}, or a path to a YAML file ending in "
+                f"{' / '.join(PRESET_FILE_SUFFIXES)}"
+            )
+    values = load_yaml(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(
+            f"preset {name!r} must be a mapping of TrainConfig fields (field: value), got {type(values).__name__}"
+        )
+    if is_preset_file(name):
+        values.pop("run_name", None)
+    return values
 
 
 def _fields() -> dict[str, dataclasses.Field]:

@@ -53,7 +53,10 @@ from perceiver_policy.model import cpu_has_native_bf16
 
 
 def default_run_name(config: cfg.TrainConfig) -> str:
-    base = config.preset or f"{'multitask' if config.multitask else config.task}-{config.algorithm}"
+    preset = config.preset and (
+        Path(config.preset).stem if cfg.is_preset_file(config.preset) else config.preset
+    )
+    base = preset or f"{'multitask' if config.multitask else config.task}-{config.algorithm}"
     base += "" if config.policy_type == "perceiver" else f"-{config.policy_type}"
     return f"{base}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 

@@ -19,6 +19,43 @@ def test_presets_state_frequencies_in_frames():
     assert config.eval_freq == 100 and config.eval_every_frames is None  # an explicit step count wins
 
 
+def test_a_preset_may_be_a_yaml_file_such_as_a_runs_config(tmp_path):
+    """`--preset FILE.yaml` reads TrainConfig fields from a file: a run's saved config.yaml gives that run's settings
+    back (a new run: its run_name is dropped), flags override the file, and bad files are named."""
+    from experiments.train import default_run_name
+
+    run = resolve("--preset", "cartpole-swingup-pixels", "--seed", "3", "--perceiver", "num_latents=16",
+                  "--run-name", "first")  # fmt: skip
+    saved = tmp_path / "config.yaml"
+    cfg.save(run, saved)
+    again = resolve("--preset", str(saved))
+    assert again.run_name is None and again.preset == str(saved)
+    skip = {"run_name", "preset"}
+    assert {k: v for k, v in again.to_dict().items() if k not in skip} == {
+        k: v for k, v in run.to_dict().items() if k not in skip
+    }
+    assert default_run_name(again).startswith("config-s3-")
+    other = resolve("--preset", str(saved), "--seed", "4", "--perceiver", "num_latents=8")
+    assert other.seed == 4 and other.perceiver["num_latents"] == 8 and other.task == "cartpole-swingup"
+    mine = tmp_path / "mine.yml"
+    mine.write_text("task: walker-walk\nalgorithm: sac\n")
+    assert resolve("--preset", str(mine)).task == "walker-walk"
+    with pytest.raises(
+        ValueError, match=r"preset file '.*absent.yaml' not found; .*'cartpole-swingup-pixels'"
+    ):
+        resolve("--preset", str(tmp_path / "absent.yaml"))
+    mine.write_text("- task\n")
+    with pytest.raises(ValueError, match="must be a mapping of TrainConfig fields .*got list"):
+        resolve("--preset", str(mine))
+    mine.write_text("tsak: walker-walk\n")
+    with pytest.raises(ValueError, match=r"unknown config fields \['tsak'\]"):
+        resolve("--preset", str(mine))
+    with pytest.raises(
+        ValueError, match="unknown preset 'cartpole-swingp'; valid choices: .*ending in .yaml / .yml"
+    ):
+        resolve("--preset", "cartpole-swingp")
+
+
 def test_renamed_modality_dropout_fields_still_load():
     from perceiver_policy import PerceiverConfig
 

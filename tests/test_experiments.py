@@ -17,6 +17,7 @@ from conftest import HANG_GUARD_S
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from experiments.checkpoint import best_checkpoint, list_checkpoints, read_meta
+from experiments.config import load_yaml
 
 pytestmark = pytest.mark.slow
 
@@ -264,6 +265,22 @@ def trained_run(tmp_path_factory):
     trained = cli(*ppo_run(root, "run", 64, 32, "--reliance", "true"))
     (root / "train-stdout.txt").write_text(trained.stdout)  # what the command printed at its end
     return root / "run"
+
+
+def test_a_runs_config_is_a_preset_for_the_next_run(trained_run, tmp_path):
+    """`--preset RUN/config.yaml`: another seed of a trained run's settings, as a user types it."""
+    cli("experiments.train", "--preset", str(trained_run / "config.yaml"), "--seed", "1", "--total-steps", "16",
+        "--run-dir", str(tmp_path), "--progress-bar", "false")  # fmt: skip
+    (new,) = tmp_path.iterdir()  # a new run, named after the file: the old run's name is not reused
+    assert new.name.startswith("config-s1-")
+    old, again = (load_yaml((d / "config.yaml").read_text()) for d in (trained_run, new))
+    assert (
+        again["seed"] == 1
+        and again["total_steps"] == 16
+        and again["preset"] == str(trained_run / "config.yaml")
+    )
+    same = set(old) - {"seed", "total_steps", "run_name", "run_dir", "preset"}
+    assert {k: again[k] for k in same} == {k: old[k] for k in same}
 
 
 def test_evaluate_writes_table_and_video(trained_run, tmp_path):

@@ -230,6 +230,58 @@ def test_the_mean_frame_follows_training_passes_only_and_is_saved_with_the_weigh
         torch.testing.assert_close(restored(second), expected)
 
 
+@pytest.mark.parametrize("per_frame", [False, True])
+def test_the_mean_frame_folded_into_the_stem_is_the_stem_over_centred_pixels(dict_space, per_frame):
+    """Conv and keypoint stems subtract the mean frame inside their first layer: the features and the first
+    layer's gradients equal the stem run as written over (x - mean) / 255, zero-padded; a training pass uses the
+    mean as it was, then moves it; kept offsets follow changes of the mean and of the weights."""
+    import torch.nn.functional as F
+
+    tokenizer = {"pixel_tokenizer": "keypoints", "keypoints_per_frame": True} if per_frame else {}
+    config = PerceiverConfig(**{"pixel_tokenizer": "conv", **SMALL, **tokenizer}, image_centering="running")
+    adapter = PerceiverEncoder(dict_space, config).adapters["pixels"]
+    with torch.no_grad():
+        adapter.mean_frame.copy_(
+            torch.rand(adapter.mean_frame.shape, generator=torch.Generator().manual_seed(0)) * 255
+        )
+        adapter.mean_count.fill_(5)
+    x = sample_obs(dict_space, 4, seed=3)["pixels"]
+
+    def written(
+        mean: torch.Tensor,
+    ) -> torch.Tensor:  # the stem over (x - mean) / 255, as the layers are written
+        frames = x.reshape(-1, 3, *x.shape[-2:]) if per_frame else x
+        h = (frames.float() - mean.repeat(frames.shape[1] // 3, 1, 1)) / 255.0
+        for layer in adapter.stem:
+            h = F.relu(layer(h)) if isinstance(layer, torch.nn.Conv2d) else h
+        return h
+
+    mean = adapter.mean_frame.clone()
+    adapter.train()
+    folded = adapter.stem_features(x, x.reshape(-1, 3, *x.shape[-2:]) if per_frame else None)
+    expected_mean = mean.lerp(x.float().unflatten(1, (-1, 3)).mean(dim=(0, 1)), 1 / 6)
+    torch.testing.assert_close(adapter.mean_frame, expected_mean)  # moved after the pass ...
+    adapter.mean_frame.copy_(mean)
+    adapter.eval()  # ... which subtracted the mean as it was
+    reference = written(mean)
+    torch.testing.assert_close(folded, reference, atol=1e-5, rtol=1e-4)
+    first = adapter.stem[0]
+    grads = [
+        torch.autograd.grad(out.square().sum(), [first.weight, first.bias]) for out in (folded, reference)
+    ]
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
+    with torch.no_grad():  # without gradients the offset is kept ...
+        torch.testing.assert_close(adapter.stem_features(x, x.reshape(-1, 3, *x.shape[-2:]) if per_frame else None),
+                                   reference, atol=1e-5, rtol=1e-4)  # fmt: skip
+        adapter.mean_frame.add_(20.0)  # ... until the mean moves
+        moved = adapter.stem_features(x, x.reshape(-1, 3, *x.shape[-2:]) if per_frame else None)
+        torch.testing.assert_close(moved, written(adapter.mean_frame), atol=1e-5, rtol=1e-4)
+        first.weight.mul_(0.5)  # ... or the weights change
+        halved = adapter.stem_features(x, x.reshape(-1, 3, *x.shape[-2:]) if per_frame else None)
+        torch.testing.assert_close(halved, written(adapter.mean_frame), atol=1e-5, rtol=1e-4)
+
+
 def test_image_centering_names_its_choices():
     with pytest.raises(
         ValueError, match=r"image_centering 'mean' unknown; valid choices: \['none', 'running'\]"

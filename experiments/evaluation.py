@@ -83,12 +83,12 @@ def feature_module(model):
 
 
 PROBE_FEATURES = ("encoder", "actor")
-OVERLAY_KINDS = (*ON_IMAGE_KINDS, "keypoint_image")
-"""Pixel token kinds `--attention-overlay` draws: heat on patches and conv cells, discs where keypoints sit."""
 """What a state probe reads: ``encoder``, what the policy's heads read (`feature_module`); ``actor``, the input
 of the actor's action layer (`action_layer`), the last representation the action is a linear function of. A
 state the encoder carries and the actor's layer does not is lost in the actor's readout. The encoder probe's R²
 are keyed by sensor, the others' by '<features>/<sensor>' (`evaluate_policy`'s `probe_features`)."""
+OVERLAY_KINDS = (*ON_IMAGE_KINDS, "keypoint_image")
+"""Pixel token kinds `--attention-overlay` draws: heat on patches and conv cells, discs where keypoints sit."""
 
 
 def check_probe_features(wanted: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:

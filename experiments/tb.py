@@ -108,10 +108,8 @@ def keypoint_overlay(
     ys, xs = np.mgrid[: frames.shape[1], : frames.shape[2]] + 0.5
     for frame, frame_places, frame_share, frame_colours in zip(frames, places, share, colours):
         for k in np.argsort(frame_share, kind="stable"):  # the heaviest drawn last, on top
-            (x, y), radius = (
-                frame_places[k] * scale,
-                1.0 + (max_radius * scale - 1.0) * np.sqrt(frame_share[k]),
-            )
+            x, y = frame_places[k] * scale
+            radius = 1.0 + (max_radius * scale - 1.0) * np.sqrt(frame_share[k])
             frame[(xs - x) ** 2 + (ys - y) ** 2 <= radius**2] = frame_colours[k]
     return np.concatenate(list(frames.clip(0, 255).astype(np.uint8)), axis=1)  # (H*scale, F*W*scale, 3)
 

@@ -516,7 +516,14 @@ class CentredImage(ModalityAdapter):
         dtype = stem_input.dtype
 
         def offset(mean: torch.Tensor) -> torch.Tensor:
-            key = (conv.weight._version, conv.weight.data_ptr(), mean._version, frames, dtype)
+            key = (
+                conv.weight._version,
+                conv.weight.data_ptr(),
+                mean._version,
+                mean.data_ptr(),
+                frames,
+                dtype,
+            )
             cached = self.__dict__.get("_centring_offset")
             grad = torch.is_grad_enabled()
             if not grad and cached is not None and cached[0] == key:
@@ -602,14 +609,11 @@ class ConvImageAdapter(CentredImage):
                 nn.init.zeros_(layer.bias)
         self.stem.to(memory_format=torch.channels_last)
 
-    def stem_features(self, x: torch.Tensor, stem_input: torch.Tensor | None = None) -> torch.Tensor:
-        """The stem over `stem_input` (default: the observation `x`, (B, F*3, H, W) uint8) -> (B', C, H', W')
-        channels-last: x / 255 - 0.5, or with centring (x - the mean frame) / 255, the mean folded into the first
-        layer (`centring_offset`)."""
-        stem_input = x if stem_input is None else stem_input
-        pixels = channels_last_pixels(
-            stem_input, dtype=autocast_dtype(x.device)
-        )  # raw 0..255: the first layer scales
+    def stem_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The stem over raw frames (B', F'*3, H, W) uint8 -> (B', C, H', W') channels-last: pixels / 255 - 0.5, or
+        with centring (pixels - the mean frame) / 255, the mean folded into the first layer (`centring_offset`)."""
+        # raw 0..255: the first layer scales
+        pixels = channels_last_pixels(pixels, dtype=autocast_dtype(pixels.device))
         offset = self.centring_offset(self.stem[0], pixels)
         return scaled_stem(self.stem, pixels, shift=0.5 if offset is None else 0.0, offset=offset)
 
@@ -645,7 +649,7 @@ class KeypointImageAdapter(ConvImageAdapter):
         frames = (  # each frame alone through the stem: (B * F, C, H, W)
             x.reshape(-1, self.spec.channels_per_frame, *x.shape[-2:]) if self.spec.keypoints_per_frame else x
         )
-        features = self.stem_features(x, frames)  # (B [* F], C, H', W')
+        features = self.stem_features(frames)  # (B [* F], C, H', W')
         # (B [* F], K, H' * W'): the softmax in float32
         logits = self.keypoint_maps(features).flatten(2).float()
         attention = torch.softmax(logits / self.log_temperature.exp(), dim=-1)

@@ -256,9 +256,10 @@ def test_the_mean_frame_folded_into_the_stem_is_the_stem_over_centred_pixels(dic
             h = F.relu(layer(h)) if isinstance(layer, torch.nn.Conv2d) else h
         return h
 
+    stem_input = x.reshape(-1, 3, *x.shape[-2:]) if per_frame else x
     mean = adapter.mean_frame.clone()
     adapter.train()
-    folded = adapter.stem_features(x, x.reshape(-1, 3, *x.shape[-2:]) if per_frame else None)
+    folded = adapter.stem_features(stem_input)
     expected_mean = mean.lerp(x.float().unflatten(1, (-1, 3)).mean(dim=(0, 1)), 1 / 6)
     torch.testing.assert_close(adapter.mean_frame, expected_mean)  # moved after the pass ...
     adapter.mean_frame.copy_(mean)
@@ -272,13 +273,13 @@ def test_the_mean_frame_folded_into_the_stem_is_the_stem_over_centred_pixels(dic
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
     with torch.no_grad():  # without gradients the offset is kept ...
-        torch.testing.assert_close(adapter.stem_features(x, x.reshape(-1, 3, *x.shape[-2:]) if per_frame else None),
+        torch.testing.assert_close(adapter.stem_features(stem_input),
                                    reference, atol=1e-5, rtol=1e-4)  # fmt: skip
         adapter.mean_frame.add_(20.0)  # ... until the mean moves
-        moved = adapter.stem_features(x, x.reshape(-1, 3, *x.shape[-2:]) if per_frame else None)
+        moved = adapter.stem_features(stem_input)
         torch.testing.assert_close(moved, written(adapter.mean_frame), atol=1e-5, rtol=1e-4)
         first.weight.mul_(0.5)  # ... or the weights change
-        halved = adapter.stem_features(x, x.reshape(-1, 3, *x.shape[-2:]) if per_frame else None)
+        halved = adapter.stem_features(stem_input)
         torch.testing.assert_close(halved, written(adapter.mean_frame), atol=1e-5, rtol=1e-4)
 
 

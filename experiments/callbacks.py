@@ -372,7 +372,9 @@ class PerceiverMetricsCallback(PeriodicCallback):
     def _log_attention_on_frame(self, capture: dict, encoder, obs: dict) -> None:
         """perceiver/attention_on_frame: where the latents read in each stacked frame of env 0's image."""
         writer = tensorboard_writer(self.logger)
-        image = None if writer is None else attention_on_image(encoder, capture, obs["pixels"][0])
+        if writer is None or "pixels" not in obs:
+            return
+        image = attention_on_image(encoder, capture, obs["pixels"][0])
         if image is None:
             return
         writer.add_image("perceiver/attention_on_frame", image, self.num_timesteps, dataformats="HWC")

@@ -117,14 +117,21 @@ def test_an_error_mid_run_checkpoints_what_was_trained(tmp_path, monkeypatch, ca
     assert [read_meta(c)["step"] for c in list_checkpoints(tmp_path / "run" / "checkpoints")] == [32]
 
 
-@pytest.mark.parametrize("tokenizer", ["conv", "keypoints"])
+@pytest.mark.parametrize("tokenizer", ["conv", "keypoints", "no pixels"])
 def test_conv_and_keypoint_tokens_log_their_attention_on_the_frames(tmp_path, tokenizer):
     """A run with conv tokens logs its attention maps (one (Hp, Wp) map over the stacked frames, drawn over each
-    frame), one with keypoint tokens its keypoints where they sit, instead of stopping at the first log step."""
-    conv = ["--perceiver", "num_latents=8", "latent_dim=32", "fourier_bands=4", f"pixel_tokenizer={tokenizer}",
-            "conv_strides=[2, 2, 2]", "--perceiver-log-freq", "16"]  # fmt: skip
-    cli(*ppo_run(tmp_path, tokenizer, 32, 1000, *conv))
-    assert "perceiver/attention_on_frame" in tags(tmp_path / tokenizer).Tags()["images"]
+    frame), one with keypoint tokens its keypoints where they sit, instead of stopping at the first log step; a
+    run without a camera logs its other Perceiver metrics and no frame image."""
+    name = tokenizer.replace(" ", "-")
+    if tokenizer == "no pixels":
+        extra = ["--modalities", "proprio", "action_history", "--perceiver-log-freq", "16"]
+    else:
+        extra = ["--perceiver", "num_latents=8", "latent_dim=32", "fourier_bands=4", f"pixel_tokenizer={tokenizer}",
+                 "conv_strides=[2, 2, 2]", "--perceiver-log-freq", "16"]  # fmt: skip
+    cli(*ppo_run(tmp_path, name, 32, 1000, *extra))
+    logged = tags(tmp_path / name).Tags()
+    assert ("perceiver/attention_on_frame" in logged["images"]) == (tokenizer != "no pixels")
+    assert "perceiver/attention_entropy" in logged["scalars"]
 
 
 @pytest.mark.parametrize("algorithm", ["ppo", "a2c", "sac"])

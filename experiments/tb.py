@@ -123,7 +123,7 @@ def attention_on_image(encoder, capture: dict, pixels) -> np.ndarray | None:
 
     from perceiver_policy.introspection import attention_on_frames, keypoints_on_frames
 
-    frames = torch.as_tensor(np.asarray(pixels.cpu() if isinstance(pixels, torch.Tensor) else pixels))
+    frames = pixels.cpu() if isinstance(pixels, torch.Tensor) else torch.as_tensor(np.asarray(pixels))
     heat = attention_on_frames(capture, encoder.specs)
     if heat is not None:
         return attention_overlay(frames.numpy(), heat.cpu().numpy())

@@ -91,10 +91,15 @@ def attention_on_frames(capture: dict, specs, sample: int = 0, key: str = "pixel
     spec = next(s for s in specs if s.name == key)
     if spec.kind not in ON_IMAGE_KINDS:
         return None
-    m = capture["present"][names.index(key)]
+    return modality_mass(capture, key, sample).reshape(spec.fourier_resolutions)  # (F, Hp, Wp)
+
+
+def modality_mass(capture: dict, key: str, sample: int = 0) -> torch.Tensor:
+    """(N_key,) each of modality `key`'s tokens' share of one sample's cross-attention mass (summed over latents,
+    averaged over heads, as a fraction of all the sample's mass); `key` must be in the capture."""
+    m = capture["present"][capture["names"].index(key)]
     per_token = capture["weights"][sample].float().mean(dim=0).sum(dim=0)  # (N,)
-    mass = per_token[capture["modality_index"] == m] / per_token.sum()
-    return mass.reshape(spec.fourier_resolutions)  # (F, Hp, Wp)
+    return per_token[capture["modality_index"] == m] / per_token.sum()
 
 
 def keypoints_on_frames(
@@ -121,9 +126,7 @@ def keypoints_on_frames(
             xy = adapter.tokens_content(pixels[sample : sample + 1])[0].float()  # ([F *] K, 2) in [-1, 1]
     finally:
         adapter.train(training)
-    m = capture["present"][names.index(key)]
-    per_token = capture["weights"][sample].float().mean(dim=0).sum(dim=0)  # (N,)
-    mass = per_token[capture["modality_index"] == m] / per_token.sum()
+    mass = modality_mass(capture, key, sample)
     (rows, cols), (height, width) = spec.conv_grid, spec.shape[1:]
     cells = (xy + 1) / 2 * xy.new_tensor([cols - 1, rows - 1]) + 0.5  # in cells, centres at i + 0.5
     places = cells * xy.new_tensor([width / cols, height / rows])

@@ -122,16 +122,28 @@ def _border_correction(
     Without gradients (acting, evaluation) it is kept until the weights change: at batch 1 its batch-1
     convolution of ones would cost as much as the layer itself."""
     key = (conv.weight._version, conv.weight.data_ptr(), tuple(pixels.shape[1:]), pixels.dtype, dtype, shift)
-    cached = conv.__dict__.get("_border_correction")
-    grad = torch.is_grad_enabled()
-    if not grad and cached is not None and cached[0] == key:
+
+    def correction() -> torch.Tensor:
+        ones = torch.ones(1, *pixels.shape[1:], dtype=pixels.dtype, device=pixels.device)
+        inside = F.conv2d(ones, conv.weight, None, conv.stride, conv.padding, conv.dilation)[
+            0
+        ]  # (C_out, H', W')
+        return (shift * (total[:, None, None] - inside)).to(dtype)
+
+    return kept_without_grad(conv, "_border_correction", key, correction)
+
+
+def kept_without_grad(owner: nn.Module, name: str, key: tuple, compute) -> torch.Tensor:
+    """`compute()`, kept on `owner` under `name` while `key` (weight / buffer versions and storage, shapes, dtypes)
+    stays the same, when no gradient is recorded (acting, evaluation); with gradients computed afresh, never kept."""
+    if torch.is_grad_enabled():
+        return compute()
+    cached = owner.__dict__.get(name)
+    if cached is not None and cached[0] == key:
         return cached[1]
-    ones = torch.ones(1, *pixels.shape[1:], dtype=pixels.dtype, device=pixels.device)
-    inside = F.conv2d(ones, conv.weight, None, conv.stride, conv.padding, conv.dilation)[0]  # (C_out, H', W')
-    correction = (shift * (total[:, None, None] - inside)).to(dtype)
-    if not grad:
-        conv.__dict__["_border_correction"] = (key, correction)
-    return correction
+    value = compute()
+    owner.__dict__[name] = (key, value)
+    return value
 
 
 def scaled_stem(
@@ -524,15 +536,12 @@ class CentredImage(ModalityAdapter):
                 frames,
                 dtype,
             )
-            cached = self.__dict__.get("_centring_offset")
-            grad = torch.is_grad_enabled()
-            if not grad and cached is not None and cached[0] == key:
-                return cached[1]
-            shift = (mean * (1.0 / 255.0)).repeat(frames, 1, 1)[None].to(dtype)
-            result = F.conv2d(shift, conv.weight, None, conv.stride, conv.padding, conv.dilation)[0]
-            if not grad:
-                self.__dict__["_centring_offset"] = (key, result)
-            return result
+
+            def response() -> torch.Tensor:
+                shift = (mean * (1.0 / 255.0)).repeat(frames, 1, 1)[None].to(dtype)
+                return F.conv2d(shift, conv.weight, None, conv.stride, conv.padding, conv.dilation)[0]
+
+            return kept_without_grad(self, "_centring_offset", key, response)
 
         return self._with_mean(stem_input, offset)
 

@@ -69,7 +69,8 @@ class TrainConfig:
 
     preset: str | None = None
     """YAML preset: a name from experiments/presets/ (without .yaml), or a path to a YAML file of these fields
-    (e.g. a copy of a run's config.yaml, its run_name dropped); CLI flags override it."""
+    (e.g. a run's config.yaml: its run_name is dropped, the new run is named after that run's folder); CLI
+    flags override it."""
     task: str = "cartpole-balance"
     """DMC task, '<domain>-<task>'."""
     tasks: list[str] = field(default_factory=list)

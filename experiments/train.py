@@ -9,6 +9,7 @@ not bit-for-bit, the same as an uninterrupted one.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 import traceback
@@ -51,13 +52,28 @@ from experiments.tb import PurgingTensorBoardFormat
 from perceiver_policy import count_parameters
 from perceiver_policy.model import cpu_has_native_bf16
 
+RUN_SUFFIX = re.compile(r"-s\d+(-\d{8}-\d{6})?$")
+"""The `-s<seed>[-<date>-<time>]` ending of a run's name (`default_run_name`, the sweeps' `...-s<seed>`)."""
+
+
+def preset_label(preset: str | None) -> str | None:
+    """A preset's part of a run's name: its name; a file's stem; for a run's `config.yaml`, that run's folder name
+    without its seed and time (`runs/cup-cnn-s0/config.yaml` -> 'cup-cnn'), so a rerun is named after its run."""
+    if not preset or not cfg.is_preset_file(preset):
+        return preset
+    path = Path(preset)
+    if path.stem == "config" and path.resolve().parent.name:
+        return RUN_SUFFIX.sub("", path.resolve().parent.name) or path.stem
+    return path.stem
+
 
 def default_run_name(config: cfg.TrainConfig) -> str:
-    preset = config.preset and (
-        Path(config.preset).stem if cfg.is_preset_file(config.preset) else config.preset
+    base = (
+        preset_label(config.preset)
+        or f"{'multitask' if config.multitask else config.task}-{config.algorithm}"
     )
-    base = preset or f"{'multitask' if config.multitask else config.task}-{config.algorithm}"
-    base += "" if config.policy_type == "perceiver" else f"-{config.policy_type}"
+    suffix = "" if config.policy_type == "perceiver" else f"-{config.policy_type}"
+    base += "" if base.endswith(suffix) else suffix
     return f"{base}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 

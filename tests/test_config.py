@@ -26,7 +26,8 @@ def test_a_preset_may_be_a_yaml_file_such_as_a_runs_config(tmp_path):
 
     run = resolve("--preset", "cartpole-swingup-pixels", "--seed", "3", "--perceiver", "num_latents=16",
                   "--run-name", "first")  # fmt: skip
-    saved = tmp_path / "config.yaml"
+    saved = tmp_path / "first" / "config.yaml"  # where the run wrote it
+    saved.parent.mkdir()
     cfg.save(run, saved)
     again = resolve("--preset", str(saved))
     assert again.run_name is None and again.preset == str(saved)
@@ -34,12 +35,21 @@ def test_a_preset_may_be_a_yaml_file_such_as_a_runs_config(tmp_path):
     assert {k: v for k, v in again.to_dict().items() if k not in skip} == {
         k: v for k, v in run.to_dict().items() if k not in skip
     }
-    assert default_run_name(again).startswith("config-s3-")
+    assert default_run_name(again).startswith("first-s3-")  # named after the run it came from
     other = resolve("--preset", str(saved), "--seed", "4", "--perceiver", "num_latents=8")
     assert other.seed == 4 and other.perceiver["num_latents"] == 8 and other.task == "cartpole-swingup"
     mine = tmp_path / "mine.yml"
     mine.write_text("task: walker-walk\nalgorithm: sac\n")
     assert resolve("--preset", str(mine)).task == "walker-walk"
+    assert default_run_name(resolve("--preset", str(mine), "--seed", "2")).startswith("mine-s2-")
+    # a run's folder loses its seed and time; the policy type is not named twice
+    timed = tmp_path / "cup-cnn-s0-20261206-101010" / "config.yaml"
+    timed.parent.mkdir()
+    cfg.save(resolve("--preset", "ball_in_cup-catch-pixels", "--policy-type", "cnn"), timed)
+    assert default_run_name(resolve("--preset", str(timed), "--seed", "1")).startswith("cup-cnn-s1-")
+    assert default_run_name(resolve("--preset", str(timed), "--policy-type", "drq-cnn")).startswith(
+        "cup-cnn-drq-cnn-s0-"
+    )
     with pytest.raises(
         ValueError, match=r"preset file '.*absent.yaml' not found; .*'cartpole-swingup-pixels'"
     ):

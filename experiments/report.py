@@ -19,6 +19,19 @@ from experiments.config import load_yaml
 from experiments.reporting import find_runs, score_table, write_report
 from experiments.runtime import keep_freed_memory
 
+YAML_FORMATS = {
+    "scores": "per-seed scores {comparison: {agent: {task: [scores]}}}, e.g. docs/headline-scores.yaml",
+    "baselines": "published rows per task {task: {agent: {mean: ..., std: ..., seeds: ...}}}, e.g. "
+    "experiments/published/dmc100k-pixels.yaml",
+}
+
+
+def read_yaml_file(path: Path, flag: str):
+    """The YAML file given to `--<flag>`; a missing one is named with the format the flag takes."""
+    if not path.is_file():
+        raise ValueError(f"--{flag} file {str(path)!r} not found; give a YAML of {YAML_FORMATS[flag]}")
+    return load_yaml(path.read_text())
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -30,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.scores is not None:
         try:
-            print(score_table(load_yaml(args.scores.read_text()), reps=args.reps), end="")
+            print(score_table(read_yaml_file(args.scores, "scores"), reps=args.reps), end="")
         except (ValueError, OSError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -38,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.paths or args.out is None:
         parser.error("give run directories and --out, or --scores FILE")
     try:
-        baselines = load_yaml(args.baselines.read_text()) if args.baselines else None
+        baselines = read_yaml_file(args.baselines, "baselines") if args.baselines else None
         runs = find_runs(args.paths)
         report = write_report(runs, args.out, baselines, reps=args.reps)
     except (ValueError, OSError) as err:

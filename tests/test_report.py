@@ -178,7 +178,7 @@ def test_plot_says_when_a_cut_seed_shortens_the_curve(tmp_path, monkeypatch, cap
     assert "warning" not in capsys.readouterr().err
 
 
-def test_hand_given_scores_get_rliable_intervals_and_name_their_errors(tmp_path):
+def test_hand_given_scores_get_rliable_intervals_and_name_their_errors(tmp_path, capsys):
     pytest.importorskip("rliable")
     from experiments.reporting import score_table
 
@@ -195,6 +195,14 @@ def test_hand_given_scores_get_rliable_intervals_and_name_their_errors(tmp_path)
     out = subprocess.run([sys.executable, "-m", "experiments.report", "--scores", str(path), "--reps", "200"],
                          capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert "| c | b | t | 2 | 350.0 ± 70.7 |" in out
+    from experiments.report import main
+
+    assert main(["--scores", str(tmp_path / "absent.yaml")]) == 2
+    assert "--scores file '" in capsys.readouterr().err
+    run = tmp_path / "run"
+    assert main([str(run), "--out", str(tmp_path / "out"), "--baselines", str(tmp_path / "none.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "--baselines file '" in err and "none.yaml' not found; give a YAML of published rows" in err
 
 
 def test_a_generalist_counts_once_per_task_beside_the_single_task_runs(tmp_path):

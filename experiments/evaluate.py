@@ -1,6 +1,6 @@
 """Evaluate a trained policy: `python -m experiments.evaluate RUN_DIR_OR_CHECKPOINT [--tasks ...] [--episodes N] [--video]`.
 
-Deterministic actions, one env per episode, policy latency timed per step. Writes `<out>/eval.csv` and
+Deterministic actions (`--stochastic`: sampled, seeded), one env per episode, policy latency timed per step. Writes `<out>/eval.csv` and
 `<out>/eval.md` (task, episodes, return mean ± std, episode length, latency p50/p95) and, with --video, one mp4
 per task. `--missing-modality pixels` (or any modality, repeatable) evaluates with it absent (a Perceiver drops its
 tokens); `--blank-modality pixels` feeds it as zeros instead (a dead sensor; any policy). `--probe-state`
@@ -100,7 +100,8 @@ def condition(args: argparse.Namespace) -> str:
     if args.num_latents:
         suffix += f"-k{'-'.join(str(k) for k in args.num_latents)}"
     suffix += f"-budget{args.latency_budget_ms:g}ms" if args.latency_budget_ms is not None else ""
-    return suffix + ("-checkpoints" if args.all_checkpoints else "") + ("-best" if args.best else "")
+    suffix += "-checkpoints" if args.all_checkpoints else ""
+    return suffix + ("-best" if args.best else "") + ("-stochastic" if args.stochastic else "")
 
 
 def checkpoints_to_evaluate(path: Path, latest: Path, every: bool, best: bool = False) -> list[Path]:
@@ -142,8 +143,9 @@ def reliance_table(
     rows = []
     for key, change in result.reliance.items():
         blanked = evaluate_policy(
-            model, task, config.env_kwargs(), args.episodes, seed=seed, blank=(key,)
-        ).summary()
+            model, task, config.env_kwargs(), args.episodes, seed=seed, blank=(key,),
+            deterministic=not args.stochastic,
+        ).summary()  # fmt: skip
         rows.append(
             (f"| {step} " if step is not None else "")
             + f"| {task} | {key} | {change['action']:.3f} | {change['value']:.3f} | {change['greedy']:.3f} | "
@@ -187,8 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--task", default=None, help="evaluate this one task (e.g. one of a multi-task run's)"
     )
+    parser.add_argument("--episodes", type=int, default=10, help="episodes per task (default: %(default)s)")
     parser.add_argument(
-        "--episodes", type=int, default=10, help="deterministic episodes per task (default: %(default)s)"
+        "--stochastic",
+        action="store_true",
+        help="sample each action from the policy's distribution (SB3's deterministic=False), seeded from the env "
+        "seed, instead of taking its mean or mode (the default, as training evaluations do); files end in "
+        "-stochastic",
     )
     parser.add_argument("--video", action="store_true", help="write an mp4 of the first episode per task")
     parser.add_argument(
@@ -351,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                         reliance=args.reliance,
                         reliance_every=args.reliance_every,
                         modality_path=args.modality_path,
+                        deterministic=not args.stochastic,
                     )
                     if result.reliance is not None:
                         reliance_rows += reliance_table(
@@ -402,7 +410,9 @@ def main(argv: list[str] | None = None) -> int:
         writer.writeheader()
         writer.writerows(rows)
     header = f"Checkpoint{'s' if len(checkpoints) > 1 else ''}: " + ", ".join(f"`{c}`" for c in checkpoints)
-    header += f", env seeds from {seed}\n\n"
+    header += (
+        f", env seeds from {seed}" + (", actions sampled from the policy" if args.stochastic else "") + "\n\n"
+    )
     steps = "| step " if args.all_checkpoints else ""
     if reliance_rows:
         text = f"{steps}{RELIANCE_HEADINGS}\n"

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from torch import nn
 
 from envs.dmc import STATE_KEY
@@ -450,8 +451,13 @@ def evaluate_policy(
     reliance_every: int = 1,
     keep_probe_data: bool = False,
     modality_path: bool = False,
+    deterministic: bool = True,
 ) -> EvalResult:
-    """Run `episodes` deterministic episodes of `task` one by one, timing every `model.predict` call.
+    """Run `episodes` episodes of `task` one by one, timing every `model.predict` call.
+
+    `deterministic=False`: actions sampled from the policy's distribution (SB3's `predict(deterministic=False)`)
+    instead of its mean or mode, from torch's generator seeded with `seed` inside `torch.random.fork_rng`: the
+    same seed gives the same episodes, and the caller's generator (a training run's) is left as it was.
 
     `probe_state`: also fit a linear probe from the policy's features to the privileged state (the env gives it
     for this; the policy never sees it unless it was trained with it) and report R² per sensor; `probe_features`
@@ -511,7 +517,11 @@ def evaluate_policy(
     inputs = EncoderInputTap(encoder) if modality_path else None
     no_flags = np.zeros(spaces[ABSENT_KEY].n, dtype=np.int8) if wants_flags else None
     try:
-        with missing_modalities(model, tuple(missing)), stream_tokens(model.policy, streaming) as stream:
+        with (
+            missing_modalities(model, tuple(missing)),
+            stream_tokens(model.policy, streaming) as stream,
+            seeded_sampling(seed, not deterministic),
+        ):
             for episode in range(episodes):
                 obs, _ = env.reset(seed=seed + episode)
                 done, total, length = False, 0.0, 0
@@ -532,7 +542,7 @@ def evaluate_policy(
                     before = recurrent_state
                     start = time.perf_counter()
                     action, recurrent_state = model.predict(
-                        obs, state=recurrent_state, episode_start=episode_start, deterministic=True
+                        obs, state=recurrent_state, episode_start=episode_start, deterministic=deterministic
                     )
                     result.latencies_ms.append(1000 * (time.perf_counter() - start))
                     if overlay and episode == 0:
@@ -588,6 +598,18 @@ def evaluate_policy(
     if frames:
         result.frames = np.stack(frames)
     return result
+
+
+@contextlib.contextmanager
+def seeded_sampling(seed: int, sampling: bool):
+    """While `sampling`: torch's CPU and CUDA generators seeded with `seed`, restored on exit (`fork_rng`)."""
+    if not sampling:
+        yield
+        return
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
 
 
 def evaluate_tasks(

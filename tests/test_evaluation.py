@@ -39,6 +39,34 @@ def test_blank_modality_feeds_zeros_for_that_key_only(model, monkeypatch):
     np.testing.assert_array_equal(blank[0]["proprio"], normal[0]["proprio"])  # same seed, same first reading
 
 
+def test_sampled_actions_repeat_under_a_seed_and_leave_the_callers_generator_alone(model, monkeypatch):
+    """deterministic=False samples from the policy (not its mean), seeded by the evaluation seed inside a forked
+    torch generator: the same seed, the same actions; another seed, others; the caller's generator untouched."""
+    import torch
+
+    def actions(**kwargs):
+        taken, predict = [], type(model).predict
+
+        def spy(obs, **predict_kwargs):
+            action, state = predict(model, obs, **predict_kwargs)
+            taken.append(np.array(action))
+            return action, state
+
+        monkeypatch.setattr(model, "predict", spy)
+        evaluate_policy(model, "cartpole-balance", ENV, episodes=1, **kwargs)
+        return np.stack(taken)
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    sampled = actions(seed=3, deterministic=False)
+    assert torch.equal(torch.get_rng_state(), before)
+    np.testing.assert_array_equal(actions(seed=3, deterministic=False), sampled)
+    mean = actions(seed=3)
+    assert len(mean) == len(sampled) == 125 and not np.allclose(sampled, mean)
+    np.testing.assert_array_equal(actions(seed=3), mean)  # the default stays deterministic
+    assert not np.allclose(actions(seed=4, deterministic=False)[:10], actions(seed=4)[:10])
+
+
 def test_blank_modality_names_the_valid_keys(model):
     with pytest.raises(ValueError, match=r"unknown modality \['camera'\] for --blank-modality; valid choices: "
                                          r"\['pixels', 'proprio'\]"):  # fmt: skip

@@ -332,6 +332,15 @@ def test_evaluate_reports_the_episodes_of_the_final_training_evaluation(trained_
     assert f"| {float(final[2]):.1f} ± 0.0 |" in out  # step, frames, return_mean
 
 
+def test_evaluate_stochastic_samples_actions_into_its_own_files(trained_run, tmp_path):
+    out = cli(
+        "experiments.evaluate", str(trained_run), "--episodes", "1", "--stochastic", "--output", str(tmp_path)
+    )
+    assert "| cartpole-balance | - | 1 |" in out.stdout
+    assert not (tmp_path / "eval.csv").exists()  # the deterministic evaluation's files are left alone
+    assert "actions sampled from the policy" in (tmp_path / "eval-stochastic.md").read_text()
+
+
 def test_evaluate_all_checkpoints_gives_one_row_per_kept_checkpoint(trained_run, tmp_path):
     """--all-checkpoints: every kept checkpoint, oldest first, on the same episodes; the newest one's row is what
     the plain command reports, and its own files leave the plain evaluation's alone."""

@@ -1,8 +1,8 @@
 """Evaluate a trained policy: `python -m experiments.evaluate RUN_DIR_OR_CHECKPOINT [--tasks ...] [--episodes N] [--video]`.
 
-Deterministic actions (`--stochastic`: sampled, seeded), one env per episode, policy latency timed per step. Writes `<out>/eval.csv` and
-`<out>/eval.md` (task, episodes, return mean ± std, episode length, latency p50/p95) and, with --video, one mp4
-per task. `--missing-modality pixels` (or any modality, repeatable) evaluates with it absent (a Perceiver drops its
+Deterministic actions (`--stochastic`: sampled, seeded), one env per episode, policy latency timed per step.
+Writes `<out>/eval.csv` and `<out>/eval.md` (task, episodes, return mean ± std, episode length, latency p50/p95)
+and, with --video, one mp4 per task. `--missing-modality pixels` (or any modality, repeatable) evaluates with it absent (a Perceiver drops its
 tokens); `--blank-modality pixels` feeds it as zeros instead (a dead sensor; any policy). `--probe-state`
 adds one column per state sensor: R² of a linear probe from the policy's features (Perceiver latents, SB3
 extractor output, LSTM state) to the true state, fit on the first half of the episodes, scored on the rest (and

@@ -3,7 +3,8 @@
 Trials are normal run directories under `<run_dir>/<sweep name>/`; a failed or killed trial is retried from its
 last checkpoint, and running the same spec again only does what is left. Summarise with
 `python -m experiments.report <run_dir>/<sweep name> --out DIR`. Needs `pip install -e .[sweep]`.
-`--print-commands` prints each trial's `experiments.train` command instead (no Ray): the study scripts
+`--print-commands` prints each trial's `experiments.train` command instead (no Ray), for one spec or several in
+one process (`python -m experiments.sweep A.yaml B.yaml --print-commands`): the study scripts
 (experiments/scripts/) run the specs that way, so each study's settings live in its spec only.
 """
 
@@ -21,7 +22,12 @@ from experiments.sweeping import check_trials, load_spec, run_sweep, train_args,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("spec", type=Path, help="sweep spec YAML (see experiments/sweeps/)")
+    parser.add_argument(
+        "spec",
+        type=Path,
+        nargs="+",
+        help="sweep spec YAML (see experiments/sweeps/); several with --print-commands",
+    )
     parser.add_argument(
         "--address", default=None, help="Ray cluster address (ray://HOST:10001 or 'auto'); default: local"
     )
@@ -39,24 +45,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="replace the spec's seed grid")
     args = parser.parse_args(argv)
     try:
-        if not args.spec.exists():
-            raise ValueError(f"sweep spec {str(args.spec)!r} not found")
-        spec = load_spec(args.spec)
-        if args.seeds is not None:
-            spec.grid["seed"] = args.seeds
+        if len(args.spec) > 1 and not args.print_commands:
+            raise ValueError(
+                f"a sweep runs one spec, got {len(args.spec)}: {[str(p) for p in args.spec]} (several specs only "
+                "with --print-commands)"
+            )
+        specs = []
+        for path in args.spec:  # every spec loaded and its seeds replaced before any is printed or run
+            if not path.exists():
+                raise ValueError(f"sweep spec {str(path)!r} not found")
+            specs.append(load_spec(path))
+            if args.seeds is not None:
+                specs[-1].grid["seed"] = args.seeds
         if args.print_commands:
-            root = args.run_dir or str(Path(spec.run_dir) / spec.name)
-            planned = trials(spec)
-            check_trials(planned)
+            commands = []
+            for spec in specs:
+                root = args.run_dir or str(Path(spec.run_dir) / spec.name)
+                planned = trials(spec)
+                check_trials(planned)
+                commands += [
+                    [*train_args(settings), "--run-dir", root, "--run-name", name]
+                    for name, settings in planned
+                ]
             try:
-                for name, settings in planned:
-                    args_ = [*train_args(settings), "--run-dir", root, "--run-name", name]
-                    print(shlex.join(["experiments.train", *args_]), flush=True)
+                for command in commands:
+                    print(shlex.join(["experiments.train", *command]), flush=True)
             except BrokenPipeError:
                 # the reader stopped early (`| head`): no traceback; stdout to /dev/null so exit's flush is quiet
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
                 return 1
             return 0
+        (spec,) = specs
         if args.run_dir is not None:
             spec.run_dir, spec.name = str(Path(args.run_dir).parent), Path(args.run_dir).name
         if not spec.search:  # a search space's trials are sampled while it runs (its fields: load_spec)

@@ -104,6 +104,26 @@ def test_print_commands_prints_the_study_scripts_jobs():
     assert argv[-4:] == ["--run-dir", "R", "--run-name", "latents-swingup-scaled-s7"]
 
 
+def test_print_commands_reads_several_specs_in_one_process(capsys):
+    """The GPU script reads every study's commands from one process: the specs' commands in the order given, each
+    spec checked before any is printed; running (Ray) takes one spec."""
+    from experiments.sweep import main
+
+    folder = Path(__file__).parents[1] / "experiments" / "sweeps"
+    one, other = folder / "latent-scaling.yaml", folder / "smoke.yaml"
+    assert main([str(one), "--print-commands", "--seeds", "7"]) == 0
+    first = capsys.readouterr().out.splitlines()
+    assert main([str(other), "--print-commands", "--seeds", "7"]) == 0
+    second = capsys.readouterr().out.splitlines()
+    assert main([str(one), str(other), "--print-commands", "--seeds", "7"]) == 0
+    assert capsys.readouterr().out.splitlines() == first + second
+    assert main([str(one), str(folder / "absent.yaml"), "--print-commands"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and "sweep spec '" in out.err and "absent.yaml' not found" in out.err
+    assert main([str(one), str(other)]) == 2
+    assert "a sweep runs one spec, got 2" in capsys.readouterr().err
+
+
 def test_print_commands_into_a_reader_that_stops_early_is_no_traceback():
     spec = Path(__file__).parents[1] / "experiments" / "sweeps" / "pixels-drq.yaml"
     reader = "import sys; print(sys.stdin.readline(), end='')"  # `| head -1`

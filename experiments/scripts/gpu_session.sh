@@ -42,11 +42,13 @@ log() { echo "[$((SECONDS - start)) s] $*" | tee -a "$OUT/session.log"; }
 # the checkpoints unless REPLAY=true.
 on_gpu="--device ${DEVICE:-cuda} --checkpoint-replay-buffer $REPLAY --progress-bar false --eval-video false"
 declare -A commands=()
+specs=()
 for spec in ${GPU_SPECS:-pixels-drq pixels-drq-cup pixels-drq512 study1-see study2-fuse study2-fuse-cup study2-fuse-drq study2-fuse-drq-cup}; do
-  while IFS= read -r line; do
-    commands[${line##*--run-name }]="$line"
-  done < <($PY -m experiments.sweep "experiments/sweeps/$spec.yaml" --print-commands --run-dir "$RUNS")
+  specs+=("experiments/sweeps/$spec.yaml")
 done
+while IFS= read -r line; do  # every spec's commands from one process
+  commands[${line##*--run-name }]="$line"
+done < <($PY -m experiments.sweep "${specs[@]}" --print-commands --run-dir "$RUNS")
 names=${GPU_RUNS:-drq512-swingup-cnn-s0 drq128-cup-cnn-s0 drq128-cup-perceiver-conv-online-queries-enc-lr0.3-s0}
 for name in $names; do
   [[ -v "commands[$name]" ]] || { echo "unknown run '$name' in GPU_RUNS; valid: ${!commands[*]}" >&2; exit 2; }

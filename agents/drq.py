@@ -43,6 +43,22 @@ collapsed runs 4.4e-4 (at 500 updates) and 1e-6, and none recovered; at initiali
 a run with a 1,000-update warmup 0.004 at 500 updates, which recovered; runs that learned 0.1-0.8."""
 
 
+SATURATED = 0.99
+"""|action| above which an actor's action entry counts as saturated (`action_saturation`; actions in [-1, 1])."""
+
+
+def action_saturation(actions: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """`train/actor_saturation`: the fraction of the actor's sampled action entries (B, A) in [-1, 1] within
+    1 - SATURATED of a bound; `mask` (B, A): a multi-task batch's real entries (padded ones are not counted). Near 1
+    the actor takes extreme actions whatever the state, and the gradient through its tanh vanishes: the "one
+    action" collapse that docs/results.md reports for two ball_in_cup-catch runs (half their entries at +-1)."""
+    saturated = (actions.detach().abs() > SATURATED).float()
+    if mask is None:
+        return float(saturated.mean())
+    mask = mask.to(saturated.dtype)
+    return float((saturated * mask).sum() / mask.sum().clamp_min(1.0))
+
+
 class FeatureCollapseWarning(UserWarning):
     """The critic's features vary less than `FEATURE_COLLAPSE_BELOW` across a batch: it scores every state alike,
     so the actor learns one action for all of them. `warnings.simplefilter('error', FeatureCollapseWarning)` ends
@@ -140,6 +156,7 @@ def drq_step(algo, data, update: int, mix_index: torch.Tensor | None = None) -> 
         actor_loss.backward()
         policy.actor.optimizer.step()
         metrics["actor_loss"] = actor_loss.item()
+        metrics["actor_saturation"] = action_saturation(actions)
         if algo.ent_coef_optimizer is not None and algo.log_ent_coef is not None:
             alpha_loss = (torch.exp(algo.log_ent_coef) * (-log_prob - algo.target_entropy).detach()).mean()
             algo.ent_coef_optimizer.zero_grad()

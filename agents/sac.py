@@ -28,7 +28,7 @@ from stable_baselines3 import SAC
 from stable_baselines3.common.utils import polyak_update
 
 from agents.augment import random_shift
-from agents.drq import drq_update
+from agents.drq import action_saturation, drq_update
 from agents.drq_policy import DrQSACPolicy
 from agents.modality_mix import ModalityMixSettings, with_flags
 from agents.warmup import LearningRateWarmupMixin
@@ -186,6 +186,7 @@ class PerceiverSAC(LearningRateWarmupMixin, ModalityMixSettings, SAC):
             "actor_loss": [],
             "critic_loss": [],
             "ent_coef_loss": [],
+            "actor_saturation": [],
         }
         decode_metrics: list[dict[str, float]] = []
         encoder_grads: dict[str, float] = {}
@@ -261,6 +262,9 @@ class PerceiverSAC(LearningRateWarmupMixin, ModalityMixSettings, SAC):
         actor_loss.backward()
         self.actor.optimizer.step()
         metrics["actor_loss"].append(actor_loss.item())
+        metrics["actor_saturation"].append(
+            action_saturation(actions_pi, data.observations.get(ACTION_MASK_KEY))
+        )
 
         if gradient_step % self.target_update_interval == 0:
             polyak_update(self.critic.parameters(), self.critic_target.parameters(), self.tau)

@@ -763,6 +763,20 @@ def test_drq_steps_measure_whether_the_critic_features_vary(venv):
     assert "critic_feature_variation" not in drq_step(model, batch(model), update=1)  # every 100 updates
 
 
+def test_the_actors_saturation_counts_entries_at_a_bound_over_the_real_actions(venv):
+    from agents.drq import action_saturation
+
+    actions = torch.tensor([[1.0, 0.2], [-0.995, 0.0], [0.5, -1.0], [0.98, 0.0]])
+    assert action_saturation(actions) == 3 / 8
+    mask = torch.tensor([[1, 0], [1, 0], [1, 0], [1, 0]])  # one real action: the padded column is not counted
+    assert action_saturation(actions, mask) == 2 / 4
+    model = agent(venv, "perceiver")  # the DrQ step reports it on its actor updates
+    assert 0.0 <= drq_step(model, batch(model), update=0)["actor_saturation"] <= 1.0
+    with torch.no_grad():  # an actor whose mean sits far past tanh's knee takes bound actions only
+        model.policy.actor.trunk[-1].bias[: model.action_space.shape[0]].fill_(50.0)
+    assert drq_step(model, batch(model), update=0)["actor_saturation"] == 1.0
+
+
 def test_a_collapse_of_the_critic_features_is_warned_once_a_run(venv, monkeypatch):
     import agents.drq as drq
 

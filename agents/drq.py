@@ -43,20 +43,18 @@ collapsed runs 4.4e-4 (at 500 updates) and 1e-6, and none recovered; at initiali
 a run with a 1,000-update warmup 0.004 at 500 updates, which recovered; runs that learned 0.1-0.8."""
 
 
-SATURATED = 0.99
-"""|action| above which an actor's action entry counts as saturated (`action_saturation`; actions in [-1, 1])."""
-
-
-def action_saturation(actions: torch.Tensor, mask: torch.Tensor | None = None) -> float:
-    """`train/actor_saturation`: the fraction of the actor's sampled action entries (B, A) in [-1, 1] within
-    1 - SATURATED of a bound; `mask` (B, A): a multi-task batch's real entries (padded ones are not counted). Near 1
-    the actor takes extreme actions whatever the state, and the gradient through its tanh vanishes: the "one
-    action" collapse that docs/results.md reports for two ball_in_cup-catch runs (half their entries at +-1)."""
-    saturated = (actions.detach().abs() > SATURATED).float()
-    if mask is None:
-        return float(saturated.mean())
-    mask = mask.to(saturated.dtype)
-    return float((saturated * mask).sum() / mask.sum().clamp_min(1.0))
+def action_spread(modes: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """`train/actor_action_spread`: the std over a batch's states of the actor's deterministic actions (B, A) in
+    [-1, 1], averaged over the actuators; `mask` (B, A): a multi-task batch's real entries (each actuator's std over
+    the samples where it is real). 0 when the actor takes one action whatever the state: the collapse that
+    docs/results.md reports for three ball_in_cup-catch runs (at ±1, and at a constant inside the bounds)."""
+    modes = modes.detach().float()
+    mask = torch.ones_like(modes) if mask is None else mask.to(modes.dtype)
+    count = mask.sum(0)  # (A,) samples where each actuator is real
+    mean = (modes * mask).sum(0) / count.clamp_min(1.0)
+    std = (((modes - mean) ** 2 * mask).sum(0) / count.clamp_min(1.0)).sqrt()
+    measured = count >= 2
+    return float(std[measured].mean()) if measured.any() else 0.0
 
 
 class FeatureCollapseWarning(UserWarning):
@@ -150,13 +148,13 @@ def drq_step(algo, data, update: int, mix_index: torch.Tensor | None = None) -> 
 
     if update % algo.actor_update_interval == 0:
         h_actor = h[:batch].detach()  # the first shifted copy, as DrQ's actor reads `obs`
-        actions, log_prob = policy.actor.sample(h_actor)
+        actions, log_prob, modes = policy.actor.sample_and_mode(h_actor)
         actor_loss = (alpha * log_prob - min_q(policy.critic.q_values(h_actor, actions))).mean()
         policy.actor.optimizer.zero_grad()
         actor_loss.backward()
         policy.actor.optimizer.step()
         metrics["actor_loss"] = actor_loss.item()
-        metrics["actor_saturation"] = action_saturation(actions)
+        metrics["actor_action_spread"] = action_spread(modes)
         if algo.ent_coef_optimizer is not None and algo.log_ent_coef is not None:
             alpha_loss = (torch.exp(algo.log_ent_coef) * (-log_prob - algo.target_entropy).detach()).mean()
             algo.ent_coef_optimizer.zero_grad()

@@ -82,9 +82,13 @@ class DrQActor(nn.Module):
 
     def sample(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A reparameterised action in [-1, 1] (B, A) and its log-probability (B, 1)."""
+        return self.sample_and_mode(h)[:2]
+
+    def sample_and_mode(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`sample`'s action and log-probability, and the deterministic action tanh(mean) (B, A), detached."""
         mean, std = self.mean_std(h)
         pre_tanh = mean + std * torch.randn_like(mean)
-        return torch.tanh(pre_tanh), squashed_log_prob(pre_tanh, mean, std)
+        return torch.tanh(pre_tanh), squashed_log_prob(pre_tanh, mean, std), torch.tanh(mean.detach())
 
     def forward(self, obs: dict[str, torch.Tensor], deterministic: bool = False) -> torch.Tensor:
         h = self._encoder[0](obs)

@@ -28,7 +28,7 @@ from stable_baselines3 import SAC
 from stable_baselines3.common.utils import polyak_update
 
 from agents.augment import random_shift
-from agents.drq import action_saturation, drq_update
+from agents.drq import action_spread, drq_update
 from agents.drq_policy import DrQSACPolicy
 from agents.modality_mix import ModalityMixSettings, with_flags
 from agents.warmup import LearningRateWarmupMixin
@@ -186,7 +186,7 @@ class PerceiverSAC(LearningRateWarmupMixin, ModalityMixSettings, SAC):
             "actor_loss": [],
             "critic_loss": [],
             "ent_coef_loss": [],
-            "actor_saturation": [],
+            "actor_action_spread": [],
         }
         decode_metrics: list[dict[str, float]] = []
         encoder_grads: dict[str, float] = {}
@@ -220,7 +220,9 @@ class PerceiverSAC(LearningRateWarmupMixin, ModalityMixSettings, SAC):
         with torch.no_grad(), evaluation_mode(encoder):  # the target's latents without dropout
             next_latents = encoder(self._augment(data.next_observations))
 
-        actions_pi, log_prob = self.actor.action_log_prob_latents(latents.detach(), data.observations)
+        policy_dist = self.actor.distribution(latents.detach(), data.observations)
+        actions_pi = policy_dist.get_actions()
+        log_prob = policy_dist.log_prob(actions_pi)
         log_prob = log_prob.reshape(-1, 1)
         if self.ent_coef_optimizer is not None and self.log_ent_coef is not None:
             log_alpha, target_entropy = self.temperature_terms(data.observations)
@@ -262,9 +264,8 @@ class PerceiverSAC(LearningRateWarmupMixin, ModalityMixSettings, SAC):
         actor_loss.backward()
         self.actor.optimizer.step()
         metrics["actor_loss"].append(actor_loss.item())
-        metrics["actor_saturation"].append(
-            action_saturation(actions_pi, data.observations.get(ACTION_MASK_KEY))
-        )
+        modes = policy_dist.get_actions(deterministic=True)
+        metrics["actor_action_spread"].append(action_spread(modes, data.observations.get(ACTION_MASK_KEY)))
 
         if gradient_step % self.target_update_interval == 0:
             polyak_update(self.critic.parameters(), self.critic_target.parameters(), self.tau)

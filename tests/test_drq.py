@@ -66,22 +66,22 @@ def batch(model, size=6, seed=0):
 
 
 class Recorder:
-    """Replaces `DrQActor.sample` by the same computation that also records the Gaussian noise it drew, and the
-    augmented copies by fixed, distinguishable copies (copy i rolls the pixels by i), so a transcription can
-    replay both."""
+    """Replaces `DrQActor.sample_and_mode` (which `sample` calls) by the same computation that also records the
+    Gaussian noise it drew, and the augmented copies by fixed, distinguishable copies (copy i rolls the pixels by
+    i), so a transcription can replay both."""
 
     def __init__(self, monkeypatch, model):
         self.noise: list[torch.Tensor] = []
         recorder = self
 
-        def sample(actor, h):
+        def sample_and_mode(actor, h):
             mean, std = actor.mean_std(h)
             noise = torch.randn_like(mean)
             recorder.noise.append(noise)
             pre_tanh = mean + std * noise
-            return torch.tanh(pre_tanh), squashed_log_prob(pre_tanh, mean, std)
+            return torch.tanh(pre_tanh), squashed_log_prob(pre_tanh, mean, std), torch.tanh(mean.detach())
 
-        monkeypatch.setattr(DrQActor, "sample", sample)
+        monkeypatch.setattr(DrQActor, "sample_and_mode", sample_and_mode)
         monkeypatch.setattr(model, "augmented_copies", self.copies)
 
     @staticmethod
@@ -763,18 +763,22 @@ def test_drq_steps_measure_whether_the_critic_features_vary(venv):
     assert "critic_feature_variation" not in drq_step(model, batch(model), update=1)  # every 100 updates
 
 
-def test_the_actors_saturation_counts_entries_at_a_bound_over_the_real_actions(venv):
-    from agents.drq import action_saturation
+def test_the_actors_action_spread_is_zero_when_it_acts_alike_in_every_state(venv):
+    from agents.drq import action_spread
 
-    actions = torch.tensor([[1.0, 0.2], [-0.995, 0.0], [0.5, -1.0], [0.98, 0.0]])
-    assert action_saturation(actions) == 3 / 8
-    mask = torch.tensor([[1, 0], [1, 0], [1, 0], [1, 0]])  # one real action: the padded column is not counted
-    assert action_saturation(actions, mask) == 2 / 4
+    modes = torch.tensor([[0.9, 0.2], [-0.9, 0.2], [0.9, 0.2], [-0.9, 0.2]])
+    assert action_spread(modes) == pytest.approx((0.9 + 0.0) / 2)  # population std per actuator, averaged
+    mask = torch.tensor([[1, 0], [1, 0], [1, 1], [1, 1]])  # the second actuator is real in two samples only
+    assert action_spread(torch.tensor([[0.5, 9.0], [0.5, -9.0], [0.5, 0.3], [0.5, 0.3]]), mask) == 0.0
     model = agent(venv, "perceiver")  # the DrQ step reports it on its actor updates
-    assert 0.0 <= drq_step(model, batch(model), update=0)["actor_saturation"] <= 1.0
-    with torch.no_grad():  # an actor whose mean sits far past tanh's knee takes bound actions only
-        model.policy.actor.trunk[-1].bias[: model.action_space.shape[0]].fill_(50.0)
-    assert drq_step(model, batch(model), update=0)["actor_saturation"] == 1.0
+    assert drq_step(model, batch(model), update=0)["actor_action_spread"] > 0.0
+    trunk = model.policy.actor.trunk[-1]
+    with (
+        torch.no_grad()
+    ):  # an actor whose output ignores its input: one action, however far inside the bounds
+        trunk.weight.zero_()
+        trunk.bias[: model.action_space.shape[0]].fill_(1.8)  # tanh(1.8) = 0.95, the cup runs' |action|
+    assert drq_step(model, batch(model), update=0)["actor_action_spread"] == 0.0
 
 
 def test_a_collapse_of_the_critic_features_is_warned_once_a_run(venv, monkeypatch):

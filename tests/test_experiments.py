@@ -278,8 +278,8 @@ def test_a_runs_config_is_a_preset_for_the_next_run(trained_run, tmp_path):
     """`--preset RUN/config.yaml`: another seed of a trained run's settings, as a user types it."""
     cli("experiments.train", "--preset", str(trained_run / "config.yaml"), "--seed", "1", "--total-steps", "16",
         "--run-dir", str(tmp_path), "--progress-bar", "false")  # fmt: skip
-    (new,) = tmp_path.iterdir()  # a new run, named after the file: the old run's name is not reused
-    assert new.name.startswith("config-s1-")
+    (new,) = tmp_path.iterdir()  # a new run, named after the run it came from ('run'), with its own seed and time
+    assert new.name.startswith("run-s1-")
     old, again = (load_yaml((d / "config.yaml").read_text()) for d in (trained_run, new))
     assert (
         again["seed"] == 1
@@ -855,7 +855,7 @@ def test_drq_recipe_agents_train_evaluate_probe_blank_export_and_resume(
             "--output", str(tmp_path / "overlay"))  # fmt: skip
         assert (tmp_path / "overlay" / "cartpole-swingup-attention.mp4").stat().st_size > 1000
     assert "perceiver/state_probe_r2/velocity" in tags(run).Tags()["scalars"]
-    assert {"train/critic_loss", "train/actor_saturation"} <= set(tags(run).Tags()["scalars"])
+    assert {"train/critic_loss", "train/actor_action_spread"} <= set(tags(run).Tags()["scalars"])
     resumed = cli("experiments.train", "--resume", str(run), "--total-steps", "48")
     assert "from checkpoint step 32" in resumed.stdout
     out = cli(

@@ -368,7 +368,7 @@ def test_default_config_chooses_a_patch_size_for_the_image(size, patch):
     venv.close()
 
 
-def test_sac_logs_the_gradient_reaching_each_encoder_stage_and_the_actors_saturation():
+def test_sac_logs_the_gradient_reaching_each_encoder_stage_and_the_actors_spread():
     venv = pixel_env()
     model = agents.make_agent(
         "sac", venv, perceiver=TINY, device="cpu", learning_starts=32, batch_size=16, buffer_size=500
@@ -377,9 +377,7 @@ def test_sac_logs_the_gradient_reaching_each_encoder_stage_and_the_actors_satura
     logged = model.logger.name_to_value
     for group in ("adapter_pixels", "adapter_proprio", "latents", "cross_attention", "self_attention"):
         assert logged[f"perceiver/grad_norm/{group}"] > 0, group
-    assert (
-        0.0 <= logged["train/actor_saturation"] < 1.0
-    )  # a fresh actor's actions sit mostly inside the bounds
+    assert logged["train/actor_action_spread"] > 0.0  # a fresh actor acts differently in different states
     venv.close()
 
 

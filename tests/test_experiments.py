@@ -278,7 +278,7 @@ def test_a_runs_config_is_a_preset_for_the_next_run(trained_run, tmp_path):
     """`--preset RUN/config.yaml`: another seed of a trained run's settings, as a user types it."""
     cli("experiments.train", "--preset", str(trained_run / "config.yaml"), "--seed", "1", "--total-steps", "16",
         "--run-dir", str(tmp_path), "--progress-bar", "false")  # fmt: skip
-    (new,) = tmp_path.iterdir()  # a new run, named after the run it came from ('run'), with its own seed and time
+    (new,) = tmp_path.iterdir()  # a new run named after the one it came from ('run'), its own seed and time
     assert new.name.startswith("run-s1-")
     old, again = (load_yaml((d / "config.yaml").read_text()) for d in (trained_run, new))
     assert (

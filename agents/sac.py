@@ -264,7 +264,8 @@ class PerceiverSAC(LearningRateWarmupMixin, ModalityMixSettings, SAC):
         actor_loss.backward()
         self.actor.optimizer.step()
         metrics["actor_loss"].append(actor_loss.item())
-        modes = policy_dist.get_actions(deterministic=True)
+        with torch.no_grad():  # tanh(mean) of the update's own forward: no graph over its freed buffers
+            modes = policy_dist.get_actions(deterministic=True)
         metrics["actor_action_spread"].append(action_spread(modes, data.observations.get(ACTION_MASK_KEY)))
 
         if gradient_step % self.target_update_interval == 0:

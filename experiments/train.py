@@ -62,8 +62,9 @@ def preset_label(preset: str | None) -> str | None:
     if not preset or not cfg.is_preset_file(preset):
         return preset
     path = Path(preset)
-    if path.stem == "config" and path.resolve().parent.name:
-        return RUN_SUFFIX.sub("", path.resolve().parent.name) or path.stem
+    folder = path.resolve().parent.name
+    if path.stem == "config" and folder:
+        return RUN_SUFFIX.sub("", folder) or path.stem
     return path.stem
 
 

@@ -68,6 +68,15 @@ def preset_label(preset: str | None) -> str | None:
     return path.stem
 
 
+def remove_unstarted(run_dir: Path) -> None:
+    """A run directory this command created that holds only its config.yaml (a setting refused while the agent was
+    built, before anything was written) is removed, so the corrected command can take the same name; a directory
+    with anything else in it is kept."""
+    if [p.name for p in run_dir.iterdir()] == ["config.yaml"]:
+        (run_dir / "config.yaml").unlink()
+        run_dir.rmdir()
+
+
 def default_run_name(config: cfg.TrainConfig) -> str:
     base = (
         preset_label(config.preset)
@@ -458,9 +467,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(
                     f"run directory {str(run_dir)!r} already exists; use --resume {run_dir} to continue"
                 )
+            created = not run_dir.exists()
             run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(config, run_dir / "config.yaml")
-            run(config, run_dir)
+            try:
+                run(config, run_dir)
+            except ValueError:
+                if created:
+                    remove_unstarted(run_dir)
+                raise
     except (ValueError, CheckpointError, EnvWorkerDied) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

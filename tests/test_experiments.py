@@ -486,6 +486,21 @@ def test_bad_cli_values_exit_with_one_line_error(args, message):
     assert len(lines) == 1 and message in lines[0], result.stderr
 
 
+def test_a_setting_refused_while_the_agent_is_built_leaves_no_run_directory(tmp_path):
+    args = [
+        "experiments.train",
+        "--task",
+        "cartpole-balance",
+        "--run-dir",
+        str(tmp_path),
+        "--run-name",
+        "typo",
+    ]
+    refused = cli(*args, "--algo", "lr_warmpu=5", check=False, timeout=HANG_GUARD_S)
+    assert refused.returncode == 2 and "unknown ppo settings ['lr_warmpu']" in refused.stderr
+    assert list(tmp_path.iterdir()) == []  # the corrected command may take the same name
+
+
 def test_a_run_name_in_use_says_whether_it_can_be_resumed(trained_run, tmp_path):
     args = ["experiments.train", "--run-dir", str(trained_run.parent), "--run-name", trained_run.name]
     taken = cli(*args, check=False)

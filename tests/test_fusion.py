@@ -239,7 +239,9 @@ def test_the_mean_frame_folded_into_the_stem_is_the_stem_over_centred_pixels(dic
 
     tokenizer = {"pixel_tokenizer": "keypoints", "keypoints_per_frame": True} if per_frame else {}
     config = PerceiverConfig(**{"pixel_tokenizer": "conv", **SMALL, **tokenizer}, image_centering="running")
-    torch.manual_seed(0)  # weights of their own, whatever ran before in this worker: float rounding is compared
+    torch.manual_seed(
+        0
+    )  # weights of their own, whatever ran before in this worker: float rounding is compared
     adapter = PerceiverEncoder(dict_space, config).adapters["pixels"]
     with torch.no_grad():
         adapter.mean_frame.copy_(

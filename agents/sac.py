@@ -220,9 +220,7 @@ class PerceiverSAC(LearningRateWarmupMixin, ModalityMixSettings, SAC):
         with torch.no_grad(), evaluation_mode(encoder):  # the target's latents without dropout
             next_latents = encoder(self._augment(data.next_observations))
 
-        policy_dist = self.actor.distribution(latents.detach(), data.observations)
-        actions_pi = policy_dist.get_actions()
-        log_prob = policy_dist.log_prob(actions_pi)
+        actions_pi, log_prob, modes = self.actor.sample_and_mode(latents.detach(), data.observations)
         log_prob = log_prob.reshape(-1, 1)
         if self.ent_coef_optimizer is not None and self.log_ent_coef is not None:
             log_alpha, target_entropy = self.temperature_terms(data.observations)
@@ -264,8 +262,6 @@ class PerceiverSAC(LearningRateWarmupMixin, ModalityMixSettings, SAC):
         actor_loss.backward()
         self.actor.optimizer.step()
         metrics["actor_loss"].append(actor_loss.item())
-        with torch.no_grad():  # tanh(mean) of the update's own forward: no graph over its freed buffers
-            modes = policy_dist.get_actions(deterministic=True)
         metrics["actor_action_spread"].append(action_spread(modes, data.observations.get(ACTION_MASK_KEY)))
 
         if gradient_step % self.target_update_interval == 0:

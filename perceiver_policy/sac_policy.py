@@ -57,9 +57,18 @@ class PerceiverSACActor(nn.Module):
     def action_log_prob_latents(self, latents: torch.Tensor, obs=None) -> tuple[torch.Tensor, torch.Tensor]:
         """A sampled action and its log-probability from latents; `obs` (the batch they were encoded from) gives a
         multi-task actor its task and action mask."""
+        return self.sample_and_mode(latents, obs)[:2]
+
+    def sample_and_mode(
+        self, latents: torch.Tensor, obs=None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`action_log_prob_latents`' action and log-probability, and the deterministic action (B, A), detached."""
         dist = self.distribution(latents, obs)
         actions = dist.get_actions()
-        return actions, dist.log_prob(actions)
+        log_prob = dist.log_prob(actions)
+        with torch.no_grad():  # the same forward's mean, after the sample and its log-probability
+            modes = dist.get_actions(deterministic=True)
+        return actions, log_prob, modes
 
 
 class MaskedSquashedGaussian:

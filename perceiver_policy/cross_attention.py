@@ -28,6 +28,7 @@ from perceiver_policy.attention import (
     merge_heads,
     split_heads,
 )
+from perceiver_policy.kept import Kept
 
 
 class GatedCrossAttention(CrossAttentionLayers):
@@ -58,8 +59,7 @@ class GatedCrossAttention(CrossAttentionLayers):
             counts = torch.tensor(tokens_per_modality or [1] * num_modalities, dtype=torch.float32)
             self.modality_bias = nn.Parameter(-counts.log().expand(heads, num_modalities).clone())  # b[h, m]
             self.gate_logits = nn.Parameter(torch.zeros(num_latents, num_modalities))  # gamma[l, m]
-        self._query_cache: tuple | None = None
-        self._mask_cache: tuple | None = None
+        self._query_cache, self._mask_cache = Kept(), Kept()
 
     # ------------------------------------------------------------------------------------------- queries
     def _query_sources(self, latents: torch.Tensor) -> list[torch.Tensor]:
@@ -67,29 +67,25 @@ class GatedCrossAttention(CrossAttentionLayers):
         # adapters while its base weight stays put
         return [latents, *self.q.parameters(), *self.query_norm.parameters()]
 
-    def _cache_key(self, sources: list[torch.Tensor], *extra):
-        """A key that changes with any source tensor's identity or version counter (bumped by optimizer steps
-        and load_state_dict), or None when results may not be cached (training, or grad enabled)."""
-        if self.training or torch.is_grad_enabled():
-            return None
-        return (*extra, *((id(t), t._version) for t in sources))
+    def _cacheable(self) -> bool:
+        """Results may be kept in eval mode without grad; in training, or with grad enabled, they are computed."""
+        return not (self.training or torch.is_grad_enabled())
 
     def latent_queries(self, latents: torch.Tensor, count: int | None = None) -> torch.Tensor:
         """Projected queries of the first `count` latents (1, H, k, E), contiguous (SDPA's fused kernels need
         it). In eval mode without grad they are input-independent, so they are cached; a parameter change, a
         dtype/device move, another k or train() invalidates the cache."""
         count = latents.shape[0] if count is None else count
-        key = self._cache_key(self._query_sources(latents), latents.device, latents.dtype, count)
-        if key is not None and self._query_cache is not None and self._query_cache[0] == key:
-            return self._query_cache[1]
+        cacheable, sources = self._cacheable(), self._query_sources(latents)
+        key = (latents.device, latents.dtype, count)
+        if cacheable and (q := self._query_cache.get(key, sources)) is not None:
+            return q
         with torch.autocast(latents.device.type, enabled=False):
             q = split_heads(
                 self.q(self.query_norm(latents if count == len(latents) else latents[:count])).unsqueeze(0),
                 self.heads,
             )  # (1, H, k, dh)
-        if key is not None:
-            self._query_cache = (key, q)
-        return q
+        return self._query_cache.put(key, sources, q) if cacheable else q
 
     def logit_bias(self, modality_index: torch.Tensor, count: int | None = None) -> torch.Tensor | None:
         """The gating mask of the first `count` latents (1, H, k, N): b[h, m(n)] + gamma[l, m(n)], or None
@@ -98,17 +94,16 @@ class GatedCrossAttention(CrossAttentionLayers):
             return None
         count = self.gate_logits.shape[0] if count is None else count
         sources = [self.modality_bias, self.gate_logits]
-        key = self._cache_key(sources, modality_index.data_ptr(), modality_index.shape[0], count)
-        if key is not None and self._mask_cache is not None and self._mask_cache[0] == key:
-            return self._mask_cache[1]
+        cacheable, key = self._cacheable(), (modality_index.data_ptr(), modality_index.shape[0], count)
+        if cacheable and (mask := self._mask_cache.get(key, sources)) is not None:
+            return mask
         table = self.modality_bias[:, None, :] + self.gate_logits[None, :count, :]  # (H, k, n_mod)
         mask = table[:, :, modality_index].unsqueeze(0)  # (1, H, M, N)
-        if key is not None:
-            self._mask_cache = (key, mask)
-        return mask
+        return self._mask_cache.put(key, sources, mask) if cacheable else mask
 
     def train(self, mode: bool = True):
-        self._query_cache = self._mask_cache = None
+        self._query_cache.clear()
+        self._mask_cache.clear()
         return super().train(mode)
 
     # ------------------------------------------------------------------------------------------- forward

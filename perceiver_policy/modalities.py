@@ -29,6 +29,7 @@ from gymnasium import spaces
 from torch import nn
 
 from perceiver_policy.config import PerceiverConfig
+from perceiver_policy.kept import Kept
 from perceiver_policy.position import fourier_dim, grid_fourier_features
 
 ABSENT_KEY = "absent_modalities"  # = envs.wrappers.ABSENT_KEY (kept import-free of envs)
@@ -121,7 +122,7 @@ def _border_correction(
     """shift * (the weights each output cell's window puts on the padding): (C_out, H', W'), 0 away from the border.
     Without gradients (acting, evaluation) it is kept until the weights change: at batch 1 its batch-1
     convolution of ones would cost as much as the layer itself."""
-    key = (conv.weight._version, conv.weight.data_ptr(), tuple(pixels.shape[1:]), pixels.dtype, dtype, shift)
+    key = (tuple(pixels.shape[1:]), pixels.dtype, dtype, shift)
 
     def correction() -> torch.Tensor:
         ones = torch.ones(1, *pixels.shape[1:], dtype=pixels.dtype, device=pixels.device)
@@ -130,20 +131,18 @@ def _border_correction(
         ]  # (C_out, H', W')
         return (shift * (total[:, None, None] - inside)).to(dtype)
 
-    return kept_without_grad(conv, "_border_correction", key, correction)
+    return kept_without_grad(conv, "_border_correction", key, (conv.weight,), correction)
 
 
-def kept_without_grad(owner: nn.Module, name: str, key: tuple, compute) -> torch.Tensor:
-    """`compute()`, kept on `owner` under `name` while `key` (weight / buffer versions and storage, shapes, dtypes)
-    stays the same, when no gradient is recorded (acting, evaluation); with gradients computed afresh, never kept."""
+def kept_without_grad(owner: nn.Module, name: str, key: tuple, sources: tuple, compute) -> torch.Tensor:
+    """`compute()`, kept on `owner` under `name` while `key` (shapes, dtypes) and the values of `sources` (the
+    weights / buffers it reads: `perceiver_policy.kept`) stay the same, when no gradient is recorded (the DrQ
+    target, acting, evaluation); with gradients computed afresh, never kept."""
     if torch.is_grad_enabled():
         return compute()
-    cached = owner.__dict__.get(name)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    value = compute()
-    owner.__dict__[name] = (key, value)
-    return value
+    kept = owner.__dict__.setdefault(name, Kept())
+    value = kept.get(key, sources)
+    return kept.put(key, sources, compute()) if value is None else value
 
 
 def scaled_stem(
@@ -528,20 +527,13 @@ class CentredImage(ModalityAdapter):
         dtype = stem_input.dtype
 
         def offset(mean: torch.Tensor) -> torch.Tensor:
-            key = (
-                conv.weight._version,
-                conv.weight.data_ptr(),
-                mean._version,
-                mean.data_ptr(),
-                frames,
-                dtype,
-            )
+            key = (frames, dtype)
 
             def response() -> torch.Tensor:
                 shift = (mean * (1.0 / 255.0)).repeat(frames, 1, 1)[None].to(dtype)
                 return F.conv2d(shift, conv.weight, None, conv.stride, conv.padding, conv.dilation)[0]
 
-            return kept_without_grad(self, "_centring_offset", key, response)
+            return kept_without_grad(self, "_centring_offset", key, (conv.weight, mean), response)
 
         return self._with_mean(stem_input, offset)
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from perceiver_policy.kept import Kept
 from perceiver_policy.modalities import ModalityAdapter
 from perceiver_policy.model import PerceiverEncoder
 
@@ -71,13 +72,11 @@ class StreamingTokens:
         }
 
     def _constant(self, name: str, what: str, sources: tuple[torch.Tensor, ...], compute, *extra):
-        """`compute()` for one modality, recomputed only when a source tensor is replaced or changed in place
-        (version counters move with optimizer steps and load_state_dict) or `extra` (dtype) changes."""
-        key = (*extra, *((t.data_ptr(), t._version) for t in sources))
-        cached = self._constants.get((name, what))
-        if cached is None or cached[0] != key:
-            cached = self._constants[(name, what)] = (key, compute())
-        return cached[1]
+        """`compute()` for one modality, recomputed only when a source tensor's values change (an optimizer step,
+        load_state_dict: `perceiver_policy.kept`) or `extra` (dtype) changes."""
+        kept = self._constants.setdefault((name, what), Kept())
+        value = kept.get(extra, sources)
+        return kept.put(extra, sources, compute()) if value is None else value
 
     def tokens(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """The same (B, N, D) tokens as `encoder.adapters[name](x)`."""

@@ -165,18 +165,18 @@ def test_latent_query_cache_identical_and_invalidated(dict_space):
     obs = sample_obs(dict_space, 3)
     with torch.no_grad():
         first = encoder(obs)
-        cached_q = cross._query_cache[1]
+        cached_q = cross._query_cache.value
         second = encoder(obs)
-        assert cross._query_cache[1] is cached_q  # reused, not recomputed
+        assert cross._query_cache.value is cached_q  # reused, not recomputed
     torch.testing.assert_close(first, second)
     encoder.train()
-    assert cross._query_cache is None
+    assert cross._query_cache.value is None
     encoder.eval()
     with torch.no_grad():
         encoder(obs)
         encoder.latents.add_(0.5)  # a parameter change (optimizer steps are in-place too)
         changed = encoder(obs)
-        cross._query_cache = None
+        cross._query_cache.clear()
         fresh = encoder(obs)
     torch.testing.assert_close(changed, fresh)
     assert not torch.allclose(changed, first)
@@ -184,6 +184,33 @@ def test_latent_query_cache_identical_and_invalidated(dict_space):
     out = encoder(obs)
     out.sum().backward()
     assert encoder.latents.grad is not None
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"pixel_tokenizer": "conv"}, {"pixel_tokenizer": "conv", "image_centering": "running"}],
+    ids=["patch", "conv", "conv-meanframe"],
+)
+def test_what_a_no_grad_pass_keeps_follows_a_fused_adam_step(dict_space, options):
+    """torch's fused Adam (the policies' optimizer) writes parameters without bumping their version counters: the
+    latent queries, the conv stem's border correction and the mean-frame offset kept by a no-grad pass must follow
+    the new values, as a fresh copy of the encoder computes them (kept by version only, they did not)."""
+    torch.manual_seed(0)
+    encoder = PerceiverEncoder(dict_space, small(**options)).eval()
+    obs = sample_obs(dict_space, 3)
+    with torch.no_grad():
+        before = encoder(obs)  # keeps what it may
+    optimizer = torch.optim.Adam(encoder.parameters(), lr=0.05, fused=True)
+    versions = [p._version for p in encoder.parameters()]
+    encoder(obs).square().sum().backward()
+    optimizer.step()
+    assert [p._version for p in encoder.parameters()] == versions  # what made version keys go stale
+    fresh = PerceiverEncoder(dict_space, small(**options)).eval()
+    fresh.load_state_dict(encoder.state_dict())
+    with torch.no_grad():
+        after, expected = encoder(obs), fresh(obs)
+    torch.testing.assert_close(after, expected)
+    assert not torch.allclose(after, before)
 
 
 def test_gradients_reach_every_parameter(dict_space):

@@ -58,7 +58,8 @@ def test_reproduce_results_runs_study_2_under_drqs_recipe(tmp_path):
                           "study2-drq-perceiver-conv-online-target-mix-camera-s0",
                           "study2-drq-perceiver-conv-online-target-groups-s0",
                           "study2-drq-perceiver-conv-online-queries-enc-lr0.3-s0",
-                          "study2-drq-perceiver-conv-online-queries-enc-lr0.3-bf16-s0"}  # fmt: skip
+                          "study2-drq-perceiver-conv-online-queries-enc-lr0.3-bf16-s0",
+                          "study2-drq-perceiver-conv-online-queries-enc-lr0.3-aux1-s0"}  # fmt: skip
     # the mix reaches train as one argument
     mix = argvs["study2-drq-perceiver-conv-online-target-mix-camera-s0"]
     spec = "all=0.4 pixels+proprio=0.2 pixels+action_history=0.2 pixels=0.2"

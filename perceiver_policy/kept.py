@@ -28,7 +28,7 @@ def unchanged(kept: tuple[torch.Tensor, ...], sources) -> bool:
 
 class Kept:
     """One kept result: `get(key, sources)` returns it while `key` is the same and the sources' values are;
-    `put(key, sources, value)` keeps a new one."""
+    `put(key, sources, value)` keeps a new one; `fetch(key, sources, compute)` does both."""
 
     __slots__ = ("key", "values", "value")
 
@@ -43,6 +43,11 @@ class Kept:
     def put(self, key, sources, value):
         self.key, self.values, self.value = key, snapshot(sources), value
         return value
+
+    def fetch(self, key, sources, compute):
+        """The kept result, or `compute()` kept in its place."""
+        value = self.get(key, sources)
+        return self.put(key, sources, compute()) if value is None else value
 
     def clear(self) -> None:
         self.key, self.values, self.value = None, (), None

@@ -140,9 +140,7 @@ def kept_without_grad(owner: nn.Module, name: str, key: tuple, sources: tuple, c
     target, acting, evaluation); with gradients computed afresh, never kept."""
     if torch.is_grad_enabled():
         return compute()
-    kept = owner.__dict__.setdefault(name, Kept())
-    value = kept.get(key, sources)
-    return kept.put(key, sources, compute()) if value is None else value
+    return owner.__dict__.setdefault(name, Kept()).fetch(key, sources, compute)
 
 
 def scaled_stem(

@@ -74,9 +74,7 @@ class StreamingTokens:
     def _constant(self, name: str, what: str, sources: tuple[torch.Tensor, ...], compute, *extra):
         """`compute()` for one modality, recomputed only when a source tensor's values change (an optimizer step,
         load_state_dict: `perceiver_policy.kept`) or `extra` (dtype) changes."""
-        kept = self._constants.setdefault((name, what), Kept())
-        value = kept.get(extra, sources)
-        return kept.put(extra, sources, compute()) if value is None else value
+        return self._constants.setdefault((name, what), Kept()).fetch(extra, sources, compute)
 
     def tokens(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """The same (B, N, D) tokens as `encoder.adapters[name](x)`."""

@@ -76,16 +76,16 @@ class GatedCrossAttention(CrossAttentionLayers):
         it). In eval mode without grad they are input-independent, so they are cached; a parameter change, a
         dtype/device move, another k or train() invalidates the cache."""
         count = latents.shape[0] if count is None else count
-        cacheable, sources = self._cacheable(), self._query_sources(latents)
+
+        def queries() -> torch.Tensor:
+            first = latents if count == len(latents) else latents[:count]
+            with torch.autocast(latents.device.type, enabled=False):
+                return split_heads(self.q(self.query_norm(first)).unsqueeze(0), self.heads)  # (1, H, k, dh)
+
+        if not self._cacheable():
+            return queries()
         key = (latents.device, latents.dtype, count)
-        if cacheable and (q := self._query_cache.get(key, sources)) is not None:
-            return q
-        with torch.autocast(latents.device.type, enabled=False):
-            q = split_heads(
-                self.q(self.query_norm(latents if count == len(latents) else latents[:count])).unsqueeze(0),
-                self.heads,
-            )  # (1, H, k, dh)
-        return self._query_cache.put(key, sources, q) if cacheable else q
+        return self._query_cache.fetch(key, self._query_sources(latents), queries)
 
     def logit_bias(self, modality_index: torch.Tensor, count: int | None = None) -> torch.Tensor | None:
         """The gating mask of the first `count` latents (1, H, k, N): b[h, m(n)] + gamma[l, m(n)], or None
@@ -93,13 +93,15 @@ class GatedCrossAttention(CrossAttentionLayers):
         if not self.gating:
             return None
         count = self.gate_logits.shape[0] if count is None else count
-        sources = [self.modality_bias, self.gate_logits]
-        cacheable, key = self._cacheable(), (modality_index.data_ptr(), modality_index.shape[0], count)
-        if cacheable and (mask := self._mask_cache.get(key, sources)) is not None:
-            return mask
-        table = self.modality_bias[:, None, :] + self.gate_logits[None, :count, :]  # (H, k, n_mod)
-        mask = table[:, :, modality_index].unsqueeze(0)  # (1, H, M, N)
-        return self._mask_cache.put(key, sources, mask) if cacheable else mask
+
+        def mask() -> torch.Tensor:
+            table = self.modality_bias[:, None, :] + self.gate_logits[None, :count, :]  # (H, k, n_mod)
+            return table[:, :, modality_index].unsqueeze(0)  # (1, H, M, N)
+
+        if not self._cacheable():
+            return mask()
+        key = (modality_index.data_ptr(), modality_index.shape[0], count)
+        return self._mask_cache.fetch(key, [self.modality_bias, self.gate_logits], mask)
 
     def train(self, mode: bool = True):
         self._query_cache.clear()

@@ -100,8 +100,10 @@ class GatedCrossAttention(CrossAttentionLayers):
 
         if not self._cacheable():
             return mask()
-        key = (modality_index.data_ptr(), modality_index.shape[0], count)
-        return self._mask_cache.fetch(key, [self.modality_bias, self.gate_logits], mask)
+        # the index is a source, not its address: an index written in place, or a new one where a freed one
+        # lay, gives its own mask
+        key = (modality_index.device, modality_index.shape[0], count)
+        return self._mask_cache.fetch(key, [self.modality_bias, self.gate_logits, modality_index], mask)
 
     def train(self, mode: bool = True):
         self._query_cache.clear()

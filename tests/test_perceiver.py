@@ -213,6 +213,24 @@ def test_what_a_no_grad_pass_keeps_follows_a_fused_adam_step(dict_space, options
     assert not torch.allclose(after, before)
 
 
+def test_the_kept_gating_mask_follows_the_token_index_not_its_address():
+    """The gating mask kept in eval mode without grad is that of the index passed now: an index written in place
+    (same address, other modalities) gets its own mask."""
+    from perceiver_policy.cross_attention import GatedCrossAttention
+
+    torch.manual_seed(0)
+    cross = GatedCrossAttention(32, 2, 4, 2, 2, 0.0, 0.0, gating=True, tokens_per_modality=[3, 2]).eval()
+    with torch.no_grad():
+        cross.gate_logits.normal_()
+        index = torch.tensor([0, 0, 0, 1, 1])
+        first = cross.logit_bias(index).clone()
+        index.copy_(torch.tensor([1, 1, 0, 0, 0]))
+        second = cross.logit_bias(index)
+    expected = (cross.modality_bias[:, None, :] + cross.gate_logits[None])[:, :, index].unsqueeze(0)
+    torch.testing.assert_close(second, expected)
+    assert not torch.allclose(first, second)
+
+
 def test_gradients_reach_every_parameter(dict_space):
     torch.manual_seed(0)
     config = small(self_attn_layers=2, self_attn_repeats=2)

@@ -325,11 +325,16 @@ def test_evaluate_writes_table_and_video(trained_run, tmp_path):
     assert (overlay / "cartpole-balance-attention.mp4").stat().st_size > 1000
 
 
+def final_training_return(run: Path) -> str:
+    """The final training evaluation's mean return as `experiments.evaluate` prints it ("| 123.4 ± ")."""
+    step, frames, return_mean = (run / "eval" / "history.csv").read_text().splitlines()[-1].split(",")
+    return f"| {float(return_mean):.1f} ± "
+
+
 def test_evaluate_reports_the_episodes_of_the_final_training_evaluation(trained_run, tmp_path):
     """One convention: evaluate's default env seeds are the training evaluations' (10000 + the run's seed)."""
-    final = (trained_run / "eval" / "history.csv").read_text().splitlines()[-1].split(",")
     out = cli("experiments.evaluate", str(trained_run), "--episodes", "1", "--output", str(tmp_path)).stdout
-    assert f"| {float(final[2]):.1f} ± 0.0 |" in out  # step, frames, return_mean
+    assert f"{final_training_return(trained_run)}0.0 |" in out
 
 
 def test_evaluate_stochastic_samples_actions_into_its_own_files(trained_run, tmp_path):
@@ -782,6 +787,8 @@ def test_lstm_trains_evaluates_with_probe_and_resumes(tmp_path):
     assert read_meta(list_checkpoints(tmp_path / "lstm" / "checkpoints")[-1])["step"] >= 96
     out = cli("experiments.evaluate", str(tmp_path / "lstm"), "--episodes", "4", "--probe-state").stdout
     assert "R² position" in out and "R² velocity" in out
+    # the checkpoint acts as the run did, memory and all
+    assert final_training_return(tmp_path / "lstm") in out
 
 
 @pytest.mark.parametrize("policy_type", ["perceiver", "sb3"])
@@ -877,6 +884,8 @@ def test_drq_recipe_agents_train_evaluate_probe_blank_export_and_resume(
         "experiments.evaluate", str(run), "--episodes", "4", "--probe-state", "--output", str(tmp_path / "e")
     )
     assert "R² position" in out.stdout
+    # the resumed run's checkpoint acts as its final evaluation saw it
+    assert final_training_return(run) in out.stdout
     blank = cli("experiments.evaluate", str(run), "--episodes", "1", "--blank-modality", "pixels",
                 "--output", str(tmp_path / "blank"))  # fmt: skip
     assert "pixels (blank)" in blank.stdout

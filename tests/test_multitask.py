@@ -400,6 +400,10 @@ def test_generalist_trains_evaluates_every_task_resumes_and_exports(tmp_path):
     assert all(f"  {task}" in out for task in TASKS)  # the final evaluation, per task
     out = _cli("experiments.evaluate", str(run), "--episodes", "1", "--task", "reacher-easy")
     assert "| reacher-easy |" in out and "| cartpole-swingup |" not in out
+    with open(run / "eval" / "tasks.csv", newline="") as handle:
+        final = [r for r in csv.DictReader(handle) if r["task"] == "reacher-easy"][-1]
+    # the checkpoint acts as the final evaluation saw it
+    assert f"| {float(final['return_mean']):.1f} ± 0.0 |" in out
     # The task sampler's weights are in every checkpoint and come back with --resume (the active sampler's would
     # otherwise restart uniform); set by hand here, since a 1-episode evaluation may leave them uniform.
     checkpoint = latest_checkpoint(run)

@@ -20,6 +20,7 @@ from agents.augment import shifted_windows
 from experiments import config as cfg
 from experiments import sweeping
 from experiments.benchmarks.common import synchronize, table, timed
+from perceiver_policy.model import cpu_has_native_bf16
 
 BATCH = 128
 
@@ -194,12 +195,21 @@ def tokenizer_table() -> None:
 def alternated_update_ms(venv, agents: dict[str, dict], batch: int, updates: int) -> dict[str, float]:
     """Median ms per SAC update of each agent (`make_agent("sac", venv, **kwargs)`), alternated in this process
     so that drifts in machine speed hit every agent; each timed call is one critic-only and one full update
-    (actor, temperature, target), halved."""
-    models = {}
-    for name, kwargs in agents.items():
+    (actor, temperature, target), halved. The first agent's 300 random steps fill the replay buffer that every
+    agent with the same buffer type samples from (an update's cost does not depend on which transitions it reads)."""
+    emulated = [name for name, kwargs in agents.items() if bf16(kwargs)] if not cpu_has_native_bf16() else []
+    if emulated:
+        print(f"(rows skipped: {emulated}; this CPU has no native bf16, where it was measured 5x slower)")
+    models, filled = {}, None
+    for name, kwargs in ((n, k) for n, k in agents.items() if n not in emulated):
         model = make_agent("sac", venv, device="cpu", seed=0, batch_size=batch, buffer_size=2000,
                            learning_starts=300, **kwargs)  # fmt: skip
-        model.learn(300)  # random actions until learning_starts: fills the buffer, no update yet
+        if filled is not None and type(model.replay_buffer) is type(filled.replay_buffer):
+            model.replay_buffer, model.num_timesteps = filled.replay_buffer, filled.num_timesteps
+            model.set_logger(filled.logger)
+        else:
+            model.learn(300)  # random actions until learning_starts: fills the buffer, no update yet
+            filled = filled or model
         model.train(gradient_steps=2, batch_size=batch)  # warm-up; two updates: one with the actor
         models[name] = model
     times = {name: [] for name in models}
@@ -209,6 +219,12 @@ def alternated_update_ms(venv, agents: dict[str, dict], batch: int, updates: int
             model.train(gradient_steps=2, batch_size=batch)
             times[name].append((time.perf_counter() - start) / 2)
     return {name: 1000 * float(np.median(t)) for name, t in times.items()}
+
+
+def bf16(agent_kwargs: dict) -> bool:
+    """Whether an agent built from these `make_agent` options computes in bf16 (autocast or convolutions)."""
+    perceiver, policy = agent_kwargs.get("perceiver") or {}, agent_kwargs.get("policy_kwargs") or {}
+    return perceiver.get("dtype") == "bfloat16" or policy.get("conv_dtype") == "bfloat16"
 
 
 def update_ms_table(title: str, ms: dict[str, float]) -> None:
@@ -321,8 +337,8 @@ def bench_fuse(quick: bool) -> None:
 def bench_fuse_drq(quick: bool) -> None:
     """`python -m experiments.benchmark fuse-drq [--quick]`: the same for study 2 under DrQ's recipe
     (`experiments/sweeps/study2-fuse-drq.yaml`: K = M = 2, actor and target every 2 updates; batch 128, the
-    preset's), float32 beside bf16 for the best Perceiver and for NatureCNN + MLP; then ball_in_cup-catch's agents
-    (`study2-fuse-drq-cup.yaml`), with and without the running mean frame."""
+    preset's), float32 beside bf16 for the best Perceiver and for NatureCNN + MLP (where the CPU has native bf16);
+    then ball_in_cup-catch's agents (`study2-fuse-drq-cup.yaml`), with and without the running mean frame."""
     batch, updates = (32, 2) if quick else (128, 10)
     title = (
         "Study 2's SAC update (DrQ recipe, K = M = 2), cartpole-swingup `--proprio robot`, 84 px x 3 + cart "

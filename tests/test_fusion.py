@@ -239,9 +239,8 @@ def test_the_mean_frame_folded_into_the_stem_is_the_stem_over_centred_pixels(dic
 
     tokenizer = {"pixel_tokenizer": "keypoints", "keypoints_per_frame": True} if per_frame else {}
     config = PerceiverConfig(**{"pixel_tokenizer": "conv", **SMALL, **tokenizer}, image_centering="running")
-    torch.manual_seed(
-        0
-    )  # weights of their own, whatever ran before in this worker: float rounding is compared
+    # weights of their own, whatever ran before in this worker: float rounding is compared
+    torch.manual_seed(0)
     adapter = PerceiverEncoder(dict_space, config).adapters["pixels"]
     with torch.no_grad():
         adapter.mean_frame.copy_(
@@ -249,8 +248,8 @@ def test_the_mean_frame_folded_into_the_stem_is_the_stem_over_centred_pixels(dic
         )
         adapter.mean_count.fill_(5)
 
-    def written(mean: torch.Tensor, x: torch.Tensor, margin: bool = False) -> torch.Tensor:
-        """The stem over (x - mean) / 255, as the layers are written; `margin`: the smallest |pre-activation|."""
+    def written(mean: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The stem over (x - mean) / 255, as the layers are written, and its smallest |pre-activation|."""
         frames = x.reshape(-1, 3, *x.shape[-2:]) if per_frame else x
         h = (frames.float() - mean.repeat(frames.shape[1] // 3, 1, 1)) / 255.0
         smallest = float("inf")
@@ -259,14 +258,14 @@ def test_the_mean_frame_folded_into_the_stem_is_the_stem_over_centred_pixels(dic
                 h = layer(h)
                 smallest = min(smallest, float(h.abs().min()))
                 h = F.relu(h)
-        return torch.tensor(smallest) if margin else h
+        return h, smallest
 
     # A pre-activation within float rounding of 0 can fall on either side of its ReLU in the folded and the
     # written stem (one at 7e-8 moved a channel's weight gradient by 4 % on an AMD EPYC): inputs whose every
     # pre-activation clears 1e-5, so that the two stems' gradients compare the folding, not the rounding.
     with torch.no_grad():
         inputs = (sample_obs(dict_space, 4, seed=seed)["pixels"] for seed in range(3, 200))
-        x = next((x for x in inputs if written(adapter.mean_frame, x, margin=True) > 1e-5), None)
+        x = next((x for x in inputs if written(adapter.mean_frame, x)[1] > 1e-5), None)
     assert x is not None, "no input with every pre-activation 1e-5 away from 0"
 
     stem_input = x.reshape(-1, 3, *x.shape[-2:]) if per_frame else x
@@ -277,7 +276,7 @@ def test_the_mean_frame_folded_into_the_stem_is_the_stem_over_centred_pixels(dic
     torch.testing.assert_close(adapter.mean_frame, expected_mean)  # moved after the pass ...
     adapter.mean_frame.copy_(mean)
     adapter.eval()  # ... which subtracted the mean as it was
-    reference = written(mean, x)
+    reference, _ = written(mean, x)
     torch.testing.assert_close(folded, reference, atol=1e-5, rtol=1e-4)
     first = adapter.stem[0]
     grads = [
@@ -290,10 +289,10 @@ def test_the_mean_frame_folded_into_the_stem_is_the_stem_over_centred_pixels(dic
                                    reference, atol=1e-5, rtol=1e-4)  # fmt: skip
         adapter.mean_frame.add_(20.0)  # ... until the mean moves
         moved = adapter.stem_features(stem_input)
-        torch.testing.assert_close(moved, written(adapter.mean_frame, x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(moved, written(adapter.mean_frame, x)[0], atol=1e-5, rtol=1e-4)
         first.weight.mul_(0.5)  # ... or the weights change
         halved = adapter.stem_features(stem_input)
-        torch.testing.assert_close(halved, written(adapter.mean_frame, x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(halved, written(adapter.mean_frame, x)[0], atol=1e-5, rtol=1e-4)
 
 
 def test_image_centering_names_its_choices():

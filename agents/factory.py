@@ -146,6 +146,12 @@ def default_dtype(device: torch.device, perceiver: dict) -> str:
     return "bfloat16" if device.type == "cuda" and latents >= BF16_MIN_LATENTS else "float32"
 
 
+def computes_in_bf16(perceiver: dict | None, policy_kwargs: dict | None) -> bool:
+    """Whether an agent with these Perceiver and policy options computes in bf16 (autocast or convolutions)."""
+    conv_dtype = (policy_kwargs or {}).get("conv_dtype")
+    return (perceiver or {}).get("dtype") == "bfloat16" or conv_dtype == "bfloat16"
+
+
 def make_agent(
     algorithm: str,
     env,
@@ -177,8 +183,8 @@ def make_agent(
     torch_device = resolve_device(device)
     perceiver = dict(perceiver or {})
     perceiver.setdefault("dtype", default_dtype(torch_device, perceiver))
-    bf16 = perceiver["dtype"] == "bfloat16" or (policy_kwargs or {}).get("conv_dtype") == "bfloat16"
-    if torch_device.type == "cpu" and bf16 and not cpu_has_native_bf16():
+    emulates_bf16 = torch_device.type == "cpu" and not cpu_has_native_bf16()
+    if emulates_bf16 and computes_in_bf16(perceiver, policy_kwargs):
         warnings.warn(
             "bfloat16 on a CPU without native bf16 (no AVX512-BF16 / AMX): autocast emulates it and was "
             "measured 5x slower than float32 on such a host; use float32",

@@ -262,6 +262,25 @@ def test_default_precision_follows_the_measured_crossover():
     venv.close()
 
 
+def test_bf16_on_a_cpu_that_emulates_it_warns(monkeypatch):
+    from agents.factory import computes_in_bf16
+
+    assert computes_in_bf16({"dtype": "bfloat16"}, None) and computes_in_bf16(
+        None, {"conv_dtype": "bfloat16"}
+    )
+    assert not computes_in_bf16({"dtype": "float32"}, {"conv_dtype": "float32"}) and not computes_in_bf16(
+        None, None
+    )
+    monkeypatch.setattr(agents.factory, "cpu_has_native_bf16", lambda: False)
+    venv = state_env(1)
+    with pytest.warns(UserWarning, match="bfloat16 on a CPU without native bf16"):
+        agents.make_agent("ppo", venv, perceiver={**TINY, "dtype": "bfloat16"}, device="cpu", n_steps=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # float32: no warning
+        agents.make_agent("ppo", venv, perceiver=TINY, device="cpu", n_steps=16)
+    venv.close()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_rollouts_bf16_and_device_buffers():

@@ -17,6 +17,7 @@ import torch
 import envs
 from agents import make_agent
 from agents.augment import shifted_windows
+from agents.factory import computes_in_bf16
 from experiments import config as cfg
 from experiments import sweeping
 from experiments.benchmarks.common import synchronize, table, timed
@@ -197,7 +198,11 @@ def alternated_update_ms(venv, agents: dict[str, dict], batch: int, updates: int
     so that drifts in machine speed hit every agent; each timed call is one critic-only and one full update
     (actor, temperature, target), halved. The first agent's 300 random steps fill the replay buffer that every
     agent with the same buffer type samples from (an update's cost does not depend on which transitions it reads)."""
-    emulated = [name for name, kwargs in agents.items() if bf16(kwargs)] if not cpu_has_native_bf16() else []
+    emulated = []  # bf16 rows where the CPU emulates it
+    if not cpu_has_native_bf16():
+        emulated = [
+            n for n, k in agents.items() if computes_in_bf16(k.get("perceiver"), k.get("policy_kwargs"))
+        ]
     if emulated:
         print(f"(rows skipped: {emulated}; this CPU has no native bf16, where it was measured 5x slower)")
     models, filled = {}, None
@@ -219,12 +224,6 @@ def alternated_update_ms(venv, agents: dict[str, dict], batch: int, updates: int
             model.train(gradient_steps=2, batch_size=batch)
             times[name].append((time.perf_counter() - start) / 2)
     return {name: 1000 * float(np.median(t)) for name, t in times.items()}
-
-
-def bf16(agent_kwargs: dict) -> bool:
-    """Whether an agent built from these `make_agent` options computes in bf16 (autocast or convolutions)."""
-    perceiver, policy = agent_kwargs.get("perceiver") or {}, agent_kwargs.get("policy_kwargs") or {}
-    return perceiver.get("dtype") == "bfloat16" or policy.get("conv_dtype") == "bfloat16"
 
 
 def update_ms_table(title: str, ms: dict[str, float]) -> None:

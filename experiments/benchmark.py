@@ -6,8 +6,8 @@ The tables live in `experiments.benchmarks`; this module is the command.
 import sys
 
 from experiments.benchmarks.cli import main
-from experiments.runtime import keep_freed_memory
+from experiments.runtime import prepare_process
 
 if __name__ == "__main__":
-    keep_freed_memory()  # the commands tune the allocator, importing the package does not
+    prepare_process()  # the commands tune their process, importing the package does not
     sys.exit(main())

@@ -29,7 +29,7 @@ from envs.wrappers import ABSENT_KEY
 from experiments import config as cfg
 from experiments.checkpoint import CheckpointError, load_model, locate, save_checkpoint
 from experiments.evaluation import evaluate_policy
-from experiments.runtime import keep_freed_memory
+from experiments.runtime import prepare_process
 from perceiver_policy import count_parameters
 
 
@@ -222,5 +222,5 @@ def distill(
 
 
 if __name__ == "__main__":
-    keep_freed_memory()  # the commands tune the allocator, importing the package does not
+    prepare_process()  # the commands tune their process, importing the package does not
     sys.exit(main())

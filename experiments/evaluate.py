@@ -37,7 +37,7 @@ from experiments.checkpoint import (
 )
 from experiments.evaluation import PROBE_FEATURES, evaluate_policy, write_mp4
 from experiments.export import observations
-from experiments.runtime import keep_freed_memory
+from experiments.runtime import prepare_process
 from perceiver_policy.introspection import PATH_STAGES
 from perceiver_policy.latent_scaling import choose_num_latents, num_latents, set_num_latents
 
@@ -451,5 +451,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    keep_freed_memory()  # the commands tune the allocator, importing the package does not
+    prepare_process()  # the commands tune their process, importing the package does not
     sys.exit(main())

@@ -20,7 +20,7 @@ import torch
 from agents import algorithm_class
 from envs.vec import make_env_fn
 from experiments.checkpoint import CheckpointError, load_model, locate
-from experiments.runtime import keep_freed_memory
+from experiments.runtime import prepare_process
 from perceiver_policy.export import FORMATS, DeterministicActor, export_onnx, export_torchscript
 from perceiver_policy.latent_scaling import set_num_latents
 
@@ -116,5 +116,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    keep_freed_memory()  # the commands tune the allocator, importing the package does not
+    prepare_process()  # the commands tune their process, importing the package does not
     sys.exit(main())

@@ -22,7 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from experiments import config as cfg  # noqa: E402
 from experiments.reporting import method_name  # noqa: E402
-from experiments.runtime import keep_freed_memory
+from experiments.runtime import prepare_process
 
 
 def read_scalars(run_dir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
@@ -143,5 +143,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    keep_freed_memory()  # the commands tune the allocator, importing the package does not
+    prepare_process()  # the commands tune their process, importing the package does not
     sys.exit(main())

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from experiments.config import load_yaml
 from experiments.reporting import find_runs, score_table, write_report
-from experiments.runtime import keep_freed_memory
+from experiments.runtime import prepare_process
 
 YAML_FORMATS = {
     "scores": "per-seed scores {comparison: {agent: {task: [scores]}}}, e.g. docs/headline-scores.yaml",
@@ -63,5 +63,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    keep_freed_memory()  # the commands tune the allocator, importing the package does not
+    prepare_process()  # the commands tune their process, importing the package does not
     sys.exit(main())

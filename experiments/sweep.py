@@ -16,7 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from experiments.runtime import keep_freed_memory
+from experiments.runtime import prepare_process
 from experiments.sweeping import check_trials, load_spec, run_sweep, train_args, trials
 
 
@@ -97,5 +97,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    keep_freed_memory()  # the commands tune the allocator, importing the package does not
+    prepare_process()  # the commands tune their process, importing the package does not
     sys.exit(main())

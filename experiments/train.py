@@ -47,7 +47,7 @@ from experiments.checkpoint import (
 )
 from experiments.evaluation import write_mp4
 from experiments.interrupt import RunStopped, StopOnSignal
-from experiments.runtime import keep_freed_memory
+from experiments.runtime import prepare_process
 from experiments.tb import PurgingTensorBoardFormat
 from perceiver_policy import count_parameters
 from perceiver_policy.model import cpu_has_native_bf16
@@ -490,5 +490,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    keep_freed_memory()  # the commands tune the allocator, importing the package does not
+    prepare_process()  # the commands tune their process, importing the package does not
     sys.exit(main())

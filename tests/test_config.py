@@ -111,6 +111,35 @@ def test_allocator_tuning_applies_on_glibc(monkeypatch):
     assert keep_freed_memory() is expected
 
 
+def test_optimizers_build_and_load_without_importing_dynamo_until_it_is_imported():
+    """A command's optimizers are built and their state loaded without torch._dynamo (3.5 s of a tiny evaluate);
+    once something imports it, torch's own wrappers take the methods back."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from experiments.runtime import DYNAMO_WRAPPED_OPTIMIZER_METHODS, defer_dynamo_import\n"
+        "assert defer_dynamo_import()\n"
+        "layer = torch.nn.Linear(2, 1)\n"
+        "opt = torch.optim.Adam(layer.parameters())\n"
+        "opt.add_param_group({'params': [torch.nn.Parameter(torch.zeros(1))]})\n"
+        "layer(torch.ones(1, 2)).sum().backward()\n"
+        "opt.load_state_dict(opt.state_dict()); opt.zero_grad()\n"
+        "assert layer.weight.grad is None\n"
+        "assert 'torch._dynamo' not in sys.modules, 'imported'\n"
+        "import torch._dynamo\n"
+        "opt.load_state_dict(opt.state_dict()); opt.zero_grad()\n"
+        "for name in DYNAMO_WRAPPED_OPTIMIZER_METHODS[1:]:\n"
+        "    cached = getattr(getattr(torch.optim.Optimizer, name).__wrapped__, '__dynamo_disable')\n"
+        "    assert cached.__module__.startswith('torch'), (name, cached)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD_S
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_drq_recipe_takes_drqs_action_repeat_unless_one_is_given():
     assert resolve("--algorithm", "sac", "--recipe", "drq", "--task", "walker-walk").action_repeat == 2
     assert resolve("--algorithm", "sac", "--recipe", "drq", "--task", "cartpole-swingup").action_repeat == 8
@@ -159,15 +188,15 @@ def test_options_only_the_perceiver_honours_are_refused_for_other_policies(polic
         assert resolve("--preset", "cartpole-swingup-pixels", *base).perceiver == {}
 
 
-def test_importing_the_commands_leaves_the_allocator_alone():
-    """Only running a command tunes glibc's allocator (experiments.runtime); importing any module does not."""
+def test_importing_the_commands_leaves_the_process_alone():
+    """Only running a command tunes its process (experiments.runtime); importing any module does not."""
     import subprocess
     import sys
 
     code = (
         "import experiments.runtime as r\n"
         "def boom(*a, **k): raise SystemExit('keep_freed_memory called on import')\n"
-        "r.keep_freed_memory = boom\n"
+        "r.keep_freed_memory = r.defer_dynamo_import = r.prepare_process = boom\n"
         "import experiments.train, experiments.evaluate, experiments.benchmark, experiments.export, experiments.plot\n"
         "import experiments.report, experiments.distill\n"
     )

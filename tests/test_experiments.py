@@ -886,9 +886,12 @@ def test_drq_recipe_agents_train_evaluate_probe_blank_export_and_resume(
     assert "R² position" in out.stdout
     # the resumed run's checkpoint acts as its final evaluation saw it
     assert final_training_return(run) in out.stdout
-    blank = cli("experiments.evaluate", str(run), "--episodes", "1", "--blank-modality", "pixels",
-                "--output", str(tmp_path / "blank"))  # fmt: skip
-    assert "pixels (blank)" in blank.stdout
+    if (
+        policy_type == "drq-cnn"
+    ):  # blanking zeroes the key before any policy reads it (a Perceiver: trained_run)
+        blank = cli("experiments.evaluate", str(run), "--episodes", "1", "--blank-modality", "pixels",
+                    "--output", str(tmp_path / "blank"))  # fmt: skip
+        assert "pixels (blank)" in blank.stdout
     export = cli("experiments.export", str(run), "--format", "onnx", "--output", str(tmp_path / "a.onnx"),
                  "--check-steps", "4")  # fmt: skip
     assert "max |action - predict| over 4 observations" in export.stdout

@@ -28,6 +28,9 @@ PREFIX = "step_"
 BEST_PREFIX = (
     "best_"  # checkpoints/best_<N>/: the policy whose evaluation scored highest so far (`save_best`)
 )
+AVERAGE_PREFIX = (
+    "average_"  # checkpoints/average_<N>/: kept checkpoints' policy weights averaged (`save_average`)
+)
 COMPLETE = "meta.json"  # written last: a checkpoint directory without it is not a checkpoint
 
 
@@ -194,6 +197,70 @@ def save_best(model, directory: Path, step: int, extra: dict) -> Path:
     return final
 
 
+def average_policy_weights(checkpoints: list[Path]) -> dict[str, torch.Tensor]:
+    """The mean of the checkpoints' policy tensors (the SB3 state dict in each model.zip), element by element;
+    integer and boolean tensors (counters, masks) are the last checkpoint's. Every checkpoint must hold the same
+    tensors with the same shapes (one run's checkpoints do), else a CheckpointError names the first that differs."""
+    from stable_baselines3.common.save_util import load_from_zip_file
+
+    states = []
+    for checkpoint in checkpoints:
+        try:
+            _, params, _ = load_from_zip_file(checkpoint / "model.zip", device="cpu", load_data=False)
+        except Exception as err:  # zipfile, pickle and torch errors all mean the same thing here
+            raise CheckpointError(f"corrupt checkpoint {checkpoint}: {type(err).__name__}: {err}") from err
+        states.append(params["policy"])
+    last = states[-1]
+    for checkpoint, state in zip(checkpoints, states):
+        shapes = {key: tuple(value.shape) for key, value in state.items()}
+        if shapes != {key: tuple(value.shape) for key, value in last.items()}:
+            differing = sorted(set(shapes.items()) ^ {(k, tuple(v.shape)) for k, v in last.items()})[0][0]
+            raise CheckpointError(
+                f"{checkpoint} and {checkpoints[-1]} hold different policies ({differing!r} differs): "
+                "average checkpoints of one run"
+            )
+    return {
+        key: torch.stack([state[key] for state in states]).mean(0)
+        if value.is_floating_point()
+        else value.clone()
+        for key, value in last.items()
+    }
+
+
+def save_average(model, directory: Path, step: int, extra: dict, normalizer: Path | None = None) -> Path:
+    """`model` (holding averaged weights) as ``directory/average_<step>/`` (model.zip, meta.json with the step
+    and `extra`, the reward normaliser file `normalizer` copied; no replay, no RNG: for evaluation and export,
+    not --resume). A second average of the same step is written as ``average_<step>.<k>``; earlier averages are
+    removed only once it is in place."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"{AVERAGE_PREFIX}{step:012d}"
+    previous = average_checkpoint(directory.parent)
+    if previous is not None and _step_and_generation(previous, AVERAGE_PREFIX)[0] == step:
+        final = final.with_name(f"{final.name}.{_step_and_generation(previous, AVERAGE_PREFIX)[1] + 1}")
+    try:
+        tmp = _write_temporary(model, directory, final.name, {"step": step, **extra}, False, None)
+        try:
+            if normalizer is not None and normalizer.exists():
+                shutil.copy2(normalizer, tmp / normalizer.name)
+            os.replace(tmp, final)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    except OSError as err:
+        raise CheckpointError(f"averaged checkpoint of step {step} not written ({err})") from err
+    _fsync_dir(directory)
+    for old in directory.glob(f"{AVERAGE_PREFIX}*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def average_checkpoint(run_dir: Path) -> Path | None:
+    """The run's newest averaged checkpoint (`save_average`), None if it has none."""
+    found = [p for p in (Path(run_dir) / "checkpoints").glob(f"{AVERAGE_PREFIX}*") if (p / COMPLETE).exists()]
+    return max(found, key=lambda path: _step_and_generation(path, AVERAGE_PREFIX)) if found else None
+
+
 def best_checkpoint(run_dir: Path) -> Path | None:
     """The run's best checkpoint (`save_best`): the highest recorded return (then the latest), None if it kept
     none."""
@@ -209,7 +276,8 @@ def best_checkpoint(run_dir: Path) -> Path | None:
 
 
 def _step_and_generation(path: Path, prefix: str = PREFIX) -> tuple[int, int]:
-    """step_<N> -> (N, 0); step_<N>.<k> -> (N, k) (`prefix` BEST_PREFIX: the same for best_<N>)."""
+    """step_<N> -> (N, 0); step_<N>.<k> -> (N, k) (`prefix` BEST_PREFIX / AVERAGE_PREFIX: the same for best_<N>,
+    average_<N>)."""
     step, _, generation = path.name[len(prefix) :].partition(".")
     return int(step), int(generation or 0)
 

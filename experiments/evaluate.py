@@ -11,7 +11,8 @@ a column for each sensed / unsensed part of a sensor the proprio mode keeps in p
 row each); `--latency-budget-ms B` measures p95 batch-1 latency at every trained k here and evaluates the largest
 k that fits. `--all-checkpoints` evaluates every checkpoint a run kept, oldest first, one row each with its step
 (is the final evaluation representative of the last stretch of training, or a peak or a dip?); `--best` the
-policy of the run's best training evaluation (RUN/checkpoints/best_<step>, kept by `--keep-best`).
+policy of the run's best training evaluation (RUN/checkpoints/best_<step>, kept by `--keep-best`); `--average` the
+weight average of its kept checkpoints (RUN/checkpoints/average_<step>, written by `experiments.average`).
 `--modality-path` (Perceiver policies) writes `<out>/modality-path.md`: for each modality, where it reaches the
 latents and where it is lost in the cross-attention (`perceiver_policy.introspection.modality_path`).
 """
@@ -28,6 +29,7 @@ from agents import algorithm_class
 from experiments import config as cfg
 from experiments.checkpoint import (
     CheckpointError,
+    average_checkpoint,
     best_checkpoint,
     is_run_directory,
     list_checkpoints,
@@ -101,15 +103,18 @@ def condition(args: argparse.Namespace) -> str:
         suffix += f"-k{'-'.join(str(k) for k in args.num_latents)}"
     suffix += f"-budget{args.latency_budget_ms:g}ms" if args.latency_budget_ms is not None else ""
     suffix += "-checkpoints" if args.all_checkpoints else ""
-    return suffix + ("-best" if args.best else "") + ("-stochastic" if args.stochastic else "")
+    suffix += "-best" if args.best else "-average" if args.average else ""
+    return suffix + ("-stochastic" if args.stochastic else "")
 
 
-def checkpoints_to_evaluate(path: Path, latest: Path, every: bool, best: bool = False) -> list[Path]:
+def checkpoints_to_evaluate(
+    path: Path, latest: Path, every: bool, best: bool = False, average: bool = False
+) -> list[Path]:
     """[latest]; with `every` (--all-checkpoints) each complete checkpoint of the run directory, oldest first;
-    with `best` (--best) the run's best checkpoint."""
-    if not (every or best):
+    with `best` (--best) the run's best checkpoint; with `average` (--average) its newest averaged one."""
+    if not (every or best or average):
         return [latest]
-    flag = "--all-checkpoints" if every else "--best"
+    flag = "--all-checkpoints" if every else "--best" if best else "--average"
     if not is_run_directory(path):
         raise ValueError(
             f"{flag} reads the checkpoints of a run directory; {str(path)!r} is one checkpoint "
@@ -117,6 +122,13 @@ def checkpoints_to_evaluate(path: Path, latest: Path, every: bool, best: bool = 
         )
     if every:
         return list_checkpoints(path / "checkpoints")
+    if average:
+        found = average_checkpoint(path)
+        if found is None:
+            raise ValueError(
+                f"{str(path)!r} has no averaged checkpoint; write one with: python -m experiments.average {path}"
+            )
+        return [found]
     found = best_checkpoint(path)
     if found is None:
         raise ValueError(
@@ -295,6 +307,12 @@ def main(argv: list[str] | None = None) -> int:
         "--keep-best, the default) instead of the latest; chosen on the training evaluations' episodes, so give "
         "--seed for fresh ones (e.g. --seed 20000)",
     )
+    which.add_argument(
+        "--average",
+        action="store_true",
+        help="evaluate the run's averaged policy (RUN/checkpoints/average_<step>, the weight average of its kept "
+        "checkpoints written by `python -m experiments.average RUN`) instead of the latest",
+    )
     parser.add_argument(
         "--device", default="cpu", help="torch device to run the policy on (default: %(default)s)"
     )
@@ -318,12 +336,19 @@ def main(argv: list[str] | None = None) -> int:
                 "--probe-state"
             )
         config, latest = locate(args.path)
-        checkpoints = checkpoints_to_evaluate(args.path, latest, args.all_checkpoints, args.best)
+        checkpoints = checkpoints_to_evaluate(
+            args.path, latest, args.all_checkpoints, args.best, args.average
+        )
         if args.best:
             meta = read_meta(checkpoints[0])
             print(
                 f"best checkpoint: {checkpoints[0]} (step {meta['step']}, {meta.get('frames', '?')} frames; "
                 f"its training evaluation {meta['return_mean']:.1f} over {meta.get('episodes', '?')} episodes)"
+            )
+        if args.average:
+            meta = read_meta(checkpoints[0])
+            print(
+                f"averaged checkpoint: {checkpoints[0]} (the policy weights of steps {meta['averaged_steps']})"
             )
         seed = args.seed if args.seed is not None else 10_000 + config.seed
         if args.task and args.tasks:

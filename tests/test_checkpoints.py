@@ -11,9 +11,12 @@ import envs
 from experiments import config as cfg
 from experiments.checkpoint import (
     CheckpointError,
+    average_checkpoint,
+    average_policy_weights,
     best_checkpoint,
     list_checkpoints,
     read_meta,
+    save_average,
     save_best,
     save_checkpoint,
 )
@@ -91,6 +94,34 @@ def test_a_new_best_replaces_the_old_only_once_written_and_sets_a_resumed_run_s_
     evaluator = EvalCallback(1, "cartpole-balance", {}, 1, tmp_path, 1, False, 0, keep_best=True)
     assert evaluator.best_return == 15.0  # a resumed run must beat the best on disk
     assert EvalCallback(1, "cartpole-balance", {}, 1, tmp_path, 1, False, 0).best_return == float("-inf")
+
+
+def test_an_average_replaces_the_old_only_once_written_and_refuses_another_run_s_policy(
+    tmp_path, model, monkeypatch
+):
+    directory = tmp_path / "checkpoints"
+    first = save_average(model, directory, 64, {"averaged_steps": [32, 64]})
+    killed_at_rename_into(directory, monkeypatch)  # the process dies while writing the new average
+    with pytest.raises(KeyboardInterrupt):
+        save_average(model, directory, 64, {"averaged_steps": [48, 64]})
+    monkeypatch.undo()
+    assert average_checkpoint(tmp_path) == first and read_meta(first)["averaged_steps"] == [32, 64]
+    again = save_average(model, directory, 64, {"averaged_steps": [48, 64]})
+    assert again.name == first.name + ".1" and not first.exists() and average_checkpoint(tmp_path) == again
+    assert read_meta(again)["averaged_steps"] == [48, 64]
+    assert list_checkpoints(directory) == []  # average_ checkpoints are not --resume candidates
+
+    venv = envs.make_vec_env("cartpole-balance", n_envs=1, modalities=("proprio", "action_history"))
+    other = agents.make_agent("ppo", venv, perceiver={**TINY, "num_latents": 4}, device="cpu", n_steps=16)
+    venv.close()
+    mine, theirs = (
+        save_checkpoint(model, directory, 1, 3, False, {}),
+        save_checkpoint(other, directory, 2, 3, False, {}),
+    )
+    with pytest.raises(
+        CheckpointError, match=r"hold different policies \('.+' differs\): average checkpoints of one run"
+    ):
+        average_policy_weights([mine, theirs])
 
 
 def test_config_is_written_atomically(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ import torch
 from conftest import HANG_GUARD_S
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from experiments.checkpoint import best_checkpoint, list_checkpoints, read_meta
+from experiments.checkpoint import average_checkpoint, best_checkpoint, list_checkpoints, read_meta
 from experiments.config import load_yaml
 
 pytestmark = pytest.mark.slow
@@ -390,6 +390,58 @@ def test_the_best_evaluation_s_policy_is_kept_and_evaluate_best_reads_it(trained
     assert int(row["step"]) == best_step
     both = cli("experiments.evaluate", str(trained_run), "--best", "--all-checkpoints", check=False)
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
+
+
+def test_average_writes_the_mean_of_the_kept_checkpoints_and_evaluate_average_reads_it(trained_run, tmp_path):
+    """`experiments.average RUN`: a checkpoint whose policy tensors are the element-wise mean of the kept ones'
+    (integers the newest's), apart from the --resume candidates; `evaluate --average` scores it."""
+    import shutil
+
+    from stable_baselines3.common.save_util import load_from_zip_file
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    missing = cli("experiments.evaluate", str(run), "--average", "--episodes", "1", check=False)
+    assert (
+        missing.returncode == 2 and f"write one with: python -m experiments.average {run}" in missing.stderr
+    )
+    kept = list_checkpoints(run / "checkpoints")
+    steps = [int(read_meta(c)["step"]) for c in kept]
+    assert len(steps) >= 2
+    out = cli("experiments.average", str(run))
+    written = average_checkpoint(run)
+    assert f"averaged the policy weights of steps {steps} -> {written}" in out.stdout
+    assert read_meta(written)["averaged_steps"] == steps and written not in list_checkpoints(
+        run / "checkpoints"
+    )
+
+    def policy(checkpoint):
+        return load_from_zip_file(checkpoint / "model.zip", device="cpu", load_data=False)[1]["policy"]
+
+    sources, average = [policy(c) for c in kept], policy(written)
+    floats = [key for key, value in average.items() if value.is_floating_point()]
+    assert any(
+        not torch.equal(sources[0][key], sources[-1][key]) for key in floats
+    )  # there is something to average
+    for key, value in average.items():
+        expected = torch.stack([s[key] for s in sources]).mean(0) if key in floats else sources[-1][key]
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6)
+    if (kept[-1] / "vecnormalize.pkl").exists():
+        assert (written / "vecnormalize.pkl").read_bytes() == (kept[-1] / "vecnormalize.pkl").read_bytes()
+
+    scored = cli(
+        "experiments.evaluate", str(run), "--average", "--episodes", "1", "--output", str(tmp_path / "e")
+    )
+    assert f"averaged checkpoint: {written} (the policy weights of steps {steps})" in scored.stdout
+    with open(tmp_path / "e" / "eval-average.csv") as handle:
+        (row,) = csv.DictReader(handle)
+    assert int(row["step"]) == steps[-1]
+    unknown = cli("experiments.average", str(run), "--steps", "999999", check=False)
+    assert (
+        unknown.returncode == 2 and f"valid choices (the kept checkpoints' steps): {steps}" in unknown.stderr
+    )
+    one = cli("experiments.average", str(run), "--steps", str(steps[0]), check=False)
+    assert one.returncode == 2 and "averaging needs at least 2 checkpoints" in one.stderr
 
 
 def test_keep_best_false_keeps_none_and_evaluate_best_says_so(tmp_path):

@@ -176,22 +176,40 @@ def save_best(model, directory: Path, step: int, extra: dict) -> Path:
     """The model of `step` as the run's best checkpoint, ``directory/best_<step>/`` (model.zip, the reward
     normaliser, meta.json with the step and `extra`; no replay, no RNG: it is for evaluation and export, not for
     --resume). Written to a temporary directory and renamed into place; the previous best is removed only after."""
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"{BEST_PREFIX}{step:012d}"
     previous = best_checkpoint(directory.parent)
-    if previous is not None and _step_and_generation(previous, BEST_PREFIX)[0] == step:
-        final = final.with_name(f"{final.name}.{_step_and_generation(previous, BEST_PREFIX)[1] + 1}")
+    return _save_apart(model, directory, BEST_PREFIX, step, extra, previous, "best checkpoint")
+
+
+def _save_apart(
+    model,
+    directory: Path,
+    prefix: str,
+    step: int,
+    extra: dict,
+    previous: Path | None,
+    what: str,
+    normalizer=None,
+) -> Path:
+    """`model` as ``directory/<prefix><step>/``, beside the --resume checkpoints (model.zip, meta.json with the step
+    and `extra`, the reward normaliser or the file `normalizer`). A second one of `previous`'s step is written as
+    ``<prefix><step>.<k>``; the earlier ones of `prefix` are removed only once it is in place."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"{prefix}{step:012d}"
+    if previous is not None and _step_and_generation(previous, prefix)[0] == step:
+        final = final.with_name(f"{final.name}.{_step_and_generation(previous, prefix)[1] + 1}")
     try:
         tmp = _write_temporary(model, directory, final.name, {"step": step, **extra}, False, None)
         try:
+            if normalizer is not None and normalizer.exists():
+                shutil.copy2(normalizer, tmp / normalizer.name)
             os.replace(tmp, final)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     except OSError as err:
-        raise CheckpointError(f"best checkpoint of step {step} not written ({err})") from err
+        raise CheckpointError(f"{what} of step {step} not written ({err})") from err
     _fsync_dir(directory)
-    for old in directory.glob(f"{BEST_PREFIX}*"):
+    for old in directory.glob(f"{prefix}*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
@@ -230,29 +248,11 @@ def average_policy_weights(checkpoints: list[Path]) -> dict[str, torch.Tensor]:
 def save_average(model, directory: Path, step: int, extra: dict, normalizer: Path | None = None) -> Path:
     """`model` (holding averaged weights) as ``directory/average_<step>/`` (model.zip, meta.json with the step
     and `extra`, the reward normaliser file `normalizer` copied; no replay, no RNG: for evaluation and export,
-    not --resume). A second average of the same step is written as ``average_<step>.<k>``; earlier averages are
-    removed only once it is in place."""
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"{AVERAGE_PREFIX}{step:012d}"
+    not --resume). Earlier averages are removed only once it is in place."""
     previous = average_checkpoint(directory.parent)
-    if previous is not None and _step_and_generation(previous, AVERAGE_PREFIX)[0] == step:
-        final = final.with_name(f"{final.name}.{_step_and_generation(previous, AVERAGE_PREFIX)[1] + 1}")
-    try:
-        tmp = _write_temporary(model, directory, final.name, {"step": step, **extra}, False, None)
-        try:
-            if normalizer is not None and normalizer.exists():
-                shutil.copy2(normalizer, tmp / normalizer.name)
-            os.replace(tmp, final)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    except OSError as err:
-        raise CheckpointError(f"averaged checkpoint of step {step} not written ({err})") from err
-    _fsync_dir(directory)
-    for old in directory.glob(f"{AVERAGE_PREFIX}*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+    return _save_apart(
+        model, directory, AVERAGE_PREFIX, step, extra, previous, "averaged checkpoint", normalizer
+    )
 
 
 def average_checkpoint(run_dir: Path) -> Path | None:

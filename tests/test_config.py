@@ -114,9 +114,6 @@ def test_allocator_tuning_applies_on_glibc(monkeypatch):
 def test_optimizers_build_and_load_without_importing_dynamo_until_it_is_imported():
     """A command's optimizers are built and their state loaded without torch._dynamo (3.5 s of a tiny evaluate);
     once something imports it, torch's own wrappers take the methods back."""
-    import subprocess
-    import sys
-
     code = (
         "import sys, torch\n"
         "from experiments.runtime import DYNAMO_WRAPPED_OPTIMIZER_METHODS, defer_dynamo_import\n"
@@ -134,10 +131,7 @@ def test_optimizers_build_and_load_without_importing_dynamo_until_it_is_imported
         "    cached = getattr(getattr(torch.optim.Optimizer, name).__wrapped__, '__dynamo_disable')\n"
         "    assert cached.__module__.startswith('torch'), (name, cached)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD_S
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    runs_cleanly(code)
 
 
 def test_drq_recipe_takes_drqs_action_repeat_unless_one_is_given():
@@ -188,22 +182,27 @@ def test_options_only_the_perceiver_honours_are_refused_for_other_policies(polic
         assert resolve("--preset", "cartpole-swingup-pixels", *base).perceiver == {}
 
 
-def test_importing_the_commands_leaves_the_process_alone():
-    """Only running a command tunes its process (experiments.runtime); importing any module does not."""
+def runs_cleanly(code: str) -> None:
+    """`code` run by a fresh Python process exits 0 (its stderr shown if not)."""
     import subprocess
     import sys
 
-    code = (
-        "import experiments.runtime as r\n"
-        "def boom(*a, **k): raise SystemExit('keep_freed_memory called on import')\n"
-        "r.keep_freed_memory = r.defer_dynamo_import = r.prepare_process = boom\n"
-        "import experiments.train, experiments.evaluate, experiments.benchmark, experiments.export, experiments.plot\n"
-        "import experiments.report, experiments.distill\n"
-    )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD_S
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_importing_the_commands_leaves_the_process_alone():
+    """Only running a command tunes its process (experiments.runtime); importing any module does not."""
+    code = (
+        "import experiments.runtime as r\n"
+        "def boom(*a, **k): raise SystemExit('the process was tuned on import')\n"
+        "r.keep_freed_memory = r.defer_dynamo_import = r.prepare_process = boom\n"
+        "import experiments.train, experiments.evaluate, experiments.benchmark, experiments.export, experiments.plot\n"
+        "import experiments.report, experiments.distill, experiments.average\n"
+    )
+    runs_cleanly(code)
 
 
 def test_key_values_read_exponent_floats_as_numbers():

@@ -69,8 +69,9 @@ def init_table() -> None:
             {"center_features": "reference"},
         ),
     ):
+        # a replay as small as the batch: it is never filled here, and zeroing DrQ's 100k frames took half the time
         model = make_agent("sac", venv, policy_type=policy_type, recipe="drq", policy_kwargs=kwargs, device="cpu",
-                           seed=0, **({"perceiver": perceiver} if perceiver else {}))  # fmt: skip
+                           seed=0, buffer_size=len(obs["pixels"]), **({"perceiver": perceiver} if perceiver else {}))  # fmt: skip
         if kwargs.get(
             "center_features"
         ):  # running means and references start at the first batch read in training

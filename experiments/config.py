@@ -56,7 +56,7 @@ LEGACY_FIELDS = {"modality_dropout": "env_modality_dropout"}
 RESUME_SAFE_FIELDS = (
     "total_steps", "total_frames", "device", "eval_freq", "eval_every_frames", "eval_episodes", "eval_video",
     "state_probe", "reliance", "reliance_every", "checkpoint_freq", "checkpoint_every_frames", "keep_checkpoints",
-    "keep_best", "checkpoint_replay_buffer", "perceiver_log_freq", "progress_bar",
+    "keep_best", "average_checkpoints", "checkpoint_replay_buffer", "perceiver_log_freq", "progress_bar",
 )  # fmt: skip
 
 
@@ -202,6 +202,11 @@ class TrainConfig:
     not for --resume): a policy that swings late in training is not lost. It is chosen on the training
     evaluations' episodes, so its return there is optimistic: `python -m experiments.evaluate RUN --best --seed
     20000` scores it on fresh ones."""
+    average_checkpoints: int = 0
+    """At the end of the run, average the policy weights of the newest K kept checkpoints (the final one among
+    them) into RUN/checkpoints/average_<step> (`python -m experiments.average`), evaluate that policy on the final
+    evaluation's episodes and report it beside the final evaluation (`eval/average_return`). 0: off; else at least
+    2 and at most keep_checkpoints."""
     checkpoint_replay_buffer: bool = True
     """SAC: store the replay buffer in checkpoints so --resume continues with it (large for pixels)."""
     perceiver_log_freq: int = 5_000
@@ -315,6 +320,13 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.average_checkpoints, int) or not (
+            self.average_checkpoints == 0 or 2 <= self.average_checkpoints <= self.keep_checkpoints
+        ):
+            raise ValueError(
+                f"average_checkpoints must be 0 (off) or between 2 and keep_checkpoints ({self.keep_checkpoints}), "
+                f"got {self.average_checkpoints!r}"
+            )
         PerceiverConfig.from_dict(self.perceiver)  # names bad Perceiver fields
         algorithm_class(self.algorithm, self.policy_type)  # e.g. 'lstm' is PPO only
         check_recipe(self.algorithm, self.policy_type, self.recipe)

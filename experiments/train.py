@@ -23,6 +23,7 @@ import envs
 from agents import DEFAULTS, algorithm_class, make_agent, resolve_device, transfer_weights
 from envs.multitask import padded_action_dim
 from experiments import config as cfg
+from experiments.average import chosen_checkpoints
 from experiments.callbacks import (
     CheckpointCallback,
     CurriculumCallback,
@@ -35,6 +36,7 @@ from experiments.callbacks import (
 )
 from experiments.checkpoint import (
     CheckpointError,
+    average_policy_weights,
     best_checkpoint,
     latest_checkpoint,
     list_checkpoints,
@@ -43,9 +45,10 @@ from experiments.checkpoint import (
     load_rng_state,
     locate,
     read_meta,
+    save_average,
     set_rng_state,
 )
-from experiments.evaluation import write_mp4
+from experiments.evaluation import evaluate_tasks, write_mp4
 from experiments.interrupt import RunStopped, StopOnSignal
 from experiments.runtime import prepare_process
 from experiments.tb import PurgingTensorBoardFormat
@@ -341,10 +344,45 @@ def run(config: cfg.TrainConfig, run_dir: Path, resume: bool = False) -> dict:
         final = evaluator.evaluate_now()
         checkpoints.init_callback(model)
         checkpoints.save_now()
+        averaged = (
+            average_at_the_end(config, run_dir, model, evaluator) if config.average_checkpoints else None
+        )
     finally:
         close_quietly(venv)
     seconds = time.perf_counter() - started
-    return finish(config, run_dir, model, evaluator, final, seconds, remaining)
+    return finish(config, run_dir, model, evaluator, final, seconds, remaining, averaged)
+
+
+def average_at_the_end(config, run_dir: Path, model, evaluator: EvalCallback) -> dict | None:
+    """`--average-checkpoints K`: the newest K kept checkpoints' policy weights averaged, written as
+    RUN/checkpoints/average_<step> and evaluated on the final evaluation's episodes (logged as
+    eval/average_return); `model` holds its trained weights again after. None, with a line, when the run kept
+    fewer than 2 checkpoints."""
+    try:
+        kept = chosen_checkpoints(run_dir, config.average_checkpoints, None)
+    except ValueError as err:
+        print(f"no averaged policy: {err}", flush=True)
+        return None
+    steps = [int(read_meta(checkpoint)["step"]) for checkpoint in kept]
+    trained = {key: value.clone() for key, value in model.policy.state_dict().items()}
+    model.policy.load_state_dict(average_policy_weights(kept))
+    try:
+        extra = {"frames": steps[-1] * config.action_repeat, "averaged_steps": steps}
+        path = save_average(model, run_dir / "checkpoints", steps[-1], extra)
+        result, _ = evaluate_tasks(
+            model,
+            evaluator.task,
+            evaluator.env_kwargs,
+            evaluator.episodes,
+            seed=evaluator.seed,
+            tasks=evaluator.tasks,
+        )
+    finally:
+        model.policy.load_state_dict(trained)
+    summary = result.summary()
+    model.logger.record("eval/average_return", summary["return_mean"])
+    model.logger.dump(model.num_timesteps)
+    return {**summary, "path": path, "steps": steps}
 
 
 def checkpoint_and_hint(checkpoints: CheckpointCallback, model, run_dir: Path) -> str:
@@ -366,7 +404,14 @@ def checkpoint_or_reason(checkpoints: CheckpointCallback, model, run_dir: Path) 
 
 
 def finish(
-    config, run_dir: Path, model, evaluator: EvalCallback, final: dict, seconds: float, trained: int
+    config,
+    run_dir: Path,
+    model,
+    evaluator: EvalCallback,
+    final: dict,
+    seconds: float,
+    trained: int,
+    averaged: dict | None = None,
 ) -> dict:
     eval_dir = run_dir / "eval"
     eval_dir.mkdir(exist_ok=True)
@@ -393,7 +438,10 @@ def finish(
         }
         tb.add_hparams(
             hparams,
-            {"hparams/final_eval_return": final["return_mean"]},
+            {
+                "hparams/final_eval_return": final["return_mean"],
+                **({"hparams/average_eval_return": averaged["return_mean"]} if averaged else {}),
+            },
             run_name=".",
             global_step=model.num_timesteps,
         )
@@ -410,6 +458,15 @@ def finish(
             f"  {task:<12}: {summary['return_mean']:.1f} ± {summary['return_std']:.1f}"
             for task, summary in evaluator.last_per_task.items()
         ),
+        *(
+            [
+                f"averaged      : {averaged['return_mean']:.1f} ± {averaged['return_std']:.1f} on the same episodes, "
+                f"the policy weights of steps {averaged['steps']} ({averaged['path']}; python -m "
+                f"experiments.evaluate {run_dir} --average)"
+            ]
+            if averaged
+            else []
+        ),
         f"tensorboard   : tensorboard --logdir {run_dir.parent}   (or: make tensorboard)",
         f"checkpoints   : {run_dir / 'checkpoints'}",
     ]
@@ -423,7 +480,13 @@ def finish(
     if video_path:
         lines.append(f"eval video    : {video_path}")
     print("\n".join(lines), flush=True)
-    return {"final": final, "first": first, "history": evaluator.history, "video": video_path}
+    return {
+        "final": final,
+        "first": first,
+        "history": evaluator.history,
+        "video": video_path,
+        "averaged": averaged,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

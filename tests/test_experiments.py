@@ -444,6 +444,35 @@ def test_average_writes_the_mean_of_the_kept_checkpoints_and_evaluate_average_re
     assert one.returncode == 2 and "averaging needs at least 2 checkpoints" in one.stderr
 
 
+def test_a_run_averages_its_last_checkpoints_and_evaluate_scores_the_average_alike(tmp_path):
+    """--average-checkpoints K: at the end, the newest K checkpoints averaged and evaluated on the final
+    evaluation's episodes; `evaluate RUN --average` reports the same return; the trained checkpoint is untouched."""
+    trained = cli(*ppo_run(tmp_path, "avg", 96, 32, "--average-checkpoints", "2")).stdout
+    run = tmp_path / "avg"
+    written, kept = (
+        average_checkpoint(run),
+        [int(read_meta(c)["step"]) for c in list_checkpoints(run / "checkpoints")],
+    )
+    assert len(kept) == 3 and read_meta(written)["averaged_steps"] == kept[-2:]
+    printed = re.search(r"averaged      : (-?[\d.]+) ± [\d.]+ on the same episodes, the policy weights of steps "
+                        rf"\[{kept[-2]}, {kept[-1]}\] \((\S+);", trained)  # fmt: skip
+    assert printed and printed.group(2) == str(written), trained[-1500:]
+    assert "eval/average_return" in tags(run).Tags()["scalars"]
+    scored = cli(
+        "experiments.evaluate", str(run), "--average", "--episodes", "1", "--output", str(tmp_path / "e")
+    )
+    assert f"| {printed.group(1)} ± " in scored.stdout  # the same policy on the same episode
+    final = cli("experiments.evaluate", str(run), "--episodes", "1", "--output", str(tmp_path / "f")).stdout
+    assert (
+        final_training_return(run) in final
+    )  # the run's own checkpoint is its trained policy, not the average
+    refused = cli(*ppo_run(tmp_path, "bad", 16, 16, "--average-checkpoints", "4"), check=False)
+    assert (
+        refused.returncode == 2
+        and "average_checkpoints must be 0 (off) or between 2 and keep_checkpoints (3)" in (refused.stderr)
+    )
+
+
 def test_keep_best_false_keeps_none_and_evaluate_best_says_so(tmp_path):
     trained = cli(*ppo_run(tmp_path, "nobest", 32, 16, "--keep-best", "false"))
     assert "best policy" not in trained.stdout

@@ -50,6 +50,19 @@ def chosen_checkpoints(run_dir: Path, last: int | None, steps: list[int] | None)
     return chosen
 
 
+def write_average(
+    model, run_dir: Path, checkpoints: list[Path], action_repeat: int
+) -> tuple[Path, list[int]]:
+    """Loads the checkpoints' averaged policy weights into `model` (a model of the run) and writes it as
+    RUN/checkpoints/average_<newest step> (the newest checkpoint's reward normaliser beside it when `model` has
+    none); returns (its directory, the averaged steps)."""
+    steps = [int(read_meta(checkpoint)["step"]) for checkpoint in checkpoints]
+    model.policy.load_state_dict(average_policy_weights(checkpoints))
+    extra = {"frames": steps[-1] * action_repeat, "averaged_steps": steps}
+    normalizer = checkpoints[-1] / "vecnormalize.pkl" if model.get_vec_normalize_env() is None else None
+    return save_average(model, run_dir / "checkpoints", steps[-1], extra, normalizer), steps
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", type=Path, help="run directory")
@@ -80,15 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{str(args.path)!r} is not a run directory (no config.yaml in it)")
         config = load_config(args.path / "config.yaml")
         checkpoints = chosen_checkpoints(args.path, args.last, args.steps)
-        weights = average_policy_weights(checkpoints)
-        newest = checkpoints[-1]
-        model = load_model(algorithm_class(config.algorithm, config.policy_type), newest, device="cpu")
-        model.policy.load_state_dict(weights)
-        steps = [int(read_meta(c)["step"]) for c in checkpoints]
-        extra = {"frames": steps[-1] * config.action_repeat, "averaged_steps": steps}
-        written = save_average(
-            model, args.path / "checkpoints", steps[-1], extra, newest / "vecnormalize.pkl"
+        model = load_model(
+            algorithm_class(config.algorithm, config.policy_type), checkpoints[-1], device="cpu"
         )
+        written, steps = write_average(model, args.path, checkpoints, config.action_repeat)
     except (ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

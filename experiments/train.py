@@ -23,7 +23,7 @@ import envs
 from agents import DEFAULTS, algorithm_class, make_agent, resolve_device, transfer_weights
 from envs.multitask import padded_action_dim
 from experiments import config as cfg
-from experiments.average import chosen_checkpoints
+from experiments.average import chosen_checkpoints, write_average
 from experiments.callbacks import (
     CheckpointCallback,
     CurriculumCallback,
@@ -36,7 +36,6 @@ from experiments.callbacks import (
 )
 from experiments.checkpoint import (
     CheckpointError,
-    average_policy_weights,
     best_checkpoint,
     latest_checkpoint,
     list_checkpoints,
@@ -45,7 +44,6 @@ from experiments.checkpoint import (
     load_rng_state,
     locate,
     read_meta,
-    save_average,
     set_rng_state,
 )
 from experiments.evaluation import evaluate_tasks, write_mp4
@@ -363,12 +361,9 @@ def average_at_the_end(config, run_dir: Path, model, evaluator: EvalCallback) ->
     except ValueError as err:
         print(f"no averaged policy: {err}", flush=True)
         return None
-    steps = [int(read_meta(checkpoint)["step"]) for checkpoint in kept]
     trained = {key: value.clone() for key, value in model.policy.state_dict().items()}
-    model.policy.load_state_dict(average_policy_weights(kept))
     try:
-        extra = {"frames": steps[-1] * config.action_repeat, "averaged_steps": steps}
-        path = save_average(model, run_dir / "checkpoints", steps[-1], extra)
+        path, steps = write_average(model, run_dir, kept, config.action_repeat)
         result, _ = evaluate_tasks(
             model,
             evaluator.task,

@@ -229,10 +229,11 @@ def average_policy_weights(checkpoints: list[Path]) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"corrupt checkpoint {checkpoint}: {type(err).__name__}: {err}") from err
         states.append(params["policy"])
     last = states[-1]
+    expected = {(key, tuple(value.shape)) for key, value in last.items()}
     for checkpoint, state in zip(checkpoints, states):
-        shapes = {key: tuple(value.shape) for key, value in state.items()}
-        if shapes != {key: tuple(value.shape) for key, value in last.items()}:
-            differing = sorted(set(shapes.items()) ^ {(k, tuple(v.shape)) for k, v in last.items()})[0][0]
+        shapes = {(key, tuple(value.shape)) for key, value in state.items()}
+        if shapes != expected:
+            differing = sorted(shapes ^ expected)[0][0]
             raise CheckpointError(
                 f"{checkpoint} and {checkpoints[-1]} hold different policies ({differing!r} differs): "
                 "average checkpoints of one run"
